@@ -1,0 +1,55 @@
+# One entry point for humans and CI. Every target sets up what it needs, so a
+# fresh Debian/Ubuntu machine only needs python3 (with venv) and make.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Debian packages the tests use as interop oracles or real parts.
+APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs
+EXTRAS  ?= test
+
+.PHONY: help venv sysdeps test test-fast lint demo bench clean
+
+help:
+	@echo "make demo    - narrated A/B update life cycle on a simulated board"
+	@echo "make test    - the whole test suite (sets up .venv and system packages)"
+	@echo "make lint    - ruff + mypy"
+	@echo "make bench   - install benchmarks against the machine's limit and RAUC"
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+venv: $(STAMP)
+
+# Installs only what is missing, and only when we may (root); otherwise the
+# tests that need a missing tool skip with a message naming the package.
+sysdeps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "apt-get install:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "not root: missing Debian packages:$$missing (tests needing them will skip)"; fi; \
+	fi
+
+test: sysdeps venv
+	$(BIN)/pytest
+
+test-fast: venv
+	$(BIN)/pytest -x -m 'not slow'
+
+lint: venv
+	$(BIN)/ruff check agent tests tools
+	$(BIN)/mypy
+
+demo: sysdeps venv
+	$(BIN)/python tools/demo.py
+
+bench: sysdeps venv
+	$(BIN)/python tools/bench/install.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

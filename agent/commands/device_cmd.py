@@ -1,0 +1,201 @@
+"""Device commands: install, status, history, rollback, mark-good, mark-bad, health, agent."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+
+from agent import config as config_mod
+from agent.commands import config_path
+from agent.errors import HealthCheckFailed, TransportError, UsageError
+from agent.updater import Updater, open_device
+
+
+def register(sub: Any) -> None:
+    def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int],
+            json_flag: bool = False) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, "
+                                        "or $EDGEOPS_CONFIG)")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=fn)
+        return p
+
+    i = cmd("install", "install a bundle into the inactive slot and arm a trial boot", _install)
+    i.add_argument("source", help="bundle path, '-' for stdin, or an http(s) URL")
+    i.add_argument("--progress", choices=["auto", "always", "never"], default="auto")
+    cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
+    h = cmd("history", "show the install and health history", _history, json_flag=True)
+    h.add_argument("-n", type=int, default=30, help="rows (default 30)")
+    cmd("rollback", "boot the other known-good slot", _rollback)
+    cmd("mark-good", "commit the running trial slot now", _mark_good)
+    cmd("mark-bad", "reject the running trial slot and revert", _mark_bad)
+    cmd("health", "run the health checks now and print each result", _health, json_flag=True)
+    a = cmd("agent", "run the agent service (finishes trials, runs health checks)", _agent)
+    a.add_argument("--once", action="store_true", help="one cycle, then exit")
+
+
+@contextmanager
+def _updater(a: argparse.Namespace) -> Iterator[Updater]:
+    cfg = config_mod.load(config_path(a.config))
+    dev = open_device(cfg)
+    try:
+        yield Updater(dev)
+    finally:
+        dev.close()
+
+
+@contextmanager
+def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
+    if src == "-":
+        yield sys.stdin.buffer, 0
+        return
+    if src.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            with requests.get(src, stream=True, timeout=(10, 60)) as r:
+                r.raise_for_status()
+                r.raw.decode_content = True
+                yield r.raw, int(r.headers.get("Content-Length", 0))
+        except requests.RequestException as exc:
+            raise TransportError(f"download of {src} failed: {exc}") from None
+        return
+    try:
+        f = open(src, "rb")  # noqa: SIM115 (closed below; open errors need their own message)
+    except OSError as exc:
+        raise UsageError(f"cannot open bundle {src}: {exc.strerror}") from None
+    with f:
+        yield f, 0
+
+
+class _Bar:
+    def __init__(self) -> None:
+        self.last = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = done / total if total else 0.0
+        if frac - self.last < 0.01 and done != total:
+            return
+        self.last = frac
+        width = 30
+        fill = int(frac * width)
+        sys.stdout.write(f"\r  [{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
+                         f"{done / 2**20:8.1f} MiB")
+        if done >= total:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _install(a: argparse.Namespace) -> int:
+    show = a.progress == "always" or (a.progress == "auto" and sys.stdout.isatty())
+    with _updater(a) as up, _source(a.source) as (stream, total):
+        result = up.install(stream, total=total, progress=_Bar() if show else None)
+    print(f"installed {result.version} into slot {result.slot} ({result.bytes_written} bytes); "
+          f"reboot to try it once")
+    return 0
+
+
+def _status(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        st = up.status()
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"booted slot   {st['booted_slot']}{'  (trial)' if st['trial'] else ''}")
+    print(f"primary slot  {st['primary_slot']}")
+    if st["trial_pending_slot"] and not st["trial"]:
+        print(f"next boot     tries slot {st['trial_pending_slot']} once")
+    print(f"phase         {st['phase']}")
+    print(f"security      floor {st['security_floor']}")
+    for name, s in st["slots"].items():
+        mark = "*" if s["booted"] else " "
+        print(f" {mark} slot {name}  {s['state']:<6} {s['version'] or '-':<12} {s['device']}")
+    return 0
+
+
+def _history(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        rows = up.journal.history(a.n)
+    if a.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.ts))
+        print(f"{when}  {r.event:<14} {r.slot or '-':<2} {r.version or '-':<10} {r.detail}")
+    return 0
+
+
+def _rollback(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        slot = up.rollback()
+    print(f"rolled back: slot {slot} is primary again")
+    return 0
+
+
+def _mark_good(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        up.mark_good()
+        print("\n".join(up.messages))
+    return 0
+
+
+def _mark_bad(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        up.mark_bad()
+        print("\n".join(up.messages))
+    return 0
+
+
+def _health(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        results = up.health_report()
+    if a.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        for r in results:
+            print(f"{'PASS' if r.ok else 'FAIL'}  {r.name}: {r.detail}")
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        raise HealthCheckFailed(f"{len(failed)} of {len(results)} health checks failed: "
+                                f"{', '.join(failed)}")
+    return 0
+
+
+def _agent(a: argparse.Namespace) -> int:
+    stop = False
+
+    def _term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _term)
+    with _updater(a) as up:
+        pidfile = None
+        register = getattr(up.dev.runtime, "register_process", None)
+        if register is not None:
+            pidfile = register()
+        try:
+            while True:
+                up.messages.clear()
+                result = up.cycle()
+                for m in result.messages:
+                    print(m, flush=True)
+                if a.once or result.rebooted or stop:
+                    break
+                # Idle: a blocking sleep costs no CPU; SIGTERM ends it early.
+                deadline = time.monotonic() + up.cfg.poll_interval
+                while not stop and time.monotonic() < deadline:
+                    time.sleep(min(1.0, deadline - time.monotonic()))
+            print(f"phase: {up.journal.state().phase}")
+        finally:
+            if pidfile is not None:
+                pidfile.unlink(missing_ok=True)
+    return 0

@@ -1,0 +1,335 @@
+"""The orchestrator: drives ``lifecycle`` and calls the adapters, persisting before acting.
+
+It holds no policy of its own. Each public method takes the device lock, so
+two installers (or an installer and the service) never interleave.
+Flow of an install: read the signed head → ``trust`` decides → the journal
+records WRITING → the bootloader marks the target slot bad → payloads stream
+through ``bundle`` (verified block by block) into ``slots`` → fsync → WRITTEN →
+the bootloader sets the trial → TRIAL_PENDING. After the reboot ``on_boot``
+feeds ``Booted`` to the state machine and ``run_health`` decides commit or revert.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from agent import bootloader as bootloader_mod
+from agent import health, lifecycle, probes, slots, trust
+from agent.bundle import BundleReader
+from agent.config import AgentConfig
+from agent.errors import (
+    EdgeopsError,
+    IncompatibleBundle,
+    RollbackRefused,
+    StateError,
+    TrustError,
+)
+from agent.journal import Journal
+from agent.runtime import LinuxRuntime, Runtime
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass
+class Device:
+    config: AgentConfig
+    journal: Journal
+    bootloader: bootloader_mod.Bootloader
+    runtime: Runtime
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+def open_device(config: AgentConfig) -> Device:
+    slot_names = tuple(config.slots)
+    bl = bootloader_mod.create(config.bootloader, config.bootloader_settings, config.base, slot_names)
+    rt: Runtime
+    if config.runtime == "sim":
+        from agent.sim import SimRuntime
+
+        rt = SimRuntime(config)
+    else:
+        rt = LinuxRuntime(slot_names)
+    return Device(config, Journal(config.journal_path), bl, rt)
+
+
+@dataclass
+class InstallResult:
+    version: str
+    slot: str
+    bytes_written: int
+    payloads: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CycleResult:
+    phase: str
+    messages: list[str]
+    rebooted: bool = False
+
+
+class Updater:
+    def __init__(self, device: Device, *, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.dev = device
+        self.cfg = device.config
+        self.journal = device.journal
+        self.clock = clock
+        self.sleep = sleep
+        self.messages: list[str] = []
+        self.rebooted = False
+
+    # --- locking ----------------------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.cfg.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateError("another edgeops process holds the device lock",
+                                 hint="wait for the running install or agent cycle to finish") from None
+            yield
+        finally:
+            os.close(fd)
+
+    # --- the state machine's shell -----------------------------------------------------------
+    def _step(self, event: lifecycle.Event) -> None:
+        t = lifecycle.step(self.journal.state(), event)
+        self.journal.apply(t, now=self.clock())
+        for record in t.records:
+            if isinstance(record, lifecycle.History):
+                self.messages.append(f"{record.event}: slot {record.slot} {record.version or ''} "
+                                     f"{record.detail}".rstrip())
+        for action in t.actions:
+            self._act(action)
+            if self.rebooted:
+                return
+
+    def _act(self, action: lifecycle.Action) -> None:
+        bl = self.dev.bootloader
+        match action:
+            case lifecycle.BootMarkBad(slot):
+                bl.mark_bad(slot)
+            case lifecycle.BootSetTrial(slot):
+                bl.set_trial(slot)
+                self._step(lifecycle.TrialSet())
+            case lifecycle.BootCommit(slot):
+                bl.commit(slot)
+                if self.journal.state().phase is lifecycle.Phase.COMMITTING:
+                    self._step(lifecycle.CommitDone())
+            case lifecycle.RunHealth():
+                self._run_health()
+            case lifecycle.Reboot(reason):
+                self.messages.append(f"rebooting: {reason}")
+                self.rebooted = True
+                self.dev.runtime.reboot(reason)
+
+    # --- install ----------------------------------------------------------------------------
+    def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None
+                ) -> InstallResult:
+        with self.locked():
+            self._sync_boot()
+            reader = BundleReader(stream)
+            try:
+                verdict, target = self._verify(reader)
+            except EdgeopsError as exc:
+                self.journal.record([lifecycle.History("refused", None, None, exc.one_line())],
+                                    now=self.clock())
+                raise
+            m = verdict.manifest
+            self._step(lifecycle.Install(target, self.dev.runtime.booted_slot(), m.version,
+                                         m.security_version, self.dev.runtime.boot_id(), m.health))
+            written = 0
+            try:
+                for pr in reader.payloads(m):
+                    dest = self.cfg.slots[target][pr.payload.slot_class]
+                    chunks = pr.installed_chunks()
+                    if progress is not None:
+                        chunks = _counting(chunks, written, total or _total(m), progress)
+                    written += slots.write(dest, chunks, limit=slots.capacity(dest))
+            except (EdgeopsError, OSError) as exc:
+                reason = exc.one_line() if isinstance(exc, EdgeopsError) else str(exc)
+                self._step(lifecycle.WriteFailed(reason))
+                raise
+            self._step(lifecycle.WriteDone())
+            return InstallResult(m.version, target, written, [p.name for p in m.payloads])
+
+    def _verify(self, reader: BundleReader) -> tuple[trust.Verdict, str]:
+        head = reader.read_head()
+        keyring = trust.Keyring.from_pem(_read(self.cfg.keyring))
+        facts = trust.DeviceFacts(
+            compatible=self.cfg.compatible,
+            security_floor=self.journal.security_floor,
+            best_known_time=trust.best_known_time(self.clock(), self.journal.trusted_time),
+        )
+        crls = [*self._stored_crls(), *([head.crl] if head.crl else [])]
+        verdict = trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,
+                                    chain_pem=head.chain_pem, keyring=keyring, device=facts,
+                                    crls=crls)
+        phase = self.journal.state().phase
+        if phase not in (lifecycle.Phase.IDLE, lifecycle.Phase.WRITING, lifecycle.Phase.WRITTEN,
+                         lifecycle.Phase.TRIAL_PENDING):
+            raise StateError(f"cannot install while the device is {phase}",
+                             hint="let the trial finish ('edgeops agent --once') first")
+        target = self.cfg.other_slot(self.dev.runtime.booted_slot())
+        for p in verdict.manifest.payloads:
+            dest = self.cfg.slots[target].get(p.slot_class)
+            if dest is None:
+                raise IncompatibleBundle(f"payload '{p.name}' targets class '{p.slot_class}', "
+                                         f"which this board has no slot for")
+            slots.check_fits(dest, p.size, p.name)
+        # Verified: this bundle may move the device's idea of time forward (agent.trust).
+        self.journal.raise_trusted_time(min(verdict.manifest.build_time, verdict.signer_not_after))
+        self._keep_crls(verdict.crls)
+        return verdict, target
+
+    def _stored_crls(self) -> list[bytes]:
+        out = []
+        for d in (self.cfg.crl_dir, self.cfg.state_dir / "crls"):
+            if d is not None and d.is_dir():
+                out += [p.read_bytes() for p in sorted(d.glob("*.crl"))[:32]]
+        return out
+
+    def _keep_crls(self, crls: tuple[bytes, ...]) -> None:
+        import hashlib
+
+        d = self.cfg.state_dir / "crls"
+        for blob in crls:
+            path = d / f"{hashlib.sha256(blob).hexdigest()[:16]}.crl"
+            if not path.exists():
+                d.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(blob)
+                os.replace(tmp, path)
+
+    # --- boot, health, commit ----------------------------------------------------------------
+    def _sync_boot(self) -> None:
+        rt = self.dev.runtime
+        self._step(lifecycle.Booted(rt.booted_slot(), rt.boot_id()))
+
+    def cycle(self) -> CycleResult:
+        """One agent cycle: note the boot, finish what a previous boot left, run a pending trial."""
+        with self.locked():
+            self._sync_boot()
+        return CycleResult(str(self.journal.state().phase), self.messages, self.rebooted)
+
+    def _run_health(self) -> None:
+        policy = self.policy()
+        started = time.monotonic()
+        results: list[probes.ProbeResult] = []
+        while True:
+            results += probes.run_all(policy.probes)
+            decision = health.decide(policy, results, started=started, now=time.monotonic())
+            if decision.verdict == "commit":
+                self._step(lifecycle.HealthPassed(decision.reason))
+                return
+            if decision.verdict == "revert":
+                self._step(lifecycle.HealthFailed(decision.reason))
+                return
+            self.sleep(policy.interval)
+
+    def policy(self) -> health.HealthPolicy:
+        base = health.parse_policy(self.cfg.health)
+        override = self.journal.state().health
+        return health.parse_policy(override, base=base) if override else base
+
+    def health_report(self) -> list[probes.ProbeResult]:
+        return probes.run_all(self.policy().probes)
+
+    def mark_good(self) -> None:
+        with self.locked():
+            self._sync_boot()
+            self._require(lifecycle.Phase.TESTING, "mark-good")
+            self._step(lifecycle.HealthPassed("marked good by operator"))
+
+    def mark_bad(self) -> None:
+        with self.locked():
+            self._sync_boot()
+            self._require(lifecycle.Phase.TESTING, "mark-bad")
+            self._step(lifecycle.HealthFailed("marked bad by operator"))
+
+    def rollback(self) -> str:
+        with self.locked():
+            self._sync_boot()
+            self._require(lifecycle.Phase.IDLE, "rollback")
+            booted = self.dev.runtime.booted_slot()
+            other = self.cfg.other_slot(booted)
+            info = self.journal.slots().get(other)
+            if info is None or info.state != "good":
+                raise StateError(f"slot {other} holds no known-good version to roll back to "
+                                 f"({info.state if info else 'empty'})")
+            floor = self.journal.security_floor
+            if (info.security_version or 0) < floor:
+                raise RollbackRefused(f"slot {other} has security_version {info.security_version}, "
+                                      f"below the device floor {floor}")
+            self._step(lifecycle.Rollback(other, info.version))
+            return other
+
+    def _require(self, phase: lifecycle.Phase, what: str) -> None:
+        now = self.journal.state().phase
+        if now is not phase:
+            raise StateError(f"'{what}' needs the device to be {phase}, it is {now}")
+
+    # --- status -----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        st = self.journal.state()
+        rt, bl = self.dev.runtime, self.dev.bootloader
+        booted = rt.booted_slot()
+        records = self.journal.slots()
+        out_slots = {}
+        for name, classes in self.cfg.slots.items():
+            info = records.get(name)
+            out_slots[name] = {
+                "device": str(classes["rootfs"]),
+                "version": info.version if info else None,
+                "state": _public_state(info.state if info else "empty"),
+                "security_version": info.security_version if info else None,
+                "booted": name == booted,
+            }
+        return {
+            "booted_slot": booted,
+            "primary_slot": bl.primary(),
+            "trial": st.phase in (lifecycle.Phase.TESTING, lifecycle.Phase.COMMITTING),
+            "trial_pending_slot": bl.trial(),
+            "phase": str(st.phase),
+            "compatible": self.cfg.compatible,
+            "security_floor": self.journal.security_floor,
+            "trusted_time": self.journal.trusted_time,
+            "slots": out_slots,
+        }
+
+
+def _public_state(state: str) -> str:
+    # "written" is an internal step: to a person it is a trial waiting to happen
+    return {"written": "trial"}.get(state, state)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TrustError(f"cannot read keyring {path}: {exc.strerror}",
+                         hint="check device.keyring in the agent config") from None
+
+
+def _total(m: Any) -> int:
+    return sum(p.size for p in m.payloads)
+
+
+def _counting(chunks: Iterator[memoryview], start: int, total: int, progress: Progress
+              ) -> Iterator[memoryview]:
+    done = start
+    for c in chunks:
+        done += len(c)
+        progress(done, total)
+        yield c
