@@ -18,8 +18,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import importlib
+
 from agent import errors
-from agent.commands import bundle_cmd, device_cmd, keys_cmd, sim_cmd
+
+# Command groups, each a module in agent.commands with register(subparsers).
+# They import their heavy dependencies inside the handlers, so --help stays fast.
+COMMAND_MODULES = ["keys_cmd", "bundle_cmd", "sim_cmd", "device_cmd", "board_cmd", "model_cmd",
+                   "fleet_cmd", "controller_cmd", "tpm_cmd"]
 
 EXIT_CODES: list[tuple[type[errors.EdgeopsError], int]] = [
     (errors.UsageError, 2),
@@ -58,10 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    keys_cmd.register(sub)
-    bundle_cmd.register(sub)
-    sim_cmd.register(sub)
-    device_cmd.register(sub)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"agent.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"agent.commands.{name}":
+                raise
+            continue  # a command group still being built
+        module.register(sub)
     h = sub.add_parser("help", help="show help on a topic (exit-codes)")
     h.add_argument("topic", choices=["exit-codes"])
     h.set_defaults(func=lambda a: print(__doc__.split("Exit codes", 1)[1].strip()) or 0)

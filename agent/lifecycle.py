@@ -215,7 +215,8 @@ def _write_done(s: State, ev: WriteDone) -> Transition:
 
 
 def _write_failed(s: State, ev: WriteFailed) -> Transition:
-    return Transition(State(), [SlotRecord(_t(s), "empty"), History("failed", s.target, s.version, ev.reason)])
+    return Transition(State(), [SlotRecord(_t(s), "empty"),
+                                History("failed", s.target, s.version, ev.reason)])
 
 
 def _trial_set(s: State, ev: TrialSet) -> Transition:

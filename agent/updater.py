@@ -12,6 +12,7 @@ feeds ``Booted`` to the state machine and ``run_health`` decides commit or rever
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -165,17 +166,7 @@ class Updater:
             return InstallResult(m.version, target, written, [p.name for p in m.payloads])
 
     def _verify(self, reader: BundleReader) -> tuple[trust.Verdict, str]:
-        head = reader.read_head()
-        keyring = trust.Keyring.from_pem(_read(self.cfg.keyring))
-        facts = trust.DeviceFacts(
-            compatible=self.cfg.compatible,
-            security_floor=self.journal.security_floor,
-            best_known_time=trust.best_known_time(self.clock(), self.journal.trusted_time),
-        )
-        crls = [*self._stored_crls(), *([head.crl] if head.crl else [])]
-        verdict = trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,
-                                    chain_pem=head.chain_pem, keyring=keyring, device=facts,
-                                    crls=crls)
+        verdict = verify_bundle_head(reader, self.cfg, self.journal, self.clock())
         phase = self.journal.state().phase
         if phase not in (lifecycle.Phase.IDLE, lifecycle.Phase.WRITING, lifecycle.Phase.WRITTEN,
                          lifecycle.Phase.TRIAL_PENDING):
@@ -188,29 +179,7 @@ class Updater:
                 raise IncompatibleBundle(f"payload '{p.name}' targets class '{p.slot_class}', "
                                          f"which this board has no slot for")
             slots.check_fits(dest, p.size, p.name)
-        # Verified: this bundle may move the device's idea of time forward (agent.trust).
-        self.journal.raise_trusted_time(min(verdict.manifest.build_time, verdict.signer_not_after))
-        self._keep_crls(verdict.crls)
         return verdict, target
-
-    def _stored_crls(self) -> list[bytes]:
-        out = []
-        for d in (self.cfg.crl_dir, self.cfg.state_dir / "crls"):
-            if d is not None and d.is_dir():
-                out += [p.read_bytes() for p in sorted(d.glob("*.crl"))[:32]]
-        return out
-
-    def _keep_crls(self, crls: tuple[bytes, ...]) -> None:
-        import hashlib
-
-        d = self.cfg.state_dir / "crls"
-        for blob in crls:
-            path = d / f"{hashlib.sha256(blob).hexdigest()[:16]}.crl"
-            if not path.exists():
-                d.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_bytes(blob)
-                os.replace(tmp, path)
 
     # --- boot, health, commit ----------------------------------------------------------------
     def _sync_boot(self) -> None:
@@ -307,6 +276,47 @@ class Updater:
             "trusted_time": self.journal.trusted_time,
             "slots": out_slots,
         }
+
+
+def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal, now: float
+                       ) -> trust.Verdict:
+    """Read a bundle's signed head and decide trust with this device's keyring, CRLs and floor.
+
+    Shared by every installer (slots here, models in agent.models). On success the
+    device's best-known time may move forward and new root-signed CRLs are kept.
+    """
+    head = reader.read_head()
+    keyring = trust.Keyring.from_pem(_read(cfg.keyring))
+    facts = trust.DeviceFacts(
+        compatible=cfg.compatible,
+        security_floor=journal.security_floor,
+        best_known_time=trust.best_known_time(now, journal.trusted_time),
+    )
+    crls = [*_stored_crls(cfg), *([head.crl] if head.crl else [])]
+    verdict = trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,
+                                chain_pem=head.chain_pem, keyring=keyring, device=facts, crls=crls)
+    journal.raise_trusted_time(min(verdict.manifest.build_time, verdict.signer_not_after))
+    _keep_crls(cfg, verdict.crls)
+    return verdict
+
+
+def _stored_crls(cfg: AgentConfig) -> list[bytes]:
+    out = []
+    for d in (cfg.crl_dir, cfg.state_dir / "crls"):
+        if d is not None and d.is_dir():
+            out += [p.read_bytes() for p in sorted(d.glob("*.crl"))[:32]]
+    return out
+
+
+def _keep_crls(cfg: AgentConfig, crls: tuple[bytes, ...]) -> None:
+    d = cfg.state_dir / "crls"
+    for blob in crls:
+        path = d / f"{hashlib.sha256(blob).hexdigest()[:16]}.crl"
+        if not path.exists():
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
 
 
 def _public_state(state: str) -> str:

@@ -223,11 +223,23 @@ _scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(ma
 _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(_KEYS | st.text(max_size=5), inner, max_size=5),
                      max_leaves=20)
-_probe_docs = st.dictionaries(_KEYS, _json, max_size=5).map(
-    lambda d: d if "type" in d else {**d, "type": "http"})
-_health_docs = st.dictionaries(
-    _KEYS, _json, max_size=5) | st.fixed_dictionaries(
-    {}, optional={"deadline": _json, "retries": _json, "probe": st.lists(_probe_docs, max_size=4)})
+_numbers = st.integers(-5, 5000) | st.floats(-1, 5000) | _json
+# Per kind, values that are often right, so that most probe tables get past the first check.
+_FIELDS = {
+    "command": {"command": st.lists(st.text(max_size=8), min_size=1, max_size=3) | _json},
+    "systemd": {"unit": st.sampled_from(["app.service", "-x", ""]) | _json},
+    "http": {"url": st.sampled_from(["http://127.0.0.1:1/", "https://h/x", "ftp://h/", "http://["])
+             | _json},
+    "tcp": {"host": st.sampled_from(["127.0.0.1", "h\n"]) | _json, "port": _numbers},
+    "process": {"name": st.text(max_size=8) | _json},
+    "disk": {"path": st.sampled_from(["/", "/data", "rel"]) | _json, "min_free_mb": _numbers},
+}
+_probe_docs = _TYPES.flatmap(lambda kind: st.fixed_dictionaries(
+    {"type": st.just(kind), **_FIELDS[kind]},
+    optional={"timeout": _numbers, "name": st.text(max_size=8) | _json, "extra": _json}))
+_health_docs = st.dictionaries(_KEYS, _json, max_size=5) | st.fixed_dictionaries({}, optional={
+    "deadline": _numbers, "interval": _numbers, "retries": _numbers,
+    "probe": st.lists(_probe_docs, max_size=4) | _json})
 
 
 @settings(max_examples=500)

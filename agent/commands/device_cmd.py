@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from agent import config as config_mod
 from agent.commands import config_path
@@ -64,7 +64,7 @@ def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
             with requests.get(src, stream=True, timeout=(10, 60)) as r:
                 r.raise_for_status()
                 r.raw.decode_content = True
-                yield r.raw, int(r.headers.get("Content-Length", 0))
+                yield cast(BinaryIO, r.raw), int(r.headers.get("Content-Length", 0))
         except requests.RequestException as exc:
             raise TransportError(f"download of {src} failed: {exc}") from None
         return
