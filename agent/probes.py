@@ -39,17 +39,6 @@ _TAIL_BYTES = 4096  # of each output stream kept while a command runs: memory st
 _POLL = 0.1  # seconds between checks whether a command has exited
 _PARALLEL = 8
 
-# Keys each kind accepts besides "type" and "timeout". For "process" the TOML key
-# "name" is the process to look for, so such a probe cannot also set a display name.
-_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    "command": ({"command"}, {"name"}),
-    "systemd": ({"unit"}, {"name"}),
-    "http": ({"url"}, {"name"}),
-    "tcp": ({"host", "port"}, {"name"}),
-    "process": ({"name"}, set()),
-    "disk": ({"path", "min_free_mb"}, {"name"}),
-}
-
 
 @dataclass(frozen=True)
 class ProbeSpec:
@@ -90,75 +79,16 @@ class ProbeSpec:
         kind = d.get("type")
         if not isinstance(kind, str) or kind not in KINDS:
             raise ConfigError(f"{where}.type must be one of: {', '.join(KINDS)}")
-        required, optional = _KEYS[kind]
-        _check_keys(d, f"{where} ({kind})", required, required | optional | {"type", "timeout"})
-        fields: dict[str, Any] = {}
+        fields = _FIELDS[kind]
+        # For "process" the TOML key "name" is the process to look for, not a display name.
+        common = {"type", "timeout"} | ({"name"} if "name" not in fields else set())
+        _check_keys(d, f"{where} ({kind})", set(fields), set(fields) | common)
+        values = {attr: read(d[key], f"{where}.{key}") for key, (attr, read) in fields.items()}
         if "timeout" in d:
-            fields["timeout"] = bounded_float(d["timeout"], f"{where}.timeout", 0.1, MAX_TIMEOUT)
-        if "name" in optional and "name" in d:
-            fields["name"] = _string(d["name"], f"{where}.name")
-        fields.update(_KIND_FIELDS[kind](d, where))
-        return cls(kind, **fields)
-
-
-def _command_fields(d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    argv = d["command"]
-    hint = f'{where}.command must be a list of 1 to {MAX_ARGV} strings, e.g. ["sh", "-c", "..."]'
-    if not isinstance(argv, list | tuple) or not 1 <= len(argv) <= MAX_ARGV:
-        raise ConfigError(hint)
-    for arg in argv:
-        # Arguments may span lines (sh -c scripts) but a NUL cannot be passed to exec.
-        if not isinstance(arg, str) or len(arg) > MAX_STRING or "\0" in arg:
-            raise ConfigError(f"{hint}, each at most {MAX_STRING} characters without NUL")
-    if not argv[0]:
-        raise ConfigError(f"{where}.command[0] must name a program")
-    return {"argv": tuple(argv)}
-
-
-def _systemd_fields(d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    unit = _string(d["unit"], f"{where}.unit")
-    if unit.startswith("-"):  # it would be read as an option of systemctl
-        raise ConfigError(f"{where}.unit must be a unit name such as 'nginx.service'")
-    return {"unit": unit}
-
-
-def _http_fields(d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    url = _string(d["url"], f"{where}.url")
-    try:
-        parts = urlsplit(url)
-        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        usable = False
-    if not usable:
-        raise ConfigError(f"{where}.url must be an http:// or https:// URL with a host")
-    return {"url": url}
-
-
-def _tcp_fields(d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    return {"host": _string(d["host"], f"{where}.host"),
-            "port": bounded_int(d["port"], f"{where}.port", 1, 65535)}
-
-
-def _process_fields(d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    return {"process": _string(d["name"], f"{where}.name")}
-
-
-def _disk_fields(d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    path = _string(d["path"], f"{where}.path")
-    if not path.startswith("/"):  # relative to the agent's working directory means nothing
-        raise ConfigError(f"{where}.path must be an absolute path")
-    return {"path": path,
-            "min_free_mb": bounded_int(d["min_free_mb"], f"{where}.min_free_mb", 0, 1 << 40)}
-
-
-_KIND_FIELDS: dict[str, Callable[[Mapping[str, Any], str], dict[str, Any]]] = {
-    "command": _command_fields,
-    "systemd": _systemd_fields,
-    "http": _http_fields,
-    "tcp": _tcp_fields,
-    "process": _process_fields,
-    "disk": _disk_fields,
-}
+            values["timeout"] = bounded_float(d["timeout"], f"{where}.timeout", 0.1, MAX_TIMEOUT)
+        if "name" in common and "name" in d:
+            values["name"] = _string(d["name"], f"{where}.name")
+        return cls(kind, **values)
 
 
 # --- bounded field readers, shared with agent.health ----------------------------------------
@@ -180,6 +110,58 @@ def _string(value: object, where: str) -> str:
             or any(c < " " or c == "\x7f" for c in value)):
         raise ConfigError(f"{where} must be one line of 1 to {MAX_STRING} characters")
     return value
+
+
+def _argv(argv: object, where: str) -> tuple[str, ...]:
+    hint = f'{where} must be a list of 1 to {MAX_ARGV} strings, e.g. ["sh", "-c", "..."]'
+    if not isinstance(argv, list | tuple) or not 1 <= len(argv) <= MAX_ARGV:
+        raise ConfigError(hint)
+    for arg in argv:
+        # Arguments may span lines (sh -c scripts) but a NUL cannot be passed to exec.
+        if not isinstance(arg, str) or len(arg) > MAX_STRING or "\0" in arg:
+            raise ConfigError(f"{hint}, each at most {MAX_STRING} characters without NUL")
+    if not argv[0]:
+        raise ConfigError(f"{where}[0] must name a program")
+    return tuple(argv)
+
+
+def _unit(value: object, where: str) -> str:
+    unit = _string(value, where)
+    if unit.startswith("-"):  # systemctl would read it as an option
+        raise ConfigError(f"{where} must be a unit name such as 'nginx.service'")
+    return unit
+
+
+def _url(value: object, where: str) -> str:
+    url = _string(value, where)
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        usable = False
+    if not usable:
+        raise ConfigError(f"{where} must be an http:// or https:// URL with a host")
+    return url
+
+
+def _abs_path(value: object, where: str) -> str:
+    path = _string(value, where)
+    if not path.startswith("/"):  # relative to the agent's working directory means nothing
+        raise ConfigError(f"{where} must be an absolute path")
+    return path
+
+
+# Per kind: TOML key -> (ProbeSpec field, reader). Every key listed is required.
+_FIELDS: dict[str, dict[str, tuple[str, Callable[[object, str], Any]]]] = {
+    "command": {"command": ("argv", _argv)},
+    "systemd": {"unit": ("unit", _unit)},
+    "http": {"url": ("url", _url)},
+    "tcp": {"host": ("host", _string),
+            "port": ("port", lambda v, w: bounded_int(v, w, 1, 65535))},
+    "process": {"name": ("process", _string)},
+    "disk": {"path": ("path", _abs_path),
+             "min_free_mb": ("min_free_mb", lambda v, w: bounded_int(v, w, 0, 1 << 40))},
+}
 
 
 def _check_keys(d: Mapping[str, Any], where: str, required: set[str], allowed: set[str]) -> None:
@@ -270,18 +252,21 @@ def _run(argv: Sequence[str], timeout: float) -> tuple[int | None, str]:
     assert proc.stdout is not None and proc.stderr is not None
     out, err = proc.stdout.fileno(), proc.stderr.fileno()
     tails = {out: b"", err: b""}
-    with proc, selectors.DefaultSelector() as sel:
-        for fd in tails:
-            sel.register(fd, selectors.EVENT_READ)
-        if not _collect(proc, sel, tails, time.monotonic() + timeout):
+    finished = False
+    try:
+        with selectors.DefaultSelector() as sel:
+            for fd in tails:
+                sel.register(fd, selectors.EVENT_READ)
+            finished = _collect(proc, sel, tails, time.monotonic() + timeout)
+    finally:
+        if not finished:  # timed out, or the agent is being stopped: leave nothing running
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
-        else:
-            code = proc.wait()
+        code = proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
     last = _last_line(tails[err]) or _last_line(tails[out])
-    return code, last[-STDERR_CHARS:]
+    return (code if finished else None), last[-STDERR_CHARS:]
 
 
 def _collect(proc: subprocess.Popen[bytes], sel: selectors.BaseSelector,

@@ -26,6 +26,7 @@ from agent import health, lifecycle, probes, slots, trust
 from agent.bundle import BundleReader
 from agent.config import AgentConfig
 from agent.errors import (
+    ConfigError,
     EdgeopsError,
     IncompatibleBundle,
     RollbackRefused,
@@ -173,6 +174,11 @@ class Updater:
             raise StateError(f"cannot install while the device is {phase}",
                              hint="let the trial finish ('edgeops agent --once') first")
         target = self.cfg.other_slot(self.dev.runtime.booted_slot())
+        if verdict.manifest.health:
+            try:
+                health.parse_policy(verdict.manifest.health, base=health.parse_policy(self.cfg.health))
+            except ConfigError as exc:
+                raise IncompatibleBundle(f"bundle health checks do not fit this device: {exc}") from None
         for p in verdict.manifest.payloads:
             dest = self.cfg.slots[target].get(p.slot_class)
             if dest is None:
@@ -194,7 +200,14 @@ class Updater:
 
     def _run_health(self) -> None:
         policy = self.policy()
-        started = time.monotonic()
+        # The deadline counts from the first health run of this boot, so an agent
+        # that keeps restarting mid-trial cannot extend it (CLOCK_MONOTONIC is per boot).
+        boot_id = self.dev.runtime.boot_id()
+        mark = self.journal.get("trial_started")
+        if not mark or mark.get("boot_id") != boot_id:
+            mark = {"boot_id": boot_id, "monotonic": time.monotonic()}
+            self.journal.put("trial_started", mark)
+        started = float(mark["monotonic"])
         results: list[probes.ProbeResult] = []
         while True:
             results += probes.run_all(policy.probes)

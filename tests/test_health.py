@@ -177,7 +177,7 @@ def test_two_different_probes_with_one_name_are_refused() -> None:
 
 
 def test_bundle_errors_name_the_bundle_and_hint_at_rebuilding_it() -> None:
-    with pytest.raises(ConfigError, match="^bundle health.deadline") as info:
+    with pytest.raises(ConfigError, match=r"^bundle health\.deadline") as info:
         parse_policy({"deadline": 0}, base=HealthPolicy())
     assert "bundle" in info.value.hint
 
@@ -223,7 +223,8 @@ _scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(ma
 _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(_KEYS | st.text(max_size=5), inner, max_size=5),
                      max_leaves=20)
-_numbers = st.integers(-5, 5000) | st.floats(-1, 5000) | _json
+# Mostly in range, so that one bad value does not hide the checks after it.
+_numbers = st.one_of(st.integers(1, 100), st.floats(0.1, 600), _json)
 # Per kind, values that are often right, so that most probe tables get past the first check.
 _FIELDS = {
     "command": {"command": st.lists(st.text(max_size=8), min_size=1, max_size=3) | _json},
@@ -236,15 +237,15 @@ _FIELDS = {
 }
 _probe_docs = _TYPES.flatmap(lambda kind: st.fixed_dictionaries(
     {"type": st.just(kind), **_FIELDS[kind]},
-    optional={"timeout": _numbers, "name": st.text(max_size=8) | _json, "extra": _json}))
-_health_docs = st.dictionaries(_KEYS, _json, max_size=5) | st.fixed_dictionaries({}, optional={
+    optional={"timeout": _numbers} if kind == "process"
+    else {"timeout": _numbers, "name": st.text(max_size=8) | _json}))
+_near_valid = st.fixed_dictionaries({}, optional={
     "deadline": _numbers, "interval": _numbers, "retries": _numbers,
     "probe": st.lists(_probe_docs, max_size=4) | _json})
+_arbitrary = st.dictionaries(_KEYS | st.text(max_size=5), _json, max_size=5) | _json
 
 
-@settings(max_examples=500)
-@given(_health_docs | _json, st.booleans())
-def test_parse_policy_raises_only_config_error(doc: Any, as_override: bool) -> None:
+def _parses_or_config_error(doc: Any, as_override: bool) -> None:
     base = HealthPolicy(probes=(A,)) if as_override else None
     try:
         policy = parse_policy(doc, base=base)
@@ -254,3 +255,17 @@ def test_parse_policy_raises_only_config_error(doc: Any, as_override: bool) -> N
     assert isinstance(policy, HealthPolicy)
     assert len(policy.probes) <= MAX_PROBES
     assert 1 <= policy.deadline <= 3600 and 1 <= policy.retries <= 100
+
+
+@settings(max_examples=500)
+@given(_near_valid, st.booleans())
+def test_parse_policy_on_near_valid_input_raises_only_config_error(
+        doc: dict[str, Any], as_override: bool) -> None:
+    _parses_or_config_error(doc, as_override)
+
+
+@settings(max_examples=300)
+@given(_arbitrary, st.booleans())
+def test_parse_policy_on_arbitrary_input_raises_only_config_error(
+        doc: Any, as_override: bool) -> None:
+    _parses_or_config_error(doc, as_override)

@@ -108,8 +108,8 @@ def _gone_within(pid: int, seconds: float) -> bool:
 
 def test_command_that_exits_is_not_held_up_by_a_background_child() -> None:
     start = time.monotonic()
-    r = run_probe(probe("command", argv=("sh", "-c", "sleep 3 & exit 0"), timeout=10))
-    assert r.ok and time.monotonic() - start < 2
+    r = run_probe(probe("command", argv=("sh", "-c", "sleep 5 & exit 0"), timeout=10))
+    assert r.ok and time.monotonic() - start < 3
 
 
 def test_command_output_is_bounded_and_keeps_the_last_line() -> None:
@@ -231,10 +231,10 @@ def test_run_all_keeps_spec_order_and_names(http_base: str) -> None:
 
 
 def test_run_all_runs_slow_probes_side_by_side() -> None:
-    specs = [probe("command", argv=("sleep", "0.5"), name=f"s{i}") for i in range(4)]
+    specs = [probe("command", argv=("sleep", "0.5"), name=f"s{i}") for i in range(8)]
     start = time.monotonic()
     assert all(r.ok for r in run_all(specs))
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < 2.5  # one after another would take 4 s
 
 
 def test_run_all_of_nothing_is_empty() -> None:
@@ -292,7 +292,7 @@ def test_from_dict_default_name_of_multiline_command_is_one_line() -> None:
     (["http"], "must be a table"),
 ])
 def test_from_dict_rejects_with_the_key_named(doc: Any, named: str) -> None:
-    with pytest.raises(ConfigError, match="^probe") as info:
+    with pytest.raises(ConfigError, match=r"^probe") as info:
         ProbeSpec.from_dict(doc)
     assert named in str(info.value)
     assert "\n" not in str(info.value)
