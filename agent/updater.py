@@ -88,6 +88,7 @@ class Updater:
         self.sleep = sleep
         self.messages: list[str] = []
         self.rebooted = False
+        self._health_allowed = True
 
     # --- locking ----------------------------------------------------------------------------
     @contextmanager
@@ -130,7 +131,8 @@ class Updater:
                 if self.journal.state().phase is lifecycle.Phase.COMMITTING:
                     self._step(lifecycle.CommitDone())
             case lifecycle.RunHealth():
-                self._run_health()
+                if self._health_allowed:
+                    self._run_health()
             case lifecycle.Reboot(reason):
                 self.messages.append(f"rebooting: {reason}")
                 self.rebooted = True
@@ -188,14 +190,20 @@ class Updater:
         return verdict, target
 
     # --- boot, health, commit ----------------------------------------------------------------
-    def _sync_boot(self) -> None:
+    def _sync_boot(self, *, health: bool = False) -> None:
+        """Tell the state machine which boot this is. Only the agent cycle runs health checks;
+        every other command just brings the recorded state up to date first."""
         rt = self.dev.runtime
-        self._step(lifecycle.Booted(rt.booted_slot(), rt.boot_id()))
+        self._health_allowed = health
+        try:
+            self._step(lifecycle.Booted(rt.booted_slot(), rt.boot_id()))
+        finally:
+            self._health_allowed = True
 
     def cycle(self) -> CycleResult:
         """One agent cycle: note the boot, finish what a previous boot left, run a pending trial."""
         with self.locked():
-            self._sync_boot()
+            self._sync_boot(health=True)
         return CycleResult(str(self.journal.state().phase), self.messages, self.rebooted)
 
     def _run_health(self) -> None:

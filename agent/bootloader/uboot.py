@@ -77,13 +77,13 @@ class UBootBootcount:
         if slot == primary:
             raise BootloaderError(f"refusing to mark the primary slot {slot} bad",
                                   hint="commit or roll back to the other slot first")
-        changed = dict(env)
+        # Only a pending trial can make U-Boot boot a non-primary slot: EO_ALT is read by
+        # altbootcmd, which runs only while upgrade_available=1 (bootcount_env.c counts
+        # boots only then). So a slot that is not on trial needs no env write at all,
+        # and a refused install leaves the environment byte-for-byte as it was.
         if env.get("upgrade_available") == "1" and env["EO_SLOT"] == slot:
-            changed.update(EO_SLOT=primary, upgrade_available="0", bootcount="0")
-        if changed["EO_ALT"] == slot:
-            changed["EO_ALT"] = primary
-        if changed != env:
-            self.store.write(changed)
+            env.update(EO_SLOT=primary, EO_ALT=primary, upgrade_available="0", bootcount="0")
+            self.store.write(env)
 
 
 def initial_env(slot: str) -> dict[str, str]:

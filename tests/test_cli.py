@@ -1,0 +1,170 @@
+"""The command-line contract: commands, one-line errors, documented exit codes."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.cli import EXIT_CODES
+from tests.conftest import BundleFactory, Keys, make_image, run_cli
+
+
+@pytest.fixture
+def cfg(device_dir: Path) -> Path:
+    return device_dir / "agent.toml"
+
+
+def one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("edgeops: error: ")
+    return lines[0]
+
+
+def test_full_cycle_through_the_cli(cfg: Path, make_bundle: BundleFactory) -> None:
+    b = make_bundle("2.0")
+    out = run_cli("install", b, "--config", cfg, check=True).stdout
+    assert "into slot B" in out
+    run_cli("sim", "reboot", "--config", cfg, check=True)
+    assert "committed" in run_cli("agent", "--once", "--config", cfg, check=True).stdout
+    st = json.loads(run_cli("status", "--json", "--config", cfg, check=True).stdout)
+    assert (st["booted_slot"], st["primary_slot"], st["trial"]) == ("B", "B", False)
+    assert st["slots"]["B"]["version"] == "2.0" and st["slots"]["B"]["state"] == "good"
+    hist = json.loads(run_cli("history", "--json", "--config", cfg, check=True).stdout)
+    assert [h["event"] for h in hist][-1] == "committed"
+
+
+def test_install_from_stdin(cfg: Path, make_bundle: BundleFactory) -> None:
+    data = make_bundle("2.0").read_bytes()
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "install", "-", "--config", str(cfg)],
+                          input=data, capture_output=True, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: object, **k: object) -> None:
+            super().__init__(*a, directory=str(root), **k)  # type: ignore[arg-type]
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", root
+    finally:
+        srv.shutdown()
+
+
+def test_install_from_http(cfg: Path, make_bundle: BundleFactory,
+                           http_dir: tuple[str, Path]) -> None:
+    url, root = http_dir
+    (root / "v2.bundle").write_bytes(make_bundle("2.0").read_bytes())
+    run_cli("install", f"{url}/v2.bundle", "--config", cfg, check=True)
+    missing = run_cli("install", f"{url}/nope.bundle", "--config", cfg)
+    assert missing.returncode == 40
+    assert "404" in one_line_error(missing.stderr)
+
+
+@pytest.mark.parametrize("kind, code", [
+    ("tampered", 15), ("incompatible", 13), ("rollback", 12), ("untrusted", 11), ("garbage", 14),
+])
+def test_refusals_exit_with_their_documented_code(cfg: Path, make_bundle: BundleFactory,
+                                                  tmp_path: Path, pki: Keys, kind: str,
+                                                  code: int) -> None:
+    run_cli("install", make_bundle("2.0", security_version=3), "--config", cfg, check=True)
+    run_cli("sim", "reboot", "--config", cfg, check=True)
+    run_cli("agent", "--once", "--config", cfg, check=True)
+    def active() -> tuple[object, ...]:
+        st = json.loads(run_cli("status", "--json", "--config", cfg, check=True).stdout)
+        return st["booted_slot"], st["primary_slot"], st["phase"], st["slots"][st["booted_slot"]]
+
+    before = active()
+    env = (cfg.parent / "uboot.env").read_bytes()
+    if kind == "tampered":
+        data = bytearray(make_bundle("3.0", security_version=3).read_bytes())
+        data[-3000] ^= 0xFF
+        bad = tmp_path / "bad.bundle"
+        bad.write_bytes(bytes(data))
+    elif kind == "incompatible":
+        bad = make_bundle("3.0", security_version=3, compatible="rpi4")
+    elif kind == "rollback":
+        bad = make_bundle("1.0", security_version=2)
+    elif kind == "untrusted":
+        from agent import keys
+
+        keys.init_root(tmp_path / "r2")
+        kp = keys.issue_signer(tmp_path / "r2", tmp_path / "s2")
+        bad = make_bundle("3.0", security_version=3, signer=(kp.key_path, kp.cert_path))
+    else:
+        bad = tmp_path / "garbage"
+        bad.write_bytes(b"hello" * 1000)
+    proc = run_cli("install", bad, "--config", cfg)
+    assert proc.returncode == code, proc.stderr
+    one_line_error(proc.stderr)
+    assert active() == before
+    assert (cfg.parent / "uboot.env").read_bytes() == env
+    hist = json.loads(run_cli("history", "--json", "--config", cfg, check=True).stdout)
+    assert hist[-1]["event"] in ("refused", "failed")
+
+
+def test_missing_config_is_exit_3_with_a_hint(tmp_path: Path) -> None:
+    proc = run_cli("status", "--config", tmp_path / "nope.toml")
+    assert proc.returncode == 3
+    assert "pass --config" in one_line_error(proc.stderr)
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run_cli("install").returncode == 2
+
+
+def test_exit_codes_are_unique_per_meaning() -> None:
+    table = dict(EXIT_CODES)
+    assert all(0 < code < 128 for code in table.values())
+    assert len(table) == len(EXIT_CODES)
+
+
+def test_health_command_reports_each_probe(cfg: Path) -> None:
+    proc = run_cli("health", "--config", cfg)
+    assert proc.returncode == 0 and proc.stdout.startswith("PASS")
+
+
+def test_bundle_verify_and_info(make_bundle: BundleFactory, pki: Keys) -> None:
+    b = make_bundle("2.0", compress=True)
+    ok = run_cli("bundle", "verify", b, "--keyring", pki.root_crt, check=True)
+    assert "blocks verified" in ok.stdout
+    info = json.loads(run_cli("bundle", "info", b, "--json", check=True).stdout)
+    assert info["version"] == "2.0" and info["verified"] is False
+
+
+def test_keys_revoke_then_bundle_carries_the_crl(tmp_path: Path, cfg: Path) -> None:
+    root, signer = tmp_path / "root", tmp_path / "signer"
+    run_cli("keys", "init-root", "--out", root, check=True)
+    run_cli("keys", "issue-signer", "--root", root, "--out", signer, "--days", "30", check=True)
+    run_cli("keys", "revoke", "--root", root, "--cert", signer / "signer.crt", check=True)
+    img = make_image(tmp_path / "i.img", 10_000, "x")
+    b = tmp_path / "r.bundle"
+    run_cli("bundle", "create", "--key", signer / "signer.key", "--cert", signer / "signer.crt",
+            "--compatible", "edgeops-sim", "--version", "9", "--security-version", "1",
+            "--payload", f"rootfs={img}", "--crl", root / "revoked.crl", "-o", b, check=True)
+    proc = run_cli("bundle", "verify", b, "--keyring", root / "root.crt")
+    assert proc.returncode == 11 and "revoked" in one_line_error(proc.stderr)
+
+
+def test_sim_init_refuses_an_existing_device(device_dir: Path, pki: Keys, tmp_path: Path) -> None:
+    img = make_image(tmp_path / "x.img", 1000, "x")
+    proc = run_cli("sim", "init", device_dir, "--image", img, "--keyring", pki.root_crt)
+    assert proc.returncode == 3
