@@ -143,16 +143,19 @@ class PayloadReader:
         self.stored_read = 0
 
     def stored_chunks(self, read_size: int = READ_SIZE) -> Iterator[memoryview]:
-        """Yield stored bytes; each chunk is yielded only after every block in it matched."""
+        """Yield stored bytes; each chunk is yielded only after every block in it matched.
+
+        Every chunk is a fresh buffer that the consumer may keep (the slot writer
+        queues a few to overlap writing with reading and hashing); memory stays
+        bounded by the consumer's queue, not by the payload size.
+        """
         bs = self.payload.block_size
         read_size = max(bs, read_size // bs * bs)
-        buf = bytearray(read_size)
-        view = memoryview(buf)
         sha256 = hashlib.sha256
         digests = self._digests
         while self._left:
             n = min(read_size, self._left)
-            chunk = view[:n]
+            chunk = memoryview(bytearray(n))
             self._tar.readinto_exact(chunk)
             i = self._next_block
             for off in range(0, n, bs):
@@ -167,11 +170,20 @@ class PayloadReader:
             self.stored_read += n
             yield chunk
 
-    def installed_chunks(self, read_size: int = READ_SIZE) -> Iterator[memoryview]:
-        """Yield the bytes to install, with size and SHA-256 of the whole checked at the end."""
+    def installed_chunks(self, read_size: int = READ_SIZE, *, whole_hash: bool | None = None
+                         ) -> Iterator[memoryview]:
+        """Yield the bytes to install; size and SHA-256 of the whole are checked at the end.
+
+        ``whole_hash=None`` hashes the whole only for compressed payloads: for raw ones
+        the signed block list already pins every byte, so a second SHA-256 pass adds
+        time and no safety (``bundle verify`` still asks for it, to catch a bundle
+        whose creator wrote an inconsistent manifest).
+        """
         p = self.payload
         total = 0
-        h = hashlib.sha256()
+        if whole_hash is None:
+            whole_hash = p.compression != "none"
+        h = hashlib.sha256() if whole_hash else None
         if p.compression == "none":
             source: Iterator[memoryview] = self.stored_chunks(read_size)
         else:
@@ -180,11 +192,12 @@ class PayloadReader:
             total += len(chunk)
             if total > p.size:
                 raise HashMismatch(f"payload '{p.name}' decompresses past its declared {p.size} bytes")
-            h.update(chunk)
+            if h is not None:
+                h.update(chunk)
             yield chunk
         if total != p.size:
             raise HashMismatch(f"payload '{p.name}' has {total} bytes, the manifest says {p.size}")
-        if h.hexdigest() != p.sha256:
+        if h is not None and h.hexdigest() != p.sha256:
             raise HashMismatch(f"payload '{p.name}' SHA-256 does not match the manifest")
 
     def _decompressed(self, read_size: int) -> Iterator[memoryview]:

@@ -24,9 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import psutil
-import requests
-
 from agent.errors import ConfigError
 
 KINDS = ("command", "systemd", "http", "tcp", "process", "disk")
@@ -301,6 +298,8 @@ def _last_line(data: bytes) -> str:
 
 
 def _http(spec: ProbeSpec) -> tuple[bool, str]:
+    import requests  # lazy: only devices with HTTP probes pay for its import at start-up
+
     with requests.Session() as session:
         # Health endpoints are local: the device's proxy settings must not reroute them.
         session.trust_env = False
@@ -334,6 +333,8 @@ def _tcp(spec: ProbeSpec) -> tuple[bool, str]:
 
 
 def _process(spec: ProbeSpec) -> tuple[bool, str]:
+    import psutil  # lazy, as requests above
+
     for proc in psutil.process_iter(["name", "status"]):
         # A zombie has exited already; it only waits for its parent to reap it.
         if proc.info["name"] == spec.process and proc.info["status"] != psutil.STATUS_ZOMBIE:

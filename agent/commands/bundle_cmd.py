@@ -145,7 +145,7 @@ def _verify(a: argparse.Namespace) -> int:
                                     chain_pem=head.chain_pem, keyring=keyring, device=facts,
                                     crls=crls)
         for pr in reader.payloads(verdict.manifest):
-            for _ in pr.installed_chunks():
+            for _ in pr.installed_chunks(whole_hash=True):
                 pass
     m = verdict.manifest
     if a.json:
