@@ -107,8 +107,11 @@ class Updater:
 
     # --- the state machine's shell -----------------------------------------------------------
     def _step(self, event: lifecycle.Event) -> None:
-        t = lifecycle.step(self.journal.state(), event)
-        self.journal.apply(t, now=self.clock())
+        before = self.journal.state()
+        t = lifecycle.step(before, event)
+        if t.state != before or t.records:
+            # An idle cycle changes nothing and writes nothing: SD cards wear out.
+            self.journal.apply(t, now=self.clock())
         for record in t.records:
             if isinstance(record, lifecycle.History):
                 self.messages.append(f"{record.event}: slot {record.slot} {record.version or ''} "

@@ -170,3 +170,13 @@ def test_sim_device_folder_can_be_moved(device_dir: Path, tmp_path: Path,
     up = Updater(open_device(load(moved / "agent.toml")), sleep=lambda s: None)
     install(up, make_bundle("2.0"))
     assert up.status()["slots"]["B"]["device"].startswith(str(moved))
+
+
+def test_an_idle_agent_cycle_writes_nothing(updater: Updater, device_dir: Path) -> None:
+    updater.cycle()
+    db = device_dir / "state" / "journal.db"
+    wal = db.with_name("journal.db-wal")
+    before = (db.stat().st_mtime_ns, wal.stat().st_size if wal.exists() else 0)
+    for _ in range(3):
+        updater.cycle()
+    assert (db.stat().st_mtime_ns, wal.stat().st_size if wal.exists() else 0) == before
