@@ -17,6 +17,7 @@ Usage: tools/bench/install.py [--sizes 64,1024] [--runs 3] [--no-rauc] [--work D
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -133,10 +134,8 @@ def rauc_figures(work: Path) -> dict[str, float]:
     for line in proc.stdout.splitlines():
         parts = line.split()
         if len(parts) >= 2:
-            try:
+            with contextlib.suppress(ValueError):
                 out[parts[0]] = float(parts[1])
-            except ValueError:
-                pass
     return out
 
 
