@@ -13,12 +13,11 @@ Exit codes (documented in README.md, stable for scripts):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
-
-import importlib
 
 from agent import errors
 

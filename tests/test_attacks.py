@@ -76,7 +76,7 @@ def flip(data: bytes, offset: int) -> bytes:
 def test_flipped_payload_byte_stops_at_that_block(updater: Updater, device_dir: Path,
                                                   make_bundle: BundleFactory) -> None:
     data = make_bundle("2.0", size=600_000).read_bytes()
-    name, off, size = members(data)[-1]
+    _name, off, _size = members(data)[-1]
     bad_block = 5
     tampered = flip(data, off + 512 + bad_block * 65536 + 100)
     before = snapshot(device_dir, updater)
@@ -107,7 +107,7 @@ def test_untrusted_signer_is_refused(updater: Updater, device_dir: Path, make_bu
 
 def test_expired_signer_is_refused(updater: Updater, device_dir: Path, make_bundle: BundleFactory,
                                    pki: Keys, tmp_path: Path) -> None:
-    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     old = keys.issue_signer(pki.root, tmp_path / "old", days=10, not_before=start)
     data = make_bundle("2.0", signer=(old.key_path, old.cert_path),
                        build_time=int(start.timestamp()) + 3600).read_bytes()
@@ -269,7 +269,7 @@ def test_unsafe_tar_members_are_refused(updater: Updater, device_dir: Path,
 def test_unexpected_extra_member_is_refused(updater: Updater, make_bundle: BundleFactory) -> None:
     data = make_bundle("2.0").read_bytes()
     extra = tarstream.header("evil.sh", 4, 0) + b"boom" + bytes(508)
-    with pytest.raises(UnsafeMember, match="evil.sh"):
+    with pytest.raises(UnsafeMember, match=r"evil\.sh"):
         install_bytes(updater, data[:-1024] + extra + tarstream.END)
 
 

@@ -39,7 +39,7 @@ def test_best_known_time_is_the_latest_source() -> None:
 
 def test_a_clock_wound_back_cannot_revive_an_expired_signer(make_bundle: BundleFactory, pki: Keys,
                                                             tmp_path: Path) -> None:
-    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=20)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=20)
     signer = signer_from(pki, tmp_path / "s", start=start, days=10)
     b = make_bundle("2.0", signer=signer, build_time=int(start.timestamp()) + DAY)
     journal_time = int(start.timestamp()) + 15 * DAY  # the device once saw a later build
