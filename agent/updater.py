@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 from agent import bootloader as bootloader_mod
 from agent import health, lifecycle, probes, slots, trust
+from agent import tpm as tpm_mod
 from agent.bundle import BundleReader
 from agent.config import AgentConfig
 from agent.errors import (
@@ -87,6 +88,8 @@ class Updater:
         self.clock = clock
         self.sleep = sleep
         self.messages: list[str] = []
+        self._root: tpm_mod.RootOfTrust | None = None
+        self._root_opened = False
         self.rebooted = False
         self._health_allowed = True
 
@@ -113,6 +116,8 @@ class Updater:
             # An idle cycle changes nothing and writes nothing: SD cards wear out.
             self.journal.apply(t, now=self.clock())
         for record in t.records:
+            if isinstance(record, lifecycle.RaiseFloor) and (root := self.root()) is not None:
+                root.raise_floor(record.security_version)  # journal first; _sync_boot catches up
             if isinstance(record, lifecycle.History):
                 self.messages.append(f"{record.event}: slot {record.slot} {record.version or ''} "
                                      f"{record.detail}".rstrip())
@@ -168,6 +173,9 @@ class Updater:
                 reason = exc.one_line() if isinstance(exc, EdgeopsError) else str(exc)
                 self._step(lifecycle.WriteFailed(reason))
                 raise
+            if (root := self.root()) is not None:
+                for p in m.payloads:  # measured once written and fsynced, before the trial is set
+                    root.measure(f"install:{p.name}:{target}", bytes.fromhex(p.sha256))
             self._step(lifecycle.WriteDone())
             return InstallResult(m.version, target, written, [p.name for p in m.payloads])
 
@@ -202,6 +210,17 @@ class Updater:
             self._step(lifecycle.Booted(rt.booted_slot(), rt.boot_id()))
         finally:
             self._health_allowed = True
+        if (root := self.root()) is not None:
+            root.measure("boot:slot", rt.booted_slot().encode(), once=True)
+            # power may have failed between the journal's floor and the TPM's: catch up
+            root.raise_floor(self.journal.security_floor)
+
+    def root(self) -> tpm_mod.RootOfTrust | None:
+        """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""
+        if not self._root_opened:
+            self._root = tpm_mod.root_for_updater(self.cfg.path, self.cfg.state_dir)
+            self._root_opened = True
+        return self._root
 
     def cycle(self) -> CycleResult:
         """One agent cycle: note the boot, finish what a previous boot left, run a pending trial."""
@@ -310,10 +329,16 @@ def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal,
     device's best-known time may move forward and new root-signed CRLs are kept.
     """
     head = reader.read_head()
-    keyring = trust.Keyring.from_pem(_read(cfg.keyring))
+    keyring_pem = _read(cfg.keyring)
+    floor = journal.security_floor
+    root = tpm_mod.root_for_updater(cfg.path, cfg.state_dir)
+    if root is not None:
+        root.check_keyring(keyring_pem)  # a keyring swapped on disk is refused before it is used
+        floor = max(floor, root.floor())  # the TPM's floor survives a re-imaged journal
+    keyring = trust.Keyring.from_pem(keyring_pem)
     facts = trust.DeviceFacts(
         compatible=cfg.compatible,
-        security_floor=journal.security_floor,
+        security_floor=floor,
         best_known_time=trust.best_known_time(now, journal.trusted_time),
     )
     crls = [*_stored_crls(cfg), *([head.crl] if head.crl else [])]
