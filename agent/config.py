@@ -14,7 +14,9 @@ from typing import Any
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
-_SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent"}
+_SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
+             "fleet"}
+# [tpm] is read by agent.tpm, [models] by agent.models, [fleet] by agent.client.load_fleet
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,10 @@ def updater(device: Device) -> Updater:
 def run_cli(*args: str | os.PathLike[str], input: bytes | None = None,
             check: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([*EDGEOPS, *map(str, args)], input=input.decode("latin1") if input else None,
-                          capture_output=True, text=True, env=env, timeout=120)
+    raw = subprocess.run([*EDGEOPS, *map(str, args)], input=input, capture_output=True, env=env,
+                         timeout=120)
+    proc = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(errors="replace"),
+                                       raw.stderr.decode(errors="replace"))
     if check and proc.returncode != 0:
         raise AssertionError(f"edgeops {args} failed ({proc.returncode}): {proc.stderr}")
     return proc

@@ -169,6 +169,18 @@ def _health(a: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet(up: Updater) -> tuple[Any, Any]:
+    """The DDI client when [fleet] is configured (agent.toml or fleet.toml), else (None, None)."""
+    from agent.client import DdiClient, FleetAgent, find_fleet
+    from agent.push import LongPoll
+
+    cfg = find_fleet(up.cfg.path)
+    if cfg is None:
+        return None, None
+    agent = FleetAgent(up, DdiClient(cfg))
+    return agent, (LongPoll(agent.client, wait=cfg.longpoll_wait) if cfg.push == "longpoll" else None)
+
+
 def _agent(a: argparse.Namespace) -> int:
     stop = False
 
@@ -178,6 +190,7 @@ def _agent(a: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _term)
     with _updater(a) as up:
+        fleet, waker = _fleet(up)
         pidfile = None
         register = getattr(up.dev.runtime, "register_process", None)
         if register is not None:
@@ -188,10 +201,21 @@ def _agent(a: argparse.Namespace) -> int:
                 result = up.cycle()
                 for m in result.messages:
                     print(m, flush=True)
+                interval = up.cfg.poll_interval
+                if fleet is not None and not result.rebooted:
+                    # After the cycle, so a finished trial is reported in this same wake-up.
+                    out = fleet.poll_once()
+                    for m in out.messages:
+                        print(m, flush=True)
+                    result.rebooted, interval = out.rebooted, out.sleep
                 if a.once or result.rebooted or stop:
                     break
+                if waker is not None and fleet is not None:
+                    # Long-poll: the controller can wake us at once; polling is the fallback.
+                    waker.wait(interval, fleet.etag, stop=lambda: stop)
+                    continue
                 # Idle: a blocking sleep costs no CPU; SIGTERM ends it early.
-                deadline = time.monotonic() + up.cfg.poll_interval
+                deadline = time.monotonic() + interval
                 while not stop and time.monotonic() < deadline:
                     time.sleep(min(1.0, deadline - time.monotonic()))
             print(f"phase: {up.journal.state().phase}")
