@@ -1,0 +1,177 @@
+"""edgeops controller: run the fleet controller, and manage the fleet through its REST API.
+
+    edgeops controller serve [--db URL] [--listen 127.0.0.1:PORT] [--parent URL] [--keyring ROOT.crt]
+    edgeops controller device list|add|tag     edgeops controller group list|add
+    edgeops controller bundle list|upload      edgeops controller deploy (--device|--group|--percent)
+    edgeops controller rollout create|status|pause|resume|halt|cancel
+
+Management commands talk HTTP to a running controller (--url, $EDGEOPS_CONTROLLER_URL) with
+the operator token (--token, $EDGEOPS_CONTROLLER_TOKEN). Heavy imports stay inside handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.errors import TransportError, UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("controller", help="the fleet controller (hawkBit DDI server) and its API")
+    cs = p.add_subparsers(dest="controller_command", metavar="ACTION", required=True)
+
+    s = cs.add_parser("serve", help="run the controller")
+    s.add_argument("--db", default="controller.db", help="SQLite path or postgresql:// URL")
+    s.add_argument("--data", type=Path, help="artifact directory (default: beside the SQLite file)")
+    s.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
+    s.add_argument("--parent", help="regional mode: the parent controller's URL")
+    s.add_argument("--keyring", type=Path, help="the fleet's root certificates (PEM)")
+    s.add_argument("--tenant", default="DEFAULT")
+    s.add_argument("--poll-sleep", type=int, default=30, help="seconds devices wait between polls")
+    s.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN"),
+                   help="operator bearer token (default: generated once, kept in the database)")
+    s.set_defaults(func=_serve)
+
+    def api_cmd(parser: Any, name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
+        c: argparse.ArgumentParser = parser.add_parser(name, help=helptext)
+        c.add_argument("--url", default=os.environ.get("EDGEOPS_CONTROLLER_URL", "http://127.0.0.1:8080"))
+        c.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN", ""))
+        c.set_defaults(func=fn)
+        return c
+
+    dev = cs.add_parser("device", help="devices").add_subparsers(dest="a", metavar="ACTION", required=True)
+    api_cmd(dev, "list", "list devices", lambda a: _call(a, "GET", "/devices"))
+    d = api_cmd(dev, "add", "register a device; prints its TargetToken", lambda a: _call(
+        a, "POST", "/devices", {"id": a.id, "site": a.site, "tags": a.tag, "token": a.device_token}))
+    d.add_argument("id")
+    d.add_argument("--site", default="")
+    d.add_argument("--tag", action="append", default=[])
+    d.add_argument("--device-token", help="use this TargetToken instead of a generated one")
+    t = api_cmd(dev, "tag", "add tags to a device",
+                lambda a: _call(a, "POST", f"/devices/{a.id}/tags", {"tags": a.tags}))
+    t.add_argument("id")
+    t.add_argument("tags", nargs="+")
+
+    grp = cs.add_parser("group", help="groups").add_subparsers(dest="a", metavar="ACTION", required=True)
+    api_cmd(grp, "list", "list groups", lambda a: _call(a, "GET", "/groups"))
+    g = api_cmd(grp, "add", "add devices to a group (created on first use)",
+                lambda a: _call(a, "POST", "/groups", {"name": a.name, "devices": a.devices}))
+    g.add_argument("name")
+    g.add_argument("devices", nargs="+")
+
+    bun = cs.add_parser("bundle", help="bundles").add_subparsers(dest="a", metavar="ACTION", required=True)
+    api_cmd(bun, "list", "list bundles", lambda a: _call(a, "GET", "/bundles"))
+    u = api_cmd(bun, "upload", "upload a signed bundle (the controller verifies it)", _upload)
+    u.add_argument("path", type=Path)
+
+    dep = api_cmd(cs, "deploy", "deploy a bundle at once (one wave, no gate)", lambda a: _call(
+        a, "POST", "/deployments", {"bundle": a.bundle, "device": a.device, "group": a.group,
+                                    "percent": a.percent}))
+    dep.add_argument("bundle", type=int)
+    dep.add_argument("--device")
+    dep.add_argument("--group")
+    dep.add_argument("--percent", type=float)
+
+    ro = cs.add_parser("rollout", help="gated rollouts").add_subparsers(dest="a", metavar="ACTION",
+                                                                       required=True)
+    c = api_cmd(ro, "create", "canary wave, then growing waves behind a health gate", _rollout_create)
+    c.add_argument("bundle", type=int)
+    c.add_argument("--group")
+    c.add_argument("--percent", type=float)
+    c.add_argument("--canary-percent", type=float, default=5.0)
+    c.add_argument("--success-threshold", type=float, default=0.95)
+    c.add_argument("--error-threshold", type=float, default=0.2)
+    c.add_argument("--window", type=float, default=3600.0, help="seconds a wave may take")
+    st = api_cmd(ro, "status", "show a rollout (or all)",
+                 lambda a: _call(a, "GET", f"/rollouts/{a.id}" if a.id else "/rollouts"))
+    st.add_argument("id", nargs="?", type=int)
+    for verb in ("pause", "resume", "cancel"):
+        v = api_cmd(ro, verb, f"{verb} a rollout",
+                    lambda a, verb=verb: _call(a, "POST", f"/rollouts/{a.id}/{verb}"))
+        v.add_argument("id", type=int)
+    h = api_cmd(ro, "halt", "halt one rollout, or with no id every rollout (fleet-wide)",
+                lambda a: _call(a, "POST", f"/rollouts/{a.id}/halt" if a.id else "/halt"))
+    h.add_argument("id", nargs="?", type=int)
+
+
+def _call(a: argparse.Namespace, method: str, path: str, body: Any = None, data: Any = None) -> int:
+    import requests
+
+    url = f"{a.url.rstrip('/')}/api/v1{path}"
+    try:
+        r = requests.request(method, url, json=body if data is None else None, data=data, timeout=120,
+                             headers={"Authorization": f"Bearer {a.token}"})
+    except requests.RequestException as exc:
+        raise TransportError(f"controller at {a.url} unreachable: {exc}") from None
+    if r.status_code >= 400:
+        try:
+            msg = r.json().get("message", r.text)
+        except ValueError:
+            msg = r.text
+        raise UsageError(f"controller refused {method} {path}: HTTP {r.status_code}: {msg}",
+                         hint="see docs/fleet-controller.md")
+    print(json.dumps(r.json(), indent=2, sort_keys=True))
+    return 0
+
+
+def _upload(a: argparse.Namespace) -> int:
+    try:
+        f = open(a.path, "rb")  # noqa: SIM115 (closed below; open errors need their own message)
+    except OSError as exc:
+        raise UsageError(f"cannot open {a.path}: {exc.strerror}") from None
+    with f:
+        return _call(a, "POST", f"/bundles?filename={a.path.name}", data=f)
+
+
+def _rollout_create(a: argparse.Namespace) -> int:
+    policy = {"canary_percent": a.canary_percent, "success_threshold": a.success_threshold,
+              "error_threshold": a.error_threshold, "window": a.window}
+    return _call(a, "POST", "/rollouts", {"bundle": a.bundle, "group": a.group, "percent": a.percent,
+                                          "policy": policy})
+
+
+def _serve(a: argparse.Namespace) -> int:
+    import asyncio
+    import secrets
+
+    from aiohttp import web
+
+    from agent.controller.app import Settings, build_app
+    from agent.controller.db import open_database
+    from agent.controller.fleet import Fleet
+
+    host, _, port = a.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen {a.listen!r} is not HOST:PORT")
+    db = open_database(a.db)
+    data = a.data or (Path(a.db).resolve().parent / "controller-data" if "://" not in a.db else None)
+    if data is None:
+        raise UsageError("with a PostgreSQL --db, give --data: a directory all controller processes share")
+    token = a.token or _stored_token(db, secrets.token_urlsafe(24))
+    fleet = Fleet(db, data, keyring_pem=a.keyring.read_bytes() if a.keyring else None)
+    settings = Settings(api_token=token, tenant=a.tenant, poll_sleep=a.poll_sleep, parent=a.parent)
+    print(f"edgeops controller on http://{host}:{port} (db {a.db}); operator token: {token}",
+          file=sys.stderr, flush=True)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    web.run_app(build_app(fleet, settings), host=host, port=int(port), access_log=None,
+                print=None, reuse_port=True)
+    return 0
+
+
+def _stored_token(db: Any, fresh: str) -> str:
+    with db.tx():
+        rows = db.query("SELECT v FROM kv WHERE k = 'api_token'")
+        if rows:
+            return str(rows[0][0])
+        db.execute("INSERT INTO kv (k, v) VALUES ('api_token', ?)", [fresh])
+    return fresh

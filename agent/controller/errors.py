@@ -1,0 +1,27 @@
+"""Controller errors. Each class carries the HTTP status ``app`` answers with."""
+
+from __future__ import annotations
+
+from agent.errors import EdgeopsError
+
+
+class ControllerError(EdgeopsError):
+    status = 500
+
+
+class BadRequest(ControllerError):
+    status = 400
+    hint = "see docs/fleet-controller.md for the request shapes"
+
+
+class Unauthorized(ControllerError):
+    status = 401
+    hint = "send 'Authorization: TargetToken <token>' (devices) or 'Bearer <token>' (operators)"
+
+
+class NotFound(ControllerError):
+    status = 404
+
+
+class Conflict(ControllerError):
+    status = 409

@@ -1,0 +1,464 @@
+"""Fleet operations on the database: devices, groups, bundles, actions and rollouts.
+
+The HTTP layer (``app``) calls these; so do tests. Every state change is one
+transaction, so a controller killed at any point restarts into a consistent
+fleet. Actions for a rollout wave are created only when the wave starts: a
+device outside the running waves has no action row, so no code path can hand
+it the deployment before the gate has passed.
+
+Action states: open (assigned) → running (device reported progress) → success |
+failure; open/running → canceling (cancel requested, device sees cancelAction)
+→ canceled, or back to running when the device rejects the cancel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from agent.controller import rollout
+from agent.controller.db import Database
+from agent.controller.errors import BadRequest, Conflict, NotFound, Unauthorized
+
+OPEN_STATES = ("open", "running", "canceling")
+TERMINAL = ("success", "failure", "canceled")
+RUNNING_EXECUTIONS = ("proceeding", "scheduled", "resumed", "download", "downloaded", "downloading")
+
+
+@dataclass(frozen=True)
+class PollInfo:
+    action_id: int | None
+    action_status: str | None
+    wants_config: bool
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    id: int
+    version: str
+    compatible: str
+    sha256: str
+    sha1: str
+    md5: str
+    size: int
+    filename: str
+    signer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Fleet:
+    def __init__(self, db: Database, data_dir: Path, *, keyring_pem: bytes | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.data_dir = data_dir
+        self.artifacts = data_dir / "artifacts"
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.keyring_pem = keyring_pem
+        self.clock = clock
+        # Called with the ids of devices whose pending work changed (long-poll wake-ups).
+        self.listeners: list[Callable[[list[str]], None]] = []
+
+    def _notify(self, device_ids: list[str]) -> None:
+        for fn in self.listeners:
+            fn(device_ids)
+
+    # --- devices and groups ----------------------------------------------------------------
+    def add_device(self, device_id: str, *, token: str | None = None, site: str = "",
+                   tags: Sequence[str] = ()) -> str:
+        _check_name(device_id, "device id")
+        token = token or secrets.token_urlsafe(24)
+        with self.db.tx():
+            if self.db.query("SELECT 1 FROM devices WHERE id = ?", [device_id]):
+                raise Conflict(f"device {device_id!r} exists")
+            self.db.execute("INSERT INTO devices (id, token, site, tags, created) VALUES (?, ?, ?, ?, ?)",
+                            [device_id, token, site, json.dumps(sorted(set(tags))), self.clock()])
+        return token
+
+    def tag_device(self, device_id: str, tags: Sequence[str]) -> list[str]:
+        with self.db.tx():
+            have = set(json.loads(self._device_row(device_id)[3]))
+            merged = sorted(have | set(tags))
+            self.db.execute("UPDATE devices SET tags = ? WHERE id = ?", [json.dumps(merged), device_id])
+        return merged
+
+    def _device_row(self, device_id: str) -> tuple[Any, ...]:
+        rows = self.db.query("SELECT id, token, site, tags, attributes, version, last_seen "
+                             "FROM devices WHERE id = ?", [device_id])
+        if not rows:
+            raise NotFound(f"no device {device_id!r}")
+        return rows[0]
+
+    def devices(self, device_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        rows = self.db.query("SELECT id, site, tags, attributes, version, last_seen FROM devices ORDER BY id")
+        wanted = set(device_ids) if device_ids is not None else None
+        groups: dict[str, list[str]] = {}
+        for grp, dev in self.db.query("SELECT grp, device_id FROM group_members ORDER BY grp"):
+            groups.setdefault(dev, []).append(grp)
+        return [{"id": r[0], "site": r[1], "tags": json.loads(r[2]), "attributes": json.loads(r[3]),
+                 "version": r[4], "last_seen": r[5], "groups": groups.get(r[0], [])}
+                for r in rows if wanted is None or r[0] in wanted]
+
+    def add_to_group(self, group: str, device_ids: Sequence[str]) -> None:
+        _check_name(group, "group name")
+        with self.db.tx():
+            for d in device_ids:
+                self._device_row(d)
+                self.db.execute("INSERT INTO group_members (grp, device_id) VALUES (?, ?) "
+                                "ON CONFLICT (grp, device_id) DO NOTHING", [group, d])
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for grp, dev in self.db.query("SELECT grp, device_id FROM group_members ORDER BY grp, device_id"):
+            out.setdefault(grp, []).append(dev)
+        return out
+
+    def group_members(self, group: str) -> list[str]:
+        members = self.groups().get(group)
+        if not members:
+            raise NotFound(f"no group {group!r} (or it has no devices)")
+        return members
+
+    def authenticate(self, device_id: str, token: str) -> None:
+        rows = self.db.query("SELECT token FROM devices WHERE id = ?", [device_id])
+        if not rows or not secrets.compare_digest(rows[0][0], token):
+            raise Unauthorized("unknown controller id or wrong TargetToken")
+
+    def touch(self, seen: dict[str, float]) -> None:
+        """Write batched last-seen times: one transaction per flush, not one per poll."""
+        with self.db.tx():
+            for device_id, t in seen.items():
+                self.db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", [t, device_id])
+
+    def set_attributes(self, device_id: str, data: dict[str, str], mode: str) -> None:
+        if mode not in ("merge", "replace", "remove"):
+            raise BadRequest(f"configData mode {mode!r} is not merge, replace or remove")
+        with self.db.tx():
+            have: dict[str, str] = json.loads(self._device_row(device_id)[4])
+            if mode == "merge":
+                have.update(data)
+            elif mode == "replace":
+                have = dict(data)
+            else:
+                have = {k: v for k, v in have.items() if k not in data}
+            self.db.execute("UPDATE devices SET attributes = ? WHERE id = ?", [json.dumps(have), device_id])
+            # edgeops agents report their running version as an attribute
+            version = data.get("edgeops.version", data.get("version"))
+            if version is not None and mode != "remove":
+                self.db.execute("UPDATE devices SET version = ? WHERE id = ?", [version, device_id])
+
+    # --- DDI --------------------------------------------------------------------------------
+    def poll(self, device_id: str, token: str) -> PollInfo:
+        # One indexed query per poll: this is the hot path the benchmark measures.
+        rows = self.db.query(
+            "SELECT d.token, d.attributes, a.id, a.status FROM devices d LEFT JOIN actions a "
+            "ON a.device_id = d.id AND a.status IN ('open', 'running', 'canceling') "
+            "WHERE d.id = ? ORDER BY a.id", [device_id])
+        if not rows or not secrets.compare_digest(rows[0][0], token):
+            raise Unauthorized("unknown controller id or wrong TargetToken")
+        r = rows[0]
+        return PollInfo(r[2], r[3], r[1] == "{}")
+
+    def action(self, device_id: str, action_id: int) -> tuple[str, BundleInfo]:
+        rows = self.db.query("SELECT status, bundle_id FROM actions WHERE id = ? AND device_id = ?",
+                             [action_id, device_id])
+        if not rows:
+            raise NotFound(f"no action {action_id} for {device_id!r}")
+        return rows[0][0], self.bundle(rows[0][1])
+
+    def feedback(self, device_id: str, action_id: int, body: dict[str, Any], *, cancel: bool = False,
+                 key: str | None = None) -> None:
+        """Apply one DDI feedback. A report whose ``Idempotency-Key`` was seen is applied once."""
+        execution, finished = _parse_feedback(body)
+        now = self.clock()
+        with self.db.tx():
+            status, _ = self.action(device_id, action_id)
+            if key and self.db.query("SELECT 1 FROM feedback WHERE device_id = ? AND idem_key = ?",
+                                     [device_id, key]):
+                return
+            self.db.insert("INSERT INTO feedback (action_id, device_id, execution, finished, body, received, "
+                           "idem_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [action_id, device_id, execution, finished, json.dumps(body), now, key])
+            new = _next_status(status, execution, finished, cancel)
+            if new == status:
+                return
+            self.db.execute("UPDATE actions SET status = ?, updated = ?, detail = ? WHERE id = ?",
+                            [new, now, "; ".join(map(str, body.get("status", {}).get("details", [])))[:500],
+                             action_id])
+            if new == "success":
+                bundle = self.action(device_id, action_id)[1]
+                self.db.execute("UPDATE devices SET version = ? WHERE id = ?", [bundle.version, device_id])
+        if new in TERMINAL:
+            self.tick()
+
+    # --- bundles ----------------------------------------------------------------------------
+    def upload_bundle(self, stream: BinaryIO, filename: str) -> BundleInfo:
+        """Store a bundle after checking its signature and every block against the fleet's roots."""
+        if self.keyring_pem is None:
+            raise BadRequest("this controller has no keyring: start it with --keyring ROOT.crt",
+                             hint="the controller verifies bundles against the fleet's roots")
+        fd, tmp_name = tempfile.mkstemp(dir=self.artifacts, prefix=".upload-")
+        tmp = Path(tmp_name)
+        try:
+            hashes = _copy_hashing(stream, fd)
+            signer, version, compatible = _verify_bundle(tmp, self.keyring_pem, self.clock())
+            final = self.artifacts / hashes["sha256"]
+            os.replace(tmp, final)
+            return self._record_bundle(hashes, final.stat().st_size, filename, signer, version, compatible)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _record_bundle(self, h: dict[str, str], size: int, filename: str, signer: str, version: str,
+                       compatible: str) -> BundleInfo:
+        with self.db.tx():
+            rows = self.db.query("SELECT id FROM bundles WHERE sha256 = ?", [h["sha256"]])
+            if rows:
+                return self.bundle(rows[0][0])
+            bid = self.db.insert(
+                "INSERT INTO bundles (version, compatible, sha256, sha1, md5, size, filename, signer, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [version, compatible, h["sha256"], h["sha1"], h["md5"], size, filename, signer, self.clock()])
+        return self.bundle(bid)
+
+    def bundle(self, bundle_id: int) -> BundleInfo:
+        rows = self.db.query("SELECT id, version, compatible, sha256, sha1, md5, size, filename, signer "
+                             "FROM bundles WHERE id = ?", [bundle_id])
+        if not rows:
+            raise NotFound(f"no bundle {bundle_id}")
+        r = rows[0]
+        return BundleInfo(int(r[0]), r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8])
+
+    def bundles(self) -> list[BundleInfo]:
+        return [self.bundle(r[0]) for r in self.db.query("SELECT id FROM bundles ORDER BY id")]
+
+    def artifact_path(self, bundle: BundleInfo) -> Path:
+        return self.artifacts / bundle.sha256
+
+    # --- rollouts ---------------------------------------------------------------------------
+    def resolve_targets(self, *, device: str | None = None, group: str | None = None,
+                        percent: float | None = None) -> list[rollout.Target]:
+        if sum(x is not None for x in (device, group)) > 1:
+            raise BadRequest("give one of device or group (percent may narrow either)")
+        sites = {d["id"]: d["site"] for d in self.devices()}
+        if device is not None:
+            ids = [device] if device in sites else []
+            if not ids:
+                raise NotFound(f"no device {device!r}")
+        elif group is not None:
+            ids = self.group_members(group)
+        else:
+            ids = list(sites)
+        targets = [rollout.Target(i, sites[i]) for i in ids]
+        if percent is not None:
+            if not 0 < percent <= 100:
+                raise BadRequest("percent must be in (0, 100]")
+            order = rollout.spread_order(targets, "percent")
+            keep = set(order[:max(1, round(len(order) * percent / 100))])
+            targets = [t for t in targets if t.device_id in keep]
+        if not targets:
+            raise BadRequest("the deployment has no target devices")
+        return targets
+
+    def create_rollout(self, bundle_id: int, targets: Sequence[rollout.Target], policy: rollout.Policy,
+                       name: str = "") -> int:
+        bundle = self.bundle(bundle_id)
+        now = self.clock()
+        with self.db.tx():
+            rid = self.db.insert(
+                "INSERT INTO rollouts (bundle_id, name, status, policy, current_wave, waves, wave_started, "
+                "created) VALUES (?, ?, 'running', ?, 0, 0, ?, ?)",
+                [bundle.id, name or f"{bundle.version}", json.dumps(policy.to_dict()), now, now])
+            waves = rollout.plan(targets, policy, seed=f"rollout-{rid}")
+            for w, ids in enumerate(waves):
+                for d in ids:
+                    self.db.execute("INSERT INTO rollout_targets (rollout_id, device_id, wave) "
+                                    "VALUES (?, ?, ?)", [rid, d, w])
+            self.db.execute("UPDATE rollouts SET waves = ? WHERE id = ?", [len(waves), rid])
+            self._start_wave(rid, bundle.id, 0, now)
+        return rid
+
+    def _start_wave(self, rid: int, bundle_id: int, wave: int, now: float) -> None:
+        ids = [r[0] for r in self.db.query("SELECT device_id FROM rollout_targets WHERE rollout_id = ? "
+                                           "AND wave = ? ORDER BY device_id", [rid, wave])]
+        for d in ids:
+            self.db.insert("INSERT INTO actions (device_id, bundle_id, rollout_id, wave, status, created, "
+                           "updated) VALUES (?, ?, ?, ?, 'open', ?, ?)", [d, bundle_id, rid, wave, now, now])
+        self.db.execute("UPDATE rollouts SET current_wave = ?, wave_started = ? WHERE id = ?",
+                        [wave, now, rid])
+        self._notify(ids)
+
+    def tick(self) -> None:
+        """Run the health gate of every running rollout."""
+        for (rid,) in self.db.query("SELECT id FROM rollouts WHERE status = 'running' ORDER BY id"):
+            self._tick_one(int(rid))
+
+    def _tick_one(self, rid: int) -> None:
+        now = self.clock()
+        with self.db.tx():
+            rows = self.db.query("SELECT status, policy, current_wave, waves, wave_started, bundle_id "
+                                 "FROM rollouts WHERE id = ?" + self.db.for_update, [rid])
+            status, policy_json, wave, waves, started, bundle_id = rows[0]
+            if status != "running":
+                return
+            outcomes = {d: _outcome(s) for d, s in self.db.query(
+                "SELECT device_id, status FROM actions WHERE rollout_id = ? AND wave = ?", [rid, wave])}
+            decision = rollout.evaluate(outcomes, policy=rollout.Policy.from_dict(json.loads(policy_json)),
+                                        wave_started=started, now=now, last_wave=wave + 1 >= waves)
+            if decision.verdict == "advance":
+                self._start_wave(rid, bundle_id, wave + 1, now)
+            elif decision.verdict in ("pause", "complete"):
+                new = "paused" if decision.verdict == "pause" else "finished"
+                self.db.execute("UPDATE rollouts SET status = ?, reason = ? WHERE id = ?",
+                                [new, decision.reason, rid])
+
+    def rollout_status(self, rid: int) -> dict[str, Any]:
+        rows = self.db.query("SELECT id, bundle_id, name, status, policy, current_wave, waves, reason "
+                             "FROM rollouts WHERE id = ?", [rid])
+        if not rows:
+            raise NotFound(f"no rollout {rid}")
+        r = rows[0]
+        counts: dict[str, dict[str, int]] = {}
+        for wave, st, n in self.db.query("SELECT wave, status, COUNT(*) FROM actions WHERE rollout_id = ? "
+                                         "GROUP BY wave, status", [rid]):
+            counts.setdefault(str(wave), {})[st] = int(n)
+        sizes = {str(w): int(n) for w, n in self.db.query(
+            "SELECT wave, COUNT(*) FROM rollout_targets WHERE rollout_id = ? GROUP BY wave", [rid])}
+        return {"id": r[0], "bundle": r[1], "name": r[2], "status": r[3], "policy": json.loads(r[4]),
+                "current_wave": r[5], "waves": r[6], "reason": r[7], "wave_sizes": sizes,
+                "actions": counts}
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return [self.rollout_status(int(r[0])) for r in self.db.query("SELECT id FROM rollouts ORDER BY id")]
+
+    def wave_members(self, rid: int, wave: int) -> list[str]:
+        return [r[0] for r in self.db.query("SELECT device_id FROM rollout_targets WHERE rollout_id = ? "
+                                            "AND wave = ? ORDER BY device_id", [rid, wave])]
+
+    def set_rollout_state(self, rid: int, verb: str) -> dict[str, Any]:
+        moves = {"pause": (("running",), "paused"), "resume": (("paused",), "running"),
+                 "halt": (("running", "paused"), "halted"), "cancel": (("running", "paused"), "canceled")}
+        if verb not in moves:
+            raise BadRequest(f"unknown rollout verb {verb!r}")
+        allowed, new = moves[verb]
+        with self.db.tx():
+            st = self.rollout_status(rid)["status"]
+            if st not in allowed:
+                raise Conflict(f"rollout {rid} is {st}; cannot {verb}")
+            self.db.execute("UPDATE rollouts SET status = ?, reason = ? WHERE id = ?",
+                            [new, f"{verb} by operator", rid])
+            if verb == "resume":  # a fresh window for the wave that paused
+                self.db.execute("UPDATE rollouts SET wave_started = ? WHERE id = ?", [self.clock(), rid])
+            if verb in ("halt", "cancel"):
+                self._cancel_open(rid)
+        if verb == "resume":
+            self.tick()
+        return self.rollout_status(rid)
+
+    def _cancel_open(self, rid: int) -> None:
+        # Not yet fetched or still running: the device gets cancelAction on its next poll.
+        ids = [r[0] for r in self.db.query("SELECT device_id FROM actions WHERE rollout_id = ? "
+                                           "AND status IN ('open', 'running')", [rid])]
+        self.db.execute("UPDATE actions SET status = 'canceling', updated = ? WHERE rollout_id = ? "
+                        "AND status IN ('open', 'running')", [self.clock(), rid])
+        self._notify(ids)
+
+    def halt_all(self) -> list[int]:
+        """Fleet-wide stop: every running or paused rollout is halted and its open actions canceled."""
+        rows = self.db.query("SELECT id FROM rollouts WHERE status IN ('running', 'paused')")
+        ids = [int(r[0]) for r in rows]
+        for rid in ids:
+            self.set_rollout_state(rid, "halt")
+        return ids
+
+    def actions(self, *, device: str | None = None, rollout_id: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT id, device_id, bundle_id, rollout_id, wave, status, detail FROM actions WHERE 1 = 1"
+        params: list[Any] = []
+        if device is not None:
+            sql, params = sql + " AND device_id = ?", [*params, device]
+        if rollout_id is not None:
+            sql, params = sql + " AND rollout_id = ?", [*params, rollout_id]
+        keys = ("id", "device", "bundle", "rollout", "wave", "status", "detail")
+        return [dict(zip(keys, r, strict=True)) for r in self.db.query(sql + " ORDER BY id", params)]
+
+
+def _outcome(status: str) -> rollout.Outcome:
+    return {"open": "pending", "running": "running", "canceling": "running", "success": "success",
+            "failure": "failure", "canceled": "canceled"}.get(status, "pending")  # type: ignore[return-value]
+
+
+def _parse_feedback(body: dict[str, Any]) -> tuple[str, str]:
+    """DdiActionFeedback: {"status": {"execution": ..., "result": {"finished": ...}}} (hawkBit DDI v1)."""
+    status = body.get("status") if isinstance(body, dict) else None
+    if not isinstance(status, dict) or not isinstance(status.get("execution"), str):
+        raise BadRequest("feedback needs status.execution")
+    result = status.get("result") or {}
+    finished = result.get("finished", "none") if isinstance(result, dict) else "none"
+    if finished not in ("success", "failure", "none"):
+        raise BadRequest(f"status.result.finished {finished!r} is not success, failure or none")
+    execution = status["execution"]
+    if execution not in ("closed", "canceled", "rejected", *RUNNING_EXECUTIONS):
+        raise BadRequest(f"status.execution {execution!r} is not a DDI execution status")
+    return execution, str(finished)
+
+
+def _next_status(current: str, execution: str, finished: str, cancel: bool) -> str:
+    if current in TERMINAL:
+        return current  # a repeated report (offline queue replay) changes nothing
+    if cancel:
+        # Feedback on cancelAction (hawkBit DDI): "canceled", or "closed" with success, confirms
+        # the cancel; "rejected" or a failed close means the device carries on with the update.
+        if execution == "canceled" or (execution == "closed" and finished != "failure"):
+            return "canceled"
+        return "running" if execution in ("rejected", "closed") else current
+    if execution == "closed":
+        # hawkBit DDI: "closed" with finished "none" is handled like success.
+        return "failure" if finished == "failure" else "success"
+    if execution == "canceled":
+        return "canceled" if current == "canceling" else current
+    if execution == "rejected":
+        return "running" if current == "canceling" else current
+    return current if current == "canceling" else "running"
+
+
+def _copy_hashing(stream: BinaryIO, fd: int) -> dict[str, str]:
+    hs = {"sha256": hashlib.sha256(), "sha1": hashlib.sha1(), "md5": hashlib.md5()}
+    with os.fdopen(fd, "wb") as out:
+        while chunk := stream.read(1 << 20):
+            out.write(chunk)
+            for h in hs.values():
+                h.update(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return {k: h.hexdigest() for k, h in hs.items()}
+
+
+def _verify_bundle(path: Path, keyring_pem: bytes, now: float) -> tuple[str, str, str]:
+    """Signature, chain and every payload block, as a device would check them (any compatible)."""
+    from agent import trust
+    from agent.bundle import BundleReader
+
+    with open(path, "rb") as f:
+        reader = BundleReader(f)
+        head = reader.read_head()
+        verdict = trust.verify_head(
+            manifest_bytes=head.manifest_bytes, signature=head.signature, chain_pem=head.chain_pem,
+            keyring=trust.Keyring.from_pem(keyring_pem),
+            device=trust.DeviceFacts(compatible=None, security_floor=0, best_known_time=int(now)),
+            crls=[head.crl] if head.crl else [])
+        for payload in reader.payloads(verdict.manifest):
+            payload.drain()
+    return verdict.signer_subject, verdict.manifest.version, verdict.manifest.compatible
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name or len(name) > 128 or not all(c.isalnum() or c in "-_.:" for c in name):
+        raise BadRequest(f"{what} {name!r} must be 1-128 letters, digits, '-', '_', '.', ':'")

@@ -1,0 +1,289 @@
+"""A regional controller: serves its devices DDI from a mirror of its parent.
+
+It speaks DDI upstream on behalf of each device it has seen, with that device's
+own ``TargetToken`` (so the parent, or a real hawkBit, authorises every device
+itself). While the WAN is up a sync loop mirrors each device's base resource,
+its deployment and cancel documents, and the artifacts they list (checked
+against their declared size and SHA-256). Devices are always answered from the
+mirror, so a WAN outage changes nothing they can see; their feedback and
+configData go into a durable outbox that is forwarded upstream, in order, when
+the parent answers again. Links are rewritten to point at this controller, so
+devices cannot tell it from the central one.
+
+A device first seen while the parent is down is refused (503): nothing can
+vouch for its token yet. Afterwards its token must match the one the parent
+accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from agent.controller.app import DDI, Settings, base_url, sleep_text
+from agent.controller.errors import ControllerError, NotFound, Unauthorized
+from agent.controller.fleet import Fleet
+
+log = logging.getLogger("edgeops.controller.regional")
+TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+
+
+class ParentDown(ControllerError):
+    status = 503
+    hint = "the regional controller cannot reach its parent; retry later"
+
+
+class Regional:
+    def __init__(self, fleet: Fleet, settings: Settings) -> None:
+        assert settings.parent
+        self.fleet, self.db = fleet, fleet.db
+        self.parent = settings.parent.rstrip("/")
+        self.settings = settings
+        self.cache = fleet.data_dir / "mirror"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.session: aiohttp.ClientSession | None = None
+        self.wan_up = False
+        self.wake = asyncio.Event()
+
+    # --- wiring ----------------------------------------------------------------------------
+    def install(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get(DDI, self.base)
+        r.add_get(DDI + "/deploymentBase/{aid}", self.doc)
+        r.add_get(DDI + "/cancelAction/{aid}", self.doc)
+        r.add_post(DDI + "/deploymentBase/{aid}/feedback", self.queue)
+        r.add_post(DDI + "/cancelAction/{aid}/feedback", self.queue)
+        r.add_put(DDI + "/configData", self.queue)
+        r.add_get(DDI + "/softwaremodules/{mid}/artifacts/{fn}", self.artifact)
+        r.add_get("/_regional", self.status)
+        app.cleanup_ctx.append(self._lifecycle)
+
+    async def _lifecycle(self, app: web.Application) -> Any:
+        self.session = aiohttp.ClientSession(timeout=TIMEOUT)
+        task = asyncio.create_task(self._loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await self.session.close()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+            except Exception:
+                log.exception("regional sync failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.settings.parent_interval)
+            self.wake.clear()
+
+    # --- the mirror in the database ---------------------------------------------------------
+    def _get(self, device: str, path: str) -> str | None:
+        rows = self.db.query("SELECT body FROM mirror_docs WHERE device_id = ? AND path = ?", [device, path])
+        return str(rows[0][0]) if rows else None
+
+    def _put(self, device: str, path: str, body: str) -> None:
+        self.db.execute("INSERT INTO mirror_docs (device_id, path, body, fetched) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (device_id, path) DO UPDATE SET body = excluded.body, "
+                        "fetched = excluded.fetched", [device, path, body, self.fleet.clock()])
+
+    def _auth_of(self, device: str) -> str | None:
+        rows = self.db.query("SELECT auth FROM mirror_auth WHERE device_id = ?", [device])
+        return str(rows[0][0]) if rows else None
+
+    async def _check_device(self, request: web.Request, cid: str) -> str:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith(("TargetToken ", "GatewayToken ")):
+            raise Unauthorized("missing 'Authorization: TargetToken <token>'")
+        known = self._auth_of(cid)
+        if known is not None and secrets.compare_digest(known.encode(), auth.encode()):
+            return auth
+        # Unknown device or a new token: only the parent can vouch for it.
+        await self._mirror_device(cid, auth)
+        self.db.execute("INSERT INTO mirror_auth (device_id, auth) VALUES (?, ?) ON CONFLICT (device_id) "
+                        "DO UPDATE SET auth = excluded.auth", [cid, auth])
+        return auth
+
+    # --- device-facing handlers ---------------------------------------------------------------
+    def _local_root(self, request: web.Request) -> str:
+        return f"{base_url(request)}/{request.match_info['tenant']}/controller/v1/{request.match_info['cid']}"
+
+    def _localise(self, body: str, request: web.Request) -> str:
+        tenant = request.match_info["tenant"]
+        return body.replace(self.parent + f"/{tenant}/", base_url(request) + f"/{tenant}/")
+
+    async def base(self, request: web.Request) -> web.Response:
+        cid = request.match_info["cid"]
+        await self._check_device(request, cid)
+        body = self._get(cid, "base")
+        if body is None:
+            doc: dict[str, Any] = {"config": {"polling": {"sleep": sleep_text(self.settings.poll_sleep)}}}
+        else:
+            doc = json.loads(self._localise(body, request))
+            links = doc.get("_links", {})
+            dep = links.get("deploymentBase", {}).get("href", "")
+            aid = dep.rsplit("/", 1)[-1].split("?")[0] if dep else None
+            if aid and self._get(cid, f"closed/{aid}") is not None:
+                del links["deploymentBase"]  # reported done here; upstream will agree once told
+        return web.json_response(doc)
+
+    async def doc(self, request: web.Request) -> web.Response:
+        cid = request.match_info["cid"]
+        await self._check_device(request, cid)
+        kind = request.path.split("/")[-2]
+        body = self._get(cid, f"{kind}/{request.match_info['aid']}")
+        if body is None:
+            raise NotFound(f"{kind} {request.match_info['aid']} is not mirrored here")
+        return web.json_response(text=self._localise(body, request))
+
+    async def queue(self, request: web.Request) -> web.Response:
+        cid = request.match_info["cid"]
+        await self._check_device(request, cid)
+        body = await request.text()
+        tail = request.path.split("/controller/v1/", 1)[1].split("/", 1)[1]
+        with self.db.tx():
+            self.db.insert("INSERT INTO outbox (device_id, path, method, body, created) "
+                           "VALUES (?, ?, ?, ?, ?)", [cid, tail, request.method, body, self.fleet.clock()])
+            if request.method == "POST" and _finishes(body):
+                self._put(cid, "closed/" + request.match_info["aid"], "1")
+        self.wake.set()
+        return web.Response(status=200)
+
+    async def artifact(self, request: web.Request) -> web.StreamResponse:
+        cid = request.match_info["cid"]
+        await self._check_device(request, cid)
+        sha = self._get("*", f"artifact/{request.match_info['mid']}/{request.match_info['fn']}")
+        if sha is None or not (self.cache / sha).exists():
+            raise NotFound("artifact is not mirrored here yet")
+        return web.FileResponse(self.cache / sha)
+
+    async def status(self, request: web.Request) -> web.Response:
+        pending = self.db.query("SELECT COUNT(*) FROM outbox")[0][0]
+        return web.json_response({"parent": self.parent, "wan_up": self.wan_up, "outbox": pending})
+
+    # --- upstream -----------------------------------------------------------------------------
+    async def sync_once(self) -> None:
+        await self.flush_outbox()
+        for cid, auth in self.db.query("SELECT device_id, auth FROM mirror_auth ORDER BY device_id"):
+            try:
+                await self._mirror_device(cid, auth)
+            except ParentDown:
+                return
+            except ControllerError as exc:
+                log.warning("mirroring %s: %s", cid, exc)
+
+    async def _fetch(self, url: str, auth: str) -> tuple[int, bytes]:
+        assert self.session is not None
+        try:
+            async with self.session.get(url, headers={"Authorization": auth}) as r:
+                data = await r.read()
+                self.wan_up = True
+                return r.status, data
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.wan_up = False
+            raise ParentDown(f"parent {self.parent} unreachable: {exc}") from None
+
+    async def _mirror_device(self, cid: str, auth: str) -> None:
+        tenant = self.settings.tenant
+        root = f"{self.parent}/{tenant}/controller/v1/{cid}"
+        status, data = await self._fetch(root, auth)
+        if status in (401, 403, 404):
+            raise Unauthorized(f"the parent refused controller {cid!r} ({status})")
+        if status != 200:
+            raise ParentDown(f"parent answered {status} for {cid!r}")
+        doc = json.loads(data)
+        for name in ("deploymentBase", "cancelAction"):
+            href = doc.get("_links", {}).get(name, {}).get("href")
+            if href:
+                await self._mirror_doc(cid, auth, name, href)
+        self._put(cid, "base", data.decode())
+
+    async def _mirror_doc(self, cid: str, auth: str, kind: str, href: str) -> None:
+        aid = href.rsplit("/", 1)[-1].split("?")[0]
+        if self._get(cid, f"{kind}/{aid}") is not None:
+            return  # documents of one action do not change
+        status, data = await self._fetch(href, auth)
+        if status != 200:
+            raise ParentDown(f"parent answered {status} for {href}")
+        if kind == "deploymentBase":
+            for chunk in json.loads(data).get("deployment", {}).get("chunks", []):
+                for art in chunk.get("artifacts", []):
+                    await self._mirror_artifact(art, auth)
+        self._put(cid, f"{kind}/{aid}", data.decode())
+
+    async def _mirror_artifact(self, art: dict[str, Any], auth: str) -> None:
+        href = art["_links"]["download"]["href"]
+        mid, fn = href.split("/softwaremodules/", 1)[1].split("/artifacts/", 1)
+        sha = str(art["hashes"]["sha256"])
+        final = self.cache / sha
+        if not final.exists():
+            await self._download(href, auth, sha, int(art["size"]))
+        self._put("*", f"artifact/{mid}/{fn}", sha)
+
+    async def _download(self, href: str, auth: str, sha: str, size: int) -> None:
+        assert self.session is not None
+        tmp = self.cache / f".{sha}.part"
+        h, n = hashlib.sha256(), 0
+        # Credentials only go to the parent itself, never to a third-party host a link names.
+        headers = {"Authorization": auth} if href.startswith(self.parent + "/") else {}
+        try:
+            async with self.session.get(href, headers=headers) as r:
+                if r.status != 200:
+                    raise ParentDown(f"artifact {href}: HTTP {r.status}")
+                with open(tmp, "wb") as f:
+                    async for block in r.content.iter_chunked(1 << 16):
+                        n += len(block)
+                        if n > size:
+                            raise ParentDown(f"artifact {href} is longer than its declared {size} bytes")
+                        h.update(block)
+                        f.write(block)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ParentDown(f"artifact {href}: {exc}") from None
+        if n != size or h.hexdigest() != sha:
+            tmp.unlink(missing_ok=True)
+            raise ParentDown(f"artifact {href} does not match its declared size and SHA-256")
+        os.replace(tmp, self.cache / sha)
+
+    async def flush_outbox(self) -> int:
+        """Forward queued device reports in order; stop at the first that the parent cannot take."""
+        assert self.session is not None
+        sent = 0
+        rows = self.db.query("SELECT o.id, o.device_id, o.path, o.method, o.body, a.auth FROM outbox o "
+                             "JOIN mirror_auth a ON a.device_id = o.device_id ORDER BY o.id")
+        for oid, cid, path, method, body, auth in rows:
+            url = f"{self.parent}/{self.settings.tenant}/controller/v1/{cid}/{path}"
+            try:
+                async with self.session.request(method, url, data=body, headers={
+                        "Authorization": auth, "Content-Type": "application/json"}) as r:
+                    await r.read()
+                    status = r.status
+            except (aiohttp.ClientError, TimeoutError):
+                self.wan_up = False
+                return sent
+            self.wan_up = True
+            if status >= 500:
+                return sent
+            if status >= 400:  # the parent will never take it: keep the queue moving
+                log.warning("parent refused %s %s: HTTP %s", method, url, status)
+            self.db.execute("DELETE FROM outbox WHERE id = ?", [oid])
+            sent += 1
+        return sent
+
+
+def _finishes(body: str) -> bool:
+    try:
+        status = json.loads(body).get("status", {})
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(status, dict) and status.get("execution") in ("closed", "canceled")

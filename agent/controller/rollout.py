@@ -1,0 +1,138 @@
+"""Rollout planning and gating. Pure: targets, outcomes and ``now`` in, a plan or a decision out.
+
+A plan is a list of waves. Wave 0 is the canary: ``canary_percent`` of the
+targets (at least one), chosen deterministically from the rollout's seed and
+spread across sites round-robin, so one bad site cannot hide a bad release and
+one site cannot take the whole canary. Later waves grow by ``growth`` each.
+
+Between waves the gate decides (``evaluate``):
+- ``pause`` as soon as failures in the current wave reach ``error_threshold``
+  (the release is bad: stop before anyone else gets it);
+- ``advance`` (or ``complete`` after the last wave) once successes reach
+  ``success_threshold`` of the wave; success means the device reported
+  ``closed/success``, which edgeops agents send only after the trial boot
+  committed the new slot;
+- ``pause`` when ``window`` seconds pass without reaching the threshold;
+- ``wait`` otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from agent.controller.errors import BadRequest
+
+Outcome = Literal["pending", "running", "success", "failure", "canceled"]
+Verdict = Literal["wait", "advance", "complete", "pause"]
+
+
+@dataclass(frozen=True)
+class Target:
+    device_id: str
+    site: str = ""
+
+
+@dataclass(frozen=True)
+class Policy:
+    canary_percent: float = 5.0
+    growth: float = 2.0
+    success_threshold: float = 0.95  # fraction of a wave that must commit
+    error_threshold: float = 0.2  # fraction of a wave failing that pauses the rollout
+    window: float = 3600.0  # seconds a wave may take to pass the gate
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 < self.canary_percent <= 100, "canary_percent must be in (0, 100]"),
+            (1 <= self.growth <= 100, "growth must be from 1 to 100"),
+            (0 < self.success_threshold <= 1, "success_threshold must be in (0, 1]"),
+            (0 < self.error_threshold <= 1, "error_threshold must be in (0, 1]"),
+            (self.window > 0, "window must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadRequest(f"rollout policy: {message}")
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Policy:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise BadRequest(f"rollout policy: unknown keys {sorted(unknown)}")
+        try:
+            return cls(**{k: float(v) for k, v in d.items()})
+        except (TypeError, ValueError):
+            raise BadRequest("rollout policy values must be numbers") from None
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    reason: str
+
+
+def _rank(seed: str, key: str) -> bytes:
+    return hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+
+
+def spread_order(targets: Sequence[Target], seed: str) -> list[str]:
+    """All targets, interleaved across sites; within a site and across sites, order is by hash."""
+    by_site: dict[str, list[str]] = defaultdict(list)
+    for t in sorted(set(targets), key=lambda t: _rank(seed, t.device_id)):
+        by_site[t.site].append(t.device_id)
+    sites = sorted(by_site, key=lambda s: _rank(seed, "site:" + s))
+    out: list[str] = []
+    depth = max((len(v) for v in by_site.values()), default=0)
+    for i in range(depth):
+        out += [by_site[s][i] for s in sites if i < len(by_site[s])]
+    return out
+
+
+def wave_sizes(total: int, policy: Policy) -> list[int]:
+    if total <= 0:
+        return []
+    size = min(total, max(1, math.ceil(total * policy.canary_percent / 100)))
+    sizes: list[int] = []
+    left = total
+    while left:
+        take = min(left, size)
+        sizes.append(take)
+        left -= take
+        size = max(size + 1, math.ceil(size * policy.growth))  # strictly growing waves
+    return sizes
+
+
+def plan(targets: Sequence[Target], policy: Policy, seed: str) -> list[list[str]]:
+    order = spread_order(targets, seed)
+    waves, start = [], 0
+    for n in wave_sizes(len(order), policy):
+        waves.append(order[start:start + n])
+        start += n
+    return waves
+
+
+def evaluate(outcomes: Mapping[str, Outcome], *, policy: Policy, wave_started: float, now: float,
+             last_wave: bool) -> Decision:
+    """Gate decision for the running wave, from each of its devices' outcome."""
+    n = len(outcomes)
+    if n == 0:
+        return Decision("complete" if last_wave else "advance", "empty wave")
+    failed = sum(1 for o in outcomes.values() if o == "failure")
+    ok = sum(1 for o in outcomes.values() if o == "success")
+    if failed / n >= policy.error_threshold:
+        return Decision("pause", f"{failed} of {n} devices in the wave failed "
+                                 f"(error threshold {policy.error_threshold:.0%})")
+    if ok / n >= policy.success_threshold:
+        return Decision("complete" if last_wave else "advance",
+                        f"{ok} of {n} devices committed (threshold {policy.success_threshold:.0%})")
+    if now - wave_started > policy.window:
+        return Decision("pause", f"only {ok} of {n} devices committed within {policy.window:g} s "
+                                 f"(threshold {policy.success_threshold:.0%})")
+    return Decision("wait", f"{ok} of {n} committed, {failed} failed")

@@ -1,0 +1,98 @@
+"""Two controllers sharing one PostgreSQL database (a throwaway server on 127.0.0.1).
+
+Skips, naming what is missing, when PostgreSQL's server binaries or psycopg are not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import sim
+from agent.controller.simfleet import SimDevice, start_controller
+from tests.conftest import Keys, make_image
+
+pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' to test the PostgreSQL backend")
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / name).exists():
+            return str(d / name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    initdb, postgres = _pg_bin("initdb"), _pg_bin("postgres")
+    if not initdb or not postgres:
+        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+    base = Path(tempfile.mkdtemp(prefix="edgeops-pg-"))
+    base.chmod(0o755)
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        shutil.chown(base, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, initdb, "-D", str(base / "data"), "-U", "edgeops", "--auth=trust",
+                    "-E", "UTF8"], check=True, capture_output=True, timeout=60)
+    proc = subprocess.Popen([*as_user, postgres, "-D", str(base / "data"), "-h", "127.0.0.1", "-p", str(port),
+                             "-k", str(base), "-F"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"postgresql://edgeops@127.0.0.1:{port}/postgres"
+    import psycopg
+
+    for _ in range(100):
+        try:
+            psycopg.connect(url).close()
+            break
+        except psycopg.OperationalError:
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_controllers_share_one_database(pg_url: str, tmp_path: Path, pki: Keys, make_bundle) -> None:
+    shared = tmp_path / "shared-artifacts"
+    a = start_controller(shared, keyring=pki.root_crt, db_url=pg_url, tick_interval=3600)
+    b = start_controller(shared, keyring=pki.root_crt, db_url=pg_url, tick_interval=3600)
+    try:
+        devices = []
+        for i in range(6):
+            board = tmp_path / f"b{i}"
+            sim.init_device(board, image=make_image(tmp_path / f"i{i}", 4096, "1.0"), keyring=pki.root_crt,
+                            slot_size=1 << 20)
+            token = a.api("POST", "/devices", {"id": f"d{i}", "site": f"s{i % 2}"})["token"]
+            # half the fleet talks to each controller process
+            devices.append(SimDevice(f"d{i}", token, board, (a if i % 2 else b).url))
+        b.api("POST", "/groups", {"name": "g", "devices": [d.device_id for d in devices]})
+        with open(make_bundle("2.0", size=4096), "rb") as f:
+            bid = a.api("POST", "/bundles?filename=v2.bundle", data=f)["id"]
+        rid = b.api("POST", "/rollouts", {"bundle": bid, "group": "g",
+                                          "policy": {"canary_percent": 20}})["id"]
+        for _ in range(5):
+            for d in devices:
+                d.step()
+        assert a.api("GET", f"/rollouts/{rid}")["status"] == "finished"
+        assert b.api("GET", f"/rollouts/{rid}")["wave_sizes"] == {"0": 2, "1": 4}
+        assert all(d.running_version() == "2.0" for d in devices)
+        assert {x["version"] for x in b.api("GET", "/devices")["devices"]} == {"2.0"}
+    finally:
+        a.stop()
+        b.stop()

@@ -1,0 +1,76 @@
+"""A regional controller: mirrors its parent while the WAN is up, serves from cache when it is down,
+and forwards device feedback upstream, in order, once the parent is back."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from agent import sim
+from agent.controller.simfleet import SimDevice, start_controller
+from tests.conftest import Keys, make_image
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_regional_serves_offline_and_forwards_later(tmp_path: Path, pki: Keys, make_bundle) -> None:
+    central = start_controller(tmp_path / "central", keyring=pki.root_crt, tick_interval=3600)
+    port = int(central.url.rsplit(":", 1)[1])
+    regional = start_controller(tmp_path / "regional", parent=central.url, parent_interval=0.1,
+                                tick_interval=3600)
+    board = tmp_path / "board"
+    sim.init_device(board, image=make_image(tmp_path / "v1.img", 4096, "1.0"), keyring=pki.root_crt,
+                    slot_size=1 << 20)
+    token = central.api("POST", "/devices", {"id": "dev1", "site": "far"})["token"]
+    dev = SimDevice("dev1", token, board, regional.url)
+    assert dev.step() == "idle"  # first contact: the parent vouches for the token
+
+    bundle = make_bundle("2.0", size=6000)
+    with open(bundle, "rb") as f:
+        bid = central.api("POST", "/bundles?filename=v2.bundle", data=f)["id"]
+    central.api("POST", "/deployments", {"bundle": bid, "device": "dev1"})
+    auth = {"Authorization": f"TargetToken {token}"}
+    poll = f"{regional.url}/DEFAULT/controller/v1/dev1"
+
+    def mirrored() -> bool:
+        return "deploymentBase" in requests.get(poll, headers=auth, timeout=5).json().get("_links", {})
+    wait_for(mirrored)
+
+    # The WAN goes down: the parent is gone.
+    central.stop()
+    href = requests.get(poll, headers=auth, timeout=5).json()["_links"]["deploymentBase"]["href"]
+    assert href.startswith(regional.url)  # devices cannot tell the regional from the central
+    doc = requests.get(href, headers=auth, timeout=5).json()
+    art = doc["deployment"]["chunks"][0]["artifacts"][0]["_links"]["download"]["href"]
+    assert art.startswith(regional.url)
+    r = requests.get(art, headers={**auth, "Range": "bytes=10-19"}, timeout=5)
+    assert r.status_code == 206 and r.content == bundle.read_bytes()[10:20]
+    stranger = requests.get(f"{regional.url}/DEFAULT/controller/v1/dev2",
+                            headers={"Authorization": "TargetToken x"}, timeout=5)
+    assert stranger.status_code == 503  # nobody can vouch for a new device while the WAN is down
+    assert requests.get(poll, headers={"Authorization": "TargetToken forged"}, timeout=5).status_code == 503
+
+    assert dev.step() == "success"  # downloaded from the mirror, installed, committed
+    assert dev.running_version() == "2.0"
+    assert dev.step() == "idle"  # reported here: not offered again while the parent cannot know
+    assert requests.get(f"{regional.url}/_regional", timeout=5).json()["outbox"] >= 2
+
+    # The WAN returns: the queued reports reach the parent, in order.
+    central = start_controller(tmp_path / "central", keyring=pki.root_crt, tick_interval=3600, port=port)
+    wait_for(lambda: requests.get(f"{regional.url}/_regional", timeout=5).json()["outbox"] == 0)
+    assert [a["status"] for a in central.api("GET", "/actions?device=dev1")["actions"]] == ["success"]
+    assert central.api("GET", "/devices")["devices"][0]["version"] == "2.0"
+    wait_for(lambda: not mirrored())
+    regional.stop()
+    central.stop()
+    shutil.rmtree(board)
