@@ -5,18 +5,20 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # Debian packages the tests use as interop oracles or real parts.
-APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs
-EXTRAS  ?= test
+APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
+            swtpm swtpm-tools libtss2-dev pkg-config
+EXTRAS  ?= test,controller,postgres,tpm
 
-.PHONY: help venv sysdeps test test-fast lint demo bench clean
+.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle clean
 
 help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
+	@echo "make demo-fleet - a controller on loopback rolls a release to 5 sim boards; one reverts"
 	@echo "make test    - the whole test suite (sets up .venv and system packages)"
 	@echo "make lint    - ruff + mypy"
 	@echo "make bench   - install benchmarks against the machine's limit and RAUC"
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml | sysdeps
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
@@ -47,6 +49,18 @@ lint: venv
 
 demo: sysdeps venv
 	$(BIN)/python tools/demo.py
+
+demo-fleet: venv
+	$(BIN)/python tools/demo_fleet.py
+
+bench-controller: venv
+	$(BIN)/python tools/bench/controller.py
+
+bench-models: venv
+	$(BIN)/python tools/bench/model_swap.py
+
+bench-idle: venv
+	$(BIN)/python tools/bench/idle.py
 
 bench: sysdeps venv
 	$(BIN)/python tools/bench/install.py
