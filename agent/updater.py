@@ -214,6 +214,17 @@ class Updater:
             root.measure("boot:slot", rt.booted_slot().encode(), once=True)
             # power may have failed between the journal's floor and the TPM's: catch up
             root.raise_floor(self.journal.security_floor)
+        self._confirm_boot()
+
+    def _confirm_boot(self) -> None:
+        # RAUC-style schemes (grub, uboot_rauc) spend a try on every boot, so the running
+        # committed slot is confirmed on each boot, as RAUC's mark-good service does.
+        confirm = getattr(self.dev.bootloader, "confirm", None)
+        if confirm is None or self.rebooted or self.journal.state().phase is not lifecycle.Phase.IDLE:
+            return
+        booted = self.dev.runtime.booted_slot()
+        if booted == self.dev.bootloader.primary():
+            confirm(booted)
 
     def root(self) -> tpm_mod.RootOfTrust | None:
         """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""

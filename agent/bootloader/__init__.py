@@ -60,4 +60,4 @@ def names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from agent.bootloader import uboot  # noqa: F401  (registers itself)
+    from agent.bootloader import grub, rpi_tryboot, uboot, uboot_rauc  # noqa: F401  (register)

@@ -106,4 +106,6 @@ def store_from_settings(settings: Mapping[str, Any], base: Path) -> EnvStore:
 
 @register("uboot")
 def _factory(settings: Mapping[str, Any], base: Path, slots: tuple[str, ...]) -> UBootBootcount:
-    return UBootBootcount(store_from_settings(settings, base), slots)
+    from agent.bootloader import fwenv  # fw_env_config = PATH, else env/env_size/env_offsets
+
+    return UBootBootcount(fwenv.store_from_settings(settings, base), slots)

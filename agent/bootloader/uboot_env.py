@@ -14,6 +14,7 @@ the old copy current. This is what ``fw_printenv``/``fw_setenv``
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -146,11 +147,20 @@ class EnvStore:
             fd = os.open(loc.path, os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 os.pwrite(fd, block, loc.offset)
+                self._extend_file(fd, loc.path)
                 os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
             raise EnvError(f"cannot write the environment at {loc.path}: {exc.strerror}") from None
+
+    def _extend_file(self, fd: int, path: Path) -> None:
+        # fw_printenv refuses a file-backed env whose second copy cannot be read in
+        # full (tests/test_uboot_env.py), so a regular file always spans every copy.
+        end = max(loc.offset + self.size for loc in self.locations if loc.path == path)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size < end:
+            os.ftruncate(fd, end)
 
     def update(self, **changes: str) -> dict[str, str]:
         env = self.read() if self.exists() else {}

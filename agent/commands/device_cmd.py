@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent import config as config_mod
 from agent.commands import config_path
-from agent.errors import HealthCheckFailed, TransportError, UsageError
+from agent.errors import ConfigError, HealthCheckFailed, TransportError, UsageError
 from agent.updater import Updater, open_device
+
+if TYPE_CHECKING:
+    from agent.watchdog import Watchdog
 
 
 def register(sub: Any) -> None:
@@ -195,10 +202,15 @@ def _agent(a: argparse.Namespace) -> int:
         register = getattr(up.dev.runtime, "register_process", None)
         if register is not None:
             pidfile = register()
+        dog = None if a.once else _watchdog(up)
+        if dog is not None:
+            dog.start()
         try:
             while True:
                 up.messages.clear()
                 result = up.cycle()
+                if dog is not None:
+                    dog.kick()
                 for m in result.messages:
                     print(m, flush=True)
                 interval = up.cfg.poll_interval
@@ -212,14 +224,40 @@ def _agent(a: argparse.Namespace) -> int:
                     break
                 if waker is not None and fleet is not None:
                     # Long-poll: the controller can wake us at once; polling is the fallback.
+                    if dog is not None:
+                        dog.kick(grace=interval)  # blocking here on purpose is not a hang
                     waker.wait(interval, fleet.etag, stop=lambda: stop)
                     continue
                 # Idle: a blocking sleep costs no CPU; SIGTERM ends it early.
                 deadline = time.monotonic() + interval
                 while not stop and time.monotonic() < deadline:
                     time.sleep(min(1.0, deadline - time.monotonic()))
+                    if dog is not None:
+                        dog.kick()
             print(f"phase: {up.journal.state().phase}")
         finally:
+            if dog is not None:
+                dog.stop(clean=True)  # magic close: a deliberate stop must not reset the board
             if pidfile is not None:
                 pidfile.unlink(missing_ok=True)
     return 0
+
+
+def _watchdog(up: Updater) -> Watchdog | None:
+    """systemd's watchdog (WatchdogSec=) or the board file's device, fed while the loop runs.
+
+    A cycle may spend the whole health deadline in probes, so only a loop silent for
+    longer than that plus a poll interval counts as hung."""
+    from agent import boards
+    from agent.watchdog import WatchdogError, from_environment
+
+    device = None
+    with contextlib.suppress(ConfigError):
+        name = boards.load(up.cfg.board).watchdog
+        device = Path(name) if name else None
+    stale = up.policy().deadline + up.cfg.poll_interval + 30
+    try:
+        return from_environment(os.environ, device, stale_after=stale)
+    except WatchdogError as exc:  # e.g. systemd already holds /dev/watchdog (RuntimeWatchdogSec=)
+        logging.getLogger("edgeops").warning("running without a watchdog: %s", exc.one_line())
+        return None

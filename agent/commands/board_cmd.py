@@ -1,0 +1,64 @@
+"""edgeops board: list and show board files, and check the running system against one."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from agent.errors import DeviceError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("board", help="board files: list, show, check the running system")
+    ss = p.add_subparsers(dest="board_command", metavar="ACTION", required=True)
+    ss.add_parser("list", help="the board files installed").set_defaults(func=_list)
+    s = ss.add_parser("show", help="print a board file")
+    s.add_argument("name")
+    s.set_defaults(func=_show)
+    c = ss.add_parser("check", help="validate this system against its board file")
+    c.add_argument("--board", help="board name or .toml path (default: [device] board of --config)")
+    c.add_argument("--config", help="agent config to cross-check (default $EDGEOPS_CONFIG)")
+    c.add_argument("--root", type=Path, default=Path("/"),
+                   help="look for devices, /proc and the env under DIR (an image or replica)")
+    c.set_defaults(func=_check)
+
+
+def _list(a: argparse.Namespace) -> int:
+    from agent import boards
+
+    for name in boards.available():
+        b = boards.load(name)
+        print(f"{name:14} {b.backend:12} {b.description}")
+    return 0
+
+
+def _show(a: argparse.Namespace) -> int:
+    from agent import boards
+
+    print(boards.find(a.name).read_text(), end="")
+    return 0
+
+
+def _check(a: argparse.Namespace) -> int:
+    from agent import boards
+    from agent import config as config_mod
+
+    cfg = None
+    cfg_arg = a.config or os.environ.get("EDGEOPS_CONFIG")
+    if cfg_arg:
+        cfg = config_mod.load(Path(cfg_arg))
+    name = a.board or (cfg.board if cfg else None)
+    if not name:
+        raise DeviceError("no board named", hint="pass --board NAME or --config agent.toml")
+    board = boards.load(name)
+    problems = boards.check(board, a.root, agent_compatible=cfg.compatible if cfg else None,
+                            agent_backend=cfg.bootloader if cfg else None)
+    for p in problems:
+        print(f"problem: {p}")
+    if problems:
+        raise DeviceError(f"{len(problems)} problem(s) with board '{board.name}' under {a.root}",
+                          hint="apply the fixes listed above, then run 'edgeops board check' again")
+    print(f"ok: this system matches board '{board.name}' ({board.backend}, {len(board.slot_names)} slots)")
+    return 0

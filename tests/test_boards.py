@@ -1,0 +1,141 @@
+"""Board files and 'edgeops board check' against file replicas of each board's storage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent import boards
+from agent.bootloader import grub as grub_mod
+from agent.bootloader import uboot as uboot_mod
+from agent.bootloader import uboot_env
+from agent.bootloader.rpi_tryboot import initial_autoboot
+from agent.errors import ConfigError
+from tests.conftest import run_cli
+
+SHIPPED = ["cm4", "rpi4", "rpi5", "sim", "uboot-arm64", "x86-64-grub"]
+
+
+def sized(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_every_shipped_board_parses_and_names_a_registered_backend() -> None:
+    from agent import bootloader
+    from agent.bootloader import grub, rpi_tryboot, uboot_rauc  # noqa: F401  (register)
+
+    assert set(SHIPPED) <= set(boards.available())
+    for name in SHIPPED:
+        b = boards.load(name)
+        assert b.slot_names == ("A", "B")
+        assert b.compatible and b.backend
+        assert {s.cls for s in b.slots if s.slot == "A"} == {s.cls for s in b.slots if s.slot == "B"}
+    assert {boards.load(n).backend for n in SHIPPED} <= set(bootloader.names())
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[board]\nname='x'\ncompatible='c'\n[bootloader]\nbackend='uboot'\n[slots.A]\n"
+     "rootfs={path='a'}\n", "exactly two slots"),
+    ("[board]\nname='x'\ncompatible='c'\n[bootloader]\nbackend='uboot'\n[slots.A]\nrootfs={path='a'}\n"
+     "[slots.B]\nrootfs={partlabel='b', path='c'}\n", "exactly one of"),
+    ("[board]\nname='x'\n[bootloader]\nbackend='uboot'\n[slots.A]\nrootfs={path='a'}\n"
+     "[slots.B]\nrootfs={path='b'}\n", "compatible"),
+    ("[boards]\n", "unknown sections"),
+    ("[board]\nname='x'\ncompatible='c'\n[bootloader]\nbackend='uboot'\n[slots.A]\n"
+     "rootfs={path='a', min_size='lots'}\n[slots.B]\nrootfs={path='b'}\n", "size"),
+])
+def test_bad_board_files_are_config_errors(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        boards.parse(text, "x.toml")
+
+
+def rpi_replica(root: Path) -> Path:
+    for n, size in ((1, 8 << 20), (2, 64 << 20), (3, 64 << 20), (5, 2 << 30), (6, 2 << 30)):
+        sized(root / f"dev/mmcblk0p{n}", size)
+    (root / "boot/autoboot").mkdir(parents=True)
+    (root / "boot/autoboot/autoboot.txt").write_bytes(initial_autoboot(2, 3))
+    node = root / "proc/device-tree/chosen/bootloader"
+    node.mkdir(parents=True)
+    (node / "partition").write_bytes((2).to_bytes(4, "big"))
+    (node / "tryboot").write_bytes((0).to_bytes(4, "big"))
+    (root / "dev/watchdog").touch()
+    return root
+
+
+def test_rpi4_replica_passes_then_each_fault_is_one_line(tmp_path: Path) -> None:
+    root = rpi_replica(tmp_path)
+    board = boards.load("rpi4")
+    assert boards.check(board, root) == []
+    sized(root / "dev/mmcblk0p6", 1 << 30)  # rootfs B too small
+    (root / "dev/watchdog").unlink()
+    (root / "proc/device-tree/chosen/bootloader/partition").write_bytes((7).to_bytes(4, "big"))
+    problems = [str(p) for p in boards.check(board, root)]
+    assert len(problems) == 3, problems
+    assert any("slot B rootfs" in p and "grow the partition" in p for p in problems)
+    assert any("watchdog" in p for p in problems)
+    assert any("which slot is running" in p for p in problems)
+    (root / "boot/autoboot/autoboot.txt").unlink()
+    assert any("autoboot.txt is missing" in str(p) for p in boards.check(board, root))
+
+
+def test_uboot_arm64_replica(tmp_path: Path) -> None:
+    root = tmp_path
+    emmc = sized(root / "dev/mmcblk0", 8 << 20)
+    for label in ("rootfs_A", "rootfs_B"):
+        target = sized(root / f"parts/{label}", 2 << 30)
+        link = root / f"dev/disk/by-partlabel/{label}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+    (root / "dev/watchdog0").touch()
+    (root / "dev/tpmrm0").touch()
+    (root / "proc").mkdir()
+    (root / "proc/cmdline").write_text("console=ttyS0 root=PARTLABEL=rootfs_A edgeops.slot=A\n")
+    board = boards.load("uboot-arm64")
+    problems = boards.check(board, root)
+    assert len(problems) == 1 and "bootloader state unreadable" in problems[0].what  # env empty
+    store = uboot_env.EnvStore([uboot_env.Location(emmc, 0x3F8000), uboot_env.Location(emmc, 0x3FC000)],
+                               0x4000)
+    store.write(uboot_mod.initial_env("A"))
+    assert boards.check(board, root) == []
+    (root / "proc/cmdline").write_text("edgeops.slot=B\n")
+    assert "neither the primary" in boards.check(board, root)[0].what
+    assert "agent.toml compatible" in boards.check(board, root, agent_compatible="other")[-1].what
+
+
+def test_x86_grub_replica(tmp_path: Path) -> None:
+    root = tmp_path
+    for label in ("rootfs_A", "rootfs_B", "esp"):
+        link = root / f"dev/disk/by-partlabel/{label}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(sized(root / f"parts/{label}", 4 << 30))
+    for dev in ("dev/watchdog", "dev/tpmrm0"):
+        (root / dev).touch()
+    env = root / "boot/efi/EFI/edgeops/grubenv"
+    env.parent.mkdir(parents=True)
+    env.write_bytes(grub_mod.encode(grub_mod.initial_env("A", ("A", "B"))))
+    (root / "proc").mkdir()
+    (root / "proc/cmdline").write_text("root=PARTLABEL=rootfs_A rauc.slot=A\n")
+    assert boards.check(boards.load("x86-64-grub"), root) == []
+
+
+def test_cli_check_against_the_sim_device(device_dir: Path) -> None:
+    ok = run_cli("board", "check", "--config", device_dir / "agent.toml", "--root", device_dir)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok: this system matches board 'sim'" in ok.stdout
+    os.truncate(device_dir / "slot-b.img", 1000)
+    bad = run_cli("board", "check", "--board", "sim", "--root", device_dir)
+    assert bad.returncode == 20
+    lines = [ln for ln in bad.stdout.splitlines() if ln.startswith("problem:")]
+    assert len(lines) == 1 and "slot B rootfs" in lines[0] and "fix:" in lines[0]
+
+
+def test_cli_list_and_show() -> None:
+    out = run_cli("board", "list", check=True).stdout
+    assert all(name in out for name in SHIPPED)
+    assert "backend = \"grub\"" in run_cli("board", "show", "x86-64-grub", check=True).stdout
+    assert run_cli("board", "show", "no-such-board").returncode == 3
