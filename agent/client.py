@@ -31,7 +31,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import requests
 
@@ -46,7 +46,11 @@ from agent.errors import (
     TrustError,
 )
 from agent.sync import Backoff, Rejected, Report, Sync
+from agent.trust import best_known_time
 from agent.updater import Updater
+
+if TYPE_CHECKING:
+    from agent.identity import FleetIdentity
 
 log = logging.getLogger(__name__)
 ACTION_KEY = "fleet.action"
@@ -64,6 +68,7 @@ class FleetConfig:
     client_cert: Path | None = None
     client_key: Path | None = None
     ca_cert: Path | None = None
+    identity: bool = False  # mTLS with the device identity (TPM-sealed key), renewed by the agent
     poll_interval: float = 300.0  # used when the server gives no config.polling.sleep
     min_sleep: float = 1.0
     max_sleep: float = 86400.0
@@ -106,6 +111,12 @@ def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> Fl
         push = str(table.get("push", "longpoll"))
         if push not in ("longpoll", "none"):
             raise ConfigError(f"{where}: push must be longpoll or none")
+        identity = table.get("identity", False)
+        if not isinstance(identity, bool):
+            raise ConfigError(f"{where}: identity must be true or false")
+        if identity and (not table.get("ca_cert") or table.get("client_cert")):
+            raise ConfigError(f"{where}: identity = true needs ca_cert and no client_cert/client_key "
+                              "(the key is the device's sealed identity key; docs/tpm.md)")
         attrs = table.get("attributes", {})
         if not isinstance(attrs, dict):
             raise ConfigError(f"{where}: attributes must be a table")
@@ -113,7 +124,7 @@ def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> Fl
             url=url, controller_id=str(table["controller_id"]),
             tenant=str(table.get("tenant", "DEFAULT")), auth=auth, token=token,
             client_cert=path("client_cert"), client_key=path("client_key"),
-            ca_cert=path("ca_cert"),
+            ca_cert=path("ca_cert"), identity=identity,
             poll_interval=float(table.get("poll_interval", 300)),
             min_sleep=float(table.get("min_sleep", 1)),
             max_sleep=float(table.get("max_sleep", 86400)),
@@ -185,9 +196,11 @@ class DdiClient:
                 body = resp.raw.read(ddi.MAX_DOCUMENT + 1, decode_content=True) or b""
                 code, hdrs = resp.status_code, dict(resp.headers)
         except (requests.RequestException, OSError) as exc:
-            raise TransportError(f"GET {_redact(url)} failed: {type(exc).__name__}") from None
+            raise _failure(f"GET {_redact(url)}", exc) from None
         if code >= 400:
-            raise TransportError(f"GET {_redact(url)} answered HTTP {code}")
+            from agent.identity import http_failure  # names an mTLS refusal (expired, revoked...)
+
+            raise http_failure(f"GET {_redact(url)}", code, body)
         return code, body, hdrs
 
     def poll(self, *, etag: str | None = None, wait: float = 0) -> PollAnswer:
@@ -222,8 +235,7 @@ class DdiClient:
                                         timeout=self.timeout, allow_redirects=False)
             resp.close()
         except (requests.RequestException, OSError) as exc:
-            raise TransportError(f"{report.method} {report.path} failed: "
-                                 f"{type(exc).__name__}") from None
+            raise _failure(f"{report.method} {report.path}", exc) from None
         code = resp.status_code
         if 200 <= code < 300:
             return
@@ -237,6 +249,12 @@ class DdiClient:
                       sleep: Callable[[float], None] = time.sleep) -> ResumableStream:
         return ResumableStream(self.session, self.origin, artifact.url, size=artifact.size,
                                sha256=artifact.sha256, policy=self.cfg.download, sleep=sleep)
+
+
+def _failure(what: str, exc: BaseException) -> TransportError:
+    from agent.identity import transport_failure  # says so when the controller refused our cert
+
+    return transport_failure(what, exc)
 
 
 def _redact(url: str) -> str:
@@ -255,7 +273,8 @@ class PollOutcome:
 class FleetAgent:
     def __init__(self, updater: Updater, client: DdiClient, *, backoff: Backoff | None = None,
                  clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 identity: FleetIdentity | None = None) -> None:
         self.up, self.client, self.cfg = updater, client, client.cfg
         self.journal = updater.journal
         self.clock, self.sleep = clock, sleep
@@ -264,6 +283,15 @@ class FleetAgent:
                                     rng=backoff.rng if backoff else None)
         self.messages: list[str] = []
         self.etag: str | None = None
+        if identity is None and self.cfg.identity:
+            from agent.identity import FleetIdentity
+
+            identity = FleetIdentity.for_agent(updater.cfg.path, updater.cfg.state_dir, self.cfg)
+        self.identity = identity
+        if identity is not None:
+            identity.attach(client.session)
+        self._offline = False  # the last poll failed: renew once connectivity returns
+        self._refused = False  # the controller refused our certificate (403 with a reason, TLS alert)
 
     # --- journal-backed action record ------------------------------------------------------
     def action(self) -> dict[str, Any] | None:
@@ -297,13 +325,21 @@ class FleetAgent:
         rebooted = self.reconcile()
         if rebooted:
             return PollOutcome(0.0, self.messages, True)
+        self._renew(connectivity_returned=False)
         self.sync.flush()
         try:
             answer = self.client.poll()
         except TransportError as exc:
+            from agent.identity import CertificateRefused
+
+            self._offline, self._refused = True, isinstance(exc, CertificateRefused)
             delay = self.poll_backoff.next_delay()
             return PollOutcome(delay, self.messages, error=exc.one_line())
         self.poll_backoff.reset()
+        self._refused = False
+        if self._offline:
+            self._offline = False
+            self._renew(connectivity_returned=True)
         self.etag = answer.etag
         base = answer.base
         rebooted = False
@@ -312,6 +348,23 @@ class FleetAgent:
         if not rebooted:
             self.sync.flush(force=True)
         return PollOutcome(self._sleep_for(base), self.messages, rebooted)
+
+    def _renew(self, *, connectivity_returned: bool) -> None:
+        """Renew the identity certificate when due (two thirds of its life, not valid at the
+        best-known time, or right after connectivity returned). Never fatal for the poll."""
+        if self.identity is None:
+            return
+        now = best_known_time(self.clock(), self.journal.trusted_time)
+        try:
+            cert = self.identity.maybe_renew(now, connectivity_returned=connectivity_returned,
+                                             refused=self._refused)
+        except EdgeopsError as exc:
+            self.messages.append(f"certificate renewal failed: {exc.one_line()}")
+            return
+        if cert is not None:
+            self._refused = False
+            self.messages.append(f"identity certificate renewed: serial {cert.serial_number:x}, "
+                                 f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
 
     def _sleep_for(self, base: ddi.BaseResource | None) -> float:
         s = base.sleep if base is not None and base.sleep is not None else self.cfg.poll_interval

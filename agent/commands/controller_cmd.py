@@ -1,12 +1,14 @@
 """edgeops controller: run the fleet controller, and manage the fleet through its REST API.
 
     edgeops controller serve [--db URL] [--listen 127.0.0.1:PORT] [--parent URL] [--keyring ROOT.crt]
-    edgeops controller device list|add|tag     edgeops controller group list|add
+                             [--tls-cert F --tls-key F [--device-ca DIR [--cert-lifetime S]]]
+    edgeops controller device list|add|tag|revoke     edgeops controller group list|add
     edgeops controller bundle list|upload      edgeops controller deploy (--device|--group|--percent)
     edgeops controller rollout create|status|pause|resume|halt|cancel
 
 Management commands talk HTTP to a running controller (--url, $EDGEOPS_CONTROLLER_URL) with
-the operator token (--token, $EDGEOPS_CONTROLLER_TOKEN). Heavy imports stay inside handlers.
+the operator token (--token, $EDGEOPS_CONTROLLER_TOKEN); an HTTPS controller with a private CA
+needs --ca-cert ($EDGEOPS_CONTROLLER_CA). Heavy imports stay inside handlers.
 """
 
 from __future__ import annotations
@@ -35,12 +37,21 @@ def register(sub: Any) -> None:
     s.add_argument("--poll-sleep", type=int, default=30, help="seconds devices wait between polls")
     s.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN"),
                    help="operator bearer token (default: generated once, kept in the database)")
+    s.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    s.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+    s.add_argument("--device-ca", type=Path,
+                   help="device CA directory (root.crt, root.key, devices.json, revoked.crl): "
+                        "devices must use client certificates from it (mTLS); needs --tls-cert")
+    s.add_argument("--cert-lifetime", type=int, default=24 * 3600,
+                   help="seconds a device certificate issued by identity/renew lives (default 86400)")
     s.set_defaults(func=_serve)
 
     def api_cmd(parser: Any, name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
         c: argparse.ArgumentParser = parser.add_parser(name, help=helptext)
         c.add_argument("--url", default=os.environ.get("EDGEOPS_CONTROLLER_URL", "http://127.0.0.1:8080"))
         c.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN", ""))
+        c.add_argument("--ca-cert", default=os.environ.get("EDGEOPS_CONTROLLER_CA"),
+                       help="CA of an HTTPS controller's certificate")
         c.set_defaults(func=fn)
         return c
 
@@ -56,6 +67,9 @@ def register(sub: Any) -> None:
                 lambda a: _call(a, "POST", f"/devices/{a.id}/tags", {"tags": a.tags}))
     t.add_argument("id")
     t.add_argument("tags", nargs="+")
+    rv = api_cmd(dev, "revoke", "revoke a device's identity: its certificates are refused (mTLS)",
+                 lambda a: _call(a, "POST", f"/devices/{a.id}/revoke"))
+    rv.add_argument("id")
 
     grp = cs.add_parser("group", help="groups").add_subparsers(dest="a", metavar="ACTION", required=True)
     api_cmd(grp, "list", "list groups", lambda a: _call(a, "GET", "/groups"))
@@ -105,7 +119,8 @@ def _call(a: argparse.Namespace, method: str, path: str, body: Any = None, data:
     url = f"{a.url.rstrip('/')}/api/v1{path}"
     try:
         r = requests.request(method, url, json=body if data is None else None, data=data, timeout=120,
-                             headers={"Authorization": f"Bearer {a.token}"})
+                             headers={"Authorization": f"Bearer {a.token}"},
+                             verify=getattr(a, "ca_cert", None) or True)
     except requests.RequestException as exc:
         raise TransportError(f"controller at {a.url} unreachable: {exc}") from None
     if r.status_code >= 400:
@@ -148,14 +163,18 @@ def _serve(a: argparse.Namespace) -> int:
     host, _, port = a.listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen {a.listen!r} is not HOST:PORT")
+    ca, ctx = _tls(a)  # before the database: a usage error should leave nothing behind
     db = open_database(a.db)
     data = a.data or (Path(a.db).resolve().parent / "controller-data" if "://" not in a.db else None)
     if data is None:
         raise UsageError("with a PostgreSQL --db, give --data: a directory all controller processes share")
     token = a.token or _stored_token(db, secrets.token_urlsafe(24))
     fleet = Fleet(db, data, keyring_pem=a.keyring.read_bytes() if a.keyring else None)
-    settings = Settings(api_token=token, tenant=a.tenant, poll_sleep=a.poll_sleep, parent=a.parent)
-    print(f"edgeops controller on http://{host}:{port} (db {a.db}); operator token: {token}",
+    settings = Settings(api_token=token, tenant=a.tenant, poll_sleep=a.poll_sleep, parent=a.parent,
+                        device_ca=ca, ssl_context=ctx, cert_lifetime=a.cert_lifetime)
+    scheme = "https" if ctx is not None else "http"
+    mode = "; devices need client certificates (mTLS)" if ca is not None else ""
+    print(f"edgeops controller on {scheme}://{host}:{port} (db {a.db}){mode}; operator token: {token}",
           file=sys.stderr, flush=True)
     try:
         import uvloop
@@ -164,8 +183,44 @@ def _serve(a: argparse.Namespace) -> int:
     except ImportError:
         pass
     web.run_app(build_app(fleet, settings), host=host, port=int(port), access_log=None,
-                print=None, reuse_port=True)
+                print=None, reuse_port=True, ssl_context=ctx)
     return 0
+
+
+def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
+    """(DeviceCA or None, SSLContext or None) from --tls-cert/--tls-key/--device-ca."""
+    import ssl
+
+    if bool(a.tls_cert) != bool(a.tls_key):
+        raise UsageError("give --tls-cert and --tls-key together")
+    if a.device_ca is not None and a.tls_cert is None:
+        raise UsageError("--device-ca (mTLS) needs HTTPS: give --tls-cert and --tls-key")
+    if a.device_ca is not None and a.parent:
+        raise UsageError("a regional controller (--parent) speaks for its devices with their "
+                         "TargetTokens: it cannot require device certificates (--device-ca)")
+    if not 300 <= a.cert_lifetime <= 30 * 86400:
+        raise UsageError("--cert-lifetime must be 300 to 2592000 seconds")
+    if a.tls_cert is None:
+        return None, None
+    for f in (a.tls_cert, a.tls_key):
+        if not f.is_file():
+            raise UsageError(f"{f}: no such file")
+    try:
+        if a.device_ca is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(a.tls_cert, a.tls_key)
+            return None, ctx
+        from agent.identity import DeviceCA
+
+        if not (a.device_ca / "root.crt").is_file() or not (a.device_ca / "root.key").is_file():
+            raise UsageError(f"{a.device_ca} is not a device CA (no root.crt/root.key)",
+                             hint="create one with 'edgeops keys init-root DIR'")
+        ca = DeviceCA(a.device_ca)
+        ca.ensure_crl()  # revocation is always checked at the handshake, even before the first
+        return ca, ca.server_context(a.tls_cert, a.tls_key, require_client_cert=False)
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(f"cannot load the TLS certificate, key or device CA: {exc}") from None
 
 
 def _stored_token(db: Any, fresh: str) -> str:

@@ -1,4 +1,4 @@
-"""edgeops tpm: provision, status, quote, rotate (device side)."""
+"""edgeops tpm: provision, status, quote, rotate, renew (device side)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def register(sub: Any) -> None:
     r.add_argument("--keyring", type=Path, required=True, help="the new root certificates (PEM)")
     r.add_argument("--signature", type=Path, required=True, help="rotation signature by a current root")
     r.set_defaults(func=_rotate)
+
+    n = ts.add_parser("renew", help="fetch a new identity certificate from the fleet controller now")
+    common(n)
+    n.set_defaults(func=_renew)
 
 
 def _open(a: argparse.Namespace) -> tuple[Any, Any]:
@@ -157,3 +161,23 @@ def _rotate(a: argparse.Namespace) -> int:
     os.replace(tmp, cfg.keyring)
     print(f"keyring rotated and re-anchored in the {_where(root.kind)}")
     return 0
+
+
+def _renew(a: argparse.Namespace) -> int:
+    """One renewal, whatever the certificate's age: with the current certificate while it is
+    valid at the best-known time, else with the enrolment token ([fleet] token/token_file)."""
+    from agent.client import find_fleet
+    from agent.identity import CertTimes, DeviceIdentity, FleetIdentity
+
+    cfg, root = _open(a)
+    fleet = find_fleet(cfg.path)
+    if fleet is None:
+        raise UsageError(f"no [fleet] section in {cfg.path} or fleet.toml beside it",
+                         hint="renewal needs the controller: [fleet] url, controller_id, ca_cert")
+    now = _best_known_time(cfg)
+    cert = FleetIdentity(DeviceIdentity(root, cfg.state_dir), fleet).renew(now)
+    left = CertTimes.of(cert).life_left(now)
+    print(f"identity certificate renewed for {fleet.controller_id}: serial {cert.serial_number:x}, "
+          f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (another {_span(left)})")
+    return 0
+

@@ -12,8 +12,13 @@ eclipse/hawkbit ``hawkbit-ddi-api`` ``DdiDeploymentBase``/``DdiControllerBase``)
     PUT  /{tenant}/controller/v1/{controllerId}/configData
     GET  /{tenant}/controller/v1/{controllerId}/softwaremodules/{moduleId}/artifacts/{fileName}
 
+    POST /{tenant}/controller/v1/{controllerId}/identity/renew                  (edgeops: mTLS)
+
 Devices authenticate with ``Authorization: TargetToken <token>`` (hawkBit's target
-security token). Operators use ``Authorization: Bearer <token>`` on /api/v1.
+security token) or, when the controller runs with a device CA (``Settings.device_ca``), with a
+client certificate from that CA naming the controllerId (mutual TLS; the token is then not
+accepted on DDI routes, except as the enrolment token of ``identity/renew``). Operators use
+``Authorization: Bearer <token>`` on /api/v1.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,8 +38,17 @@ from aiohttp import web
 
 from agent.controller import rollout
 from agent.controller.errors import BadRequest, ControllerError, NotFound, Unauthorized
-from agent.controller.fleet import BundleInfo, Fleet
+from agent.controller.fleet import BundleInfo, Fleet, PollInfo
 from agent.errors import EdgeopsError, TrustError
+from agent.identity import (
+    CERT_LIFETIME,
+    RENEW_PATH,
+    CertificateRequired,
+    CertTimes,
+    DeviceCA,
+    IdentityError,
+    WrongDevice,
+)
 
 log = logging.getLogger("edgeops.controller")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,8 +64,13 @@ class Settings:
     flush_interval: float = 2.0  # seconds between batched last-seen writes
     parent: str | None = None  # regional mode: the parent controller's base URL
     parent_interval: float = 10.0  # seconds between regional mirror passes
+    # mTLS: DDI routes need a client certificate from this CA naming the controllerId
+    device_ca: DeviceCA | None = None
+    ssl_context: ssl.SSLContext | None = None  # HTTPS (from DeviceCA.server_context when mTLS)
+    cert_lifetime: int = CERT_LIFETIME  # seconds, for certificates issued by identity/renew
 
 
+PEER = web.RequestKey("device", str)  # the device a checked client certificate names
 FLEET = web.AppKey("fleet", Fleet)
 SETTINGS = web.AppKey("settings", Settings)
 SEEN = web.AppKey("seen", dict)
@@ -79,6 +99,8 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     except ControllerError as exc:
         return _error(exc.status, exc)
+    except IdentityError as exc:  # mTLS: no, expired, revoked or someone else's certificate
+        return _error(401 if isinstance(exc, CertificateRequired) else 403, exc)
     except TrustError as exc:  # an uploaded bundle that devices would refuse
         return _error(422, exc)
     except EdgeopsError as exc:
@@ -144,10 +166,51 @@ def _prefer_wait(prefer: str) -> float:
     return 0.0
 
 
+def _peer_der(request: web.Request) -> bytes | None:
+    sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if sslobj is None:
+        return None
+    der: bytes | None = sslobj.getpeercert(binary_form=True)
+    return der
+
+
+@web.middleware
+async def mtls_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a device CA, every request that carries a client certificate is checked here, whatever
+    the route: OpenSSL verified its chain and purpose at the handshake; ``check_peer`` adds the
+    dates (by this controller's clock, per request, so a keep-alive connection cannot outlive its
+    certificate), the CRL, the registry (revoked device, a serial the CA lists). Refusals are
+    403 with the reason."""
+    ca = request.app[SETTINGS].device_ca
+    if ca is not None:
+        der = _peer_der(request)
+        if der is not None:
+            request[PEER] = ca.check_peer(der, now=request.app[FLEET].clock())
+    return await handler(request)
+
+
+def _certified(request: web.Request, cid: str) -> None:
+    """A DDI request under mTLS: a (checked) client certificate naming this controllerId."""
+    device = request.get(PEER)
+    if device is None:
+        raise CertificateRequired(f"'{cid}' must present its device certificate (mutual TLS); "
+                                  "this controller does not accept TargetTokens on DDI routes")
+    if device != cid:
+        raise WrongDevice(f"the client certificate is for '{device}', not for '{cid}'")
+
+
+def _poll(request: web.Request, cid: str) -> PollInfo:
+    fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
+    if ca is None:
+        return fleet.poll(cid, target_token(request))
+    _certified(request, cid)
+    return fleet.poll_certified(cid)
+
+
 def _base_doc(request: web.Request) -> tuple[dict[str, Any], str]:
     fleet, s = request.app[FLEET], request.app[SETTINGS]
     cid = request.match_info["cid"]
-    info = fleet.poll(cid, target_token(request))
+    info = _poll(request, cid)
     request.app[SEEN][cid] = fleet.clock()
     root = f"{base_url(request)}/{request.match_info['tenant']}/controller/v1/{cid}"
     links: dict[str, Any] = {}
@@ -168,9 +231,13 @@ def _base_doc(request: web.Request) -> tuple[dict[str, Any], str]:
 
 
 def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
-    fleet = request.app[FLEET]
+    fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     cid = request.match_info["cid"]
-    fleet.authenticate(cid, target_token(request))
+    if ca is None:
+        fleet.authenticate(cid, target_token(request))
+    else:
+        _certified(request, cid)
+        fleet.require_device(cid)
     try:
         aid = int(request.match_info.get("aid", "0"))
     except ValueError:
@@ -235,6 +302,41 @@ async def ddi_artifact(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(fleet.artifact_path(bundle), headers={"Cache-Control": "public, max-age=86400"})
 
 
+async def ddi_identity_renew(request: web.Request) -> web.Response:
+    """Issue a short-lived client certificate for a CSR. Authenticated by the device's current
+    certificate (mTLS) or, without one, by its enrolment token (the TargetToken): the first issue,
+    or after an outage outlived the certificate. The token path also enrols an unknown device
+    (binds the controllerId to the CSR's key, once); either way the certificate is only ever for
+    the enrolled key of an unrevoked device."""
+    fleet, s = request.app[FLEET], request.app[SETTINGS]
+    ca = s.device_ca
+    if ca is None:
+        raise NotFound("this controller issues no device certificates (start it with --device-ca)")
+    cid = request.match_info["cid"]
+    body = await _json(request)
+    csr = body.get("csr")
+    if not isinstance(csr, str):
+        raise BadRequest("identity/renew needs 'csr': a PEM certificate signing request")
+    enrol: tuple[bytes, str] | None = None
+    if request.get(PEER) is not None:
+        _certified(request, cid)
+        fleet.require_device(cid)
+    else:
+        fleet.authenticate(cid, target_token(request))
+        ak, kind = body.get("ak_public_pem", ""), body.get("kind", "")
+        if isinstance(ak, str) and ak and kind in ("tpm", "keystore"):
+            enrol = (ak.encode(), str(kind))
+    # File writes, fsync and a lock shared with other controller processes: off the event loop.
+    pem = await asyncio.to_thread(ca.issue_csr, cid, csr.encode(), now=fleet.clock(),
+                                  lifetime=s.cert_lifetime, enrol=enrol)
+    from cryptography import x509
+
+    times = CertTimes.of(x509.load_pem_x509_certificate(pem))
+    log.info("issued a device certificate to %s until %d", cid, times.not_after)
+    return web.json_response({"certificate": pem.decode(), "not_before": times.not_before,
+                              "not_after": times.not_after})
+
+
 async def _json(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
@@ -260,6 +362,17 @@ async def api_add_device(request: web.Request) -> web.Response:
 async def api_tag_device(request: web.Request) -> web.Response:
     tags = (await _json(request)).get("tags", [])
     return web.json_response({"tags": request.app[FLEET].tag_device(request.match_info["id"], list(tags))})
+
+
+async def api_revoke_device(request: web.Request) -> web.Response:
+    """Revoke a device's identity: no new certificate, and its certificates refused from the next
+    request on (``mtls_mw`` reads the registry and the CRL; the TLS layer leaves both to it)."""
+    s = request.app[SETTINGS]
+    if s.device_ca is None:
+        raise NotFound("this controller has no device CA (start it with --device-ca)")
+    did = request.match_info["id"]
+    await asyncio.to_thread(s.device_ca.revoke, did)
+    return web.json_response({"id": did, "revoked": True})
 
 
 async def api_groups(request: web.Request) -> web.Response:
@@ -406,7 +519,9 @@ async def _every(interval: float, fn: Callable[[], None]) -> None:
 
 
 def build_app(fleet: Fleet, settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[errors_mw, auth_mw], client_max_size=1 << 20)
+    if settings.device_ca is not None and settings.parent:
+        raise ValueError("a regional controller forwards TargetTokens upstream: no --device-ca")
+    app = web.Application(middlewares=[errors_mw, mtls_mw, auth_mw], client_max_size=1 << 20)
     app[FLEET] = fleet
     app[SETTINGS] = settings
     app[SEEN] = {}
@@ -432,6 +547,7 @@ def _ddi_routes(app: web.Application) -> None:
     r.add_post(DDI + "/cancelAction/{aid}/feedback", ddi_feedback)
     r.add_put(DDI + "/configData", ddi_config)
     r.add_get(DDI + "/softwaremodules/{mid}/artifacts/{fn}", ddi_artifact)
+    r.add_post(DDI + "/" + RENEW_PATH, ddi_identity_renew)
 
 
 def _api_routes(app: web.Application) -> None:
@@ -439,6 +555,7 @@ def _api_routes(app: web.Application) -> None:
     r.add_get("/api/v1/devices", api_devices)
     r.add_post("/api/v1/devices", api_add_device)
     r.add_post("/api/v1/devices/{id}/tags", api_tag_device)
+    r.add_post("/api/v1/devices/{id}/revoke", api_revoke_device)
     r.add_get("/api/v1/groups", api_groups)
     r.add_post("/api/v1/groups", api_add_group)
     r.add_get("/api/v1/bundles", api_bundles)
@@ -470,10 +587,11 @@ def serve_in_thread(fleet: Fleet, settings: Settings, host: str = "127.0.0.1", p
         asyncio.set_event_loop(loop)
         runner = web.AppRunner(build_app(fleet, settings), access_log=None)
         loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=settings.ssl_context)
         loop.run_until_complete(site.start())
         sock = site._server.sockets[0]  # type: ignore[union-attr]
-        ready["url"] = f"http://{host}:{sock.getsockname()[1]}"
+        scheme = "https" if settings.ssl_context is not None else "http"
+        ready["url"] = f"{scheme}://{host}:{sock.getsockname()[1]}"
         ready["loop"] = loop
         started.set()
         loop.run_forever()

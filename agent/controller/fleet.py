@@ -158,15 +158,31 @@ class Fleet:
 
     # --- DDI --------------------------------------------------------------------------------
     def poll(self, device_id: str, token: str) -> PollInfo:
-        # One indexed query per poll: this is the hot path the benchmark measures.
-        rows = self.db.query(
-            "SELECT d.token, d.attributes, a.id, a.status FROM devices d LEFT JOIN actions a "
-            "ON a.device_id = d.id AND a.status IN ('open', 'running', 'canceling') "
-            "WHERE d.id = ? ORDER BY a.id", [device_id])
+        rows = self._poll_rows(device_id)
         if not rows or not secrets.compare_digest(rows[0][0], token):
             raise Unauthorized("unknown controller id or wrong TargetToken")
         r = rows[0]
         return PollInfo(r[2], r[3], r[1] == "{}")
+
+    def poll_certified(self, device_id: str) -> PollInfo:
+        """The poll of a device the TLS layer has already authenticated by its client certificate
+        (app checks the certificate names this controllerId); it must still be registered."""
+        rows = self._poll_rows(device_id)
+        if not rows:
+            raise Unauthorized(f"controller id {device_id!r} is not registered with this controller")
+        r = rows[0]
+        return PollInfo(r[2], r[3], r[1] == "{}")
+
+    def require_device(self, device_id: str) -> None:
+        if not self.db.query("SELECT 1 FROM devices WHERE id = ?", [device_id]):
+            raise Unauthorized(f"controller id {device_id!r} is not registered with this controller")
+
+    def _poll_rows(self, device_id: str) -> list[Any]:
+        # One indexed query per poll: this is the hot path the benchmark measures.
+        return self.db.query(
+            "SELECT d.token, d.attributes, a.id, a.status FROM devices d LEFT JOIN actions a "
+            "ON a.device_id = d.id AND a.status IN ('open', 'running', 'canceling') "
+            "WHERE d.id = ? ORDER BY a.id", [device_id])
 
     def action(self, device_id: str, action_id: int) -> tuple[str, BundleInfo]:
         rows = self.db.query("SELECT status, bundle_id FROM actions WHERE id = ? AND device_id = ?",
