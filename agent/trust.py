@@ -19,6 +19,7 @@ one bundle cannot push a device's idea of time past what its root allowed.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -154,9 +155,14 @@ def _cn(cert: x509.Certificate) -> str:
 
 def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate]
                     ) -> tuple[set[tuple[str, int]], tuple[bytes, ...]]:
-    """Serials revoked by CRLs that a trusted root signed; forged or foreign CRLs are ignored."""
+    """Serials revoked by CRLs that a trusted root signed; forged or foreign CRLs are ignored.
+
+    Also returns the CRLs worth keeping: the newest per issuer (highest CRL number, then
+    latest thisUpdate). A root's CRL is complete (RFC 5280 §5), so the newest one covers
+    every revocation before it and the device's store stays one file per root.
+    """
     revoked: set[tuple[str, int]] = set()
-    kept: list[bytes] = []
+    newest: dict[bytes, tuple[tuple[int, float], bytes]] = {}
     for blob in crl_blobs:
         if not blob or len(blob) > MAX_CRL_BYTES:
             continue
@@ -169,9 +175,26 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate
                        and crl.is_signature_valid(r.public_key())), None)  # type: ignore[arg-type]
         if issuer is None:
             continue
-        kept.append(blob)
         revoked.update((crl.issuer.rfc4514_string(), r.serial_number) for r in crl)
-    return revoked, tuple(kept)
+        rank = (_crl_number(crl), crl.last_update_utc.timestamp())
+        key = crl.issuer.public_bytes()
+        if key not in newest or rank > newest[key][0]:
+            newest[key] = (rank, blob)
+    return revoked, tuple(blob for _, blob in newest.values())
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return -1
+
+
+def crl_issuer_key(blob: bytes) -> str:
+    """A stable file name for a CRL's issuer, so a newer CRL replaces the older one."""
+    crl = (x509.load_pem_x509_crl(blob) if blob.lstrip().startswith(b"-----")
+           else x509.load_der_x509_crl(blob))
+    return hashlib.sha256(crl.issuer.public_bytes()).hexdigest()[:16]
 
 
 def verify_head(

@@ -12,7 +12,6 @@ feeds ``Booted`` to the state machine and ``run_health`` decides commit or rever
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -360,23 +359,42 @@ def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal,
     return verdict
 
 
+MAX_CRL_FILES = 256  # one per root is normal; more means a misconfigured crl_dir
+
+
 def _stored_crls(cfg: AgentConfig) -> list[bytes]:
+    # Never truncate: dropping a file could drop the one CRL that revokes a signer.
     out = []
     for d in (cfg.crl_dir, cfg.state_dir / "crls"):
-        if d is not None and d.is_dir():
-            out += [p.read_bytes() for p in sorted(d.glob("*.crl"))[:32]]
+        if d is None or not d.is_dir():
+            continue
+        files = sorted(d.glob("*.crl"))
+        if len(files) > MAX_CRL_FILES:
+            raise ConfigError(f"{d} holds {len(files)} CRL files, more than {MAX_CRL_FILES}",
+                              hint="keep only the newest CRL of each root there")
+        out += [p.read_bytes() for p in files]
     return out
 
 
 def _keep_crls(cfg: AgentConfig, crls: tuple[bytes, ...]) -> None:
+    """Store the newest root-verified CRL of each root, one file per issuer, replaced atomically."""
     d = cfg.state_dir / "crls"
     for blob in crls:
-        path = d / f"{hashlib.sha256(blob).hexdigest()[:16]}.crl"
-        if not path.exists():
-            d.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
+        path = d / f"{trust.crl_issuer_key(blob)}.crl"
+        if path.exists() and path.read_bytes() == blob:
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    if crls and d.is_dir():
+        keep = {f"{trust.crl_issuer_key(b)}.crl" for b in crls}
+        for old in d.glob("*.crl"):  # older names, or a CRL a newer one superseded
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
 
 def _public_state(state: str) -> str:

@@ -136,6 +136,33 @@ def test_revocation_learned_from_one_bundle_sticks(updater: Updater, device_dir:
         install_bytes(updater, data)
 
 
+def test_revoking_crl_is_honoured_among_many_stored_crls(updater: Updater, make_bundle: BundleFactory,
+                                                         pki: Keys, tmp_path: Path) -> None:
+    victim = keys.issue_signer(pki.root, tmp_path / "victim3")
+    store = updater.cfg.state_dir / "crls"
+    store.mkdir(parents=True, exist_ok=True)
+    for i in range(40):  # older CRLs a long-lived device may have gathered
+        (store / f"{i:02d}.crl").write_bytes(keys.revoke(pki.root, []).read_bytes())
+    revoking = keys.revoke(pki.root, [keys.cert_serial(victim.cert_path)]).read_bytes()
+    (store / "zz.crl").write_bytes(revoking)  # sorts last among the files
+    data = make_bundle("2.0", signer=(victim.key_path, victim.cert_path)).read_bytes()
+    with pytest.raises(SignerRevoked):
+        install_bytes(updater, data)
+
+
+def test_device_keeps_only_the_newest_crl_of_each_root(updater: Updater, make_bundle: BundleFactory,
+                                                       pki: Keys, tmp_path: Path) -> None:
+    victim = keys.issue_signer(pki.root, tmp_path / "victim4")
+    older = keys.revoke(pki.root, []).read_bytes()
+    newer = keys.revoke(pki.root, [keys.cert_serial(victim.cert_path)]).read_bytes()
+    updater.install(io.BytesIO(make_bundle("2.0", crl=newer).read_bytes()))
+    updater.install(io.BytesIO(make_bundle("2.1", crl=older).read_bytes()))  # a stale CRL arrives late
+    stored = [p.read_bytes() for p in (updater.cfg.state_dir / "crls").glob("*.crl")]
+    assert stored == [newer]
+    with pytest.raises(SignerRevoked):
+        install_bytes(updater, make_bundle("2.2", signer=(victim.key_path, victim.cert_path)).read_bytes())
+
+
 def test_incompatible_board_is_refused(updater: Updater, device_dir: Path,
                                        make_bundle: BundleFactory) -> None:
     data = make_bundle("2.0", compatible="other-board").read_bytes()

@@ -97,3 +97,12 @@ def test_garbage_crls_are_ignored_not_fatal(make_bundle: BundleFactory, pki: Key
 def test_malformed_signer_chains_are_untrusted(chain: bytes) -> None:
     with pytest.raises(UntrustedSigner):
         trust.parse_chain(chain)
+
+
+def test_newest_crl_of_a_root_is_kept_whatever_the_order(pki: Keys, tmp_path: Path) -> None:
+    keys.init_root(tmp_path / "r")
+    blobs = [keys.revoke(tmp_path / "r", []).read_bytes() for _ in range(4)]
+    roots = trust.Keyring.from_pem((tmp_path / "r" / "root.crt").read_bytes()).roots
+    for order in (blobs, blobs[::-1], [blobs[2], blobs[3], blobs[0], blobs[1]]):
+        _, kept = trust.revoked_serials(order, roots)
+        assert kept == (blobs[-1],)
