@@ -168,8 +168,8 @@ class Updater:
                     if progress is not None:
                         chunks = _counting(chunks, written, total or _total(m), progress)
                     written += slots.write(dest, chunks, limit=slots.capacity(dest))
-            except (EdgeopsError, OSError) as exc:
-                reason = exc.one_line() if isinstance(exc, EdgeopsError) else str(exc)
+            except Exception as exc:  # whatever broke the write, the journal must not stay WRITING
+                reason = exc.one_line() if isinstance(exc, EdgeopsError) else f"{type(exc).__name__}: {exc}"
                 self._step(lifecycle.WriteFailed(reason))
                 raise
             if (root := self.root()) is not None:

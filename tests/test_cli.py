@@ -12,6 +12,7 @@ import pytest
 
 from agent.cli import EXIT_CODES
 from tests.conftest import BundleFactory, Keys, make_image, run_cli
+from tests.faultproxy import Fault, FaultProxy
 
 
 @pytest.fixture
@@ -61,6 +62,15 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def log_message(self, *a: object) -> None:
             pass
 
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if not self.path.startswith("/nolength/"):
+                return super().do_GET()
+            # HTTP/1.0, close-delimited: the client cannot know the size or resume
+            data = (root / self.path.removeprefix("/nolength/")).read_bytes()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(data)
+
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
@@ -77,6 +87,47 @@ def test_install_from_http(cfg: Path, make_bundle: BundleFactory,
     missing = run_cli("install", f"{url}/nope.bundle", "--config", cfg)
     assert missing.returncode == 40
     assert "404" in one_line_error(missing.stderr)
+
+
+def test_install_from_http_resumes_after_a_dropped_connection(
+        cfg: Path, make_bundle: BundleFactory, http_dir: tuple[str, Path]) -> None:
+    url, root = http_dir
+    (root / "v2.bundle").write_bytes(make_bundle("2.0", size=600_000).read_bytes())
+    proxy = FaultProxy(_address(url), [Fault("drop", after=200_000), Fault("truncate", after=100_000)],
+                       match=b"/v2.bundle")
+    try:
+        run_cli("install", f"{proxy.url}/v2.bundle", "--config", cfg, check=True)
+    finally:
+        proxy.close()
+    assert len(proxy.applied) == 2
+    st = json.loads(run_cli("status", "--json", "--config", cfg, check=True).stdout)
+    assert st["slots"]["B"]["version"] == "2.0" and st["trial_pending_slot"] == "B"
+
+
+def test_install_from_http_broken_for_good_fails_cleanly(
+        cfg: Path, make_bundle: BundleFactory, http_dir: tuple[str, Path]) -> None:
+    url, root = http_dir
+    (root / "v2.bundle").write_bytes(make_bundle("2.0", size=600_000).read_bytes())
+    before = json.loads(run_cli("status", "--json", "--config", cfg, check=True).stdout)
+    env = (cfg.parent / "uboot.env").read_bytes()
+    proxy = FaultProxy(_address(url), [Fault("drop", after=300_000)], match=b"/nolength/")
+    try:
+        proc = run_cli("install", f"{proxy.url}/nolength/v2.bundle", "--config", cfg)
+    finally:
+        proxy.close()
+    assert proc.returncode == 40, proc.stderr
+    assert "broke off" in one_line_error(proc.stderr)
+    after = json.loads(run_cli("status", "--json", "--config", cfg, check=True).stdout)
+    assert after["phase"] == before["phase"] == "idle"
+    assert after["booted_slot"] == before["booted_slot"] and after["trial_pending_slot"] is None
+    assert (cfg.parent / "uboot.env").read_bytes() == env
+    hist = json.loads(run_cli("history", "--json", "--config", cfg, check=True).stdout)
+    assert hist[-1]["event"] == "failed"
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
 
 
 @pytest.mark.parametrize("kind, code", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent import config as config_mod
 from agent.commands import config_path
-from agent.errors import ConfigError, HealthCheckFailed, TransportError, UsageError
+from agent.errors import ConfigError, HealthCheckFailed, UsageError
 from agent.updater import Updater, open_device
 
 if TYPE_CHECKING:
@@ -65,15 +66,11 @@ def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
         yield sys.stdin.buffer, 0
         return
     if src.startswith(("http://", "https://")):
-        import requests
+        from agent import download
 
-        try:
-            with requests.get(src, stream=True, timeout=(10, 60)) as r:
-                r.raise_for_status()
-                r.raw.decode_content = True
-                yield cast(BinaryIO, r.raw), int(r.headers.get("Content-Length", 0))
-        except requests.RequestException as exc:
-            raise TransportError(f"download of {src} failed: {exc}") from None
+        raw, size = download.open_stream(src)
+        with io.BufferedReader(raw, buffer_size=256 * 1024) as stream:
+            yield cast(BinaryIO, stream), size
         return
     try:
         f = open(src, "rb")  # noqa: SIM115 (closed below; open errors need their own message)
