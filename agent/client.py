@@ -45,13 +45,14 @@ from agent.errors import (
     TransportError,
     TrustError,
 )
-from agent.sync import Backoff, Rejected, Report, Sync
+from agent.sync import KIND, MODEL_KIND, Backoff, Rejected, Report, Sync
 from agent.trust import best_known_time
 from agent.updater import Updater
 
 if TYPE_CHECKING:
     from agent.identity import FleetIdentity
 
+MAX_MODEL_REPORTS = 16  # two attributes each, within ddi.MAX_ATTRIBUTES
 log = logging.getLogger(__name__)
 ACTION_KEY = "fleet.action"
 BUNDLE_SUFFIXES = (".bundle", ".eob", ".edgeops")
@@ -326,6 +327,7 @@ class FleetAgent:
         if rebooted:
             return PollOutcome(0.0, self.messages, True)
         self._renew(connectivity_returned=False)
+        self._forward_model_reports()
         self.sync.flush()
         try:
             answer = self.client.poll()
@@ -385,7 +387,7 @@ class FleetAgent:
     def _send_attributes(self) -> None:
         # The server shows the configData link until it has the attributes; do not queue a
         # second copy while the first is still waiting in the outbox.
-        if any(b.get("path") == "configData" for _, k, b in self.journal.pending(100) if k == "ddi"):
+        if any(b.get("path") == "configData" for _, _, b in self.journal.pending(100, kind=KIND)):
             return
         attrs = {"edgeops.compatible": self.up.cfg.compatible, "edgeops.board": self.up.cfg.board,
                  **self.cfg.attributes}
@@ -394,6 +396,21 @@ class FleetAgent:
         if booted in slots and slots[booted].version:
             attrs["edgeops.version"] = str(slots[booted].version)
         self.sync.queue("PUT", "configData", ddi.config_data_body(attrs))
+
+    def _forward_model_reports(self) -> None:
+        """Model swaps and reverts (agent.models) reach the controller as device attributes
+        (hawkBit shows them on the target), newest last so each model's latest status wins."""
+        rows = self.journal.pending(MAX_MODEL_REPORTS, kind=MODEL_KIND)
+        if not rows:
+            return
+        attrs: dict[str, str] = {}
+        for _, _, body in rows:
+            name = str(body.get("model") or "?")
+            attrs[f"edgeops.model.{name}"] = f"{body.get('version')} {body.get('status')}"
+            attrs[f"edgeops.model.{name}.reason"] = str(body.get("reason") or "")
+        self.sync.queue("PUT", "configData", ddi.config_data_body(attrs))  # durable first ...
+        for oid, _, _ in rows:
+            self.journal.mark_sent(oid)  # ... then the model rows are done
 
     # --- cancel ------------------------------------------------------------------------------
     def _handle_cancel(self, href: str) -> None:
@@ -500,7 +517,7 @@ class FleetAgent:
         return False
 
     def status(self) -> dict[str, Any]:
-        pending = [b for _, k, b in self.journal.pending(1000) if k == "ddi"]
+        pending = [b for _, _, b in self.journal.pending(1000, kind=KIND)]
         return {"controller": _redact(self.cfg.base_url), "auth": self.cfg.auth,
                 "action": self.action(), "pending_reports": len(pending),
                 "phase": str(self.journal.state().phase)}

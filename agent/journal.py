@@ -150,9 +150,16 @@ class Journal:
                                    (time.time() if now is None else now, kind, json.dumps(body)))
             return int(cur.lastrowid or 0)
 
-    def pending(self, limit: int = 100) -> list[tuple[int, str, dict[str, Any]]]:
-        rows = self._db.execute("SELECT id, kind, body FROM outbox WHERE sent IS NULL "
-                                "ORDER BY id LIMIT ?", (limit,)).fetchall()
+    def pending(self, limit: int = 100, *, kind: str | None = None
+                ) -> list[tuple[int, str, dict[str, Any]]]:
+        """Unsent reports in order; ``kind`` picks one sender's queue, so one sender's
+        backlog never hides another's."""
+        if kind is None:
+            rows = self._db.execute("SELECT id, kind, body FROM outbox WHERE sent IS NULL "
+                                    "ORDER BY id LIMIT ?", (limit,)).fetchall()
+        else:
+            rows = self._db.execute("SELECT id, kind, body FROM outbox WHERE sent IS NULL "
+                                    "AND kind=? ORDER BY id LIMIT ?", (kind, limit)).fetchall()
         return [(r[0], r[1], json.loads(r[2])) for r in rows]
 
     def mark_sent(self, outbox_id: int, *, now: float | None = None) -> None:

@@ -28,6 +28,7 @@ from agent.errors import TransportError
 
 log = logging.getLogger(__name__)
 KIND = "ddi"
+MODEL_KIND = "model-report"  # written by agent.models, forwarded by the fleet client
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Rejected(Exception):
 
 class Outbox(Protocol):
     def enqueue(self, kind: str, body: dict[str, Any], *, now: float | None = None) -> int: ...
-    def pending(self, limit: int = 100) -> list[tuple[int, str, dict[str, Any]]]: ...
+    def pending(self, limit: int = 100, *, kind: str | None = None
+                ) -> list[tuple[int, str, dict[str, Any]]]: ...
     def mark_sent(self, outbox_id: int, *, now: float | None = None) -> None: ...
 
 
@@ -103,10 +105,8 @@ class Sync:
         delivered = rejected = 0
         if not force and self.clock() < self.not_before:
             return FlushResult(0, 0, True, self.not_before - self.clock())
-        while batch := self.outbox.pending(50):
-            for oid, kind, body in batch:
-                if kind != KIND:
-                    continue  # another module's outbox entries are not ours to send
+        while batch := self.outbox.pending(50, kind=KIND):
+            for oid, _, body in batch:
                 try:
                     self.send(Report.from_dict(body))
                     delivered += 1
@@ -119,10 +119,8 @@ class Sync:
                     log.info("report delivery paused %.1fs: %s", delay, exc.one_line())
                     return FlushResult(delivered, rejected, True, delay)
                 self.outbox.mark_sent(oid)
-            if all(kind != KIND for _, kind, _ in batch):
-                break
         self.backoff.reset()
         return FlushResult(delivered, rejected, False, None)
 
     def has_pending(self) -> bool:
-        return any(kind == KIND for _, kind, _ in self.outbox.pending(100))
+        return bool(self.outbox.pending(1, kind=KIND))

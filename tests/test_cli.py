@@ -62,7 +62,7 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def log_message(self, *a: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             if not self.path.startswith("/nolength/"):
                 return super().do_GET()
             # HTTP/1.0, close-delimited: the client cannot know the size or resume

@@ -22,7 +22,8 @@ from agent.download import DownloadPolicy
 from agent.errors import TransportError
 from agent.push import LongPoll
 from agent.sim import SimFirmware
-from agent.sync import Backoff
+from agent.journal import Journal
+from agent.sync import MODEL_KIND, Backoff
 from agent.updater import Updater, open_device
 from tests.conftest import BundleFactory
 from tests.fakeddi import Action, FakeDdi
@@ -235,6 +236,21 @@ def test_config_data_is_sent_when_asked(device_dir: Path, fake: FakeDdi) -> None
     assert fake.config_data is not None and fake.config_data["mode"] == "merge"
     assert fake.config_data["data"]["edgeops.version"] == "1.0"
     assert fake.config_data["data"]["site"] == "lab"
+
+
+def test_model_reports_reach_the_controller_as_attributes(device_dir: Path, fake: FakeDdi) -> None:
+    j = Journal(device_dir / "state" / "journal.db")
+    j.enqueue(MODEL_KIND, {"model": "detector", "version": "4", "status": "activated", "reason": "ok"})
+    j.enqueue(MODEL_KIND, {"model": "detector", "version": "4", "status": "reverted",
+                           "reason": "p95 latency 3.1x the previous model"})
+    j.close()
+    service(device_dir, fake.url)
+    assert fake.config_data is not None
+    assert fake.config_data["data"]["edgeops.model.detector"] == "4 reverted"
+    assert "p95" in fake.config_data["data"]["edgeops.model.detector.reason"]
+    j = Journal(device_dir / "state" / "journal.db")
+    assert j.pending(kind=MODEL_KIND) == [] and j.pending() == []
+    j.close()
 
 
 def test_longpoll_wakes_at_once_and_falls_back_to_polling(fake: FakeDdi) -> None:

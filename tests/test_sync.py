@@ -11,7 +11,7 @@ import pytest
 from agent.client import DdiClient, FleetConfig
 from agent.errors import TransportError
 from agent.journal import Journal
-from agent.sync import Backoff, Rejected, Report, Sync
+from agent.sync import MODEL_KIND, Backoff, Rejected, Report, Sync
 from tests.fakeddi import FakeDdi
 
 
@@ -148,4 +148,18 @@ def test_server_5xx_is_retried_then_delivered(tmp_path: Path, fake: FakeDdi) -> 
     assert s.flush(force=True).delivered == 0
     assert s.flush(force=True).delivered == 1
     assert fake.executions("7") == ["closed/success"]
+    j.close()
+
+
+def test_other_kinds_in_the_outbox_never_hold_reports_back(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    for i in range(120):  # a long backlog of another sender's rows, older than ours
+        j.enqueue(MODEL_KIND, {"model": "m", "version": str(i), "status": "activated"})
+    link = Link()
+    link.up = True
+    s = Sync(j, link)
+    s.queue("POST", "deploymentBase/1/feedback", {"n": 1})
+    assert s.has_pending()
+    assert s.flush().delivered == 1 and [r.body for r in link.sent] == [{"n": 1}]
+    assert len(j.pending(500, kind=MODEL_KIND)) == 120  # not ours to send, not marked sent
     j.close()

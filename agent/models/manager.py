@@ -37,9 +37,10 @@ from agent.models.errors import (
 )
 from agent.models.health import HealthPolicy
 from agent.models.store import MODEL_FILE, VALIDATION_FILE, ModelStore, VersionInfo, write_file
+from agent.sync import MODEL_KIND
 
 log = logging.getLogger("edgeops.models")
-REPORT_KIND = "model-report"
+REPORT_KIND = MODEL_KIND
 
 
 @dataclass(frozen=True)
