@@ -156,8 +156,12 @@ def load_ak(ak_public_pem: bytes) -> ec.EllipticCurvePublicKey:
 
 
 def verify_quote(*, ak_public_pem: bytes, attest: bytes, signature: bytes, nonce: bytes,
-                 expected_pcr_digest: bytes) -> QuoteFacts:
-    """Check one quote; raise ``QuoteRefused`` unless it is signed, fresh and shows the expected PCRs."""
+                 expected_pcrs: Sequence[int], expected_pcr_digest: bytes) -> QuoteFacts:
+    """Check one quote; raise ``QuoteRefused`` unless it is signed, fresh and shows the expected PCRs.
+
+    ``expected_pcrs`` is the verifier's policy, never the quote's own selection: otherwise a
+    device could quote a PCR it can reset and extend at will (16, the debug PCR) instead.
+    """
     if not 8 <= len(nonce) <= MAX_NONCE:
         raise QuoteRefused(f"nonce is {len(nonce)} bytes; use 8 to {MAX_NONCE} fresh random bytes")
     try:
@@ -167,6 +171,9 @@ def verify_quote(*, ak_public_pem: bytes, attest: bytes, signature: bytes, nonce
     facts = parse_attest(attest)
     if not hmac.compare_digest(facts.nonce, nonce):
         raise QuoteRefused("quote answers a different nonce: replayed or stale")
+    if facts.pcrs != tuple(sorted(set(expected_pcrs))):
+        raise QuoteRefused(f"quote selects PCRs {list(facts.pcrs)}, the verifier expects "
+                           f"{sorted(set(expected_pcrs))}")
     if not hmac.compare_digest(facts.pcr_digest, expected_pcr_digest):
         raise QuoteRefused("quoted PCR values differ from the expected measurements",
                            hint="the device booted or installed something its event log does not show")

@@ -38,7 +38,7 @@ def _quote(key: ec.EllipticCurvePrivateKey, *, nonce: bytes = NONCE, body: bytes
 def _verify(pem: bytes, data: bytes, sig: bytes, nonce: bytes = NONCE,
             events: tuple[attest.Event, ...] = EVENTS) -> attest.QuoteFacts:
     return attest.verify_quote(ak_public_pem=pem, attest=data, signature=sig, nonce=nonce,
-                               expected_pcr_digest=attest.expected_digest(events, [15]))
+                               expected_pcrs=[15], expected_pcr_digest=attest.expected_digest(events, [15]))
 
 
 def test_replay_matches_a_tpm_extend_chain() -> None:
@@ -58,7 +58,8 @@ def test_good_quote_verifies() -> None:
 
 
 @pytest.mark.parametrize("case", ["replayed", "other_key", "altered", "wrong_pcrs", "bad_magic",
-                                  "not_a_quote", "trailing", "short_nonce"])
+                                  "not_a_quote", "trailing", "short_nonce", "other_pcr_selected",
+                                  "extra_pcr_selected"])
 def test_refused(case: str) -> None:
     key, pem = _ak()
     data, sig = _quote(key)
@@ -80,6 +81,13 @@ def test_refused(case: str) -> None:
         data, sig = _quote(key, body=data + b"\x00")
     elif case == "short_nonce":
         nonce = b"abc"
+    elif case == "other_pcr_selected":  # the log's events, replayed into a PCR the device controls
+        moved = tuple(attest.Event(16, e.label, e.digest) for e in EVENTS)
+        data, sig = _quote(key, body=attest.encode_attest(
+            nonce=NONCE, pcrs=[16], digest=attest.expected_digest(moved, [16])))
+    elif case == "extra_pcr_selected":
+        data, sig = _quote(key, body=attest.encode_attest(
+            nonce=NONCE, pcrs=[15, 16], digest=attest.expected_digest(EVENTS, [15, 16])))
     with pytest.raises(attest.QuoteRefused):
         _verify(pem, data, sig, nonce, events)
 

@@ -132,24 +132,26 @@ def test_quote_verified_and_replay_refused(swtpm_dev: SwTpm, pki: Keys, tmp_path
     q = tpm.Quote.from_json(root.quote(nonce).to_json())
     assert q.ak_public_pem == ak  # the same key comes back: derived, not stored
     assert [e.label for e in q.events] == ["install:rootfs:b", "boot:slot"]
-    expected = attest.expected_digest(q.events, q.pcrs)
+    expected = attest.expected_digest(q.events, [tpm.DEFAULT_PCR])
     facts = attest.verify_quote(ak_public_pem=ak, attest=q.attest, signature=q.signature, nonce=nonce,
-                                expected_pcr_digest=expected)
+                                expected_pcrs=[tpm.DEFAULT_PCR], expected_pcr_digest=expected)
     assert facts.pcrs == (tpm.DEFAULT_PCR,)
     # replay: the controller's next challenge has a new nonce
     with pytest.raises(attest.QuoteRefused, match="nonce"):
         attest.verify_quote(ak_public_pem=ak, attest=q.attest, signature=q.signature,
-                            nonce=b"\x01" * 16, expected_pcr_digest=expected)
+                            nonce=b"\x01" * 16, expected_pcrs=[tpm.DEFAULT_PCR],
+                            expected_pcr_digest=expected)
     # altered: a quote with the digest of a different image
     forged_events = (attest.Event(tpm.DEFAULT_PCR, "install:rootfs:b", b"\x00" * 32), q.events[1])
     with pytest.raises(attest.QuoteRefused, match="PCR"):
         attest.verify_quote(ak_public_pem=ak, attest=q.attest, signature=q.signature, nonce=nonce,
-                            expected_pcr_digest=attest.expected_digest(forged_events, q.pcrs))
+                            expected_pcrs=[tpm.DEFAULT_PCR],
+                            expected_pcr_digest=attest.expected_digest(forged_events, [tpm.DEFAULT_PCR]))
     tampered = bytearray(q.attest)
     tampered[-1] ^= 1
     with pytest.raises(attest.QuoteRefused, match="signature"):
         attest.verify_quote(ak_public_pem=ak, attest=bytes(tampered), signature=q.signature,
-                            nonce=nonce, expected_pcr_digest=expected)
+                            nonce=nonce, expected_pcrs=[tpm.DEFAULT_PCR], expected_pcr_digest=expected)
 
 
 def test_reboot_resets_measurements(swtpm_dev: SwTpm, pki: Keys, tmp_path: Path) -> None:
@@ -164,7 +166,8 @@ def test_reboot_resets_measurements(swtpm_dev: SwTpm, pki: Keys, tmp_path: Path)
     root.measure("boot:slot", b"b", once=True)  # a second agent cycle in the same boot
     q = root.quote(b"n" * 16)
     attest.verify_quote(ak_public_pem=q.ak_public_pem, attest=q.attest, signature=q.signature,
-                        nonce=b"n" * 16, expected_pcr_digest=attest.expected_digest(q.events, q.pcrs))
+                        nonce=b"n" * 16, expected_pcrs=[tpm.DEFAULT_PCR],
+                        expected_pcr_digest=attest.expected_digest(q.events, [tpm.DEFAULT_PCR]))
     assert len(q.events) == 1
 
 
@@ -250,7 +253,8 @@ def test_cli_provision_status_quote(swtpm_dev: SwTpm, device_dir: Path) -> None:
     q = tpm.Quote.from_json(run_cli("tpm", "quote", "--config", cfg, "--nonce", "ab" * 16,
                                     check=True).stdout)
     attest.verify_quote(ak_public_pem=q.ak_public_pem, attest=q.attest, signature=q.signature,
-                        nonce=b"\xab" * 16, expected_pcr_digest=attest.expected_digest(q.events, q.pcrs))
+                        nonce=b"\xab" * 16, expected_pcrs=[tpm.DEFAULT_PCR],
+                        expected_pcr_digest=attest.expected_digest(q.events, [tpm.DEFAULT_PCR]))
     bad = run_cli("tpm", "quote", "--config", cfg, "--nonce", "zz")
     assert bad.returncode == 2
 
