@@ -3,7 +3,10 @@ and forwards device feedback upstream, in order, once the parent is back."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,3 +77,76 @@ def test_regional_serves_offline_and_forwards_later(tmp_path: Path, pki: Keys, m
     regional.stop()
     central.stop()
     shutil.rmtree(board)
+
+
+class HostileParent:
+    """A parent whose documents the test rewrites: garbage, path-like hashes, revoked tokens."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, str] = {}
+        self.docs: dict[str, bytes] = {}
+        parent = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                cid = self.path.split("/controller/v1/", 1)[-1].split("/", 1)[0]
+                if self.headers.get("Authorization") != f"TargetToken {parent.tokens.get(cid)}":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                body = parent.docs.get(self.path, b"")
+                self.send_response(200 if self.path in parent.docs else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+
+    def base(self, cid: str, links: dict[str, object] | None = None) -> None:
+        doc = {"config": {"polling": {"sleep": "00:00:10"}}, "_links": links or {}}
+        self.docs[f"/DEFAULT/controller/v1/{cid}"] = json.dumps(doc).encode()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+
+
+def test_regional_survives_a_parent_that_sends_nonsense(tmp_path: Path) -> None:
+    parent = HostileParent()
+    regional = start_controller(tmp_path / "regional", parent=parent.url, parent_interval=0.1,
+                                tick_interval=3600)
+    try:
+        def poll(cid: str) -> requests.Response:
+            return requests.get(f"{regional.url}/DEFAULT/controller/v1/{cid}",
+                                headers={"Authorization": f"TargetToken t-{cid}"}, timeout=5)
+        for cid in ("flaky", "good", "evil"):
+            parent.tokens[cid] = f"t-{cid}"
+            parent.base(cid)
+        assert poll("flaky").status_code == poll("good").status_code == 200
+
+        # A deployment whose artifact "sha256" is a path: never used as a file name.
+        dep = f"{parent.url}/DEFAULT/controller/v1/evil/deploymentBase/7"
+        parent.base("evil", {"deploymentBase": {"href": dep}})
+        parent.docs[dep.removeprefix(parent.url)] = json.dumps({"id": "7", "deployment": {"chunks": [
+            {"part": "os", "name": "x", "version": "1", "artifacts": [{
+                "filename": "x.bundle", "size": 4, "hashes": {"sha256": "../../../escaped"},
+                "_links": {"download": {"href": f"{parent.url}/DEFAULT/controller/v1/evil/"
+                                                "softwaremodules/1/artifacts/x.bundle"}}}]}]}}).encode()
+        assert poll("evil").status_code == 502
+        assert not any(p.name == "escaped" for p in tmp_path.rglob("*"))
+
+        # One device's documents turn to garbage: the others are still mirrored.
+        parent.docs["/DEFAULT/controller/v1/flaky"] = b"{not json"
+        parent.base("good", {"configData": {"href": f"{parent.url}/DEFAULT/controller/v1/good/configData"}})
+        wait_for(lambda: "configData" in poll("good").json()["_links"])
+
+        # The parent stops vouching for a token: the regional stops accepting it too.
+        parent.tokens["good"] = "rotated"
+        wait_for(lambda: poll("good").status_code == 401)
+    finally:
+        regional.stop()
+        parent.close()

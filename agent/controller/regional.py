@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 from typing import Any
 
@@ -35,11 +36,18 @@ from agent.controller.fleet import Fleet
 
 log = logging.getLogger("edgeops.controller.regional")
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
+MAX_DOC = 1 << 20  # a DDI document from the parent; artifacts are streamed, not read whole
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ParentDown(ControllerError):
     status = 503
     hint = "the regional controller cannot reach its parent; retry later"
+
+
+class BadParentAnswer(ControllerError):
+    status = 502
+    hint = "the parent sent a document this controller cannot use; check the parent's logs"
 
 
 class Regional:
@@ -178,6 +186,11 @@ class Regional:
                 await self._mirror_device(cid, auth)
             except ParentDown:
                 return
+            except Unauthorized as exc:
+                # the parent no longer vouches for this token (revoked, deleted device): stop
+                # accepting it here too; the device is served again once the parent says so
+                self.db.execute("DELETE FROM mirror_auth WHERE device_id = ? AND auth = ?", [cid, auth])
+                log.warning("mirroring %s: %s; its token is no longer accepted here", cid, exc)
             except ControllerError as exc:
                 log.warning("mirroring %s: %s", cid, exc)
 
@@ -185,14 +198,24 @@ class Regional:
         assert self.session is not None
         try:
             async with self.session.get(url, headers={"Authorization": auth}) as r:
-                data = await r.read()
+                data = await r.content.read(MAX_DOC + 1)
                 self.wan_up = True
+                if len(data) > MAX_DOC:
+                    raise BadParentAnswer(f"{url}: answer larger than {MAX_DOC} bytes")
                 return r.status, data
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.wan_up = False
             raise ParentDown(f"parent {self.parent} unreachable: {exc}") from None
 
     async def _mirror_device(self, cid: str, auth: str) -> None:
+        try:
+            await self._mirror_device_docs(cid, auth)
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            # json.JSONDecodeError is a ValueError: one device's odd document must not stop the rest
+            raise BadParentAnswer(f"parent's documents for {cid!r} do not parse: "
+                                  f"{type(exc).__name__}: {exc}") from None
+
+    async def _mirror_device_docs(self, cid: str, auth: str) -> None:
         tenant = self.settings.tenant
         root = f"{self.parent}/{tenant}/controller/v1/{cid}"
         status, data = await self._fetch(root, auth)
@@ -223,7 +246,9 @@ class Regional:
     async def _mirror_artifact(self, art: dict[str, Any], auth: str) -> None:
         href = art["_links"]["download"]["href"]
         mid, fn = href.split("/softwaremodules/", 1)[1].split("/artifacts/", 1)
-        sha = str(art["hashes"]["sha256"])
+        sha = str(art["hashes"]["sha256"]).lower()
+        if not _SHA256.match(sha):  # it names a file in the cache: nothing but 64 hex digits
+            raise BadParentAnswer(f"artifact {fn!r} has no valid sha256")
         final = self.cache / sha
         if not final.exists():
             await self._download(href, auth, sha, int(art["size"]))
