@@ -381,9 +381,7 @@ class DeviceCA:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
         crl = builder.sign(ca_key, None)
-        tmp = self.crl_path.with_suffix(".tmp")
-        tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-        os.replace(tmp, self.crl_path)
+        _write_file(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
 
     def issue_server(self, hostname: str, out: Path, *, days: int = 30) -> tuple[Path, Path]:
         """A server certificate for the controller endpoint (SAN: the name and 127.0.0.1)."""
@@ -406,7 +404,7 @@ class DeviceCA:
         out.mkdir(parents=True, exist_ok=True)
         _write_file(out / "server.key", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        (out / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_file(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM))
         return out / "server.crt", out / "server.key"
 
     def server_context(self, cert: Path, key: Path, *, require_client_cert: bool = True

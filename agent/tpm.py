@@ -199,18 +199,33 @@ class EventLog:
         self.path = path
 
     def events(self) -> list[Event]:
+        """Complete lines only: a line torn by a power cut was never followed by its extend."""
         if not self.path.exists():
             return []
         out = []
-        for line in self.path.read_text().splitlines():
-            d = json.loads(line)
-            out.append(Event(int(d["pcr"]), str(d["label"]), bytes.fromhex(d["digest"])))
+        data = self.path.read_bytes()
+        for line in data[:data.rfind(b"\n") + 1].splitlines():
+            try:
+                d = json.loads(line)
+                out.append(Event(int(d["pcr"]), str(d["label"]), bytes.fromhex(d["digest"])))
+            except (ValueError, KeyError, TypeError):
+                raise TpmError(f"measurement log {self.path} is corrupt",
+                               hint="the quote cannot be explained; re-provision or reboot to reset the PCRs "
+                                    "and the log") from None
         return out
 
     def append(self, e: Event) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"pcr": e.pcr, "label": e.label, "digest": e.digest.hex()}) + "\n")
+        with open(self.path, "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            if end:  # drop a torn last line so the new one starts on a line of its own
+                f.seek(0)
+                data = f.read()
+                keep = data.rfind(b"\n") + 1
+                if keep != end:
+                    f.truncate(keep)
+            f.write((json.dumps({"pcr": e.pcr, "label": e.label, "digest": e.digest.hex()}) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 

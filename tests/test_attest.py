@@ -119,3 +119,17 @@ def test_keystore_quote_uses_the_same_verifier(tmp_path: Path) -> None:
     _verify(q.ak_public_pem, q.attest, q.signature)
     with pytest.raises(attest.QuoteRefused):
         _verify(q.ak_public_pem, q.attest, q.signature, nonce=b"x" * 16)
+
+
+def test_event_log_line_torn_by_a_power_cut_is_dropped(tmp_path: Path) -> None:
+    from agent.tpm import EventLog
+
+    log = EventLog(tmp_path / "events.jsonl")
+    for e in EVENTS:
+        log.append(e)
+    whole = log.path.read_bytes()
+    log.path.write_bytes(whole + whole.splitlines(keepends=True)[0][:17])  # cut mid-line
+    assert log.events() == list(EVENTS)
+    extra = attest.Event(15, "boot:slot", b"\x07" * 32)
+    log.append(extra)
+    assert log.events() == [*EVENTS, extra]

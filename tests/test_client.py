@@ -20,9 +20,9 @@ from agent.client import DdiClient, FleetAgent, FleetConfig, PollOutcome, load_f
 from agent.config import load
 from agent.download import DownloadPolicy
 from agent.errors import TransportError
+from agent.journal import Journal
 from agent.push import LongPoll
 from agent.sim import SimFirmware
-from agent.journal import Journal
 from agent.sync import MODEL_KIND, Backoff
 from agent.updater import Updater, open_device
 from tests.conftest import BundleFactory

@@ -236,3 +236,32 @@ def test_documents_parse_with_the_agents_ddi_parsers(ctl: LocalController, make_
     assert base.cancel and not base.deployment
     ddi_mod.parse_cancel(requests.get(base.cancel, timeout=10, headers={
         "Authorization": f"TargetToken {token}"}).content)
+
+
+def test_generated_operator_token_goes_to_a_0600_file_not_the_log(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "EDGEOPS_CONTROLLER_TOKEN"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    tokens, logs = [], []
+    for _ in range(2):  # the second start reuses the stored token
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "controller", "serve", "--db",
+                                 str(tmp_path / "c.db"), "--listen", f"127.0.0.1:{port}"],
+                                env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(100):
+                try:
+                    requests.get(f"http://127.0.0.1:{port}/_empty", timeout=1)
+                    break
+                except requests.ConnectionError:
+                    time.sleep(0.05)
+            token = (tmp_path / "controller-data" / "operator.token").read_text().strip()
+            ok = requests.get(f"http://127.0.0.1:{port}/api/v1/devices",
+                              headers={"Authorization": f"Bearer {token}"}, timeout=5)
+            assert ok.status_code == 200
+            tokens.append(token)
+        finally:
+            proc.terminate()
+            logs.append(proc.communicate(timeout=10)[1])
+    assert tokens[0] == tokens[1] and len(tokens[0]) >= 24
+    assert all(tokens[0] not in log and "operator.token" in log for log in logs), logs
+    assert (tmp_path / "controller-data" / "operator.token").stat().st_mode & 0o777 == 0o600

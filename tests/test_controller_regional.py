@@ -88,7 +88,7 @@ class HostileParent:
         parent = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 cid = self.path.split("/controller/v1/", 1)[-1].split("/", 1)[0]
                 if self.headers.get("Authorization") != f"TargetToken {parent.tokens.get(cid)}":
                     self.send_response(401)

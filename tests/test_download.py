@@ -20,6 +20,7 @@ from agent.download import (
     Origin,
     ResumableStream,
     new_session,
+    redact,
 )
 from tests.fakeddi import FakeDdi
 from tests.faultproxy import Fault, FaultProxy
@@ -172,6 +173,14 @@ def test_origin_matching() -> None:
     assert o.trusted("https://ddi.example/a") and not o.trusted("http://ddi.example/a")
     assert not o.trusted("https://cdn.example/a") and not o.trusted("https://ddi.example:8443/")
     assert o.request_kwargs("https://cdn.example/a")["headers"] == {}
+    with pytest.raises(DownloadFailed, match="bad port"):  # a redirect to a nonsense port
+        o.trusted("https://ddi.example:99999/a")
+
+
+def test_redacted_urls_hold_no_credentials() -> None:
+    shown = redact("https://user:s3cret@cdn.example:8443/a/b.bundle?X-Amz-Signature=abc")
+    assert "s3cret" not in shown and "abc" not in shown and "user" not in shown
+    assert shown.startswith("https://cdn.example:8443/a/b.bundle")
 
 
 def test_server_ignoring_range_is_skipped_not_duplicated(server: FakeDdi) -> None:

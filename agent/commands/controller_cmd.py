@@ -168,13 +168,17 @@ def _serve(a: argparse.Namespace) -> int:
     data = a.data or (Path(a.db).resolve().parent / "controller-data" if "://" not in a.db else None)
     if data is None:
         raise UsageError("with a PostgreSQL --db, give --data: a directory all controller processes share")
-    token = a.token or _stored_token(db, secrets.token_urlsafe(24))
     fleet = Fleet(db, data, keyring_pem=a.keyring.read_bytes() if a.keyring else None)
+    if a.token:
+        token, said = a.token, "operator token from --token / $EDGEOPS_CONTROLLER_TOKEN"
+    else:
+        token, fresh = _stored_token(db, secrets.token_urlsafe(24))
+        said = _token_file(fleet.data_dir, token, fresh)
     settings = Settings(api_token=token, tenant=a.tenant, poll_sleep=a.poll_sleep, parent=a.parent,
                         device_ca=ca, ssl_context=ctx, cert_lifetime=a.cert_lifetime)
     scheme = "https" if ctx is not None else "http"
     mode = "; devices need client certificates (mTLS)" if ca is not None else ""
-    print(f"edgeops controller on {scheme}://{host}:{port} (db {a.db}){mode}; operator token: {token}",
+    print(f"edgeops controller on {scheme}://{host}:{port} (db {a.db}){mode}; {said}",
           file=sys.stderr, flush=True)
     try:
         import uvloop
@@ -223,10 +227,22 @@ def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
         raise UsageError(f"cannot load the TLS certificate, key or device CA: {exc}") from None
 
 
-def _stored_token(db: Any, fresh: str) -> str:
+def _stored_token(db: Any, fresh: str) -> tuple[str, bool]:
     with db.tx():
         rows = db.query("SELECT v FROM kv WHERE k = 'api_token'")
         if rows:
-            return str(rows[0][0])
+            return str(rows[0][0]), False
         db.execute("INSERT INTO kv (k, v) VALUES ('api_token', ?)", [fresh])
-    return fresh
+    return fresh, True
+
+
+def _token_file(data: Path, token: str, fresh: bool) -> str:
+    """The generated token goes to a 0600 file, not to logs (stderr often ends up in a journal)."""
+    path = data / "operator.token"
+    if fresh or not path.exists():
+        data.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.replace(path.with_suffix(".tmp"), path)
+    return f"operator token in {path}" + (" (new)" if fresh else "")
