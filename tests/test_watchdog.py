@@ -146,10 +146,6 @@ def test_agent_loop_feeds_systemd_watchdog(device_dir: Path, tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from agent.commands import device_cmd
-
-    if not hasattr(device_cmd, "_watchdog"):
-        pytest.skip("the agent-loop hook (docs/boards.md, Watchdog) is not applied yet")
     path = tmp_path / "notify"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(path))
@@ -178,3 +174,28 @@ def test_agent_loop_feeds_systemd_watchdog(device_dir: Path, tmp_path: Path) -> 
         proc.kill()
         proc.wait()
         server.close()
+
+
+def test_agent_that_crashes_leaves_the_hardware_watchdog_armed(
+        device_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import signal
+
+    from agent.commands import device_cmd
+    from agent.updater import Updater
+
+    dev = tmp_path / "watchdog"
+    dev.touch()
+    monkeypatch.setattr(device_cmd, "_watchdog",
+                        lambda up: Watchdog(DevWatchdog(dev), interval=0.01, stale_after=60))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+
+    def cycle(self: Updater) -> None:
+        time.sleep(0.05)  # fed meanwhile
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(Updater, "cycle", cycle)
+    with pytest.raises(RuntimeError):
+        device_cmd._agent(argparse.Namespace(config=str(device_dir / "agent.toml"), once=False))
+    fed = dev.read_bytes()
+    assert fed and set(fed) == {0}  # fed, and never the magic 'V' that would disarm it

@@ -202,6 +202,7 @@ def _agent(a: argparse.Namespace) -> int:
         dog = None if a.once else _watchdog(up)
         if dog is not None:
             dog.start()
+        clean = False
         try:
             while True:
                 up.messages.clear()
@@ -232,9 +233,12 @@ def _agent(a: argparse.Namespace) -> int:
                     if dog is not None:
                         dog.kick()
             print(f"phase: {up.journal.state().phase}")
+            clean = True
         finally:
             if dog is not None:
-                dog.stop(clean=True)  # magic close: a deliberate stop must not reset the board
+                # Magic close only on a deliberate stop (SIGTERM, --once, a reboot we asked
+                # for): an agent that crashed mid-trial leaves the hardware timer armed.
+                dog.stop(clean=clean)
             if pidfile is not None:
                 pidfile.unlink(missing_ok=True)
     return 0
