@@ -185,7 +185,14 @@ class Updater:
                          lifecycle.Phase.TRIAL_PENDING):
             raise StateError(f"cannot install while the device is {phase}",
                              hint="let the trial finish ('edgeops agent --once') first")
-        target = self.cfg.other_slot(self.dev.runtime.booted_slot())
+        booted = self.dev.runtime.booted_slot()
+        primary = self.dev.bootloader.primary()
+        if primary != booted:
+            # e.g. a rollback armed and its reboot still to come: the inactive slot is the one
+            # the bootloader will boot next, and must not be overwritten
+            raise StateError(f"the bootloader will boot slot {primary} next, not the running "
+                             f"slot {booted}", hint="reboot first, then install")
+        target = self.cfg.other_slot(booted)
         if verdict.manifest.health:
             try:
                 health.parse_policy(verdict.manifest.health, base=health.parse_policy(self.cfg.health))

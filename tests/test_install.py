@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import sim
+from agent import lifecycle, sim
 from agent.errors import RollbackRefused, StateError
 from agent.updater import Updater
 from tests.conftest import BundleFactory, slot_sha
@@ -123,6 +123,19 @@ def test_rollback_boots_the_other_good_slot(updater: Updater, device_dir: Path,
     assert updater.rebooted
     assert updater.status()["booted_slot"] == "A"
     assert updater.dev.bootloader.primary() == "A"
+
+
+def test_install_is_refused_while_a_rollback_waits_for_its_reboot(
+        updater: Updater, device_dir: Path, make_bundle: BundleFactory) -> None:
+    install(updater, make_bundle("2.0", security_version=0))
+    reboot_and_cycle(updater, device_dir)
+    updater.dev.bootloader.commit("A")  # what rollback does, just before the reboot it asks for
+    slot_a = (device_dir / "slot-a.img").read_bytes()
+    with pytest.raises(StateError, match="will boot slot A next"):
+        install(updater, make_bundle("3.0", security_version=0))
+    assert (device_dir / "slot-a.img").read_bytes() == slot_a
+    assert updater.journal.slots()["A"].state == "good"
+    assert updater.journal.state().phase is lifecycle.Phase.IDLE
 
 
 def test_rollback_below_the_floor_is_refused(updater: Updater, device_dir: Path,
