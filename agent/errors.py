@@ -113,5 +113,11 @@ class StateError(EdgeopsError):
     hint = "see 'edgeops status'"
 
 
+class DeviceBusy(StateError):
+    """Another edgeops process holds the device lock."""
+
+    hint = "wait for the running install or agent cycle to finish"
+
+
 class HealthCheckFailed(EdgeopsError):
     hint = "see 'edgeops history' for the failing probe"

@@ -286,7 +286,8 @@ def _start_trial(s: State, ev: Booted) -> Transition:
 
 
 def _health_passed(s: State, ev: HealthPassed) -> Transition:
-    return Transition(replace(s, phase=Phase.COMMITTING), [], [BootCommit(_t(s))])
+    return Transition(replace(s, phase=Phase.COMMITTING),
+                      [History("health-passed", s.target, s.version, ev.detail)], [BootCommit(_t(s))])
 
 
 def _health_failed(s: State, ev: HealthFailed) -> Transition:

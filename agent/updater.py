@@ -12,6 +12,7 @@ feeds ``Booted`` to the state machine and ``run_health`` decides commit or rever
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from agent.bundle import BundleReader
 from agent.config import AgentConfig
 from agent.errors import (
     ConfigError,
+    DeviceBusy,
     EdgeopsError,
     IncompatibleBundle,
     RollbackRefused,
@@ -101,8 +103,7 @@ class Updater:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StateError("another edgeops process holds the device lock",
-                                 hint="wait for the running install or agent cycle to finish") from None
+                raise DeviceBusy("another edgeops process holds the device lock") from None
             yield
         finally:
             os.close(fd)
@@ -265,6 +266,8 @@ class Updater:
             if decision.verdict == "revert":
                 self._step(lifecycle.HealthFailed(decision.reason))
                 return
+            if self._take_operator_verdict():
+                return
             self.sleep(policy.interval)
 
     def policy(self) -> health.HealthPolicy:
@@ -276,16 +279,67 @@ class Updater:
         return probes.run_all(self.policy().probes)
 
     def mark_good(self) -> None:
-        with self.locked():
-            self._sync_boot()
-            self._require(lifecycle.Phase.TESTING, "mark-good")
-            self._step(lifecycle.HealthPassed("marked good by operator"))
+        self._operator_verdict(good=True)
 
     def mark_bad(self) -> None:
-        with self.locked():
-            self._sync_boot()
-            self._require(lifecycle.Phase.TESTING, "mark-bad")
-            self._step(lifecycle.HealthFailed("marked bad by operator"))
+        self._operator_verdict(good=False)
+
+    # A technician's verdict must not wait for the agent's health loop, which holds the lock
+    # for up to the whole deadline: when the lock is busy the verdict is handed to that loop
+    # through a file, and taken before its next probe round.
+    VERDICT_FILE = "operator-verdict"
+    VERDICT_WAIT = 30.0
+
+    def _operator_verdict(self, *, good: bool) -> None:
+        what = "mark-good" if good else "mark-bad"
+        give_up = time.monotonic() + 5.0  # the agent may be just starting its cycle
+        while True:
+            try:
+                with self.locked():
+                    self._sync_boot()
+                    self._require(lifecycle.Phase.TESTING, what)
+                    self._step(self._verdict_event(good))
+                return
+            except DeviceBusy:
+                if self.journal.state().phase is lifecycle.Phase.TESTING:
+                    break
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.1)
+        path = self.cfg.state_dir / self.VERDICT_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"good": good, "boot_id": self.dev.runtime.boot_id()}))
+        os.replace(tmp, path)
+        deadline = time.monotonic() + self.VERDICT_WAIT
+        while path.exists():
+            if time.monotonic() > deadline:
+                path.unlink(missing_ok=True)
+                raise DeviceBusy(f"the agent's health loop did not take the {what} verdict "
+                                 f"within {self.VERDICT_WAIT:.0f} s")
+            time.sleep(0.1)
+        last = self.journal.history(1)
+        self.messages.append(f"handed to the running agent: {last[0].event} {last[0].detail or ''}"
+                             .rstrip() if last else "handed to the running agent")
+
+    def _take_operator_verdict(self) -> bool:
+        path = self.cfg.state_dir / self.VERDICT_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        try:
+            if doc.get("boot_id") != self.dev.runtime.boot_id():
+                return False  # left over from another boot: not meant for this trial
+            self._step(self._verdict_event(bool(doc.get("good"))))
+            return True
+        finally:
+            path.unlink(missing_ok=True)  # consumed only after the journal has the verdict
+
+    @staticmethod
+    def _verdict_event(good: bool) -> lifecycle.Event:
+        if good:
+            return lifecycle.HealthPassed("marked good by operator")
+        return lifecycle.HealthFailed("marked bad by operator")
 
     def rollback(self) -> str:
         with self.locked():

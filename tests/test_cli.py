@@ -89,6 +89,52 @@ def test_install_from_http(cfg: Path, make_bundle: BundleFactory,
     assert "404" in one_line_error(missing.stderr)
 
 
+@pytest.mark.parametrize("verdict, slot", [("mark-good", "B"), ("mark-bad", "A")])
+def test_technician_verdict_reaches_a_running_health_loop(cfg: Path, make_bundle: BundleFactory,
+                                                          verdict: str, slot: str) -> None:
+    import subprocess
+    import sys
+
+    # The app never comes up by itself: the agent would probe for 60 s holding the lock.
+    health = {"deadline": 60, "interval": 0.2, "retries": 100,
+              "probe": [{"type": "command", "command": ["false"], "name": "app"}]}
+    run_cli("install", make_bundle("2.0", health=health), "--config", cfg, check=True)
+    run_cli("sim", "reboot", "--config", cfg, check=True)
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--once", "--config", str(cfg)],
+                             cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until_locked(cfg.parent / "state" / "lock")
+        out = run_cli(verdict, "--config", cfg, check=True).stdout
+        assert "handed to the running agent" in out
+        assert agent.wait(20) == 0
+    finally:
+        agent.kill()
+    st = json.loads(run_cli("status", "--json", "--config", cfg, check=True).stdout)
+    assert st["primary_slot"] == slot and st["trial"] is False
+    hist = json.loads(run_cli("history", "--json", "--config", cfg, check=True).stdout)
+    assert any("by operator" in (h.get("detail") or "") for h in hist), hist
+
+
+def wait_until_locked(lock: Path, timeout: float = 20) -> None:
+    import fcntl
+    import os
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if lock.exists():
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                return
+            finally:
+                os.close(fd)
+        time.sleep(0.05)
+    raise AssertionError(f"nobody took {lock}")
+
+
 def test_install_from_http_resumes_after_a_dropped_connection(
         cfg: Path, make_bundle: BundleFactory, http_dir: tuple[str, Path]) -> None:
     url, root = http_dir

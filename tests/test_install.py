@@ -75,9 +75,10 @@ def test_good_trial_commits_and_raises_the_floor(updater: Updater, device_dir: P
     reboot_and_cycle(updater, device_dir)
     st = updater.status()
     assert (st["booted_slot"], st["primary_slot"], st["phase"]) == ("B", "B", "idle")
-    assert st["slots"]["B"] | {} == st["slots"]["B"] and st["slots"]["B"]["state"] == "good"
+    assert (st["slots"]["B"]["version"], st["slots"]["B"]["state"]) == ("2.0", "good")
     assert updater.journal.security_floor == 4
-    assert [h.event for h in updater.journal.history(3)] == ["installed", "trial", "committed"]
+    assert [h.event for h in updater.journal.history(4)] == ["installed", "trial", "health-passed",
+                                                              "committed"]
 
 
 def test_failed_health_reverts_and_marks_the_slot_bad(updater: Updater, device_dir: Path,
