@@ -33,7 +33,6 @@ from agent.errors import (
     IncompatibleBundle,
     RollbackRefused,
     StateError,
-    TrustError,
 )
 from agent.journal import Journal
 from agent.runtime import LinuxRuntime, Runtime
@@ -199,6 +198,9 @@ class Updater:
                 health.parse_policy(verdict.manifest.health, base=health.parse_policy(self.cfg.health))
             except ConfigError as exc:
                 raise IncompatibleBundle(f"bundle health checks do not fit this device: {exc}") from None
+        classes = [p.slot_class for p in verdict.manifest.payloads]
+        if dup := next((c for c in classes if classes.count(c) > 1), None):
+            raise IncompatibleBundle(f"two payloads target slot class '{dup}'; a slot takes one image")
         for p in verdict.manifest.payloads:
             dest = self.cfg.slots[target].get(p.slot_class)
             if dest is None:
@@ -352,6 +354,8 @@ class Updater:
                 raise StateError(f"slot {other} holds no known-good version to roll back to "
                                  f"({info.state if info else 'empty'})")
             floor = self.journal.security_floor
+            if (root := self.root()) is not None:
+                floor = max(floor, root.floor())  # the TPM's counter outlives a re-imaged journal
             if (info.security_version or 0) < floor:
                 raise RollbackRefused(f"slot {other} has security_version {info.security_version}, "
                                       f"below the device floor {floor}")
@@ -467,8 +471,8 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise TrustError(f"cannot read keyring {path}: {exc.strerror}",
-                         hint="check device.keyring in the agent config") from None
+        raise ConfigError(f"cannot read keyring {path}: {exc.strerror}",
+                          hint="check device.keyring in the agent config") from None
 
 
 def _total(m: Any) -> int:

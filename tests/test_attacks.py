@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from agent.errors import (
     UntrustedSigner,
 )
 from agent.updater import Updater
-from tests.conftest import BundleFactory, Keys, allocated_blocks
+from tests.conftest import BundleFactory, Keys, allocated_blocks, make_image
 
 
 def snapshot(device_dir: Path, updater: Updater) -> tuple[bytes, str, dict[str, object]]:
@@ -161,6 +162,17 @@ def test_device_keeps_only_the_newest_crl_of_each_root(updater: Updater, make_bu
     assert stored == [newer]
     with pytest.raises(SignerRevoked):
         install_bytes(updater, make_bundle("2.2", signer=(victim.key_path, victim.cert_path)).read_bytes())
+
+
+def test_two_payloads_for_one_slot_are_refused(updater: Updater, device_dir: Path, pki: Keys,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "two.bundle"
+    srcs = [bundle.PayloadSource(name, "rootfs", make_image(tmp_path / name, 4096, name), False, 65536)
+            for name in ("rootfs", "rootfs2")]
+    bundle.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
+                  chain_pem=pki.signer_crt.read_bytes(), compatible="edgeops-sim", version="2.0",
+                  security_version=1, build_time=int(time.time()), sources=srcs)
+    assert_refused(updater, device_dir, out.read_bytes(), IncompatibleBundle, "two payloads target")
 
 
 def test_incompatible_board_is_refused(updater: Updater, device_dir: Path,

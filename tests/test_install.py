@@ -147,6 +147,21 @@ def test_rollback_below_the_floor_is_refused(updater: Updater, device_dir: Path,
         updater.rollback()
 
 
+def test_rollback_honours_the_anchored_floor_after_a_reimaged_journal(
+        updater: Updater, device_dir: Path, make_bundle: BundleFactory) -> None:
+    from agent.keystore import KeystoreRoot
+
+    install(updater, make_bundle("2.0", security_version=0))
+    reboot_and_cycle(updater, device_dir)
+    # The floor lives in the root of trust too (TPM counter or keystore); the journal's copy is 0.
+    root = KeystoreRoot(updater.cfg.state_dir, reason="test")
+    root.provision((device_dir / "keyring" / "root.crt").read_bytes())
+    root.raise_floor(3)
+    fresh = Updater(updater.dev, sleep=lambda s: None)
+    with pytest.raises(RollbackRefused, match="below the device floor 3"):
+        fresh.rollback()
+
+
 def test_rollback_needs_a_good_other_slot(updater: Updater) -> None:
     with pytest.raises(StateError, match="no known-good version"):
         updater.rollback()
