@@ -93,6 +93,21 @@ def test_auth_is_required(ctl: LocalController) -> None:
     assert err["error"] == "Unauthorized" and "Bearer" in err["hint"]
 
 
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/deployments", {"bundle": "one", "device": "dev1"}),
+    ("POST", "/rollouts", {"bundle": 1, "group": "g", "policy": "fast"}),
+    ("POST", "/rollouts", {"bundle": [1], "percent": 5}),
+    ("GET", "/actions?rollout=abc", None),
+    ("POST", "/devices", {"id": {"nested": 1}}),
+])
+def test_malformed_api_requests_are_400_not_500(ctl: LocalController, method: str, path: str,
+                                                body: object) -> None:
+    r = requests.request(method, f"{ctl.url}/api/v1{path}", json=body, timeout=10,
+                         headers={"Authorization": f"Bearer {ctl.token}"})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"] in ("BadRequest", "NotFound")
+
+
 def test_upload_rejects_untrusted_and_damaged_bundles(ctl: LocalController, make_bundle,
                                                       tmp_path: Path) -> None:
     other = keys.init_root(tmp_path / "other-root")

@@ -105,6 +105,13 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         return _error(422, exc)
     except EdgeopsError as exc:
         return _error(400, exc)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        if not request.path.startswith("/api/v1/"):
+            raise
+        # A field of the wrong type or shape ({"bundle": "x"}, ?rollout=abc) is the caller's
+        # mistake: say which, instead of a 500.
+        log.info("bad request to %s: %r", request.path, exc)
+        return _error(400, BadRequest(f"malformed request: {type(exc).__name__}: {exc}"[:300]))
 
 
 def _error(status: int, exc: EdgeopsError) -> web.Response:
