@@ -193,7 +193,7 @@ class ModelHost:
     def _swap_to(self, version: str, old: _Loaded) -> None:
         try:
             new = self._load(version)
-        except (EdgeopsError, OSError) as exc:
+        except Exception as exc:  # the interpreter raises ValueError, RuntimeError, …
             # keep serving the old model; the store's validation makes this rare
             self._failed = version
             self.last_error = f"cannot load {self.name} {version}: {exc}"

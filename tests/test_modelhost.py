@@ -184,6 +184,24 @@ def test_unloadable_model_keeps_the_old_one_serving(manager: ModelManager,
         assert host.version == "1.0" and which(host.predict([X])[0]) == "1.0"
 
 
+def test_interpreter_crash_on_load_keeps_the_old_one_serving(manager: ModelManager,
+                                                             make_model_bundle: Any,
+                                                             monkeypatch: Any) -> None:
+    from agent.models import validate
+
+    install(manager, make_model_bundle("1.0"))
+    install(manager, make_model_bundle("2.0", scale=2.0))
+    manager.store.point("tiny", "current", "1.0")
+    with ModelHost(manager.settings.root, "tiny", poll_interval=0.005) as host:
+        def broken(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("Failed to allocate tensors")  # what the interpreter raises
+        monkeypatch.setattr(validate, "load", broken)
+        manager.store.point("tiny", "current", "2.0")
+        assert wait_for(lambda: host.last_error is not None)
+        assert "allocate" in str(host.last_error)
+        assert host.version == "1.0" and which(host.predict([X])[0]) == "1.0"
+
+
 def test_no_request_waits_for_a_slow_load(manager: ModelManager, make_model_bundle: Any,
                                           monkeypatch: Any) -> None:
     from agent import modelhost
