@@ -35,10 +35,12 @@ from agent.updater import Updater
 from tests.conftest import BundleFactory, Keys, allocated_blocks, make_image
 
 
-def snapshot(device_dir: Path, updater: Updater) -> tuple[bytes, str, dict[str, object]]:
+def snapshot(device_dir: Path, updater: Updater) -> tuple[object, ...]:
+    """Everything a refusal must leave alone: boot config, active slot, journal state and records."""
     env = (device_dir / "uboot.env").read_bytes()
     slot_a = hashlib.sha256((device_dir / "slot-a.img").read_bytes()).hexdigest()
-    return env, slot_a, updater.journal.state().to_dict()
+    j = updater.journal
+    return env, slot_a, j.state().to_dict(), j.slots(), j.security_floor
 
 
 def install_bytes(updater: Updater, data: bytes) -> None:

@@ -5,6 +5,11 @@ turn (tests/faults.py), the sim board loses power, and then the device is left
 to the agent and the bootloader. At every kill point we assert: the device
 boots a slot whose content equals a version the journal calls good, the
 journal opens, and a fresh install then commits.
+
+What a SIGKILL cannot show: the page cache survives it, so a missing fsync goes
+unnoticed here. That is covered elsewhere: the env codecs are tested with writes
+torn at every byte (test_uboot_env, test_grubenv), and the journal relies on
+SQLite's WAL with synchronous=FULL rather than on our own ordering.
 """
 
 from __future__ import annotations
