@@ -7,9 +7,10 @@ boots a slot whose content equals a version the journal calls good, the
 journal opens, and a fresh install then commits.
 
 What a SIGKILL cannot show: the page cache survives it, so a missing fsync goes
-unnoticed here. That is covered elsewhere: the env codecs are tested with writes
-torn at every byte (test_uboot_env, test_grubenv), and the journal relies on
-SQLite's WAL with synchronous=FULL rather than on our own ordering.
+unnoticed here. That is covered elsewhere: the U-Boot env is tested with writes
+torn at every byte (test_uboot_env); grubenv and autoboot.txt are replaced by an
+fsynced rename (test_rpi_tryboot: a crash before the rename keeps the old file);
+the journal relies on SQLite's WAL with synchronous=FULL, not on our own ordering.
 """
 
 from __future__ import annotations
