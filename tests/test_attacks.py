@@ -117,53 +117,58 @@ def test_expired_signer_is_refused(updater: Updater, device_dir: Path, make_bund
     assert_refused(updater, device_dir, data, SignerExpired, "expired")
 
 
+def revoked_signer(pki: Keys, where: Path, *, stale_crls: int = 0) -> tuple[keys.KeyPair, list[bytes]]:
+    """A signer the root revokes, and the root's CRLs: ``stale_crls`` older ones, then the revoking one."""
+    victim = keys.issue_signer(pki.root, where)
+    crls = [keys.revoke(pki.root, []).read_bytes() for _ in range(stale_crls)]
+    crls.append(keys.revoke(pki.root, [keys.cert_serial(victim.cert_path)]).read_bytes())
+    return victim, crls
+
+
+def by(signer: keys.KeyPair) -> tuple[Path, Path]:
+    return signer.key_path, signer.cert_path
+
+
 def test_revoked_signer_is_refused_via_crl_in_bundle(updater: Updater, device_dir: Path,
                                                      make_bundle: BundleFactory, pki: Keys,
                                                      tmp_path: Path) -> None:
-    victim = keys.issue_signer(pki.root, tmp_path / "victim")
-    crl = keys.revoke(pki.root, [keys.cert_serial(victim.cert_path)]).read_bytes()
-    data = make_bundle("2.0", signer=(victim.key_path, victim.cert_path), crl=crl).read_bytes()
+    victim, (crl,) = revoked_signer(pki, tmp_path / "victim")
+    data = make_bundle("2.0", signer=by(victim), crl=crl).read_bytes()
     assert_refused(updater, device_dir, data, SignerRevoked, "revoked")
 
 
 def test_revocation_learned_from_one_bundle_sticks(updater: Updater, device_dir: Path,
                                                    make_bundle: BundleFactory, pki: Keys,
                                                    tmp_path: Path) -> None:
-    victim = keys.issue_signer(pki.root, tmp_path / "victim2")
-    crl = keys.revoke(pki.root, [keys.cert_serial(victim.cert_path)]).read_bytes()
+    victim, (crl,) = revoked_signer(pki, tmp_path / "victim2")
     # A good bundle carries the CRL to the device ...
     updater.install(io.BytesIO(make_bundle("2.0", crl=crl).read_bytes()))
     # ... and a later bundle by the revoked signer, without the CRL, is still refused.
-    data = make_bundle("2.1", signer=(victim.key_path, victim.cert_path)).read_bytes()
     with pytest.raises(SignerRevoked):
-        install_bytes(updater, data)
+        install_bytes(updater, make_bundle("2.1", signer=by(victim)).read_bytes())
 
 
 def test_revoking_crl_is_honoured_among_many_stored_crls(updater: Updater, make_bundle: BundleFactory,
                                                          pki: Keys, tmp_path: Path) -> None:
-    victim = keys.issue_signer(pki.root, tmp_path / "victim3")
+    victim, crls = revoked_signer(pki, tmp_path / "victim3", stale_crls=40)
     store = updater.cfg.state_dir / "crls"
     store.mkdir(parents=True, exist_ok=True)
-    for i in range(40):  # older CRLs a long-lived device may have gathered
-        (store / f"{i:02d}.crl").write_bytes(keys.revoke(pki.root, []).read_bytes())
-    revoking = keys.revoke(pki.root, [keys.cert_serial(victim.cert_path)]).read_bytes()
-    (store / "zz.crl").write_bytes(revoking)  # sorts last among the files
-    data = make_bundle("2.0", signer=(victim.key_path, victim.cert_path)).read_bytes()
+    for i, crl in enumerate(crls[:-1]):  # older CRLs a long-lived device may have gathered
+        (store / f"{i:02d}.crl").write_bytes(crl)
+    (store / "zz.crl").write_bytes(crls[-1])  # the revoking one sorts last among the files
     with pytest.raises(SignerRevoked):
-        install_bytes(updater, data)
+        install_bytes(updater, make_bundle("2.0", signer=by(victim)).read_bytes())
 
 
 def test_device_keeps_only_the_newest_crl_of_each_root(updater: Updater, make_bundle: BundleFactory,
                                                        pki: Keys, tmp_path: Path) -> None:
-    victim = keys.issue_signer(pki.root, tmp_path / "victim4")
-    older = keys.revoke(pki.root, []).read_bytes()
-    newer = keys.revoke(pki.root, [keys.cert_serial(victim.cert_path)]).read_bytes()
+    victim, (older, newer) = revoked_signer(pki, tmp_path / "victim4", stale_crls=1)
     updater.install(io.BytesIO(make_bundle("2.0", crl=newer).read_bytes()))
     updater.install(io.BytesIO(make_bundle("2.1", crl=older).read_bytes()))  # a stale CRL arrives late
     stored = [p.read_bytes() for p in (updater.cfg.state_dir / "crls").glob("*.crl")]
     assert stored == [newer]
     with pytest.raises(SignerRevoked):
-        install_bytes(updater, make_bundle("2.2", signer=(victim.key_path, victim.cert_path)).read_bytes())
+        install_bytes(updater, make_bundle("2.2", signer=by(victim)).read_bytes())
 
 
 def test_two_payloads_for_one_slot_are_refused(updater: Updater, device_dir: Path, pki: Keys,

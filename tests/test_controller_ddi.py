@@ -149,21 +149,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_cli(port: int, env: dict[str, str], *args: str | Path) -> subprocess.Popen[str]:
+    """`edgeops controller serve` in a subprocess, returned once it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "controller", "serve",
+                             "--listen", f"127.0.0.1:{port}", *map(str, args)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        try:
+            requests.get(f"http://127.0.0.1:{port}/_empty", timeout=1)
+            return proc
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"controller did not start: {proc.communicate()[1]}")
+
+
 def test_cli_serve_and_manage(tmp_path: Path, pki: Keys, make_bundle) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
            "EDGEOPS_CONTROLLER_TOKEN": "op-token", "EDGEOPS_CONTROLLER_URL": url}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "controller", "serve", "--db",
-                             str(tmp_path / "c.db"), "--listen", f"127.0.0.1:{port}", "--keyring",
-                             str(pki.root_crt)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = serve_cli(port, env, "--db", tmp_path / "c.db", "--keyring", pki.root_crt)
     try:
-        for _ in range(100):
-            try:
-                requests.get(f"{url}/_empty", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.05)
         os.environ["EDGEOPS_CONTROLLER_TOKEN"], old = "op-token", os.environ.get("EDGEOPS_CONTROLLER_TOKEN")
         os.environ["EDGEOPS_CONTROLLER_URL"] = url
         try:
@@ -259,16 +266,8 @@ def test_generated_operator_token_goes_to_a_0600_file_not_the_log(tmp_path: Path
     tokens, logs = [], []
     for _ in range(2):  # the second start reuses the stored token
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "controller", "serve", "--db",
-                                 str(tmp_path / "c.db"), "--listen", f"127.0.0.1:{port}"],
-                                env=env, stderr=subprocess.PIPE, text=True)
+        proc = serve_cli(port, env, "--db", tmp_path / "c.db")
         try:
-            for _ in range(100):
-                try:
-                    requests.get(f"http://127.0.0.1:{port}/_empty", timeout=1)
-                    break
-                except requests.ConnectionError:
-                    time.sleep(0.05)
             token = (tmp_path / "controller-data" / "operator.token").read_text().strip()
             ok = requests.get(f"http://127.0.0.1:{port}/api/v1/devices",
                               headers={"Authorization": f"Bearer {token}"}, timeout=5)
