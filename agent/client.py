@@ -139,10 +139,8 @@ def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> Fl
 
 
 def load_fleet(agent_toml: Path) -> FleetConfig:
-    """``[fleet]`` from agent.toml when present, else from fleet.toml beside it.
-
-    (agent.config rejects unknown sections until "fleet" is added to its _SECTIONS; until then
-    fleet.toml keeps the agent's own parser happy.)"""
+    """``[fleet]`` from agent.toml when present, else from fleet.toml beside it (so an image
+    can ship the board's agent.toml unchanged and add the fleet settings per site)."""
     cfg = find_fleet(agent_toml)
     if cfg is None:
         raise ConfigError(f"no [fleet] section in {agent_toml} or "

@@ -17,6 +17,14 @@ def register(sub: Any) -> None:
     s = ss.add_parser("show", help="print a board file")
     s.add_argument("name")
     s.set_defaults(func=_show)
+    g = ss.add_parser("config", help="print the agent.toml a device image of this board ships")
+    g.add_argument("name", help="board name or .toml path")
+    g.add_argument("--keyring", default="/etc/edgeops/keyring/root.crt",
+                   help="the fleet's root certificates on the device")
+    g.add_argument("--state-dir", default="/var/lib/edgeops")
+    g.add_argument("--tpm-tcti", help="TCTI of the TPM (default device:/dev/tpmrm0 when the board "
+                                      "requires one)")
+    g.set_defaults(func=_config)
     c = ss.add_parser("check", help="validate this system against its board file")
     c.add_argument("--board", help="board name or .toml path (default: [device] board of --config)")
     c.add_argument("--config", help="agent config to cross-check (default $EDGEOPS_CONFIG)")
@@ -38,6 +46,14 @@ def _show(a: argparse.Namespace) -> int:
     from agent import boards
 
     print(boards.find(a.name).read_text(), end="")
+    return 0
+
+
+def _config(a: argparse.Namespace) -> int:
+    from agent import boards
+
+    print(boards.agent_toml(boards.load(a.name), keyring=a.keyring, state_dir=a.state_dir,
+                            crl_dir=str(Path(a.keyring).parent), tpm_tcti=a.tpm_tcti), end="")
     return 0
 
 
