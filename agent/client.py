@@ -533,10 +533,13 @@ def pick_bundle(dep: ddi.Deployment) -> ddi.Artifact:
 
 
 def _last_event(journal: Any) -> str:
-    rows = journal.history(5)
-    for r in reversed(rows):
-        if r.event in ("health-failed", "reverted", "failed", "interrupted"):
-            return f"{r.event}: {r.detail}"
+    """Why the trial failed: the health verdict if there is one (the revert row after it only
+    says which slot runs now), else the write failure or the interruption."""
+    rows = list(reversed(journal.history(8)))
+    for wanted in (("health-failed",), ("failed", "interrupted", "reverted")):
+        for r in rows:
+            if r.event in wanted:
+                return f"{r.event}: {r.detail}"
     return "no trial result recorded"
 
 

@@ -78,7 +78,7 @@ class UnsafeMember(BundleError):
 
 
 class TruncatedBundle(BundleError):
-    hint = "the bundle ended early; download it again"
+    hint = "the file is incomplete: copy or download it again"
 
 
 class HashMismatch(BundleError):

@@ -295,7 +295,7 @@ def _health_failed(s: State, ev: HealthFailed) -> Transition:
         replace(s, phase=Phase.REVERTING),
         [SlotRecord(_t(s), "bad", s.version, s.security_version),
          History("health-failed", s.target, s.version, ev.reason)],
-        [BootMarkBad(_t(s)), Reboot(f"health check failed: {ev.reason}")],
+        [BootMarkBad(_t(s)), Reboot(f"trial rejected: {ev.reason}")],
     )
 
 

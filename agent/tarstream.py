@@ -102,7 +102,7 @@ class TarReader:
         while got < n:
             more = self._stream.read(n - got)
             if not more:
-                raise TruncatedBundle(f"bundle ends at byte {self.offset + got}, {n - got} bytes early")
+                raise self._ended(got)
             parts.append(more)
             got += len(more)
         self.offset += n
@@ -119,10 +119,17 @@ class TarReader:
                 n = len(chunk)
                 view[got:got + n] = chunk
             if not n:
-                raise TruncatedBundle(f"bundle ends at byte {self.offset + got}, "
-                                      f"{len(view) - got} bytes early")
+                raise self._ended(got)
             got += n
         self.offset += got
+
+    def _ended(self, got: int) -> TruncatedBundle:
+        end = self.offset + got
+        if self.offset == 0:  # not even one tar header: a stub, an error page, the wrong file
+            return TruncatedBundle(f"{end} bytes is too short to be an edgeops bundle",
+                                   hint="check that this is the .bundle file, and that it "
+                                        "downloaded completely")
+        return TruncatedBundle(f"bundle ends early, at byte {end}")
 
     def next_member(self) -> Member | None:
         return parse_header(self.read_exact(BLOCK))

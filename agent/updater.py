@@ -204,6 +204,9 @@ class Updater:
         for p in verdict.manifest.payloads:
             dest = self.cfg.slots[target].get(p.slot_class)
             if dest is None:
+                if p.slot_class == "model":
+                    raise IncompatibleBundle("this is a model bundle",
+                                             hint="install it with 'edgeops model install'")
                 raise IncompatibleBundle(f"payload '{p.name}' targets class '{p.slot_class}', "
                                          f"which this board has no slot for")
             slots.check_fits(dest, p.size, p.name)
@@ -358,7 +361,9 @@ class Updater:
                 floor = max(floor, root.floor())  # the TPM's counter outlives a re-imaged journal
             if (info.security_version or 0) < floor:
                 raise RollbackRefused(f"slot {other} has security_version {info.security_version}, "
-                                      f"below the device floor {floor}")
+                                      f"below the device floor {floor}",
+                                      hint="a release with a security fix cannot be rolled back; "
+                                           "install a newer release instead")
             self._step(lifecycle.Rollback(other, info.version))
             return other
 
@@ -396,20 +401,23 @@ class Updater:
         }
 
 
-def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal, now: float
-                       ) -> trust.Verdict:
+def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal, now: float,
+                       *, device_floor: bool = True) -> trust.Verdict:
     """Read a bundle's signed head and decide trust with this device's keyring, CRLs and floor.
 
     Shared by every installer (slots here, models in agent.models). On success the
     device's best-known time may move forward and new root-signed CRLs are kept.
+    ``device_floor=False`` leaves anti-rollback to the caller: a model has its own floor,
+    which it can only look up once the signed manifest has named the model.
     """
     head = reader.read_head()
     keyring_pem = _read(cfg.keyring)
-    floor = journal.security_floor
+    floor = journal.security_floor if device_floor else 0
     root = tpm_mod.root_for_updater(cfg.path, cfg.state_dir)
     if root is not None:
         root.check_keyring(keyring_pem)  # a keyring swapped on disk is refused before it is used
-        floor = max(floor, root.floor())  # the TPM's floor survives a re-imaged journal
+        if device_floor:
+            floor = max(floor, root.floor())  # the TPM's floor survives a re-imaged journal
     keyring = trust.Keyring.from_pem(keyring_pem)
     facts = trust.DeviceFacts(
         compatible=cfg.compatible,

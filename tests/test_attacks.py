@@ -243,8 +243,10 @@ def test_truncation_at_every_section_boundary_is_refused(updater: Updater, devic
 
 def test_truncated_stream_names_the_problem(updater: Updater, make_bundle: BundleFactory) -> None:
     data = make_bundle("2.0", size=200_000).read_bytes()
-    with pytest.raises(TruncatedBundle, match="ends at byte"):
+    with pytest.raises(TruncatedBundle, match=f"ends early, at byte {len(data) // 2}"):
         install_bytes(updater, data[:len(data) // 2])
+    with pytest.raises(TruncatedBundle, match="8 bytes is too short to be an edgeops bundle"):
+        install_bytes(updater, b"not one!")
 
 
 def test_manifest_declaring_far_more_than_follows(updater: Updater, device_dir: Path, pki: Keys,

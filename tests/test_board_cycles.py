@@ -150,7 +150,7 @@ def test_trial_reverts_on_failed_health(board: Board, make_bundle: BundleFactory
     board.runtime.reboot("install done")
     assert board.runtime.booted_slot() == "B"
     board.cycle()  # health fails → mark B bad → reboot
-    assert board.runtime.reboots[-1].startswith("health check failed")
+    assert board.runtime.reboots[-1].startswith("trial rejected")
     assert board.runtime.booted_slot() == "A"
     assert board.cycle() is lifecycle.Phase.IDLE
     assert board.updater.journal.slots()["B"].state == "bad"

@@ -24,7 +24,7 @@ pytest.importorskip("ai_edge_litert")
 
 from agent import keys  # noqa: E402
 from agent.config import load  # noqa: E402
-from agent.errors import BundleError, HashMismatch, IncompatibleBundle  # noqa: E402
+from agent.errors import BundleError, HashMismatch, IncompatibleBundle, RollbackRefused  # noqa: E402
 from agent.journal import Journal  # noqa: E402
 from agent.models import (  # noqa: E402
     HealthPolicy,
@@ -96,7 +96,7 @@ def make_model_bundle(pki: Keys, tmp_path: Path) -> BundleMaker:
 
     def factory(version: str, *, scale: float = 1.0, model: bytes | None = None,
                 val: bytes | None = None, spec: ModelSpec | None = SPEC,
-                compatible: str = COMPATIBLE, name: str = "tiny") -> Path:
+                compatible: str = COMPATIBLE, name: str = "tiny", security_version: int = 0) -> Path:
         counter[0] += 1
         d = tmp_path / f"m{counter[0]}"
         d.mkdir()
@@ -105,7 +105,7 @@ def make_model_bundle(pki: Keys, tmp_path: Path) -> BundleMaker:
         out = d / f"{name}-{version}.bundle"
         pack(out, model=d / "model.tflite", validation=d / "val.npz", name=name, version=version,
              sign=keys.load_signing_key(pki.signer_key).sign, chain_pem=pki.signer_crt.read_bytes(),
-             compatible=compatible, spec=spec)
+             compatible=compatible, spec=spec, security_version=security_version)
         return out
 
     return factory
@@ -435,3 +435,27 @@ def test_validation_set_is_bounded() -> None:
         load_validation(buf.getvalue(), SPEC)  # small on disk, too many cases
     with pytest.raises(ValidationSetError):
         load_validation(b"PK\x03\x04 not really", SPEC)
+
+
+def test_a_model_has_its_own_floor_not_the_os_floor(manager: ModelManager, journal: Any,
+                                                     make_model_bundle: BundleMaker) -> None:
+    journal.put("security_floor", 5)  # the OS has moved on
+    install(manager, make_model_bundle("1.0", security_version=0))  # the OS floor does not apply
+    install(manager, make_model_bundle("2.0", scale=2.0, security_version=2))
+    assert manager.commit("tiny", "2.0", "healthy")
+    assert manager.floor("tiny") == 2 and manager.floor("other") == 0
+    with pytest.raises(RollbackRefused, match="below this model's floor 2"):
+        install(manager, make_model_bundle("3.0", scale=3.0, security_version=1))
+    assert manager.store.current("tiny") == "2.0"
+    install(manager, make_model_bundle("1.0", name="other", security_version=0))  # another model
+
+
+def test_model_rollback_below_its_floor_is_refused(manager: ModelManager,
+                                                   make_model_bundle: BundleMaker) -> None:
+    install(manager, make_model_bundle("1.0", security_version=0))
+    assert manager.commit("tiny", "1.0", "healthy")
+    install(manager, make_model_bundle("2.0", scale=2.0, security_version=3))
+    assert manager.commit("tiny", "2.0", "healthy")
+    with pytest.raises(RollbackRefused, match="floor 3"):
+        manager.rollback("tiny")
+    assert manager.store.current("tiny") == "2.0"

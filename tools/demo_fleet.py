@@ -112,9 +112,11 @@ def main() -> int:
             if ctl.api("GET", f"/rollouts/{rid}")["status"] != "running":
                 break
         st = ctl.api("GET", f"/rollouts/{rid}")
-        say(f"rollout {st['status']}: {st['reason']}")
         view = {d["id"]: d["version"] for d in ctl.api("GET", "/devices")["devices"]}
         actions = {a["device"]: a["status"] for a in ctl.api("GET", f"/actions?rollout={rid}")["actions"]}
+        done = list(actions.values())
+        say(f"rollout {st['status']}: {done.count('success')} of {len(boards)} devices committed, "
+            f"{done.count('failure')} reverted (last wave's gate: {st['reason']})")
         for did, (b, _) in boards.items():
             print(f"    {did}: device runs {running(b)}; controller says v{view[did]}, "
                   f"action {actions.get(did, '-')}")

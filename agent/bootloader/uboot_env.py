@@ -134,8 +134,12 @@ class EnvStore:
     def read(self) -> dict[str, str]:
         index, _, env = self._current()
         if index is None:
-            raise EnvError(f"no valid U-Boot environment at {self.locations[0].path} (CRC mismatch)",
-                           hint="initialise it with 'fw_setenv' or re-create the sim device")
+            path = self.locations[0].path
+            why = ("not found" if not Path(path).exists() else
+                   "too short" if len(self._read_block(self.locations[0])) < self.size else
+                   "CRC mismatch in every copy")
+            raise EnvError(f"no valid U-Boot environment at {path} ({why})",
+                           hint="check fw_env.config / the board file, or initialise it with 'fw_setenv'")
         return env
 
     def write(self, env: Mapping[str, str]) -> None:

@@ -28,8 +28,9 @@ def register(sub: Any) -> None:
     c = ss.add_parser("check", help="validate this system against its board file")
     c.add_argument("--board", help="board name or .toml path (default: [device] board of --config)")
     c.add_argument("--config", help="agent config to cross-check (default $EDGEOPS_CONFIG)")
-    c.add_argument("--root", type=Path, default=Path("/"),
-                   help="look for devices, /proc and the env under DIR (an image or replica)")
+    c.add_argument("--root", type=Path, default=None,
+                   help="look for devices, /proc and the env under DIR (an image or replica; "
+                        "default /, or the device folder of a sim --config)")
     c.set_defaults(func=_check)
 
 
@@ -69,12 +70,21 @@ def _check(a: argparse.Namespace) -> int:
     if not name:
         raise DeviceError("no board named", hint="pass --board NAME or --config agent.toml")
     board = boards.load(name)
-    problems = boards.check(board, a.root, agent_compatible=cfg.compatible if cfg else None,
+    if a.root is not None:
+        root = a.root.resolve()  # a relative root would be joined twice to relative settings
+    elif cfg is not None and cfg.runtime == "sim":
+        root = cfg.base  # a sim device's "disk" is its folder
+    else:
+        root = Path("/")
+    problems = boards.check(board, root, agent_compatible=cfg.compatible if cfg else None,
                             agent_backend=cfg.bootloader if cfg else None)
     for p in problems:
         print(f"problem: {p}")
     if problems:
-        raise DeviceError(f"{len(problems)} problem(s) with board '{board.name}' under {a.root}",
-                          hint="apply the fixes listed above, then run 'edgeops board check' again")
+        hint = ("a simulated device lives in a folder: pass --config DIR/agent.toml or --root DIR"
+                if board.backend == "uboot" and board.name == "sim" and root == Path("/") else
+                "apply the fixes listed above, then run 'edgeops board check' again")
+        raise DeviceError(f"{len(problems)} problem(s) with board '{board.name}' under {root}",
+                          hint=hint)
     print(f"ok: this system matches board '{board.name}' ({board.backend}, {len(board.slot_names)} slots)")
     return 0

@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
 
     i = cmd("install", "install a bundle into the inactive slot and arm a trial boot", _install)
     i.add_argument("source", help="bundle path, '-' for stdin, or an http(s) URL")
-    i.add_argument("--progress", choices=["auto", "always", "never"], default="auto")
+    i.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
+                   help="progress bar: auto (when stdout is a terminal), always or never")
     cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
     h = cmd("history", "show the install and health history", _history, json_flag=True)
     h.add_argument("-n", type=int, default=30, help="rows (default 30)")
@@ -75,7 +76,9 @@ def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
     try:
         f = open(src, "rb")  # noqa: SIM115 (closed below; open errors need their own message)
     except OSError as exc:
-        raise UsageError(f"cannot open bundle {src}: {exc.strerror}") from None
+        raise UsageError(f"cannot open bundle {src}: {exc.strerror}",
+                         hint="check the path; '-' reads the bundle from stdin, "
+                              "an http(s):// URL downloads it") from None
     with f:
         yield f, 0
 
@@ -162,7 +165,9 @@ def _health(a: argparse.Namespace) -> int:
     with _updater(a) as up:
         results = up.health_report()
     if a.json:
-        print(json.dumps([r.__dict__ for r in results], indent=2))
+        # probes time themselves on the monotonic clock; a reader wants the wall time
+        offset = time.time() - time.monotonic()
+        print(json.dumps([{**r.__dict__, "at": round(r.at + offset, 3)} for r in results], indent=2))
     else:
         for r in results:
             print(f"{'PASS' if r.ok else 'FAIL'}  {r.name}: {r.detail}")

@@ -98,6 +98,11 @@ def _list(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st["models"], indent=2))
         return 0
+    if not st["models"]:
+        print("no models installed ('edgeops model install BUNDLE')")
+        return 0
+    print(f"   {'model':<16} {'version':<12} {'state':<6} {'bytes':>10}  {'installed (UTC)':<16}  "
+          f"reason      (* current, G last-known-good)")
     for name, m in st["models"].items():
         for v in m["versions"]:
             mark = ("*" if v["current"] else " ") + ("G" if v["good"] else " ")

@@ -63,6 +63,10 @@ def _provision(a: argparse.Namespace) -> int:
 
     cfg, root = _open(a)
     st = root.provision(cfg.keyring.read_bytes())
+    if (journal_floor := _journal_floor(cfg)) > (st.floor or 0):
+        # the device already committed releases before it was provisioned: carry its floor over
+        root.raise_floor(journal_floor)
+        st = root.status()
     ident = DeviceIdentity(root, cfg.state_dir)
     request = {"device_id": a.device_id or socket.gethostname(), "kind": root.kind,
                "tls_public_pem": ident.ensure_key().decode(), "ak_public_pem": root.ak_public_pem().decode()}
@@ -72,6 +76,18 @@ def _provision(a: argparse.Namespace) -> int:
     print(f"rollback floor: {st.floor}")
     print(f"enrolment request (public keys only): {out}")
     return 0
+
+
+def _journal_floor(cfg: Any) -> int:
+    from agent.journal import Journal
+
+    if not cfg.journal_path.exists():
+        return 0
+    j = Journal(cfg.journal_path)
+    try:
+        return j.security_floor
+    finally:
+        j.close()
 
 
 def _where(kind: str) -> str:
@@ -122,7 +138,8 @@ def _explain(i: dict[str, Any], keyring: str) -> list[str]:
         f"Trusted roots: the {where} holds the SHA-256 of the root set ({lock}); "
         f"the keyring file {keyring} {match}.",
         f"Rollback floor: bundles below security_version {i['floor']} are refused "
-        f"(TPM counter value {i['counter']}).",
+        + (f"(TPM NV counter value {i['counter']})." if i["kind"] == "tpm"
+           else "(kept in the keystore file)."),
         f"Measurements: {i['measurements']} event(s) extended into PCR {i['pcr']} since boot.",
     ]
     left = i["certificate_seconds_left"]

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 from agent import lifecycle
 from agent.bundle import BundleReader
 from agent.config import AgentConfig
-from agent.errors import ConfigError, EdgeopsError
+from agent.errors import ConfigError, EdgeopsError, RollbackRefused
 from agent.journal import Journal
 from agent.manifest import Manifest, Payload
 from agent.models import spec as spec_mod
@@ -121,9 +121,15 @@ class ModelManager:
             name = version = None
             staging: Path | None = None
             try:
-                m = verify_bundle_head(reader, self.cfg, self._journal(), self.clock()).manifest
+                m = verify_bundle_head(reader, self.cfg, self._journal(), self.clock(),
+                                       device_floor=False).manifest
                 model, val, spec = _model_payloads(m)
                 name, version = model.name, m.version
+                if m.security_version < (floor := self.floor(name)):
+                    raise RollbackRefused(f"model {name} {version} has security_version "
+                                          f"{m.security_version}, below this model's floor {floor}",
+                                          hint="pack the model with --security-version at or "
+                                               "above the floor")
                 self._check_room(name, version, model.size + val.size)
                 staging = self.store.stage(name)
                 for pr in reader.payloads(m):
@@ -180,8 +186,24 @@ class ModelManager:
                 self.store.set_state(name, old, "good", "was last-known-good")
             self.store.set_state(name, version, "good", reason)
             self.store.point(name, "good", version)
+            sv = self.store.info(name, version).security_version
+            if self.journal is not None and sv > self.floor(name):
+                self.journal.put(_floor_key(name), sv)  # as the OS floor rises at commit
             self._report("good", name, version, reason)
         return True
+
+    def _check_floor(self, name: str, version: str) -> None:
+        sv = self.store.info(name, version).security_version
+        if sv < (floor := self.floor(name)):
+            raise RollbackRefused(f"model {name} {version} has security_version {sv}, below this "
+                                  f"model's floor {floor}",
+                                  hint="a model with a security fix cannot be rolled back; "
+                                       "install a newer version instead")
+
+    def floor(self, name: str) -> int:
+        """Each model's own anti-rollback floor: the highest security_version judged good.
+        Models and the OS are released on their own cadence, so they do not share one."""
+        return int(self.journal.get(_floor_key(name), 0)) if self.journal is not None else 0
 
     def revert(self, name: str, version: str, reason: str) -> str | None:
         """Put the last-known-good model back; returns its version, or None if there is none."""
@@ -212,6 +234,7 @@ class ModelManager:
                 if not older:
                     raise ModelStateError(f"model {name} has no other good version to roll back to")
                 target = older[-1].version
+                self._check_floor(name, target)
                 self.store.point(name, "good", target)
             assert target is not None
             state = self.store.info(name, cur).state
@@ -276,9 +299,13 @@ class ModelManager:
 
 def _model_payloads(m: Manifest) -> tuple[Payload, Payload, spec_mod.ModelSpec]:
     models = [p for p in m.payloads if p.slot_class == spec_mod.MODEL_CLASS]
-    if len(models) != 1:
-        raise ModelBundleError(f"a model bundle holds exactly one '{spec_mod.MODEL_CLASS}' "
-                               f"payload, this one {len(models)}")
+    if not models:
+        classes = ", ".join(sorted({p.slot_class for p in m.payloads}))
+        raise ModelBundleError(f"this is not a model bundle: its payloads are {classes}",
+                               hint="install an OS or app bundle with 'edgeops install'")
+    if len(models) > 1:
+        raise ModelBundleError(f"the bundle holds {len(models)} '{spec_mod.MODEL_CLASS}' payloads, "
+                               f"a model bundle holds one")
     model = models[0]
     spec = spec_mod.spec_from_meta(model.meta, f"payload '{model.name}'")
     try:
@@ -292,3 +319,7 @@ def _model_payloads(m: Manifest) -> tuple[Payload, Payload, spec_mod.ModelSpec]:
         raise ModelBundleError(f"a model bundle holds 2 payloads (model, validation), "
                                f"this one {len(m.payloads)}")
     return model, val, spec
+
+
+def _floor_key(name: str) -> str:
+    return f"model-floor:{name}"
