@@ -52,7 +52,8 @@ from agent.updater import Updater
 if TYPE_CHECKING:
     from agent.identity import FleetIdentity
 
-MAX_MODEL_REPORTS = 16  # two attributes each, within ddi.MAX_ATTRIBUTES
+MAX_CONFIG_ATTRIBUTES = 16  # [fleet] attributes; with ours and the model reports' within ddi's 64
+MAX_MODEL_REPORTS = 16  # two attributes each, beside the device's own
 log = logging.getLogger(__name__)
 ACTION_KEY = "fleet.action"
 BUNDLE_SUFFIXES = (".bundle", ".eob", ".edgeops")
@@ -121,6 +122,8 @@ def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> Fl
         attrs = table.get("attributes", {})
         if not isinstance(attrs, dict):
             raise ConfigError(f"{where}: attributes must be a table")
+        if len(attrs) > MAX_CONFIG_ATTRIBUTES:
+            raise ConfigError(f"{where}: at most {MAX_CONFIG_ATTRIBUTES} attributes")
         return FleetConfig(
             url=url, controller_id=str(table["controller_id"]),
             tenant=str(table.get("tenant", "DEFAULT")), auth=auth, token=token,
@@ -387,13 +390,16 @@ class FleetAgent:
         # second copy while the first is still waiting in the outbox.
         if any(b.get("path") == "configData" for _, _, b in self.journal.pending(100, kind=KIND)):
             return
+        self.sync.queue("PUT", "configData", ddi.config_data_body(self._device_attributes()))
+
+    def _device_attributes(self) -> dict[str, str]:
         attrs = {"edgeops.compatible": self.up.cfg.compatible, "edgeops.board": self.up.cfg.board,
                  **self.cfg.attributes}
         slots = self.journal.slots()
         booted = self.up.dev.runtime.booted_slot()
         if booted in slots and slots[booted].version:
             attrs["edgeops.version"] = str(slots[booted].version)
-        self.sync.queue("PUT", "configData", ddi.config_data_body(attrs))
+        return attrs
 
     def _forward_model_reports(self) -> None:
         """Model swaps and reverts (agent.models) reach the controller as device attributes
@@ -401,7 +407,9 @@ class FleetAgent:
         rows = self.journal.pending(MAX_MODEL_REPORTS, kind=MODEL_KIND)
         if not rows:
             return
-        attrs: dict[str, str] = {}
+        # The device's own attributes travel along: a server that has any configData stops
+        # asking for it (hawkBit, and our controller), so these must not arrive alone.
+        attrs: dict[str, str] = self._device_attributes()
         for _, _, body in rows:
             name = str(body.get("model") or "?")
             attrs[f"edgeops.model.{name}"] = f"{body.get('version')} {body.get('status')}"

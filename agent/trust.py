@@ -73,7 +73,7 @@ class Verdict:
     signer_subject: str
     signer_serial: int
     signer_not_after: int
-    crls: tuple[bytes, ...]  # root-verified CRLs worth keeping on the device
+    crls: tuple[KeptCrl, ...]  # root-verified CRLs worth keeping on the device, newest per root
 
 
 def best_known_time(system_now: float, journal_trusted: int) -> int:
@@ -153,16 +153,26 @@ def _cn(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string()
 
 
+@dataclass(frozen=True)
+class KeptCrl:
+    """A root-verified CRL worth keeping: ``root_id`` names the root that signed it."""
+
+    root_id: str  # SHA-256 prefix of the root's public key: names can repeat, keys do not
+    rank: tuple[int, float]  # (CRL number, thisUpdate): higher is newer
+    blob: bytes
+
+
 def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate]
-                    ) -> tuple[set[tuple[str, int]], tuple[bytes, ...]]:
+                    ) -> tuple[set[tuple[str, int]], tuple[KeptCrl, ...]]:
     """Serials revoked by CRLs that a trusted root signed; forged or foreign CRLs are ignored.
 
-    Also returns the CRLs worth keeping: the newest per issuer (highest CRL number, then
+    Also returns the CRLs worth keeping: the newest per root (highest CRL number, then
     latest thisUpdate). A root's CRL is complete (RFC 5280 §5), so the newest one covers
-    every revocation before it and the device's store stays one file per root.
+    every revocation before it and the device's store stays one file per root. Roots are
+    told apart by key, not name: two roots may share a subject (e.g. during a rotation).
     """
     revoked: set[tuple[str, int]] = set()
-    newest: dict[bytes, tuple[tuple[int, float], bytes]] = {}
+    newest: dict[str, KeptCrl] = {}
     for blob in crl_blobs:
         if not blob or len(blob) > MAX_CRL_BYTES:
             continue
@@ -176,11 +186,10 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate
         if issuer is None:
             continue
         revoked.update((crl.issuer.rfc4514_string(), r.serial_number) for r in crl)
-        rank = (_crl_number(crl), crl.last_update_utc.timestamp())
-        key = crl.issuer.public_bytes()
-        if key not in newest or rank > newest[key][0]:
-            newest[key] = (rank, blob)
-    return revoked, tuple(blob for _, blob in newest.values())
+        kept = KeptCrl(root_id(issuer), (_crl_number(crl), crl.last_update_utc.timestamp()), blob)
+        if kept.root_id not in newest or kept.rank > newest[kept.root_id].rank:
+            newest[kept.root_id] = kept
+    return revoked, tuple(newest.values())
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int:
@@ -190,11 +199,12 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int:
         return -1
 
 
-def crl_issuer_key(blob: bytes) -> str:
-    """A stable file name for a CRL's issuer, so a newer CRL replaces the older one."""
-    crl = (x509.load_pem_x509_crl(blob) if blob.lstrip().startswith(b"-----")
-           else x509.load_der_x509_crl(blob))
-    return hashlib.sha256(crl.issuer.public_bytes()).hexdigest()[:16]
+def root_id(root: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    spki = root.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()[:16]
 
 
 def verify_head(

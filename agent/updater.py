@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -271,9 +272,8 @@ class Updater:
             if decision.verdict == "revert":
                 self._step(lifecycle.HealthFailed(decision.reason))
                 return
-            if self._take_operator_verdict():
-                return
-            self.sleep(policy.interval)
+            if self._wait_for_next_round(policy.interval):
+                return  # a technician decided meanwhile
 
     def policy(self) -> health.HealthPolicy:
         base = health.parse_policy(self.cfg.health)
@@ -293,7 +293,19 @@ class Updater:
     # for up to the whole deadline: when the lock is busy the verdict is handed to that loop
     # through a file, and taken before its next probe round.
     VERDICT_FILE = "operator-verdict"
-    VERDICT_WAIT = 30.0
+    VERDICT_POLL = 0.5  # how often the health loop looks for a verdict while it waits
+
+    def _wait_for_next_round(self, interval: float) -> bool:
+        """Sleep until the next probe round, taking a technician's verdict as soon as it comes."""
+        left = interval
+        while True:
+            if self._take_operator_verdict():
+                return True
+            if left <= 0:
+                return False
+            step = min(self.VERDICT_POLL, left)
+            self.sleep(step)
+            left -= step
 
     def _operator_verdict(self, *, good: bool) -> None:
         what = "mark-good" if good else "mark-bad"
@@ -315,30 +327,42 @@ class Updater:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"good": good, "boot_id": self.dev.runtime.boot_id()}))
         os.replace(tmp, path)
-        deadline = time.monotonic() + self.VERDICT_WAIT
+        # The loop looks between sleeps of VERDICT_POLL and after each probe round; a round
+        # is bounded by the probes' timeouts, so the whole deadline is the outer bound.
+        wait = self.policy().deadline + 10.0
+        deadline = time.monotonic() + wait
         while path.exists():
             if time.monotonic() > deadline:
-                path.unlink(missing_ok=True)
+                try:  # withdraw it, unless the loop took it in this very instant
+                    os.replace(path, path.with_suffix(".withdrawn"))
+                except FileNotFoundError:
+                    break
                 raise DeviceBusy(f"the agent's health loop did not take the {what} verdict "
-                                 f"within {self.VERDICT_WAIT:.0f} s")
+                                 f"within {wait:.0f} s")
             time.sleep(0.1)
+        while self.journal.state().phase is lifecycle.Phase.TESTING and time.monotonic() < deadline:
+            time.sleep(0.1)  # taken; wait until the journal shows it applied
         last = self.journal.history(1)
         self.messages.append(f"handed to the running agent: {last[0].event} {last[0].detail or ''}"
                              .rstrip() if last else "handed to the running agent")
 
     def _take_operator_verdict(self) -> bool:
         path = self.cfg.state_dir / self.VERDICT_FILE
+        taken = path.with_suffix(".taken")
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
+            os.replace(path, taken)  # atomic: either the loop takes it or the command withdraws it
+        except FileNotFoundError:
             return False
         try:
-            if doc.get("boot_id") != self.dev.runtime.boot_id():
-                return False  # left over from another boot: not meant for this trial
-            self._step(self._verdict_event(bool(doc.get("good"))))
-            return True
+            doc = json.loads(taken.read_text())
+        except (OSError, ValueError):
+            return False
         finally:
-            path.unlink(missing_ok=True)  # consumed only after the journal has the verdict
+            taken.unlink(missing_ok=True)
+        if not isinstance(doc, dict) or doc.get("boot_id") != self.dev.runtime.boot_id():
+            return False  # left over from another boot: not meant for this trial
+        self._step(self._verdict_event(bool(doc.get("good"))))
+        return True
 
     @staticmethod
     def _verdict_event(good: bool) -> lifecycle.Event:
@@ -432,42 +456,63 @@ def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal,
     return verdict
 
 
-MAX_CRL_FILES = 256  # one per root is normal; more means a misconfigured crl_dir
+MAX_CRL_FILES = 256  # in the operator's crl_dir: one per root is normal
 
 
 def _stored_crls(cfg: AgentConfig) -> list[bytes]:
-    # Never truncate: dropping a file could drop the one CRL that revokes a signer.
+    # Never truncate: dropping a file could drop the one CRL that revokes a signer. The
+    # agent's own store is pruned to one CRL per root whenever a bundle verifies.
     out = []
-    for d in (cfg.crl_dir, cfg.state_dir / "crls"):
-        if d is None or not d.is_dir():
-            continue
-        files = sorted(d.glob("*.crl"))
+    if cfg.crl_dir is not None and cfg.crl_dir.is_dir():
+        files = sorted(cfg.crl_dir.glob("*.crl"))
         if len(files) > MAX_CRL_FILES:
-            raise ConfigError(f"{d} holds {len(files)} CRL files, more than {MAX_CRL_FILES}",
+            raise ConfigError(f"{cfg.crl_dir} holds {len(files)} CRL files, more than {MAX_CRL_FILES}",
                               hint="keep only the newest CRL of each root there")
         out += [p.read_bytes() for p in files]
+    own = cfg.state_dir / "crls"
+    if own.is_dir():
+        out += [p.read_bytes() for p in sorted(own.glob("*.crl"))]
     return out
 
 
-def _keep_crls(cfg: AgentConfig, crls: tuple[bytes, ...]) -> None:
-    """Store the newest root-verified CRL of each root, one file per issuer, replaced atomically."""
+def _keep_crls(cfg: AgentConfig, crls: tuple[trust.KeptCrl, ...]) -> None:
+    """Store the newest root-verified CRL of each root, one file per root, replaced atomically.
+
+    Installers of slots and of models may run at once (they hold different locks): each
+    writes through its own temporary file, and never replaces a newer CRL with an older one.
+    """
     d = cfg.state_dir / "crls"
-    for blob in crls:
-        path = d / f"{trust.crl_issuer_key(blob)}.crl"
-        if path.exists() and path.read_bytes() == blob:
+    for kept in crls:
+        path = d / f"{kept.root_id}.crl"
+        try:
+            current = path.read_bytes()
+        except FileNotFoundError:
+            current = None
+        if current == kept.blob:
+            continue
+        if current is not None and _newer_or_same(current, kept, cfg):
             continue
         d.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(kept.blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     if crls and d.is_dir():
-        keep = {f"{trust.crl_issuer_key(b)}.crl" for b in crls}
-        for old in d.glob("*.crl"):  # older names, or a CRL a newer one superseded
+        keep = {f"{k.root_id}.crl" for k in crls}
+        for old in d.glob("*.crl"):  # older names, or roots no longer trusted
             if old.name not in keep:
                 old.unlink(missing_ok=True)
+
+
+def _newer_or_same(current: bytes, kept: trust.KeptCrl, cfg: AgentConfig) -> bool:
+    try:
+        roots = trust.Keyring.from_pem(cfg.keyring.read_bytes()).roots
+    except (OSError, EdgeopsError):
+        return False
+    _, have = trust.revoked_serials([current], roots)
+    return any(h.root_id == kept.root_id and h.rank >= kept.rank for h in have)
 
 
 def _public_state(state: str) -> str:

@@ -96,7 +96,8 @@ def test_technician_verdict_reaches_a_running_health_loop(cfg: Path, make_bundle
     import sys
 
     # The app never comes up by itself: the agent would probe for 60 s holding the lock.
-    health = {"deadline": 60, "interval": 0.2, "retries": 100,
+    # ... and it waits 45 s between probe rounds: the verdict must not wait for the next round.
+    health = {"deadline": 120, "interval": 45, "retries": 100,
               "probe": [{"type": "command", "command": ["false"], "name": "app"}]}
     run_cli("install", make_bundle("2.0", health=health), "--config", cfg, check=True)
     run_cli("sim", "reboot", "--config", cfg, check=True)
@@ -265,3 +266,17 @@ def test_sim_init_refuses_an_existing_device(device_dir: Path, pki: Keys, tmp_pa
     img = make_image(tmp_path / "x.img", 1000, "x")
     proc = run_cli("sim", "init", device_dir, "--image", img, "--keyring", pki.root_crt)
     assert proc.returncode == 3
+
+
+def test_agent_cycle_skips_while_another_command_holds_the_lock(cfg: Path) -> None:
+    import fcntl
+    import os
+
+    run_cli("status", "--config", cfg, check=True)  # the state dir exists
+    fd = os.open(cfg.parent / "state" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as 'edgeops install' does
+        out = run_cli("agent", "--once", "--config", cfg, check=True).stdout
+    finally:
+        os.close(fd)
+    assert "device busy" in out

@@ -247,6 +247,7 @@ def test_model_reports_reach_the_controller_as_attributes(device_dir: Path, fake
     service(device_dir, fake.url)
     assert fake.config_data is not None
     assert fake.config_data["data"]["edgeops.model.detector"] == "4 reverted"
+    assert fake.config_data["data"]["edgeops.compatible"] == "edgeops-sim"  # never alone
     assert "p95" in fake.config_data["data"]["edgeops.model.detector.reason"]
     j = Journal(device_dir / "state" / "journal.db")
     assert j.pending(kind=MODEL_KIND) == [] and j.pending() == []

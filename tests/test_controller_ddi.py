@@ -95,17 +95,27 @@ def test_auth_is_required(ctl: LocalController) -> None:
 
 @pytest.mark.parametrize("method, path, body", [
     ("POST", "/deployments", {"bundle": "one", "device": "dev1"}),
-    ("POST", "/rollouts", {"bundle": 1, "group": "g", "policy": "fast"}),
-    ("POST", "/rollouts", {"bundle": [1], "percent": 5}),
+    ("POST", "/deployments", {"bundle": [1], "group": "g"}),
+    ("POST", "/rollouts", {"bundle": {"id": 1}, "group": "g"}),
     ("GET", "/actions?rollout=abc", None),
-    ("POST", "/devices", {"id": {"nested": 1}}),
+    ("GET", "/actions?rollout=99999999999999999999", None),
 ])
 def test_malformed_api_requests_are_400_not_500(ctl: LocalController, method: str, path: str,
                                                 body: object) -> None:
+    ctl.api("POST", "/devices", {"id": "dev1"})  # targets exist: only the bad field is wrong
+    ctl.api("POST", "/groups", {"name": "g", "devices": ["dev1"]})
     r = requests.request(method, f"{ctl.url}/api/v1{path}", json=body, timeout=10,
                          headers={"Authorization": f"Bearer {ctl.token}"})
-    assert 400 <= r.status_code < 500, r.text
-    assert r.json()["error"] in ("BadRequest", "NotFound")
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "BadRequest"
+
+
+def test_a_number_too_large_for_an_id_is_400(ctl: LocalController) -> None:
+    ctl.api("POST", "/devices", {"id": "dev1"})
+    r = requests.post(f"{ctl.url}/api/v1/deployments", data='{"bundle": 1e400, "device": "dev1"}',
+                      headers={"Authorization": f"Bearer {ctl.token}",
+                               "Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"] == "BadRequest"
 
 
 def test_upload_rejects_untrusted_and_damaged_bundles(ctl: LocalController, make_bundle,

@@ -85,6 +85,7 @@ class HostileParent:
     def __init__(self) -> None:
         self.tokens: dict[str, str] = {}
         self.docs: dict[str, bytes] = {}
+        self.split: set[str] = set()  # paths sent in two pieces, 0.2 s apart
         parent = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -98,6 +99,11 @@ class HostileParent:
                 self.send_response(200 if self.path in parent.docs else 404)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if self.path in parent.split:
+                    self.wfile.write(body[:100])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                    body = body[100:]
                 self.wfile.write(body)
 
             def log_message(self, *a: object) -> None:
@@ -143,6 +149,14 @@ def test_regional_survives_a_parent_that_sends_nonsense(tmp_path: Path) -> None:
         parent.docs["/DEFAULT/controller/v1/flaky"] = b"{not json"
         parent.base("good", {"configData": {"href": f"{parent.url}/DEFAULT/controller/v1/good/configData"}})
         wait_for(lambda: "configData" in poll("good").json()["_links"])
+
+        # A larger document that arrives in pieces is read whole.
+        parent.tokens["slow"] = "t-slow"
+        parent.base("slow", {"configData": {"href": f"{parent.url}/DEFAULT/controller/v1/slow/configData",
+                                            "padding": "x" * 5000}})
+        parent.split.add("/DEFAULT/controller/v1/slow")
+        assert poll("slow").status_code == 200
+        assert "configData" in poll("slow").json()["_links"]
 
         # The parent stops vouching for a token: the regional stops accepting it too.
         parent.tokens["good"] = "rotated"

@@ -105,4 +105,22 @@ def test_newest_crl_of_a_root_is_kept_whatever_the_order(pki: Keys, tmp_path: Pa
     roots = trust.Keyring.from_pem((tmp_path / "r" / "root.crt").read_bytes()).roots
     for order in (blobs, blobs[::-1], [blobs[2], blobs[3], blobs[0], blobs[1]]):
         _, kept = trust.revoked_serials(order, roots)
-        assert kept == (blobs[-1],)
+        assert [k.blob for k in kept] == [blobs[-1]]
+
+
+def test_two_roots_with_one_name_keep_a_crl_each(tmp_path: Path) -> None:
+    # during a root rotation the old and the new root may well share a subject name
+    keys.init_root(tmp_path / "r1")
+    keys.init_root(tmp_path / "r2")
+    roots = trust.Keyring.from_pem((tmp_path / "r1" / "root.crt").read_bytes()
+                                   + (tmp_path / "r2" / "root.crt").read_bytes()).roots
+    assert roots[0].subject == roots[1].subject
+    s1 = keys.issue_signer(tmp_path / "r1", tmp_path / "s1")
+    s2 = keys.issue_signer(tmp_path / "r2", tmp_path / "s2")
+    for _ in range(3):
+        keys.revoke(tmp_path / "r1", [])
+    c1 = keys.revoke(tmp_path / "r1", [keys.cert_serial(s1.cert_path)]).read_bytes()  # CRL number 4
+    c2 = keys.revoke(tmp_path / "r2", [keys.cert_serial(s2.cert_path)]).read_bytes()  # CRL number 1
+    _, kept = trust.revoked_serials([c1, c2], roots)
+    assert sorted(k.blob for k in kept) == sorted([c1, c2])
+    assert len({k.root_id for k in kept}) == 2

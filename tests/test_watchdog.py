@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,18 +177,28 @@ def test_agent_loop_feeds_systemd_watchdog(device_dir: Path, tmp_path: Path) -> 
         server.close()
 
 
-def test_agent_that_crashes_leaves_the_hardware_watchdog_armed(
-        device_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("in_trial", [True, False])
+def test_agent_crash_leaves_the_watchdog_armed_only_during_a_trial(
+        device_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_bundle: Any,
+        in_trial: bool) -> None:
     import argparse
+    import io
     import signal
 
+    from agent import sim
     from agent.commands import device_cmd
-    from agent.updater import Updater
+    from agent.config import load
+    from agent.updater import Updater, open_device
 
-    dev = tmp_path / "watchdog"
-    dev.touch()
+    if in_trial:
+        dev_ = open_device(load(device_dir / "agent.toml"))
+        Updater(dev_).install(io.BytesIO(make_bundle("2.0").read_bytes()))
+        dev_.close()
+        sim.SimFirmware(device_dir).reboot()
+    dog = tmp_path / "watchdog"
+    dog.touch()
     monkeypatch.setattr(device_cmd, "_watchdog",
-                        lambda up: Watchdog(DevWatchdog(dev), interval=0.01, stale_after=60))
+                        lambda up: Watchdog(DevWatchdog(dog), interval=0.01, stale_after=60))
     monkeypatch.setattr(signal, "signal", lambda *a: None)
 
     def cycle(self: Updater) -> None:
@@ -197,5 +208,8 @@ def test_agent_that_crashes_leaves_the_hardware_watchdog_armed(
     monkeypatch.setattr(Updater, "cycle", cycle)
     with pytest.raises(RuntimeError):
         device_cmd._agent(argparse.Namespace(config=str(device_dir / "agent.toml"), once=False))
-    fed = dev.read_bytes()
-    assert fed and set(fed) == {0}  # fed, and never the magic 'V' that would disarm it
+    fed = dog.read_bytes()
+    assert fed and set(fed[:-1]) == {0}
+    # the magic 'V' disarms it: never during a trial (a hung trial must be reset by hardware),
+    # but a committed system is not reset because its agent crashed
+    assert fed.endswith(b"V") is not in_trial

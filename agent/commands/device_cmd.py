@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent import config as config_mod
 from agent.commands import config_path
-from agent.errors import ConfigError, HealthCheckFailed, UsageError
-from agent.updater import Updater, open_device
+from agent.errors import ConfigError, DeviceBusy, HealthCheckFailed, UsageError
+from agent.updater import CycleResult, Updater, open_device
 
 if TYPE_CHECKING:
     from agent.watchdog import Watchdog
@@ -211,7 +211,11 @@ def _agent(a: argparse.Namespace) -> int:
         try:
             while True:
                 up.messages.clear()
-                result = up.cycle()
+                try:
+                    result = up.cycle()
+                except DeviceBusy:
+                    # an install or a technician's command holds the lock: not a fault of ours
+                    result = CycleResult(str(up.journal.state().phase), ["device busy; next cycle later"])
                 if dog is not None:
                     dog.kick()
                 for m in result.messages:
@@ -239,14 +243,27 @@ def _agent(a: argparse.Namespace) -> int:
                         dog.kick()
             print(f"phase: {up.journal.state().phase}")
             clean = True
+        except KeyboardInterrupt:
+            clean = True  # Ctrl-C on the console is as deliberate as SIGTERM
+            raise
         finally:
             if dog is not None:
-                # Magic close only on a deliberate stop (SIGTERM, --once, a reboot we asked
-                # for): an agent that crashed mid-trial leaves the hardware timer armed.
-                dog.stop(clean=clean)
+                # Magic close on a deliberate stop, and on a crash outside a trial (a healthy
+                # committed system is not reset for the agent's sake); a crash during a trial
+                # leaves the hardware timer armed, so a hung trial system is reset.
+                dog.stop(clean=clean or not _in_trial(up))
             if pidfile is not None:
                 pidfile.unlink(missing_ok=True)
     return 0
+
+
+def _in_trial(up: Updater) -> bool:
+    from agent.lifecycle import Phase
+
+    try:
+        return up.journal.state().phase in (Phase.TRIAL_PENDING, Phase.TESTING, Phase.COMMITTING)
+    except Exception:  # the journal itself may be what broke: stay armed, the safe side
+        return True
 
 
 def _watchdog(up: Updater) -> Watchdog | None:

@@ -105,7 +105,7 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         return _error(422, exc)
     except EdgeopsError as exc:
         return _error(400, exc)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
         if not request.path.startswith("/api/v1/"):
             raise
         # A field of the wrong type or shape ({"bundle": "x"}, ?rollout=abc) is the caller's

@@ -198,11 +198,14 @@ class Regional:
         assert self.session is not None
         try:
             async with self.session.get(url, headers={"Authorization": auth}) as r:
-                data = await r.content.read(MAX_DOC + 1)
+                parts, size = [], 0
+                async for block in r.content.iter_chunked(1 << 16):  # read(n) may return less
+                    size += len(block)
+                    if size > MAX_DOC:
+                        raise BadParentAnswer(f"{url}: answer larger than {MAX_DOC} bytes")
+                    parts.append(block)
                 self.wan_up = True
-                if len(data) > MAX_DOC:
-                    raise BadParentAnswer(f"{url}: answer larger than {MAX_DOC} bytes")
-                return r.status, data
+                return r.status, b"".join(parts)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.wan_up = False
             raise ParentDown(f"parent {self.parent} unreachable: {exc}") from None
@@ -221,8 +224,7 @@ class Regional:
         status, data = await self._fetch(root, auth)
         if status in (401, 403, 404):
             raise Unauthorized(f"the parent refused controller {cid!r} ({status})")
-        if status != 200:
-            raise ParentDown(f"parent answered {status} for {cid!r}")
+        _check_status(status, f"controller {cid!r}")
         doc = json.loads(data)
         for name in ("deploymentBase", "cancelAction"):
             href = doc.get("_links", {}).get(name, {}).get("href")
@@ -235,8 +237,7 @@ class Regional:
         if self._get(cid, f"{kind}/{aid}") is not None:
             return  # documents of one action do not change
         status, data = await self._fetch(href, auth)
-        if status != 200:
-            raise ParentDown(f"parent answered {status} for {href}")
+        _check_status(status, href)
         if kind == "deploymentBase":
             for chunk in json.loads(data).get("deployment", {}).get("chunks", []):
                 for art in chunk.get("artifacts", []):
@@ -262,22 +263,26 @@ class Regional:
         headers = {"Authorization": auth} if href.startswith(self.parent + "/") else {}
         try:
             async with self.session.get(href, headers=headers) as r:
-                if r.status != 200:
-                    raise ParentDown(f"artifact {href}: HTTP {r.status}")
+                _check_status(r.status, f"artifact {href}")
                 with open(tmp, "wb") as f:
                     async for block in r.content.iter_chunked(1 << 16):
                         n += len(block)
                         if n > size:
-                            raise ParentDown(f"artifact {href} is longer than its declared {size} bytes")
+                            raise BadParentAnswer(f"artifact {href} is longer than its declared "
+                                                  f"{size} bytes")
                         h.update(block)
                         f.write(block)
                     f.flush()
                     os.fsync(f.fileno())
         except (aiohttp.ClientError, TimeoutError) as exc:
+            tmp.unlink(missing_ok=True)
             raise ParentDown(f"artifact {href}: {exc}") from None
+        except BadParentAnswer:
+            tmp.unlink(missing_ok=True)
+            raise
         if n != size or h.hexdigest() != sha:
             tmp.unlink(missing_ok=True)
-            raise ParentDown(f"artifact {href} does not match its declared size and SHA-256")
+            raise BadParentAnswer(f"artifact {href} does not match its declared size and SHA-256")
         os.replace(tmp, self.cache / sha)
 
     async def flush_outbox(self) -> int:
@@ -304,6 +309,15 @@ class Regional:
             self.db.execute("DELETE FROM outbox WHERE id = ?", [oid])
             sent += 1
         return sent
+
+
+def _check_status(status: int, what: str) -> None:
+    """A 5xx means the parent is in trouble (stop this pass, retry later); any other non-200
+    is about this one document, and must not stop the other devices' mirroring."""
+    if status >= 500:
+        raise ParentDown(f"parent answered {status} for {what}")
+    if status != 200:
+        raise BadParentAnswer(f"parent answered {status} for {what}")
 
 
 def _finishes(body: str) -> bool:
