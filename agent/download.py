@@ -138,7 +138,9 @@ class ResumableStream(io.RawIOBase):
     def __init__(self, session: requests.Session, origin: Origin, url: str, *, size: int,
                  sha256: str | None, policy: DownloadPolicy | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 response: requests.Response | None = None) -> None:
+        """``response``: a first GET already open on ``url`` (checked here like any other)."""
         super().__init__()
         self.session, self.origin, self.url = session, origin, url
         self.size, self.sha256 = size, sha256
@@ -153,6 +155,13 @@ class ResumableStream(io.RawIOBase):
         self._tail: bytes | None = None
         self._started = clock()
         self._window = (self._started, 0)
+        if response is not None:
+            try:
+                self._accept(response)
+            except BaseException:
+                response.close()
+                raise
+            self._resp = response
 
     # --- io.RawIOBase ----------------------------------------------------------------------
     def readable(self) -> bool:
@@ -335,9 +344,7 @@ def open_stream(url: str, policy: DownloadPolicy | None = None) -> tuple[io.RawI
     length = resp.headers.get("Content-Length", "")
     if length.isdigit() and "Content-Encoding" not in resp.headers:
         stream = ResumableStream(session, origin, resp.url or url, size=int(length), sha256=None,
-                                 policy=policy)
-        stream._resp = resp  # the first connection is already open: read from it
-        stream._accept(resp)
+                                 policy=policy, response=resp)
         return stream, int(length)
     return _Guarded(resp, url), 0
 
