@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # Debian packages the tests use as interop oracles or real parts.
 APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
-            swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd
+            swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus
 EXTRAS  ?= test,controller,postgres,tpm
 
 .PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle clean

@@ -522,6 +522,11 @@ class FleetAgent:
                         f"{_last_event(self.journal)}; running slot {booted}")
         return False
 
+    @property
+    def link_up(self) -> bool:
+        """Whether the last poll reached the controller."""
+        return not self._offline
+
     def status(self) -> dict[str, Any]:
         pending = [b for _, _, b in self.journal.pending(1000, kind=KIND)]
         return {"controller": _redact(self.cfg.base_url), "auth": self.cfg.auth,

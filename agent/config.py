@@ -34,6 +34,7 @@ class AgentConfig:
     runtime: str = "linux"  # "linux" (/proc, systemctl) or "sim"
     runtime_dir: Path | None = None
     poll_interval: float = 60.0
+    metrics_file: Path | None = None  # Prometheus node_exporter textfile (needs the [metrics] extra)
 
     @property
     def base(self) -> Path:
@@ -103,6 +104,8 @@ def parse(text: str, path: Path) -> AgentConfig:
             runtime=kind,
             runtime_dir=rel(runtime["dir"], "runtime.dir") if "dir" in runtime else None,
             poll_interval=float(agent.get("poll_interval", 60.0)),
+            metrics_file=(rel(agent["metrics_file"], "agent.metrics_file")
+                          if "metrics_file" in agent else None),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

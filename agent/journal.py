@@ -137,6 +137,9 @@ class Journal:
         rows = self._db.execute("SELECT name, state, version, security_version FROM slots")
         return {r[0]: SlotInfo(*r) for r in rows}
 
+    def event_counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT event, COUNT(*) FROM history GROUP BY event").fetchall())
+
     def history(self, limit: int = 50) -> list[HistoryRow]:
         rows = self._db.execute(
             "SELECT id, ts, event, slot, version, detail FROM history ORDER BY id DESC LIMIT ?",
@@ -161,6 +164,9 @@ class Journal:
             rows = self._db.execute("SELECT id, kind, body FROM outbox WHERE sent IS NULL "
                                     "AND kind=? ORDER BY id LIMIT ?", (kind, limit)).fetchall()
         return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def pending_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NULL").fetchone()[0])
 
     def mark_sent(self, outbox_id: int, *, now: float | None = None) -> None:
         with self._tx():

@@ -204,6 +204,10 @@ def _agent(a: argparse.Namespace) -> int:
         register = getattr(up.dev.runtime, "register_process", None)
         if register is not None:
             pidfile = register()
+        if up.cfg.metrics_file is not None:
+            from agent import metrics
+
+            metrics.render(up)  # a missing [metrics] extra is a config error now, not later
         dog = None if a.once else _watchdog(up)
         if dog is not None:
             dog.start()
@@ -227,6 +231,7 @@ def _agent(a: argparse.Namespace) -> int:
                     for m in out.messages:
                         print(m, flush=True)
                     result.rebooted, interval = out.rebooted, out.sleep
+                _write_metrics(up, fleet)
                 if a.once or result.rebooted or stop:
                     break
                 if waker is not None and fleet is not None:
@@ -255,6 +260,17 @@ def _agent(a: argparse.Namespace) -> int:
             if pidfile is not None:
                 pidfile.unlink(missing_ok=True)
     return 0
+
+
+def _write_metrics(up: Updater, fleet: Any) -> None:
+    if up.cfg.metrics_file is None:
+        return
+    from agent import metrics
+
+    try:
+        metrics.write(up, up.cfg.metrics_file, link_up=fleet.link_up if fleet is not None else None)
+    except OSError as exc:  # metrics are for people watching; never a reason to stop updating
+        logging.getLogger("edgeops").warning("cannot write %s: %s", up.cfg.metrics_file, exc)
 
 
 def _in_trial(up: Updater) -> bool:

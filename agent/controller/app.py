@@ -24,6 +24,7 @@ accepted on DDI routes, except as the enrolment token of ``identity/renew``). Op
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -75,6 +76,7 @@ FLEET = web.AppKey("fleet", Fleet)
 SETTINGS = web.AppKey("settings", Settings)
 SEEN = web.AppKey("seen", dict)
 WAITERS = web.AppKey("waiters", dict)
+REQUESTS = web.AppKey("requests", collections.Counter)  # DDI requests by kind, for /metrics
 
 
 def sleep_text(seconds: int) -> str:
@@ -144,6 +146,7 @@ async def ddi_base(request: web.Request) -> web.StreamResponse:
     """The base poll. Supports ETag/If-None-Match (304) and, for the edgeops agent's push
     channel, RFC 7240 ``Prefer: wait=N``: an unchanged poll is held until this device's
     links change or N seconds pass. hawkBit clients that send neither get a plain answer."""
+    request.app[REQUESTS]["poll"] += 1
     body, etag = _base_doc(request)
     if request.headers.get("If-None-Match") != etag:
         return web.json_response(body, headers={"ETag": etag})
@@ -263,6 +266,7 @@ def deployment_doc(root: str, aid: int, bundle: BundleInfo, handling: str = "att
 
 
 async def ddi_deployment(request: web.Request) -> web.Response:
+    request.app[REQUESTS]["deployment"] += 1
     fleet, cid, aid = _ddi_auth(request)
     status, bundle = fleet.action(cid, aid)
     if status not in ("open", "running"):
@@ -272,6 +276,7 @@ async def ddi_deployment(request: web.Request) -> web.Response:
 
 
 async def ddi_feedback(request: web.Request) -> web.Response:
+    request.app[REQUESTS]["feedback"] += 1
     fleet, cid, aid = _ddi_auth(request)
     fleet.feedback(cid, aid, await _json(request), cancel=request.path.split("/")[-3] == "cancelAction",
                    key=request.headers.get("Idempotency-Key"))
@@ -287,6 +292,7 @@ async def ddi_cancel(request: web.Request) -> web.Response:
 
 
 async def ddi_config(request: web.Request) -> web.Response:
+    request.app[REQUESTS]["configData"] += 1
     fleet, cid, _ = _ddi_auth(request)
     body = await _json(request)
     data = body.get("data")
@@ -297,6 +303,7 @@ async def ddi_config(request: web.Request) -> web.Response:
 
 
 async def ddi_artifact(request: web.Request) -> web.StreamResponse:
+    request.app[REQUESTS]["artifact"] += 1
     fleet, _cid, _ = _ddi_auth(request)
     try:
         bundle = fleet.bundle(int(request.match_info["mid"]))
@@ -533,6 +540,7 @@ def build_app(fleet: Fleet, settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[SEEN] = {}
     app[WAITERS] = {}
+    app[REQUESTS] = collections.Counter()
     app.cleanup_ctx.append(_background)
     app.router.add_get("/_empty", empty)
     if settings.parent:
@@ -557,6 +565,13 @@ def _ddi_routes(app: web.Application) -> None:
     r.add_post(DDI + "/" + RENEW_PATH, ddi_identity_renew)
 
 
+async def api_metrics(request: web.Request) -> web.Response:
+    from agent.controller import metrics
+
+    body = metrics.render(request.app[FLEET], request.app[REQUESTS])  # a few COUNTs: as cheap as a poll
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 def _api_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/v1/devices", api_devices)
@@ -574,6 +589,7 @@ def _api_routes(app: web.Application) -> None:
     r.add_post("/api/v1/rollouts/{rid}/{verb}", api_rollout_verb)
     r.add_post("/api/v1/halt", api_halt_all)
     r.add_get("/api/v1/actions", api_actions)
+    r.add_get("/api/v1/metrics", api_metrics)
 
 
 # --- running ---------------------------------------------------------------------------------
