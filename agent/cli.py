@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: see 'edgeops help exit-codes' or README.md.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
+    parser.add_argument("--version", action="version", version=f"edgeops {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -104,3 +105,14 @@ def run() -> None:
 
 if __name__ == "__main__":
     run()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgeops")
+    except PackageNotFoundError:  # run from a source tree without installing
+        from agent import __version__
+
+        return __version__

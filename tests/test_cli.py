@@ -280,3 +280,9 @@ def test_agent_cycle_skips_while_another_command_holds_the_lock(cfg: Path) -> No
     finally:
         os.close(fd)
     assert "device busy" in out
+
+
+def test_version_is_the_package_version() -> None:
+    from agent import __version__
+
+    assert run_cli("--version", check=True).stdout.strip() == f"edgeops {__version__}"
