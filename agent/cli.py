@@ -47,6 +47,18 @@ EXIT_CODES: list[tuple[type[errors.EdgeopsError], int]] = [
 ]
 
 
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgeops")
+    except PackageNotFoundError:  # run from a source tree without installing
+        from agent import __version__
+
+        return __version__
+
+
 def exit_code(exc: errors.EdgeopsError) -> int:
     for cls, code in EXIT_CODES:
         if isinstance(exc, cls):
@@ -105,14 +117,3 @@ def run() -> None:
 
 if __name__ == "__main__":
     run()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("edgeops")
-    except PackageNotFoundError:  # run from a source tree without installing
-        from agent import __version__
-
-        return __version__
