@@ -42,10 +42,11 @@ def _octal(field: bytes, what: str) -> int:
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise BundleError(f"tar header has a malformed {what} field") from None
+    # digits 0-7 only: int(x, 8) also takes '-1', '+7', '0o7', '1_0' and whitespace, and a
+    # negative size would make the reader read to the end of the stream
+    if text.strip(b"01234567"):
+        raise BundleError(f"tar header has a malformed {what} field")
+    return int(text, 8)
 
 
 def parse_header(block: bytes) -> Member | None:
@@ -93,6 +94,8 @@ class TarReader:
         self.offset = 0
 
     def read_exact(self, n: int) -> bytes:
+        if n < 0:
+            raise BundleError(f"negative read of {n} bytes")  # never read(-1): to the end
         buf = self._stream.read(n)
         if len(buf) == n:
             self.offset += n

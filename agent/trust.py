@@ -21,12 +21,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent import manifest as manifest_mod
@@ -88,12 +90,37 @@ def parse_chain(chain_pem: bytes) -> list[x509.Certificate]:
     if len(chain_pem) > MAX_CHAIN_BYTES:
         raise UntrustedSigner(f"signer chain is {len(chain_pem)} bytes, more than {MAX_CHAIN_BYTES}")
     try:
-        certs = x509.load_pem_x509_certificates(chain_pem)
+        with warnings.catch_warnings():  # a non-positive serial warns; it is refused below
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            certs = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as exc:
         raise UntrustedSigner(f"signer chain is not PEM certificates: {exc}") from None
     if not 1 <= len(certs) <= MAX_CHAIN:
         raise UntrustedSigner(f"signer chain holds {len(certs)} certificates, expected 1 to {MAX_CHAIN}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        for i, cert in enumerate(certs):
+            _decode_all(cert, i)
     return certs
+
+
+def _decode_all(cert: x509.Certificate, index: int) -> None:
+    """Touch every field we later read: cryptography decodes names, extensions and keys on
+    first use, so a damaged certificate would otherwise fail deep inside path building with
+    ValueError, InvalidVersion or UnsupportedAlgorithm instead of a refusal."""
+    try:
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        list(cert.extensions)
+        cert.public_key()
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.version)
+        serial = cert.serial_number
+    except Exception as exc:  # any decoding failure of unsigned input is a refusal
+        raise UntrustedSigner(f"signer chain certificate {index} is malformed: "
+                              f"{type(exc).__name__}") from None
+    if serial <= 0:
+        raise UntrustedSigner(f"signer chain certificate {index} has a non-positive serial "
+                              f"(RFC 5280 §4.1.2.2)")
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -109,6 +136,21 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return False
+
+
+def _may_issue(ca: x509.Certificate, below: int) -> bool:
+    """``ca`` may certify a chain with ``below`` intermediate CAs under it (RFC 5280 §4.2.1.9
+    pathLenConstraint, §4.2.1.3 keyCertSign)."""
+    try:
+        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    if not bc.ca or (bc.path_length is not None and below > bc.path_length):
+        return False
+    try:
+        return bool(ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
+    except x509.ExtensionNotFound:
+        return True
 
 
 def _check_signer_usage(leaf: x509.Certificate) -> None:
@@ -136,11 +178,12 @@ def build_path(chain: Sequence[x509.Certificate], keyring: Keyring) -> list[x509
     pool = list(chain[1:])
     for _ in range(MAX_CHAIN + 1):
         current = path[-1]
+        below = len(path) - 1  # intermediate CAs already in the path
         for root in keyring.roots:
-            if current.issuer == root.subject and _issued_by(current, root):
+            if current.issuer == root.subject and _may_issue(root, below) and _issued_by(current, root):
                 return [*path, root]
-        step = next((c for c in pool if c.subject == current.issuer and _is_ca(c)
-                     and _issued_by(current, c)), None)
+        step = next((c for c in pool if c.subject == current.issuer
+                     and _may_issue(c, below) and _issued_by(current, c)), None)
         if step is None:
             break
         pool.remove(step)

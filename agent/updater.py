@@ -154,9 +154,9 @@ class Updater:
             reader = BundleReader(stream)
             try:
                 verdict, target = self._verify(reader)
-            except EdgeopsError as exc:
-                self.journal.record([lifecycle.History("refused", None, None, exc.one_line())],
-                                    now=self.clock())
+            except Exception as exc:  # a bug must not leave a refusal unrecorded either
+                why = exc.one_line() if isinstance(exc, EdgeopsError) else f"{type(exc).__name__}: {exc}"
+                self.journal.record([lifecycle.History("refused", None, None, why)], now=self.clock())
                 raise
             m = verdict.manifest
             self._step(lifecycle.Install(target, self.dev.runtime.booted_slot(), m.version,
