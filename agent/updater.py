@@ -211,6 +211,7 @@ class Updater:
                 raise IncompatibleBundle(f"payload '{p.name}' targets class '{p.slot_class}', "
                                          f"which this board has no slot for")
             slots.check_fits(dest, p.size, p.name)
+        accept_verdict(self.cfg, self.journal, verdict)
         return verdict, target
 
     # --- boot, health, commit ----------------------------------------------------------------
@@ -429,8 +430,9 @@ def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal,
                        *, device_floor: bool = True) -> trust.Verdict:
     """Read a bundle's signed head and decide trust with this device's keyring, CRLs and floor.
 
-    Shared by every installer (slots here, models in agent.models). On success the
-    device's best-known time may move forward and new root-signed CRLs are kept.
+    Shared by every installer (slots here, models in agent.models). Changes nothing on the
+    device: once the installer's own checks pass too, ``accept_verdict`` moves the
+    best-known time forward and keeps new root-signed CRLs.
     ``device_floor=False`` leaves anti-rollback to the caller: a model has its own floor,
     which it can only look up once the signed manifest has named the model.
     """
@@ -451,9 +453,14 @@ def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal,
     crls = [*_stored_crls(cfg), *([head.crl] if head.crl else [])]
     verdict = trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,
                                 chain_pem=head.chain_pem, keyring=keyring, device=facts, crls=crls)
+    return verdict
+
+
+def accept_verdict(cfg: AgentConfig, journal: Journal, verdict: trust.Verdict) -> None:
+    """What an accepted bundle teaches the device: a later trusted time, newer CRLs. Called
+    only when nothing will refuse the bundle any more, so a refusal changes nothing."""
     journal.raise_trusted_time(min(verdict.manifest.build_time, verdict.signer_not_after))
     _keep_crls(cfg, verdict.crls)
-    return verdict
 
 
 MAX_CRL_FILES = 256  # in the operator's crl_dir: one per root is normal

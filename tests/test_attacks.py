@@ -201,6 +201,18 @@ def test_payload_larger_than_slot_is_refused(updater: Updater, device_dir: Path,
     assert_refused(updater, device_dir, data, PayloadTooLarge, "holds 1048576")
 
 
+def test_a_refused_authentic_bundle_teaches_the_device_nothing(
+        updater: Updater, device_dir: Path, make_bundle: BundleFactory, pki: Keys) -> None:
+    """Its signature is good, but the device refuses it (too large): the trusted time and the
+    CRL store stay as they were; only an accepted bundle moves them."""
+    before = updater.journal.trusted_time
+    crl = keys.revoke(pki.root, []).read_bytes()
+    data = make_bundle("2.0", size=(1 << 20) + 1, build_time=int(time.time()) + 3600, crl=crl).read_bytes()
+    assert_refused(updater, device_dir, data, PayloadTooLarge)
+    assert updater.journal.trusted_time == before
+    assert not list((updater.cfg.state_dir / "crls").glob("*.crl"))
+
+
 def test_payload_class_without_slot_is_refused(updater: Updater, device_dir: Path,
                                                make_bundle: BundleFactory) -> None:
     data = make_bundle("2.0", payload_class="bootfw").read_bytes()

@@ -280,6 +280,21 @@ def test_budget_makes_room_by_deleting_unprotected(settings: ModelSettings, jour
     assert mgr2.store.usage() <= int(per_version * 3.5)
 
 
+def test_a_tampered_bundle_deletes_no_older_version(settings: ModelSettings, journal: Any, cfg: Any,
+                                                    make_model_bundle: BundleMaker) -> None:
+    mgr = ModelManager(replace(settings, keep=10), journal, cfg=cfg)
+    for i, v in enumerate(("1.0", "2.0", "3.0")):
+        install(mgr, make_model_bundle(v, scale=float(i + 1)))
+    per_version = mgr.store.info("tiny", "1.0").size
+    mgr2 = ModelManager(replace(settings, keep=10, budget_bytes=int(per_version * 3.5)), journal,
+                        cfg=cfg)
+    data = bytearray(make_model_bundle("4.0", scale=4.0).read_bytes())
+    data[data.index(tiny.build(4.0)) + 100] ^= 0xFF  # inside the model: caught by its block hash
+    with pytest.raises(HashMismatch):
+        mgr2.install(io.BytesIO(bytes(data)))
+    assert [v.version for v in mgr2.store.versions("tiny")] == ["1.0", "2.0", "3.0"]
+
+
 # --- atomic links -------------------------------------------------------------------------------
 def test_current_link_is_never_missing_or_mixed(manager: ModelManager,
                                                 make_model_bundle: BundleMaker) -> None:
@@ -459,3 +474,21 @@ def test_model_rollback_below_its_floor_is_refused(manager: ModelManager,
     with pytest.raises(RollbackRefused, match="floor 3"):
         manager.rollback("tiny")
     assert manager.store.current("tiny") == "2.0"
+
+
+def test_validation_array_header_cannot_claim_more_than_it_holds() -> None:
+    import zipfile
+
+    from agent.models.spec import ValidationSetError, load_validation
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 4), np.float32))
+    header["shape"] = (10**13, 4)  # 146 TiB, in a member of a few hundred bytes
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, header)
+    npy.write(bytes(16))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("input_0.npy", npy.getvalue())
+        z.writestr("output_0.npy", npy.getvalue())
+    with pytest.raises(ValidationSetError, match="declares shape"):
+        load_validation(buf.getvalue(), SPEC)

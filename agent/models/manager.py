@@ -114,15 +114,16 @@ class ModelManager:
     def install(self, stream: BinaryIO) -> InstallResult:
         if self.cfg is None:
             raise RuntimeError("install() needs the agent config")
-        from agent.updater import verify_bundle_head
+        from agent.updater import accept_verdict, verify_bundle_head
 
         with self.locked():
             reader = BundleReader(stream)
             name = version = None
             staging: Path | None = None
             try:
-                m = verify_bundle_head(reader, self.cfg, self._journal(), self.clock(),
-                                       device_floor=False).manifest
+                verdict = verify_bundle_head(reader, self.cfg, self._journal(), self.clock(),
+                                             device_floor=False)
+                m = verdict.manifest
                 model, val, spec = _model_payloads(m)
                 name, version = model.name, m.version
                 if m.security_version < (floor := self.floor(name)):
@@ -131,6 +132,7 @@ class ModelManager:
                                           hint="pack the model with --security-version at or "
                                                "above the floor")
                 self._check_room(name, version, model.size + val.size)
+                accept_verdict(self.cfg, self._journal(), verdict)
                 staging = self.store.stage(name)
                 for pr in reader.payloads(m):
                     dest = staging / (MODEL_FILE if pr.payload is model else VALIDATION_FILE)
@@ -146,6 +148,7 @@ class ModelManager:
                 raise
             info = VersionInfo(version, "trial", self.clock(), 0, model.sha256, m.security_version,
                                spec.to_meta())
+            self._make_room(0)  # the staged files already count in the store's usage
             self.store.commit(name, staging, info)
             previous = self.store.current(name)
             self.store.point(name, "current", version)
@@ -172,7 +175,11 @@ class ModelManager:
         free = shutil.disk_usage(self.settings.root).free
         if incoming > free:
             raise ModelTooLarge(f"model {name} {version} needs {incoming} bytes, the disk has {free}")
-        for gone in self.store.make_room(incoming, budget):
+        # Older versions are deleted for the budget only once the new one has been verified
+        # and validated (_make_room): a tampered bundle must not cost the device its fallbacks.
+
+    def _make_room(self, incoming: int) -> None:
+        for gone in self.store.make_room(incoming, self.settings.budget_bytes):
             log.info("deleted %s to make room", gone)
 
     # --- after the swap: the health verdict, made by agent.modelhost ------------------------

@@ -121,7 +121,7 @@ def load_validation(data: bytes, spec: ModelSpec) -> ValidationSet:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
         raise ValidationSetError(f"validation set is not a readable .npz: {exc}") from None
     ins = tuple(_array(arrays, f"input_{i}", s) for i, s in enumerate(spec.inputs))
     outs = tuple(_array(arrays, f"output_{j}", s) for j, s in enumerate(spec.outputs))
@@ -146,6 +146,30 @@ def _check_zip_bounds(data: bytes) -> None:
     if len(infos) > 2 * MAX_TENSORS or total > MAX_VALIDATION_BYTES:
         raise ValidationSetError(f"validation set expands to {total} bytes in {len(infos)} arrays, "
                                  f"more than {MAX_VALIDATION_BYTES} bytes or {2 * MAX_TENSORS} arrays")
+    for info in infos:
+        _check_npy_header(data, info)
+
+
+def _check_npy_header(data: bytes, info: zipfile.ZipInfo) -> None:
+    """numpy allocates what an .npy header's shape says before it reads a byte of data: the
+    shape must fit in the bytes the member actually holds."""
+    import math
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z, z.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, TypeError) as exc:
+        raise ValidationSetError(f"validation array '{info.filename}' has no valid .npy header: "
+                                 f"{exc}") from None
+    need = math.prod(shape) * dtype.itemsize
+    if need > info.file_size or need > MAX_VALIDATION_BYTES:
+        raise ValidationSetError(f"validation array '{info.filename}' declares shape {list(shape)} "
+                                 f"({need} bytes) but holds {info.file_size} bytes")
 
 
 def _array(arrays: dict[str, Any], key: str, spec: TensorSpec) -> Any:
