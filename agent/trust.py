@@ -235,6 +235,17 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate
     return revoked, tuple(newest.values())
 
 
+def parses_as_crl(blob: bytes) -> bool:
+    if not blob or len(blob) > MAX_CRL_BYTES:
+        return False
+    try:
+        (x509.load_pem_x509_crl(blob) if blob.lstrip().startswith(b"-----")
+         else x509.load_der_x509_crl(blob))
+    except ValueError:
+        return False
+    return True
+
+
 def _crl_number(crl: x509.CertificateRevocationList) -> int:
     try:
         return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)

@@ -475,7 +475,12 @@ def _stored_crls(cfg: AgentConfig) -> list[bytes]:
         if len(files) > MAX_CRL_FILES:
             raise ConfigError(f"{cfg.crl_dir} holds {len(files)} CRL files, more than {MAX_CRL_FILES}",
                               hint="keep only the newest CRL of each root there")
-        out += [p.read_bytes() for p in files]
+        for path in files:
+            blob = path.read_bytes()
+            if not trust.parses_as_crl(blob):  # fail closed: the operator meant to revoke something
+                raise ConfigError(f"{path} is not a CRL of at most {trust.MAX_CRL_BYTES} bytes",
+                                  hint="replace it with the root's revoked.crl, or remove it")
+            out.append(blob)
     own = cfg.state_dir / "crls"
     if own.is_dir():
         out += [p.read_bytes() for p in sorted(own.glob("*.crl"))]

@@ -20,6 +20,7 @@ import pytest
 from agent import bundle, keys, tarstream
 from agent.errors import (
     BundleError,
+    ConfigError,
     HashMismatch,
     IncompatibleBundle,
     PayloadTooLarge,
@@ -341,3 +342,10 @@ def test_corrupt_tar_header_is_refused(updater: Updater, device_dir: Path,
 
 def test_not_a_bundle_at_all(updater: Updater, device_dir: Path) -> None:
     assert_refused(updater, device_dir, b"\x7fELF" + bytes(2000), BundleError)
+
+
+def test_a_damaged_crl_in_the_operators_crl_dir_stops_installs(updater: Updater, device_dir: Path,
+                                                               make_bundle: BundleFactory) -> None:
+    (device_dir / "keyring" / "revoked.crl").write_bytes(b"-----BEGIN X509 CRL-----\ngarbage\n")
+    with pytest.raises(ConfigError, match="is not a CRL"):
+        install_bytes(updater, make_bundle("2.0").read_bytes())
