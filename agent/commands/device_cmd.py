@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent import config as config_mod
 from agent.commands import config_path
-from agent.errors import ConfigError, DeviceBusy, HealthCheckFailed, UsageError
+from agent.errors import ConfigError, DeviceBusy, EdgeopsError, HealthCheckFailed, UsageError
 from agent.updater import CycleResult, Updater, open_device
 
 if TYPE_CHECKING:
@@ -269,7 +269,7 @@ def _write_metrics(up: Updater, fleet: Any) -> None:
 
     try:
         metrics.write(up, up.cfg.metrics_file, link_up=fleet.link_up if fleet is not None else None)
-    except OSError as exc:  # metrics are for people watching; never a reason to stop updating
+    except (OSError, EdgeopsError) as exc:  # metrics are for people watching: never a reason
         logging.getLogger("edgeops").warning("cannot write %s: %s", up.cfg.metrics_file, exc)
 
 
