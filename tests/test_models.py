@@ -423,7 +423,8 @@ def test_p95_floor_ignores_microsecond_noise() -> None:
 def test_cli_install_list_status_rollback(device_dir: Path, make_model_bundle: BundleMaker) -> None:
     conf = device_dir / "agent.toml"
     one = make_model_bundle("1.0")
-    run_cli("model", "install", one, "--config", conf, check=True)
+    first = run_cli("model", "install", one, "--config", conf, check=True)
+    assert first.stderr == ""  # LiteRT's "INFO: Created ... delegate" does not reach the console
     # stdin carries binary: run_cli's text-mode input would re-encode it
     p = subprocess.run([*EDGEOPS, "model", "install", "-", "--config", str(conf), "--json"],
                        input=make_model_bundle("2.0", scale=2.0).read_bytes(), capture_output=True,
@@ -437,6 +438,10 @@ def test_cli_install_list_status_rollback(device_dir: Path, make_model_bundle: B
     assert st["models"]["tiny"]["current"] == "1.0"
     bad = run_cli("model", "install", _flip_model_byte(make_model_bundle("3.0")), "--config", conf)
     assert bad.returncode == 15 and "does not match" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1  # one clear line
+    too_slow = make_model_bundle("4.0", spec=replace(SPEC, max_latency_ms=1e-6))  # refused after loading
+    wrong = run_cli("model", "install", too_slow, "--config", conf)
+    assert wrong.returncode == 14 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
 
 
 def test_validation_set_is_bounded() -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +15,32 @@ from typing import Any
 
 from agent.commands import config_path
 
+# LiteRT's C++ core prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on the
+# first interpreter of a process, straight to fd 2, and no setting of its Python API turns it
+# off. A technician's command must end in one clear line, so the CLI (single-threaded, unlike
+# an app embedding ModelHost) captures fd 2 while a model command runs and passes on every
+# line except those INFO lines.
+_RUNTIME_NOISE = (b"INFO: Created TensorFlow Lite", b"INFO: Initialized TensorFlow Lite")
+
+
+def _quiet_runtime(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(a: argparse.Namespace) -> int:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                return fn(a)
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.seek(0)
+                for line in captured.read().splitlines(keepends=True):
+                    if not line.startswith(_RUNTIME_NOISE):
+                        sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+    return run
 
 def register(sub: Any) -> None:
     p = sub.add_parser("model", help="install, list, inspect and roll back TFLite models")
@@ -24,7 +53,7 @@ def register(sub: Any) -> None:
                                         "or $EDGEOPS_CONFIG)")
         if json_flag:
             c.add_argument("--json", action="store_true", help="machine-readable output")
-        c.set_defaults(func=fn)
+        c.set_defaults(func=_quiet_runtime(fn))
         return c
 
     i = cmd("install", "verify, validate and activate a model bundle", _install, json_flag=True)
@@ -47,7 +76,7 @@ def register(sub: Any) -> None:
     k.add_argument("--rtol", type=float, default=0.0)
     k.add_argument("--max-latency-ms", type=float, default=100.0)
     k.add_argument("-o", "--output", type=Path, required=True)
-    k.set_defaults(func=_pack)
+    k.set_defaults(func=_quiet_runtime(_pack))
 
 
 @contextmanager
