@@ -286,3 +286,13 @@ def test_version_is_the_package_version() -> None:
     from agent import __version__
 
     assert run_cli("--version", check=True).stdout.strip() == f"edgeops {__version__}"
+
+
+def test_status_says_when_the_other_slot_is_below_the_floor(cfg: Path, make_bundle: BundleFactory) -> None:
+    run_cli("install", make_bundle("2.0", security_version=1), "--config", cfg, check=True)
+    run_cli("sim", "reboot", "--config", cfg, check=True)
+    run_cli("agent", "--once", "--config", cfg, check=True)
+    out = run_cli("status", "--config", cfg, check=True).stdout
+    line_a = next(line for line in out.splitlines() if "slot A" in line)
+    assert "no rollback to it" in line_a
+    assert run_cli("rollback", "--config", cfg).returncode == 12

@@ -124,7 +124,11 @@ def _status(a: argparse.Namespace) -> int:
     print(f"security      floor {st['security_floor']}")
     for name, s in st["slots"].items():
         mark = "*" if s["booted"] else " "
-        print(f" {mark} slot {name}  {s['state']:<6} {s['version'] or '-':<12} {s['device']}")
+        note = ""
+        if (not s["booted"] and s["state"] == "good"
+                and (s["security_version"] or 0) < st["security_floor"]):
+            note = f"  (security_version {s['security_version'] or 0} < floor: no rollback to it)"
+        print(f" {mark} slot {name}  {s['state']:<6} {s['version'] or '-':<12} {s['device']}{note}")
     return 0
 
 
