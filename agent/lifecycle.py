@@ -225,11 +225,14 @@ def _trial_set(s: State, ev: TrialSet) -> Transition:
 
 
 def _fell_back(s: State, booted: str, why: str) -> Transition:
+    actions: list[Action] = [BootMarkBad(_t(s))]
+    if booted == s.target:  # e.g. the trial-boot cap: the rejected slot is the one running
+        actions.append(Reboot(f"{why}; leaving slot {booted}"))
     return Transition(
         State(),
         [SlotRecord(_t(s), "bad", s.version, s.security_version),
          History("reverted", s.target, s.version, f"{why}; running slot {booted}")],
-        [BootMarkBad(_t(s))],
+        actions,
     )
 
 
@@ -240,13 +243,18 @@ def _booted(s: State, ev: Booted) -> Transition:
         case Phase.IDLE:
             return Transition(s)
         case Phase.WRITING:
+            # Mark the half-written slot bad again: power may have failed between the journal
+            # write and the bootloader's, leaving an older pending trial of that slot armed.
             if same_boot:  # the installer died, the device did not restart
                 return Transition(State(), [SlotRecord(_t(s), "empty"),
                                             History("interrupted", s.target, s.version,
-                                                    "installer stopped while writing")])
+                                                    "installer stopped while writing")],
+                                  [BootMarkBad(_t(s))])
+            leave: list[Action] = [Reboot("running a slot that was being written")] if on_target else []
             return Transition(State(), [SlotRecord(_t(s), "empty"),
                                         History("interrupted", s.target, s.version,
-                                                "power lost while writing")])
+                                                "power lost while writing")],
+                              [BootMarkBad(_t(s)), *leave])
         case Phase.WRITTEN:
             if on_target and not same_boot:
                 return _start_trial(s, ev)
@@ -271,8 +279,10 @@ def _booted(s: State, ev: Booted) -> Transition:
         case Phase.REVERTING:
             if on_target:
                 return Transition(s, [], [BootMarkBad(_t(s)), Reboot("finishing the revert")])
+            # again, idempotent: power may have failed before the bootloader heard of the revert
             return Transition(State(), [History("reverted", s.target, s.version,
-                                                f"running slot {ev.slot} again")])
+                                                f"running slot {ev.slot} again")],
+                              [BootMarkBad(_t(s))])
     raise AssertionError(s.phase)  # pragma: no cover
 
 

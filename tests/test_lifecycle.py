@@ -40,10 +40,12 @@ def kinds(items: list[object]) -> list[str]:
     (at(Phase.COMMITTING), lc.CommitDone(), Phase.IDLE, []),
     (at(Phase.COMMITTING), lc.Booted("B", BOOT2), Phase.COMMITTING, ["BootCommit"]),
     (at(Phase.COMMITTING), lc.Booted("A", BOOT2), Phase.IDLE, ["BootMarkBad"]),
-    (at(Phase.REVERTING), lc.Booted("A", BOOT2), Phase.IDLE, []),
+    (at(Phase.REVERTING), lc.Booted("A", BOOT2), Phase.IDLE, ["BootMarkBad"]),  # again: idempotent
     (at(Phase.REVERTING), lc.Booted("B", BOOT2), Phase.REVERTING, ["BootMarkBad", "Reboot"]),
-    (at(Phase.WRITING), lc.Booted("A", BOOT1), Phase.IDLE, []),
-    (at(Phase.WRITING), lc.Booted("A", BOOT0), Phase.IDLE, []),
+    (at(Phase.WRITING), lc.Booted("A", BOOT1), Phase.IDLE, ["BootMarkBad"]),
+    (at(Phase.WRITING), lc.Booted("A", BOOT0), Phase.IDLE, ["BootMarkBad"]),
+    # an older pending trial of the slot being written booted: leave it
+    (at(Phase.WRITING), lc.Booted("B", BOOT2), Phase.IDLE, ["BootMarkBad", "Reboot"]),
     (at(Phase.WRITTEN), lc.Booted("A", BOOT1), Phase.WRITTEN, ["BootSetTrial"]),
     (at(Phase.WRITTEN), lc.Booted("B", BOOT1), Phase.TESTING, ["RunHealth"]),
     (State(), lc.Booted("A", BOOT1), Phase.IDLE, []),
@@ -92,7 +94,7 @@ def test_trial_boots_are_capped() -> None:
     s = at(Phase.TESTING, install_boot_id=BOOT1, trial_boots=lc.MAX_TRIAL_BOOTS)
     t = lc.step(s, lc.Booted("B", BOOT2))
     assert t.state.phase is Phase.IDLE
-    assert kinds(t.actions) == ["BootMarkBad"]  # type: ignore[arg-type]
+    assert kinds(t.actions) == ["BootMarkBad", "Reboot"]  # type: ignore[arg-type]  # leave the rejected slot
 
 
 def test_state_round_trips_through_its_dict() -> None:
