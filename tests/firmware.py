@@ -91,8 +91,10 @@ class MtoolsFs:
         tmp = self.image.with_name(f"{self.image.name}.{base}.upload")
         tmp.write_bytes(data)
         env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
-        if folder:
-            subprocess.run(["mmd", "-i", self._img(), f"::/{folder}"], capture_output=True, env=env)
+        parts = folder.split("/") if folder else []
+        for i in range(len(parts)):  # mmd makes one level at a time
+            subprocess.run(["mmd", "-i", self._img(), "::/" + "/".join(parts[:i + 1])],
+                           capture_output=True, env=env)
         subprocess.run(["mcopy", "-o", "-i", self._img(), str(tmp), new], check=True,
                        capture_output=True, env=env)
         subprocess.run(["mdel", "-i", self._img(), f"::/{name}"], capture_output=True, env=env)
@@ -156,7 +158,7 @@ class Grub:
     """GRUB running the real boards/grub/grub.cfg (tests/grubsh.py) over grubenv on the ESP."""
 
     fs: BootFs
-    name: str = "grub/grubenv"
+    name: str = "EFI/edgeops/grubenv"
 
     def boot(self) -> str:
         from tests.grubsh import GrubScript

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent import lifecycle
+from agent import boards, lifecycle
 from agent.bootloader import Bootloader, fwenv
 from agent.bootloader import grub as grub_mod
 from agent.bootloader import uboot as uboot_mod
@@ -80,8 +80,10 @@ def _build(kind: str, tmp: Path) -> tuple[Bootloader, Any]:
         fw.need("mtype", "mtools")
         disk = fw.make_disk(tmp / "disk.img", GPT_GRUB, 48, fat=(1,))
         esp = fw.MtoolsFs(disk.path, disk.offset(1))
-        esp.replace("grub/grubenv", grub_mod.encode(grub_mod.initial_env("A", slots)))
-        return grub_mod.GrubRauc(esp, "grub/grubenv", slots), fw.Grub(esp, "grub/grubenv")
+        # where the board file puts grubenv, relative to the ESP mounted at /boot/efi
+        env = boards.load("x86-64-grub").settings["grubenv"].removeprefix("/boot/efi/")
+        esp.replace(env, grub_mod.encode(grub_mod.initial_env("A", slots)))
+        return grub_mod.GrubRauc(esp, env, slots), fw.Grub(esp, env)
     fw.need("mtype", "mtools")
     disk = fw.make_disk(tmp / "sd.img", MBR_RPI, 110, fat=(1, 2, 3))
     boot = fw.MtoolsFs(disk.path, disk.offset(1))
@@ -167,3 +169,16 @@ def test_trial_power_cut_falls_back(board: Board, make_bundle: BundleFactory, tm
     assert board.cycle() is lifecycle.Phase.IDLE
     assert board.updater.journal.slots()["B"].state == "bad"
     _stays_on(board, "A")
+
+
+def test_a_dead_trial_never_boots_again_whatever_the_resets(board: Board, make_bundle: BundleFactory,
+                                                             tmp_path: Path) -> None:
+    """The agent never gets to run: the bootloader alone must keep leaving the trial, even after
+    the committed slot has spent its own tries (RAUC's schemes refill the counters then)."""
+    board.healthy.touch()
+    _install(board, make_bundle, tmp_path)
+    board.runtime.reboot("install done")
+    assert board.runtime.booted_slot() == "B"
+    for _ in range(8):
+        board.runtime.power_cut()
+        assert board.runtime.booted_slot() == "A"

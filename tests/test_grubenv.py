@@ -123,14 +123,18 @@ def test_any_bytes_parse_or_raise_grubenv_error(data: bytes, with_header: bool) 
     # the loop marked A tried as it passed it, as RAUC's script does (harmless: A_OK=0)
     ({"ORDER": "B A", "A_OK": "0", "A_TRY": "0", "B_OK": "1", "B_TRY": "1"}, "B", ("1", "1")),
     ({}, "A", ("1", "1")),  # no variables at all: nothing is OK, entry 0 (RAUC behaviour)
+    # nothing bootable, and B is an unconfirmed trial: the committed A boots, never B again
+    ({"ORDER": "B A", "A_OK": "1", "A_TRY": "1", "B_OK": "1", "B_TRY": "1", "EO_TRIAL": "B"},
+     "A", ("1", "1")),
 ])
 def test_grub_cfg_decisions(tmp_path: Path, env: dict[str, str], boots: str,
                             after: tuple[str, str]) -> None:
     from tests import firmware as fw
 
-    (tmp_path / "grub").mkdir()
-    (tmp_path / "grub/grubenv").write_bytes(grub.encode({**env, "other": "kept"}))
+    path = tmp_path / "EFI/edgeops/grubenv"  # where boards/x86-64-grub.toml puts it on the ESP
+    path.parent.mkdir(parents=True)
+    path.write_bytes(grub.encode({**env, "other": "kept"}))
     assert fw.Grub(DirBootFs(tmp_path)).boot() == boots
-    got = grub.decode((tmp_path / "grub/grubenv").read_bytes())
+    got = grub.decode(path.read_bytes())
     assert (got["A_TRY"], got["B_TRY"]) == after and got["other"] == "kept"
-    assert listed(tmp_path / "grub/grubenv") == got  # what GRUB saved, grub-editenv reads
+    assert listed(path) == got  # what GRUB saved, grub-editenv reads

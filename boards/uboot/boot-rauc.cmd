@@ -6,7 +6,7 @@
 # still try (hex, as setexpr computes). The first slot in BOOT_ORDER with
 # attempts left is booted after its counter is decremented and saved, so a slot
 # that is not confirmed ("mark good") runs out. If every counter is spent, all
-# are reset and the board resets (RAUC's behaviour).
+# but an unconfirmed trial's are reset and the board resets (RAUC resets all).
 
 test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
 test -n "${BOOT_A_LEFT}" || setenv BOOT_A_LEFT 3
@@ -37,9 +37,11 @@ if test -n "${eo_part}"; then
     saveenv
     setenv bootargs "${bootargs} root=PARTLABEL=rootfs_${raucslot} rootwait ro rauc.slot=${raucslot}"
 else
+    # RAUC refills every counter here; an unconfirmed trial (EO_TRIAL, set by the agent)
+    # is not refilled, so it cannot come back after the committed slot ran out of tries.
     echo "edgeops: no slot has attempts left; resetting the counters"
-    setenv BOOT_A_LEFT 3
-    setenv BOOT_B_LEFT 3
+    if test "x${EO_TRIAL}" != "xA"; then setenv BOOT_A_LEFT 3; fi
+    if test "x${EO_TRIAL}" != "xB"; then setenv BOOT_B_LEFT 3; fi
     saveenv
     reset
 fi
