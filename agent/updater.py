@@ -236,9 +236,8 @@ class Updater:
         confirm = getattr(self.dev.bootloader, "confirm", None)
         if confirm is None or self.rebooted or self.journal.state().phase is not lifecycle.Phase.IDLE:
             return
-        booted = self.dev.runtime.booted_slot()
-        if booted == self.dev.bootloader.primary():
-            confirm(booted)
+        # each backend confirms only its committed slot (a fallback slot stays unconfirmed)
+        confirm(self.dev.runtime.booted_slot())
 
     def root(self) -> tpm_mod.RootOfTrust | None:
         """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""

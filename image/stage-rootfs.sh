@@ -13,6 +13,7 @@
 #   usr/share/edgeops/boards/NAME.toml  the board file, for 'edgeops board check' on the device
 #   etc/systemd/system/edgeops-agent.service, edgeops-provision.service (TPM anchoring at
 #                                            boot), both enabled for multi-user.target
+#   etc/systemd/system.conf.d/edgeops-watchdog.conf  RuntimeWatchdogSec: PID 1 feeds /dev/watchdog
 #   etc/systemd/system/edgeops-controller.service when --controller (enabled too)
 # The Python package itself is installed by the image builder's own Python packaging
 # (pip wheel, a Yocto/Buildroot python package, or dh-python): /usr/bin/edgeops must exist.
@@ -50,6 +51,9 @@ if [ -n "$fleet" ]; then
 fi
 install -m 0644 "$here/systemd/edgeops-agent.service" "$here/systemd/edgeops-provision.service" "$units/"
 ln -sf ../edgeops-agent.service "$units/multi-user.target.wants/edgeops-agent.service"
+# PID 1 feeds the hardware watchdog: a hung system is reset, then the bootloader decides
+install -d -m 0755 "$rootfs/etc/systemd/system.conf.d"
+install -m 0644 "$here/systemd/system.conf.d/edgeops-watchdog.conf" "$rootfs/etc/systemd/system.conf.d/"
 # runs only where /dev/tpmrm0 exists (a TPM, or a TPM HAT on a Raspberry Pi)
 ln -sf ../edgeops-provision.service "$units/multi-user.target.wants/edgeops-provision.service"
 if [ "$controller" = 1 ]; then

@@ -182,3 +182,19 @@ def test_a_dead_trial_never_boots_again_whatever_the_resets(board: Board, make_b
     for _ in range(8):
         board.runtime.power_cut()
         assert board.runtime.booted_slot() == "A"
+
+
+def test_rauc_scheme_confirms_the_committed_slot_even_on_its_last_attempt(tmp_path: Path) -> None:
+    from agent.bootloader import uboot_rauc as rauc_mod
+    from agent.bootloader.uboot_env import EnvStore, Location
+
+    store = EnvStore([Location(tmp_path / "env", 0)], 0x4000)
+    store.write({**rauc_mod.initial_env("A"), "BOOT_ORDER": "B A", "BOOT_B_LEFT": "0"})
+    bl = rauc_mod.UBootRauc(store, ("A", "B"))
+    assert bl.primary() == "A"  # B spent its last try on this very boot
+    bl.confirm("B")  # the agent, running on B, confirms it
+    assert store.read()["BOOT_B_LEFT"] == "3" and bl.primary() == "B"
+    bl.confirm("A")  # a fallback slot is never confirmed in B's place
+    assert store.read()["BOOT_ORDER"] == "B A"
+    with pytest.raises(Exception, match="1 to 9"):
+        rauc_mod.UBootRauc(store, ("A", "B"), attempts=10)

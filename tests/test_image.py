@@ -94,6 +94,11 @@ def test_stage_rootfs_writes_a_config_the_agent_reads(tmp_path: Path, pki: Keys)
     assert (wants / "edgeops-agent.service").resolve().is_file()
     assert (wants / "edgeops-controller.service").resolve().is_file()
     assert (wants / "edgeops-provision.service").resolve().is_file()
+    import configparser
+
+    conf = configparser.ConfigParser()
+    conf.read(rootfs / "etc/systemd/system.conf.d/edgeops-watchdog.conf")
+    assert conf["Manager"]["RuntimeWatchdogSec"]  # a hung system is reset by hardware
 
 
 @pytest.mark.parametrize("args, says", [

@@ -130,7 +130,8 @@ def test_fw_env_config_forms(tmp_path: Path) -> None:
     locs, size = fwenv.parse(text)
     assert size == 0x4000
     assert [loc.offset for loc in locs] == [0x8000, 0xC000]
-    for bad in ("", "dev 0x0\n", "a 0 0x10\nb 0 0x20\n", "a zz 0x10\n", "a -0x100 0x10\n"):
+    for bad in ("", "dev 0x0\n", "a 0 0x10\nb 0 0x20\n", "a zz 0x10\n", "a -0x100 0x10\n",
+                "/dev/mtd1 0x0 0x10000 0x10000\n", "/dev/ubi0:env 0x0 0x1f000 0x1f000\n"):
         with pytest.raises(EnvError):
             fwenv.parse(bad.replace("a -0x100", f"{dev} -0x20000"))
 

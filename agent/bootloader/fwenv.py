@@ -60,6 +60,11 @@ def parse(text: str, *, base: Path = Path("/"), size_of: SizeOf = _device_size
             continue
         if len(line) < 3:
             raise EnvError(f"fw_env.config line {n}: need 'device offset size', got {raw.strip()!r}")
+        if re.match(r"^/dev/(mtd|ubi)", line[0]):
+            # flash needs erase-before-write and libubootenv's flag semantics for NAND;
+            # writing it like a block device would corrupt the copy without an error
+            raise EnvError(f"fw_env.config line {n}: {line[0]} is MTD/UBI flash, which edgeops "
+                           f"does not write", hint="keep the environment on eMMC/SD or in a file")
         path = base / line[0].lstrip("/") if line[0].startswith("/") else base / line[0]
         offset, size = _c_int(line[1]), _c_int(line[2])
         if offset < 0:  # libubootenv: counted back from the end of the device

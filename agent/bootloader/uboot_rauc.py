@@ -26,7 +26,7 @@ from typing import Any
 from agent.bootloader import register
 from agent.bootloader.fwenv import store_from_settings
 from agent.bootloader.uboot_env import EnvStore
-from agent.errors import BootloaderError
+from agent.errors import BootloaderError, ConfigError
 
 ATTEMPTS = 3
 
@@ -40,6 +40,9 @@ def attempts(env: Mapping[str, str], slot: str) -> int:
 
 class UBootRauc:
     def __init__(self, store: EnvStore, slots: tuple[str, ...], *, attempts: int = ATTEMPTS) -> None:
+        if not 1 <= attempts <= 9:
+            # the counter is written in hex; U-Boot's `test -gt` reads decimal, so 'a'..'f' is 0
+            raise ConfigError(f"uboot_rauc attempts must be 1 to 9, not {attempts}")
         self.store = store
         self.slots = slots
         self.attempts = attempts
@@ -82,10 +85,15 @@ class UBootRauc:
             self.store.write(new)
 
     def confirm(self, slot: str) -> None:
-        """RAUC's mark-good for the running committed slot: refill its attempts."""
+        """RAUC's mark-good for the running committed slot: refill its attempts.
+
+        "Committed" is the first slot in BOOT_ORDER that is not a trial, whatever its
+        counter: on the boot that spent its last attempt, primary() already names the
+        other slot, and that is exactly the boot whose confirmation must not be lost."""
         self._check(slot)
         env = self.store.read()
-        if slot == self.primary() and attempts(env, slot) != self.attempts:
+        committed = next((s for s in self._order(env) if s != env.get("EO_TRIAL")), None)
+        if slot == committed and attempts(env, slot) != self.attempts:
             env[f"BOOT_{slot}_LEFT"] = f"{self.attempts:x}"
             self.store.write(env)
 
