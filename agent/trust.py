@@ -217,12 +217,8 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate
     revoked: set[tuple[str, int]] = set()
     newest: dict[str, KeptCrl] = {}
     for blob in crl_blobs:
-        if not blob or len(blob) > MAX_CRL_BYTES:
-            continue
-        try:
-            crl = (x509.load_pem_x509_crl(blob) if blob.lstrip().startswith(b"-----")
-                   else x509.load_der_x509_crl(blob))
-        except ValueError:
+        crl = _load_crl(blob)
+        if crl is None:
             continue
         issuer = next((r for r in roots if r.subject == crl.issuer
                        and crl.is_signature_valid(r.public_key())), None)  # type: ignore[arg-type]
@@ -236,14 +232,18 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate
 
 
 def parses_as_crl(blob: bytes) -> bool:
+    return _load_crl(blob) is not None
+
+
+def _load_crl(blob: bytes) -> x509.CertificateRevocationList | None:
+    """A CRL in PEM or DER of at most MAX_CRL_BYTES, or None."""
     if not blob or len(blob) > MAX_CRL_BYTES:
-        return False
+        return None
     try:
-        (x509.load_pem_x509_crl(blob) if blob.lstrip().startswith(b"-----")
-         else x509.load_der_x509_crl(blob))
+        return (x509.load_pem_x509_crl(blob) if blob.lstrip().startswith(b"-----")
+                else x509.load_der_x509_crl(blob))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int:
