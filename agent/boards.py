@@ -170,7 +170,7 @@ class Problem:
 
 def check(board: Board, root: Path = Path("/"), *, agent_compatible: str | None = None,
           agent_backend: str | None = None) -> list[Problem]:
-    problems = _check_slots(board, root) + _check_boot(board, root)
+    problems = _check_slots(board, root) + _check_boot(board, root) + _check_env_place(board, root)
     if agent_compatible is not None and agent_compatible != board.compatible:
         problems.append(Problem(f"agent.toml compatible '{agent_compatible}' differs from the board's "
                                 f"'{board.compatible}'",
@@ -232,6 +232,41 @@ def _check_boot(board: Board, root: Path) -> list[Problem]:
     elif booted not in (primary, trial):
         out.append(Problem(f"running slot {booted} is neither the primary ({primary}) nor the trial",
                            "commit it ('edgeops rollback' / mark-good) or reboot"))
+    return out
+
+
+def _check_env_place(board: Board, root: Path) -> list[Problem]:
+    """A U-Boot env at raw offsets of a disk must not lie inside a partition: writing it would
+    corrupt that partition (and the partition's writes the env). Read with sfdisk --json."""
+    import json
+    import shutil
+    import subprocess
+
+    env, offsets = board.settings.get("env"), board.settings.get("env_offsets")
+    size = int(board.settings.get("env_size", 0) or 0)
+    if not isinstance(env, str) or not isinstance(offsets, list) or not size or not shutil.which("sfdisk"):
+        return []
+    disk = root / env.lstrip("/")
+    if not disk.exists():
+        return []
+    proc = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return []  # no partition table (a file, or the env on its own device): nothing to overlap
+    try:
+        table = json.loads(proc.stdout)["partitiontable"]
+        sector = int(table.get("sectorsize", 512))
+        parts = [(p.get("name") or p["node"], int(p["start"]) * sector, int(p["size"]) * sector)
+                 for p in table.get("partitions", [])]
+    except (ValueError, KeyError, TypeError):
+        return []
+    out = []
+    for off in offsets:
+        for name, start, length in parts:
+            if int(off) < start + length and start < int(off) + size:
+                out.append(Problem(f"U-Boot env copy at {int(off):#x} (+{size:#x}) overlaps partition "
+                                   f"{name} ({start:#x}..{start + length:#x}) on {env}",
+                                   "start the first partition after the env (sfdisk start=) or move "
+                                   "env_offsets, in the board file and U-Boot's CONFIG_ENV_OFFSET"))
     return out
 
 

@@ -139,3 +139,20 @@ def test_cli_list_and_show() -> None:
     assert all(name in out for name in SHIPPED)
     assert "backend = \"grub\"" in run_cli("board", "show", "x86-64-grub", check=True).stdout
     assert run_cli("board", "show", "no-such-board").returncode == 3
+
+
+def test_env_inside_a_partition_is_a_problem(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk missing (Debian package fdisk)")
+    emmc = sized(tmp_path / "dev/mmcblk0", 32 << 20)
+    board = boards.load("uboot-arm64")  # env copies at 0x3f8000 and 0x3fc000 (just under 4 MiB)
+    subprocess.run(["sfdisk", "-q", str(emmc)], input="label: gpt\nstart=8MiB, size=8MiB, name=boot\n",
+                   text=True, check=True, capture_output=True)
+    assert not [p for p in boards.check(board, tmp_path) if "overlaps" in p.what]
+    subprocess.run(["sfdisk", "-q", str(emmc)], input="label: gpt\nstart=1MiB, size=8MiB, name=boot\n",
+                   text=True, check=True, capture_output=True)
+    overlaps = [p for p in boards.check(board, tmp_path) if "overlaps" in p.what]
+    assert len(overlaps) == 2 and "partition boot" in overlaps[0].what
