@@ -333,7 +333,8 @@ def open_stream(url: str, policy: DownloadPolicy | None = None) -> tuple[io.RawI
     """
     session = new_session()
     origin = Origin(url)
-    timeout = ((policy or DownloadPolicy()).connect_timeout, (policy or DownloadPolicy()).read_timeout)
+    policy = policy or DownloadPolicy()
+    timeout = (policy.connect_timeout, policy.read_timeout)
     try:
         resp = open_url(session, origin, url, {"Accept-Encoding": "identity"}, timeout)
     except requests.RequestException as exc:
