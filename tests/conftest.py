@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from agent import bundle, keys, sim
-from agent.config import load
-from agent.updater import Device, Updater, open_device
+from agent.adapters import bundle
+from agent.core.config import load
+from agent.device.updater import Device, Updater, open_device
+from agent.host import keys, sim
 
 EDGEOPS = [sys.executable, "-m", "agent.cli"]
 COMPATIBLE = "edgeops-sim"

@@ -35,9 +35,9 @@ def after(owner, name):
 
 for name in ("write", "pwrite", "fsync", "replace"):
     after(os, name)
-import agent.journal
-after(agent.journal._Tx, "__exit__")
-from agent.cli import main
+import agent.adapters.journal
+after(agent.adapters.journal._Tx, "__exit__")
+from agent.cli.main import main
 code = main(sys.argv[1:])
 sys.stderr.write(f"\nDURABLE-STEPS {count[0]}\n")
 sys.exit(code)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.bootloader.rpi_tryboot import BootFs, parse_autoboot
-from agent.bootloader.uboot_env import EnvStore
+from agent.adapters.bootloader.rpi_tryboot import BootFs, parse_autoboot
+from agent.core.uboot_env import EnvStore
 from tests import hush
 
 MiB = 1 << 20
@@ -122,7 +122,7 @@ class UBootScript:
     log: list[str] = field(default_factory=list)
 
     def boot(self) -> str:
-        from agent.runtime import slot_from_cmdline
+        from agent.adapters.runtime import slot_from_cmdline
 
         for _ in range(3):  # a script may `reset` (RAUC: all attempts spent)
             env = self.store.read() if self.store.exists() else {}

@@ -8,8 +8,8 @@ change in the file, as GRUB's save_env does) and ``menuentry "title" { ... }``
 
 from __future__ import annotations
 
-from agent.bootloader import grub as grub_mod
-from agent.bootloader.rpi_tryboot import BootFs
+from agent.adapters.bootloader import grub as grub_mod
+from agent.adapters.bootloader.rpi_tryboot import BootFs
 from tests import hush
 
 

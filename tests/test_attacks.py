@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import bundle, keys, tarstream
+from agent.adapters import bundle
+from agent.core import lifecycle, tarstream
+from agent.device.updater import Updater
 from agent.errors import (
     BundleError,
     ConfigError,
@@ -32,7 +34,7 @@ from agent.errors import (
     UnsafeMember,
     UntrustedSigner,
 )
-from agent.updater import Updater
+from agent.host import keys
 from tests.conftest import BundleFactory, Keys, allocated_blocks, make_image
 
 
@@ -191,7 +193,7 @@ def test_incompatible_board_is_refused(updater: Updater, device_dir: Path,
 
 def test_security_version_below_floor_is_refused(updater: Updater, device_dir: Path,
                                                  make_bundle: BundleFactory) -> None:
-    updater.journal.record([__import__("agent.lifecycle").lifecycle.RaiseFloor(5)])
+    updater.journal.record([lifecycle.RaiseFloor(5)])
     data = make_bundle("2.0", security_version=4).read_bytes()
     assert_refused(updater, device_dir, data, RollbackRefused, "below the device floor 5")
 

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import attest
-from agent.keystore import KeystoreRoot
+from agent.adapters.rot.keystore import KeystoreRoot
+from agent.core import attest
 
 NONCE = b"fresh-nonce-1234"
 EVENTS = (attest.Event(15, "install:rootfs:b", hashlib.sha256(b"img").digest()),
@@ -122,7 +122,7 @@ def test_keystore_quote_uses_the_same_verifier(tmp_path: Path) -> None:
 
 
 def test_event_log_line_torn_by_a_power_cut_is_dropped(tmp_path: Path) -> None:
-    from agent.tpm import EventLog
+    from agent.adapters.rot.tpm import EventLog
 
     log = EventLog(tmp_path / "events.jsonl")
     for e in EVENTS:

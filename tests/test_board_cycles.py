@@ -5,7 +5,7 @@ power cut → bootloader fallback. The Updater (journal, trust, lifecycle) is th
 real one; the firmware is tests/firmware.py reading the same disk image bytes
 the backend wrote (sfdisk-partitioned image; FAT via mkfs.vfat + mtools; the
 U-Boot env at raw offsets named by a fw_env.config). Rootfs slots are plain
-files because agent.slots writes whole files/devices, not image partitions.
+files because agent.adapters.slots writes whole files/devices, not image partitions.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from typing import Any
 
 import pytest
 
-from agent import boards, lifecycle
-from agent.bootloader import Bootloader, fwenv
-from agent.bootloader import grub as grub_mod
-from agent.bootloader import uboot as uboot_mod
-from agent.bootloader import uboot_rauc as rauc_mod
-from agent.bootloader.rpi_tryboot import RebootParamFlag, RpiTryboot, initial_autoboot
-from agent.config import AgentConfig
-from agent.journal import Journal
-from agent.updater import Device, Updater
+from agent.adapters.bootloader import Bootloader, fwenv
+from agent.adapters.bootloader import grub as grub_mod
+from agent.adapters.bootloader import uboot as uboot_mod
+from agent.adapters.bootloader import uboot_rauc as rauc_mod
+from agent.adapters.bootloader.rpi_tryboot import RebootParamFlag, RpiTryboot, initial_autoboot
+from agent.adapters.journal import Journal
+from agent.core import lifecycle
+from agent.core.config import AgentConfig
+from agent.device.updater import Device, Updater
+from agent.host import boards
 from tests import firmware as fw
 from tests.conftest import COMPATIBLE, BundleFactory, Keys, make_image
 
@@ -43,7 +44,7 @@ class Board:
     healthy: Path
 
     def cycle(self) -> lifecycle.Phase:
-        """One agent cycle; until agent/updater.py has its per-boot confirm hook
+        """One agent cycle; until agent/device/updater.py has its per-boot confirm hook
         (``Updater._confirm_boot``), the same hook is run here."""
         self.updater.rebooted = False
         self.updater.cycle()
@@ -185,8 +186,8 @@ def test_a_dead_trial_never_boots_again_whatever_the_resets(board: Board, make_b
 
 
 def test_rauc_scheme_confirms_the_committed_slot_even_on_its_last_attempt(tmp_path: Path) -> None:
-    from agent.bootloader import uboot_rauc as rauc_mod
-    from agent.bootloader.uboot_env import EnvStore, Location
+    from agent.adapters.bootloader import uboot_rauc as rauc_mod
+    from agent.core.uboot_env import EnvStore, Location
 
     store = EnvStore([Location(tmp_path / "env", 0)], 0x4000)
     store.write({**rauc_mod.initial_env("A"), "BOOT_ORDER": "B A", "BOOT_B_LEFT": "0"})

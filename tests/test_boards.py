@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import boards
-from agent.bootloader import grub as grub_mod
-from agent.bootloader import uboot as uboot_mod
-from agent.bootloader import uboot_env
-from agent.bootloader.rpi_tryboot import initial_autoboot
+from agent.adapters.bootloader import grub as grub_mod
+from agent.adapters.bootloader import uboot as uboot_mod
+from agent.adapters.bootloader.rpi_tryboot import initial_autoboot
+from agent.core import uboot_env
 from agent.errors import ConfigError
+from agent.host import boards
 from tests.conftest import run_cli
 
 SHIPPED = ["cm4", "rpi4", "rpi5", "sim", "uboot-arm64", "x86-64-grub"]
@@ -26,8 +26,8 @@ def sized(path: Path, size: int) -> Path:
 
 
 def test_every_shipped_board_parses_and_names_a_registered_backend() -> None:
-    from agent import bootloader
-    from agent.bootloader import grub, rpi_tryboot, uboot_rauc  # noqa: F401  (register)
+    from agent.adapters import bootloader
+    from agent.adapters.bootloader import grub, rpi_tryboot, uboot_rauc  # noqa: F401  (register)
 
     assert set(SHIPPED) <= set(boards.available())
     for name in SHIPPED:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import tarstream, trust
-from agent.bundle import BundleReader
+from agent.adapters.bundle import BundleReader
+from agent.core import tarstream, trust
 from agent.errors import EdgeopsError
 from tests.conftest import Keys
 
@@ -32,7 +32,8 @@ def test_any_byte_stream_reads_or_raises_our_error(data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory, pki: Keys) -> bytes:
-    from agent import bundle, keys
+    from agent.adapters import bundle
+    from agent.host import keys
 
     img = tmp_path_factory.mktemp("fz") / "img"
     img.write_bytes(bytes(range(256)) * 64)
@@ -145,7 +146,7 @@ def test_a_root_with_path_length_zero_certifies_no_intermediate(tmp_path: Path) 
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from cryptography.x509.oid import NameOID
 
-    from agent import keys
+    from agent.host import keys
 
     keys.init_root(tmp_path / "root")  # pathLenConstraint 0: signers directly under it only
     root_key, root_cert = keys.load_root(tmp_path / "root")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import EXIT_CODES
+from agent.cli.main import EXIT_CODES
 from tests.conftest import BundleFactory, Keys, make_image, run_cli
 from tests.faultproxy import Fault, FaultProxy
 
@@ -202,7 +202,7 @@ def test_refusals_exit_with_their_documented_code(cfg: Path, make_bundle: Bundle
     elif kind == "rollback":
         bad = make_bundle("1.0", security_version=2)
     elif kind == "untrusted":
-        from agent import keys
+        from agent.host import keys
 
         keys.init_root(tmp_path / "r2")
         kp = keys.issue_signer(tmp_path / "r2", tmp_path / "s2")

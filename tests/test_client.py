@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 
-from agent.client import DdiClient, FleetAgent, FleetConfig, PollOutcome, load_fleet
-from agent.config import load
-from agent.download import DownloadPolicy
+from agent.adapters.download import DownloadPolicy
+from agent.adapters.journal import Journal
+from agent.core.config import load
+from agent.core.outbox import MODEL_KIND, Backoff
+from agent.device.fleet import DdiClient, FleetAgent, FleetConfig, PollOutcome, load_fleet
+from agent.device.push import LongPoll
+from agent.device.updater import Updater, open_device
 from agent.errors import TransportError
-from agent.journal import Journal
-from agent.push import LongPoll
-from agent.sim import SimFirmware
-from agent.sync import MODEL_KIND, Backoff
-from agent.updater import Updater, open_device
+from agent.host.sim import SimFirmware
 from tests.conftest import BundleFactory
 from tests.fakeddi import Action, FakeDdi
 from tests.faultproxy import Fault, FaultProxy

@@ -1,4 +1,4 @@
-"""The device agent's own DDI client (agent.client) against this controller, over real HTTP."""
+"""The device agent's own DDI client (agent.device.fleet) against this controller, over real HTTP."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from agent import lifecycle, sim
-from agent.config import load
-from agent.controller.simfleet import start_controller
-from agent.updater import Updater, open_device
+from agent.core import lifecycle
+from agent.core.config import load
+from agent.device.updater import Updater, open_device
+from agent.host import sim
+from agent.host.simfleet import start_controller
 from tests.conftest import Keys, make_image
 
-client = pytest.importorskip("agent.client", reason="the device-side DDI client is not in this tree yet")
+client = pytest.importorskip("agent.device.fleet",
+                             reason="the device-side DDI client is not in this tree yet")
 
 BROKEN = '\n[[health.probe]]\ntype = "disk"\npath = "/"\nmin_free_mb = 1000000000\nname = "broken-app"\n'
 

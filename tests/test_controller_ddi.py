@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from agent import keys
-from agent.controller.simfleet import LocalController, start_controller
+from agent.host import keys
+from agent.host.simfleet import LocalController, start_controller
 from tests.conftest import Keys, run_cli
 
 
@@ -252,8 +252,8 @@ def test_etag_long_poll_and_idempotent_feedback(ctl: LocalController, make_bundl
 
 
 def test_documents_parse_with_the_agents_ddi_parsers(ctl: LocalController, make_bundle) -> None:
-    """Contract between the two sides: what this controller serves, agent.ddi accepts."""
-    ddi_mod = pytest.importorskip("agent.ddi")
+    """Contract between the two sides: what this controller serves, agent.core.ddi accepts."""
+    ddi_mod = pytest.importorskip("agent.core.ddi")
     token = ctl.api("POST", "/devices", {"id": "dev1"})["token"]
     bid = upload(ctl, make_bundle("2.0", size=4096)).json()["id"]
     rid = ctl.api("POST", "/deployments", {"bundle": bid, "device": "dev1"})["id"]

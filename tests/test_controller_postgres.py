@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import sim
-from agent.controller.simfleet import SimDevice, start_controller
+from agent.host import sim
+from agent.host.simfleet import SimDevice, start_controller
 from tests.conftest import Keys, make_image
 
 pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' to test the PostgreSQL backend")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import requests
 
-from agent import sim
-from agent.controller.simfleet import SimDevice, start_controller
+from agent.host import sim
+from agent.host.simfleet import SimDevice, start_controller
 from tests.conftest import Keys, make_image
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import sim
-from agent.controller.simfleet import LocalController, SimDevice, start_controller
+from agent.host import sim
+from agent.host.simfleet import LocalController, SimDevice, start_controller
 from tests.conftest import Keys, make_image
 
 BAD_HEALTH = {"retries": 1, "probe": [{"type": "disk", "path": "/", "min_free_mb": 10**9,

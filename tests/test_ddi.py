@@ -1,4 +1,4 @@
-"""agent.ddi: the documented DDI shapes parse; anything else raises only DdiProtocolError."""
+"""agent.core.ddi: the documented DDI shapes parse; anything else raises only DdiProtocolError."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import ddi
+from agent.core import ddi
 
 FIX = Path(__file__).parent / "fixtures" / "ddi"
 

@@ -1,4 +1,4 @@
-"""agent.download over real loopback HTTP, with faults injected by tests/faultproxy.py."""
+"""agent.adapters.download over real loopback HTTP, with faults injected by tests/faultproxy.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.download import (
+from agent.adapters.download import (
     ArtifactMismatch,
     DownloadFailed,
     DownloadPolicy,

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.bootloader import grub
-from agent.bootloader.grub import GrubEnvError, GrubRauc
-from agent.bootloader.rpi_tryboot import DirBootFs
+from agent.adapters.bootloader import grub
+from agent.adapters.bootloader.grub import GrubEnvError, GrubRauc
+from agent.adapters.bootloader.rpi_tryboot import DirBootFs
 from agent.errors import BootloaderError
 
 

@@ -1,4 +1,4 @@
-"""agent.health: the pure commit / revert / wait decision and the [health] policy parser."""
+"""agent.core.health: the pure commit / revert / wait decision and the [health] policy parser."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.adapters.probes import ProbeResult, ProbeSpec
+from agent.core.health import MAX_PROBES, Decision, HealthPolicy, decide, parse_policy
 from agent.errors import ConfigError
-from agent.health import MAX_PROBES, Decision, HealthPolicy, decide, parse_policy
-from agent.probes import ProbeResult, ProbeSpec
 
 A = ProbeSpec("command", "a", argv=("true",))
 B = ProbeSpec("http", "b", url="http://127.0.0.1/health")

@@ -14,9 +14,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent import identity, tpm
-from agent.identity import CertTimes, DeviceCA, DeviceIdentity, renewal_due
-from agent.keystore import KeystoreRoot
+from agent.adapters.rot import tpm
+from agent.adapters.rot.keystore import KeystoreRoot
+from agent.device import identity
+from agent.device.identity import CertTimes, DeviceCA, DeviceIdentity, renewal_due
 from tests.swtpm import SwTpm, require_swtpm
 
 DAY = 86400

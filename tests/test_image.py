@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import boards, config, tomlout, tpm
+from agent.adapters.rot import tpm
+from agent.core import config
+from agent.host import boards, tomlout
 from tests.conftest import Keys, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +88,7 @@ def test_stage_rootfs_writes_a_config_the_agent_reads(tmp_path: Path, pki: Keys)
     assert cfg.board == "uboot-arm64" and cfg.keyring == Path("/etc/edgeops/keyring/root.crt")
     assert (etc / "keyring" / "root.crt").read_bytes() == pki.root_crt.read_bytes()
     assert stat.S_IMODE((etc / "fleet.toml").stat().st_mode) == 0o600
-    from agent.client import load_fleet
+    from agent.device.fleet import load_fleet
 
     assert load_fleet(etc / "agent.toml").controller_id == "gw-1"
     assert boards.load("uboot-arm64", (rootfs / "usr/share/edgeops/boards",)).name == "uboot-arm64"

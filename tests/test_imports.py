@@ -19,11 +19,11 @@ def loaded_after(code: str) -> set[str]:
 
 
 def test_cli_and_updater_import_no_server_or_test_dependency() -> None:
-    mods = loaded_after("import agent.cli, agent.updater; agent.cli.build_parser()")
+    mods = loaded_after("import agent.cli.main, agent.device.updater; agent.cli.main.build_parser()")
     bad = sorted(m for m in mods if m.split(".")[0] in FORBIDDEN or m.startswith("agent.controller"))
     assert not bad, f"device-side import pulls in {bad}"
 
 
 def test_install_path_does_not_import_requests_or_psutil() -> None:
-    mods = loaded_after("import agent.updater, agent.bundle, agent.trust")
+    mods = loaded_after("import agent.device.updater, agent.adapters.bundle, agent.core.trust")
     assert "requests" not in mods and "psutil" not in mods

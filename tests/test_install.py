@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import lifecycle, sim
+from agent.core import lifecycle
+from agent.device.updater import Updater
 from agent.errors import RollbackRefused, StateError
-from agent.updater import Updater
+from agent.host import sim
 from tests.conftest import BundleFactory, slot_sha
 
 FAILING = {"retries": 1, "deadline": 5, "interval": 0.1,
@@ -149,7 +150,7 @@ def test_rollback_below_the_floor_is_refused(updater: Updater, device_dir: Path,
 
 def test_rollback_honours_the_anchored_floor_after_a_reimaged_journal(
         updater: Updater, device_dir: Path, make_bundle: BundleFactory) -> None:
-    from agent.keystore import KeystoreRoot
+    from agent.adapters.rot.keystore import KeystoreRoot
 
     install(updater, make_bundle("2.0", security_version=0))
     reboot_and_cycle(updater, device_dir)
@@ -191,8 +192,8 @@ def test_a_second_installer_is_locked_out(updater: Updater, make_bundle: BundleF
 
 def test_sim_device_folder_can_be_moved(device_dir: Path, tmp_path: Path,
                                         make_bundle: BundleFactory) -> None:
-    from agent.config import load
-    from agent.updater import open_device
+    from agent.core.config import load
+    from agent.device.updater import open_device
 
     moved = tmp_path / "elsewhere"
     device_dir.rename(moved)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import lifecycle as lc
-from agent.lifecycle import Phase, State
+from agent.core import lifecycle as lc
+from agent.core.lifecycle import Phase, State
 
 BOOT0, BOOT1, BOOT2 = "boot-0", "boot-1", "boot-2"
 INSTALL = lc.Install(target="B", previous="A", version="2.0", security_version=3, boot_id=BOOT0)
@@ -104,7 +104,7 @@ def test_state_round_trips_through_its_dict() -> None:
 
 # --- a model of the board: the property holds for any sequence of events -----------------------
 class Board:
-    """A U-Boot bootcount board, the same decision as agent.sim.SimFirmware."""
+    """A U-Boot bootcount board, the same decision as agent.host.sim.SimFirmware."""
 
     def __init__(self) -> None:
         self.primary, self.trial, self.count, self.boot = "A", None, 0, 0

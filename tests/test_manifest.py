@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import manifest
+from agent.core import manifest
+from agent.core.manifest import Manifest, Payload
 from agent.errors import ManifestError
-from agent.manifest import Manifest, Payload
 
 PAYLOAD = Payload(name="rootfs", slot_class="rootfs", size=1000, sha256="a" * 64, stored_size=1000,
                   compression="none", block_size=65536, blocks_sha256="b" * 64)

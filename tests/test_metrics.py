@@ -13,7 +13,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.controller.simfleet import start_controller
+from agent.host.simfleet import start_controller
 from tests.conftest import BundleFactory, Keys, run_cli
 
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,

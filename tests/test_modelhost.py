@@ -15,8 +15,10 @@ import pytest
 np = pytest.importorskip("numpy")
 pytest.importorskip("ai_edge_litert")
 
-from agent.modelhost import HealthSample, ModelHost  # noqa: E402
-from agent.models import HealthPolicy, ModelManager, ModelSettings, ModelStateError  # noqa: E402
+from agent.core.model_health import HealthPolicy  # noqa: E402
+from agent.device.modelhost import HealthSample, ModelHost  # noqa: E402
+from agent.device.models import ModelManager, ModelSettings  # noqa: E402
+from agent.errors import ModelStateError  # noqa: E402
 from tests.test_models import (  # noqa: E402
     cfg,
     install,
@@ -187,7 +189,7 @@ def test_unloadable_model_keeps_the_old_one_serving(manager: ModelManager,
 def test_interpreter_crash_on_load_keeps_the_old_one_serving(manager: ModelManager,
                                                              make_model_bundle: Any,
                                                              monkeypatch: Any) -> None:
-    from agent.models import validate
+    from agent.adapters import tflite as validate
 
     install(manager, make_model_bundle("1.0"))
     install(manager, make_model_bundle("2.0", scale=2.0))
@@ -204,8 +206,8 @@ def test_interpreter_crash_on_load_keeps_the_old_one_serving(manager: ModelManag
 
 def test_no_request_waits_for_a_slow_load(manager: ModelManager, make_model_bundle: Any,
                                           monkeypatch: Any) -> None:
-    from agent import modelhost
-    from agent.models import validate
+    from agent.adapters import tflite as validate
+    from agent.device import modelhost
 
     install(manager, make_model_bundle("1.0"))
     install(manager, make_model_bundle("2.0", scale=2.0))

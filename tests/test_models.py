@@ -1,4 +1,4 @@
-"""Model updates: real tiny .tflite models, the real interpreter, signed bundles from agent.bundle."""
+"""Model updates: real tiny .tflite models, the real interpreter, signed bundles (agent.adapters.bundle)."""
 
 from __future__ import annotations
 
@@ -22,30 +22,29 @@ import pytest
 np = pytest.importorskip("numpy")
 pytest.importorskip("ai_edge_litert")
 
-from agent import keys  # noqa: E402
-from agent.config import load  # noqa: E402
-from agent.errors import BundleError, HashMismatch, IncompatibleBundle, RollbackRefused  # noqa: E402
-from agent.journal import Journal  # noqa: E402
-from agent.models import (  # noqa: E402
-    HealthPolicy,
+from agent.adapters import model_store as store_mod  # noqa: E402
+from agent.adapters import tflite as validate  # noqa: E402
+from agent.adapters.journal import Journal  # noqa: E402
+from agent.adapters.model_store import ModelStore  # noqa: E402
+from agent.core.config import load  # noqa: E402
+from agent.core.model_health import HealthPolicy, WindowStats, decide  # noqa: E402
+from agent.core.model_spec import ModelSpec, TensorSpec  # noqa: E402
+from agent.device.models import ModelManager, ModelSettings  # noqa: E402
+from agent.errors import (  # noqa: E402  # noqa: E402
+    BundleError,
+    HashMismatch,
+    IncompatibleBundle,
     ModelLoadError,
-    ModelManager,
     ModelMetaError,
     ModelOutputMismatch,
-    ModelSettings,
     ModelShapeMismatch,
-    ModelSpec,
     ModelStateError,
     ModelTooLarge,
     ModelTooSlow,
-    TensorSpec,
-    WindowStats,
-    decide,
-    validate,
+    RollbackRefused,
 )
-from agent.models import store as store_mod  # noqa: E402
-from agent.models.pack import pack  # noqa: E402
-from agent.models.store import ModelStore  # noqa: E402
+from agent.host import keys  # noqa: E402
+from agent.host.model_pack import pack  # noqa: E402
 from tests.conftest import COMPATIBLE, EDGEOPS, Keys, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,7 +227,7 @@ def test_refused_model_is_never_activated(case: str, manager: ModelManager, jour
 
 
 def test_meta_missing_latency_is_refused(manager: ModelManager, pki: Keys, tmp_path: Path) -> None:
-    from agent import bundle
+    from agent.adapters import bundle
 
     (tmp_path / "m").write_bytes(tiny.build())
     (tmp_path / "v").write_bytes(tiny.validation_set())
@@ -445,8 +444,8 @@ def test_cli_install_list_status_rollback(device_dir: Path, make_model_bundle: B
 
 
 def test_validation_set_is_bounded() -> None:
-    from agent.models import ValidationSetError
-    from agent.models.spec import load_validation
+    from agent.core.model_spec import load_validation
+    from agent.errors import ValidationSetError
 
     buf = io.BytesIO()
     np.savez_compressed(buf, input_0=np.zeros((70_000, 1, 4), np.float32),
@@ -484,7 +483,7 @@ def test_model_rollback_below_its_floor_is_refused(manager: ModelManager,
 def test_validation_array_header_cannot_claim_more_than_it_holds() -> None:
     import zipfile
 
-    from agent.models.spec import ValidationSetError, load_validation
+    from agent.core.model_spec import ValidationSetError, load_validation
 
     header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 4), np.float32))
     header["shape"] = (10**13, 4)  # 146 TiB, in a member of a few hundred bytes

@@ -25,14 +25,15 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent import identity, tpm
-from agent.client import DdiClient, FleetAgent, FleetConfig
-from agent.config import load
+from agent.adapters.rot import tpm
 from agent.controller.app import Settings, serve_in_thread
 from agent.controller.db import open_database
 from agent.controller.fleet import Fleet
-from agent.identity import CertificateRefused, DeviceCA, DeviceIdentity, FleetIdentity
-from agent.updater import Updater, open_device
+from agent.core.config import load
+from agent.device import identity
+from agent.device.fleet import DdiClient, FleetAgent, FleetConfig
+from agent.device.identity import CertificateRefused, DeviceCA, DeviceIdentity, FleetIdentity
+from agent.device.updater import Updater, open_device
 from tests.conftest import Keys, run_cli
 from tests.swtpm import SwTpm, require_swtpm
 
@@ -225,7 +226,7 @@ def test_token_renewal_recovers_an_expired_certificate_and_keys_stay_bound(
     cert = fi.renew(int(time.time()))
     assert identity.CertTimes.of(cert).life_left(int(time.time())) > 23 * 3600
     # A CSR for another key (not the enrolled, TPM-sealed one) gets nothing, even with the token.
-    from agent.keystore import KeystoreRoot
+    from agent.adapters.rot.keystore import KeystoreRoot
 
     stranger = DeviceIdentity(KeystoreRoot(tmp_path / "stranger", reason="test"), tmp_path / "stranger")
     stranger.ensure_key()
@@ -288,7 +289,7 @@ def test_cli_serve_with_device_ca_and_tpm_renew(tmp_path: Path, sw: SwTpm, devic
 
 
 def test_configuration_errors_are_clear(tmp_path: Path) -> None:
-    from agent.client import parse_fleet
+    from agent.device.fleet import parse_fleet
     from agent.errors import ConfigError
 
     base = {"url": "https://c.example", "controller_id": "gw-1"}

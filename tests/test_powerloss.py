@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import sim
-from agent.config import load
-from agent.updater import Updater, open_device
+from agent.core.config import load
+from agent.device.updater import Updater, open_device
+from agent.host import sim
 from tests.conftest import Keys, make_image, run_cli
 from tests.faults import killed, run_with_kill, steps
 

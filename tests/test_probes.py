@@ -1,4 +1,4 @@
-"""agent.probes against real parts: an HTTP server, sockets, processes, the filesystem."""
+"""agent.adapters.probes against real parts: an HTTP server, sockets, processes, the filesystem."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import psutil
 import pytest
 
+from agent.adapters.probes import DETAIL_CHARS, ProbeSpec, run_all, run_probe
 from agent.errors import ConfigError
-from agent.probes import DETAIL_CHARS, ProbeSpec, run_all, run_probe
 
 
 # --- real servers ---------------------------------------------------------------------------

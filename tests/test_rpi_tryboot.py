@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.bootloader import create
-from agent.bootloader.rpi_tryboot import (
+from agent.adapters.bootloader import create
+from agent.adapters.bootloader.rpi_tryboot import (
     Autoboot,
     AutobootError,
     DirBootFs,

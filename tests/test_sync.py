@@ -1,4 +1,4 @@
-"""agent.sync: durable, ordered, idempotent delivery; backoff with full jitter."""
+"""agent.core.outbox: durable, ordered, idempotent delivery; backoff with full jitter."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import DdiClient, FleetConfig
+from agent.adapters.journal import Journal
+from agent.core.outbox import MODEL_KIND, Backoff, Rejected, Report, Sync
+from agent.device.fleet import DdiClient, FleetConfig
 from agent.errors import TransportError
-from agent.journal import Journal
-from agent.sync import MODEL_KIND, Backoff, Rejected, Report, Sync
 from tests.fakeddi import FakeDdi
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import attest, keys, tpm
+from agent.adapters.rot import tpm
+from agent.adapters.rot.keystore import KeystoreRoot
+from agent.core import attest
 from agent.errors import UntrustedSigner
-from agent.keystore import KeystoreRoot
+from agent.host import keys
 from tests.conftest import BundleFactory, Keys, run_cli
 from tests.swtpm import SwTpm, require_swtpm
 
@@ -215,7 +217,7 @@ def test_required_tpm_has_no_fallback(tmp_path: Path) -> None:
 
 def test_fallback_to_keystore_warns_once(tmp_path: Path, pki: Keys,
                                          caplog: pytest.LogCaptureFixture) -> None:
-    import agent.keystore as ks
+    import agent.adapters.rot.keystore as ks
 
     ks._warned = False
     with caplog.at_level(logging.WARNING):
@@ -274,10 +276,10 @@ def test_root_for_updater_is_off_unless_opted_in(tmp_path: Path, pki: Keys) -> N
 
 def test_updater_uses_the_tpm(swtpm_dev: SwTpm, device_dir: Path, make_bundle: BundleFactory,
                               pki: Keys, evil: Path) -> None:
-    from agent import sim
-    from agent.config import load
+    from agent.core.config import load
+    from agent.device.updater import Updater, open_device
     from agent.errors import RollbackRefused
-    from agent.updater import Updater, open_device
+    from agent.host import sim
 
     if not hasattr(Updater, "root"):
         pytest.skip("the updater hook (docs/tpm.md, 'Updater hook') is not applied yet")

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import bundle, keys, trust
+from agent.adapters import bundle
+from agent.core import trust
 from agent.errors import SignerExpired, SignerRevoked, UntrustedSigner
+from agent.host import keys
 from tests.conftest import BundleFactory, Keys
 
 DAY = 86400

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.bootloader import fwenv, uboot_env
-from agent.bootloader.uboot_env import EnvError, EnvStore
+from agent.adapters.bootloader import fwenv
+from agent.core import uboot_env
+from agent.core.uboot_env import EnvError, EnvStore
 
 SIZE = 0x400  # small blocks keep the every-byte sweep fast; the layout does not depend on size
 
@@ -242,7 +243,7 @@ def test_bootcount_script_decisions(tmp_path: Path, env: dict[str, str], boots: 
 
 
 def test_rauc_backend_reads_what_rauc_writes_with_fw_setenv(tmp_path: Path) -> None:
-    from agent.bootloader.uboot_rauc import UBootRauc
+    from agent.adapters.bootloader.uboot_rauc import UBootRauc
 
     store, cfg = make(tmp_path, size=0x4000)
     store.write({"BOOT_ORDER": "A B", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "0"})

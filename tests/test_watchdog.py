@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.watchdog import DevWatchdog, SystemdNotify, Watchdog, WatchdogError, from_environment
+from agent.adapters.watchdog import DevWatchdog, SystemdNotify, Watchdog, WatchdogError, from_environment
 
 
 class FakeClock:
@@ -185,10 +185,10 @@ def test_agent_crash_leaves_the_watchdog_armed_only_during_a_trial(
     import io
     import signal
 
-    from agent import sim
-    from agent.commands import device_cmd
-    from agent.config import load
-    from agent.updater import Updater, open_device
+    from agent.cli import device_cmd
+    from agent.core.config import load
+    from agent.device.updater import Updater, open_device
+    from agent.host import sim
 
     if in_trial:
         dev_ = open_device(load(device_dir / "agent.toml"))

@@ -2,8 +2,8 @@
 
 One board has an application that never becomes healthy: it installs the release, boots it
 once as a trial, fails its health check, reverts to the old slot and reports failure. The
-others commit and report success. Devices run the real device agent (agent.client) when it
-is present, else the minimal DDI poller in agent.controller.simfleet.
+others commit and report success. Devices run the real device agent (agent.device.fleet) when it
+is present, else the minimal DDI poller in agent.host.simfleet.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent import bundle, keys, lifecycle, sim  # noqa: E402
-from agent.config import load  # noqa: E402
-from agent.controller.simfleet import SimDevice, start_controller  # noqa: E402
-from agent.updater import Updater, open_device  # noqa: E402
+from agent.adapters import bundle  # noqa: E402
+from agent.core import lifecycle  # noqa: E402
+from agent.core.config import load  # noqa: E402
+from agent.device.updater import Updater, open_device  # noqa: E402
+from agent.host import keys, sim  # noqa: E402
+from agent.host.simfleet import SimDevice, start_controller  # noqa: E402
 
 BROKEN = '\n[[health.probe]]\ntype = "disk"\npath = "/"\nmin_free_mb = 1000000000\nname = "app-ready"\n'
 SITES = ("berlin", "lyon", "porto", "turin", "ghent")
@@ -39,7 +41,7 @@ def image(path: Path, size: int, seed: str) -> Path:
 
 def device_step(board: Path, url: str, did: str, token: str) -> str:
     try:
-        from agent import client
+        from agent.device import fleet as client
     except ImportError:
         return SimDevice(did, token, board, url).step()
     for _ in range(3):

@@ -40,8 +40,7 @@ from aiohttp import web
 from agent.controller import rollout
 from agent.controller.errors import BadRequest, ControllerError, NotFound, Unauthorized
 from agent.controller.fleet import BundleInfo, Fleet, PollInfo
-from agent.errors import EdgeopsError, TrustError
-from agent.identity import (
+from agent.device.identity import (
     CERT_LIFETIME,
     RENEW_PATH,
     CertificateRequired,
@@ -50,6 +49,7 @@ from agent.identity import (
     IdentityError,
     WrongDevice,
 )
+from agent.errors import EdgeopsError, TrustError
 
 log = logging.getLogger("edgeops.controller")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

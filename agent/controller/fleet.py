@@ -459,8 +459,8 @@ def _copy_hashing(stream: BinaryIO, fd: int) -> dict[str, str]:
 
 def _verify_bundle(path: Path, keyring_pem: bytes, now: float) -> tuple[str, str, str]:
     """Signature, chain and every payload block, as a device would check them (any compatible)."""
-    from agent import trust
-    from agent.bundle import BundleReader
+    from agent.adapters.bundle import BundleReader
+    from agent.core import trust
 
     with open(path, "rb") as f:
         reader = BundleReader(f)

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from agent.modelhost import ModelHost  # noqa: E402
-from agent.models import validate  # noqa: E402
-from agent.models.store import MODEL_FILE, ModelStore, VersionInfo  # noqa: E402
+from agent.adapters import tflite as validate  # noqa: E402
+from agent.adapters.model_store import MODEL_FILE, ModelStore, VersionInfo  # noqa: E402
+from agent.device.modelhost import ModelHost  # noqa: E402
 
 
 def _tiny() -> ModuleType:

@@ -1,0 +1,63 @@
+"""Bootloader backends behind one interface, chosen by name from a registry.
+
+Each backend is one module (as RAUC's src/bootloaders/) and registers itself
+with ``register``; the board file names the backend, so adding a board never
+means another if/else branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.errors import ConfigError
+
+
+class Bootloader(Protocol):
+    """Which slot boots next. Every method is idempotent and durable when it returns."""
+
+    def primary(self) -> str:
+        """The committed slot: booted when no trial is pending, and the fallback of a trial."""
+
+    def trial(self) -> str | None:
+        """The slot that will be (or is being) tried once, if any."""
+
+    def set_trial(self, slot: str) -> None:
+        """Boot ``slot`` once at the next reboot; any later boot falls back to ``primary()``."""
+
+    def commit(self, slot: str) -> None:
+        """Make ``slot`` the primary and end any trial."""
+
+    def mark_bad(self, slot: str) -> None:
+        """Never boot ``slot`` again until it is set to trial or committed."""
+
+
+Factory = Callable[[Mapping[str, Any], Path, tuple[str, ...]], Bootloader]
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    def deco(factory: Factory) -> Factory:
+        _REGISTRY[name] = factory
+        return factory
+    return deco
+
+
+def create(name: str, settings: Mapping[str, Any], base: Path, slots: tuple[str, ...]) -> Bootloader:
+    _load_builtin()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown bootloader backend '{name}'",
+                          hint=f"use one of: {', '.join(sorted(_REGISTRY))}") from None
+    return factory(settings, base, slots)
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from agent.adapters.bootloader import grub, rpi_tryboot, uboot, uboot_rauc  # noqa: F401  (register)

@@ -1,0 +1,595 @@
+"""The TPM 2.0 root of trust: an adapter over tpm2-pytss (ESAPI), plus the interface the updater calls.
+
+``RootOfTrust`` is the one object the updater talks to: check the keyring against
+the anchor, read and raise the rollback floor, measure what was installed or
+booted, quote, and seal the identity key. ``TpmRoot`` implements it with a TPM;
+``agent.adapters.rot.keystore.KeystoreRoot`` with files when there is none. ``open_root``
+chooses, honouring ``tpm_required``.
+
+TPM objects (docs/tpm.md has the reasoning):
+- keyring anchor: NV index ``anchor_index`` (default 0x01000E00), owner hierarchy,
+  ordinary index, attributes OWNERWRITE|OWNERREAD|AUTHREAD|WRITEDEFINE|NO_DA, empty
+  authValue (anyone may read, only the owner may write). Written once at
+  provisioning, then TPM2_NV_WriteLock'ed: with WRITEDEFINE the lock lasts until
+  the index is deleted, so no reboot clears it. Content: magic, SHA-256 of the
+  trusted roots, and the counter's base value.
+- rollback floor: NV counter (TPM2_NT_COUNTER) ``counter_index`` (default
+  0x01000E01), OWNERWRITE|OWNERREAD|AUTHREAD|NO_DA. A TPM starts a new counter at
+  the highest value any counter ever had, so floor = counter - base (base stored
+  in the locked anchor): even deleting and re-creating the counter cannot lower it.
+- measurements: SHA-256 bank of PCR ``pcr`` (default 15), one extend per event;
+  the event log lives in the state dir, the verifier replays it.
+- attestation key: a restricted ECC P-256 signing primary in the endorsement
+  hierarchy. Primaries are derived from the hierarchy seed and the template, so
+  the same key comes back after a re-image without storing anything.
+- sealed secrets: keyedhash objects under an owner ECC storage primary; only the
+  wrapped blobs sit on disk, and only this TPM can unseal them.
+
+tpm2_pytss is imported lazily so the agent without the ``[tpm]`` extra still imports.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from agent.core.attest import MAX_NONCE, Event, QuoteRefused
+from agent.errors import ConfigError, DeviceError, StateError, UntrustedSigner
+
+DEVICE_TCTI = "device:/dev/tpmrm0"
+ANCHOR_INDEX = 0x01000E00
+COUNTER_INDEX = 0x01000E01
+DEFAULT_PCR = 15
+ANCHOR_MAGIC = b"EOA1"
+ANCHOR_SIZE = len(ANCHOR_MAGIC) + 32 + 8
+# Each floor step is one TPM2_NV_Increment (NV wear, ~ms each on real parts), so
+# security_version is meant to grow by small steps; larger jumps are capped here
+# and still enforced in full by the journal floor.
+MAX_FLOOR_STEP = 256
+ROTATION_CONTEXT = b"edgeops keyring rotation v1\0"
+
+
+# --- errors --------------------------------------------------------------------------------------
+class TpmError(DeviceError):
+    hint = "check the TPM (tpm_tcti in the agent config) and 'edgeops tpm status'"
+
+
+class TpmUnavailable(TpmError):
+    hint = "install the [tpm] extra and check that the TPM device or simulator is reachable"
+
+
+class TpmRequired(ConfigError):
+    hint = "this board requires a TPM: fit one or set tpm_required = false"
+
+
+class NotProvisioned(StateError):
+    hint = "run 'edgeops tpm provision --config FILE' once, at the factory"
+
+
+class KeyringMismatch(UntrustedSigner):
+    hint = "the keyring file differs from the one anchored at provisioning; restore it or rotate roots"
+
+
+# --- settings ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TpmSettings:
+    tcti: str | None  # None: use the keystore, no TPM
+    required: bool = False
+    pcr: int = DEFAULT_PCR
+    anchor_index: int = ANCHOR_INDEX
+    counter_index: int = COUNTER_INDEX
+
+
+def settings_from_toml(text: str, path: Path) -> TpmSettings:
+    """Read ``tpm_*`` keys of ``[device]`` (or a ``[tpm]`` table) from agent.toml text."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    dev = doc.get("device", {})
+    tbl = doc.get("tpm", {})
+    if not isinstance(dev, dict) or not isinstance(tbl, dict):
+        raise ConfigError(f"{path}: [device] and [tpm] must be tables")
+
+    def get(key: str, default: Any) -> Any:
+        return tbl.get(key, dev.get(f"tpm_{key}", default))
+
+    tcti, required, pcr = get("tcti", None), get("required", False), get("pcr", DEFAULT_PCR)
+    if tcti is not None and (not isinstance(tcti, str) or not tcti):
+        raise ConfigError(f"{path}: tpm_tcti must be a TCTI string such as '{DEVICE_TCTI}'")
+    if not isinstance(required, bool):
+        raise ConfigError(f"{path}: tpm_required must be true or false")
+    if not isinstance(pcr, int) or not 0 <= pcr <= 22 or pcr == 16:
+        raise ConfigError(f"{path}: tpm_pcr must be a non-resettable PCR (0-15, 17-22)")
+    return TpmSettings(tcti=tcti or None, required=required, pcr=pcr,
+                       anchor_index=int(get("anchor_index", ANCHOR_INDEX)),
+                       counter_index=int(get("counter_index", COUNTER_INDEX)))
+
+
+def load_settings(config_path: Path) -> TpmSettings:
+    try:
+        return settings_from_toml(config_path.read_text(), config_path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {config_path}: {exc.strerror}") from None
+
+
+# --- pure helpers shared by both implementations -------------------------------------------------
+def keyring_anchor(keyring_pem: bytes) -> bytes:
+    """SHA-256 over the sorted DER of the roots: independent of order, comments and line endings."""
+    try:
+        certs = x509.load_pem_x509_certificates(keyring_pem)
+    except ValueError as exc:
+        raise UntrustedSigner(f"keyring is not PEM certificates: {exc}") from None
+    ders = sorted(c.public_bytes(serialization.Encoding.DER) for c in certs)
+    h = hashlib.sha256()
+    for der in ders:
+        h.update(struct.pack(">I", len(der)) + der)
+    return h.digest()
+
+
+def sign_rotation(root_key: ed25519.Ed25519PrivateKey, new_keyring_pem: bytes) -> bytes:
+    """Host side: a current root approves the new root set (its anchor), nothing else."""
+    return root_key.sign(ROTATION_CONTEXT + keyring_anchor(new_keyring_pem))
+
+
+def verify_rotation(current_keyring_pem: bytes, new_keyring_pem: bytes, signature: bytes) -> bytes:
+    """Return the new anchor if a root of the *current* set signed it; else raise UntrustedSigner."""
+    message = ROTATION_CONTEXT + keyring_anchor(new_keyring_pem)
+    for cert in x509.load_pem_x509_certificates(current_keyring_pem):
+        key = cert.public_key()
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            continue
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            continue
+        return keyring_anchor(new_keyring_pem)
+    raise UntrustedSigner("root rotation is not signed by a currently anchored root",
+                          hint="sign the new keyring with 'sign_rotation' using a current root key")
+
+
+@dataclass(frozen=True)
+class Quote:
+    kind: str  # "tpm" or "keystore": a keystore quote proves nothing about hardware
+    attest: bytes
+    signature: bytes  # DER ECDSA-SHA256 over attest
+    ak_public_pem: bytes
+    pcrs: tuple[int, ...]
+    events: tuple[Event, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "kind": self.kind, "attest": base64.b64encode(self.attest).decode(),
+            "signature": base64.b64encode(self.signature).decode(),
+            "ak_public_pem": self.ak_public_pem.decode(), "pcrs": list(self.pcrs),
+            "events": [{"pcr": e.pcr, "label": e.label, "digest": e.digest.hex()} for e in self.events],
+        }, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Quote:
+        try:
+            d = json.loads(text)
+            return cls(str(d["kind"]), base64.b64decode(d["attest"]), base64.b64decode(d["signature"]),
+                       str(d["ak_public_pem"]).encode(), tuple(int(p) for p in d["pcrs"]),
+                       tuple(Event(int(e["pcr"]), str(e["label"]), bytes.fromhex(e["digest"]))
+                             for e in d["events"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise QuoteRefused(f"quote document is malformed: {exc}") from None
+
+
+class EventLog:
+    """Measurements in the order they were extended, one JSON line each, under the state dir."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def events(self) -> list[Event]:
+        """Complete lines only: a line torn by a power cut was never followed by its extend."""
+        if not self.path.exists():
+            return []
+        out = []
+        data = self.path.read_bytes()
+        for line in data[:data.rfind(b"\n") + 1].splitlines():
+            try:
+                d = json.loads(line)
+                out.append(Event(int(d["pcr"]), str(d["label"]), bytes.fromhex(d["digest"])))
+            except (ValueError, KeyError, TypeError):
+                raise TpmError(f"measurement log {self.path} is corrupt",
+                               hint="the quote cannot be explained; re-provision or reboot to reset the PCRs "
+                                    "and the log") from None
+        return out
+
+    def append(self, e: Event) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            if end:  # drop a torn last line so the new one starts on a line of its own
+                f.seek(0)
+                data = f.read()
+                keep = data.rfind(b"\n") + 1
+                if keep != end:
+                    f.truncate(keep)
+            f.write((json.dumps({"pcr": e.pcr, "label": e.label, "digest": e.digest.hex()}) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class RootStatus:
+    kind: str
+    anchor: str | None  # hex SHA-256, None: not provisioned
+    anchor_locked: bool
+    floor: int | None
+    counter: int | None
+    pcr: int
+    measurements: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RootOfTrust(Protocol):
+    """What the updater and the identity code need from a TPM or its software stand-in."""
+
+    kind: str
+
+    def provision(self, keyring_pem: bytes) -> RootStatus: ...
+    def check_keyring(self, keyring_pem: bytes) -> None: ...
+    def rotate_keyring(self, current_pem: bytes, new_pem: bytes, signature: bytes) -> None: ...
+    def floor(self) -> int: ...
+    def raise_floor(self, security_version: int) -> int: ...
+    def measure(self, label: str, digest: bytes, *, once: bool = False) -> None: ...
+    def quote(self, nonce: bytes) -> Quote: ...
+    def ak_public_pem(self) -> bytes: ...
+    def seal(self, name: str, secret: bytes) -> None: ...
+    def unseal(self, name: str) -> bytes: ...
+    def status(self) -> RootStatus: ...
+
+
+def open_root(settings: TpmSettings, state_dir: Path) -> RootOfTrust:
+    """The TPM if configured and reachable; otherwise the keystore, unless a TPM is required."""
+    if settings.tcti is not None:
+        root = TpmRoot(settings, state_dir)
+        try:
+            root.ping()
+            return root
+        except TpmUnavailable as exc:
+            if settings.required:
+                raise TpmRequired(f"a TPM is required but unavailable: {exc}") from None
+            failure = str(exc)
+    elif settings.required:
+        raise TpmRequired("a TPM is required but tpm_tcti is not set")
+    else:
+        failure = "no tpm_tcti configured"
+    from agent.adapters.rot.keystore import KeystoreRoot
+
+    return KeystoreRoot(state_dir, pcr=settings.pcr, reason=failure)
+
+
+def root_for_updater(config_path: Path, state_dir: Path) -> RootOfTrust | None:
+    """The root the updater should consult, or None when the feature is off.
+
+    Off means: no TPM configured, not required, and no provisioned keystore — so
+    boards that never opted in behave exactly as before. A configured TPM that is
+    not provisioned is *not* off: its checks raise ``NotProvisioned`` (fail closed).
+    """
+    if not config_path.exists():
+        # A config parsed from text with no file behind it (tests, tools) cannot opt in.
+        return None
+    settings = load_settings(config_path)
+    keystore_state = state_dir / "keystore" / "state.json"
+    if settings.tcti is None and not settings.required and not keystore_state.exists():
+        return None
+    return open_root(settings, state_dir)
+
+
+# --- the TPM -------------------------------------------------------------------------------------
+def _tss() -> Any:
+    # Quiet the TSS's own stderr logging of expected errors (e.g. "index not defined").
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
+    try:
+        import tpm2_pytss  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise TpmUnavailable(f"tpm2-pytss is not installed ({exc.name})") from None
+    return tpm2_pytss
+
+
+def _ak_template(tss: Any) -> Any:
+    t = tss.TPMT_PUBLIC.parse(
+        "ecc256:ecdsa-sha256",
+        objectAttributes="fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda")
+    t.parameters.eccDetail.symmetric.algorithm = tss.TPM2_ALG.NULL  # a signing key has no cipher
+    return t
+
+
+def _srk_template(tss: Any) -> Any:
+    return tss.TPMT_PUBLIC.parse(
+        "ecc256:aes128cfb",
+        objectAttributes="fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda")
+
+
+class TpmRoot:
+    kind = "tpm"
+
+    def __init__(self, settings: TpmSettings, state_dir: Path) -> None:
+        if settings.tcti is None:
+            raise ConfigError("TpmRoot needs a TCTI")
+        self.tcti: str = settings.tcti
+        self.settings = settings
+        self.state_dir = state_dir
+        self.log = EventLog(state_dir / "tpm" / "measurements.jsonl")
+
+    # -- plumbing --
+    @contextmanager
+    def _esys(self) -> Iterator[tuple[Any, Any]]:
+        tss = _tss()
+        try:
+            ectx = tss.ESAPI(self.tcti)
+        except Exception as exc:  # TCTI load or connect failure: several exception types
+            raise TpmUnavailable(f"cannot open TPM '{self.tcti}': {exc}") from None
+        try:
+            yield tss, ectx
+        except tss.TSS2_Exception as exc:
+            raise TpmError(f"TPM command failed: {exc}") from None
+        finally:
+            ectx.close()
+
+    def ping(self) -> None:
+        with self._esys() as (_, e):
+            e.get_random(8)
+
+    @staticmethod
+    def _nv(tss: Any, e: Any, index: int) -> Any | None:
+        try:
+            return e.tr_from_tpmpublic(index)
+        except tss.TSS2_Exception:
+            return None  # not defined
+
+    def _define(self, tss: Any, e: Any, index: int, attrs: Any, size: int) -> Any:
+        pub = tss.TPM2B_NV_PUBLIC(nvPublic=tss.TPMS_NV_PUBLIC(
+            nvIndex=index, nameAlg=tss.TPM2_ALG.SHA256, attributes=attrs, dataSize=size))
+        return e.nv_define_space(b"", pub)
+
+    def _read_anchor(self, tss: Any, e: Any) -> tuple[bytes, int, bool] | None:
+        h = self._nv(tss, e, self.settings.anchor_index)
+        if h is None:
+            return None
+        pub, _ = e.nv_read_public(h)
+        attrs = pub.nvPublic.attributes
+        if not attrs & tss.TPMA_NV.WRITTEN:
+            return None
+        data = bytes(e.nv_read(h, ANCHOR_SIZE, 0, auth_handle=h))
+        if not data.startswith(ANCHOR_MAGIC):
+            raise TpmError(f"NV index {self.settings.anchor_index:#x} holds something other than "
+                           f"an edgeops anchor", hint="choose another tpm anchor_index")
+        (base,) = struct.unpack(">Q", data[36:44])
+        return data[4:36], base, bool(attrs & tss.TPMA_NV.WRITELOCKED)
+
+    def _counter(self, tss: Any, e: Any, create: bool) -> tuple[Any, int] | None:
+        h = self._nv(tss, e, self.settings.counter_index)
+        if h is None:
+            if not create:
+                return None
+            attrs = (tss.TPMA_NV.OWNERWRITE | tss.TPMA_NV.OWNERREAD | tss.TPMA_NV.AUTHREAD
+                     | tss.TPMA_NV.NO_DA | (tss.TPM2_NT.COUNTER << tss.TPMA_NV.TPM2_NT_SHIFT))
+            h = self._define(tss, e, self.settings.counter_index, attrs, 8)
+        pub, _ = e.nv_read_public(h)
+        if not pub.nvPublic.attributes & tss.TPMA_NV.WRITTEN:
+            if not create:
+                return None
+            e.nv_increment(h, auth_handle=tss.ESYS_TR.OWNER)  # a counter is readable once incremented
+        return h, int.from_bytes(bytes(e.nv_read(h, 8, 0, auth_handle=h)), "big")
+
+    def _write_anchor(self, tss: Any, e: Any, anchor: bytes, base: int) -> None:
+        attrs = (tss.TPMA_NV.OWNERWRITE | tss.TPMA_NV.OWNERREAD | tss.TPMA_NV.AUTHREAD
+                 | tss.TPMA_NV.WRITEDEFINE | tss.TPMA_NV.NO_DA)
+        h = self._define(tss, e, self.settings.anchor_index, attrs, ANCHOR_SIZE)
+        e.nv_write(h, ANCHOR_MAGIC + anchor + struct.pack(">Q", base), 0, auth_handle=tss.ESYS_TR.OWNER)
+        e.nv_write_lock(h, auth_handle=tss.ESYS_TR.OWNER)
+
+    # -- RootOfTrust --
+    def provision(self, keyring_pem: bytes) -> RootStatus:
+        """Anchor the keyring and create the counter; idempotent for the same keyring.
+
+        A re-imaged device is provisioned again: the counter is kept (the floor
+        survives) and a *different* keyring is refused — that needs a rotation.
+        """
+        anchor = keyring_anchor(keyring_pem)
+        with self._esys() as (tss, e):
+            found = self._read_anchor(tss, e)
+            if found is not None:
+                if found[0] != anchor:
+                    raise KeyringMismatch("this TPM already anchors a different keyring",
+                                          hint="rotate roots with a signed rotation, not by provisioning")
+                # A deleted counter comes back at the highest count this TPM ever held, so
+                # re-creating it here cannot lower the floor.
+                self._counter(tss, e, create=True)
+            else:
+                counter = self._counter(tss, e, create=True)
+                assert counter is not None
+                stale = self._nv(tss, e, self.settings.anchor_index)
+                if stale is not None:  # defined but never written: an interrupted provisioning
+                    e.nv_undefine_space(stale)
+                self._write_anchor(tss, e, anchor, counter[1])
+        return self.status()
+
+    def _anchor_or_raise(self, tss: Any, e: Any) -> tuple[bytes, int, bool]:
+        found = self._read_anchor(tss, e)
+        if found is None:
+            raise NotProvisioned(f"the TPM holds no keyring anchor at {self.settings.anchor_index:#x}")
+        return found
+
+    def check_keyring(self, keyring_pem: bytes) -> None:
+        with self._esys() as (tss, e):
+            anchored, _, _ = self._anchor_or_raise(tss, e)
+        if keyring_anchor(keyring_pem) != anchored:
+            raise KeyringMismatch("the keyring on disk does not match the TPM anchor")
+
+    def rotate_keyring(self, current_pem: bytes, new_pem: bytes, signature: bytes) -> None:
+        """Replace the anchor: undefine (owner auth), define, write, lock. Order matters for
+        power loss: the new anchor is written before the caller replaces the keyring file, and
+        an interrupted rotation leaves an unwritten index, which provision/check report."""
+        new_anchor = verify_rotation(current_pem, new_pem, signature)
+        with self._esys() as (tss, e):
+            anchored, base, _ = self._anchor_or_raise(tss, e)
+            if anchored == new_anchor:
+                return  # already done: a retry after a crash before the keyring file was replaced
+            if anchored != keyring_anchor(current_pem):
+                raise KeyringMismatch("the current keyring does not match the TPM anchor")
+            h = self._nv(tss, e, self.settings.anchor_index)
+            e.nv_undefine_space(h)
+            self._write_anchor(tss, e, new_anchor, base)
+
+    def floor(self) -> int:
+        with self._esys() as (tss, e):
+            _, base, _ = self._anchor_or_raise(tss, e)
+            counter = self._counter(tss, e, create=False)
+        if counter is None:
+            raise NotProvisioned("the TPM rollback counter is missing")
+        return counter[1] - base
+
+    def raise_floor(self, security_version: int) -> int:
+        """Increment the counter up to ``security_version`` (never down); return the new floor."""
+        with self._esys() as (tss, e):
+            _, base, _ = self._anchor_or_raise(tss, e)
+            counter = self._counter(tss, e, create=False)
+            if counter is None:
+                raise NotProvisioned("the TPM rollback counter is missing")
+            h, value = counter
+            steps = min(max(0, security_version - (value - base)), MAX_FLOOR_STEP)
+            for _ in range(steps):
+                e.nv_increment(h, auth_handle=tss.ESYS_TR.OWNER)
+            return value + steps - base
+
+    def _pcr_value(self, tss: Any, e: Any) -> bytes:
+        _, _, values = e.pcr_read(f"sha256:{self.settings.pcr}")
+        return bytes(values[0])
+
+    def _fresh_log(self, tss: Any, e: Any) -> list[Event]:
+        # After a TPM reset the PCR is zero again while the file remains: start a new log.
+        events = self.log.events()
+        if events and self._pcr_value(tss, e) == bytes(32):
+            self.log.reset()
+            return []
+        return events
+
+    def measure(self, label: str, digest: bytes, *, once: bool = False) -> None:
+        """Extend the PCR; with ``once``, skip an event already measured since this TPM reset
+        (the booted slot is measured once per boot, however many agent cycles run)."""
+        event = Event(self.settings.pcr, label, digest)
+        with self._esys() as (tss, e):
+            if once and event in self._fresh_log(tss, e):
+                return
+            self._fresh_log(tss, e)
+            self.log.append(event)  # log first: a verifier can tolerate a logged, unextended event
+            handle = getattr(tss.ESYS_TR, f"PCR{self.settings.pcr}")
+            e.pcr_extend(handle, tss.TPML_DIGEST_VALUES([tss.TPMT_HA(
+                hashAlg=tss.TPM2_ALG.SHA256, digest=tss.TPMU_HA(sha256=event.extend_value()))]))
+
+    @contextmanager
+    def _primary(self, tss: Any, e: Any, hierarchy: Any, template: Any) -> Iterator[tuple[Any, Any]]:
+        handle, public, _, _, _ = e.create_primary(
+            tss.TPM2B_SENSITIVE_CREATE(), tss.TPM2B_PUBLIC(publicArea=template), hierarchy)
+        try:
+            yield handle, public
+        finally:
+            e.flush_context(handle)  # no resource manager on swtpm/raw devices: slots are few
+
+    def ak_public_pem(self) -> bytes:
+        with self._esys() as (tss, e), self._primary(tss, e, tss.ESYS_TR.ENDORSEMENT,
+                                                     _ak_template(tss)) as (_, public):
+            return bytes(public.to_pem())
+
+    def quote(self, nonce: bytes) -> Quote:
+        if not 8 <= len(nonce) <= MAX_NONCE:
+            raise TpmError(f"nonce must be 8 to {MAX_NONCE} bytes, got {len(nonce)}")
+        pcr = self.settings.pcr
+        with self._esys() as (tss, e):
+            events = self._fresh_log(tss, e)
+            with self._primary(tss, e, tss.ESYS_TR.ENDORSEMENT, _ak_template(tss)) as (ak, public):
+                quoted, sig = e.quote(ak, f"sha256:{pcr}", nonce)
+                ak_pem = bytes(public.to_pem())
+        r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
+        s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
+        return Quote("tpm", bytes(quoted), encode_dss_signature(r, s), ak_pem, (pcr,), tuple(events))
+
+    def _sealed_path(self, name: str) -> Path:
+        if not name.isidentifier():
+            raise ValueError(f"bad sealed object name {name!r}")
+        return self.state_dir / "tpm" / f"{name}.sealed"
+
+    def seal(self, name: str, secret: bytes) -> None:
+        with self._esys() as (tss, e), self._primary(tss, e, tss.ESYS_TR.OWNER,
+                                                     _srk_template(tss)) as (srk, _):
+            sens = tss.TPM2B_SENSITIVE_CREATE(sensitive=tss.TPMS_SENSITIVE_CREATE(data=secret))
+            tmpl = tss.TPMT_PUBLIC.parse("keyedhash",
+                                         objectAttributes="fixedtpm|fixedparent|userwithauth|noda")
+            private, public, _, _, _ = e.create(srk, sens, tss.TPM2B_PUBLIC(publicArea=tmpl))
+        blob = bytes(private.marshal()) + bytes(public.marshal())
+        _write_file(self._sealed_path(name), blob)
+
+    def unseal(self, name: str) -> bytes:
+        path = self._sealed_path(name)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            raise NotProvisioned(f"no sealed '{name}' under {path.parent}") from None
+        with self._esys() as (tss, e), self._primary(tss, e, tss.ESYS_TR.OWNER,
+                                                     _srk_template(tss)) as (srk, _):
+            private, used = tss.TPM2B_PRIVATE.unmarshal(blob)
+            public, _ = tss.TPM2B_PUBLIC.unmarshal(blob[used:])
+            obj = e.load(srk, private, public)
+            try:
+                return bytes(e.unseal(obj))
+            finally:
+                e.flush_context(obj)
+
+    def status(self) -> RootStatus:
+        with self._esys() as (tss, e):
+            found = self._read_anchor(tss, e)
+            counter = self._counter(tss, e, create=False)
+            events = self._fresh_log(tss, e)
+        if found is None:
+            return RootStatus("tpm", None, False, None, counter[1] if counter else None,
+                              self.settings.pcr, len(events))
+        anchor, base, locked = found
+        value = counter[1] if counter else None
+        return RootStatus("tpm", anchor.hex(), locked, None if value is None else value - base, value,
+                          self.settings.pcr, len(events))
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write 0600 via a temporary file and rename, fsynced: power can fail mid-write."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+__all__ = ["DEVICE_TCTI", "EventLog", "KeyringMismatch", "NotProvisioned", "Quote", "RootOfTrust",
+           "RootStatus", "TpmError", "TpmRequired", "TpmRoot", "TpmSettings", "TpmUnavailable",
+           "keyring_anchor", "load_settings", "open_root", "root_for_updater", "settings_from_toml",
+           "sign_rotation", "verify_rotation"]

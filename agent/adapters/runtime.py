@@ -1,0 +1,52 @@
+"""Facts about the running system: which slot booted, which boot this is, and how to reboot.
+
+Two implementations behind one protocol: ``LinuxRuntime`` reads /proc and asks
+systemd to reboot; the sim board's lives in ``agent.host.sim``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Protocol
+
+from agent.errors import DeviceError
+
+# Kernel command-line keys that name the booted slot. rauc.slot is RAUC's, so
+# boot scripts written for RAUC work unchanged.
+SLOT_KEYS = ("edgeops.slot", "rauc.slot")
+
+
+class Runtime(Protocol):
+    def booted_slot(self) -> str: ...
+
+    def boot_id(self) -> str: ...
+
+    def reboot(self, reason: str) -> None: ...
+
+
+def slot_from_cmdline(cmdline: str, slots: tuple[str, ...]) -> str:
+    for word in shlex.split(cmdline):
+        key, _, value = word.partition("=")
+        if key in SLOT_KEYS:
+            if value in slots:
+                return value
+            raise DeviceError(f"kernel command line names slot {value!r}, which is not configured")
+    raise DeviceError("the kernel command line does not say which slot booted",
+                      hint=f"have the boot script add {SLOT_KEYS[0]}=<slot> to bootargs")
+
+
+class LinuxRuntime:
+    def __init__(self, slots: tuple[str, ...], proc: Path = Path("/proc")) -> None:
+        self.slots = slots
+        self.proc = proc
+
+    def booted_slot(self) -> str:
+        return slot_from_cmdline((self.proc / "cmdline").read_text(), self.slots)
+
+    def boot_id(self) -> str:
+        return (self.proc / "sys/kernel/random/boot_id").read_text().strip()
+
+    def reboot(self, reason: str) -> None:
+        subprocess.run(["systemctl", "reboot", f"--message={reason}"], check=False)

@@ -1,0 +1,306 @@
+"""Device commands: install, status, history, rollback, mark-good, mark-bad, health, agent."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+from agent.cli.common import config_path
+from agent.core import config as config_mod
+from agent.device.updater import CycleResult, Updater, open_device
+from agent.errors import ConfigError, DeviceBusy, EdgeopsError, HealthCheckFailed, UsageError
+
+if TYPE_CHECKING:
+    from agent.adapters.watchdog import Watchdog
+
+
+def register(sub: Any) -> None:
+    def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int],
+            json_flag: bool = False) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, "
+                                        "or $EDGEOPS_CONFIG)")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=fn)
+        return p
+
+    i = cmd("install", "install a bundle into the inactive slot and arm a trial boot", _install)
+    i.add_argument("source", help="bundle path, '-' for stdin, or an http(s) URL")
+    i.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
+                   help="progress bar: auto (when stdout is a terminal), always or never")
+    cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
+    h = cmd("history", "show the install and health history", _history, json_flag=True)
+    h.add_argument("-n", type=int, default=30, help="rows (default 30)")
+    cmd("rollback", "boot the other known-good slot", _rollback)
+    cmd("mark-good", "commit the running trial slot now", _mark_good)
+    cmd("mark-bad", "reject the running trial slot and revert", _mark_bad)
+    cmd("health", "run the health checks now and print each result", _health, json_flag=True)
+    a = cmd("agent", "run the agent service (finishes trials, runs health checks)", _agent)
+    a.add_argument("--once", action="store_true", help="one cycle, then exit")
+
+
+@contextmanager
+def _updater(a: argparse.Namespace) -> Iterator[Updater]:
+    cfg = config_mod.load(config_path(a.config))
+    dev = open_device(cfg)
+    try:
+        yield Updater(dev)
+    finally:
+        dev.close()
+
+
+@contextmanager
+def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
+    if src == "-":
+        yield sys.stdin.buffer, 0
+        return
+    if src.startswith(("http://", "https://")):
+        from agent.adapters import download
+
+        raw, size = download.open_stream(src)
+        with io.BufferedReader(raw, buffer_size=256 * 1024) as stream:
+            yield cast(BinaryIO, stream), size
+        return
+    try:
+        f = open(src, "rb")  # noqa: SIM115 (closed below; open errors need their own message)
+    except OSError as exc:
+        raise UsageError(f"cannot open bundle {src}: {exc.strerror}",
+                         hint="check the path; '-' reads the bundle from stdin, "
+                              "an http(s):// URL downloads it") from None
+    with f:
+        yield f, 0
+
+
+class _Bar:
+    def __init__(self) -> None:
+        self.last = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = done / total if total else 0.0
+        if frac - self.last < 0.01 and done != total:
+            return
+        self.last = frac
+        width = 30
+        fill = int(frac * width)
+        sys.stdout.write(f"\r  [{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
+                         f"{done / 2**20:8.1f} MiB")
+        if done >= total:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _install(a: argparse.Namespace) -> int:
+    show = a.progress == "always" or (a.progress == "auto" and sys.stdout.isatty())
+    with _updater(a) as up, _source(a.source) as (stream, total):
+        result = up.install(stream, total=total, progress=_Bar() if show else None)
+    print(f"installed {result.version} into slot {result.slot} ({result.bytes_written} bytes); "
+          f"reboot to try it once")
+    return 0
+
+
+def _status(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        st = up.status()
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"booted slot   {st['booted_slot']}{'  (trial)' if st['trial'] else ''}")
+    print(f"primary slot  {st['primary_slot']}")
+    if st["trial_pending_slot"] and not st["trial"]:
+        print(f"next boot     tries slot {st['trial_pending_slot']} once")
+    print(f"phase         {st['phase']}")
+    print(f"security      floor {st['security_floor']}")
+    for name, s in st["slots"].items():
+        mark = "*" if s["booted"] else " "
+        note = ""
+        if (not s["booted"] and s["state"] == "good"
+                and (s["security_version"] or 0) < st["security_floor"]):
+            note = f"  (security_version {s['security_version'] or 0} < floor: no rollback to it)"
+        print(f" {mark} slot {name}  {s['state']:<6} {s['version'] or '-':<12} {s['device']}{note}")
+    return 0
+
+
+def _history(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        rows = up.journal.history(a.n)
+    if a.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.ts))
+        print(f"{when}  {r.event:<14} {r.slot or '-':<2} {r.version or '-':<10} {r.detail}")
+    return 0
+
+
+def _rollback(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        slot = up.rollback()
+    print(f"rolled back: slot {slot} is primary again")
+    return 0
+
+
+def _mark_good(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        up.mark_good()
+        print("\n".join(up.messages))
+    return 0
+
+
+def _mark_bad(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        up.mark_bad()
+        print("\n".join(up.messages))
+    return 0
+
+
+def _health(a: argparse.Namespace) -> int:
+    with _updater(a) as up:
+        results = up.health_report()
+    if a.json:
+        # probes time themselves on the monotonic clock; a reader wants the wall time
+        offset = time.time() - time.monotonic()
+        print(json.dumps([{**r.__dict__, "at": round(r.at + offset, 3)} for r in results], indent=2))
+    else:
+        for r in results:
+            print(f"{'PASS' if r.ok else 'FAIL'}  {r.name}: {r.detail}")
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        raise HealthCheckFailed(f"{len(failed)} of {len(results)} health checks failed: "
+                                f"{', '.join(failed)}")
+    return 0
+
+
+def _fleet(up: Updater) -> tuple[Any, Any]:
+    """The DDI client when [fleet] is configured (agent.toml or fleet.toml), else (None, None)."""
+    from agent.device.fleet import DdiClient, FleetAgent, find_fleet
+    from agent.device.push import LongPoll
+
+    cfg = find_fleet(up.cfg.path)
+    if cfg is None:
+        return None, None
+    agent = FleetAgent(up, DdiClient(cfg))
+    return agent, (LongPoll(agent.client, wait=cfg.longpoll_wait) if cfg.push == "longpoll" else None)
+
+
+def _agent(a: argparse.Namespace) -> int:
+    stop = False
+
+    def _term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _term)
+    with _updater(a) as up:
+        fleet, waker = _fleet(up)
+        pidfile = None
+        register = getattr(up.dev.runtime, "register_process", None)
+        if register is not None:
+            pidfile = register()
+        if up.cfg.metrics_file is not None:
+            from agent.device import metrics
+
+            metrics.render(up)  # a missing [metrics] extra is a config error now, not later
+        dog = None if a.once else _watchdog(up)
+        if dog is not None:
+            dog.start()
+        clean = False
+        try:
+            while True:
+                up.messages.clear()
+                try:
+                    result = up.cycle()
+                except DeviceBusy:
+                    # an install or a technician's command holds the lock: not a fault of ours
+                    result = CycleResult(str(up.journal.state().phase), ["device busy; next cycle later"])
+                if dog is not None:
+                    dog.kick()
+                for m in result.messages:
+                    print(m, flush=True)
+                interval = up.cfg.poll_interval
+                if fleet is not None and not result.rebooted:
+                    # After the cycle, so a finished trial is reported in this same wake-up.
+                    out = fleet.poll_once()
+                    for m in out.messages:
+                        print(m, flush=True)
+                    result.rebooted, interval = out.rebooted, out.sleep
+                _write_metrics(up, fleet)
+                if a.once or result.rebooted or stop:
+                    break
+                if waker is not None and fleet is not None:
+                    # Long-poll: the controller can wake us at once; polling is the fallback.
+                    if dog is not None:
+                        dog.kick(grace=interval)  # blocking here on purpose is not a hang
+                    waker.wait(interval, fleet.etag, stop=lambda: stop)
+                    continue
+                # Idle: a blocking sleep costs no CPU; SIGTERM ends it early.
+                deadline = time.monotonic() + interval
+                while not stop and time.monotonic() < deadline:
+                    time.sleep(min(1.0, deadline - time.monotonic()))
+                    if dog is not None:
+                        dog.kick()
+            print(f"phase: {up.journal.state().phase}")
+            clean = True
+        except KeyboardInterrupt:
+            clean = True  # Ctrl-C on the console is as deliberate as SIGTERM
+            raise
+        finally:
+            if dog is not None:
+                # Magic close on a deliberate stop, and on a crash outside a trial (a healthy
+                # committed system is not reset for the agent's sake); a crash during a trial
+                # leaves the hardware timer armed, so a hung trial system is reset.
+                dog.stop(clean=clean or not _in_trial(up))
+            if pidfile is not None:
+                pidfile.unlink(missing_ok=True)
+    return 0
+
+
+def _write_metrics(up: Updater, fleet: Any) -> None:
+    if up.cfg.metrics_file is None:
+        return
+    from agent.device import metrics
+
+    try:
+        metrics.write(up, up.cfg.metrics_file, link_up=fleet.link_up if fleet is not None else None)
+    except (OSError, EdgeopsError) as exc:  # metrics are for people watching: never a reason
+        logging.getLogger("edgeops").warning("cannot write %s: %s", up.cfg.metrics_file, exc)
+
+
+def _in_trial(up: Updater) -> bool:
+    from agent.core.lifecycle import Phase
+
+    try:
+        return up.journal.state().phase in (Phase.TRIAL_PENDING, Phase.TESTING, Phase.COMMITTING)
+    except Exception:  # the journal itself may be what broke: stay armed, the safe side
+        return True
+
+
+def _watchdog(up: Updater) -> Watchdog | None:
+    """systemd's watchdog (WatchdogSec=) or the board file's device, fed while the loop runs.
+
+    A cycle may spend the whole health deadline in probes, so only a loop silent for
+    longer than that plus a poll interval counts as hung."""
+    from agent.adapters.watchdog import WatchdogError, from_environment
+    from agent.host import boards
+
+    device = None
+    with contextlib.suppress(ConfigError):
+        name = boards.load(up.cfg.board).watchdog
+        device = Path(name) if name else None
+    stale = up.policy().deadline + up.cfg.poll_interval + 30
+    try:
+        return from_environment(os.environ, device, stale_after=stale)
+    except WatchdogError as exc:  # e.g. systemd already holds /dev/watchdog (RuntimeWatchdogSec=)
+        logging.getLogger("edgeops").warning("running without a watchdog: %s", exc.one_line())
+        return None

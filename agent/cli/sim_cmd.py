@@ -1,0 +1,59 @@
+"""edgeops sim: create a simulated board, reboot it, cut its power."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from agent.cli.common import config_path
+from agent.core import config as config_mod
+from agent.errors import ConfigError
+from agent.host import sim
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("sim", help="a simulated A/B board made of files")
+    ss = p.add_subparsers(dest="sim_command", metavar="ACTION", required=True)
+
+    i = ss.add_parser("init", help="create a device booted and committed on slot A")
+    i.add_argument("dir", type=Path)
+    i.add_argument("--image", type=Path, required=True, help="rootfs image for slot A")
+    i.add_argument("--keyring", type=Path, required=True, help="trusted root certificate")
+    i.add_argument("--compatible", default="edgeops-sim")
+    i.add_argument("--version", default="1.0")
+    i.add_argument("--slot-size", help="bytes per slot, K/M/G suffixes (default 2x the image)")
+    i.set_defaults(func=_init)
+
+    for name, helptext, fn in (("reboot", "clean reboot: agents get SIGTERM", _reboot),
+                               ("power-cut", "power loss: agents are killed mid-step", _cut)):
+        r = ss.add_parser(name, help=helptext)
+        r.add_argument("--config", help="agent.toml of the sim device")
+        r.set_defaults(func=fn)
+
+
+def _init(a: argparse.Namespace) -> int:
+    size = sim.parse_size(a.slot_size) if a.slot_size else None
+    path = sim.init_device(a.dir, image=a.image, keyring=a.keyring, compatible=a.compatible,
+                           version=a.version, slot_size=size)
+    print(f"sim device ready: {path} (slot A, version {a.version}, booted and committed)")
+    return 0
+
+
+def _base(a: argparse.Namespace) -> Path:
+    cfg = config_mod.load(config_path(a.config))
+    if cfg.runtime != "sim":
+        raise ConfigError(f"{cfg.path} is not a sim device")
+    return cfg.base
+
+
+def _reboot(a: argparse.Namespace) -> int:
+    slot = sim.SimFirmware(_base(a)).reboot()
+    print(f"rebooted: running slot {slot}")
+    return 0
+
+
+def _cut(a: argparse.Namespace) -> int:
+    slot = sim.SimFirmware(_base(a)).power_cut()
+    print(f"power restored: running slot {slot}")
+    return 0

@@ -1,0 +1,200 @@
+"""edgeops tpm: provision, status, quote, rotate, renew (device side)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.cli.common import config_path
+from agent.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("tpm", help="TPM root of trust: anchored keyring, rollback counter, attestation")
+    ts = p.add_subparsers(dest="tpm_command", metavar="ACTION", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, "
+                                         "or $EDGEOPS_CONFIG)")
+
+    v = ts.add_parser("provision", help="anchor the keyring, create the counter and the identity key")
+    common(v)
+    v.add_argument("--device-id", default=None, help="device ID for enrolment (default: host name)")
+    v.set_defaults(func=_provision)
+
+    s = ts.add_parser("status", help="explain what is anchored, the floor, the certificate's life")
+    common(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_status)
+
+    q = ts.add_parser("quote", help="quote the measurement PCR for the controller's nonce")
+    common(q)
+    q.add_argument("--nonce", required=True, help="hex, 8 to 64 bytes, fresh from the controller")
+    q.set_defaults(func=_quote)
+
+    r = ts.add_parser("rotate", help="re-anchor to a new root set signed by a current root")
+    common(r)
+    r.add_argument("--keyring", type=Path, required=True, help="the new root certificates (PEM)")
+    r.add_argument("--signature", type=Path, required=True, help="rotation signature by a current root")
+    r.set_defaults(func=_rotate)
+
+    n = ts.add_parser("renew", help="fetch a new identity certificate from the fleet controller now")
+    common(n)
+    n.set_defaults(func=_renew)
+
+
+def _open(a: argparse.Namespace) -> tuple[Any, Any]:
+    from agent.adapters.rot import tpm
+    from agent.core import config as config_mod
+
+    cfg = config_mod.load(config_path(a.config))
+    root = tpm.open_root(tpm.load_settings(cfg.path), cfg.state_dir)
+    return cfg, root
+
+
+def _provision(a: argparse.Namespace) -> int:
+    from agent.adapters.rot.tpm import _write_file
+    from agent.device.identity import DeviceIdentity
+
+    cfg, root = _open(a)
+    st = root.provision(cfg.keyring.read_bytes())
+    if (journal_floor := _journal_floor(cfg)) > (st.floor or 0):
+        # the device already committed releases before it was provisioned: carry its floor over
+        root.raise_floor(journal_floor)
+        st = root.status()
+    ident = DeviceIdentity(root, cfg.state_dir)
+    request = {"device_id": a.device_id or socket.gethostname(), "kind": root.kind,
+               "tls_public_pem": ident.ensure_key().decode(), "ak_public_pem": root.ak_public_pem().decode()}
+    out = cfg.state_dir / "identity" / "enrolment.json"
+    _write_file(out, json.dumps(request, indent=1).encode())
+    print(f"keyring anchored in the {_where(root.kind)}: sha256 {st.anchor[:16]}…")
+    print(f"rollback floor: {st.floor}")
+    print(f"enrolment request (public keys only): {out}")
+    return 0
+
+
+def _journal_floor(cfg: Any) -> int:
+    from agent.adapters.journal import Journal
+
+    if not cfg.journal_path.exists():
+        return 0
+    j = Journal(cfg.journal_path)
+    try:
+        return j.security_floor
+    finally:
+        j.close()
+
+
+def _where(kind: str) -> str:
+    return "TPM" if kind == "tpm" else "software keystore (no TPM: weaker, see docs/tpm.md)"
+
+
+def _best_known_time(cfg: Any) -> int:
+    from agent.adapters.journal import Journal
+    from agent.core.trust import best_known_time
+
+    trusted = 0
+    if cfg.journal_path.exists():
+        j = Journal(cfg.journal_path)
+        try:
+            trusted = j.trusted_time
+        finally:
+            j.close()
+    return best_known_time(time.time(), trusted)
+
+
+def _status(a: argparse.Namespace) -> int:
+    from agent.adapters.rot.tpm import keyring_anchor
+    from agent.device.identity import CertTimes, DeviceIdentity
+
+    cfg, root = _open(a)
+    st = root.status()
+    info: dict[str, Any] = st.as_dict()
+    info["keyring_matches"] = (st.anchor == keyring_anchor(cfg.keyring.read_bytes()).hex()
+                               if st.anchor else None)
+    cert = DeviceIdentity(root, cfg.state_dir).certificate()
+    now = _best_known_time(cfg)
+    info["certificate_seconds_left"] = CertTimes.of(cert).life_left(now) if cert else None
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for line in _explain(info, str(cfg.keyring)):
+        print(line)
+    return 0
+
+
+def _explain(i: dict[str, Any], keyring: str) -> list[str]:
+    where = _where(str(i["kind"]))
+    if i["anchor"] is None:
+        return [f"Nothing is anchored in the {where} yet: run 'edgeops tpm provision'."]
+    lock = "write-locked" if i["anchor_locked"] else "a file, not lockable"
+    match = {True: "matches", False: "DOES NOT MATCH — installs will be refused"}[bool(i["keyring_matches"])]
+    lines = [
+        f"Trusted roots: the {where} holds the SHA-256 of the root set ({lock}); "
+        f"the keyring file {keyring} {match}.",
+        f"Rollback floor: bundles below security_version {i['floor']} are refused "
+        + (f"(TPM NV counter value {i['counter']})." if i["kind"] == "tpm"
+           else "(kept in the keystore file)."),
+        f"Measurements: {i['measurements']} event(s) extended into PCR {i['pcr']} since boot.",
+    ]
+    left = i["certificate_seconds_left"]
+    if left is None:
+        lines.append("Identity certificate: none yet (enrol the device, then fetch one).")
+    elif left <= 0:
+        lines.append(f"Identity certificate: expired {_span(-left)} ago; the agent must renew it.")
+    else:
+        lines.append(f"Identity certificate: valid for another {_span(left)}.")
+    return lines
+
+
+def _span(seconds: int) -> str:
+    h, m = divmod(seconds // 60, 60)
+    return f"{h} h {m} min" if h else f"{m} min"
+
+
+def _quote(a: argparse.Namespace) -> int:
+    try:
+        nonce = bytes.fromhex(a.nonce)
+    except ValueError:
+        raise UsageError("--nonce must be hexadecimal") from None
+    _, root = _open(a)
+    print(root.quote(nonce).to_json())
+    return 0
+
+
+def _rotate(a: argparse.Namespace) -> int:
+    cfg, root = _open(a)
+    new = a.keyring.read_bytes()
+    root.rotate_keyring(cfg.keyring.read_bytes(), new, a.signature.read_bytes())
+    # The anchor moved first; now the file follows. A crash in between leaves a mismatch that
+    # refuses installs (fail closed) until the same rotation is applied again.
+    tmp = cfg.keyring.with_name(cfg.keyring.name + ".tmp")
+    tmp.write_bytes(new)
+    os.replace(tmp, cfg.keyring)
+    print(f"keyring rotated and re-anchored in the {_where(root.kind)}")
+    return 0
+
+
+def _renew(a: argparse.Namespace) -> int:
+    """One renewal, whatever the certificate's age: with the current certificate while it is
+    valid at the best-known time, else with the enrolment token ([fleet] token/token_file)."""
+    from agent.device.fleet import find_fleet
+    from agent.device.identity import CertTimes, DeviceIdentity, FleetIdentity
+
+    cfg, root = _open(a)
+    fleet = find_fleet(cfg.path)
+    if fleet is None:
+        raise UsageError(f"no [fleet] section in {cfg.path} or fleet.toml beside it",
+                         hint="renewal needs the controller: [fleet] url, controller_id, ca_cert")
+    now = _best_known_time(cfg)
+    cert = FleetIdentity(DeviceIdentity(root, cfg.state_dir), fleet).renew(now)
+    left = CertTimes.of(cert).life_left(now)
+    print(f"identity certificate renewed for {fleet.controller_id}: serial {cert.serial_number:x}, "
+          f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (another {_span(left)})")
+    return 0
+

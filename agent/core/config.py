@@ -1,0 +1,137 @@
+"""Agent configuration: ``agent.toml`` text in, frozen dataclasses out. Reads no files itself.
+
+Paths in the file are relative to the file's own directory, so a device
+folder (the sim board's, or an image staging tree) can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
+_SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
+             "fleet"}
+# [tpm] is read by agent.adapters.rot.tpm, [models] by agent.device.models,
+# [fleet] by agent.device.fleet.load_fleet
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: Path
+    board: str
+    compatible: str
+    state_dir: Path
+    keyring: Path
+    crl_dir: Path | None
+    bootloader: str
+    bootloader_settings: dict[str, Any]
+    slots: dict[str, dict[str, Path]]  # slot name -> payload class -> device or file
+    health: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "linux"  # "linux" (/proc, systemctl) or "sim"
+    runtime_dir: Path | None = None
+    poll_interval: float = 60.0
+    metrics_file: Path | None = None  # Prometheus node_exporter textfile (needs the [metrics] extra)
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.db"
+
+    def other_slot(self, slot: str) -> str:
+        others = [s for s in self.slots if s != slot]
+        if len(others) != 1:
+            raise ConfigError(f"cannot choose the inactive slot: slots are {', '.join(self.slots)}")
+        return others[0]
+
+
+def parse(text: str, path: Path) -> AgentConfig:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(doc) - _SECTIONS
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {', '.join(sorted(unknown))}")
+    base = path.parent
+    dev = _table(doc, "device", path)
+    boot = _table(doc, "bootloader", path)
+    slots_doc = _table(doc, "slots", path)
+    runtime = _table(doc, "runtime", path, required=False)
+    agent = _table(doc, "agent", path, required=False)
+
+    def rel(value: Any, key: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: {key} must be a path")
+        return base / value
+
+    slots: dict[str, dict[str, Path]] = {}
+    for name, classes in slots_doc.items():
+        if not isinstance(classes, dict) or "rootfs" not in classes:
+            raise ConfigError(f"{path}: [slots.{name}] must map payload classes to devices, "
+                              f"including rootfs")
+        slots[name] = {cls: rel(dev_path, f"slots.{name}.{cls}") for cls, dev_path in classes.items()}
+    if len(slots) != 2:
+        raise ConfigError(f"{path}: an A/B board has exactly two slots, found {len(slots)}")
+    classes = {frozenset(c) for c in slots.values()}
+    if len(classes) != 1:
+        raise ConfigError(f"{path}: both slots must carry the same payload classes")
+    crl = dev.get("crl_dir")
+    health = doc.get("health", {})
+    if not isinstance(health, dict):
+        raise ConfigError(f"{path}: [health] must be a table")
+    kind = runtime.get("kind", "linux")
+    if kind not in ("linux", "sim"):
+        raise ConfigError(f"{path}: runtime.kind must be 'linux' or 'sim'")
+    try:
+        return AgentConfig(
+            path=path,
+            board=str(dev.get("board", "generic")),
+            compatible=_str(dev, "compatible", path),
+            state_dir=rel(dev.get("state_dir", "/var/lib/edgeops"), "device.state_dir"),
+            keyring=rel(dev.get("keyring"), "device.keyring"),
+            crl_dir=rel(crl, "device.crl_dir") if crl else None,
+            bootloader=_str(boot, "backend", path),
+            bootloader_settings={k: v for k, v in boot.items() if k != "backend"},
+            slots=slots,
+            health=health,
+            runtime=kind,
+            runtime_dir=rel(runtime["dir"], "runtime.dir") if "dir" in runtime else None,
+            poll_interval=float(agent.get("poll_interval", 60.0)),
+            metrics_file=(rel(agent["metrics_file"], "agent.metrics_file")
+                          if "metrics_file" in agent else None),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _table(doc: dict[str, Any], name: str, path: Path, *, required: bool = True) -> dict[str, Any]:
+    value = doc.get(name)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: missing [{name}] table")
+    return value
+
+
+def _str(table: dict[str, Any], key: str, path: Path) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: '{key}' must be a non-empty string")
+    return value
+
+
+def load(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}",
+                          hint="pass --config FILE (a sim device has DIR/agent.toml)") from None
+    return parse(text, path.resolve())
