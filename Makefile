@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # Debian packages the tests use as interop oracles or real parts.
 APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
             swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus
-EXTRAS  ?= test,controller,postgres,tpm
+EXTRAS  ?= test,host,controller,postgres,tpm
 
 .PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle clean
 
@@ -15,7 +15,7 @@ help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
 	@echo "make demo-fleet - a controller on loopback rolls a release to 5 sim boards; one reverts"
 	@echo "make test    - the whole test suite (sets up .venv and system packages)"
-	@echo "make lint    - ruff + mypy"
+	@echo "make lint    - ruff, mypy --strict and the import-layer contracts"
 	@echo "make bench   - install benchmarks against the machine's limit and RAUC"
 
 $(STAMP): setup.cfg pyproject.toml | sysdeps
@@ -46,6 +46,7 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check agent tests tools
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 demo: sysdeps venv
 	$(BIN)/python tools/demo.py
