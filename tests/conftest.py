@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from agent.adapters import bundle
 from agent.core.config import load
 from agent.device.updater import Device, Updater, open_device
-from agent.host import keys, sim
+from agent.host import bundle_writer, keys, sim
 
 EDGEOPS = [sys.executable, "-m", "agent.cli"]
 COMPATIBLE = "edgeops-sim"
@@ -68,11 +67,11 @@ def make_bundle(pki: Keys, tmp_path: Path) -> BundleFactory:
         out = tmp_path / f"v{version}-{counter[0]}.bundle"
         import time
 
-        bundle.create(out, sign=keys.load_signing_key(key_path).sign,
+        bundle_writer.create(out, sign=keys.load_signing_key(key_path).sign,
                       chain_pem=cert_path.read_bytes(), compatible=compatible, version=version,
                       security_version=security_version,
                       build_time=build_time if build_time is not None else int(time.time()),
-                      sources=[bundle.PayloadSource("rootfs", payload_class, img, compress,
+                      sources=[bundle_writer.PayloadSource("rootfs", payload_class, img, compress,
                                                     block_size)],
                       health=health, crl=crl)
         return out

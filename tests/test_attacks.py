@@ -34,7 +34,7 @@ from agent.errors import (
     UnsafeMember,
     UntrustedSigner,
 )
-from agent.host import keys
+from agent.host import bundle_writer, keys
 from tests.conftest import BundleFactory, Keys, allocated_blocks, make_image
 
 
@@ -177,9 +177,9 @@ def test_device_keeps_only_the_newest_crl_of_each_root(updater: Updater, make_bu
 def test_two_payloads_for_one_slot_are_refused(updater: Updater, device_dir: Path, pki: Keys,
                                                tmp_path: Path) -> None:
     out = tmp_path / "two.bundle"
-    srcs = [bundle.PayloadSource(name, "rootfs", make_image(tmp_path / name, 4096, name), False, 65536)
+    srcs = [bundle_writer.PayloadSource(name, "rootfs", make_image(tmp_path / name, 4096, name), False, 65536)
             for name in ("rootfs", "rootfs2")]
-    bundle.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
+    bundle_writer.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
                   chain_pem=pki.signer_crt.read_bytes(), compatible="edgeops-sim", version="2.0",
                   security_version=1, build_time=int(time.time()), sources=srcs)
     assert_refused(updater, device_dir, out.read_bytes(), IncompatibleBundle, "two payloads target")
@@ -269,10 +269,10 @@ def test_manifest_declaring_far_more_than_follows(updater: Updater, device_dir: 
     img = tmp_path / "small.img"
     img.write_bytes(b"x" * 100_000)
     out = tmp_path / "liar.bundle"
-    bundle.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
+    bundle_writer.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
                   chain_pem=pki.signer_crt.read_bytes(), compatible="edgeops-sim", version="2.0",
                   security_version=1, build_time=int(dt.datetime.now().timestamp()),
-                  sources=[bundle.PayloadSource("rootfs", "rootfs", img)])
+                  sources=[bundle_writer.PayloadSource("rootfs", "rootfs", img)])
     data = out.read_bytes()
     # Re-sign a manifest that claims 900 kB (fits the slot) while 100 kB follow.
     d = json.loads(bundle.BundleReader(io.BytesIO(data)).read_head().manifest_bytes)

@@ -32,16 +32,15 @@ def test_any_byte_stream_reads_or_raises_our_error(data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory, pki: Keys) -> bytes:
-    from agent.adapters import bundle
-    from agent.host import keys
+    from agent.host import bundle_writer, keys
 
     img = tmp_path_factory.mktemp("fz") / "img"
     img.write_bytes(bytes(range(256)) * 64)
     out = img.with_suffix(".bundle")
-    bundle.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
+    bundle_writer.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
                   chain_pem=pki.signer_crt.read_bytes(), compatible="edgeops-sim", version="2.0",
                   security_version=1, build_time=1_800_000_000 - 10**7,
-                  sources=[bundle.PayloadSource("rootfs", "rootfs", img, True, 4096)])
+                  sources=[bundle_writer.PayloadSource("rootfs", "rootfs", img, True, 4096)])
     return out.read_bytes()
 
 

@@ -227,18 +227,18 @@ def test_refused_model_is_never_activated(case: str, manager: ModelManager, jour
 
 
 def test_meta_missing_latency_is_refused(manager: ModelManager, pki: Keys, tmp_path: Path) -> None:
-    from agent.adapters import bundle
+    from agent.host import bundle_writer
 
     (tmp_path / "m").write_bytes(tiny.build())
     (tmp_path / "v").write_bytes(tiny.validation_set())
     meta = SPEC.to_meta()
     del meta["max_latency_ms"]
     out = tmp_path / "b"
-    bundle.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
+    bundle_writer.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
                   chain_pem=pki.signer_crt.read_bytes(), compatible=COMPATIBLE, version="1",
                   security_version=0, build_time=int(time.time()),
-                  sources=[bundle.PayloadSource("tiny", "model", tmp_path / "m", meta=meta),
-                           bundle.PayloadSource("tiny-val", "model-validation", tmp_path / "v")])
+                  sources=[bundle_writer.PayloadSource("tiny", "model", tmp_path / "m", meta=meta),
+                           bundle_writer.PayloadSource("tiny-val", "model-validation", tmp_path / "v")])
     with pytest.raises(ModelMetaError, match="max_latency_ms"):
         install(manager, out)
 

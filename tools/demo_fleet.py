@@ -16,11 +16,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.adapters import bundle  # noqa: E402
+
 from agent.core import lifecycle  # noqa: E402
 from agent.core.config import load  # noqa: E402
 from agent.device.updater import Updater, open_device  # noqa: E402
-from agent.host import keys, sim  # noqa: E402
+from agent.host import (  # noqa: E402
+    bundle_writer,
+    keys,
+    sim,
+)
 from agent.host.simfleet import SimDevice, start_controller  # noqa: E402
 
 BROKEN = '\n[[health.probe]]\ntype = "disk"\npath = "/"\nmin_free_mb = 1000000000\nname = "app-ready"\n'
@@ -93,10 +97,11 @@ def main() -> int:
 
         say("signing release 2.0 and uploading it; the controller verifies signature and blocks")
         out = t / "release-2.0.bundle"
-        bundle.create(out, sign=keys.load_signing_key(signer.key_path).sign,
+        bundle_writer.create(out, sign=keys.load_signing_key(signer.key_path).sign,
                       chain_pem=signer.cert_path.read_bytes(), compatible="edgeops-sim", version="2.0",
                       security_version=1, build_time=int(time.time()),
-                      sources=[bundle.PayloadSource("rootfs", "rootfs", image(t / "v2.img", 8192, "2.0"))])
+                      sources=[bundle_writer.PayloadSource("rootfs", "rootfs",
+                                                           image(t / "v2.img", 8192, "2.0"))])
         with open(out, "rb") as f:
             bid = ctl.api("POST", "/bundles?filename=release-2.0.bundle", data=f)["id"]
 

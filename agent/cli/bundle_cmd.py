@@ -14,7 +14,7 @@ from agent.adapters import bundle
 from agent.core import trust
 from agent.core.manifest import DEFAULT_BLOCK_SIZE
 from agent.errors import ConfigError, UsageError
-from agent.host import keys
+from agent.host import bundle_writer, keys
 
 
 def register(sub: Any) -> None:
@@ -55,12 +55,12 @@ def register(sub: Any) -> None:
     v.set_defaults(func=_verify)
 
 
-def _parse_payload(spec: str, compress: bool, block_size: int) -> bundle.PayloadSource:
+def _parse_payload(spec: str, compress: bool, block_size: int) -> bundle_writer.PayloadSource:
     left, sep, file = spec.partition("=")
     if not sep or not left or not file:
         raise UsageError(f"--payload {spec!r} is not CLASS=FILE")
     name, _, cls = left.rpartition(":")
-    return bundle.PayloadSource(name=name or cls, slot_class=cls, path=Path(file),
+    return bundle_writer.PayloadSource(name=name or cls, slot_class=cls, path=Path(file),
                                 compress=compress, block_size=block_size)
 
 
@@ -85,7 +85,7 @@ def _create(a: argparse.Namespace) -> int:
     for s in sources:
         if not s.path.is_file():
             raise UsageError(f"payload file {s.path} does not exist")
-    m = bundle.create(
+    m = bundle_writer.create(
         a.output, sign=signing_key.sign, chain_pem=a.cert.read_bytes(), compatible=a.compatible,
         version=a.version, security_version=a.security_version,
         build_time=a.build_time if a.build_time is not None else int(time.time()),

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.adapters import bundle
 from agent.adapters import tflite as validate_mod
 from agent.core.manifest import Manifest
 from agent.core.model_spec import MODEL_CLASS, VALIDATION_CLASS, ModelSpec
+from agent.host import bundle_writer
 
 
 def spec_for(model: bytes, *, atol: float, rtol: float, max_latency_ms: float,
@@ -32,10 +32,10 @@ def pack(out: Path, *, model: Path, validation: Path, name: str, version: str,
         spec = spec_for(model.read_bytes(), atol=atol, rtol=rtol, max_latency_ms=max_latency_ms,
                         validation=val_name)
     sources = [
-        bundle.PayloadSource(name, MODEL_CLASS, model, meta=spec.to_meta()),
-        bundle.PayloadSource(spec.validation, VALIDATION_CLASS, validation),
+        bundle_writer.PayloadSource(name, MODEL_CLASS, model, meta=spec.to_meta()),
+        bundle_writer.PayloadSource(spec.validation, VALIDATION_CLASS, validation),
     ]
-    return bundle.create(out, sign=sign, chain_pem=chain_pem, compatible=compatible,
+    return bundle_writer.create(out, sign=sign, chain_pem=chain_pem, compatible=compatible,
                          version=version, security_version=security_version,
                          build_time=int(time.time()) if build_time is None else build_time,
                          sources=sources, description=description)
