@@ -22,8 +22,12 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from agent.core.uboot_env import EnvError, EnvStore, Location
+from agent.errors import ConfigError
+
+DEFAULT_ENV_SIZE = 0x4000  # U-Boot's CONFIG_ENV_SIZE on the boards we ship files for
 
 _EMMC_BOOT = re.compile(r"^mmcblk\d+boot\d+$")
 SizeOf = Callable[[Path], int]
@@ -123,12 +127,25 @@ def load(config: Path, *, base: Path = Path("/"), sysfs: Path = Path("/sys")) ->
     return FwEnvStore(locations, size, sysfs=sysfs)
 
 
-def store_from_settings(settings: Mapping[str, object], base: Path) -> EnvStore:
-    """[bootloader] fw_env_config = PATH (as on a real board), else env/env_size/env_offsets."""
-    from agent.adapters.bootloader import uboot
+def store_from_settings(settings: Mapping[str, Any], base: Path) -> EnvStore:
+    """[bootloader] fw_env_config = PATH (as on a real board), else env/env_size/env_offsets.
 
+    The one place both U-Boot schemes (uboot, uboot_rauc) get their environment from."""
     cfg = settings.get("fw_env_config")
     if cfg is None:
-        return uboot.store_from_settings(settings, base)
+        return _explicit_store(settings, base)
     root = base / str(settings.get("root", "/"))
     return load(base / str(cfg), base=root, sysfs=root / "sys")
+
+
+def _explicit_store(settings: Mapping[str, Any], base: Path) -> EnvStore:
+    try:
+        env = base / str(settings["env"])
+        size = int(settings.get("env_size", DEFAULT_ENV_SIZE))
+        offsets = [int(o) for o in settings.get("env_offsets", [0, size])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"[bootloader] needs env (path), env_size and env_offsets: {exc}") from None
+    try:
+        return EnvStore([Location(env, o) for o in offsets], size)
+    except EnvError as exc:
+        raise ConfigError(f"[bootloader] {exc}") from None

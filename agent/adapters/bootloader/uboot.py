@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.adapters.bootloader import register
-from agent.core.uboot_env import EnvError, EnvStore, Location
-from agent.errors import BootloaderError, ConfigError
+from agent.adapters.bootloader import fwenv, register
+from agent.core.uboot_env import EnvStore
+from agent.errors import BootloaderError
 
-DEFAULT_ENV_SIZE = 0x4000
+DEFAULT_ENV_SIZE = fwenv.DEFAULT_ENV_SIZE  # kept here: the sim board and images name it by scheme
 
 
 class UBootBootcount:
@@ -91,21 +91,6 @@ def initial_env(slot: str) -> dict[str, str]:
             "bootlimit": "1"}
 
 
-def store_from_settings(settings: Mapping[str, Any], base: Path) -> EnvStore:
-    try:
-        env = base / str(settings["env"])
-        size = int(settings.get("env_size", DEFAULT_ENV_SIZE))
-        offsets = [int(o) for o in settings.get("env_offsets", [0, size])]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"[bootloader] needs env (path), env_size and env_offsets: {exc}") from None
-    try:
-        return EnvStore([Location(env, o) for o in offsets], size)
-    except EnvError as exc:
-        raise ConfigError(f"[bootloader] {exc}") from None
-
-
 @register("uboot")
 def _factory(settings: Mapping[str, Any], base: Path, slots: tuple[str, ...]) -> UBootBootcount:
-    from agent.adapters.bootloader import fwenv  # fw_env_config = PATH, else env/env_size/env_offsets
-
     return UBootBootcount(fwenv.store_from_settings(settings, base), slots)
