@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from agent.adapters import boardfiles
 from agent.adapters.bootloader import Bootloader, fwenv
 from agent.adapters.bootloader import grub as grub_mod
 from agent.adapters.bootloader import uboot as uboot_mod
@@ -26,7 +27,6 @@ from agent.adapters.journal import Journal
 from agent.core import lifecycle
 from agent.core.config import AgentConfig
 from agent.device.updater import Device, Updater
-from agent.host import boards
 from tests import firmware as fw
 from tests.conftest import COMPATIBLE, BundleFactory, Keys, make_image
 
@@ -82,7 +82,7 @@ def _build(kind: str, tmp: Path) -> tuple[Bootloader, Any]:
         disk = fw.make_disk(tmp / "disk.img", GPT_GRUB, 48, fat=(1,))
         esp = fw.MtoolsFs(disk.path, disk.offset(1))
         # where the board file puts grubenv, relative to the ESP mounted at /boot/efi
-        env = boards.load("x86-64-grub").settings["grubenv"].removeprefix("/boot/efi/")
+        env = boardfiles.load("x86-64-grub").settings["grubenv"].removeprefix("/boot/efi/")
         esp.replace(env, grub_mod.encode(grub_mod.initial_env("A", slots)))
         return grub_mod.GrubRauc(esp, env, slots), fw.Grub(esp, env)
     fw.need("mtype", "mtools")

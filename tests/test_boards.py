@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapters import boardfiles
 from agent.adapters.bootloader import grub as grub_mod
 from agent.adapters.bootloader import uboot as uboot_mod
 from agent.adapters.bootloader.rpi_tryboot import initial_autoboot
-from agent.core import uboot_env
+from agent.core import boardfile, uboot_env
+from agent.device import boardcheck
 from agent.errors import ConfigError
-from agent.host import boards
 from tests.conftest import run_cli
 
 SHIPPED = ["cm4", "rpi4", "rpi5", "sim", "uboot-arm64", "x86-64-grub"]
@@ -29,13 +30,13 @@ def test_every_shipped_board_parses_and_names_a_registered_backend() -> None:
     from agent.adapters import bootloader
     from agent.adapters.bootloader import grub, rpi_tryboot, uboot_rauc  # noqa: F401  (register)
 
-    assert set(SHIPPED) <= set(boards.available())
+    assert set(SHIPPED) <= set(boardfiles.available())
     for name in SHIPPED:
-        b = boards.load(name)
+        b = boardfiles.load(name)
         assert b.slot_names == ("A", "B")
         assert b.compatible and b.backend
         assert {s.cls for s in b.slots if s.slot == "A"} == {s.cls for s in b.slots if s.slot == "B"}
-    assert {boards.load(n).backend for n in SHIPPED} <= set(bootloader.names())
+    assert {boardfiles.load(n).backend for n in SHIPPED} <= set(bootloader.names())
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -51,7 +52,7 @@ def test_every_shipped_board_parses_and_names_a_registered_backend() -> None:
 ])
 def test_bad_board_files_are_config_errors(text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
-        boards.parse(text, "x.toml")
+        boardfile.parse(text, "x.toml")
 
 
 def rpi_replica(root: Path) -> Path:
@@ -69,18 +70,18 @@ def rpi_replica(root: Path) -> Path:
 
 def test_rpi4_replica_passes_then_each_fault_is_one_line(tmp_path: Path) -> None:
     root = rpi_replica(tmp_path)
-    board = boards.load("rpi4")
-    assert boards.check(board, root) == []
+    board = boardfiles.load("rpi4")
+    assert boardcheck.check(board, root) == []
     sized(root / "dev/mmcblk0p6", 1 << 30)  # rootfs B too small
     (root / "dev/watchdog").unlink()
     (root / "proc/device-tree/chosen/bootloader/partition").write_bytes((7).to_bytes(4, "big"))
-    problems = [str(p) for p in boards.check(board, root)]
+    problems = [str(p) for p in boardcheck.check(board, root)]
     assert len(problems) == 3, problems
     assert any("slot B rootfs" in p and "grow the partition" in p for p in problems)
     assert any("watchdog" in p for p in problems)
     assert any("which slot is running" in p for p in problems)
     (root / "boot/autoboot/autoboot.txt").unlink()
-    assert any("autoboot.txt is missing" in str(p) for p in boards.check(board, root))
+    assert any("autoboot.txt is missing" in str(p) for p in boardcheck.check(board, root))
 
 
 def test_uboot_arm64_replica(tmp_path: Path) -> None:
@@ -95,16 +96,16 @@ def test_uboot_arm64_replica(tmp_path: Path) -> None:
     (root / "dev/tpmrm0").touch()
     (root / "proc").mkdir()
     (root / "proc/cmdline").write_text("console=ttyS0 root=PARTLABEL=rootfs_A edgeops.slot=A\n")
-    board = boards.load("uboot-arm64")
-    problems = boards.check(board, root)
+    board = boardfiles.load("uboot-arm64")
+    problems = boardcheck.check(board, root)
     assert len(problems) == 1 and "bootloader state unreadable" in problems[0].what  # env empty
     store = uboot_env.EnvStore([uboot_env.Location(emmc, 0x3F8000), uboot_env.Location(emmc, 0x3FC000)],
                                0x4000)
     store.write(uboot_mod.initial_env("A"))
-    assert boards.check(board, root) == []
+    assert boardcheck.check(board, root) == []
     (root / "proc/cmdline").write_text("edgeops.slot=B\n")
-    assert "neither the primary" in boards.check(board, root)[0].what
-    assert "agent.toml compatible" in boards.check(board, root, agent_compatible="other")[-1].what
+    assert "neither the primary" in boardcheck.check(board, root)[0].what
+    assert "agent.toml compatible" in boardcheck.check(board, root, agent_compatible="other")[-1].what
 
 
 def test_x86_grub_replica(tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_x86_grub_replica(tmp_path: Path) -> None:
     env.write_bytes(grub_mod.encode(grub_mod.initial_env("A", ("A", "B"))))
     (root / "proc").mkdir()
     (root / "proc/cmdline").write_text("root=PARTLABEL=rootfs_A rauc.slot=A\n")
-    assert boards.check(boards.load("x86-64-grub"), root) == []
+    assert boardcheck.check(boardfiles.load("x86-64-grub"), root) == []
 
 
 def test_cli_check_against_the_sim_device(device_dir: Path) -> None:
@@ -148,11 +149,11 @@ def test_env_inside_a_partition_is_a_problem(tmp_path: Path) -> None:
     if shutil.which("sfdisk") is None:
         pytest.skip("sfdisk missing (Debian package fdisk)")
     emmc = sized(tmp_path / "dev/mmcblk0", 32 << 20)
-    board = boards.load("uboot-arm64")  # env copies at 0x3f8000 and 0x3fc000 (just under 4 MiB)
+    board = boardfiles.load("uboot-arm64")  # env copies at 0x3f8000 and 0x3fc000 (just under 4 MiB)
     subprocess.run(["sfdisk", "-q", str(emmc)], input="label: gpt\nstart=8MiB, size=8MiB, name=boot\n",
                    text=True, check=True, capture_output=True)
-    assert not [p for p in boards.check(board, tmp_path) if "overlaps" in p.what]
+    assert not [p for p in boardcheck.check(board, tmp_path) if "overlaps" in p.what]
     subprocess.run(["sfdisk", "-q", str(emmc)], input="label: gpt\nstart=1MiB, size=8MiB, name=boot\n",
                    text=True, check=True, capture_output=True)
-    overlaps = [p for p in boards.check(board, tmp_path) if "overlaps" in p.what]
+    overlaps = [p for p in boardcheck.check(board, tmp_path) if "overlaps" in p.what]
     assert len(overlaps) == 2 and "partition boot" in overlaps[0].what

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.adapters import boardfiles
 from agent.adapters.rot import tpm
 from agent.core import config
-from agent.host import boards, tomlout
+from agent.device import boardcheck
+from agent.host import boardconfig
 from tests.conftest import Keys, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,10 +29,10 @@ STAGE = ROOT / "image" / "stage-rootfs.sh"
 EDGEOPS = f"{sys.executable} -m agent.cli"
 
 
-@pytest.mark.parametrize("name", boards.available(REPO_BOARDS))
+@pytest.mark.parametrize("name", boardfiles.available(REPO_BOARDS))
 def test_generated_agent_config_agrees_with_its_board_file(name: str, tmp_path: Path) -> None:
-    board = boards.load(name, REPO_BOARDS)
-    text = boards.agent_toml(board, keyring="/etc/edgeops/keyring/root.crt")
+    board = boardfiles.load(name, REPO_BOARDS)
+    text = boardconfig.agent_toml(board, keyring="/etc/edgeops/keyring/root.crt")
     path = tmp_path / "agent.toml"
     path.write_text(text)
     cfg = config.parse(text, path)
@@ -40,7 +43,7 @@ def test_generated_agent_config_agrees_with_its_board_file(name: str, tmp_path: 
         want = spec.device.value if spec.device.kind == "path" else str(spec.device.resolve(Path("/")))
         assert cfg.slots[spec.slot][spec.cls] == tmp_path / want  # absolute paths stay absolute
     assert tpm.settings_from_toml(text, path).required == board.tpm_required
-    assert not [p for p in boards.check(board, tmp_path, agent_compatible=cfg.compatible,
+    assert not [p for p in boardcheck.check(board, tmp_path, agent_compatible=cfg.compatible,
                                         agent_backend=cfg.bootloader)
                 if "agent.toml" in p.what]
 
@@ -59,13 +62,13 @@ def test_toml_writer_round_trips(doc: dict[str, Any], probes: list[dict[str, Any
     doc = {k: v for k, v in doc.items() if k != "probe"}
     if probes:
         doc["probe"] = probes
-    assert tomllib.loads(tomlout.table("t", doc)) == {"t": doc}
+    assert tomllib.loads(tomli_w.dumps({"t": doc})) == {"t": doc}
 
 
 def test_toml_writer_spells_special_floats() -> None:
-    back = tomllib.loads(tomlout.table("t", {"a": math.inf, "b": -math.inf}))["t"]
+    back = tomllib.loads(tomli_w.dumps({"t": {"a": math.inf, "b": -math.inf}}))["t"]
     assert back == {"a": math.inf, "b": -math.inf}
-    assert math.isnan(tomllib.loads(tomlout.table("t", {"n": math.nan}))["t"]["n"])
+    assert math.isnan(tomllib.loads(tomli_w.dumps({"t": {"n": math.nan}}))["t"]["n"])
 
 
 def stage(tmp_path: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -91,7 +94,7 @@ def test_stage_rootfs_writes_a_config_the_agent_reads(tmp_path: Path, pki: Keys)
     from agent.device.fleet import load_fleet
 
     assert load_fleet(etc / "agent.toml").controller_id == "gw-1"
-    assert boards.load("uboot-arm64", (rootfs / "usr/share/edgeops/boards",)).name == "uboot-arm64"
+    assert boardfiles.load("uboot-arm64", (rootfs / "usr/share/edgeops/boards",)).name == "uboot-arm64"
     wants = rootfs / "etc/systemd/system/multi-user.target.wants"
     assert (wants / "edgeops-agent.service").resolve().is_file()
     assert (wants / "edgeops-controller.service").resolve().is_file()

@@ -35,32 +35,34 @@ def register(sub: Any) -> None:
 
 
 def _list(a: argparse.Namespace) -> int:
-    from agent.host import boards
+    from agent.adapters import boardfiles
 
-    for name in boards.available():
-        b = boards.load(name)
+    for name in boardfiles.available():
+        b = boardfiles.load(name)
         print(f"{name:14} {b.backend:12} {b.description}")
     return 0
 
 
 def _show(a: argparse.Namespace) -> int:
-    from agent.host import boards
+    from agent.adapters import boardfiles
 
-    print(boards.find(a.name).read_text(), end="")
+    print(boardfiles.find(a.name).read_text(), end="")
     return 0
 
 
 def _config(a: argparse.Namespace) -> int:
-    from agent.host import boards
+    from agent.adapters import boardfiles
+    from agent.host import boardconfig
 
-    print(boards.agent_toml(boards.load(a.name), keyring=a.keyring, state_dir=a.state_dir,
+    print(boardconfig.agent_toml(boardfiles.load(a.name), keyring=a.keyring, state_dir=a.state_dir,
                             crl_dir=str(Path(a.keyring).parent), tpm_tcti=a.tpm_tcti), end="")
     return 0
 
 
 def _check(a: argparse.Namespace) -> int:
+    from agent.adapters import boardfiles
     from agent.core import config as config_mod
-    from agent.host import boards
+    from agent.device import boardcheck
 
     cfg = None
     cfg_arg = a.config or os.environ.get("EDGEOPS_CONFIG")
@@ -69,14 +71,14 @@ def _check(a: argparse.Namespace) -> int:
     name = a.board or (cfg.board if cfg else None)
     if not name:
         raise DeviceError("no board named", hint="pass --board NAME or --config agent.toml")
-    board = boards.load(name)
+    board = boardfiles.load(name)
     if a.root is not None:
         root = a.root.resolve()  # a relative root would be joined twice to relative settings
     elif cfg is not None and cfg.runtime == "sim":
         root = cfg.base  # a sim device's "disk" is its folder
     else:
         root = Path("/")
-    problems = boards.check(board, root, agent_compatible=cfg.compatible if cfg else None,
+    problems = boardcheck.check(board, root, agent_compatible=cfg.compatible if cfg else None,
                             agent_backend=cfg.bootloader if cfg else None)
     for p in problems:
         print(f"problem: {p}")

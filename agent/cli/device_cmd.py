@@ -291,12 +291,12 @@ def _watchdog(up: Updater) -> Watchdog | None:
 
     A cycle may spend the whole health deadline in probes, so only a loop silent for
     longer than that plus a poll interval counts as hung."""
+    from agent.adapters import boardfiles
     from agent.adapters.watchdog import WatchdogError, from_environment
-    from agent.host import boards
 
     device = None
     with contextlib.suppress(ConfigError):
-        name = boards.load(up.cfg.board).watchdog
+        name = boardfiles.load(up.cfg.board).watchdog
         device = Path(name) if name else None
     stale = up.policy().deadline + up.cfg.poll_interval + 30
     try:

@@ -1,0 +1,139 @@
+"""``board check``: compare the running system (or a replica under ``root``) with its board file.
+
+``check`` returns one ``Problem`` per finding, each with the fix; every path is looked up
+under ``root`` so tests (and image builders) can check a replica of the board's storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.adapters import bootloader
+from agent.core.boardfile import Board
+from agent.errors import EdgeopsError
+
+
+@dataclass(frozen=True)
+class Problem:
+    what: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.what} — fix: {self.fix}"
+
+
+def check(board: Board, root: Path = Path("/"), *, agent_compatible: str | None = None,
+          agent_backend: str | None = None) -> list[Problem]:
+    problems = _check_slots(board, root) + _check_boot(board, root) + _check_env_place(board, root)
+    if agent_compatible is not None and agent_compatible != board.compatible:
+        problems.append(Problem(f"agent.toml compatible '{agent_compatible}' differs from the board's "
+                                f"'{board.compatible}'",
+                                "set [device] compatible in agent.toml to the board's string"))
+    if agent_backend is not None and agent_backend != board.backend:
+        problems.append(Problem(f"agent.toml uses bootloader '{agent_backend}', the board needs "
+                                f"'{board.backend}'", "set [bootloader] backend in agent.toml"))
+    if board.watchdog and not (root / board.watchdog.lstrip("/")).exists():
+        problems.append(Problem(f"watchdog device {board.watchdog} is missing",
+                                "enable the SoC watchdog driver in the kernel/device tree"))
+    if board.tpm_required and not (root / "dev/tpmrm0").exists():
+        problems.append(Problem("the board requires a TPM but /dev/tpmrm0 is missing",
+                                "enable the TPM (firmware setting / tpm_tis driver)"))
+    return problems
+
+
+def _check_slots(board: Board, root: Path) -> list[Problem]:
+    from agent.adapters import slots
+
+    out = []
+    for s in board.slots:
+        path = s.device.resolve(root)
+        if not path.exists():
+            out.append(Problem(f"slot {s.slot} {s.cls}: {s.device} not found",
+                               "partition the disk as the board file says (see docs/boards.md)"))
+            continue
+        try:
+            size = slots.capacity(path)
+        except EdgeopsError as exc:
+            out.append(Problem(f"slot {s.slot} {s.cls}: {exc}", "point the board file at a "
+                                                                "partition or a preallocated file"))
+            continue
+        if size < s.min_size:
+            out.append(Problem(f"slot {s.slot} {s.cls}: {s.device} holds {size} bytes, the board needs "
+                               f"{s.min_size}", "grow the partition (sfdisk) or re-flash the layout"))
+    if board.boot is not None and not board.boot.resolve(root).exists():
+        out.append(Problem(f"boot partition {board.boot} not found",
+                           "create and format it as the board file says"))
+    return out
+
+
+def _check_boot(board: Board, root: Path) -> list[Problem]:
+    # Registers the board backends even before agent.adapters.bootloader._load_builtin lists them.
+    from agent.adapters.bootloader import grub, rpi_tryboot, uboot_rauc  # noqa: F401
+
+    if board.backend not in bootloader.names():
+        return [Problem(f"unknown bootloader backend '{board.backend}'",
+                        f"use one of {', '.join(bootloader.names())}")]
+    try:
+        bl = bootloader.create(board.backend, board.rooted_settings(root), root, board.slot_names)
+        primary, trial = bl.primary(), bl.trial()
+    except EdgeopsError as exc:
+        return [Problem(f"bootloader state unreadable: {exc}", exc.hint or "initialise it")]
+    out = []
+    booted = _booted(board, root, bl)
+    if booted is None:
+        out.append(Problem("cannot tell which slot is running (no edgeops.slot=/rauc.slot= on the "
+                           "kernel command line)", "have the boot script add edgeops.slot=<slot>"))
+    elif booted not in (primary, trial):
+        out.append(Problem(f"running slot {booted} is neither the primary ({primary}) nor the trial",
+                           "commit it ('edgeops rollback' / mark-good) or reboot"))
+    return out
+
+
+def _check_env_place(board: Board, root: Path) -> list[Problem]:
+    """A U-Boot env at raw offsets of a disk must not lie inside a partition: writing it would
+    corrupt that partition (and the partition's writes the env). Read with sfdisk --json."""
+    import json
+    import shutil
+    import subprocess
+
+    env, offsets = board.settings.get("env"), board.settings.get("env_offsets")
+    size = int(board.settings.get("env_size", 0) or 0)
+    if not isinstance(env, str) or not isinstance(offsets, list) or not size or not shutil.which("sfdisk"):
+        return []
+    disk = root / env.lstrip("/")
+    if not disk.exists():
+        return []
+    proc = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return []  # no partition table (a file, or the env on its own device): nothing to overlap
+    try:
+        table = json.loads(proc.stdout)["partitiontable"]
+        sector = int(table.get("sectorsize", 512))
+        parts = [(p.get("name") or p["node"], int(p["start"]) * sector, int(p["size"]) * sector)
+                 for p in table.get("partitions", [])]
+    except (ValueError, KeyError, TypeError):
+        return []
+    out = []
+    for off in offsets:
+        for name, start, length in parts:
+            if int(off) < start + length and start < int(off) + size:
+                out.append(Problem(f"U-Boot env copy at {int(off):#x} (+{size:#x}) overlaps partition "
+                                   f"{name} ({start:#x}..{start + length:#x}) on {env}",
+                                   "start the first partition after the env (sfdisk start=) or move "
+                                   "env_offsets, in the board file and U-Boot's CONFIG_ENV_OFFSET"))
+    return out
+
+
+def _booted(board: Board, root: Path, bl: object) -> str | None:
+    from agent.adapters.runtime import slot_from_cmdline
+
+    from_dt = getattr(bl, "booted_slot", None)
+    if callable(from_dt):
+        slot = from_dt()
+        if isinstance(slot, str):
+            return slot
+    try:
+        return slot_from_cmdline((root / board.cmdline.lstrip("/")).read_text(), board.slot_names)
+    except (OSError, EdgeopsError):
+        return None
