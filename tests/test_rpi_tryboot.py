@@ -17,11 +17,11 @@ from agent.adapters.bootloader.rpi_tryboot import (
     RebootParamFlag,
     RpiTryboot,
     VcMailboxFlag,
-    atomic_replace,
     initial_autoboot,
     parse_autoboot,
     read_boot_info,
 )
+from agent.adapters.fsutil import atomic_write
 from agent.errors import BootloaderError
 from tests import firmware as fw
 
@@ -131,7 +131,7 @@ def test_crash_before_rename_keeps_the_old_file(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        atomic_replace(target, DOC_UPDATED)
+        atomic_write(target, DOC_UPDATED)
     assert target.read_bytes() == DOC_INITIAL
 
 

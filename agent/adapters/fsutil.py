@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -39,10 +39,8 @@ def atomic_file(path: Path, *, mode: int = PUBLIC, dir_mode: int | None = None) 
     """
     if dir_mode is not None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    tmp, fd = _create_temp(path, mode)
     try:
-        os.fchmod(fd, mode)  # mkstemp creates 0600; widen only what is meant to be public
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -52,6 +50,18 @@ def atomic_file(path: Path, *, mode: int = PUBLIC, dir_mode: int | None = None) 
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _create_temp(path: Path, mode: int) -> tuple[Path, int]:
+    """A new file beside ``path``, created with ``mode`` (less the umask) in the same call: no
+    chmod afterwards, which a FAT boot partition refuses for bits it cannot represent."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def atomic_write(path: Path, data: bytes | str, *, mode: int = PUBLIC, dir_mode: int | None = None) -> None:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.adapters.fsutil import atomic_write, fsync_dir
 from agent.errors import ModelStoreError
 
 MODEL_FILE, VALIDATION_FILE, INFO_FILE = "model.tflite", "validation.npz", "info.json"
@@ -41,14 +42,6 @@ class VersionInfo:
     security_version: int = 0
     spec: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_file(path: Path, chunks: Iterable[bytes | memoryview], *, limit: int) -> int:
@@ -143,10 +136,7 @@ class ModelStore:
         self._write_info(self.dir(name) / version, info)
 
     def _write_info(self, d: Path, info: VersionInfo) -> None:
-        tmp = d / f".{INFO_FILE}.tmp"
-        write_file(tmp, [json.dumps(asdict(info), indent=1).encode()], limit=1 << 20)
-        os.replace(tmp, d / INFO_FILE)
-        fsync_dir(d)
+        atomic_write(d / INFO_FILE, json.dumps(asdict(info), indent=1))
 
     def point(self, name: str, which: str, version: str) -> None:
         """Atomically make link ``which`` name ``version``."""

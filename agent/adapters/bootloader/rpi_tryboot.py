@@ -41,7 +41,6 @@ fsync dir); what FAT guarantees beyond that is in docs/boards.md.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.adapters.bootloader import register
+from agent.adapters.fsutil import atomic_write
 from agent.errors import BootloaderError, ConfigError
 
 AUTOBOOT = "autoboot.txt"
@@ -86,27 +86,10 @@ class DirBootFs:
 
     def replace(self, name: str, data: bytes) -> None:
         try:
-            atomic_replace(self.root / name, data)
+            atomic_write(self.root / name, data)
         except OSError as exc:
             raise BootloaderError(f"cannot write {self.root / name}: {exc.strerror}",
                                   hint="is the boot partition mounted read-write?") from None
-
-
-def atomic_replace(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + fsync(dir): readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)  # the rename itself must reach the disk before we report success
-    finally:
-        os.close(dfd)
 
 
 # --- autoboot.txt ---------------------------------------------------------------------------
@@ -214,7 +197,7 @@ class RebootParamFlag:
         try:
             if on:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_replace(self.path, f"{TRYBOOT_PARAM}\n".encode())
+                atomic_write(self.path, f"{TRYBOOT_PARAM}\n".encode())
             elif self.armed():
                 self.path.unlink()
         except OSError as exc:
