@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapters.bootloader.envfile import EnvStore
 from agent.adapters.bootloader.rpi_tryboot import BootFs, parse_autoboot
-from agent.core.uboot_env import EnvStore
 from tests import hush
 
 MiB = 1 << 20

@@ -187,7 +187,7 @@ def test_a_dead_trial_never_boots_again_whatever_the_resets(board: Board, make_b
 
 def test_rauc_scheme_confirms_the_committed_slot_even_on_its_last_attempt(tmp_path: Path) -> None:
     from agent.adapters.bootloader import uboot_rauc as rauc_mod
-    from agent.core.uboot_env import EnvStore, Location
+    from agent.adapters.bootloader.envfile import EnvStore, Location
 
     store = EnvStore([Location(tmp_path / "env", 0)], 0x4000)
     store.write({**rauc_mod.initial_env("A"), "BOOT_ORDER": "B A", "BOOT_B_LEFT": "0"})

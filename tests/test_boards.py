@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from agent.adapters import boardfiles
+from agent.adapters.bootloader import envfile
 from agent.adapters.bootloader import grub as grub_mod
 from agent.adapters.bootloader import uboot as uboot_mod
 from agent.adapters.bootloader.rpi_tryboot import initial_autoboot
-from agent.core import boardfile, uboot_env
+from agent.core import boardfile
 from agent.device import boardcheck
 from agent.errors import ConfigError
 from tests.conftest import run_cli
@@ -99,7 +100,7 @@ def test_uboot_arm64_replica(tmp_path: Path) -> None:
     board = boardfiles.load("uboot-arm64")
     problems = boardcheck.check(board, root)
     assert len(problems) == 1 and "bootloader state unreadable" in problems[0].what  # env empty
-    store = uboot_env.EnvStore([uboot_env.Location(emmc, 0x3F8000), uboot_env.Location(emmc, 0x3FC000)],
+    store = envfile.EnvStore([envfile.Location(emmc, 0x3F8000), envfile.Location(emmc, 0x3FC000)],
                                0x4000)
     store.write(uboot_mod.initial_env("A"))
     assert boardcheck.check(board, root) == []

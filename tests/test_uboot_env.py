@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.adapters.bootloader import fwenv
+from agent.adapters.bootloader.envfile import EnvStore
 from agent.core import uboot_env
-from agent.core.uboot_env import EnvError, EnvStore
+from agent.core.uboot_env import EnvError
 
 SIZE = 0x400  # small blocks keep the every-byte sweep fast; the layout does not depend on size
 

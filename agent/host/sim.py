@@ -26,11 +26,11 @@ import time
 import uuid
 from pathlib import Path
 
+from agent.adapters.bootloader.envfile import EnvStore, Location
 from agent.adapters.bootloader.uboot import DEFAULT_ENV_SIZE, initial_env
 from agent.adapters.journal import Journal
 from agent.core import lifecycle
 from agent.core.config import AgentConfig
-from agent.core.uboot_env import EnvStore, Location
 from agent.errors import ConfigError
 
 SLOTS = ("A", "B")

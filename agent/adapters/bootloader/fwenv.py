@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.core.uboot_env import EnvError, EnvStore, Location
+from agent.adapters.bootloader.envfile import EnvStore, Location
+from agent.core.uboot_env import EnvError
 from agent.errors import ConfigError
 
 DEFAULT_ENV_SIZE = 0x4000  # U-Boot's CONFIG_ENV_SIZE on the boards we ship files for

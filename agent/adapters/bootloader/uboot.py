@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.bootloader import fwenv, register
-from agent.core.uboot_env import EnvStore
+from agent.adapters.bootloader.envfile import EnvStore
 from agent.errors import BootloaderError
 
 DEFAULT_ENV_SIZE = fwenv.DEFAULT_ENV_SIZE  # kept here: the sim board and images name it by scheme

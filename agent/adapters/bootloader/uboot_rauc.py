@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.bootloader import register
+from agent.adapters.bootloader.envfile import EnvStore
 from agent.adapters.bootloader.fwenv import store_from_settings
-from agent.core.uboot_env import EnvStore
 from agent.errors import BootloaderError, ConfigError
 
 ATTEMPTS = 3
