@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ def _open(a: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _provision(a: argparse.Namespace) -> int:
-    from agent.adapters.rot.tpm import _write_file
+    from agent.adapters import fsutil
     from agent.device.identity import DeviceIdentity
 
     cfg, root = _open(a)
@@ -71,7 +70,7 @@ def _provision(a: argparse.Namespace) -> int:
     request = {"device_id": a.device_id or socket.gethostname(), "kind": root.kind,
                "tls_public_pem": ident.ensure_key().decode(), "ak_public_pem": root.ak_public_pem().decode()}
     out = cfg.state_dir / "identity" / "enrolment.json"
-    _write_file(out, json.dumps(request, indent=1).encode())
+    fsutil.atomic_write(out, json.dumps(request, indent=1).encode(), mode=fsutil.SECRET, dir_mode=0o700)
     print(f"keyring anchored in the {_where(root.kind)}: sha256 {st.anchor[:16]}…")
     print(f"rollback floor: {st.floor}")
     print(f"enrolment request (public keys only): {out}")
@@ -168,14 +167,14 @@ def _quote(a: argparse.Namespace) -> int:
 
 
 def _rotate(a: argparse.Namespace) -> int:
+    from agent.adapters import fsutil
+
     cfg, root = _open(a)
     new = a.keyring.read_bytes()
     root.rotate_keyring(cfg.keyring.read_bytes(), new, a.signature.read_bytes())
     # The anchor moved first; now the file follows. A crash in between leaves a mismatch that
     # refuses installs (fail closed) until the same rotation is applied again.
-    tmp = cfg.keyring.with_name(cfg.keyring.name + ".tmp")
-    tmp.write_bytes(new)
-    os.replace(tmp, cfg.keyring)
+    fsutil.atomic_write(cfg.keyring, new, mode=fsutil.PUBLIC)
     print(f"keyring rotated and re-anchored in the {_where(root.kind)}")
     return 0
 

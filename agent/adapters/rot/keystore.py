@@ -17,13 +17,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.adapters import fsutil
 from agent.adapters.rot.tpm import (
     EventLog,
     KeyringMismatch,
     NotProvisioned,
     Quote,
     RootStatus,
-    _write_file,
     keyring_anchor,
     verify_rotation,
 )
@@ -43,6 +43,10 @@ def _warn_once(state_dir: Path, reason: str) -> None:
                     reason, state_dir / "keystore")
 
 
+def _write_secret(path: Path, data: bytes) -> None:
+    fsutil.atomic_write(path, data, mode=fsutil.SECRET, dir_mode=0o700)
+
+
 class KeystoreRoot:
     kind = "keystore"
 
@@ -57,7 +61,7 @@ class KeystoreRoot:
         return dict(json.loads(path.read_text())) if path.exists() else {}
 
     def _save(self, state: dict[str, object]) -> None:
-        _write_file(self.dir / "state.json", json.dumps(state).encode())
+        _write_secret(self.dir / "state.json", json.dumps(state).encode())
 
     def _anchor(self) -> str:
         anchor = self._state().get("anchor")
@@ -115,7 +119,7 @@ class KeystoreRoot:
             assert isinstance(key, ec.EllipticCurvePrivateKey)
             return key
         key = ec.generate_private_key(ec.SECP256R1())
-        _write_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        _write_secret(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()))
         return key
 
@@ -137,7 +141,7 @@ class KeystoreRoot:
         return self.dir / f"{name}.secret"
 
     def seal(self, name: str, secret: bytes) -> None:
-        _write_file(self._secret_path(name), secret)
+        _write_secret(self._secret_path(name), secret)
 
     def unseal(self, name: str) -> bytes:
         try:

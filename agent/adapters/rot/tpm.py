@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from agent.adapters import fsutil
 from agent.core.attest import MAX_NONCE, Event, QuoteRefused
 from agent.errors import ConfigError, DeviceError, StateError, UntrustedSigner
 
@@ -545,7 +546,7 @@ class TpmRoot:
                                          objectAttributes="fixedtpm|fixedparent|userwithauth|noda")
             private, public, _, _, _ = e.create(srk, sens, tss.TPM2B_PUBLIC(publicArea=tmpl))
         blob = bytes(private.marshal()) + bytes(public.marshal())
-        _write_file(self._sealed_path(name), blob)
+        fsutil.atomic_write(self._sealed_path(name), blob, mode=fsutil.SECRET, dir_mode=0o700)
 
     def unseal(self, name: str) -> bytes:
         path = self._sealed_path(name)
@@ -575,18 +576,6 @@ class TpmRoot:
         value = counter[1] if counter else None
         return RootStatus("tpm", anchor.hex(), locked, None if value is None else value - base, value,
                           self.settings.pcr, len(events))
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write 0600 via a temporary file and rename, fsynced: power can fail mid-write."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 __all__ = ["DEVICE_TCTI", "EventLog", "KeyringMismatch", "NotProvisioned", "Quote", "RootOfTrust",
