@@ -52,8 +52,7 @@ def _open(a: argparse.Namespace) -> tuple[Any, Any]:
     from agent.core import config as config_mod
 
     cfg = config_mod.load(config_path(a.config))
-    root = tpm.open_root(tpm.load_settings(cfg.path), cfg.state_dir)
-    return cfg, root
+    return cfg, tpm.open_root(cfg.tpm, cfg.state_dir)
 
 
 def _provision(a: argparse.Namespace) -> int:
@@ -108,7 +107,7 @@ def _best_known_time(cfg: Any) -> int:
 
 
 def _status(a: argparse.Namespace) -> int:
-    from agent.adapters.rot.tpm import keyring_anchor
+    from agent.core.anchor import keyring_anchor
     from agent.device.identity import CertTimes, DeviceIdentity
 
     cfg, root = _open(a)

@@ -243,7 +243,7 @@ class Updater:
     def root(self) -> tpm_mod.RootOfTrust | None:
         """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""
         if not self._root_opened:
-            self._root = tpm_mod.root_for_updater(self.cfg.path, self.cfg.state_dir)
+            self._root = tpm_mod.root_for_updater(self.cfg.tpm, self.cfg.state_dir)
             self._root_opened = True
         return self._root
 
@@ -439,7 +439,7 @@ def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal,
     head = reader.read_head()
     keyring_pem = _read(cfg.keyring)
     floor = journal.security_floor if device_floor else 0
-    root = tpm_mod.root_for_updater(cfg.path, cfg.state_dir)
+    root = tpm_mod.root_for_updater(cfg.tpm, cfg.state_dir)
     if root is not None:
         root.check_keyring(keyring_pem)  # a keyring swapped on disk is refused before it is used
         if device_floor:

@@ -311,7 +311,7 @@ def agent_toml(board: Board, *, keyring: str = "/etc/edgeops/keyring/root.crt",
     if board.health:
         parts.append(tomlout.table("health", board.health))
     if board.tpm_required or tpm_tcti:
-        from agent.adapters.rot.tpm import DEVICE_TCTI
+        from agent.core.config import DEVICE_TCTI
 
         parts.append(tomlout.table("tpm", {"tcti": tpm_tcti or DEVICE_TCTI,
                                            "required": board.tpm_required}))

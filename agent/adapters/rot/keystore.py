@@ -24,10 +24,9 @@ from agent.adapters.rot.tpm import (
     NotProvisioned,
     Quote,
     RootStatus,
-    keyring_anchor,
-    verify_rotation,
 )
 from agent.core import attest
+from agent.core.anchor import keyring_anchor, verify_rotation
 
 log = logging.getLogger(__name__)
 _warned = False
