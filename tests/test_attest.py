@@ -122,7 +122,7 @@ def test_keystore_quote_uses_the_same_verifier(tmp_path: Path) -> None:
 
 
 def test_event_log_line_torn_by_a_power_cut_is_dropped(tmp_path: Path) -> None:
-    from agent.adapters.rot.tpm import EventLog
+    from agent.adapters.rot.eventlog import EventLog
 
     log = EventLog(tmp_path / "events.jsonl")
     for e in EVENTS:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapters import rot
 from agent.adapters.rot import tpm
 from agent.adapters.rot.keystore import KeystoreRoot
 from agent.core import anchor, attest, config
@@ -66,21 +67,21 @@ def test_anchor_cannot_be_rewritten_even_by_the_owner(swtpm_dev: SwTpm, pki: Key
 def test_forged_keyring_refused(swtpm_dev: SwTpm, pki: Keys, tmp_path: Path, evil: Path) -> None:
     root = _root(swtpm_dev, tmp_path / "state")
     root.provision(pki.root_crt.read_bytes())
-    with pytest.raises(tpm.KeyringMismatch):
+    with pytest.raises(rot.KeyringMismatch):
         root.check_keyring(evil.read_bytes())
     # a keyring with the real root plus the thief's is a different set, too
-    with pytest.raises(tpm.KeyringMismatch):
+    with pytest.raises(rot.KeyringMismatch):
         root.check_keyring(pki.root_crt.read_bytes() + evil.read_bytes())
     # and re-provisioning cannot replace the anchor
-    with pytest.raises(tpm.KeyringMismatch):
+    with pytest.raises(rot.KeyringMismatch):
         root.provision(evil.read_bytes())
 
 
 def test_unprovisioned_tpm_refuses_checks(swtpm_dev: SwTpm, pki: Keys, tmp_path: Path) -> None:
     root = _root(swtpm_dev, tmp_path / "state")
-    with pytest.raises(tpm.NotProvisioned):
+    with pytest.raises(rot.NotProvisioned):
         root.check_keyring(pki.root_crt.read_bytes())
-    with pytest.raises(tpm.NotProvisioned):
+    with pytest.raises(rot.NotProvisioned):
         root.floor()
 
 
@@ -133,7 +134,7 @@ def test_quote_verified_and_replay_refused(swtpm_dev: SwTpm, pki: Keys, tmp_path
     root.measure("boot:slot", b"b")
     ak = root.ak_public_pem()
     nonce = bytes.fromhex("00112233445566778899aabbccddeeff")
-    q = tpm.Quote.from_json(root.quote(nonce).to_json())
+    q = rot.Quote.from_json(root.quote(nonce).to_json())
     assert q.ak_public_pem == ak  # the same key comes back: derived, not stored
     assert [e.label for e in q.events] == ["install:rootfs:b", "boot:slot"]
     expected = attest.expected_digest(q.events, [DEFAULT_PCR])
@@ -184,7 +185,7 @@ def test_sealed_secret_only_unseals_on_its_tpm(swtpm_dev: SwTpm, tmp_path: Path)
     assert root.unseal("identity_key") == b"not on disk in clear"
     other = SwTpm(tmp_path / "other-tpm").start()
     try:
-        with pytest.raises(tpm.TpmError):
+        with pytest.raises(rot.TpmError):
             _root(other, state).unseal("identity_key")
     finally:
         other.stop()
@@ -203,7 +204,7 @@ def test_root_rotation(swtpm_dev: SwTpm, pki: Keys, tmp_path: Path, evil: Path) 
     sig = sign_rotation(root_key, new)
     root.rotate_keyring(old, new, sig)
     root.check_keyring(new)
-    with pytest.raises(tpm.KeyringMismatch):
+    with pytest.raises(rot.KeyringMismatch):
         root.check_keyring(old)
     root.rotate_keyring(old, new, sig)  # a retry after a crash is harmless
     assert root.status().anchor_locked
@@ -211,10 +212,10 @@ def test_root_rotation(swtpm_dev: SwTpm, pki: Keys, tmp_path: Path, evil: Path) 
 
 def test_required_tpm_has_no_fallback(tmp_path: Path) -> None:
     settings = TpmSettings("swtpm:host=127.0.0.1,port=1", required=True)
-    with pytest.raises(tpm.TpmRequired):
-        tpm.open_root(settings, tmp_path)
-    with pytest.raises(tpm.TpmRequired):
-        tpm.open_root(TpmSettings(None, required=True), tmp_path)
+    with pytest.raises(rot.TpmRequired):
+        rot.open_root(settings, tmp_path)
+    with pytest.raises(rot.TpmRequired):
+        rot.open_root(TpmSettings(None, required=True), tmp_path)
 
 
 def test_fallback_to_keystore_warns_once(tmp_path: Path, pki: Keys,
@@ -223,8 +224,8 @@ def test_fallback_to_keystore_warns_once(tmp_path: Path, pki: Keys,
 
     ks._warned = False
     with caplog.at_level(logging.WARNING):
-        a = tpm.open_root(TpmSettings("swtpm:host=127.0.0.1,port=1"), tmp_path / "s")
-        tpm.open_root(TpmSettings(None), tmp_path / "s")
+        a = rot.open_root(TpmSettings("swtpm:host=127.0.0.1,port=1"), tmp_path / "s")
+        rot.open_root(TpmSettings(None), tmp_path / "s")
     assert isinstance(a, KeystoreRoot)
     warnings = [r for r in caplog.records if "no TPM" in r.getMessage()]
     assert len(warnings) == 1
@@ -254,7 +255,7 @@ def test_cli_provision_status_quote(swtpm_dev: SwTpm, device_dir: Path) -> None:
     assert "Identity certificate: none yet" in status
     doc = json.loads(run_cli("tpm", "status", "--config", cfg, "--json", check=True).stdout)
     assert doc["kind"] == "tpm" and doc["keyring_matches"] is True
-    q = tpm.Quote.from_json(run_cli("tpm", "quote", "--config", cfg, "--nonce", "ab" * 16,
+    q = rot.Quote.from_json(run_cli("tpm", "quote", "--config", cfg, "--nonce", "ab" * 16,
                                     check=True).stdout)
     attest.verify_quote(ak_public_pem=q.ak_public_pem, attest=q.attest, signature=q.signature,
                         nonce=b"\xab" * 16, expected_pcrs=[DEFAULT_PCR],
@@ -266,14 +267,14 @@ def test_cli_provision_status_quote(swtpm_dev: SwTpm, device_dir: Path) -> None:
 def test_root_for_updater_is_off_unless_opted_in(tmp_path: Path, pki: Keys) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text("[device]\ncompatible = 'x'\n")
-    assert tpm.root_for_updater(tpm.load_settings(cfg), tmp_path / "state") is None
+    assert rot.root_for_updater(rot.load_settings(cfg), tmp_path / "state") is None
     KeystoreRoot(tmp_path / "state", reason="test").provision(pki.root_crt.read_bytes())
-    found = tpm.root_for_updater(tpm.load_settings(cfg), tmp_path / "state")
+    found = rot.root_for_updater(rot.load_settings(cfg), tmp_path / "state")
     assert isinstance(found, KeystoreRoot)
     found.check_keyring(pki.root_crt.read_bytes())
     cfg.write_text("[device]\ntpm_required = true\n")
-    with pytest.raises(tpm.TpmRequired):
-        tpm.root_for_updater(tpm.load_settings(cfg), tmp_path / "state")
+    with pytest.raises(rot.TpmRequired):
+        rot.root_for_updater(rot.load_settings(cfg), tmp_path / "state")
 
 
 def test_updater_uses_the_tpm(swtpm_dev: SwTpm, device_dir: Path, make_bundle: BundleFactory,
@@ -307,7 +308,7 @@ def test_updater_uses_the_tpm(swtpm_dev: SwTpm, device_dir: Path, make_bundle: B
     assert "boot:slot" in labels
     # a thief swaps the keyring file for one holding their own root: refused before verification
     cfg.keyring.write_bytes(evil.read_bytes())
-    with pytest.raises(tpm.KeyringMismatch), open(make_bundle("3.0", security_version=4), "rb") as f:
+    with pytest.raises(rot.KeyringMismatch), open(make_bundle("3.0", security_version=4), "rb") as f:
         up.install(f)
     cfg.keyring.write_bytes(keyring)
     # re-image: the journal (and its floor) is gone, the TPM's counter is not

@@ -7,10 +7,14 @@ import json
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli.common import config_path
 from agent.errors import UsageError
+
+if TYPE_CHECKING:
+    from agent.adapters.rot import RootOfTrust
+    from agent.core.config import AgentConfig
 
 
 def register(sub: Any) -> None:
@@ -47,12 +51,12 @@ def register(sub: Any) -> None:
     n.set_defaults(func=_renew)
 
 
-def _open(a: argparse.Namespace) -> tuple[Any, Any]:
-    from agent.adapters.rot import tpm
+def _open(a: argparse.Namespace) -> tuple[AgentConfig, RootOfTrust]:
+    from agent.adapters import rot
     from agent.core import config as config_mod
 
     cfg = config_mod.load(config_path(a.config))
-    return cfg, tpm.open_root(cfg.tpm, cfg.state_dir)
+    return cfg, rot.open_root(cfg.tpm, cfg.state_dir)
 
 
 def _provision(a: argparse.Namespace) -> int:
@@ -70,13 +74,14 @@ def _provision(a: argparse.Namespace) -> int:
                "tls_public_pem": ident.ensure_key().decode(), "ak_public_pem": root.ak_public_pem().decode()}
     out = cfg.state_dir / "identity" / "enrolment.json"
     fsutil.atomic_write(out, json.dumps(request, indent=1).encode(), mode=fsutil.SECRET, dir_mode=0o700)
+    assert st.anchor is not None  # provision() anchors or raises
     print(f"keyring anchored in the {_where(root.kind)}: sha256 {st.anchor[:16]}…")
     print(f"rollback floor: {st.floor}")
     print(f"enrolment request (public keys only): {out}")
     return 0
 
 
-def _journal_floor(cfg: Any) -> int:
+def _journal_floor(cfg: AgentConfig) -> int:
     from agent.adapters.journal import Journal
 
     if not cfg.journal_path.exists():
@@ -92,7 +97,7 @@ def _where(kind: str) -> str:
     return "TPM" if kind == "tpm" else "software keystore (no TPM: weaker, see docs/tpm.md)"
 
 
-def _best_known_time(cfg: Any) -> int:
+def _best_known_time(cfg: AgentConfig) -> int:
     from agent.adapters.journal import Journal
     from agent.core.trust import best_known_time
 

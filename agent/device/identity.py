@@ -48,7 +48,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from requests.adapters import HTTPAdapter
 
 from agent.adapters import fsutil
-from agent.adapters.rot.tpm import RootOfTrust
+from agent.adapters.rot import RootOfTrust
 from agent.errors import ConfigError, StateError, TransportError, TrustError
 from agent.host import keys
 
@@ -605,9 +605,9 @@ class FleetIdentity:
 
     @classmethod
     def for_agent(cls, config_path: Path, state_dir: Path, cfg: FleetConfig) -> FleetIdentity:
-        from agent.adapters.rot import tpm
+        from agent.adapters import rot
 
-        root = tpm.open_root(tpm.load_settings(config_path), state_dir)
+        root = rot.open_root(rot.load_settings(config_path), state_dir)
         return cls(DeviceIdentity(root, state_dir), cfg)
 
     def attach(self, session: requests.Session) -> None:

@@ -24,9 +24,9 @@ from typing import Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
 from agent.adapters import probes, slots
+from agent.adapters import rot as tpm_mod
 from agent.adapters.bundle import BundleReader
 from agent.adapters.journal import Journal
-from agent.adapters.rot import tpm as tpm_mod
 from agent.adapters.runtime import LinuxRuntime, Runtime
 from agent.core import health, lifecycle, trust
 from agent.core.config import AgentConfig

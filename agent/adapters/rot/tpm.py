@@ -1,12 +1,4 @@
-"""The TPM 2.0 root of trust: an adapter over tpm2-pytss (ESAPI), plus the interface the updater calls.
-
-``RootOfTrust`` is the one object the updater talks to: check the keyring against
-the anchor, read and raise the rollback floor, measure what was installed or
-booted, quote, and seal the identity key. Its settings are ``AgentConfig.tpm``; the
-anchor's crypto and the event-log format are pure, in ``agent.core.anchor`` and
-``agent.core.eventlog``. ``TpmRoot`` implements it with a TPM;
-``agent.adapters.rot.keystore.KeystoreRoot`` with files when there is none. ``open_root``
-chooses, honouring ``tpm_required``.
+"""The TPM 2.0 root of trust: ``RootOfTrust`` over tpm2-pytss (ESAPI).
 
 TPM objects (docs/tpm.md has the reasoning):
 - keyring anchor: NV index ``anchor_index`` (default 0x01000E00), owner hierarchy,
@@ -27,28 +19,35 @@ TPM objects (docs/tpm.md has the reasoning):
 - sealed secrets: keyedhash objects under an owner ECC storage primary; only the
   wrapped blobs sit on disk, and only this TPM can unseal them.
 
-tpm2_pytss is imported lazily so the agent without the ``[tpm]`` extra still imports.
+tpm2_pytss is imported lazily so the agent without the ``[tpm]`` extra still imports;
+its objects are ``Any`` (it ships no type hints).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from agent.adapters import fsutil
-from agent.core import eventlog
+from agent.adapters.rot.base import (
+    KeyringMismatch,
+    NotProvisioned,
+    Quote,
+    RootOfTrust,
+    RootStatus,
+    TpmError,
+    TpmUnavailable,
+)
+from agent.adapters.rot.eventlog import EventLog
 from agent.core.anchor import RECORD_SIZE, AnchorRecord, keyring_anchor, verify_rotation
-from agent.core.attest import MAX_NONCE, Event, QuoteRefused
-from agent.core.config import TpmSettings, tpm_settings_from_toml
-from agent.errors import ConfigError, DeviceError, StateError, UntrustedSigner
+from agent.core.attest import MAX_NONCE, Event
+from agent.core.config import TpmSettings
+from agent.errors import ConfigError
 
 # Each floor step is one TPM2_NV_Increment (NV wear, ~ms each on real parts), so
 # security_version is meant to grow by small steps; larger jumps are capped here
@@ -56,173 +55,6 @@ from agent.errors import ConfigError, DeviceError, StateError, UntrustedSigner
 MAX_FLOOR_STEP = 256
 
 
-# --- errors --------------------------------------------------------------------------------------
-class TpmError(DeviceError):
-    hint = "check the TPM (tpm_tcti in the agent config) and 'edgeops tpm status'"
-
-
-class TpmUnavailable(TpmError):
-    hint = "install the [tpm] extra and check that the TPM device or simulator is reachable"
-
-
-class TpmRequired(ConfigError):
-    hint = "this board requires a TPM: fit one or set tpm_required = false"
-
-
-class NotProvisioned(StateError):
-    hint = "run 'edgeops tpm provision --config FILE' once, at the factory"
-
-
-class KeyringMismatch(UntrustedSigner):
-    hint = "the keyring file differs from the one anchored at provisioning; restore it or rotate roots"
-
-
-@dataclass(frozen=True)
-class Quote:
-    kind: str  # "tpm" or "keystore": a keystore quote proves nothing about hardware
-    attest: bytes
-    signature: bytes  # DER ECDSA-SHA256 over attest
-    ak_public_pem: bytes
-    pcrs: tuple[int, ...]
-    events: tuple[Event, ...]
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "kind": self.kind, "attest": base64.b64encode(self.attest).decode(),
-            "signature": base64.b64encode(self.signature).decode(),
-            "ak_public_pem": self.ak_public_pem.decode(), "pcrs": list(self.pcrs),
-            "events": [{"pcr": e.pcr, "label": e.label, "digest": e.digest.hex()} for e in self.events],
-        }, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Quote:
-        try:
-            d = json.loads(text)
-            return cls(str(d["kind"]), base64.b64decode(d["attest"]), base64.b64decode(d["signature"]),
-                       str(d["ak_public_pem"]).encode(), tuple(int(p) for p in d["pcrs"]),
-                       tuple(Event(int(e["pcr"]), str(e["label"]), bytes.fromhex(e["digest"]))
-                             for e in d["events"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise QuoteRefused(f"quote document is malformed: {exc}") from None
-
-
-class EventLog:
-    """Measurements in the order they were extended, one JSON line each (``agent.core.eventlog``)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def events(self) -> list[Event]:
-        """Complete lines only: a line torn by a power cut was never followed by its extend."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        try:
-            return eventlog.decode(data)
-        except eventlog.CorruptLog:
-            raise TpmError(f"measurement log {self.path} is corrupt",
-                           hint="the quote cannot be explained; re-provision or reboot to reset the PCRs "
-                                "and the log") from None
-
-    def append(self, event: Event) -> None:
-        """Add one line and fsync it before returning: the caller extends the PCR only after this."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab+") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            if end:  # drop a torn last line so the new one starts on a line of its own
-                f.seek(0)
-                keep = eventlog.complete_length(f.read())
-                if keep != end:
-                    f.truncate(keep)
-            f.write(eventlog.encode(event))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-@dataclass(frozen=True)
-class RootStatus:
-    kind: str
-    anchor: str | None  # hex SHA-256, None: not provisioned
-    anchor_locked: bool
-    floor: int | None
-    counter: int | None
-    pcr: int
-    measurements: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class RootOfTrust(Protocol):
-    """What the updater and the identity code need from a TPM or its software stand-in."""
-
-    kind: str
-
-    def provision(self, keyring_pem: bytes) -> RootStatus: ...
-    def check_keyring(self, keyring_pem: bytes) -> None: ...
-    def rotate_keyring(self, current_pem: bytes, new_pem: bytes, signature: bytes) -> None: ...
-    def floor(self) -> int: ...
-    def raise_floor(self, security_version: int) -> int: ...
-    def measure(self, label: str, digest: bytes, *, once: bool = False) -> None: ...
-    def quote(self, nonce: bytes) -> Quote: ...
-    def ak_public_pem(self) -> bytes: ...
-    def seal(self, name: str, secret: bytes) -> None: ...
-    def unseal(self, name: str) -> bytes: ...
-    def status(self) -> RootStatus: ...
-
-
-def open_root(settings: TpmSettings, state_dir: Path) -> RootOfTrust:
-    """The TPM if configured and reachable; otherwise the keystore, unless a TPM is required."""
-    if settings.tcti is not None:
-        root = TpmRoot(settings, state_dir)
-        try:
-            root.ping()
-            return root
-        except TpmUnavailable as exc:
-            if settings.required:
-                raise TpmRequired(f"a TPM is required but unavailable: {exc}") from None
-            failure = str(exc)
-    elif settings.required:
-        raise TpmRequired("a TPM is required but tpm_tcti is not set")
-    else:
-        failure = "no tpm_tcti configured"
-    from agent.adapters.rot.keystore import KeystoreRoot
-
-    return KeystoreRoot(state_dir, pcr=settings.pcr, reason=failure)
-
-
-def root_for_updater(settings: TpmSettings, state_dir: Path) -> RootOfTrust | None:
-    """The root the updater should consult, or None when the feature is off.
-
-    Off means: no TPM configured, not required, and no provisioned keystore — so
-    boards that never opted in behave exactly as before. A configured TPM that is
-    not provisioned is *not* off: its checks raise ``NotProvisioned`` (fail closed).
-    """
-    keystore_state = state_dir / "keystore" / "state.json"
-    if settings.tcti is None and not settings.required and not keystore_state.exists():
-        return None
-    return open_root(settings, state_dir)
-
-
-def load_settings(config_path: Path) -> TpmSettings:
-    """The [tpm] settings of the file at ``config_path``.
-
-    For callers that hold only a path (``FleetIdentity.for_agent``); everyone holding
-    the parsed config uses ``AgentConfig.tpm`` and reads nothing.
-    """
-    try:
-        text = config_path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {config_path}: {exc.strerror}") from None
-    return tpm_settings_from_toml(text, config_path)
-
-
-# --- the TPM -------------------------------------------------------------------------------------
 def _tss() -> Any:
     # Quiet the TSS's own stderr logging of expected errors (e.g. "index not defined").
     os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -248,6 +80,8 @@ def _srk_template(tss: Any) -> Any:
 
 
 class TpmRoot:
+    """A TPM reached through ``settings.tcti``; each call opens one ESAPI context and closes it."""
+
     kind = "tpm"
 
     def __init__(self, settings: TpmSettings, state_dir: Path) -> None:
@@ -497,6 +331,8 @@ class TpmRoot:
                           self.settings.pcr, len(events))
 
 
-__all__ = ["MAX_FLOOR_STEP", "EventLog", "KeyringMismatch", "NotProvisioned", "Quote", "RootOfTrust",
-           "RootStatus", "TpmError", "TpmRequired", "TpmRoot", "TpmUnavailable", "load_settings",
-           "open_root", "root_for_updater"]
+def _conforms(root: TpmRoot) -> RootOfTrust:
+    return root  # mypy checks here that TpmRoot implements the interface
+
+
+__all__ = ["MAX_FLOOR_STEP", "TpmRoot"]
