@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.adapters.rot.keystore import KeystoreRoot
-from agent.core import attest
+from agent.core import attest, eventlog
 
 NONCE = b"fresh-nonce-1234"
 EVENTS = (attest.Event(15, "install:rootfs:b", hashlib.sha256(b"img").digest()),
@@ -122,7 +122,7 @@ def test_keystore_quote_uses_the_same_verifier(tmp_path: Path) -> None:
 
 
 def test_event_log_line_torn_by_a_power_cut_is_dropped(tmp_path: Path) -> None:
-    from agent.adapters.rot.tpm import EventLog
+    from agent.adapters.rot.eventlog import EventLog
 
     log = EventLog(tmp_path / "events.jsonl")
     for e in EVENTS:
@@ -133,3 +133,26 @@ def test_event_log_line_torn_by_a_power_cut_is_dropped(tmp_path: Path) -> None:
     extra = attest.Event(15, "boot:slot", b"\x07" * 32)
     log.append(extra)
     assert log.events() == [*EVENTS, extra]
+
+
+_events = st.lists(st.builds(attest.Event, st.integers(min_value=0, max_value=23), st.text(max_size=30),
+                             st.binary(max_size=40)), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_events, st.integers(min_value=0))
+def test_event_log_codec_round_trips_and_drops_only_a_torn_tail(events: list[attest.Event],
+                                                                cut: int) -> None:
+    data = b"".join(eventlog.encode(e) for e in events)
+    assert eventlog.decode(data) == events
+    prefix = data[:cut % (len(data) + 1)]  # power cut at any byte
+    decoded = eventlog.decode(prefix)
+    assert decoded == events[:len(decoded)]
+    assert eventlog.complete_length(prefix) == len(b"".join(eventlog.encode(e) for e in decoded))
+
+
+@pytest.mark.parametrize("line", [b"not json\n", b"[]\n", b'{"pcr": 15, "label": "x"}\n',
+                                  b'{"pcr": 15, "label": "x", "digest": "zz"}\n'])
+def test_event_log_codec_refuses_a_complete_bad_line(line: bytes) -> None:
+    with pytest.raises(eventlog.CorruptLog):
+        eventlog.decode(eventlog.encode(EVENTS[0]) + line)

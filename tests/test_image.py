@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.adapters import boardfiles
-from agent.adapters.rot import tpm
 from agent.core import config
 from agent.device import boardcheck
 from agent.host import boardconfig
@@ -42,7 +41,7 @@ def test_generated_agent_config_agrees_with_its_board_file(name: str, tmp_path: 
     for spec in board.slots:
         want = spec.device.value if spec.device.kind == "path" else str(spec.device.resolve(Path("/")))
         assert cfg.slots[spec.slot][spec.cls] == tmp_path / want  # absolute paths stay absolute
-    assert tpm.settings_from_toml(text, path).required == board.tpm_required
+    assert config.tpm_settings_from_toml(text, path).required == board.tpm_required
     assert not [p for p in boardcheck.check(board, tmp_path, agent_compatible=cfg.compatible,
                                         agent_backend=cfg.bootloader)
                 if "agent.toml" in p.what]

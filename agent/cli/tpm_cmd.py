@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli.common import config_path
 from agent.errors import UsageError
+
+if TYPE_CHECKING:
+    from agent.adapters.rot import RootOfTrust
+    from agent.core.config import AgentConfig
 
 
 def register(sub: Any) -> None:
@@ -48,17 +51,16 @@ def register(sub: Any) -> None:
     n.set_defaults(func=_renew)
 
 
-def _open(a: argparse.Namespace) -> tuple[Any, Any]:
-    from agent.adapters.rot import tpm
+def _open(a: argparse.Namespace) -> tuple[AgentConfig, RootOfTrust]:
+    from agent.adapters import rot
     from agent.core import config as config_mod
 
     cfg = config_mod.load(config_path(a.config))
-    root = tpm.open_root(tpm.load_settings(cfg.path), cfg.state_dir)
-    return cfg, root
+    return cfg, rot.open_root(cfg.tpm, cfg.state_dir)
 
 
 def _provision(a: argparse.Namespace) -> int:
-    from agent.adapters.rot.tpm import _write_file
+    from agent.adapters import fsutil
     from agent.device.identity import DeviceIdentity
 
     cfg, root = _open(a)
@@ -71,14 +73,15 @@ def _provision(a: argparse.Namespace) -> int:
     request = {"device_id": a.device_id or socket.gethostname(), "kind": root.kind,
                "tls_public_pem": ident.ensure_key().decode(), "ak_public_pem": root.ak_public_pem().decode()}
     out = cfg.state_dir / "identity" / "enrolment.json"
-    _write_file(out, json.dumps(request, indent=1).encode())
+    fsutil.atomic_write(out, json.dumps(request, indent=1).encode(), mode=fsutil.SECRET, dir_mode=0o700)
+    assert st.anchor is not None  # provision() anchors or raises
     print(f"keyring anchored in the {_where(root.kind)}: sha256 {st.anchor[:16]}…")
     print(f"rollback floor: {st.floor}")
     print(f"enrolment request (public keys only): {out}")
     return 0
 
 
-def _journal_floor(cfg: Any) -> int:
+def _journal_floor(cfg: AgentConfig) -> int:
     from agent.adapters.journal import Journal
 
     if not cfg.journal_path.exists():
@@ -94,7 +97,7 @@ def _where(kind: str) -> str:
     return "TPM" if kind == "tpm" else "software keystore (no TPM: weaker, see docs/tpm.md)"
 
 
-def _best_known_time(cfg: Any) -> int:
+def _best_known_time(cfg: AgentConfig) -> int:
     from agent.adapters.journal import Journal
     from agent.core.trust import best_known_time
 
@@ -109,7 +112,7 @@ def _best_known_time(cfg: Any) -> int:
 
 
 def _status(a: argparse.Namespace) -> int:
-    from agent.adapters.rot.tpm import keyring_anchor
+    from agent.core.anchor import keyring_anchor
     from agent.device.identity import CertTimes, DeviceIdentity
 
     cfg, root = _open(a)
@@ -168,14 +171,14 @@ def _quote(a: argparse.Namespace) -> int:
 
 
 def _rotate(a: argparse.Namespace) -> int:
+    from agent.adapters import fsutil
+
     cfg, root = _open(a)
     new = a.keyring.read_bytes()
     root.rotate_keyring(cfg.keyring.read_bytes(), new, a.signature.read_bytes())
     # The anchor moved first; now the file follows. A crash in between leaves a mismatch that
     # refuses installs (fail closed) until the same rotation is applied again.
-    tmp = cfg.keyring.with_name(cfg.keyring.name + ".tmp")
-    tmp.write_bytes(new)
-    os.replace(tmp, cfg.keyring)
+    fsutil.atomic_write(cfg.keyring, new, mode=fsutil.PUBLIC)
     print(f"keyring rotated and re-anchored in the {_where(root.kind)}")
     return 0
 

@@ -16,8 +16,24 @@ from agent.errors import ConfigError
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
              "fleet"}
-# [tpm] is read by agent.adapters.rot.tpm, [models] by agent.device.models,
-# [fleet] by agent.device.fleet.load_fleet
+# [models] is read by agent.device.models, [fleet] by agent.device.fleet.load_fleet
+
+# [tpm] (or tpm_* keys of [device]): which root of trust agent.adapters.rot opens.
+DEVICE_TCTI = "device:/dev/tpmrm0"  # the kernel resource manager, what a board with a TPM uses
+ANCHOR_INDEX = 0x01000E00  # NV index of the write-locked keyring anchor (docs/tpm.md)
+COUNTER_INDEX = 0x01000E01  # NV counter behind the rollback floor
+DEFAULT_PCR = 15
+
+
+@dataclass(frozen=True)
+class TpmSettings:
+    """The [tpm] section: where the TPM is and whether the board may run without one."""
+
+    tcti: str | None = None  # None: no TPM, the software keystore if anything
+    required: bool = False
+    pcr: int = DEFAULT_PCR
+    anchor_index: int = ANCHOR_INDEX
+    counter_index: int = COUNTER_INDEX
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,7 @@ class AgentConfig:
     runtime_dir: Path | None = None
     poll_interval: float = 60.0
     metrics_file: Path | None = None  # Prometheus node_exporter textfile (needs the [metrics] extra)
+    tpm: TpmSettings = TpmSettings()
 
     @property
     def base(self) -> Path:
@@ -107,9 +124,43 @@ def parse(text: str, path: Path) -> AgentConfig:
             poll_interval=float(agent.get("poll_interval", 60.0)),
             metrics_file=(rel(agent["metrics_file"], "agent.metrics_file")
                           if "metrics_file" in agent else None),
+            tpm=_tpm(doc, path),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def tpm_settings_from_toml(text: str, path: Path) -> TpmSettings:
+    """Only the root-of-trust settings of an agent.toml text (which need not be a whole config)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return _tpm(doc, path)
+
+
+def _tpm(doc: dict[str, Any], path: Path) -> TpmSettings:
+    """A ``[tpm]`` key wins over the older ``tpm_<key>`` spelling in ``[device]``."""
+    dev, tbl = doc.get("device", {}), doc.get("tpm", {})
+    if not isinstance(dev, dict) or not isinstance(tbl, dict):
+        raise ConfigError(f"{path}: [device] and [tpm] must be tables")
+
+    def get(key: str, default: Any) -> Any:
+        return tbl.get(key, dev.get(f"tpm_{key}", default))
+
+    tcti, required, pcr = get("tcti", None), get("required", False), get("pcr", DEFAULT_PCR)
+    if tcti is not None and (not isinstance(tcti, str) or not tcti):
+        raise ConfigError(f"{path}: tpm_tcti must be a TCTI string such as '{DEVICE_TCTI}'")
+    if not isinstance(required, bool):
+        raise ConfigError(f"{path}: tpm_required must be true or false")
+    if not isinstance(pcr, int) or isinstance(pcr, bool) or not 0 <= pcr <= 22 or pcr == 16:
+        raise ConfigError(f"{path}: tpm_pcr must be a non-resettable PCR (0-15, 17-22)")
+    indices = {key: get(key, default) for key, default in
+               (("anchor_index", ANCHOR_INDEX), ("counter_index", COUNTER_INDEX))}
+    for key, value in indices.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+            raise ConfigError(f"{path}: tpm_{key} must be a TPM NV index such as {ANCHOR_INDEX:#x}")
+    return TpmSettings(tcti=tcti or None, required=required, pcr=pcr, **indices)
 
 
 def _table(doc: dict[str, Any], name: str, path: Path, *, required: bool = True) -> dict[str, Any]:

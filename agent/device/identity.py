@@ -47,7 +47,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from requests.adapters import HTTPAdapter
 
-from agent.adapters.rot.tpm import RootOfTrust, _write_file
+from agent.adapters import fsutil
+from agent.adapters.rot import RootOfTrust
 from agent.errors import ConfigError, StateError, TransportError, TrustError
 from agent.host import keys
 
@@ -255,7 +256,8 @@ class DeviceCA:
             os.close(fd)
 
     def _save(self, reg: dict[str, dict[str, object]]) -> None:
-        _write_file(self.dir / "devices.json", json.dumps(reg, indent=1, sort_keys=True).encode())
+        fsutil.atomic_write(self.dir / "devices.json", json.dumps(reg, indent=1, sort_keys=True).encode(),
+                            mode=fsutil.SECRET, dir_mode=0o700)
 
     def enrolment(self, device_id: str, *, fresh: bool = True) -> Enrolment:
         rec = self._registry(fresh=fresh).get(device_id)
@@ -381,7 +383,8 @@ class DeviceCA:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
         crl = builder.sign(ca_key, None)
-        _write_file(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        fsutil.atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM),
+                            mode=fsutil.SECRET, dir_mode=0o700)
 
     def issue_server(self, hostname: str, out: Path, *, days: int = 30) -> tuple[Path, Path]:
         """A server certificate for the controller endpoint (SAN: the name and 127.0.0.1)."""
@@ -402,9 +405,11 @@ class DeviceCA:
             .sign(ca_key, None)
         )
         out.mkdir(parents=True, exist_ok=True)
-        _write_file(out / "server.key", key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        _write_file(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM))
+        fsutil.atomic_write(out / "server.key", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            mode=fsutil.SECRET, dir_mode=0o700)
+        fsutil.atomic_write(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM),
+                            mode=fsutil.SECRET, dir_mode=0o700)
         return out / "server.crt", out / "server.key"
 
     def server_context(self, cert: Path, key: Path, *, require_client_cert: bool = True
@@ -513,7 +518,7 @@ class DeviceIdentity:
         theirs = cert.public_key()
         if not isinstance(theirs, ec.EllipticCurvePublicKey) or _spki(theirs) != _spki(ours):
             raise EnrolmentMismatch("the certificate is for another key than this device's")
-        _write_file(self.cert_path, pem)
+        fsutil.atomic_write(self.cert_path, pem, mode=fsutil.SECRET, dir_mode=0o700)
 
     def renewal_due(self, best_known_time: int, *, connectivity_returned: bool = False) -> bool:
         cert = self.certificate()
@@ -600,9 +605,9 @@ class FleetIdentity:
 
     @classmethod
     def for_agent(cls, config_path: Path, state_dir: Path, cfg: FleetConfig) -> FleetIdentity:
-        from agent.adapters.rot import tpm
+        from agent.adapters import rot
 
-        root = tpm.open_root(tpm.load_settings(config_path), state_dir)
+        root = rot.open_root(rot.load_settings(config_path), state_dir)
         return cls(DeviceIdentity(root, state_dir), cfg)
 
     def attach(self, session: requests.Session) -> None:

@@ -24,9 +24,9 @@ from typing import Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
 from agent.adapters import probes, slots
+from agent.adapters import rot as tpm_mod
 from agent.adapters.bundle import BundleReader
 from agent.adapters.journal import Journal
-from agent.adapters.rot import tpm as tpm_mod
 from agent.adapters.runtime import LinuxRuntime, Runtime
 from agent.core import health, lifecycle, trust
 from agent.core.config import AgentConfig
@@ -243,7 +243,7 @@ class Updater:
     def root(self) -> tpm_mod.RootOfTrust | None:
         """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""
         if not self._root_opened:
-            self._root = tpm_mod.root_for_updater(self.cfg.path, self.cfg.state_dir)
+            self._root = tpm_mod.root_for_updater(self.cfg.tpm, self.cfg.state_dir)
             self._root_opened = True
         return self._root
 
@@ -439,7 +439,7 @@ def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal,
     head = reader.read_head()
     keyring_pem = _read(cfg.keyring)
     floor = journal.security_floor if device_floor else 0
-    root = tpm_mod.root_for_updater(cfg.path, cfg.state_dir)
+    root = tpm_mod.root_for_updater(cfg.tpm, cfg.state_dir)
     if root is not None:
         root.check_keyring(keyring_pem)  # a keyring swapped on disk is refused before it is used
         if device_floor:

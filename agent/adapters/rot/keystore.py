@@ -1,10 +1,10 @@
-"""The software stand-in for a TPM: the same ``RootOfTrust`` interface, backed by 0600 files.
+"""The software root of trust: ``RootOfTrust`` backed by 0600 files, for boards without a TPM.
 
 It keeps every feature working on boards without a TPM, but it protects much
 less, and says so once per process: the anchor, counter and keys are files a
 thief with the disk can rewrite, and a re-image wipes the rollback floor. The
 journal's own floor still applies. A board with ``tpm_required = true`` never
-gets here (``agent.adapters.rot.tpm.open_root`` raises ``TpmRequired``).
+gets here (``agent.adapters.rot.open_root`` raises ``TpmRequired``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.adapters.rot.tpm import (
-    EventLog,
-    KeyringMismatch,
-    NotProvisioned,
-    Quote,
-    RootStatus,
-    _write_file,
-    keyring_anchor,
-    verify_rotation,
-)
+from agent.adapters import fsutil
+from agent.adapters.rot.base import KeyringMismatch, NotProvisioned, Quote, RootOfTrust, RootStatus
+from agent.adapters.rot.eventlog import EventLog
 from agent.core import attest
+from agent.core.anchor import keyring_anchor, verify_rotation
 
 log = logging.getLogger(__name__)
 _warned = False
@@ -43,7 +37,18 @@ def _warn_once(state_dir: Path, reason: str) -> None:
                     reason, state_dir / "keystore")
 
 
+def is_provisioned(state_dir: Path) -> bool:
+    """Whether a keystore was provisioned under ``state_dir``: a board without a TPM opts in so."""
+    return (state_dir / "keystore" / "state.json").exists()
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    fsutil.atomic_write(path, data, mode=fsutil.SECRET, dir_mode=0o700)
+
+
 class KeystoreRoot:
+    """Anchor, floor, attestation key and secrets as files under ``STATE/keystore``."""
+
     kind = "keystore"
 
     def __init__(self, state_dir: Path, *, pcr: int = 15, reason: str = "not configured") -> None:
@@ -57,7 +62,7 @@ class KeystoreRoot:
         return dict(json.loads(path.read_text())) if path.exists() else {}
 
     def _save(self, state: dict[str, object]) -> None:
-        _write_file(self.dir / "state.json", json.dumps(state).encode())
+        _write_secret(self.dir / "state.json", json.dumps(state).encode())
 
     def _anchor(self) -> str:
         anchor = self._state().get("anchor")
@@ -115,7 +120,7 @@ class KeystoreRoot:
             assert isinstance(key, ec.EllipticCurvePrivateKey)
             return key
         key = ec.generate_private_key(ec.SECP256R1())
-        _write_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        _write_secret(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()))
         return key
 
@@ -137,7 +142,7 @@ class KeystoreRoot:
         return self.dir / f"{name}.secret"
 
     def seal(self, name: str, secret: bytes) -> None:
-        _write_file(self._secret_path(name), secret)
+        _write_secret(self._secret_path(name), secret)
 
     def unseal(self, name: str) -> bytes:
         try:
@@ -153,4 +158,8 @@ class KeystoreRoot:
                           self.pcr, len(self.log.events()))
 
 
-__all__ = ["KeystoreRoot"]
+def _conforms(root: KeystoreRoot) -> RootOfTrust:
+    return root  # mypy checks here that KeystoreRoot implements the interface
+
+
+__all__ = ["KeystoreRoot", "is_provisioned"]

@@ -1,18 +1,12 @@
-"""The TPM 2.0 root of trust: an adapter over tpm2-pytss (ESAPI), plus the interface the updater calls.
-
-``RootOfTrust`` is the one object the updater talks to: check the keyring against
-the anchor, read and raise the rollback floor, measure what was installed or
-booted, quote, and seal the identity key. ``TpmRoot`` implements it with a TPM;
-``agent.adapters.rot.keystore.KeystoreRoot`` with files when there is none. ``open_root``
-chooses, honouring ``tpm_required``.
+"""The TPM 2.0 root of trust: ``RootOfTrust`` over tpm2-pytss (ESAPI).
 
 TPM objects (docs/tpm.md has the reasoning):
 - keyring anchor: NV index ``anchor_index`` (default 0x01000E00), owner hierarchy,
   ordinary index, attributes OWNERWRITE|OWNERREAD|AUTHREAD|WRITEDEFINE|NO_DA, empty
   authValue (anyone may read, only the owner may write). Written once at
   provisioning, then TPM2_NV_WriteLock'ed: with WRITEDEFINE the lock lasts until
-  the index is deleted, so no reboot clears it. Content: magic, SHA-256 of the
-  trusted roots, and the counter's base value.
+  the index is deleted, so no reboot clears it. Content: ``agent.core.anchor.AnchorRecord``
+  (magic, SHA-256 of the trusted roots, and the counter's base value).
 - rollback floor: NV counter (TPM2_NT_COUNTER) ``counter_index`` (default
   0x01000E01), OWNERWRITE|OWNERREAD|AUTHREAD|NO_DA. A TPM starts a new counter at
   the highest value any counter ever had, so floor = counter - base (base stored
@@ -25,284 +19,42 @@ TPM objects (docs/tpm.md has the reasoning):
 - sealed secrets: keyedhash objects under an owner ECC storage primary; only the
   wrapped blobs sit on disk, and only this TPM can unseal them.
 
-tpm2_pytss is imported lazily so the agent without the ``[tpm]`` extra still imports.
+tpm2_pytss is imported lazily so the agent without the ``[tpm]`` extra still imports;
+its objects are ``Any`` (it ships no type hints).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import os
-import struct
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from agent.core.attest import MAX_NONCE, Event, QuoteRefused
-from agent.errors import ConfigError, DeviceError, StateError, UntrustedSigner
+from agent.adapters import fsutil
+from agent.adapters.rot.base import (
+    KeyringMismatch,
+    NotProvisioned,
+    Quote,
+    RootOfTrust,
+    RootStatus,
+    TpmError,
+    TpmUnavailable,
+)
+from agent.adapters.rot.eventlog import EventLog
+from agent.core.anchor import RECORD_SIZE, AnchorRecord, keyring_anchor, verify_rotation
+from agent.core.attest import MAX_NONCE, Event
+from agent.core.config import TpmSettings
+from agent.errors import ConfigError
 
-DEVICE_TCTI = "device:/dev/tpmrm0"
-ANCHOR_INDEX = 0x01000E00
-COUNTER_INDEX = 0x01000E01
-DEFAULT_PCR = 15
-ANCHOR_MAGIC = b"EOA1"
-ANCHOR_SIZE = len(ANCHOR_MAGIC) + 32 + 8
 # Each floor step is one TPM2_NV_Increment (NV wear, ~ms each on real parts), so
 # security_version is meant to grow by small steps; larger jumps are capped here
 # and still enforced in full by the journal floor.
 MAX_FLOOR_STEP = 256
-ROTATION_CONTEXT = b"edgeops keyring rotation v1\0"
 
 
-# --- errors --------------------------------------------------------------------------------------
-class TpmError(DeviceError):
-    hint = "check the TPM (tpm_tcti in the agent config) and 'edgeops tpm status'"
-
-
-class TpmUnavailable(TpmError):
-    hint = "install the [tpm] extra and check that the TPM device or simulator is reachable"
-
-
-class TpmRequired(ConfigError):
-    hint = "this board requires a TPM: fit one or set tpm_required = false"
-
-
-class NotProvisioned(StateError):
-    hint = "run 'edgeops tpm provision --config FILE' once, at the factory"
-
-
-class KeyringMismatch(UntrustedSigner):
-    hint = "the keyring file differs from the one anchored at provisioning; restore it or rotate roots"
-
-
-# --- settings ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TpmSettings:
-    tcti: str | None  # None: use the keystore, no TPM
-    required: bool = False
-    pcr: int = DEFAULT_PCR
-    anchor_index: int = ANCHOR_INDEX
-    counter_index: int = COUNTER_INDEX
-
-
-def settings_from_toml(text: str, path: Path) -> TpmSettings:
-    """Read ``tpm_*`` keys of ``[device]`` (or a ``[tpm]`` table) from agent.toml text."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    dev = doc.get("device", {})
-    tbl = doc.get("tpm", {})
-    if not isinstance(dev, dict) or not isinstance(tbl, dict):
-        raise ConfigError(f"{path}: [device] and [tpm] must be tables")
-
-    def get(key: str, default: Any) -> Any:
-        return tbl.get(key, dev.get(f"tpm_{key}", default))
-
-    tcti, required, pcr = get("tcti", None), get("required", False), get("pcr", DEFAULT_PCR)
-    if tcti is not None and (not isinstance(tcti, str) or not tcti):
-        raise ConfigError(f"{path}: tpm_tcti must be a TCTI string such as '{DEVICE_TCTI}'")
-    if not isinstance(required, bool):
-        raise ConfigError(f"{path}: tpm_required must be true or false")
-    if not isinstance(pcr, int) or not 0 <= pcr <= 22 or pcr == 16:
-        raise ConfigError(f"{path}: tpm_pcr must be a non-resettable PCR (0-15, 17-22)")
-    return TpmSettings(tcti=tcti or None, required=required, pcr=pcr,
-                       anchor_index=int(get("anchor_index", ANCHOR_INDEX)),
-                       counter_index=int(get("counter_index", COUNTER_INDEX)))
-
-
-def load_settings(config_path: Path) -> TpmSettings:
-    try:
-        return settings_from_toml(config_path.read_text(), config_path)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {config_path}: {exc.strerror}") from None
-
-
-# --- pure helpers shared by both implementations -------------------------------------------------
-def keyring_anchor(keyring_pem: bytes) -> bytes:
-    """SHA-256 over the sorted DER of the roots: independent of order, comments and line endings."""
-    try:
-        certs = x509.load_pem_x509_certificates(keyring_pem)
-    except ValueError as exc:
-        raise UntrustedSigner(f"keyring is not PEM certificates: {exc}") from None
-    ders = sorted(c.public_bytes(serialization.Encoding.DER) for c in certs)
-    h = hashlib.sha256()
-    for der in ders:
-        h.update(struct.pack(">I", len(der)) + der)
-    return h.digest()
-
-
-def sign_rotation(root_key: ed25519.Ed25519PrivateKey, new_keyring_pem: bytes) -> bytes:
-    """Host side: a current root approves the new root set (its anchor), nothing else."""
-    return root_key.sign(ROTATION_CONTEXT + keyring_anchor(new_keyring_pem))
-
-
-def verify_rotation(current_keyring_pem: bytes, new_keyring_pem: bytes, signature: bytes) -> bytes:
-    """Return the new anchor if a root of the *current* set signed it; else raise UntrustedSigner."""
-    message = ROTATION_CONTEXT + keyring_anchor(new_keyring_pem)
-    for cert in x509.load_pem_x509_certificates(current_keyring_pem):
-        key = cert.public_key()
-        if not isinstance(key, ed25519.Ed25519PublicKey):
-            continue
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            continue
-        return keyring_anchor(new_keyring_pem)
-    raise UntrustedSigner("root rotation is not signed by a currently anchored root",
-                          hint="sign the new keyring with 'sign_rotation' using a current root key")
-
-
-@dataclass(frozen=True)
-class Quote:
-    kind: str  # "tpm" or "keystore": a keystore quote proves nothing about hardware
-    attest: bytes
-    signature: bytes  # DER ECDSA-SHA256 over attest
-    ak_public_pem: bytes
-    pcrs: tuple[int, ...]
-    events: tuple[Event, ...]
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "kind": self.kind, "attest": base64.b64encode(self.attest).decode(),
-            "signature": base64.b64encode(self.signature).decode(),
-            "ak_public_pem": self.ak_public_pem.decode(), "pcrs": list(self.pcrs),
-            "events": [{"pcr": e.pcr, "label": e.label, "digest": e.digest.hex()} for e in self.events],
-        }, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Quote:
-        try:
-            d = json.loads(text)
-            return cls(str(d["kind"]), base64.b64decode(d["attest"]), base64.b64decode(d["signature"]),
-                       str(d["ak_public_pem"]).encode(), tuple(int(p) for p in d["pcrs"]),
-                       tuple(Event(int(e["pcr"]), str(e["label"]), bytes.fromhex(e["digest"]))
-                             for e in d["events"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise QuoteRefused(f"quote document is malformed: {exc}") from None
-
-
-class EventLog:
-    """Measurements in the order they were extended, one JSON line each, under the state dir."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def events(self) -> list[Event]:
-        """Complete lines only: a line torn by a power cut was never followed by its extend."""
-        if not self.path.exists():
-            return []
-        out = []
-        data = self.path.read_bytes()
-        for line in data[:data.rfind(b"\n") + 1].splitlines():
-            try:
-                d = json.loads(line)
-                out.append(Event(int(d["pcr"]), str(d["label"]), bytes.fromhex(d["digest"])))
-            except (ValueError, KeyError, TypeError):
-                raise TpmError(f"measurement log {self.path} is corrupt",
-                               hint="the quote cannot be explained; re-provision or reboot to reset the PCRs "
-                                    "and the log") from None
-        return out
-
-    def append(self, e: Event) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab+") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            if end:  # drop a torn last line so the new one starts on a line of its own
-                f.seek(0)
-                data = f.read()
-                keep = data.rfind(b"\n") + 1
-                if keep != end:
-                    f.truncate(keep)
-            f.write((json.dumps({"pcr": e.pcr, "label": e.label, "digest": e.digest.hex()}) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-
-    def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-@dataclass(frozen=True)
-class RootStatus:
-    kind: str
-    anchor: str | None  # hex SHA-256, None: not provisioned
-    anchor_locked: bool
-    floor: int | None
-    counter: int | None
-    pcr: int
-    measurements: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class RootOfTrust(Protocol):
-    """What the updater and the identity code need from a TPM or its software stand-in."""
-
-    kind: str
-
-    def provision(self, keyring_pem: bytes) -> RootStatus: ...
-    def check_keyring(self, keyring_pem: bytes) -> None: ...
-    def rotate_keyring(self, current_pem: bytes, new_pem: bytes, signature: bytes) -> None: ...
-    def floor(self) -> int: ...
-    def raise_floor(self, security_version: int) -> int: ...
-    def measure(self, label: str, digest: bytes, *, once: bool = False) -> None: ...
-    def quote(self, nonce: bytes) -> Quote: ...
-    def ak_public_pem(self) -> bytes: ...
-    def seal(self, name: str, secret: bytes) -> None: ...
-    def unseal(self, name: str) -> bytes: ...
-    def status(self) -> RootStatus: ...
-
-
-def open_root(settings: TpmSettings, state_dir: Path) -> RootOfTrust:
-    """The TPM if configured and reachable; otherwise the keystore, unless a TPM is required."""
-    if settings.tcti is not None:
-        root = TpmRoot(settings, state_dir)
-        try:
-            root.ping()
-            return root
-        except TpmUnavailable as exc:
-            if settings.required:
-                raise TpmRequired(f"a TPM is required but unavailable: {exc}") from None
-            failure = str(exc)
-    elif settings.required:
-        raise TpmRequired("a TPM is required but tpm_tcti is not set")
-    else:
-        failure = "no tpm_tcti configured"
-    from agent.adapters.rot.keystore import KeystoreRoot
-
-    return KeystoreRoot(state_dir, pcr=settings.pcr, reason=failure)
-
-
-def root_for_updater(config_path: Path, state_dir: Path) -> RootOfTrust | None:
-    """The root the updater should consult, or None when the feature is off.
-
-    Off means: no TPM configured, not required, and no provisioned keystore — so
-    boards that never opted in behave exactly as before. A configured TPM that is
-    not provisioned is *not* off: its checks raise ``NotProvisioned`` (fail closed).
-    """
-    if not config_path.exists():
-        # A config parsed from text with no file behind it (tests, tools) cannot opt in.
-        return None
-    settings = load_settings(config_path)
-    keystore_state = state_dir / "keystore" / "state.json"
-    if settings.tcti is None and not settings.required and not keystore_state.exists():
-        return None
-    return open_root(settings, state_dir)
-
-
-# --- the TPM -------------------------------------------------------------------------------------
 def _tss() -> Any:
     # Quiet the TSS's own stderr logging of expected errors (e.g. "index not defined").
     os.environ.setdefault("TSS2_LOG", "all+NONE")
@@ -328,6 +80,8 @@ def _srk_template(tss: Any) -> Any:
 
 
 class TpmRoot:
+    """A TPM reached through ``settings.tcti``; each call opens one ESAPI context and closes it."""
+
     kind = "tpm"
 
     def __init__(self, settings: TpmSettings, state_dir: Path) -> None:
@@ -377,12 +131,12 @@ class TpmRoot:
         attrs = pub.nvPublic.attributes
         if not attrs & tss.TPMA_NV.WRITTEN:
             return None
-        data = bytes(e.nv_read(h, ANCHOR_SIZE, 0, auth_handle=h))
-        if not data.startswith(ANCHOR_MAGIC):
+        try:
+            record = AnchorRecord.from_bytes(bytes(e.nv_read(h, RECORD_SIZE, 0, auth_handle=h)))
+        except ValueError:
             raise TpmError(f"NV index {self.settings.anchor_index:#x} holds something other than "
-                           f"an edgeops anchor", hint="choose another tpm anchor_index")
-        (base,) = struct.unpack(">Q", data[36:44])
-        return data[4:36], base, bool(attrs & tss.TPMA_NV.WRITELOCKED)
+                           f"an edgeops anchor", hint="choose another tpm anchor_index") from None
+        return record.anchor, record.base, bool(attrs & tss.TPMA_NV.WRITELOCKED)
 
     def _counter(self, tss: Any, e: Any, create: bool) -> tuple[Any, int] | None:
         h = self._nv(tss, e, self.settings.counter_index)
@@ -402,8 +156,8 @@ class TpmRoot:
     def _write_anchor(self, tss: Any, e: Any, anchor: bytes, base: int) -> None:
         attrs = (tss.TPMA_NV.OWNERWRITE | tss.TPMA_NV.OWNERREAD | tss.TPMA_NV.AUTHREAD
                  | tss.TPMA_NV.WRITEDEFINE | tss.TPMA_NV.NO_DA)
-        h = self._define(tss, e, self.settings.anchor_index, attrs, ANCHOR_SIZE)
-        e.nv_write(h, ANCHOR_MAGIC + anchor + struct.pack(">Q", base), 0, auth_handle=tss.ESYS_TR.OWNER)
+        h = self._define(tss, e, self.settings.anchor_index, attrs, RECORD_SIZE)
+        e.nv_write(h, AnchorRecord(anchor, base).to_bytes(), 0, auth_handle=tss.ESYS_TR.OWNER)
         e.nv_write_lock(h, auth_handle=tss.ESYS_TR.OWNER)
 
     # -- RootOfTrust --
@@ -545,7 +299,7 @@ class TpmRoot:
                                          objectAttributes="fixedtpm|fixedparent|userwithauth|noda")
             private, public, _, _, _ = e.create(srk, sens, tss.TPM2B_PUBLIC(publicArea=tmpl))
         blob = bytes(private.marshal()) + bytes(public.marshal())
-        _write_file(self._sealed_path(name), blob)
+        fsutil.atomic_write(self._sealed_path(name), blob, mode=fsutil.SECRET, dir_mode=0o700)
 
     def unseal(self, name: str) -> bytes:
         path = self._sealed_path(name)
@@ -577,19 +331,8 @@ class TpmRoot:
                           self.settings.pcr, len(events))
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Write 0600 via a temporary file and rename, fsynced: power can fail mid-write."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _conforms(root: TpmRoot) -> RootOfTrust:
+    return root  # mypy checks here that TpmRoot implements the interface
 
 
-__all__ = ["DEVICE_TCTI", "EventLog", "KeyringMismatch", "NotProvisioned", "Quote", "RootOfTrust",
-           "RootStatus", "TpmError", "TpmRequired", "TpmRoot", "TpmSettings", "TpmUnavailable",
-           "keyring_anchor", "load_settings", "open_root", "root_for_updater", "settings_from_toml",
-           "sign_rotation", "verify_rotation"]
+__all__ = ["MAX_FLOOR_STEP", "TpmRoot"]
