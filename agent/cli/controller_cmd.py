@@ -156,9 +156,10 @@ def _serve(a: argparse.Namespace) -> int:
 
     from aiohttp import web
 
-    from agent.controller.app import Settings, build_app
+    from agent.controller.app import build_app
     from agent.controller.db import open_database
     from agent.controller.fleet import Fleet
+    from agent.controller.http import Settings
 
     host, _, port = a.listen.rpartition(":")
     if not host or not port.isdigit():

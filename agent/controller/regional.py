@@ -30,9 +30,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent.controller.app import DDI, Settings, base_url, sleep_text
 from agent.controller.errors import ControllerError, NotFound, Unauthorized
 from agent.controller.fleet import Fleet
+from agent.controller.http import DDI, Settings, base_url, sleep_text
 
 log = logging.getLogger("edgeops.controller.regional")
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
