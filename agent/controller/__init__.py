@@ -9,6 +9,8 @@ Modules, in the direction imports point (each imports only those below it):
     http        what every route shares: Settings, app keys, middleware, request helpers
     metrics     Prometheus figures read from the database
     fleet       fleet operations on the database: devices, bundles, actions, rollouts
+    bundles     bundle intake: hash, verify as a device would, store by SHA-256
+    actions     pure: what a DDI feedback report does to an action
     rollout     pure: wave planning and health gating (no clock, no I/O)
     db          SQLite (default, WAL) or PostgreSQL: schema and portable SQL
     errors      typed errors, each mapped to one HTTP status by http.errors_mw

@@ -29,8 +29,9 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.controller.bundles import BundleInfo
 from agent.controller.errors import BadRequest, NotFound
-from agent.controller.fleet import BundleInfo, Fleet, PollInfo
+from agent.controller.fleet import Fleet, PollInfo
 from agent.controller.http import (
     DDI,
     FLEET,
