@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from agent.adapters.fsutil import replace_durably
+
 
 @dataclass(frozen=True)
 class BundleInfo:
@@ -48,14 +50,15 @@ class Stored:
 def store(stream: BinaryIO, artifacts: Path, keyring_pem: bytes, now: float) -> Stored:
     """Copy ``stream`` into ``artifacts``, verified; a bundle that fails leaves nothing behind."""
     # The final name is the content's hash, known only at the end: stream to a temporary
-    # file beside it, verify that, then rename it into place.
+    # file beside it, verify that, then rename it into place (durably: the database will
+    # name this file next, so the rename must be on disk first).
     fd, tmp_name = tempfile.mkstemp(dir=artifacts, prefix=".upload-")
     tmp = Path(tmp_name)
     try:
         hashes = _copy_hashing(stream, fd)
         signer, version, compatible = _verify_bundle(tmp, keyring_pem, now)
         final = artifacts / hashes["sha256"]
-        os.replace(tmp, final)
+        replace_durably(tmp, final)
         return Stored(hashes["sha256"], hashes["sha1"], hashes["md5"], final.stat().st_size,
                       signer, version, compatible)
     finally:
