@@ -6,9 +6,9 @@ consistent fleet. Actions for a rollout wave are created only when the wave star
 a device outside the running waves has no action row, so no code path can hand it
 the deployment before the gate has passed.
 
-The decisions live in pure modules beside this one: ``actions`` (what a feedback
-report does to an action), ``rollout`` (waves and the health gate); bundle files are
-``bundles``'. What stays here is the SQL that applies them.
+The decisions live in pure modules beside this one, ``actions`` (what a feedback
+report does to an action) and ``rollout`` (waves and the health gate); ``bundles``
+puts verified bundle files on disk. What stays here is the SQL that applies them.
 """
 
 from __future__ import annotations
