@@ -3,6 +3,7 @@ and forwards device feedback upstream, in order, once the parent is back."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import shutil
@@ -161,6 +162,42 @@ def test_regional_survives_a_parent_that_sends_nonsense(tmp_path: Path) -> None:
         # The parent stops vouching for a token: the regional stops accepting it too.
         parent.tokens["good"] = "rotated"
         wait_for(lambda: poll("good").status_code == 401)
+    finally:
+        regional.stop()
+        parent.close()
+
+
+def test_regional_caches_only_artifacts_that_match_their_hash(tmp_path: Path) -> None:
+    parent = HostileParent()
+    regional = start_controller(tmp_path / "regional", parent=parent.url, parent_interval=3600,
+                                tick_interval=3600)
+    cache = tmp_path / "regional" / "mirror"
+    try:
+        parent.tokens["dev"] = "t-dev"
+        root = "/DEFAULT/controller/v1/dev"
+        good = b"signed bundle bytes"
+        sha = hashlib.sha256(good).hexdigest()
+
+        def offer(body: bytes, aid: int) -> requests.Response:
+            art = f"{root}/softwaremodules/{aid}/artifacts/x.bundle"
+            parent.docs[art] = body
+            dep = f"{root}/deploymentBase/{aid}"
+            parent.docs[dep] = json.dumps({"id": str(aid), "deployment": {"chunks": [
+                {"part": "os", "name": "x", "version": "1", "artifacts": [{
+                    "filename": "x.bundle", "size": len(good), "hashes": {"sha256": sha},
+                    "_links": {"download": {"href": parent.url + art}}}]}]}}).encode()
+            parent.base("dev", {"deploymentBase": {"href": parent.url + dep}})
+            return requests.get(f"{regional.url}{root}", headers={"Authorization": "TargetToken t-dev"},
+                                timeout=5)
+
+        assert offer(b"x" * len(good), 1).status_code == 502  # right size, wrong bytes
+        assert offer(good + b"!", 2).status_code == 502  # longer than declared
+        assert offer(good[:-1], 3).status_code == 502  # shorter than declared
+        assert sorted(p.name for p in cache.iterdir()) == []  # no artifact, no temporary file left
+
+        assert offer(good, 4).status_code == 200
+        assert sorted(p.name for p in cache.iterdir()) == [sha]
+        assert (cache / sha).read_bytes() == good
     finally:
         regional.stop()
         parent.close()

@@ -26,9 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.adapters.rot import tpm
-from agent.controller.app import Settings, serve_in_thread
 from agent.controller.db import open_database
 from agent.controller.fleet import Fleet
+from agent.controller.http import Settings
+from agent.controller.serve import serve_in_thread
 from agent.core.config import load
 from agent.device import identity
 from agent.device.fleet import DdiClient, FleetAgent, FleetConfig

@@ -156,9 +156,10 @@ def _serve(a: argparse.Namespace) -> int:
 
     from aiohttp import web
 
-    from agent.controller.app import Settings, build_app
+    from agent.controller.app import build_app
     from agent.controller.db import open_database
     from agent.controller.fleet import Fleet
+    from agent.controller.http import Settings
 
     host, _, port = a.listen.rpartition(":")
     if not host or not port.isdigit():
@@ -238,11 +239,9 @@ def _stored_token(db: Any, fresh: str) -> tuple[str, bool]:
 
 def _token_file(data: Path, token: str, fresh: bool) -> str:
     """The generated token goes to a 0600 file, not to logs (stderr often ends up in a journal)."""
+    from agent.adapters.fsutil import SECRET, atomic_write
+
     path = data / "operator.token"
     if fresh or not path.exists():
-        data.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        os.replace(path.with_suffix(".tmp"), path)
+        atomic_write(path, token + "\n", mode=SECRET)  # Fleet() has made the directory
     return f"operator token in {path}" + (" (new)" if fresh else "")

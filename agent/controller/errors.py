@@ -1,4 +1,4 @@
-"""Controller errors. Each class carries the HTTP status ``app`` answers with."""
+"""Controller errors. Each class carries the HTTP status ``http.errors_mw`` answers with."""
 
 from __future__ import annotations
 

@@ -1,36 +1,31 @@
 """Fleet operations on the database: devices, groups, bundles, actions and rollouts.
 
-The HTTP layer (``app``) calls these; so do tests. Every state change is one
-transaction, so a controller killed at any point restarts into a consistent
-fleet. Actions for a rollout wave are created only when the wave starts: a
-device outside the running waves has no action row, so no code path can hand
-it the deployment before the gate has passed.
+The routes (``ddi_routes``, ``api_routes``) call these; so do tests. Every state
+change is one transaction, so a controller killed at any point restarts into a
+consistent fleet. Actions for a rollout wave are created only when the wave starts:
+a device outside the running waves has no action row, so no code path can hand it
+the deployment before the gate has passed.
 
-Action states: open (assigned) → running (device reported progress) → success |
-failure; open/running → canceling (cancel requested, device sees cancelAction)
-→ canceled, or back to running when the device rejects the cancel.
+The decisions live in pure modules beside this one, ``actions`` (what a feedback
+report does to an action) and ``rollout`` (waves and the health gate); ``bundles``
+puts verified bundle files on disk. What stays here is the SQL that applies them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.controller import rollout
+from agent.controller import bundles, rollout
+from agent.controller.actions import TERMINAL, next_status, outcome, parse_feedback
+from agent.controller.bundles import BundleInfo
 from agent.controller.db import Database
 from agent.controller.errors import BadRequest, Conflict, NotFound, Unauthorized
-
-OPEN_STATES = ("open", "running", "canceling")
-TERMINAL = ("success", "failure", "canceled")
-RUNNING_EXECUTIONS = ("proceeding", "scheduled", "resumed", "download", "downloaded", "downloading")
 
 
 @dataclass(frozen=True)
@@ -38,22 +33,6 @@ class PollInfo:
     action_id: int | None
     action_status: str | None
     wants_config: bool
-
-
-@dataclass(frozen=True)
-class BundleInfo:
-    id: int
-    version: str
-    compatible: str
-    sha256: str
-    sha1: str
-    md5: str
-    size: int
-    filename: str
-    signer: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 class Fleet:
@@ -194,7 +173,7 @@ class Fleet:
     def feedback(self, device_id: str, action_id: int, body: dict[str, Any], *, cancel: bool = False,
                  key: str | None = None) -> None:
         """Apply one DDI feedback. A report whose ``Idempotency-Key`` was seen is applied once."""
-        execution, finished = _parse_feedback(body)
+        execution, finished = parse_feedback(body)
         now = self.clock()
         with self.db.tx():
             status, _ = self.action(device_id, action_id)
@@ -204,7 +183,7 @@ class Fleet:
             self.db.insert("INSERT INTO feedback (action_id, device_id, execution, finished, body, received, "
                            "idem_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [action_id, device_id, execution, finished, json.dumps(body), now, key])
-            new = _next_status(status, execution, finished, cancel)
+            new = next_status(status, execution, finished, cancel)
             if new == status:
                 return
             self.db.execute("UPDATE actions SET status = ?, updated = ?, detail = ? WHERE id = ?",
@@ -222,27 +201,16 @@ class Fleet:
         if self.keyring_pem is None:
             raise BadRequest("this controller has no keyring: start it with --keyring ROOT.crt",
                              hint="the controller verifies bundles against the fleet's roots")
-        fd, tmp_name = tempfile.mkstemp(dir=self.artifacts, prefix=".upload-")
-        tmp = Path(tmp_name)
-        try:
-            hashes = _copy_hashing(stream, fd)
-            signer, version, compatible = _verify_bundle(tmp, self.keyring_pem, self.clock())
-            final = self.artifacts / hashes["sha256"]
-            os.replace(tmp, final)
-            return self._record_bundle(hashes, final.stat().st_size, filename, signer, version, compatible)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _record_bundle(self, h: dict[str, str], size: int, filename: str, signer: str, version: str,
-                       compatible: str) -> BundleInfo:
+        stored = bundles.store(stream, self.artifacts, self.keyring_pem, self.clock())
         with self.db.tx():
-            rows = self.db.query("SELECT id FROM bundles WHERE sha256 = ?", [h["sha256"]])
+            rows = self.db.query("SELECT id FROM bundles WHERE sha256 = ?", [stored.sha256])
             if rows:
                 return self.bundle(rows[0][0])
             bid = self.db.insert(
                 "INSERT INTO bundles (version, compatible, sha256, sha1, md5, size, filename, signer, "
                 "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [version, compatible, h["sha256"], h["sha1"], h["md5"], size, filename, signer, self.clock()])
+                [stored.version, stored.compatible, stored.sha256, stored.sha1, stored.md5, stored.size,
+                 filename, stored.signer, self.clock()])
         return self.bundle(bid)
 
     def bundle(self, bundle_id: int) -> BundleInfo:
@@ -325,7 +293,7 @@ class Fleet:
             status, policy_json, wave, waves, started, bundle_id = rows[0]
             if status != "running":
                 return
-            outcomes = {d: _outcome(s) for d, s in self.db.query(
+            outcomes = {d: outcome(s) for d, s in self.db.query(
                 "SELECT device_id, status FROM actions WHERE rollout_id = ? AND wave = ?", [rid, wave])}
             decision = rollout.evaluate(outcomes, policy=rollout.Policy.from_dict(json.loads(policy_json)),
                                         wave_started=started, now=now, last_wave=wave + 1 >= waves)
@@ -404,75 +372,6 @@ class Fleet:
             sql, params = sql + " AND rollout_id = ?", [*params, rollout_id]
         keys = ("id", "device", "bundle", "rollout", "wave", "status", "detail")
         return [dict(zip(keys, r, strict=True)) for r in self.db.query(sql + " ORDER BY id", params)]
-
-
-def _outcome(status: str) -> rollout.Outcome:
-    return {"open": "pending", "running": "running", "canceling": "running", "success": "success",
-            "failure": "failure", "canceled": "canceled"}.get(status, "pending")  # type: ignore[return-value]
-
-
-def _parse_feedback(body: dict[str, Any]) -> tuple[str, str]:
-    """DdiActionFeedback: {"status": {"execution": ..., "result": {"finished": ...}}} (hawkBit DDI v1)."""
-    status = body.get("status") if isinstance(body, dict) else None
-    if not isinstance(status, dict) or not isinstance(status.get("execution"), str):
-        raise BadRequest("feedback needs status.execution")
-    result = status.get("result") or {}
-    finished = result.get("finished", "none") if isinstance(result, dict) else "none"
-    if finished not in ("success", "failure", "none"):
-        raise BadRequest(f"status.result.finished {finished!r} is not success, failure or none")
-    execution = status["execution"]
-    if execution not in ("closed", "canceled", "rejected", *RUNNING_EXECUTIONS):
-        raise BadRequest(f"status.execution {execution!r} is not a DDI execution status")
-    return execution, str(finished)
-
-
-def _next_status(current: str, execution: str, finished: str, cancel: bool) -> str:
-    if current in TERMINAL:
-        return current  # a repeated report (offline queue replay) changes nothing
-    if cancel:
-        # Feedback on cancelAction (hawkBit DDI): "canceled", or "closed" with success, confirms
-        # the cancel; "rejected" or a failed close means the device carries on with the update.
-        if execution == "canceled" or (execution == "closed" and finished != "failure"):
-            return "canceled"
-        return "running" if execution in ("rejected", "closed") else current
-    if execution == "closed":
-        # hawkBit DDI: "closed" with finished "none" is handled like success.
-        return "failure" if finished == "failure" else "success"
-    if execution == "canceled":
-        return "canceled" if current == "canceling" else current
-    if execution == "rejected":
-        return "running" if current == "canceling" else current
-    return current if current == "canceling" else "running"
-
-
-def _copy_hashing(stream: BinaryIO, fd: int) -> dict[str, str]:
-    hs = {"sha256": hashlib.sha256(), "sha1": hashlib.sha1(), "md5": hashlib.md5()}
-    with os.fdopen(fd, "wb") as out:
-        while chunk := stream.read(1 << 20):
-            out.write(chunk)
-            for h in hs.values():
-                h.update(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return {k: h.hexdigest() for k, h in hs.items()}
-
-
-def _verify_bundle(path: Path, keyring_pem: bytes, now: float) -> tuple[str, str, str]:
-    """Signature, chain and every payload block, as a device would check them (any compatible)."""
-    from agent.adapters.bundle import BundleReader
-    from agent.core import trust
-
-    with open(path, "rb") as f:
-        reader = BundleReader(f)
-        head = reader.read_head()
-        verdict = trust.verify_head(
-            manifest_bytes=head.manifest_bytes, signature=head.signature, chain_pem=head.chain_pem,
-            keyring=trust.Keyring.from_pem(keyring_pem),
-            device=trust.DeviceFacts(compatible=None, security_floor=0, best_known_time=int(now)),
-            crls=[head.crl] if head.crl else [])
-        for payload in reader.payloads(verdict.manifest):
-            payload.drain()
-    return verdict.signer_subject, verdict.manifest.version, verdict.manifest.compatible
 
 
 def _check_name(name: str, what: str) -> None:

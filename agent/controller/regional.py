@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 from typing import Any
@@ -30,9 +29,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent.controller.app import DDI, Settings, base_url, sleep_text
+from agent.adapters.fsutil import atomic_file
 from agent.controller.errors import ControllerError, NotFound, Unauthorized
 from agent.controller.fleet import Fleet
+from agent.controller.http import DDI, Settings, base_url, sleep_text
 
 log = logging.getLogger("edgeops.controller.regional")
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
@@ -256,15 +256,17 @@ class Regional:
         self._put("*", f"artifact/{mid}/{fn}", sha)
 
     async def _download(self, href: str, auth: str, sha: str, size: int) -> None:
+        """Stream an artifact into the cache as ``<sha256>``; on any failure the cache is unchanged."""
         assert self.session is not None
-        tmp = self.cache / f".{sha}.part"
-        h, n = hashlib.sha256(), 0
         # Credentials only go to the parent itself, never to a third-party host a link names.
         headers = {"Authorization": auth} if href.startswith(self.parent + "/") else {}
         try:
             async with self.session.get(href, headers=headers) as r:
                 _check_status(r.status, f"artifact {href}")
-                with open(tmp, "wb") as f:
+                # atomic_file removes its temporary file when the block raises (a short or
+                # corrupt download, a broken connection), so a bad artifact never gets its name.
+                with atomic_file(self.cache / sha) as f:
+                    h, n = hashlib.sha256(), 0
                     async for block in r.content.iter_chunked(1 << 16):
                         n += len(block)
                         if n > size:
@@ -272,18 +274,11 @@ class Regional:
                                                   f"{size} bytes")
                         h.update(block)
                         f.write(block)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if n != size or h.hexdigest() != sha:
+                        raise BadParentAnswer(f"artifact {href} does not match its declared size "
+                                              "and SHA-256")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            tmp.unlink(missing_ok=True)
             raise ParentDown(f"artifact {href}: {exc}") from None
-        except BadParentAnswer:
-            tmp.unlink(missing_ok=True)
-            raise
-        if n != size or h.hexdigest() != sha:
-            tmp.unlink(missing_ok=True)
-            raise BadParentAnswer(f"artifact {href} does not match its declared size and SHA-256")
-        os.replace(tmp, self.cache / sha)
 
     async def flush_outbox(self) -> int:
         """Forward queued device reports in order; stop at the first that the parent cannot take."""

@@ -134,9 +134,10 @@ class LocalController:
 
 def start_controller(data: Path, *, keyring: Path | None = None, parent: str | None = None,
                      db_url: str | None = None, port: int = 0, **settings: Any) -> LocalController:
-    from agent.controller.app import Settings, serve_in_thread
     from agent.controller.db import open_database
     from agent.controller.fleet import Fleet
+    from agent.controller.http import Settings
+    from agent.controller.serve import serve_in_thread
 
     db = open_database(db_url or str(data / "controller.db"))
     fleet = Fleet(db, data, keyring_pem=keyring.read_bytes() if keyring else None)

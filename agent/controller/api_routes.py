@@ -1,0 +1,170 @@
+"""The operators' REST API under /api/v1: devices, groups, bundles, deployments, rollouts, metrics.
+
+Every route needs ``Authorization: Bearer <token>`` (``http.auth_mw``); request shapes are
+in docs/fleet-controller.md. Handlers parse and answer; the work is ``Fleet``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from agent.controller import rollout
+from agent.controller.errors import BadRequest, NotFound
+from agent.controller.http import FLEET, REQUESTS, SETTINGS, read_json
+
+API = "/api/v1"
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get(API + "/devices", api_devices)
+    r.add_post(API + "/devices", api_add_device)
+    r.add_post(API + "/devices/{id}/tags", api_tag_device)
+    r.add_post(API + "/devices/{id}/revoke", api_revoke_device)
+    r.add_get(API + "/groups", api_groups)
+    r.add_post(API + "/groups", api_add_group)
+    r.add_get(API + "/bundles", api_bundles)
+    r.add_post(API + "/bundles", api_upload)
+    r.add_post(API + "/deployments", api_deploy)
+    r.add_get(API + "/rollouts", api_rollouts)
+    r.add_post(API + "/rollouts", api_create_rollout)
+    r.add_get(API + "/rollouts/{rid}", api_rollout)
+    r.add_post(API + "/rollouts/{rid}/{verb}", api_rollout_verb)
+    r.add_post(API + "/halt", api_halt_all)
+    r.add_get(API + "/actions", api_actions)
+    r.add_get(API + "/metrics", api_metrics)
+
+
+# --- devices and groups -----------------------------------------------------------------------
+async def api_devices(request: web.Request) -> web.Response:
+    return web.json_response({"devices": request.app[FLEET].devices()})
+
+
+async def api_add_device(request: web.Request) -> web.Response:
+    b = await read_json(request)
+    token = request.app[FLEET].add_device(str(b.get("id", "")), token=b.get("token"),
+                                          site=str(b.get("site", "")), tags=list(b.get("tags", [])))
+    return web.json_response({"id": b["id"], "token": token}, status=201)
+
+
+async def api_tag_device(request: web.Request) -> web.Response:
+    tags = (await read_json(request)).get("tags", [])
+    return web.json_response({"tags": request.app[FLEET].tag_device(request.match_info["id"], list(tags))})
+
+
+async def api_revoke_device(request: web.Request) -> web.Response:
+    """Revoke a device's identity: no new certificate, and its certificates refused from the next
+    request on (``http.mtls_mw`` reads the registry and the CRL; the TLS layer leaves both to it)."""
+    s = request.app[SETTINGS]
+    if s.device_ca is None:
+        raise NotFound("this controller has no device CA (start it with --device-ca)")
+    did = request.match_info["id"]
+    await asyncio.to_thread(s.device_ca.revoke, did)
+    return web.json_response({"id": did, "revoked": True})
+
+
+async def api_groups(request: web.Request) -> web.Response:
+    return web.json_response({"groups": request.app[FLEET].groups()})
+
+
+async def api_add_group(request: web.Request) -> web.Response:
+    b = await read_json(request)
+    request.app[FLEET].add_to_group(str(b.get("name", "")), list(b.get("devices", [])))
+    return web.json_response({"groups": request.app[FLEET].groups()}, status=201)
+
+
+# --- bundles ----------------------------------------------------------------------------------
+async def api_bundles(request: web.Request) -> web.Response:
+    return web.json_response({"bundles": [b.to_dict() for b in request.app[FLEET].bundles()]})
+
+
+async def api_upload(request: web.Request) -> web.Response:
+    fleet = request.app[FLEET]
+    filename = request.query.get("filename", "bundle.edgeops")
+    if "/" in filename or filename.startswith("."):
+        raise BadRequest("filename must be a plain file name")
+    reader = _StreamFile(request.content, asyncio.get_running_loop())
+    # Verification reads the whole bundle; run it off the event loop so polls keep flowing.
+    info = await asyncio.to_thread(fleet.upload_bundle, reader, filename)  # type: ignore[arg-type]
+    return web.json_response(info.to_dict(), status=201)
+
+
+class _StreamFile:
+    """A blocking read() over the request body, for a worker thread."""
+
+    def __init__(self, content: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._content, self._loop = content, loop
+
+    def read(self, n: int = -1) -> bytes:
+        fut = asyncio.run_coroutine_threadsafe(self._content.read(n), self._loop)
+        data: bytes = fut.result()
+        return data
+
+
+# --- deployments and rollouts -----------------------------------------------------------------
+async def api_deploy(request: web.Request) -> web.Response:
+    """One device, a group, or a percentage of the fleet; one wave, no gate (see /rollouts)."""
+    b = await read_json(request)
+    fleet = request.app[FLEET]
+    targets = fleet.resolve_targets(device=b.get("device"), group=b.get("group"),
+                                    percent=_opt_float(b.get("percent")))
+    rid = fleet.create_rollout(int(b.get("bundle", 0)), targets, rollout.Policy(canary_percent=100),
+                               name=str(b.get("name", "")))
+    return web.json_response(fleet.rollout_status(rid), status=201)
+
+
+async def api_create_rollout(request: web.Request) -> web.Response:
+    b = await read_json(request)
+    fleet = request.app[FLEET]
+    targets = fleet.resolve_targets(group=b.get("group"), percent=_opt_float(b.get("percent")))
+    policy = rollout.Policy.from_dict(b.get("policy", {}))
+    rid = fleet.create_rollout(int(b.get("bundle", 0)), targets, policy, name=str(b.get("name", "")))
+    return web.json_response(fleet.rollout_status(rid), status=201)
+
+
+def _opt_float(v: Any) -> float | None:
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        raise BadRequest("percent must be a number") from None
+
+
+def _rid(request: web.Request) -> int:
+    try:
+        return int(request.match_info["rid"])
+    except ValueError:
+        raise NotFound("rollout ids are numbers") from None
+
+
+async def api_rollouts(request: web.Request) -> web.Response:
+    return web.json_response({"rollouts": request.app[FLEET].rollouts()})
+
+
+async def api_rollout(request: web.Request) -> web.Response:
+    return web.json_response(request.app[FLEET].rollout_status(_rid(request)))
+
+
+async def api_rollout_verb(request: web.Request) -> web.Response:
+    fleet = request.app[FLEET]
+    return web.json_response(fleet.set_rollout_state(_rid(request), request.match_info["verb"]))
+
+
+async def api_halt_all(request: web.Request) -> web.Response:
+    return web.json_response({"halted": request.app[FLEET].halt_all()})
+
+
+async def api_actions(request: web.Request) -> web.Response:
+    rid = request.query.get("rollout")
+    return web.json_response({"actions": request.app[FLEET].actions(
+        device=request.query.get("device"), rollout_id=int(rid) if rid else None)})
+
+
+# --- metrics ----------------------------------------------------------------------------------
+async def api_metrics(request: web.Request) -> web.Response:
+    from agent.controller import metrics  # prometheus_client is loaded at the first scrape
+
+    body = metrics.render(request.app[FLEET], request.app[REQUESTS])  # a few COUNTs: as cheap as a poll
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})

@@ -1,0 +1,153 @@
+"""What every controller route shares: settings, app keys, middleware and request helpers.
+
+The DDI routes (``ddi_routes``), the regional mirror (``regional``) and the operator API
+(``api_routes``) all build on this module and on nothing of each other, so ``app`` can wire
+any of them without an import cycle. Middleware, outermost first (``app.build_app``):
+
+* ``errors_mw`` maps every error to one HTTP status and a JSON body ``{error, message, hint}``;
+* ``mtls_mw`` checks a client certificate, when one is presented, against the device CA;
+* ``auth_mw`` demands the operator's bearer token on ``/api/``.
+
+Devices authenticate with ``Authorization: TargetToken <token>`` (hawkBit's target security
+token) or, when the controller runs with a device CA (``Settings.device_ca``), with a client
+certificate from that CA naming the controllerId (mutual TLS; the token is then not accepted
+on DDI routes, except as the enrolment token of ``identity/renew``). Operators use
+``Authorization: Bearer <token>`` on /api/v1.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from agent.controller.errors import BadRequest, ControllerError, Unauthorized
+from agent.controller.fleet import Fleet
+from agent.device.identity import CERT_LIFETIME, CertificateRequired, DeviceCA, IdentityError
+from agent.errors import EdgeopsError, TrustError
+
+log = logging.getLogger("edgeops.controller")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DDI = "/{tenant}/controller/v1/{cid}"  # the root of every hawkBit DDI v1 route
+
+
+@dataclass
+class Settings:
+    api_token: str
+    tenant: str = "DEFAULT"
+    poll_sleep: int = 30  # seconds, sent as config.polling.sleep "HH:MM:SS"
+    tick_interval: float = 5.0  # seconds between health-gate checks (feedback also triggers one)
+    flush_interval: float = 2.0  # seconds between batched last-seen writes
+    parent: str | None = None  # regional mode: the parent controller's base URL
+    parent_interval: float = 10.0  # seconds between regional mirror passes
+    # mTLS: DDI routes need a client certificate from this CA naming the controllerId
+    device_ca: DeviceCA | None = None
+    ssl_context: ssl.SSLContext | None = None  # HTTPS (from DeviceCA.server_context when mTLS)
+    cert_lifetime: int = CERT_LIFETIME  # seconds, for certificates issued by identity/renew
+
+
+PEER = web.RequestKey("device", str)  # the device a checked client certificate names
+FLEET = web.AppKey("fleet", Fleet)
+SETTINGS = web.AppKey("settings", Settings)
+SEEN = web.AppKey("seen", dict)  # controllerId -> last poll time, flushed in batches by ``tasks``
+WAITERS = web.AppKey("waiters", dict)  # controllerId -> asyncio.Event that wakes a held long-poll
+REQUESTS = web.AppKey("requests", collections.Counter)  # DDI requests by kind, for /metrics
+
+
+def sleep_text(seconds: int) -> str:
+    """hawkBit's ``config.polling.sleep``: ``HH:MM:SS``."""
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def base_url(request: web.Request) -> str:
+    """This controller as the client reached it: links in DDI documents point back here."""
+    return f"{request.scheme}://{request.host}"
+
+
+def target_token(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme != "TargetToken" or not token:
+        raise Unauthorized("missing 'Authorization: TargetToken <token>'")
+    return token.strip()
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or ``BadRequest``."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+# --- middleware -----------------------------------------------------------------------------
+@web.middleware
+async def errors_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ControllerError as exc:
+        return _error(exc.status, exc)
+    except IdentityError as exc:  # mTLS: no, expired, revoked or someone else's certificate
+        return _error(401 if isinstance(exc, CertificateRequired) else 403, exc)
+    except TrustError as exc:  # an uploaded bundle that devices would refuse
+        return _error(422, exc)
+    except EdgeopsError as exc:
+        return _error(400, exc)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        if not request.path.startswith("/api/v1/"):
+            raise
+        # A field of the wrong type or shape ({"bundle": "x"}, ?rollout=abc) is the caller's
+        # mistake: say which, instead of a 500.
+        log.info("bad request to %s: %r", request.path, exc)
+        return _error(400, BadRequest(f"malformed request: {type(exc).__name__}: {exc}"[:300]))
+
+
+def _error(status: int, exc: EdgeopsError) -> web.Response:
+    return web.json_response({"error": type(exc).__name__, "message": str(exc), "hint": exc.hint},
+                             status=status)
+
+
+@web.middleware
+async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        expected = request.app[SETTINGS].api_token
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or not _same(token.strip(), expected):
+            raise Unauthorized("missing or wrong 'Authorization: Bearer <token>'")
+    return await handler(request)
+
+
+def _same(a: str, b: str) -> bool:
+    return bool(a) and secrets.compare_digest(a.encode(), b.encode())
+
+
+@web.middleware
+async def mtls_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a device CA, every request that carries a client certificate is checked here, whatever
+    the route: OpenSSL verified its chain and purpose at the handshake; ``check_peer`` adds the
+    dates (by this controller's clock, per request, so a keep-alive connection cannot outlive its
+    certificate), the CRL, the registry (revoked device, a serial the CA lists). Refusals are
+    403 with the reason."""
+    ca = request.app[SETTINGS].device_ca
+    if ca is not None:
+        der = _peer_der(request)
+        if der is not None:
+            request[PEER] = ca.check_peer(der, now=request.app[FLEET].clock())
+    return await handler(request)
+
+
+def _peer_der(request: web.Request) -> bytes | None:
+    sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if sslobj is None:
+        return None
+    der: bytes | None = sslobj.getpeercert(binary_form=True)
+    return der

@@ -1,0 +1,63 @@
+"""A controller process's background work: long-poll wake-ups, batched last-seen writes, gate ticks.
+
+``lifecycle`` is an aiohttp cleanup context (``app.build_app`` installs it): the periodic
+jobs start with the server and stop with it, and the last batch of poll times is written
+on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from agent.controller.http import FLEET, SEEN, SETTINGS, WAITERS
+
+log = logging.getLogger("edgeops.controller")
+
+
+async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    waiters: dict[str, asyncio.Event] = app[WAITERS]
+
+    def wake(ids: list[str]) -> None:
+        for d in ids:
+            if d in waiters:
+                waiters[d].set()
+
+    def listener(ids: list[str]) -> None:  # may be called from a worker thread
+        loop.call_soon_threadsafe(wake, ids)
+
+    app[FLEET].listeners.append(listener)
+    tasks = [asyncio.create_task(_every(s.flush_interval, lambda: flush_seen(app))),
+             asyncio.create_task(_every(s.tick_interval, app[FLEET].tick))]
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+    app[FLEET].listeners.remove(listener)
+    flush_seen(app)
+
+
+def flush_seen(app: web.Application) -> None:
+    """Write the poll times gathered since the last flush: one transaction, not one per poll."""
+    seen: dict[str, float] = app[SEEN]
+    if seen:
+        batch = dict(seen)
+        seen.clear()
+        app[FLEET].touch(batch)
+
+
+async def _every(interval: float, fn: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            fn()
+        except Exception:  # a failing periodic job must not stop the server
+            log.exception("periodic job failed")
