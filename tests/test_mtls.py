@@ -25,15 +25,19 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent import errors
 from agent.adapters.rot import tpm
+from agent.adapters.tls import mount_context
 from agent.controller.app import Settings, serve_in_thread
+from agent.controller.ca import DeviceCA
 from agent.controller.db import open_database
 from agent.controller.fleet import Fleet
 from agent.core.config import load
-from agent.device import identity
+from agent.core.identity import CERT_LIFETIME, CertTimes
 from agent.device.fleet import DdiClient, FleetAgent, FleetConfig
-from agent.device.identity import CertificateRefused, DeviceCA, DeviceIdentity, FleetIdentity
+from agent.device.identity import DeviceIdentity, FleetIdentity
 from agent.device.updater import Updater, open_device
+from agent.errors import CertificateRefused
 from tests.conftest import Keys, run_cli
 from tests.swtpm import SwTpm, require_swtpm
 
@@ -57,7 +61,7 @@ class Controller:
             **kw: Any) -> requests.Response:
         with requests.Session() as s:
             if ctx is not None:
-                identity.mount_context(s, self.url, ctx)
+                mount_context(s, self.url, ctx)
             return s.request(method, f"{self.url}/DEFAULT/controller/v1/{did}{path}", timeout=10,
                              verify=str(self.ca.cert_path), **kw)
 
@@ -126,8 +130,8 @@ def test_agent_polls_over_mtls_with_tpm_identity_and_renews(ctl: Controller, boa
     ident = agent.identity.ident
     first = ident.certificate()
     assert first is not None
-    life = identity.CertTimes.of(first)
-    assert life.not_after - life.not_before == identity.CERT_LIFETIME + 300  # 24 h (+ skew)
+    life = CertTimes.of(first)
+    assert life.not_after - life.not_before == CERT_LIFETIME + 300  # 24 h (+ skew)
     assert ctl.ca.enrolment("gw-1").kind == "tpm"
     # The poll and its configData report went over mTLS: the controller has the attributes.
     agent.poll_once()
@@ -176,7 +180,7 @@ def test_expired_revoked_and_foreign_certificates_are_refused(ctl: Controller, b
     expired = _context_with(ident, ctl.ca.issue("gw-1", public, now=time.time() - 2 * DAY),
                             tmp_path / "expired", ctl.ca)
     client = DdiClient(_config(ctl, "gw-1", token))
-    identity.mount_context(client.session, ctl.url, expired)
+    mount_context(client.session, ctl.url, expired)
     with pytest.raises(CertificateRefused, match="CertificateExpired: the certificate of 'gw-1' expired"):
         client.poll()
     r = ctl.ddi("gw-1", ctx=expired)
@@ -207,7 +211,7 @@ def test_expired_revoked_and_foreign_certificates_are_refused(ctl: Controller, b
     r = ctl.ddi("gw-1", ctx=mine)
     assert r.status_code == 403 and r.json()["error"] == "DeviceRevoked", r.text
     fi = FleetIdentity(ident, _config(ctl, "gw-1", token, identity=True))
-    with pytest.raises(identity.IdentityError, match="DeviceRevoked"):
+    with pytest.raises(errors.IdentityError, match="DeviceRevoked"):
         fi.renew(int(time.time()))
     # Without a certificate, DDI routes answer 401 CertificateRequired, also named by the client.
     with pytest.raises(CertificateRefused, match="CertificateRequired"):
@@ -224,7 +228,7 @@ def test_token_renewal_recovers_an_expired_certificate_and_keys_stay_bound(
     fi = FleetIdentity(ident, _config(ctl, "gw-1", token, identity=True), min_interval=0)
     assert ident.renewal_due(int(time.time()))
     cert = fi.renew(int(time.time()))
-    assert identity.CertTimes.of(cert).life_left(int(time.time())) > 23 * 3600
+    assert CertTimes.of(cert).life_left(int(time.time())) > 23 * 3600
     # A CSR for another key (not the enrolled, TPM-sealed one) gets nothing, even with the token.
     from agent.adapters.rot.keystore import KeystoreRoot
 

@@ -38,18 +38,11 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller import rollout
+from agent.controller.ca import DeviceCA
 from agent.controller.errors import BadRequest, ControllerError, NotFound, Unauthorized
 from agent.controller.fleet import BundleInfo, Fleet, PollInfo
-from agent.device.identity import (
-    CERT_LIFETIME,
-    RENEW_PATH,
-    CertificateRequired,
-    CertTimes,
-    DeviceCA,
-    IdentityError,
-    WrongDevice,
-)
-from agent.errors import EdgeopsError, TrustError
+from agent.core.identity import CERT_LIFETIME, RENEW_PATH, CertTimes
+from agent.errors import CertificateRequired, EdgeopsError, IdentityError, TrustError, WrongDevice
 
 log = logging.getLogger("edgeops.controller")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

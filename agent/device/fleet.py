@@ -41,6 +41,7 @@ from agent.core.outbox import KIND, MODEL_KIND, Backoff, Rejected, Report, Sync
 from agent.core.trust import best_known_time
 from agent.device.updater import Updater
 from agent.errors import (
+    CertificateRefused,
     ConfigError,
     DeviceError,
     EdgeopsError,
@@ -200,7 +201,7 @@ class DdiClient:
         except (requests.RequestException, OSError) as exc:
             raise _failure(f"GET {_redact(url)}", exc) from None
         if code >= 400:
-            from agent.device.identity import http_failure  # names an mTLS refusal (expired, revoked...)
+            from agent.adapters.tls import http_failure  # names an mTLS refusal (expired, revoked...)
 
             raise http_failure(f"GET {_redact(url)}", code, body)
         return code, body, hdrs
@@ -254,7 +255,7 @@ class DdiClient:
 
 
 def _failure(what: str, exc: BaseException) -> TransportError:
-    from agent.device.identity import transport_failure  # says so when the controller refused our cert
+    from agent.adapters.tls import transport_failure  # says so when the controller refused our cert
 
     return transport_failure(what, exc)
 
@@ -288,7 +289,7 @@ class FleetAgent:
         if identity is None and self.cfg.identity:
             from agent.device.identity import FleetIdentity
 
-            identity = FleetIdentity.for_agent(updater.cfg.path, updater.cfg.state_dir, self.cfg)
+            identity = FleetIdentity.for_agent(updater.cfg, self.cfg)
         self.identity = identity
         if identity is not None:
             identity.attach(client.session)
@@ -333,8 +334,6 @@ class FleetAgent:
         try:
             answer = self.client.poll()
         except TransportError as exc:
-            from agent.device.identity import CertificateRefused
-
             self._offline, self._refused = True, isinstance(exc, CertificateRefused)
             delay = self.poll_backoff.next_delay()
             return PollOutcome(delay, self.messages, error=exc.one_line())
