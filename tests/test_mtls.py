@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent import errors
+from agent.adapters.ddi_http import DdiClient
 from agent.adapters.rot import tpm
 from agent.adapters.tls import mount_context
 from agent.controller.app import Settings, serve_in_thread
@@ -33,8 +34,9 @@ from agent.controller.ca import DeviceCA
 from agent.controller.db import open_database
 from agent.controller.fleet import Fleet
 from agent.core.config import load
+from agent.core.fleet_config import FleetConfig
 from agent.core.identity import CERT_LIFETIME, CertTimes
-from agent.device.fleet import DdiClient, FleetAgent, FleetConfig
+from agent.device.fleet import FleetAgent
 from agent.device.identity import DeviceIdentity, FleetIdentity
 from agent.device.updater import Updater, open_device
 from agent.errors import CertificateRefused
@@ -293,7 +295,7 @@ def test_cli_serve_with_device_ca_and_tpm_renew(tmp_path: Path, sw: SwTpm, devic
 
 
 def test_configuration_errors_are_clear(tmp_path: Path) -> None:
-    from agent.device.fleet import parse_fleet
+    from agent.core.fleet_config import parse_fleet
     from agent.errors import ConfigError
 
     base = {"url": "https://c.example", "controller_id": "gw-1"}

@@ -185,11 +185,11 @@ def _renew(a: argparse.Namespace) -> int:
     """One renewal, whatever the certificate's age: with the current certificate while it is
     valid at the best-known time, else with the enrolment token ([fleet] token/token_file)."""
     from agent.core.identity import CertTimes
-    from agent.device.fleet import find_fleet
+    from agent.device.fleet_files import find_fleet
     from agent.device.identity import DeviceIdentity, FleetIdentity
 
     cfg, root = _open(a)
-    fleet = find_fleet(cfg.path)
+    fleet = find_fleet(cfg)
     if fleet is None:
         raise UsageError(f"no [fleet] section in {cfg.path} or fleet.toml beside it",
                          hint="renewal needs the controller: [fleet] url, controller_id, ca_cert")

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.fleet_config import FleetConfig, parse_fleet
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
              "fleet"}
-# [tpm] is read by agent.adapters.rot.tpm, [models] by agent.device.models,
-# [fleet] by agent.device.fleet.load_fleet
+# [tpm] is read by agent.adapters.rot.tpm, [models] by agent.device.models; [fleet] is parsed
+# here (agent.core.fleet_config), its token_file and a fleet.toml beside the file are read by
+# agent.device.fleet_files
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class AgentConfig:
     runtime_dir: Path | None = None
     poll_interval: float = 60.0
     metrics_file: Path | None = None  # Prometheus node_exporter textfile (needs the [metrics] extra)
+    fleet: FleetConfig | None = None  # this file's [fleet], token_file not read yet
 
     @property
     def base(self) -> Path:
@@ -107,9 +110,16 @@ def parse(text: str, path: Path) -> AgentConfig:
             poll_interval=float(agent.get("poll_interval", 60.0)),
             metrics_file=(rel(agent["metrics_file"], "agent.metrics_file")
                           if "metrics_file" in agent else None),
+            fleet=_fleet(doc, path),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _fleet(doc: dict[str, Any], path: Path) -> FleetConfig | None:
+    # Not a table: as before, the device may still be managed through a fleet.toml beside it.
+    table = doc.get("fleet")
+    return parse_fleet(table, path.parent, f"{path} [fleet]") if isinstance(table, dict) else None
 
 
 def _table(doc: dict[str, Any], name: str, path: Path, *, required: bool = True) -> dict[str, Any]:

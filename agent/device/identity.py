@@ -18,7 +18,6 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import requests
 from cryptography import x509
@@ -31,6 +30,7 @@ from agent.adapters.download import new_session
 from agent.adapters.rot.tpm import RootOfTrust
 from agent.adapters.tls import http_failure, mount_context, transport_failure
 from agent.core.config import AgentConfig
+from agent.core.fleet_config import FleetConfig
 from agent.core.identity import RENEW_PATH, CertTimes, check_device_id, renewal_due, spki
 from agent.errors import (
     CertificateExpired,
@@ -41,9 +41,6 @@ from agent.errors import (
     StateError,
     TransportError,
 )
-
-if TYPE_CHECKING:
-    from agent.device.fleet import FleetConfig
 
 SEALED_NAME = "identity_key"
 
