@@ -94,6 +94,40 @@ class TransportError(EdgeopsError):
     hint = "check the network or the source, then retry"
 
 
+# --- device identity (mTLS): a refused identity is bad credentials, never retried as is ----
+class IdentityError(TrustError):
+    hint = "enrol the device again or ask the operator to check its record"
+
+
+class DeviceRevoked(IdentityError):
+    hint = "the device was revoked; it must be re-enrolled by an operator"
+
+
+class CertificateExpired(IdentityError):
+    hint = "renew the certificate ('edgeops tpm renew' or wait for the agent to do it)"
+
+
+class EnrolmentMismatch(IdentityError):
+    pass
+
+
+class CertificateRequired(IdentityError):
+    hint = "connect with the device's client certificate (mTLS); see docs/tpm.md"
+
+
+class WrongDevice(IdentityError):
+    hint = "a device certificate is valid only for the controllerId it names"
+
+
+class CertificateRefused(TransportError):
+    """The controller ended the TLS handshake over our client certificate (expired, revoked...).
+
+    A TransportError, not an IdentityError: the device's own side is fine and renewing (or the
+    caller's backoff) may fix it, so the fleet loop retries instead of giving up."""
+
+    hint = "renew the certificate ('edgeops tpm renew'); a revoked device must be re-enrolled"
+
+
 # --- the device --------------------------------------------------------------
 class DeviceError(EdgeopsError):
     hint = "check the storage and bootloader configuration ('edgeops status')"

@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
-from agent.adapters.download import DownloadPolicy
+from agent.adapters.ddi_http import DdiClient
 from agent.adapters.journal import Journal
 from agent.core.config import load
+from agent.core.fleet_config import DownloadPolicy, FleetConfig
 from agent.core.outbox import MODEL_KIND, Backoff
-from agent.device.fleet import DdiClient, FleetAgent, FleetConfig, PollOutcome, load_fleet
+from agent.device.fleet import FleetAgent, PollOutcome
+from agent.device.fleet_files import load_fleet
 from agent.device.push import LongPoll
 from agent.device.updater import Updater, open_device
 from agent.errors import TransportError
@@ -278,6 +280,34 @@ def test_fleet_config_from_fleet_toml(tmp_path: Path) -> None:
     assert cfg.token == TOKEN and cfg.download.bandwidth == 100000
     assert cfg.base_url == "http://127.0.0.1:8080/DEFAULT/controller/v1/d"
     assert TOKEN not in repr(cfg)
+
+
+def test_fleet_section_is_parsed_with_the_config_and_its_token_read_once(device_dir: Path) -> None:
+    from agent.core.fleet_config import parse_fleet
+    from agent.device.fleet_files import fleet_settings
+    from agent.errors import ConfigError
+
+    toml = device_dir / "agent.toml"
+    (device_dir / "token").write_text(f"  {TOKEN}\n")
+    toml.write_text(toml.read_text() + '\n[fleet]\nurl = "http://127.0.0.1:9"\ncontroller_id = "d"\n'
+                    'auth = "target"\ntoken_file = "token"\n')
+    cfg = load(toml)
+    assert cfg.fleet is not None and cfg.fleet.token == ""  # the core reads no files
+    assert cfg.fleet.token_file == device_dir / "token"
+    with pytest.raises(ConfigError, match="token_file"):
+        DdiClient(cfg.fleet)  # a token nobody read is refused, not sent empty
+    toml.write_text(toml.read_text().replace('controller_id = "d"', 'controller_id = "other"'))
+    fleet = fleet_settings(cfg)  # from the config as loaded: agent.toml is not read again
+    assert fleet is not None and fleet.controller_id == "d" and fleet.token == TOKEN
+    assert DdiClient(fleet).origin.headers["Authorization"] == f"TargetToken {TOKEN}"
+    (device_dir / "token").write_text("\n")
+    with pytest.raises(ConfigError, match="needs token or token_file"):
+        fleet_settings(cfg)
+    table = {"url": "http://c", "controller_id": "d", "auth": "gateway"}
+    with pytest.raises(ConfigError, match="needs token or token_file"):
+        parse_fleet(table, device_dir)
+    assert parse_fleet({**table, "token": "t"}, device_dir).token == "t"
+    assert parse_fleet({**table, "token": "t", "token_file": "f"}, device_dir).token == ""  # file wins
 
 
 def test_closed_action_is_not_installed_again_while_its_report_is_queued(

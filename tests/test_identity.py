@@ -14,10 +14,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent import errors
 from agent.adapters.rot import tpm
 from agent.adapters.rot.keystore import KeystoreRoot
-from agent.device import identity
-from agent.device.identity import CertTimes, DeviceCA, DeviceIdentity, renewal_due
+from agent.controller.ca import DeviceCA
+from agent.core.identity import CERT_LIFETIME, CertTimes, renewal_due
+from agent.device.identity import DeviceIdentity
 from tests.swtpm import SwTpm, require_swtpm
 
 DAY = 86400
@@ -108,7 +110,7 @@ def test_certificate_is_short_lived_and_for_clients(root: tpm.RootOfTrust, ca: D
     cert = ident.certificate()
     assert cert is not None
     life = CertTimes.of(cert)
-    assert life.not_after - life.not_before == identity.CERT_LIFETIME + 300
+    assert life.not_after - life.not_before == CERT_LIFETIME + 300
     assert cert.subject.rfc4514_string().endswith("CN=gw-1") or "CN=gw-1" in cert.subject.rfc4514_string()
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in eku
@@ -123,14 +125,14 @@ def test_expired_certificate_refused(ca: DeviceCA, tmp_path: Path) -> None:
     assert out.client_error is not None
     cert = ident.certificate()
     assert cert is not None
-    with pytest.raises(identity.CertificateExpired):
+    with pytest.raises(errors.CertificateExpired):
         ca.check_peer(cert.public_bytes(serialization.Encoding.DER), now=time.time())
 
 
 def test_revoked_device_refused(root: tpm.RootOfTrust, ca: DeviceCA, tmp_path: Path) -> None:
     ident = _enrolled(ca, root, tmp_path / "state")
     ca.revoke("gw-1")
-    with pytest.raises(identity.DeviceRevoked):
+    with pytest.raises(errors.DeviceRevoked):
         ca.issue("gw-1", ident.ensure_key(), now=time.time())
     out = _mtls(ca, tmp_path, ident.client_context(ca.cert_path))  # the CRL is checked by TLS
     assert out.server_saw is None
@@ -157,13 +159,13 @@ def test_enrolment_binds_one_key(ca: DeviceCA, tmp_path: Path) -> None:
     a = DeviceIdentity(KeystoreRoot(tmp_path / "a", reason="test"), tmp_path / "a")
     b = DeviceIdentity(KeystoreRoot(tmp_path / "b", reason="test"), tmp_path / "b")
     ca.enrol("gw-1", a.ensure_key(), b"ak", "keystore")
-    with pytest.raises(identity.EnrolmentMismatch):
+    with pytest.raises(errors.EnrolmentMismatch):
         ca.enrol("gw-1", b.ensure_key(), b"ak", "keystore")
-    with pytest.raises(identity.EnrolmentMismatch):
+    with pytest.raises(errors.EnrolmentMismatch):
         ca.issue("gw-1", b.ensure_key(), now=time.time())
-    with pytest.raises(identity.IdentityError):
+    with pytest.raises(errors.IdentityError):
         ca.issue("gw-2", b.ensure_key(), now=time.time())
-    with pytest.raises(identity.EnrolmentMismatch):  # a certificate for someone else's key
+    with pytest.raises(errors.EnrolmentMismatch):  # a certificate for someone else's key
         a.store_certificate(_issue_for(ca, b))
 
 
@@ -186,3 +188,30 @@ NB, NA = 1_000_000, 1_000_000 + 24 * 3600
 def test_renewal_policy(now: int, connectivity: bool, due: bool) -> None:
     assert renewal_due(CertTimes(NB, NA), now, connectivity_returned=connectivity) is due
     assert renewal_due(None, now)
+
+
+@pytest.mark.parametrize(("now", "valid"), [(NB - 1, False), (NB, True), (NA - 1, True), (NA, False)])
+def test_certificate_valid_at(now: int, valid: bool) -> None:
+    assert CertTimes(NB, NA).valid_at(now) is valid
+
+
+def test_crl_builder_keeps_entries_and_counts_up(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from agent.adapters.ca_store import load_root
+    from agent.core import pki
+
+    DeviceCA.init(tmp_path / "ca")
+    key, cert = load_root(tmp_path / "ca")
+    t0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    first = pki.revocation_list(key, cert.subject, [7], now=t0)
+    second = pki.revocation_list(key, cert.subject, [7, 9], now=t0 + dt.timedelta(hours=1),
+                                 previous=first, last_update=t0 + dt.timedelta(seconds=1))
+    assert first.is_signature_valid(cert.public_key())  # type: ignore[arg-type]
+    assert {r.serial_number: r.revocation_date_utc for r in second} == {
+        7: t0, 9: t0 + dt.timedelta(hours=1)}  # a serial keeps its first revocation date
+    numbers = [c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+               for c in (first, second)]
+    assert numbers == [1, 2]
+    assert first.last_update_utc == t0 - pki.CLOCK_SKEW
+    assert second.last_update_utc == t0 + dt.timedelta(seconds=1)

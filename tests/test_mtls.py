@@ -25,16 +25,22 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent import errors
+from agent.adapters.ddi_http import DdiClient
 from agent.adapters.rot import tpm
+from agent.adapters.tls import mount_context
+from agent.controller.ca import DeviceCA
 from agent.controller.db import open_database
 from agent.controller.fleet import Fleet
 from agent.controller.http import Settings
 from agent.controller.serve import serve_in_thread
 from agent.core.config import load
-from agent.device import identity
-from agent.device.fleet import DdiClient, FleetAgent, FleetConfig
-from agent.device.identity import CertificateRefused, DeviceCA, DeviceIdentity, FleetIdentity
+from agent.core.fleet_config import FleetConfig
+from agent.core.identity import CERT_LIFETIME, CertTimes
+from agent.device.fleet import FleetAgent
+from agent.device.identity import DeviceIdentity, FleetIdentity
 from agent.device.updater import Updater, open_device
+from agent.errors import CertificateRefused
 from tests.conftest import Keys, run_cli
 from tests.swtpm import SwTpm, require_swtpm
 
@@ -58,7 +64,7 @@ class Controller:
             **kw: Any) -> requests.Response:
         with requests.Session() as s:
             if ctx is not None:
-                identity.mount_context(s, self.url, ctx)
+                mount_context(s, self.url, ctx)
             return s.request(method, f"{self.url}/DEFAULT/controller/v1/{did}{path}", timeout=10,
                              verify=str(self.ca.cert_path), **kw)
 
@@ -127,8 +133,8 @@ def test_agent_polls_over_mtls_with_tpm_identity_and_renews(ctl: Controller, boa
     ident = agent.identity.ident
     first = ident.certificate()
     assert first is not None
-    life = identity.CertTimes.of(first)
-    assert life.not_after - life.not_before == identity.CERT_LIFETIME + 300  # 24 h (+ skew)
+    life = CertTimes.of(first)
+    assert life.not_after - life.not_before == CERT_LIFETIME + 300  # 24 h (+ skew)
     assert ctl.ca.enrolment("gw-1").kind == "tpm"
     # The poll and its configData report went over mTLS: the controller has the attributes.
     agent.poll_once()
@@ -177,7 +183,7 @@ def test_expired_revoked_and_foreign_certificates_are_refused(ctl: Controller, b
     expired = _context_with(ident, ctl.ca.issue("gw-1", public, now=time.time() - 2 * DAY),
                             tmp_path / "expired", ctl.ca)
     client = DdiClient(_config(ctl, "gw-1", token))
-    identity.mount_context(client.session, ctl.url, expired)
+    mount_context(client.session, ctl.url, expired)
     with pytest.raises(CertificateRefused, match="CertificateExpired: the certificate of 'gw-1' expired"):
         client.poll()
     r = ctl.ddi("gw-1", ctx=expired)
@@ -208,7 +214,7 @@ def test_expired_revoked_and_foreign_certificates_are_refused(ctl: Controller, b
     r = ctl.ddi("gw-1", ctx=mine)
     assert r.status_code == 403 and r.json()["error"] == "DeviceRevoked", r.text
     fi = FleetIdentity(ident, _config(ctl, "gw-1", token, identity=True))
-    with pytest.raises(identity.IdentityError, match="DeviceRevoked"):
+    with pytest.raises(errors.IdentityError, match="DeviceRevoked"):
         fi.renew(int(time.time()))
     # Without a certificate, DDI routes answer 401 CertificateRequired, also named by the client.
     with pytest.raises(CertificateRefused, match="CertificateRequired"):
@@ -225,7 +231,7 @@ def test_token_renewal_recovers_an_expired_certificate_and_keys_stay_bound(
     fi = FleetIdentity(ident, _config(ctl, "gw-1", token, identity=True), min_interval=0)
     assert ident.renewal_due(int(time.time()))
     cert = fi.renew(int(time.time()))
-    assert identity.CertTimes.of(cert).life_left(int(time.time())) > 23 * 3600
+    assert CertTimes.of(cert).life_left(int(time.time())) > 23 * 3600
     # A CSR for another key (not the enrolled, TPM-sealed one) gets nothing, even with the token.
     from agent.adapters.rot.keystore import KeystoreRoot
 
@@ -290,7 +296,7 @@ def test_cli_serve_with_device_ca_and_tpm_renew(tmp_path: Path, sw: SwTpm, devic
 
 
 def test_configuration_errors_are_clear(tmp_path: Path) -> None:
-    from agent.device.fleet import parse_fleet
+    from agent.core.fleet_config import parse_fleet
     from agent.errors import ConfigError
 
     base = {"url": "https://c.example", "controller_id": "gw-1"}

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapters.ddi_http import DdiClient
 from agent.adapters.journal import Journal
+from agent.core.fleet_config import FleetConfig
 from agent.core.outbox import MODEL_KIND, Backoff, Rejected, Report, Sync
-from agent.device.fleet import DdiClient, FleetConfig
 from agent.errors import TransportError
 from tests.fakeddi import FakeDdi
 

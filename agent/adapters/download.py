@@ -13,6 +13,7 @@ the socket into the slot (no temporary copy). Under the hood:
 * the artifact's sha256 is checked when the *last* bytes arrive but *before* the installer
   receives them (the final ``tail`` bytes are buffered), so a mismatch fails the write and
   the trial is never armed;
+* the pacing and limits are a ``DownloadPolicy`` (agent.core.fleet_config: ``[fleet]`` sets them);
 * credentials (Authorization header, client certificate, private CA) go only to the
   controller's own origin. hawkBit's artifact links may point to a CDN
   (https://eclipse.dev/hawkbit/apis/ddi_api/: "_links.download"); redirects are followed
@@ -34,6 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
+from agent.core.fleet_config import DownloadPolicy
 from agent.errors import BundleError, TransportError
 
 log = logging.getLogger(__name__)
@@ -53,23 +55,6 @@ class ArtifactMismatch(BundleError):
     """The bytes do not match the deployment's declared size or sha256."""
 
     hint = "the artifact server sent different bytes than the controller declared"
-
-
-@dataclass(frozen=True)
-class DownloadPolicy:
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0  # a stall this long drops the connection, then we resume
-    max_resumes: int = 8
-    bandwidth: float | None = None  # bytes/s cap; None = unlimited
-    min_rate: float = 0.0  # bytes/s; 0 disables trickle detection
-    min_rate_window: float = 60.0
-    read_size: int = 64 * 1024
-    tail: int = 256 * 1024  # the last bytes, buffered until the sha256 is checked
-    backoff: float = 0.2  # first resume delay, doubled per resume, capped at 5 s
-
-    def __post_init__(self) -> None:
-        if self.bandwidth is not None and self.bandwidth < self.min_rate:
-            raise ValueError("bandwidth cap is below the minimum rate: every download would abort")
 
 
 def _origin(url: str) -> tuple[str, str, int]:
@@ -374,3 +359,7 @@ class _Guarded(io.RawIOBase):
     def close(self) -> None:
         self.resp.close()
         super().close()
+
+
+__all__ = ["MAX_REDIRECTS", "ArtifactMismatch", "DownloadFailed", "DownloadPolicy", "DownloadTooSlow",
+           "Origin", "ResumableStream", "new_session", "open_stream", "open_url", "redact"]

@@ -216,7 +216,7 @@ def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(a.tls_cert, a.tls_key)
             return None, ctx
-        from agent.device.identity import DeviceCA
+        from agent.controller.ca import DeviceCA
 
         if not (a.device_ca / "root.crt").is_file() or not (a.device_ca / "root.key").is_file():
             raise UsageError(f"{a.device_ca} is not a device CA (no root.crt/root.key)",

@@ -184,10 +184,12 @@ def _health(a: argparse.Namespace) -> int:
 
 def _fleet(up: Updater) -> tuple[Any, Any]:
     """The DDI client when [fleet] is configured (agent.toml or fleet.toml), else (None, None)."""
-    from agent.device.fleet import DdiClient, FleetAgent, find_fleet
+    from agent.adapters.ddi_http import DdiClient
+    from agent.device.fleet import FleetAgent
+    from agent.device.fleet_files import find_fleet
     from agent.device.push import LongPoll
 
-    cfg = find_fleet(up.cfg.path)
+    cfg = find_fleet(up.cfg)
     if cfg is None:
         return None, None
     agent = FleetAgent(up, DdiClient(cfg))

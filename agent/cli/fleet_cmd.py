@@ -39,12 +39,14 @@ def register(sub: Any) -> None:
 
 @contextmanager
 def _agent(a: argparse.Namespace) -> Iterator[Any]:
-    from agent.device.fleet import DdiClient, FleetAgent, load_fleet
+    from agent.adapters.ddi_http import DdiClient
+    from agent.device.fleet import FleetAgent
+    from agent.device.fleet_files import load_fleet
     from agent.device.updater import Updater, open_device
 
     path = config_path(a.config)
     cfg = config_mod.load(path)
-    fleet = load_fleet(cfg.path)
+    fleet = load_fleet(cfg)  # once: the agent below never reads agent.toml again
     dev = open_device(cfg)
     try:
         yield FleetAgent(Updater(dev), DdiClient(fleet))

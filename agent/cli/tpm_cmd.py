@@ -113,7 +113,8 @@ def _best_known_time(cfg: AgentConfig) -> int:
 
 def _status(a: argparse.Namespace) -> int:
     from agent.core.anchor import keyring_anchor
-    from agent.device.identity import CertTimes, DeviceIdentity
+    from agent.core.identity import CertTimes
+    from agent.device.identity import DeviceIdentity
 
     cfg, root = _open(a)
     st = root.status()
@@ -186,11 +187,12 @@ def _rotate(a: argparse.Namespace) -> int:
 def _renew(a: argparse.Namespace) -> int:
     """One renewal, whatever the certificate's age: with the current certificate while it is
     valid at the best-known time, else with the enrolment token ([fleet] token/token_file)."""
-    from agent.device.fleet import find_fleet
-    from agent.device.identity import CertTimes, DeviceIdentity, FleetIdentity
+    from agent.core.identity import CertTimes
+    from agent.device.fleet_files import find_fleet
+    from agent.device.identity import DeviceIdentity, FleetIdentity
 
     cfg, root = _open(a)
-    fleet = find_fleet(cfg.path)
+    fleet = find_fleet(cfg)
     if fleet is None:
         raise UsageError(f"no [fleet] section in {cfg.path} or fleet.toml beside it",
                          hint="renewal needs the controller: [fleet] url, controller_id, ca_cert")

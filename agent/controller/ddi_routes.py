@@ -45,7 +45,8 @@ from agent.controller.http import (
     sleep_text,
     target_token,
 )
-from agent.device.identity import RENEW_PATH, CertificateRequired, CertTimes, WrongDevice
+from agent.core.identity import RENEW_PATH, CertTimes
+from agent.errors import CertificateRequired, WrongDevice
 
 log = logging.getLogger("edgeops.controller")
 

@@ -28,10 +28,11 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.controller.ca import DeviceCA
 from agent.controller.errors import BadRequest, ControllerError, Unauthorized
 from agent.controller.fleet import Fleet
-from agent.device.identity import CERT_LIFETIME, CertificateRequired, DeviceCA, IdentityError
-from agent.errors import EdgeopsError, TrustError
+from agent.core.identity import CERT_LIFETIME
+from agent.errors import CertificateRequired, EdgeopsError, IdentityError, TrustError
 
 log = logging.getLogger("edgeops.controller")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

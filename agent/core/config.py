@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.fleet_config import FleetConfig, parse_fleet
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
              "fleet"}
-# [models] is read by agent.device.models, [fleet] by agent.device.fleet.load_fleet
+# [models] is read by agent.device.models; [fleet] is parsed here (agent.core.fleet_config), its
+# token_file and a fleet.toml beside the file are read by agent.device.fleet_files
 
 # [tpm] (or tpm_* keys of [device]): which root of trust agent.adapters.rot opens.
 DEVICE_TCTI = "device:/dev/tpmrm0"  # the kernel resource manager, what a board with a TPM uses
@@ -53,6 +55,7 @@ class AgentConfig:
     poll_interval: float = 60.0
     metrics_file: Path | None = None  # Prometheus node_exporter textfile (needs the [metrics] extra)
     tpm: TpmSettings = TpmSettings()
+    fleet: FleetConfig | None = None  # this file's [fleet], token_file not read yet
 
     @property
     def base(self) -> Path:
@@ -125,6 +128,7 @@ def parse(text: str, path: Path) -> AgentConfig:
             metrics_file=(rel(agent["metrics_file"], "agent.metrics_file")
                           if "metrics_file" in agent else None),
             tpm=_tpm(doc, path),
+            fleet=_fleet(doc, path),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -161,6 +165,12 @@ def _tpm(doc: dict[str, Any], path: Path) -> TpmSettings:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
             raise ConfigError(f"{path}: tpm_{key} must be a TPM NV index such as {ANCHOR_INDEX:#x}")
     return TpmSettings(tcti=tcti or None, required=required, pcr=pcr, **indices)
+
+
+def _fleet(doc: dict[str, Any], path: Path) -> FleetConfig | None:
+    # Not a table: as before, the device may still be managed through a fleet.toml beside it.
+    table = doc.get("fleet")
+    return parse_fleet(table, path.parent, f"{path} [fleet]") if isinstance(table, dict) else None
 
 
 def _table(doc: dict[str, Any], name: str, path: Path, *, required: bool = True) -> dict[str, Any]:

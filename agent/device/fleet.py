@@ -1,11 +1,8 @@
-"""The device side of Eclipse hawkBit's DDI API v1, over ``requests``, and the policy shell
-that turns polls into installs and reports.
+"""The fleet agent: the policy shell that turns DDI polls into installs and reports.
 
-Protocol references (cited where each shape is used):
-  * https://eclipse.dev/hawkbit/apis/ddi_api/ — base poll resource, deploymentBase,
-    cancelAction, feedback execution/result mapping, configData, authentication
-    (``Authorization: TargetToken <token>`` / ``GatewayToken <token>``, or client certificates).
-  * https://eclipse.dev/hawkbit/rest-api/ddi/ — the OpenAPI of the same resources.
+The HTTP is ``agent.adapters.ddi_http.DdiClient``, the documents ``agent.core.ddi``, the settings
+``agent.core.fleet_config`` (read from disk once by ``agent.device.fleet_files``); this module
+decides what a poll means for the device and drives ``Updater`` accordingly.
 
 Report semantics (why rollouts can trust them): ``closed``+``success`` is sent only after
 the new slot was committed by its health checks on the trial boot; ``closed``+``failure``
@@ -27,21 +24,20 @@ from __future__ import annotations
 
 import logging
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
-import requests
-
-from agent.adapters.download import DownloadPolicy, Origin, ResumableStream, new_session, open_url
+from agent.adapters.ddi_http import DdiClient, redact
 from agent.core import ddi, lifecycle
-from agent.core.outbox import KIND, MODEL_KIND, Backoff, Rejected, Report, Sync
+from agent.core.fleet_config import FleetConfig
+from agent.core.outbox import KIND, MODEL_KIND, Backoff, Report, Sync
 from agent.core.trust import best_known_time
+from agent.device.fleet_files import find_fleet, load_fleet
+from agent.device.identity import FleetIdentity
 from agent.device.updater import Updater
 from agent.errors import (
-    ConfigError,
+    CertificateRefused,
     DeviceError,
     EdgeopsError,
     StateError,
@@ -49,218 +45,10 @@ from agent.errors import (
     TrustError,
 )
 
-if TYPE_CHECKING:
-    from agent.device.identity import FleetIdentity
-
-MAX_CONFIG_ATTRIBUTES = 16  # [fleet] attributes; with ours and the model reports' within ddi's 64
 MAX_MODEL_REPORTS = 16  # two attributes each, beside the device's own
 log = logging.getLogger(__name__)
 ACTION_KEY = "fleet.action"
 BUNDLE_SUFFIXES = (".bundle", ".eob", ".edgeops")
-
-
-# --- configuration -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FleetConfig:
-    url: str  # controller origin, e.g. https://ddi.example.com
-    controller_id: str
-    tenant: str = "DEFAULT"
-    auth: str = "none"  # none | target | gateway
-    token: str = field(default="", repr=False)  # never printed, never logged
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    ca_cert: Path | None = None
-    identity: bool = False  # mTLS with the device identity (TPM-sealed key), renewed by the agent
-    poll_interval: float = 300.0  # used when the server gives no config.polling.sleep
-    min_sleep: float = 1.0
-    max_sleep: float = 86400.0
-    push: str = "longpoll"  # longpoll | none
-    longpoll_wait: float = 60.0
-    max_attempts: int = 5
-    download: DownloadPolicy = field(default_factory=DownloadPolicy)
-    attributes: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url.rstrip('/')}/{self.tenant}/controller/v1/{self.controller_id}"
-
-
-def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> FleetConfig:
-    def path(key: str) -> Path | None:
-        v = table.get(key)
-        return base / str(v) if v else None
-
-    try:
-        url = str(table["url"])
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}: url must be http(s)://host[:port]")
-        auth = str(table.get("auth", "none"))
-        if auth not in ("none", "target", "gateway"):
-            raise ConfigError(f"{where}: auth must be none, target or gateway")
-        token = str(table.get("token", ""))
-        token_file = path("token_file")
-        if token_file is not None:
-            token = token_file.read_text().strip()
-        if auth != "none" and not token:
-            raise ConfigError(f"{where}: auth = {auth!r} needs token or token_file")
-        dl = DownloadPolicy(
-            connect_timeout=float(table.get("connect_timeout", 10)),
-            read_timeout=float(table.get("read_timeout", 30)),
-            max_resumes=int(table.get("max_resumes", 8)),
-            bandwidth=float(table["bandwidth"]) if table.get("bandwidth") else None,
-            min_rate=float(table.get("min_rate", 0)),
-            min_rate_window=float(table.get("min_rate_window", 60)))
-        push = str(table.get("push", "longpoll"))
-        if push not in ("longpoll", "none"):
-            raise ConfigError(f"{where}: push must be longpoll or none")
-        identity = table.get("identity", False)
-        if not isinstance(identity, bool):
-            raise ConfigError(f"{where}: identity must be true or false")
-        if identity and (not table.get("ca_cert") or table.get("client_cert")):
-            raise ConfigError(f"{where}: identity = true needs ca_cert and no client_cert/client_key "
-                              "(the key is the device's sealed identity key; docs/tpm.md)")
-        attrs = table.get("attributes", {})
-        if not isinstance(attrs, dict):
-            raise ConfigError(f"{where}: attributes must be a table")
-        if len(attrs) > MAX_CONFIG_ATTRIBUTES:
-            raise ConfigError(f"{where}: at most {MAX_CONFIG_ATTRIBUTES} attributes")
-        return FleetConfig(
-            url=url, controller_id=str(table["controller_id"]),
-            tenant=str(table.get("tenant", "DEFAULT")), auth=auth, token=token,
-            client_cert=path("client_cert"), client_key=path("client_key"),
-            ca_cert=path("ca_cert"), identity=identity,
-            poll_interval=float(table.get("poll_interval", 300)),
-            min_sleep=float(table.get("min_sleep", 1)),
-            max_sleep=float(table.get("max_sleep", 86400)),
-            push=push, longpoll_wait=float(table.get("longpoll_wait", 60)),
-            max_attempts=int(table.get("max_attempts", 5)), download=dl,
-            attributes={str(k): str(v) for k, v in attrs.items()})
-    except KeyError as exc:
-        raise ConfigError(f"{where}: missing key {exc.args[0]!r}") from None
-    except (TypeError, ValueError, OSError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def load_fleet(agent_toml: Path) -> FleetConfig:
-    """``[fleet]`` from agent.toml when present, else from fleet.toml beside it (so an image
-    can ship the board's agent.toml unchanged and add the fleet settings per site)."""
-    cfg = find_fleet(agent_toml)
-    if cfg is None:
-        raise ConfigError(f"no [fleet] section in {agent_toml} or "
-                          f"{agent_toml.parent / 'fleet.toml'}",
-                          hint="add [fleet] url = ..., controller_id = ... (docs/fleet-agent.md)")
-    return cfg
-
-
-def find_fleet(agent_toml: Path) -> FleetConfig | None:
-    """Like load_fleet, but None when the device is not managed by a fleet controller."""
-    for candidate in (agent_toml, agent_toml.parent / "fleet.toml"):
-        try:
-            doc = tomllib.loads(candidate.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read {candidate}: {exc}") from None
-        if isinstance(doc.get("fleet"), dict):
-            return parse_fleet(doc["fleet"], candidate.parent, f"{candidate} [fleet]")
-    return None
-
-
-# --- HTTP ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PollAnswer:
-    base: ddi.BaseResource | None  # None: 304 Not Modified (nothing new)
-    etag: str | None
-
-
-class DdiClient:
-    def __init__(self, cfg: FleetConfig, session: requests.Session | None = None) -> None:
-        self.cfg = cfg
-        self.session = session or new_session()
-        headers = {"Accept": "application/hal+json, application/json"}
-        if cfg.auth == "target":
-            headers["Authorization"] = f"TargetToken {cfg.token}"
-        elif cfg.auth == "gateway":
-            headers["Authorization"] = f"GatewayToken {cfg.token}"
-        cert = ((str(cfg.client_cert), str(cfg.client_key or cfg.client_cert))
-                if cfg.client_cert else None)
-        self.origin = Origin(cfg.url, headers, cert, str(cfg.ca_cert) if cfg.ca_cert else True)
-        self.timeout = (cfg.download.connect_timeout, cfg.download.read_timeout)
-
-    def url(self, path: str = "") -> str:
-        return f"{self.cfg.base_url}/{path}" if path else self.cfg.base_url
-
-    def _get_json(self, url: str, headers: dict[str, str] | None = None,
-                  timeout: tuple[float, float] | None = None) -> tuple[int, bytes, dict[str, str]]:
-        try:
-            resp = open_url(self.session, self.origin, url, headers or {}, timeout or self.timeout)
-            with resp:
-                body = resp.raw.read(ddi.MAX_DOCUMENT + 1, decode_content=True) or b""
-                code, hdrs = resp.status_code, dict(resp.headers)
-        except (requests.RequestException, OSError) as exc:
-            raise _failure(f"GET {_redact(url)}", exc) from None
-        if code >= 400:
-            from agent.device.identity import http_failure  # names an mTLS refusal (expired, revoked...)
-
-            raise http_failure(f"GET {_redact(url)}", code, body)
-        return code, body, hdrs
-
-    def poll(self, *, etag: str | None = None, wait: float = 0) -> PollAnswer:
-        """GET the base resource. ``wait`` > 0 asks a long-poll capable controller to hold the
-        request (RFC 7240 ``Prefer: wait``) until something changes; see agent.device.push."""
-        headers = {}
-        if etag:
-            headers["If-None-Match"] = etag  # the base resource supports ETags (DDI guide)
-        if wait > 0:
-            headers["Prefer"] = f"wait={int(wait)}"
-        timeout = (self.timeout[0], self.timeout[1] + wait)
-        code, body, hdrs = self._get_json(self.url(), headers, timeout)
-        new_etag = hdrs.get("ETag") or hdrs.get("Etag")
-        if code == 304:
-            return PollAnswer(None, etag)
-        return PollAnswer(ddi.parse_base(body), new_etag)
-
-    def deployment(self, href: str) -> ddi.Deployment:
-        return ddi.parse_deployment(self._get_json(href)[1])
-
-    def cancel(self, href: str) -> ddi.Cancel:
-        return ddi.parse_cancel(self._get_json(href)[1])
-
-    def send(self, report: Report) -> None:
-        """Deliver one queued report (Sync's Send). 2xx = delivered."""
-        url = self.url(report.path)
-        kw = self.origin.request_kwargs(url)
-        headers = {**kw["headers"], "Idempotency-Key": report.key}
-        try:
-            resp = self.session.request(report.method, url, json=report.body, headers=headers,
-                                        cert=kw["cert"], verify=kw["verify"],
-                                        timeout=self.timeout, allow_redirects=False)
-            resp.close()
-        except (requests.RequestException, OSError) as exc:
-            raise _failure(f"{report.method} {report.path}", exc) from None
-        code = resp.status_code
-        if 200 <= code < 300:
-            return
-        if code in (409, 410) and report.path.endswith("/feedback"):
-            return  # the action is already closed on the server: nothing left to tell it
-        if 400 <= code < 500 and code not in (401, 403, 408, 429):
-            raise Rejected(f"{report.method} {report.path} answered HTTP {code}")
-        raise TransportError(f"{report.method} {report.path} answered HTTP {code}")
-
-    def open_artifact(self, artifact: ddi.Artifact, *,
-                      sleep: Callable[[float], None] = time.sleep) -> ResumableStream:
-        return ResumableStream(self.session, self.origin, artifact.url, size=artifact.size,
-                               sha256=artifact.sha256, policy=self.cfg.download, sleep=sleep)
-
-
-def _failure(what: str, exc: BaseException) -> TransportError:
-    from agent.device.identity import transport_failure  # says so when the controller refused our cert
-
-    return transport_failure(what, exc)
-
-
-def _redact(url: str) -> str:
-    return url.split("?", 1)[0]  # query strings may carry signed-URL secrets
 
 
 # --- the policy shell ----------------------------------------------------------------------
@@ -286,9 +74,7 @@ class FleetAgent:
         self.messages: list[str] = []
         self.etag: str | None = None
         if identity is None and self.cfg.identity:
-            from agent.device.identity import FleetIdentity
-
-            identity = FleetIdentity.for_agent(updater.cfg.path, updater.cfg.state_dir, self.cfg)
+            identity = FleetIdentity.for_agent(updater.cfg, self.cfg)
         self.identity = identity
         if identity is not None:
             identity.attach(client.session)
@@ -333,8 +119,6 @@ class FleetAgent:
         try:
             answer = self.client.poll()
         except TransportError as exc:
-            from agent.device.identity import CertificateRefused
-
             self._offline, self._refused = True, isinstance(exc, CertificateRefused)
             delay = self.poll_backoff.next_delay()
             return PollOutcome(delay, self.messages, error=exc.one_line())
@@ -529,7 +313,7 @@ class FleetAgent:
 
     def status(self) -> dict[str, Any]:
         pending = [b for _, _, b in self.journal.pending(1000, kind=KIND)]
-        return {"controller": _redact(self.cfg.base_url), "auth": self.cfg.auth,
+        return {"controller": redact(self.cfg.base_url), "auth": self.cfg.auth,
                 "action": self.action(), "pending_reports": len(pending),
                 "phase": str(self.journal.state().phase)}
 
@@ -567,3 +351,9 @@ class _Quartiles:
         if q > self.last:
             self.last = q
             self.emit(q)
+
+
+# FleetConfig, DdiClient, find_fleet and load_fleet are named here too, where the fleet tools
+# (tools/demo_fleet.py, the image test) find what they need to run an agent from one import.
+__all__ = ["ACTION_KEY", "BUNDLE_SUFFIXES", "DdiClient", "FleetAgent", "FleetConfig", "PollOutcome",
+           "find_fleet", "load_fleet", "pick_bundle"]

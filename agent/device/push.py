@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from agent.device.fleet import DdiClient
+from agent.adapters.ddi_http import DdiClient
 from agent.errors import TransportError
 
 QUICK = 1.0  # an unchanged answer faster than this means the server does not hold requests

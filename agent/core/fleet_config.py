@@ -1,0 +1,141 @@
+"""The ``[fleet]`` section parsed into frozen dataclasses: the controller, credentials, pacing, downloads.
+
+Pure: a TOML table in, ``FleetConfig`` out. The one thing the section names that is not in it,
+``token_file``, is read by the caller (``agent.device.fleet_files``: file I/O stays out of the
+core) and handed to ``FleetConfig.with_token``; until then ``token`` is empty and ``token_file``
+says where it is.
+Paths are relative to the directory of the file the table came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+MAX_CONFIG_ATTRIBUTES = 16  # [fleet] attributes; with ours and the model reports' within ddi's 64
+AUTH_KINDS = ("none", "target", "gateway")  # no credential, TargetToken, GatewayToken
+PUSH_KINDS = ("longpoll", "none")
+
+
+@dataclass(frozen=True)
+class DownloadPolicy:
+    """How an artifact download paces itself and when it gives up (agent.adapters.download)."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # a stall this long drops the connection, then we resume
+    max_resumes: int = 8
+    bandwidth: float | None = None  # bytes/s cap; None = unlimited
+    min_rate: float = 0.0  # bytes/s; 0 disables trickle detection
+    min_rate_window: float = 60.0
+    read_size: int = 64 * 1024
+    tail: int = 256 * 1024  # the last bytes, buffered until the sha256 is checked
+    backoff: float = 0.2  # first resume delay, doubled per resume, capped at 5 s
+
+    def __post_init__(self) -> None:
+        if self.bandwidth is not None and self.bandwidth < self.min_rate:
+            raise ValueError("bandwidth cap is below the minimum rate: every download would abort")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    url: str  # controller origin, e.g. https://ddi.example.com
+    controller_id: str
+    tenant: str = "DEFAULT"
+    auth: str = "none"  # none | target | gateway
+    token: str = field(default="", repr=False)  # never printed, never logged
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    ca_cert: Path | None = None
+    identity: bool = False  # mTLS with the device identity (TPM-sealed key), renewed by the agent
+    poll_interval: float = 300.0  # used when the server gives no config.polling.sleep
+    min_sleep: float = 1.0
+    max_sleep: float = 86400.0
+    push: str = "longpoll"  # longpoll | none
+    longpoll_wait: float = 60.0
+    max_attempts: int = 5
+    download: DownloadPolicy = field(default_factory=DownloadPolicy)
+    attributes: dict[str, str] = field(default_factory=dict)
+    token_file: Path | None = None  # where the token is, when it is not in the table itself
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url.rstrip('/')}/{self.tenant}/controller/v1/{self.controller_id}"
+
+    def with_token(self, text: str, where: str = "[fleet]") -> FleetConfig:
+        """This configuration with the token read from ``token_file`` (surrounding whitespace
+        dropped); an empty token is refused when ``auth`` needs one."""
+        token = text.strip()
+        if self.auth != "none" and not token:
+            raise ConfigError(f"{where}: auth = {self.auth!r} needs token or token_file")
+        return dataclasses.replace(self, token=token)
+
+
+def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> FleetConfig:
+    """``[fleet]`` as a ``FleetConfig``; ``base`` is the directory relative paths start from."""
+    def path(key: str) -> Path | None:
+        v = table.get(key)
+        return base / str(v) if v else None
+
+    try:
+        url = str(table["url"])
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: url must be http(s)://host[:port]")
+        auth = str(table.get("auth", "none"))
+        if auth not in AUTH_KINDS:
+            raise ConfigError(f"{where}: auth must be none, target or gateway")
+        token = str(table.get("token", ""))
+        token_file = path("token_file")
+        if auth != "none" and not token and token_file is None:
+            raise ConfigError(f"{where}: auth = {auth!r} needs token or token_file")
+        push = str(table.get("push", "longpoll"))
+        if push not in PUSH_KINDS:
+            raise ConfigError(f"{where}: push must be longpoll or none")
+        identity = table.get("identity", False)
+        if not isinstance(identity, bool):
+            raise ConfigError(f"{where}: identity must be true or false")
+        if identity and (not table.get("ca_cert") or table.get("client_cert")):
+            raise ConfigError(f"{where}: identity = true needs ca_cert and no client_cert/client_key "
+                              "(the key is the device's sealed identity key; docs/tpm.md)")
+        return FleetConfig(
+            url=url, controller_id=str(table["controller_id"]),
+            tenant=str(table.get("tenant", "DEFAULT")), auth=auth,
+            token="" if token_file is not None else token,
+            client_cert=path("client_cert"), client_key=path("client_key"),
+            ca_cert=path("ca_cert"), identity=identity,
+            poll_interval=float(table.get("poll_interval", 300)),
+            min_sleep=float(table.get("min_sleep", 1)),
+            max_sleep=float(table.get("max_sleep", 86400)),
+            push=push, longpoll_wait=float(table.get("longpoll_wait", 60)),
+            max_attempts=int(table.get("max_attempts", 5)), download=_download(table),
+            attributes=_attributes(table, where), token_file=token_file)
+    except KeyError as exc:
+        raise ConfigError(f"{where}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _download(table: dict[str, Any]) -> DownloadPolicy:
+    return DownloadPolicy(
+        connect_timeout=float(table.get("connect_timeout", 10)),
+        read_timeout=float(table.get("read_timeout", 30)),
+        max_resumes=int(table.get("max_resumes", 8)),
+        bandwidth=float(table["bandwidth"]) if table.get("bandwidth") else None,
+        min_rate=float(table.get("min_rate", 0)),
+        min_rate_window=float(table.get("min_rate_window", 60)))
+
+
+def _attributes(table: dict[str, Any], where: str) -> dict[str, str]:
+    attrs = table.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise ConfigError(f"{where}: attributes must be a table")
+    if len(attrs) > MAX_CONFIG_ATTRIBUTES:
+        raise ConfigError(f"{where}: at most {MAX_CONFIG_ATTRIBUTES} attributes")
+    return {str(k): str(v) for k, v in attrs.items()}
+
+
+__all__ = ["AUTH_KINDS", "MAX_CONFIG_ATTRIBUTES", "PUSH_KINDS", "DownloadPolicy", "FleetConfig",
+           "parse_fleet"]
