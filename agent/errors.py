@@ -32,6 +32,12 @@ class UsageError(EdgeopsError):
     hint = "see 'edgeops --help'"
 
 
+class OutputError(ConfigError):
+    """A host tool cannot write where it was told to (a missing, read-only or full place)."""
+
+    hint = "choose a writable output path"
+
+
 # --- bad bytes: never retried -------------------------------------------------
 class TrustError(EdgeopsError):
     """The input is not trustworthy. Retrying the same bytes cannot help."""

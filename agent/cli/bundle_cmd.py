@@ -81,12 +81,14 @@ def _load_health(path: Path | None) -> dict[str, Any] | None:
 
 def _create(a: argparse.Namespace) -> int:
     signing_key = keys.load_signing_key(a.key)
+    chain_pem = _read(a.cert, "signer certificate")
+    keys.check_signer(signing_key, chain_pem)
     sources = [_parse_payload(s, a.compress == "zstd", a.block_size) for s in a.payload]
     for s in sources:
         if not s.path.is_file():
             raise UsageError(f"payload file {s.path} does not exist")
     m = bundle_writer.create(
-        a.output, sign=signing_key.sign, chain_pem=a.cert.read_bytes(), compatible=a.compatible,
+        a.output, sign=signing_key.sign, chain_pem=chain_pem, compatible=a.compatible,
         version=a.version, security_version=a.security_version,
         build_time=a.build_time if a.build_time is not None else int(time.time()),
         sources=sources, health=_load_health(a.health), description=a.description,
@@ -96,6 +98,13 @@ def _create(a: argparse.Namespace) -> int:
     print(f"{a.output}: version {m.version} for '{m.compatible}', security_version "
           f"{m.security_version}, {len(m.payloads)} payload(s), {size} bytes")
     return 0
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 def _open(path: str) -> BinaryIO:

@@ -153,7 +153,8 @@ def _may_issue(ca: x509.Certificate, below: int) -> bool:
         return True
 
 
-def _check_signer_usage(leaf: x509.Certificate) -> None:
+def check_signer_usage(leaf: x509.Certificate) -> None:
+    """Refuse a leaf no device would accept as a bundle signer (also used by 'bundle create')."""
     if not isinstance(leaf.public_key(), ed25519.Ed25519PublicKey):
         raise UntrustedSigner("signer key is not Ed25519")
     if _is_ca(leaf):
@@ -273,7 +274,7 @@ def verify_head(
     chain = parse_chain(chain_pem)
     path = build_path(chain, keyring)
     leaf = path[0]
-    _check_signer_usage(leaf)
+    check_signer_usage(leaf)
 
     revoked, kept = revoked_serials(crls, keyring.roots)
     for cert, issuer in itertools.pairwise(path):

@@ -23,6 +23,7 @@ from agent.core import manifest as manifest_mod
 from agent.core import tarstream
 from agent.core.manifest import DEFAULT_BLOCK_SIZE, Manifest, Payload
 from agent.errors import ManifestError
+from agent.host import keys
 
 
 @dataclass
@@ -47,7 +48,8 @@ def _prepare(src: PayloadSource, workdir: Path) -> _Prepared:
     size, installed = 0, hashlib.sha256()
     stored_path, temp = src.path, False
     if src.compress:
-        fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".payload-")
+        with keys.writing("the bundle's scratch file in", workdir):
+            fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".payload-")
         stored_path, temp = Path(tmp), True
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
         with open(src.path, "rb") as fin, os.fdopen(fd, "wb") as fout, \
@@ -99,7 +101,7 @@ def create(
         except ManifestError as exc:
             raise ManifestError(f"cannot build manifest: {exc}", hint="fix the bundle options") from None
         signature = sign(mbytes)
-        with atomic_file(out) as f:
+        with keys.writing("the bundle", out), atomic_file(out) as f:
             def member(name: str, data: bytes) -> None:
                 f.write(tarstream.header(name, len(data), build_time))
                 f.write(data)

@@ -7,7 +7,9 @@ only to issue or revoke signers, never to build a release.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.adapters import ca_store, fsutil
-from agent.core import pki
-from agent.errors import ConfigError
+from agent.core import pki, trust
+from agent.errors import ConfigError, OutputError, TrustError
 
 # The root and its CRL are built the way the controller's device CA builds its own (agent.core.pki).
 ROOT_DAYS = pki.ROOT_DAYS
@@ -36,8 +38,18 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+@contextlib.contextmanager
+def writing(what: str, path: Path) -> Iterator[None]:
+    """Turn a failed write of a host tool's output into one line naming the path."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {exc.filename or path}: {exc.strerror}") from None
+
+
 def init_root(out: Path, *, name: str = "edgeops root", days: int = ROOT_DAYS) -> KeyPair:
-    return KeyPair(*ca_store.create_root(out, name=name, days=days, now=_utcnow()))
+    with writing("the root in", out):
+        return KeyPair(*ca_store.create_root(out, name=name, days=days, now=_utcnow()))
 
 
 def load_root(root_dir: Path) -> tuple[ed25519.Ed25519PrivateKey, x509.Certificate]:
@@ -47,12 +59,17 @@ def load_root(root_dir: Path) -> tuple[ed25519.Ed25519PrivateKey, x509.Certifica
 def issue_signer(root_dir: Path, out: Path, *, days: int = SIGNER_DAYS,
                  name: str = "edgeops signer", not_before: dt.datetime | None = None) -> KeyPair:
     root_key, root_cert = load_root(root_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    start = not_before or (_utcnow() - CLOCK_SKEW)
+    end = start + dt.timedelta(days=days)
+    if end > root_cert.not_valid_after_utc:
+        # A device checks the whole chain at the best-known time: the signer would die with the root.
+        raise ConfigError(f"a signer valid {days} days would outlive its root "
+                          f"(the root expires {root_cert.not_valid_after_utc:%Y-%m-%d})",
+                          hint="issue it for fewer --days, or make a new root first")
     key_path, cert_path = out / "signer.key", out / "signer.crt"
     if key_path.exists():
         raise ConfigError(f"{key_path} exists", hint="choose an empty --out directory")
     key = ed25519.Ed25519PrivateKey.generate()
-    start = not_before or (_utcnow() - CLOCK_SKEW)
     cert = (
         x509.CertificateBuilder()
         .subject_name(pki.name(name))
@@ -60,7 +77,7 @@ def issue_signer(root_dir: Path, out: Path, *, days: int = SIGNER_DAYS,
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=days))
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -77,8 +94,10 @@ def issue_signer(root_dir: Path, out: Path, *, days: int = SIGNER_DAYS,
         )
         .sign(root_key, None)
     )
-    ca_store.write_private_key(key_path, key)
-    fsutil.atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    with writing("the signer in", out):
+        out.mkdir(parents=True, exist_ok=True)
+        ca_store.write_private_key(key_path, key)
+        fsutil.atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return KeyPair(key_path, cert_path)
 
 
@@ -90,11 +109,33 @@ def revoke(root_dir: Path, serials: list[int]) -> Path:
     their keyring directory.
     """
     root_key, root_cert = load_root(root_dir)
+    if root_cert.serial_number in serials:
+        # A root listed in its own CRL would make every device distrust the whole fleet at once.
+        raise ConfigError("that serial is the root's own: a root cannot revoke itself",
+                          hint="to retire a root, rotate the device keyring ('edgeops tpm rotate')")
     crl_path = root_dir / ca_store.CRL_NAME
     crl = pki.revocation_list(root_key, root_cert.subject, serials, now=_utcnow(),
                               previous=ca_store.read_crl(crl_path))
-    ca_store.write_crl(crl_path, crl)
+    with writing("the revocation list", crl_path):
+        ca_store.write_crl(crl_path, crl)
     return crl_path
+
+
+def check_signer(key: ed25519.Ed25519PrivateKey, chain_pem: bytes) -> None:
+    """Refuse, before a bundle is written, a key and certificate no device would accept:
+    a key that is not the certificate's, or a certificate that is no signer (a root, a CA)."""
+    try:
+        chain = trust.parse_chain(chain_pem)
+        trust.check_signer_usage(chain[0])
+    except TrustError as exc:
+        raise ConfigError(f"signer certificate refused: {exc}",
+                          hint="sign with a key and certificate from 'edgeops keys issue-signer'") from None
+    leaf_key = chain[0].public_key()
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    if not isinstance(leaf_key, ed25519.Ed25519PublicKey) or \
+            leaf_key.public_bytes(*raw) != key.public_key().public_bytes(*raw):
+        raise ConfigError("the signing key does not match the signer certificate",
+                          hint="pass the signer.key that was issued with this signer.crt")
 
 
 def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
