@@ -104,7 +104,7 @@ def test_state_round_trips_through_its_dict() -> None:
 
 # --- a model of the board: the property holds for any sequence of events -----------------------
 class Board:
-    """A U-Boot bootcount board, the same decision as agent.host.sim.SimFirmware."""
+    """A U-Boot bootcount board, the same decision as agent.adapters.simboard.SimFirmware."""
 
     def __init__(self) -> None:
         self.primary, self.trial, self.count, self.boot = "A", None, 0, 0

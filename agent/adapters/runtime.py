@@ -1,7 +1,7 @@
 """Facts about the running system: which slot booted, which boot this is, and how to reboot.
 
 Two implementations behind one protocol: ``LinuxRuntime`` reads /proc and asks
-systemd to reboot; the sim board's lives in ``agent.host.sim``.
+systemd to reboot; the sim board's lives in ``agent.adapters.simboard``.
 """
 
 from __future__ import annotations

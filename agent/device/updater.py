@@ -58,7 +58,7 @@ def open_device(config: AgentConfig) -> Device:
     bl = bootloader_mod.create(config.bootloader, config.bootloader_settings, config.base, slot_names)
     rt: Runtime
     if config.runtime == "sim":
-        from agent.host.sim import SimRuntime
+        from agent.adapters.simboard import SimRuntime  # lazy: only a sim board needs it
 
         rt = SimRuntime(config)
     else:
