@@ -116,15 +116,19 @@ class ModelManager:
     def install(self, stream: BinaryIO) -> InstallResult:
         if self.cfg is None:
             raise RuntimeError("install() needs the agent config")
-        from agent.device.updater import accept_verdict, verify_bundle_head
+        # lazy: only installing needs the root of trust and cryptography (ModelHost does not)
+        from agent.adapters.rot import tpm
+        from agent.adapters.truststore import TrustStore
 
         with self.locked():
             reader = BundleReader(stream)
             name = version = None
             staging: Path | None = None
             try:
-                verdict = verify_bundle_head(reader, self.cfg, self._journal(), self.clock(),
-                                             device_floor=False)
+                head = reader.read_head()
+                trust = TrustStore(self.cfg, self._journal(),
+                                   tpm.root_for_updater(self.cfg.path, self.cfg.state_dir))
+                verdict = trust.verify(head, self.clock(), device_floor=False)
                 m = verdict.manifest
                 model, val, spec = _model_payloads(m)
                 name, version = model.name, m.version
@@ -134,7 +138,7 @@ class ModelManager:
                                           hint="pack the model with --security-version at or "
                                                "above the floor")
                 self._check_room(name, version, model.size + val.size)
-                accept_verdict(self.cfg, self._journal(), verdict)
+                trust.accept(verdict)
                 staging = self.store.stage(name)
                 for pr in reader.payloads(m):
                     dest = staging / (MODEL_FILE if pr.payload is model else VALIDATION_FILE)

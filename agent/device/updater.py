@@ -14,12 +14,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
@@ -28,6 +26,7 @@ from agent.adapters.bundle import BundleReader
 from agent.adapters.journal import Journal
 from agent.adapters.rot import tpm as tpm_mod
 from agent.adapters.runtime import LinuxRuntime, Runtime
+from agent.adapters.truststore import TrustStore
 from agent.core import health, lifecycle, trust
 from agent.core.config import AgentConfig
 from agent.errors import (
@@ -181,7 +180,8 @@ class Updater:
             return InstallResult(m.version, target, written, [p.name for p in m.payloads])
 
     def _verify(self, reader: BundleReader) -> tuple[trust.Verdict, str]:
-        verdict = verify_bundle_head(reader, self.cfg, self.journal, self.clock())
+        store = TrustStore(self.cfg, self.journal, self.root())
+        verdict = store.verify(reader.read_head(), self.clock())
         phase = self.journal.state().phase
         if phase not in (lifecycle.Phase.IDLE, lifecycle.Phase.WRITING, lifecycle.Phase.WRITTEN,
                          lifecycle.Phase.TRIAL_PENDING):
@@ -212,7 +212,7 @@ class Updater:
                 raise IncompatibleBundle(f"payload '{p.name}' targets class '{p.slot_class}', "
                                          f"which this board has no slot for")
             slots.check_fits(dest, p.size, p.name)
-        accept_verdict(self.cfg, self.journal, verdict)
+        store.accept(verdict)
         return verdict, target
 
     # --- boot, health, commit ----------------------------------------------------------------
@@ -426,118 +426,9 @@ class Updater:
         }
 
 
-def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal, now: float,
-                       *, device_floor: bool = True) -> trust.Verdict:
-    """Read a bundle's signed head and decide trust with this device's keyring, CRLs and floor.
-
-    Shared by every installer (slots here, models in agent.device.models). Changes nothing on the
-    device: once the installer's own checks pass too, ``accept_verdict`` moves the
-    best-known time forward and keeps new root-signed CRLs.
-    ``device_floor=False`` leaves anti-rollback to the caller: a model has its own floor,
-    which it can only look up once the signed manifest has named the model.
-    """
-    head = reader.read_head()
-    keyring_pem = _read(cfg.keyring)
-    floor = journal.security_floor if device_floor else 0
-    root = tpm_mod.root_for_updater(cfg.path, cfg.state_dir)
-    if root is not None:
-        root.check_keyring(keyring_pem)  # a keyring swapped on disk is refused before it is used
-        if device_floor:
-            floor = max(floor, root.floor())  # the TPM's floor survives a re-imaged journal
-    keyring = trust.Keyring.from_pem(keyring_pem)
-    facts = trust.DeviceFacts(
-        compatible=cfg.compatible,
-        security_floor=floor,
-        best_known_time=trust.best_known_time(now, journal.trusted_time),
-    )
-    crls = [*_stored_crls(cfg), *([head.crl] if head.crl else [])]
-    verdict = trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,
-                                chain_pem=head.chain_pem, keyring=keyring, device=facts, crls=crls)
-    return verdict
-
-
-def accept_verdict(cfg: AgentConfig, journal: Journal, verdict: trust.Verdict) -> None:
-    """What an accepted bundle teaches the device: a later trusted time, newer CRLs. Called
-    only when nothing will refuse the bundle any more, so a refusal changes nothing."""
-    journal.raise_trusted_time(min(verdict.manifest.build_time, verdict.signer_not_after))
-    _keep_crls(cfg, verdict.crls)
-
-
-MAX_CRL_FILES = 256  # in the operator's crl_dir: one per root is normal
-
-
-def _stored_crls(cfg: AgentConfig) -> list[bytes]:
-    # Never truncate: dropping a file could drop the one CRL that revokes a signer. The
-    # agent's own store is pruned to one CRL per root whenever a bundle verifies.
-    out = []
-    if cfg.crl_dir is not None and cfg.crl_dir.is_dir():
-        files = sorted(cfg.crl_dir.glob("*.crl"))
-        if len(files) > MAX_CRL_FILES:
-            raise ConfigError(f"{cfg.crl_dir} holds {len(files)} CRL files, more than {MAX_CRL_FILES}",
-                              hint="keep only the newest CRL of each root there")
-        for path in files:
-            blob = path.read_bytes()
-            if not trust.parses_as_crl(blob):  # fail closed: the operator meant to revoke something
-                raise ConfigError(f"{path} is not a CRL of at most {trust.MAX_CRL_BYTES} bytes",
-                                  hint="replace it with the root's revoked.crl, or remove it")
-            out.append(blob)
-    own = cfg.state_dir / "crls"
-    if own.is_dir():
-        out += [p.read_bytes() for p in sorted(own.glob("*.crl"))]
-    return out
-
-
-def _keep_crls(cfg: AgentConfig, crls: tuple[trust.KeptCrl, ...]) -> None:
-    """Store the newest root-verified CRL of each root, one file per root, replaced atomically.
-
-    Installers of slots and of models may run at once (they hold different locks): each
-    writes through its own temporary file, and never replaces a newer CRL with an older one.
-    """
-    d = cfg.state_dir / "crls"
-    for kept in crls:
-        path = d / f"{kept.root_id}.crl"
-        try:
-            current = path.read_bytes()
-        except FileNotFoundError:
-            current = None
-        if current == kept.blob:
-            continue
-        if current is not None and _newer_or_same(current, kept, cfg):
-            continue
-        d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(kept.blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    if crls and d.is_dir():
-        keep = {f"{k.root_id}.crl" for k in crls}
-        for old in d.glob("*.crl"):  # older names, or roots no longer trusted
-            if old.name not in keep:
-                old.unlink(missing_ok=True)
-
-
-def _newer_or_same(current: bytes, kept: trust.KeptCrl, cfg: AgentConfig) -> bool:
-    try:
-        roots = trust.Keyring.from_pem(cfg.keyring.read_bytes()).roots
-    except (OSError, EdgeopsError):
-        return False
-    _, have = trust.revoked_serials([current], roots)
-    return any(h.root_id == kept.root_id and h.rank >= kept.rank for h in have)
-
-
 def _public_state(state: str) -> str:
     # "written" is an internal step: to a person it is a trial waiting to happen
     return {"written": "trial"}.get(state, state)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read keyring {path}: {exc.strerror}",
-                          hint="check device.keyring in the agent config") from None
 
 
 def _total(m: Any) -> int:
