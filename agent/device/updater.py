@@ -12,7 +12,6 @@ feeds ``Booted`` to the state machine and ``run_health`` decides commit or rever
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from agent.adapters.journal import Journal
 from agent.adapters.rot import tpm as tpm_mod
 from agent.adapters.runtime import LinuxRuntime, Runtime
 from agent.adapters.truststore import TrustStore
+from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle, trust
 from agent.core.config import AgentConfig
 from agent.errors import (
@@ -292,8 +292,7 @@ class Updater:
 
     # A technician's verdict must not wait for the agent's health loop, which holds the lock
     # for up to the whole deadline: when the lock is busy the verdict is handed to that loop
-    # through a file, and taken before its next probe round.
-    VERDICT_FILE = "operator-verdict"
+    # (agent.adapters.verdict), and taken before its next probe round.
     VERDICT_POLL = 0.5  # how often the health loop looks for a verdict while it waits
 
     def _wait_for_next_round(self, interval: float) -> bool:
@@ -324,23 +323,15 @@ class Updater:
                 if time.monotonic() > give_up:
                     raise
                 time.sleep(0.1)
-        path = self.cfg.state_dir / self.VERDICT_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"good": good, "boot_id": self.dev.runtime.boot_id()}))
-        os.replace(tmp, path)
+        box = VerdictBox(self.cfg.state_dir)
+        box.post(good=good, boot_id=self.dev.runtime.boot_id())
         # The loop looks between sleeps of VERDICT_POLL and after each probe round; a round
         # is bounded by the probes' timeouts, so the whole deadline is the outer bound.
         wait = self.policy().deadline + 10.0
         deadline = time.monotonic() + wait
-        while path.exists():
-            if time.monotonic() > deadline:
-                try:  # withdraw it, unless the loop took it in this very instant
-                    os.replace(path, path.with_suffix(".withdrawn"))
-                except FileNotFoundError:
-                    break
-                raise DeviceBusy(f"the agent's health loop did not take the {what} verdict "
-                                 f"within {wait:.0f} s")
-            time.sleep(0.1)
+        if not box.wait_taken(wait):
+            raise DeviceBusy(f"the agent's health loop did not take the {what} verdict "
+                             f"within {wait:.0f} s")
         while self.journal.state().phase is lifecycle.Phase.TESTING and time.monotonic() < deadline:
             time.sleep(0.1)  # taken; wait until the journal shows it applied
         last = self.journal.history(1)
@@ -348,21 +339,10 @@ class Updater:
                              .rstrip() if last else "handed to the running agent")
 
     def _take_operator_verdict(self) -> bool:
-        path = self.cfg.state_dir / self.VERDICT_FILE
-        taken = path.with_suffix(".taken")
-        try:
-            os.replace(path, taken)  # atomic: either the loop takes it or the command withdraws it
-        except FileNotFoundError:
+        good = VerdictBox(self.cfg.state_dir).take(self.dev.runtime.boot_id())
+        if good is None:
             return False
-        try:
-            doc = json.loads(taken.read_text())
-        except (OSError, ValueError):
-            return False
-        finally:
-            taken.unlink(missing_ok=True)
-        if not isinstance(doc, dict) or doc.get("boot_id") != self.dev.runtime.boot_id():
-            return False  # left over from another boot: not meant for this trial
-        self._step(self._verdict_event(bool(doc.get("good"))))
+        self._step(self._verdict_event(good))
         return True
 
     @staticmethod
