@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
@@ -24,7 +25,7 @@ from agent.adapters import probes, slots
 from agent.adapters.bundle import BundleReader
 from agent.adapters.journal import Journal
 from agent.adapters.rot import tpm as tpm_mod
-from agent.adapters.runtime import LinuxRuntime, Runtime
+from agent.adapters.runtime import LinuxRuntime, RegistersProcess, Runtime
 from agent.adapters.truststore import TrustStore
 from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle, trust
@@ -234,11 +235,18 @@ class Updater:
     def _confirm_boot(self) -> None:
         # RAUC-style schemes (grub, uboot_rauc) spend a try on every boot, so the running
         # committed slot is confirmed on each boot, as RAUC's mark-good service does.
-        confirm = getattr(self.dev.bootloader, "confirm", None)
-        if confirm is None or self.rebooted or self.journal.state().phase is not lifecycle.Phase.IDLE:
+        bl = self.dev.bootloader
+        if (not isinstance(bl, bootloader_mod.Confirmable) or self.rebooted
+                or self.journal.state().phase is not lifecycle.Phase.IDLE):
             return
         # each backend confirms only its committed slot (a fallback slot stays unconfirmed)
-        confirm(self.dev.runtime.booted_slot())
+        bl.confirm(self.dev.runtime.booted_slot())
+
+    def register_process(self) -> Path | None:
+        """Tell a runtime that tracks agent processes (the sim board) that this one runs;
+        returns the file to remove when the process ends, or None."""
+        rt = self.dev.runtime
+        return rt.register_process() if isinstance(rt, RegistersProcess) else None
 
     def root(self) -> tpm_mod.RootOfTrust | None:
         """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""
