@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.health import HealthPolicy, parse_policy
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
              "fleet"}
-# [tpm] is read by agent.adapters.rot.tpm, [models] by agent.device.models,
-# [fleet] by agent.device.fleet.load_fleet
+# [tpm] is read by agent.adapters.rot.tpm, [fleet] by agent.device.fleet.load_fleet
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,12 @@ class AgentConfig:
     runtime_dir: Path | None = None
     poll_interval: float = 60.0
     metrics_file: Path | None = None  # Prometheus node_exporter textfile (needs the [metrics] extra)
+    models: dict[str, Any] = field(default_factory=dict)  # [models], read by agent.device.models
+    # [health] parsed once, here: a bad table fails at load, and no health run parses it again
+    health_policy: HealthPolicy = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "health_policy", parse_policy(self.health))
 
     @property
     def base(self) -> Path:
@@ -87,6 +93,9 @@ def parse(text: str, path: Path) -> AgentConfig:
     health = doc.get("health", {})
     if not isinstance(health, dict):
         raise ConfigError(f"{path}: [health] must be a table")
+    models = doc.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: [models] must be a table")
     kind = runtime.get("kind", "linux")
     if kind not in ("linux", "sim"):
         raise ConfigError(f"{path}: runtime.kind must be 'linux' or 'sim'")
@@ -107,6 +116,7 @@ def parse(text: str, path: Path) -> AgentConfig:
             poll_interval=float(agent.get("poll_interval", 60.0)),
             metrics_file=(rel(agent["metrics_file"], "agent.metrics_file")
                           if "metrics_file" in agent else None),
+            models=models,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,12 +56,8 @@ class ModelSettings:
 
 
 def settings_from_config(cfg: AgentConfig) -> ModelSettings:
-    """Read the optional [models] table of the agent config (docs/models.md)."""
-    try:
-        doc = tomllib.loads(cfg.path.read_text()).get("models", {})
-    except (OSError, tomllib.TOMLDecodeError):
-        doc = {}
-    return settings_from_dict(doc, cfg.state_dir / "models", cfg.base)
+    """The optional [models] table of the agent config (docs/models.md), as loaded with it."""
+    return settings_from_dict(cfg.models, cfg.state_dir / "models", cfg.base)
 
 
 def settings_from_dict(doc: dict[str, Any], default_root: Path, base: Path) -> ModelSettings:
