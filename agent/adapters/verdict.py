@@ -21,6 +21,7 @@ from agent.adapters.fsutil import atomic_write
 
 FILE = "operator-verdict"
 POLL = 0.1  # how often the posting command looks whether its verdict was taken
+TAKE_POLL = 0.5  # how often the health loop looks for a verdict while it waits
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,20 @@ class VerdictBox:
                 return False
             sleep(POLL)
         return True
+
+    def wait(self, boot_id: str, interval: float, *,
+             sleep: Callable[[float], None] = time.sleep) -> bool | None:
+        """Sleep ``interval`` seconds (the health loop's pause between probe rounds), returning
+        early with a verdict for boot ``boot_id`` as soon as one is posted."""
+        left = interval
+        while True:
+            if (good := self.take(boot_id)) is not None:
+                return good
+            if left <= 0:
+                return None
+            step = min(TAKE_POLL, left)
+            sleep(step)
+            left -= step
 
     def take(self, boot_id: str) -> bool | None:
         """The verdict posted during boot ``boot_id`` (True: good), removed from the box;
