@@ -1,17 +1,13 @@
 """Drive the install/boot life cycle on a device: feed events to ``lifecycle``, perform its actions.
 
-The shell holds no policy of its own: ``agent.core.plan`` decides whether and where a
-trusted bundle installs, ``agent.core.lifecycle`` what follows each event, and
-``agent.core.health`` commit or revert. The updater reads the facts those need, records
-every transition in the journal *before* performing its actions, and performs them.
-Each public method takes the device lock, so two installers (or an installer and the
-service) never interleave.
-Flow of an install: read the signed head → the trust store and ``trust`` decide →
-``plan_install`` → the journal records WRITING → the bootloader marks the target slot
-bad → payloads stream through ``bundle`` (verified block by block) into ``slots`` →
-fsync → WRITTEN → the bootloader sets the trial → TRIAL_PENDING. After the reboot
-``cycle`` feeds ``Booted`` to the state machine, and the health checks decide commit or
-revert.
+No policy here: ``core.plan`` decides whether and where a trusted bundle installs,
+``core.lifecycle`` what follows each event, ``core.health`` commit or revert. The updater
+reads the facts they need, makes each transition durable in the journal *before* its
+actions, and performs them. Every public method takes the device lock.
+An install: signed head → trust store and ``trust`` → ``plan_install`` → WRITING → the
+target slot marked bad → payloads stream through ``bundle`` (verified block by block)
+into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the reboot ``cycle``
+feeds ``Booted``, and the health checks decide commit or revert.
 """
 
 from __future__ import annotations
