@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.adapters.probes import ProbeResult, ProbeSpec
 from agent.core.health import MAX_PROBES, Decision, HealthPolicy, decide, parse_policy
+from agent.core.probe_spec import ProbeResult, ProbeSpec
 from agent.errors import ConfigError
 
 A = ProbeSpec("command", "a", argv=("true",))

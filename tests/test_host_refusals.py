@@ -13,7 +13,8 @@ def _create(pki: Keys, tmp_path: Path, *, key: Path, cert: Path, out: Path) -> t
     image = tmp_path / "rootfs.img"
     image.write_bytes(os.urandom(8192))
     proc = run_cli("bundle", "create", "--key", key, "--cert", cert, "--compatible", "c",
-                   "--version", "1", "--security-version", "1", "--payload", f"rootfs={image}", "--output", out, check=False)
+                   "--version", "1", "--security-version", "1", "--payload", f"rootfs={image}",
+                   "--output", out, check=False)
     return proc.returncode, proc.stderr
 
 

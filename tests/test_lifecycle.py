@@ -104,7 +104,7 @@ def test_state_round_trips_through_its_dict() -> None:
 
 # --- a model of the board: the property holds for any sequence of events -----------------------
 class Board:
-    """A U-Boot bootcount board, the same decision as agent.host.sim.SimFirmware."""
+    """A U-Boot bootcount board, the same decision as agent.adapters.simboard.SimFirmware."""
 
     def __init__(self) -> None:
         self.primary, self.trial, self.count, self.boot = "A", None, 0, 0
@@ -176,3 +176,44 @@ def test_any_event_sequence_keeps_a_committed_slot_bootable(seq: list[str]) -> N
         assert board.primary in board.good
         if state.phase in (Phase.WRITING,):
             assert board.trial != state.target and board.primary != state.target
+
+
+# --- follow-ups and reboots are data ------------------------------------------------------------
+@pytest.mark.parametrize("state, event, then", [
+    (at(Phase.WRITING), lc.WriteDone(), lc.TrialSet()),
+    (at(Phase.WRITTEN), lc.Booted("A", BOOT1), lc.TrialSet()),
+    (at(Phase.TESTING), lc.HealthPassed(), lc.CommitDone()),
+    (at(Phase.COMMITTING), lc.Booted("B", BOOT2), lc.CommitDone()),
+    (State(), lc.Rollback("B", "1.0"), None),  # BootCommit of a rollback ends nothing
+    (at(Phase.TESTING), lc.HealthFailed("x"), None),
+    (State(), INSTALL, None),
+])
+def test_the_event_after_the_actions_comes_from_the_table(state: State, event: lc.Event,
+                                                          then: lc.Event | None) -> None:
+    t = lc.step(state, event)
+    assert t.then == then
+    if then is not None:  # and it is legal in the state the transition left
+        lc.step(t.state, then)
+
+
+def test_reboot_into_the_armed_trial_is_an_action() -> None:
+    t = lc.step(at(Phase.TRIAL_PENDING), lc.RebootIntoTrial("fleet action 7"))
+    assert t.state == at(Phase.TRIAL_PENDING) and not t.records
+    assert t.actions == [lc.Reboot("fleet action 7")]
+    for phase in (Phase.IDLE, Phase.WRITING, Phase.TESTING):
+        with pytest.raises(lc.IllegalTransition):
+            lc.step(at(phase), lc.RebootIntoTrial("x"))
+
+
+def test_can_install_matches_the_table() -> None:
+    for phase in Phase:
+        legal = (phase, lc.Install) in lc._TABLE
+        assert lc.can_install(phase) is legal
+
+
+def test_edges_cover_every_row_of_the_table() -> None:
+    drawn = {(e.source, e.event) for e in lc.edges()}
+    rows = {(p, kind.__name__) for p, kind in lc._TABLE}
+    assert drawn == rows - {(Phase.IDLE, "Booted")}  # an idle boot changes nothing
+    assert lc.Edge(Phase.TESTING, "Booted", f"into the target slot after {lc.MAX_TRIAL_BOOTS} trial boots",
+                   Phase.IDLE, ("BootMarkBad", "Reboot"), None) in lc.edges()

@@ -1,7 +1,9 @@
 """Facts about the running system: which slot booted, which boot this is, and how to reboot.
 
 Two implementations behind one protocol: ``LinuxRuntime`` reads /proc and asks
-systemd to reboot; the sim board's lives in ``agent.host.sim``.
+systemd to reboot; the sim board's lives in ``agent.adapters.simboard``. A runtime that
+must be told which agent processes run on the device (the sim board, whose reboot
+stops them) also implements ``RegistersProcess``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from agent.errors import DeviceError
 
@@ -24,6 +26,12 @@ class Runtime(Protocol):
     def boot_id(self) -> str: ...
 
     def reboot(self, reason: str) -> None: ...
+
+
+@runtime_checkable
+class RegistersProcess(Protocol):
+    def register_process(self) -> Path:
+        """Record this process as running on the device; returns the file to remove at exit."""
 
 
 def slot_from_cmdline(cmdline: str, slots: tuple[str, ...]) -> str:

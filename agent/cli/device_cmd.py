@@ -206,10 +206,7 @@ def _agent(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _term)
     with _updater(a) as up:
         fleet, waker = _fleet(up)
-        pidfile = None
-        register = getattr(up.dev.runtime, "register_process", None)
-        if register is not None:
-            pidfile = register()
+        pidfile = up.register_process()
         if up.cfg.metrics_file is not None:
             from agent.device import metrics
 

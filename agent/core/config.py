@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.fleet_config import FleetConfig, parse_fleet
+from agent.core.health import HealthPolicy, parse_policy
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
              "fleet"}
-# [models] is read by agent.device.models; [fleet] is parsed here (agent.core.fleet_config), its
+# [models] is kept raw for agent.device.models; [fleet] is parsed here (agent.core.fleet_config), its
 # token_file and a fleet.toml beside the file are read by agent.device.fleet_files
 
 # [tpm] (or tpm_* keys of [device]): which root of trust agent.adapters.rot opens.
@@ -56,6 +57,12 @@ class AgentConfig:
     metrics_file: Path | None = None  # Prometheus node_exporter textfile (needs the [metrics] extra)
     tpm: TpmSettings = TpmSettings()
     fleet: FleetConfig | None = None  # this file's [fleet], token_file not read yet
+    models: dict[str, Any] = field(default_factory=dict)  # [models], read by agent.device.models
+    # [health] parsed once, here: a bad table fails at load, and no health run parses it again
+    health_policy: HealthPolicy = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "health_policy", parse_policy(self.health))
 
     @property
     def base(self) -> Path:
@@ -107,6 +114,9 @@ def parse(text: str, path: Path) -> AgentConfig:
     health = doc.get("health", {})
     if not isinstance(health, dict):
         raise ConfigError(f"{path}: [health] must be a table")
+    models = doc.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: [models] must be a table")
     kind = runtime.get("kind", "linux")
     if kind not in ("linux", "sim"):
         raise ConfigError(f"{path}: runtime.kind must be 'linux' or 'sim'")
@@ -129,6 +139,7 @@ def parse(text: str, path: Path) -> AgentConfig:
                           if "metrics_file" in agent else None),
             tpm=_tpm(doc, path),
             fleet=_fleet(doc, path),
+            models=models,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -1,8 +1,9 @@
 """Turn probe results and a deadline into commit, revert or wait. Pure: no I/O, no clock.
 
-The shell runs the probes (``agent.adapters.probes``) every ``interval`` seconds during a
-trial boot, appends the results and asks ``decide`` what to do. Time is passed
-in, so every rule is tested with plain numbers.
+The shell runs the probes (``agent.adapters.probes``; what a probe is lives in
+``agent.core.probe_spec``) every ``interval`` seconds during a trial boot, appends the
+results and asks ``decide`` what to do. Time is passed in, so every rule is tested with
+plain numbers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.adapters.probes import ProbeResult, ProbeSpec, bounded_float, bounded_int, one_line
+from agent.core.probe_spec import ProbeResult, ProbeSpec, bounded_float, bounded_int, one_line
 from agent.errors import ConfigError
 
 MAX_PROBES = 32

@@ -3,17 +3,17 @@
 ``step(state, event)`` returns the next state plus two lists:
 ``records`` — journal changes to commit *in the same transaction* as the new
 state, and ``actions`` — device side effects for the shell to perform *after*
-that transaction is durable. Because state is saved before every side effect and
+that transaction is durable — and, in ``then``, the event that follows once those
+actions are done (``TrialSet`` after the bootloader armed the trial, ``CommitDone``
+after it committed). The shell only feeds events in and performs actions; it never
+decides which event comes next. Because state is saved before every side effect and
 every action is idempotent, a power cut at any instant leaves a state from which
 ``Booted`` on the next start resumes or rolls back (see tests/test_lifecycle.py).
 
-    IDLE ──Install──▶ WRITING ──WriteDone──▶ WRITTEN ──TrialSet──▶ TRIAL_PENDING
-                         │                                           │ Booted(target)
-                  WriteFailed/Booted                                 ▼
-                         ▼                     HealthFailed ◀──── TESTING ──HealthPassed──▶ COMMITTING
-                        IDLE ◀── Booted(other) ── REVERTING ◀─┘                              │ CommitDone
-                                                                                              ▼
-                                                                                             IDLE
+The state diagram in docs/lifecycle.md is drawn from this table by ``edges()``
+(``tools/lifecycle_diagram.py``; a test fails when the doc is stale), so it cannot
+drift from the code. (A little over 400 lines: the events, outputs, table and that walk
+over it belong together; split, each half would need the other's privates.)
 Modelled on h11's ``_state.py`` (transitions as data, illegal pairs raise) and
 Mender's daemon state machine (failure edges written out, a cap on trial boots).
 """
@@ -21,6 +21,7 @@ Mender's daemon state machine (failure edges written out, a cap on trial boots).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -115,8 +116,15 @@ class Rollback:
     version: str | None
 
 
+@dataclass(frozen=True)
+class RebootIntoTrial:
+    """Whoever installed (the fleet agent) wants the armed trial to start now."""
+
+    reason: str
+
+
 Event = (Install | WriteDone | WriteFailed | TrialSet | Booted | HealthPassed | HealthFailed
-         | CommitDone | Rollback)
+         | CommitDone | Rollback | RebootIntoTrial)
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -177,6 +185,7 @@ class Transition:
     state: State
     records: list[Record] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
+    then: Event | None = None  # fed to ``step`` once every action has been performed
 
 
 class IllegalTransition(StateError):
@@ -188,12 +197,15 @@ class IllegalTransition(StateError):
 _CAN_INSTALL = {Phase.IDLE, Phase.WRITING, Phase.WRITTEN, Phase.TRIAL_PENDING}
 
 
+def can_install(phase: Phase) -> bool:
+    return phase in _CAN_INSTALL
+
+
 def step(s: State, ev: Event) -> Transition:
-    handler: Any = _TABLE.get((s.phase, type(ev)))
+    handler = _TABLE.get((s.phase, type(ev)))
     if handler is None:
         raise IllegalTransition(f"'{type(ev).__name__}' is not possible while the device is {s.phase}")
-    result: Transition = handler(s, ev)
-    return result
+    return handler(s, ev)
 
 
 def _install(s: State, ev: Install) -> Transition:
@@ -211,6 +223,7 @@ def _write_done(s: State, ev: WriteDone) -> Transition:
         replace(s, phase=Phase.WRITTEN),
         [SlotRecord(_t(s), "written", s.version, s.security_version)],
         [BootSetTrial(_t(s))],
+        TrialSet(),
     )
 
 
@@ -259,7 +272,7 @@ def _booted(s: State, ev: Booted) -> Transition:
             if on_target and not same_boot:
                 return _start_trial(s, ev)
             # The payload is complete and was synced; only the trial flag is missing.
-            return Transition(s, [], [BootSetTrial(_t(s))])
+            return Transition(s, [], [BootSetTrial(_t(s))], TrialSet())
         case Phase.TRIAL_PENDING:
             if same_boot:
                 return Transition(s)
@@ -274,7 +287,7 @@ def _booted(s: State, ev: Booted) -> Transition:
             return _fell_back(s, ev.slot, "rebooted during the trial before health checks passed")
         case Phase.COMMITTING:
             if on_target:
-                return Transition(s, [], [BootCommit(_t(s))])
+                return Transition(s, [], [BootCommit(_t(s))], CommitDone())
             return _fell_back(s, ev.slot, "power lost while committing")
         case Phase.REVERTING:
             if on_target:
@@ -297,7 +310,8 @@ def _start_trial(s: State, ev: Booted) -> Transition:
 
 def _health_passed(s: State, ev: HealthPassed) -> Transition:
     return Transition(replace(s, phase=Phase.COMMITTING),
-                      [History("health-passed", s.target, s.version, ev.detail)], [BootCommit(_t(s))])
+                      [History("health-passed", s.target, s.version, ev.detail)], [BootCommit(_t(s))],
+                      CommitDone())
 
 
 def _health_failed(s: State, ev: HealthFailed) -> Transition:
@@ -323,14 +337,19 @@ def _rollback(s: State, ev: Rollback) -> Transition:
                       [BootCommit(ev.to), Reboot(f"rolling back to slot {ev.to}")])
 
 
+def _reboot_into_trial(s: State, ev: RebootIntoTrial) -> Transition:
+    return Transition(s, [], [Reboot(ev.reason)])  # the bootloader tries the target once
+
+
 def _t(s: State) -> str:
     if s.target is None:
         raise AssertionError(f"phase {s.phase} without a target slot")
     return s.target
 
 
-_TABLE: dict[tuple[Phase, type], Any] = {
-    **{(p, Install): _install for p in _CAN_INSTALL},
+Handler = Callable[[State, Any], Transition]
+_TABLE: dict[tuple[Phase, type], Handler] = {
+    **{(p, Install): _install for p in Phase if p in _CAN_INSTALL},  # in order: docs are stable
     (Phase.WRITING, WriteDone): _write_done,
     (Phase.WRITING, WriteFailed): _write_failed,
     (Phase.WRITTEN, TrialSet): _trial_set,
@@ -338,5 +357,60 @@ _TABLE: dict[tuple[Phase, type], Any] = {
     (Phase.TESTING, HealthFailed): _health_failed,
     (Phase.COMMITTING, CommitDone): _commit_done,
     (Phase.IDLE, Rollback): _rollback,
+    (Phase.TRIAL_PENDING, RebootIntoTrial): _reboot_into_trial,
     **{(p, Booted): _booted for p in Phase},
 }
+
+
+# --- the table as a graph, for docs/lifecycle.md ----------------------------------------------
+@dataclass(frozen=True)
+class Edge:
+    """One way through the table: ``event`` (in the case ``when``) takes ``source`` to ``target``."""
+
+    source: Phase
+    event: str
+    when: str  # which case of the event, e.g. "into the target slot"; "" when there is one
+    target: Phase
+    actions: tuple[str, ...]
+    then: str | None  # the event that follows the actions
+
+
+def edges() -> list[Edge]:
+    """Every transition the table makes, found by running ``step`` on one sample of each case.
+
+    Cases that change nothing (no new phase, records, actions or follow-up) are left out;
+    cases with the same outcome are merged. The diagram in docs/lifecycle.md is drawn from
+    this, so it shows what the code does rather than what someone remembered."""
+    found: dict[tuple[Phase, str, Phase, tuple[str, ...], str | None], list[str]] = {}
+    for (phase, kind), handler in _TABLE.items():
+        for when, state, event in _samples(phase, kind):
+            t = handler(state, event)
+            if t.state == state and not (t.records or t.actions or t.then):
+                continue
+            then = type(t.then).__name__ if t.then is not None else None
+            key = (phase, kind.__name__, t.state.phase, tuple(type(a).__name__ for a in t.actions), then)
+            if when not in found.setdefault(key, []):
+                found[key].append(when)
+    out = [Edge(src, ev, " or ".join(w for w in whens if w), dst, actions, then)
+           for (src, ev, dst, actions, then), whens in found.items()]
+    return sorted(out, key=lambda e: list(Phase).index(e.source))  # stable: table order within
+
+
+def _samples(phase: Phase, kind: type) -> list[tuple[str, State, Any]]:
+    # The installer ran on slot A in the boot "b0" and writes B; from TESTING on, the
+    # recorded boot is the trial boot, which runs B.
+    state = State() if phase is Phase.IDLE else State(phase, "B", "A", "2.0", 1, "b0", 1)
+    if kind is not Booted:
+        sample: Any = {Install: Install("B", "A", "2.0", 1, "b0"), WriteFailed: WriteFailed("x"),
+                       HealthFailed: HealthFailed("x"), Rollback: Rollback("B", "1.0"),
+                       RebootIntoTrial: RebootIntoTrial("x")}.get(kind) or kind()
+        return [("", state, sample)]
+    trial_ran = phase in (Phase.TESTING, Phase.COMMITTING, Phase.REVERTING)
+    out = [("same boot", state, Booted("B" if trial_ran else "A", "b0")),
+           ("into the target slot", state, Booted("B", "b1")),
+           ("into the other slot", state, Booted("A", "b1"))]
+    if phase is Phase.TESTING:
+        capped = replace(state, trial_boots=MAX_TRIAL_BOOTS)
+        out.append((f"into the target slot after {MAX_TRIAL_BOOTS} trial boots", capped,
+                    Booted("B", "b1")))
+    return out

@@ -128,11 +128,8 @@ def _check_env_place(board: Board, root: Path) -> list[Problem]:
 def _booted(board: Board, root: Path, bl: object) -> str | None:
     from agent.adapters.runtime import slot_from_cmdline
 
-    from_dt = getattr(bl, "booted_slot", None)
-    if callable(from_dt):
-        slot = from_dt()
-        if isinstance(slot, str):
-            return slot
+    if isinstance(bl, bootloader.KnowsBootedSlot) and (slot := bl.booted_slot()) is not None:
+        return slot
     try:
         return slot_from_cmdline((root / board.cmdline.lstrip("/")).read_text(), board.slot_names)
     except (OSError, EdgeopsError):

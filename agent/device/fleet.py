@@ -281,7 +281,7 @@ class FleetAgent:
     def _reboot_into_trial(self, aid: str) -> bool:
         self.sync.flush(force=True)  # tell the server before the link goes down for the reboot
         self.messages.append(f"rebooting into the trial of action {aid}")
-        self.up.dev.runtime.reboot(f"trial boot for fleet action {aid}")
+        self.up.reboot_into_trial(f"trial boot for fleet action {aid}")
         return True
 
     # --- after the trial -----------------------------------------------------------------------

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,12 +56,8 @@ class ModelSettings:
 
 
 def settings_from_config(cfg: AgentConfig) -> ModelSettings:
-    """Read the optional [models] table of the agent config (docs/models.md)."""
-    try:
-        doc = tomllib.loads(cfg.path.read_text()).get("models", {})
-    except (OSError, tomllib.TOMLDecodeError):
-        doc = {}
-    return settings_from_dict(doc, cfg.state_dir / "models", cfg.base)
+    """The optional [models] table of the agent config (docs/models.md), as loaded with it."""
+    return settings_from_dict(cfg.models, cfg.state_dir / "models", cfg.base)
 
 
 def settings_from_dict(doc: dict[str, Any], default_root: Path, base: Path) -> ModelSettings:
@@ -116,15 +111,19 @@ class ModelManager:
     def install(self, stream: BinaryIO) -> InstallResult:
         if self.cfg is None:
             raise RuntimeError("install() needs the agent config")
-        from agent.device.updater import accept_verdict, verify_bundle_head
+        # lazy: only installing needs the root of trust and cryptography (ModelHost does not)
+        from agent.adapters import rot
+        from agent.adapters.truststore import TrustStore
 
         with self.locked():
             reader = BundleReader(stream)
             name = version = None
             staging: Path | None = None
             try:
-                verdict = verify_bundle_head(reader, self.cfg, self._journal(), self.clock(),
-                                             device_floor=False)
+                head = reader.read_head()
+                trust = TrustStore(self.cfg, self._journal(),
+                                   rot.root_for_updater(self.cfg.tpm, self.cfg.state_dir))
+                verdict = trust.verify(head, self.clock(), device_floor=False)
                 m = verdict.manifest
                 model, val, spec = _model_payloads(m)
                 name, version = model.name, m.version
@@ -134,7 +133,7 @@ class ModelManager:
                                           hint="pack the model with --security-version at or "
                                                "above the floor")
                 self._check_room(name, version, model.size + val.size)
-                accept_verdict(self.cfg, self._journal(), verdict)
+                trust.accept(verdict)
                 staging = self.store.stage(name)
                 for pr in reader.payloads(m):
                     dest = staging / (MODEL_FILE if pr.payload is model else VALIDATION_FILE)

@@ -1,21 +1,21 @@
-"""The orchestrator: drives ``lifecycle`` and calls the adapters, persisting before acting.
+"""Drive the install/boot life cycle on a device: feed events to ``lifecycle``, perform its actions.
 
-It holds no policy of its own. Each public method takes the device lock, so
-two installers (or an installer and the service) never interleave.
-Flow of an install: read the signed head → ``trust`` decides → the journal
-records WRITING → the bootloader marks the target slot bad → payloads stream
-through ``bundle`` (verified block by block) into ``slots`` → fsync → WRITTEN →
-the bootloader sets the trial → TRIAL_PENDING. After the reboot ``on_boot``
-feeds ``Booted`` to the state machine and ``run_health`` decides commit or revert.
+No policy here: ``core.plan`` decides whether and where a trusted bundle installs,
+``core.lifecycle`` what follows each event, ``core.health`` commit or revert. The updater
+reads the facts they need, makes each transition durable in the journal *before* its
+actions, and performs them. Every public method takes the device lock.
+An install: signed head → trust store and ``trust`` → ``plan_install`` → WRITING → the
+target slot marked bad → payloads stream through ``bundle`` (verified block by block)
+into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the reboot ``cycle``
+feeds ``Booted``, and the health checks decide commit or revert.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,21 +23,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
-from agent.adapters import probes, slots
-from agent.adapters import rot as tpm_mod
+from agent.adapters import probes, rot, slots
 from agent.adapters.bundle import BundleReader
 from agent.adapters.journal import Journal
-from agent.adapters.runtime import LinuxRuntime, Runtime
-from agent.core import health, lifecycle, trust
+from agent.adapters.runtime import LinuxRuntime, RegistersProcess, Runtime
+from agent.adapters.truststore import TrustStore
+from agent.adapters.verdict import VerdictBox
+from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
-from agent.errors import (
-    ConfigError,
-    DeviceBusy,
-    EdgeopsError,
-    IncompatibleBundle,
-    RollbackRefused,
-    StateError,
-)
+from agent.core.manifest import Manifest
+from agent.core.plan import InstallPlan, plan_install, plan_rollback
+from agent.errors import DeviceBusy, EdgeopsError, StateError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -58,7 +54,7 @@ def open_device(config: AgentConfig) -> Device:
     bl = bootloader_mod.create(config.bootloader, config.bootloader_settings, config.base, slot_names)
     rt: Runtime
     if config.runtime == "sim":
-        from agent.host.sim import SimRuntime
+        from agent.adapters.simboard import SimRuntime  # lazy: only a sim board needs it
 
         rt = SimRuntime(config)
     else:
@@ -90,10 +86,11 @@ class Updater:
         self.clock = clock
         self.sleep = sleep
         self.messages: list[str] = []
-        self._root: tpm_mod.RootOfTrust | None = None
+        self._root: rot.RootOfTrust | None = None
         self._root_opened = False
         self.rebooted = False
-        self._health_allowed = True
+        self._override: tuple[dict[str, Any], health.HealthPolicy] | None = None
+        self.verdicts = VerdictBox(self.cfg.state_dir)
 
     # --- locking ----------------------------------------------------------------------------
     @contextmanager
@@ -110,7 +107,25 @@ class Updater:
             os.close(fd)
 
     # --- the state machine's shell -----------------------------------------------------------
-    def _step(self, event: lifecycle.Event) -> None:
+    def _drive(self, event: lifecycle.Event, *, run_health: bool = True) -> None:
+        """Feed ``event`` and whatever follows it to the state machine, one transition at a time.
+
+        Each transition is durable before its actions run. What comes next is data: the
+        transition's ``then`` (e.g. ``TrialSet`` once the trial is armed), or the event an
+        action produced (the health verdict). Nothing more runs after a reboot was asked for."""
+        pending = deque([event])
+        while pending:
+            t = self._apply(pending.popleft())
+            for action in t.actions:
+                produced = self._perform(action, run_health=run_health)
+                if self.rebooted:
+                    return
+                if produced is not None:
+                    pending.append(produced)
+            if t.then is not None:
+                pending.append(t.then)
+
+    def _apply(self, event: lifecycle.Event) -> lifecycle.Transition:
         before = self.journal.state()
         t = lifecycle.step(before, event)
         if t.state != before or t.records:
@@ -122,30 +137,25 @@ class Updater:
             if isinstance(record, lifecycle.History):
                 self.messages.append(f"{record.event}: slot {record.slot} {record.version or ''} "
                                      f"{record.detail}".rstrip())
-        for action in t.actions:
-            self._act(action)
-            if self.rebooted:
-                return
+        return t
 
-    def _act(self, action: lifecycle.Action) -> None:
+    def _perform(self, action: lifecycle.Action, *, run_health: bool) -> lifecycle.Event | None:
         bl = self.dev.bootloader
         match action:
             case lifecycle.BootMarkBad(slot):
                 bl.mark_bad(slot)
             case lifecycle.BootSetTrial(slot):
                 bl.set_trial(slot)
-                self._step(lifecycle.TrialSet())
             case lifecycle.BootCommit(slot):
                 bl.commit(slot)
-                if self.journal.state().phase is lifecycle.Phase.COMMITTING:
-                    self._step(lifecycle.CommitDone())
             case lifecycle.RunHealth():
-                if self._health_allowed:
-                    self._run_health()
+                # only the agent cycle runs health checks; other commands just catch up
+                return self._run_health() if run_health else None
             case lifecycle.Reboot(reason):
                 self.messages.append(f"rebooting: {reason}")
                 self.rebooted = True
                 self.dev.runtime.reboot(reason)
+        return None
 
     # --- install ----------------------------------------------------------------------------
     def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None
@@ -154,77 +164,51 @@ class Updater:
             self._sync_boot()
             reader = BundleReader(stream)
             try:
-                verdict, target = self._verify(reader)
+                m, plan = self._prepare(reader)
             except Exception as exc:  # a bug must not leave a refusal unrecorded either
-                why = exc.one_line() if isinstance(exc, EdgeopsError) else f"{type(exc).__name__}: {exc}"
-                self.journal.record([lifecycle.History("refused", None, None, why)], now=self.clock())
+                self.journal.record([lifecycle.History("refused", None, None, _why(exc))],
+                                    now=self.clock())
                 raise
-            m = verdict.manifest
-            self._step(lifecycle.Install(target, self.dev.runtime.booted_slot(), m.version,
-                                         m.security_version, self.dev.runtime.boot_id(), m.health))
+            self._drive(lifecycle.Install(plan.target, plan.previous, m.version, m.security_version,
+                                          self.dev.runtime.boot_id(), m.health))
+            dest = {w.payload.name: w.dest for w in plan.writes}
             written = 0
             try:
                 for pr in reader.payloads(m):
-                    dest = self.cfg.slots[target][pr.payload.slot_class]
                     chunks = pr.installed_chunks()
                     if progress is not None:
                         chunks = _counting(chunks, written, total or _total(m), progress)
-                    written += slots.write(dest, chunks, limit=slots.capacity(dest))
+                    path = dest[pr.payload.name]
+                    written += slots.write(path, chunks, limit=slots.capacity(path))
             except Exception as exc:  # whatever broke the write, the journal must not stay WRITING
-                reason = exc.one_line() if isinstance(exc, EdgeopsError) else f"{type(exc).__name__}: {exc}"
-                self._step(lifecycle.WriteFailed(reason))
+                self._drive(lifecycle.WriteFailed(_why(exc)))
                 raise
             if (root := self.root()) is not None:
                 for p in m.payloads:  # measured once written and fsynced, before the trial is set
-                    root.measure(f"install:{p.name}:{target}", bytes.fromhex(p.sha256))
-            self._step(lifecycle.WriteDone())
-            return InstallResult(m.version, target, written, [p.name for p in m.payloads])
+                    root.measure(f"install:{p.name}:{plan.target}", bytes.fromhex(p.sha256))
+            self._drive(lifecycle.WriteDone())
+            return InstallResult(m.version, plan.target, written, [p.name for p in m.payloads])
 
-    def _verify(self, reader: BundleReader) -> tuple[trust.Verdict, str]:
-        verdict = verify_bundle_head(reader, self.cfg, self.journal, self.clock())
-        phase = self.journal.state().phase
-        if phase not in (lifecycle.Phase.IDLE, lifecycle.Phase.WRITING, lifecycle.Phase.WRITTEN,
-                         lifecycle.Phase.TRIAL_PENDING):
-            raise StateError(f"cannot install while the device is {phase}",
-                             hint="let the trial finish ('edgeops agent --once') first")
-        booted = self.dev.runtime.booted_slot()
-        primary = self.dev.bootloader.primary()
-        if primary != booted:
-            # e.g. a rollback armed and its reboot still to come: the inactive slot is the one
-            # the bootloader will boot next, and must not be overwritten
-            raise StateError(f"the bootloader will boot slot {primary} next, not the running "
-                             f"slot {booted}", hint="reboot first, then install")
-        target = self.cfg.other_slot(booted)
-        if verdict.manifest.health:
-            try:
-                health.parse_policy(verdict.manifest.health, base=health.parse_policy(self.cfg.health))
-            except ConfigError as exc:
-                raise IncompatibleBundle(f"bundle health checks do not fit this device: {exc}") from None
-        classes = [p.slot_class for p in verdict.manifest.payloads]
-        if dup := next((c for c in classes if classes.count(c) > 1), None):
-            raise IncompatibleBundle(f"two payloads target slot class '{dup}'; a slot takes one image")
-        for p in verdict.manifest.payloads:
-            dest = self.cfg.slots[target].get(p.slot_class)
-            if dest is None:
-                if p.slot_class == "model":
-                    raise IncompatibleBundle("this is a model bundle",
-                                             hint="install it with 'edgeops model install'")
-                raise IncompatibleBundle(f"payload '{p.name}' targets class '{p.slot_class}', "
-                                         f"which this board has no slot for")
-            slots.check_fits(dest, p.size, p.name)
-        accept_verdict(self.cfg, self.journal, verdict)
-        return verdict, target
+    def _prepare(self, reader: BundleReader) -> tuple[Manifest, InstallPlan]:
+        """Verify, plan and check room before anything on the device changes (as RAUC's
+        do_install_bundle): a refusal leaves the journal's trusted time and CRLs as they were."""
+        store = TrustStore(self.cfg, self.journal, self.root())
+        verdict = store.verify(reader.read_head(), self.clock())
+        plan = plan_install(verdict.manifest, phase=self.journal.state().phase,
+                            booted=self.dev.runtime.booted_slot(),
+                            primary=self.dev.bootloader.primary(),
+                            slots=self.cfg.slots, device_health=self.cfg.health_policy)
+        for w in plan.writes:
+            slots.check_fits(w.dest, w.payload.size, w.payload.name)
+        store.accept(verdict)
+        return verdict.manifest, plan
 
     # --- boot, health, commit ----------------------------------------------------------------
     def _sync_boot(self, *, health: bool = False) -> None:
         """Tell the state machine which boot this is. Only the agent cycle runs health checks;
         every other command just brings the recorded state up to date first."""
         rt = self.dev.runtime
-        self._health_allowed = health
-        try:
-            self._step(lifecycle.Booted(rt.booted_slot(), rt.boot_id()))
-        finally:
-            self._health_allowed = True
+        self._drive(lifecycle.Booted(rt.booted_slot(), rt.boot_id()), run_health=health)
         if (root := self.root()) is not None:
             root.measure("boot:slot", rt.booted_slot().encode(), once=True)
             # power may have failed between the journal's floor and the TPM's: catch up
@@ -234,16 +218,23 @@ class Updater:
     def _confirm_boot(self) -> None:
         # RAUC-style schemes (grub, uboot_rauc) spend a try on every boot, so the running
         # committed slot is confirmed on each boot, as RAUC's mark-good service does.
-        confirm = getattr(self.dev.bootloader, "confirm", None)
-        if confirm is None or self.rebooted or self.journal.state().phase is not lifecycle.Phase.IDLE:
+        bl = self.dev.bootloader
+        if (not isinstance(bl, bootloader_mod.Confirmable) or self.rebooted
+                or self.journal.state().phase is not lifecycle.Phase.IDLE):
             return
         # each backend confirms only its committed slot (a fallback slot stays unconfirmed)
-        confirm(self.dev.runtime.booted_slot())
+        bl.confirm(self.dev.runtime.booted_slot())
 
-    def root(self) -> tpm_mod.RootOfTrust | None:
+    def register_process(self) -> Path | None:
+        """Tell a runtime that tracks agent processes (the sim board) that this one runs;
+        returns the file to remove when the process ends, or None."""
+        rt = self.dev.runtime
+        return rt.register_process() if isinstance(rt, RegistersProcess) else None
+
+    def root(self) -> rot.RootOfTrust | None:
         """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""
         if not self._root_opened:
-            self._root = tpm_mod.root_for_updater(self.cfg.tpm, self.cfg.state_dir)
+            self._root = rot.root_for_updater(self.cfg.tpm, self.cfg.state_dir)
             self._root_opened = True
         return self._root
 
@@ -253,7 +244,14 @@ class Updater:
             self._sync_boot(health=True)
         return CycleResult(str(self.journal.state().phase), self.messages, self.rebooted)
 
-    def _run_health(self) -> None:
+    def reboot_into_trial(self, reason: str) -> None:
+        """Start the armed trial now (the fleet agent, once its install returned): the reboot is
+        the life cycle's action like every other. No lock: it writes nothing, and a reboot
+        must not wait for a technician's command."""
+        self._drive(lifecycle.RebootIntoTrial(reason))
+
+    def _run_health(self) -> lifecycle.Event:
+        """Probe until ``health.decide`` commits or reverts, or a technician decides first."""
         policy = self.policy()
         # The deadline counts from the first health run of this boot, so an agent
         # that keeps restarting mid-trial cannot extend it (CLOCK_MONOTONIC is per boot).
@@ -268,18 +266,22 @@ class Updater:
             results += probes.run_all(policy.probes)
             decision = health.decide(policy, results, started=started, now=time.monotonic())
             if decision.verdict == "commit":
-                self._step(lifecycle.HealthPassed(decision.reason))
-                return
+                return lifecycle.HealthPassed(decision.reason)
             if decision.verdict == "revert":
-                self._step(lifecycle.HealthFailed(decision.reason))
-                return
-            if self._wait_for_next_round(policy.interval):
-                return  # a technician decided meanwhile
+                return lifecycle.HealthFailed(decision.reason)
+            # sleep until the next round, taking a technician's verdict as soon as it comes
+            if (good := self.verdicts.wait(boot_id, policy.interval, sleep=self.sleep)) is not None:
+                return _verdict_event(good)
 
     def policy(self) -> health.HealthPolicy:
-        base = health.parse_policy(self.cfg.health)
+        """The trial's checks: the device's (parsed with its config) plus the bundle's."""
+        base = self.cfg.health_policy
         override = self.journal.state().health
-        return health.parse_policy(override, base=base) if override else base
+        if not override:
+            return base
+        if self._override is None or self._override[0] != override:
+            self._override = (override, health.parse_policy(override, base=base))
+        return self._override[1]
 
     def health_report(self) -> list[probes.ProbeResult]:
         return probes.run_all(self.policy().probes)
@@ -290,25 +292,10 @@ class Updater:
     def mark_bad(self) -> None:
         self._operator_verdict(good=False)
 
-    # A technician's verdict must not wait for the agent's health loop, which holds the lock
-    # for up to the whole deadline: when the lock is busy the verdict is handed to that loop
-    # through a file, and taken before its next probe round.
-    VERDICT_FILE = "operator-verdict"
-    VERDICT_POLL = 0.5  # how often the health loop looks for a verdict while it waits
-
-    def _wait_for_next_round(self, interval: float) -> bool:
-        """Sleep until the next probe round, taking a technician's verdict as soon as it comes."""
-        left = interval
-        while True:
-            if self._take_operator_verdict():
-                return True
-            if left <= 0:
-                return False
-            step = min(self.VERDICT_POLL, left)
-            self.sleep(step)
-            left -= step
-
     def _operator_verdict(self, *, good: bool) -> None:
+        # A technician's verdict must not wait for the agent's health loop, which holds the lock
+        # for up to the whole deadline: when the lock is busy the verdict is handed to that loop
+        # (agent.adapters.verdict), and taken before its next probe round.
         what = "mark-good" if good else "mark-bad"
         give_up = time.monotonic() + 5.0  # the agent may be just starting its cycle
         while True:
@@ -316,7 +303,7 @@ class Updater:
                 with self.locked():
                     self._sync_boot()
                     self._require(lifecycle.Phase.TESTING, what)
-                    self._step(self._verdict_event(good))
+                    self._drive(_verdict_event(good))
                 return
             except DeviceBusy:
                 if self.journal.state().phase is lifecycle.Phase.TESTING:
@@ -324,72 +311,31 @@ class Updater:
                 if time.monotonic() > give_up:
                     raise
                 time.sleep(0.1)
-        path = self.cfg.state_dir / self.VERDICT_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"good": good, "boot_id": self.dev.runtime.boot_id()}))
-        os.replace(tmp, path)
-        # The loop looks between sleeps of VERDICT_POLL and after each probe round; a round
+        box = self.verdicts
+        box.post(good=good, boot_id=self.dev.runtime.boot_id())
+        # The loop looks between its sleeps and after each probe round; a round
         # is bounded by the probes' timeouts, so the whole deadline is the outer bound.
         wait = self.policy().deadline + 10.0
         deadline = time.monotonic() + wait
-        while path.exists():
-            if time.monotonic() > deadline:
-                try:  # withdraw it, unless the loop took it in this very instant
-                    os.replace(path, path.with_suffix(".withdrawn"))
-                except FileNotFoundError:
-                    break
-                raise DeviceBusy(f"the agent's health loop did not take the {what} verdict "
-                                 f"within {wait:.0f} s")
-            time.sleep(0.1)
+        if not box.wait_taken(wait):
+            raise DeviceBusy(f"the agent's health loop did not take the {what} verdict "
+                             f"within {wait:.0f} s")
         while self.journal.state().phase is lifecycle.Phase.TESTING and time.monotonic() < deadline:
             time.sleep(0.1)  # taken; wait until the journal shows it applied
         last = self.journal.history(1)
         self.messages.append(f"handed to the running agent: {last[0].event} {last[0].detail or ''}"
                              .rstrip() if last else "handed to the running agent")
 
-    def _take_operator_verdict(self) -> bool:
-        path = self.cfg.state_dir / self.VERDICT_FILE
-        taken = path.with_suffix(".taken")
-        try:
-            os.replace(path, taken)  # atomic: either the loop takes it or the command withdraws it
-        except FileNotFoundError:
-            return False
-        try:
-            doc = json.loads(taken.read_text())
-        except (OSError, ValueError):
-            return False
-        finally:
-            taken.unlink(missing_ok=True)
-        if not isinstance(doc, dict) or doc.get("boot_id") != self.dev.runtime.boot_id():
-            return False  # left over from another boot: not meant for this trial
-        self._step(self._verdict_event(bool(doc.get("good"))))
-        return True
-
-    @staticmethod
-    def _verdict_event(good: bool) -> lifecycle.Event:
-        if good:
-            return lifecycle.HealthPassed("marked good by operator")
-        return lifecycle.HealthFailed("marked bad by operator")
-
     def rollback(self) -> str:
         with self.locked():
             self._sync_boot()
             self._require(lifecycle.Phase.IDLE, "rollback")
-            booted = self.dev.runtime.booted_slot()
-            other = self.cfg.other_slot(booted)
-            info = self.journal.slots().get(other)
-            if info is None or info.state != "good":
-                raise StateError(f"slot {other} holds no known-good version to roll back to "
-                                 f"({info.state if info else 'empty'})")
             floor = self.journal.security_floor
             if (root := self.root()) is not None:
                 floor = max(floor, root.floor())  # the TPM's counter outlives a re-imaged journal
-            if (info.security_version or 0) < floor:
-                raise RollbackRefused(f"slot {other} has security_version {info.security_version}, "
-                                      f"below the device floor {floor}",
-                                      hint="a release with a security fix cannot be rolled back; "
-                                           "install a newer release instead")
-            self._step(lifecycle.Rollback(other, info.version))
+            other, version = plan_rollback(booted=self.dev.runtime.booted_slot(), slots=self.cfg.slots,
+                                           held=self.journal.slots(), floor=floor)
+            self._drive(lifecycle.Rollback(other, version))
             return other
 
     def _require(self, phase: lifecycle.Phase, what: str) -> None:
@@ -426,121 +372,22 @@ class Updater:
         }
 
 
-def verify_bundle_head(reader: BundleReader, cfg: AgentConfig, journal: Journal, now: float,
-                       *, device_floor: bool = True) -> trust.Verdict:
-    """Read a bundle's signed head and decide trust with this device's keyring, CRLs and floor.
-
-    Shared by every installer (slots here, models in agent.device.models). Changes nothing on the
-    device: once the installer's own checks pass too, ``accept_verdict`` moves the
-    best-known time forward and keeps new root-signed CRLs.
-    ``device_floor=False`` leaves anti-rollback to the caller: a model has its own floor,
-    which it can only look up once the signed manifest has named the model.
-    """
-    head = reader.read_head()
-    keyring_pem = _read(cfg.keyring)
-    floor = journal.security_floor if device_floor else 0
-    root = tpm_mod.root_for_updater(cfg.tpm, cfg.state_dir)
-    if root is not None:
-        root.check_keyring(keyring_pem)  # a keyring swapped on disk is refused before it is used
-        if device_floor:
-            floor = max(floor, root.floor())  # the TPM's floor survives a re-imaged journal
-    keyring = trust.Keyring.from_pem(keyring_pem)
-    facts = trust.DeviceFacts(
-        compatible=cfg.compatible,
-        security_floor=floor,
-        best_known_time=trust.best_known_time(now, journal.trusted_time),
-    )
-    crls = [*_stored_crls(cfg), *([head.crl] if head.crl else [])]
-    verdict = trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,
-                                chain_pem=head.chain_pem, keyring=keyring, device=facts, crls=crls)
-    return verdict
-
-
-def accept_verdict(cfg: AgentConfig, journal: Journal, verdict: trust.Verdict) -> None:
-    """What an accepted bundle teaches the device: a later trusted time, newer CRLs. Called
-    only when nothing will refuse the bundle any more, so a refusal changes nothing."""
-    journal.raise_trusted_time(min(verdict.manifest.build_time, verdict.signer_not_after))
-    _keep_crls(cfg, verdict.crls)
-
-
-MAX_CRL_FILES = 256  # in the operator's crl_dir: one per root is normal
-
-
-def _stored_crls(cfg: AgentConfig) -> list[bytes]:
-    # Never truncate: dropping a file could drop the one CRL that revokes a signer. The
-    # agent's own store is pruned to one CRL per root whenever a bundle verifies.
-    out = []
-    if cfg.crl_dir is not None and cfg.crl_dir.is_dir():
-        files = sorted(cfg.crl_dir.glob("*.crl"))
-        if len(files) > MAX_CRL_FILES:
-            raise ConfigError(f"{cfg.crl_dir} holds {len(files)} CRL files, more than {MAX_CRL_FILES}",
-                              hint="keep only the newest CRL of each root there")
-        for path in files:
-            blob = path.read_bytes()
-            if not trust.parses_as_crl(blob):  # fail closed: the operator meant to revoke something
-                raise ConfigError(f"{path} is not a CRL of at most {trust.MAX_CRL_BYTES} bytes",
-                                  hint="replace it with the root's revoked.crl, or remove it")
-            out.append(blob)
-    own = cfg.state_dir / "crls"
-    if own.is_dir():
-        out += [p.read_bytes() for p in sorted(own.glob("*.crl"))]
-    return out
-
-
-def _keep_crls(cfg: AgentConfig, crls: tuple[trust.KeptCrl, ...]) -> None:
-    """Store the newest root-verified CRL of each root, one file per root, replaced atomically.
-
-    Installers of slots and of models may run at once (they hold different locks): each
-    writes through its own temporary file, and never replaces a newer CRL with an older one.
-    """
-    d = cfg.state_dir / "crls"
-    for kept in crls:
-        path = d / f"{kept.root_id}.crl"
-        try:
-            current = path.read_bytes()
-        except FileNotFoundError:
-            current = None
-        if current == kept.blob:
-            continue
-        if current is not None and _newer_or_same(current, kept, cfg):
-            continue
-        d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(kept.blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    if crls and d.is_dir():
-        keep = {f"{k.root_id}.crl" for k in crls}
-        for old in d.glob("*.crl"):  # older names, or roots no longer trusted
-            if old.name not in keep:
-                old.unlink(missing_ok=True)
-
-
-def _newer_or_same(current: bytes, kept: trust.KeptCrl, cfg: AgentConfig) -> bool:
-    try:
-        roots = trust.Keyring.from_pem(cfg.keyring.read_bytes()).roots
-    except (OSError, EdgeopsError):
-        return False
-    _, have = trust.revoked_serials([current], roots)
-    return any(h.root_id == kept.root_id and h.rank >= kept.rank for h in have)
-
-
 def _public_state(state: str) -> str:
     # "written" is an internal step: to a person it is a trial waiting to happen
     return {"written": "trial"}.get(state, state)
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read keyring {path}: {exc.strerror}",
-                          hint="check device.keyring in the agent config") from None
+def _verdict_event(good: bool) -> lifecycle.Event:
+    if good:
+        return lifecycle.HealthPassed("marked good by operator")
+    return lifecycle.HealthFailed("marked bad by operator")
 
 
-def _total(m: Any) -> int:
+def _why(exc: Exception) -> str:
+    return exc.one_line() if isinstance(exc, EdgeopsError) else f"{type(exc).__name__}: {exc}"
+
+
+def _total(m: Manifest) -> int:
     return sum(p.size for p in m.payloads)
 
 

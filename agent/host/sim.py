@@ -1,4 +1,4 @@
-"""The ``sim`` board: a device made of files that behaves like the hardware.
+"""Create a ``sim`` board: a device made of files that behaves like the hardware (host tooling).
 
     DIR/agent.toml          the agent's config (paths relative to DIR)
     DIR/slot-a.img, -b.img  rootfs slots: sparse files
@@ -7,35 +7,29 @@
     DIR/state/journal.db    the agent's journal
     DIR/run/                the running system: cmdline, boot_id, pids of running agents
 
-``SimFirmware.boot`` is what U-Boot does at power-on with the bootcount scheme
-(agent.adapters.bootloader.uboot): count the boot of a trial slot, fall back when the
-count passes bootlimit, and "start the kernel" by writing run/cmdline. A reboot
-first stops the agents that run on the device (SIGTERM, then they are gone); a
-power cut kills them with SIGKILL at whatever instruction they were on.
-What it does not model: losing writes still in the page cache (the agent
-fsyncs everything it relies on, and the env is redundant for torn writes).
+The board's power-on behaviour and running system (``SimFirmware``, ``SimRuntime``,
+``env_store``) are the adapter ``agent.adapters.simboard``, so the device shell can run on
+a sim board without importing host tools; they are re-exported here for the host side.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import time
-import uuid
 from pathlib import Path
 
-from agent.adapters.bootloader.envfile import EnvStore, Location
 from agent.adapters.bootloader.uboot import DEFAULT_ENV_SIZE, initial_env
 from agent.adapters.journal import Journal
+from agent.adapters.simboard import ENV_FILE, SimFirmware, SimRuntime, env_store
 from agent.core import lifecycle
-from agent.core.config import AgentConfig
 from agent.errors import ConfigError
+
+__all__ = ["CONFIG_TEMPLATE", "ENV_FILE", "SLOTS", "SLOT_FILES", "SimFirmware", "SimRuntime",
+           "env_store", "init_device", "parse_size"]
 
 SLOTS = ("A", "B")
 SLOT_FILES = {"A": "slot-a.img", "B": "slot-b.img"}
-ENV_FILE = "uboot.env"
 
 CONFIG_TEMPLATE = """\
 # edgeops agent configuration for a simulated board. Paths are relative to this file.
@@ -75,93 +69,6 @@ type = "disk"
 path = "/"
 min_free_mb = 1
 """
-
-
-def env_store(base: Path) -> EnvStore:
-    path = base / ENV_FILE
-    return EnvStore([Location(path, 0), Location(path, DEFAULT_ENV_SIZE)], DEFAULT_ENV_SIZE)
-
-
-class SimFirmware:
-    """Power-on behaviour of the simulated board."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.run = base / "run"
-        self.env = env_store(base)
-
-    def boot(self) -> str:
-        env = self.env.read()
-        if env.get("upgrade_available") == "1":
-            count = int(env.get("bootcount", "0")) + 1
-            env["bootcount"] = str(count)
-            if count > int(env.get("bootlimit", "1")):
-                # altbootcmd
-                env.update(EO_SLOT=env["EO_ALT"], upgrade_available="0", bootcount="0")
-            self.env.write(env)
-        slot = env["EO_SLOT"]
-        self.run.mkdir(exist_ok=True)
-        _atomic_write(self.run / "boot_id", f"{uuid.uuid4()}\n")
-        _atomic_write(self.run / "cmdline", f"root=/dev/sim{slot} ro edgeops.slot={slot}\n")
-        return slot
-
-    def _stop_agents(self, sig: int) -> None:
-        pids = self.run / "pids"
-        if not pids.is_dir():
-            return
-        for pidfile in pids.iterdir():
-            with contextlib.suppress(ValueError, OSError):
-                os.kill(int(pidfile.read_text()), sig)
-            pidfile.unlink(missing_ok=True)
-        if sig == signal.SIGTERM:
-            time.sleep(0.05)
-
-    def reboot(self) -> str:
-        self._stop_agents(signal.SIGTERM)
-        return self.boot()
-
-    def power_cut(self) -> str:
-        self._stop_agents(signal.SIGKILL)
-        return self.boot()
-
-
-class SimRuntime:
-    def __init__(self, config: AgentConfig) -> None:
-        if config.runtime_dir is None:
-            raise ConfigError(f"{config.path}: [runtime] dir is required for the sim board")
-        self.dir = config.runtime_dir
-        self.base = config.base
-        self.slots = tuple(config.slots)
-
-    def booted_slot(self) -> str:
-        from agent.adapters.runtime import slot_from_cmdline
-
-        return slot_from_cmdline((self.dir / "cmdline").read_text(), self.slots)
-
-    def boot_id(self) -> str:
-        return (self.dir / "boot_id").read_text().strip()
-
-    def reboot(self, reason: str) -> None:
-        # The calling agent is "on the device": unregister it so the firmware
-        # does not signal the process that asked for the reboot.
-        (self.dir / "pids" / str(os.getpid())).unlink(missing_ok=True)
-        SimFirmware(self.base).reboot()
-
-    def register_process(self) -> Path:
-        pids = self.dir / "pids"
-        pids.mkdir(parents=True, exist_ok=True)
-        path = pids / str(os.getpid())
-        path.write_text(str(os.getpid()))
-        return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def parse_size(text: str) -> int:

@@ -2,14 +2,16 @@
 
 Each backend is one module (as RAUC's src/bootloaders/) and registers itself
 with ``register``; the board file names the backend, so adding a board never
-means another if/else branch.
+means another if/else branch. What only some backends can do is a capability
+Protocol of its own (``Confirmable``, ``KnowsBootedSlot``), tested with ``isinstance``
+so the type checker sees every call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from agent.errors import ConfigError
 
@@ -31,6 +33,24 @@ class Bootloader(Protocol):
 
     def mark_bad(self, slot: str) -> None:
         """Never boot ``slot`` again until it is set to trial or committed."""
+
+
+@runtime_checkable
+class Confirmable(Protocol):
+    """A scheme that spends a try on every boot (RAUC's: grub, uboot_rauc), so the running
+    committed slot must be confirmed on each boot, as RAUC's mark-good service does."""
+
+    def confirm(self, slot: str) -> None:
+        """Restore the tries of ``slot`` if it is the committed slot; a fallback slot stays as it is."""
+
+
+@runtime_checkable
+class KnowsBootedSlot(Protocol):
+    """A backend that can tell which slot booted from the firmware itself (e.g. rpi_tryboot's
+    device tree), before the kernel command line is consulted."""
+
+    def booted_slot(self) -> str | None:
+        """The booted slot, or None when the firmware does not say."""
 
 
 Factory = Callable[[Mapping[str, Any], Path, tuple[str, ...]], Bootloader]
