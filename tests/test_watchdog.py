@@ -181,12 +181,10 @@ def test_agent_loop_feeds_systemd_watchdog(device_dir: Path, tmp_path: Path) -> 
 def test_agent_crash_leaves_the_watchdog_armed_only_during_a_trial(
         device_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_bundle: Any,
         in_trial: bool) -> None:
-    import argparse
     import io
-    import signal
 
-    from agent.cli import device_cmd
     from agent.core.config import load
+    from agent.device import service
     from agent.device.updater import Updater, open_device
     from agent.host import sim
 
@@ -197,17 +195,18 @@ def test_agent_crash_leaves_the_watchdog_armed_only_during_a_trial(
         sim.SimFirmware(device_dir).reboot()
     dog = tmp_path / "watchdog"
     dog.touch()
-    monkeypatch.setattr(device_cmd, "_watchdog",
-                        lambda up: Watchdog(DevWatchdog(dog), interval=0.01, stale_after=60))
-    monkeypatch.setattr(signal, "signal", lambda *a: None)
-
     def cycle(self: Updater) -> None:
         time.sleep(0.05)  # fed meanwhile
         raise RuntimeError("a bug in the loop")
 
     monkeypatch.setattr(Updater, "cycle", cycle)
-    with pytest.raises(RuntimeError):
-        device_cmd._agent(argparse.Namespace(config=str(device_dir / "agent.toml"), once=False))
+    dev_ = open_device(load(device_dir / "agent.toml"))
+    try:
+        with pytest.raises(RuntimeError):
+            service.run(Updater(dev_), once=False, stop=service.Stop(), watchdog=lambda up: Watchdog(
+                DevWatchdog(dog), interval=0.01, stale_after=60))
+    finally:
+        dev_.close()
     fed = dog.read_bytes()
     assert fed and set(fed[:-1]) == {0}
     # the magic 'V' disarms it: never during a trial (a hung trial must be reset by hardware),
