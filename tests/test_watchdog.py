@@ -212,3 +212,39 @@ def test_agent_crash_leaves_the_watchdog_armed_only_during_a_trial(
     # the magic 'V' disarms it: never during a trial (a hung trial must be reset by hardware),
     # but a committed system is not reset because its agent crashed
     assert fed.endswith(b"V") is not in_trial
+
+
+def test_sigterm_ends_the_agent_during_a_held_long_poll(device_dir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.fakeddi import FakeDdi
+
+    fake = FakeDdi(token="t0k3n", sleep="00:01:00")  # holds each long-poll for 10 s
+    cfg = device_dir / "agent.toml"
+    with open(cfg, "a") as f:
+        f.write(f'\n[fleet]\nurl = "{fake.url}"\ncontroller_id = "dev1"\nauth = "target"\n'
+                f'token = "t0k3n"\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config", str(cfg)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any("If-None-Match" in h and "Prefer" in h for _, _, h in fake.requests):
+            assert time.monotonic() < deadline, "the agent never long-polled"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.3)  # the request is being held by the controller now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 5, "SIGTERM waited for the held long-poll to end"
+        assert proc.returncode == 0, err
+        assert out.strip().endswith("phase: idle")
+    finally:
+        proc.kill()
+        proc.wait()
+        fake.close()

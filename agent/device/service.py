@@ -18,7 +18,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -46,21 +47,43 @@ class RegistersProcess(Protocol):
     def register_process(self) -> Path: ...
 
 
+class Interrupted(BaseException):
+    """Raised by SIGTERM out of a blocking wait (a BaseException: no ``except Exception`` on the
+    way, in requests or urllib3, may swallow it)."""
+
+
 @dataclass
 class Stop:
-    """Set by SIGTERM (or a caller); the loop ends after its current step, sleeps included."""
+    """Set by SIGTERM (or a caller): the loop ends after its current step, and at once out of
+    an idle wait, a long-poll included (its request may be held by the controller for a minute,
+    and systemd or the sim board's reboot would wait that long)."""
 
     requested: bool = False
+    _waiting: bool = False
 
     def __call__(self) -> bool:
         return self.requested
 
     def request(self, signum: int = 0, frame: object = None) -> None:
         self.requested = True
+        if self._waiting and signum:
+            self._waiting = False  # a second signal must not raise out of the clean-up
+            raise Interrupted
 
     def on_sigterm(self) -> Stop:
         signal.signal(signal.SIGTERM, self.request)
         return self
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A block that SIGTERM may abandon: it holds nothing half-done (an idle wait)."""
+        self._waiting = True
+        try:
+            yield  # a SIGTERM that came just before: the wait itself looks at the flag first
+        except Interrupted:
+            pass
+        finally:
+            self._waiting = False
 
 
 @dataclass
@@ -188,7 +211,8 @@ def _idle(link: FleetLink | None, dog: Watchdog | None, seconds: float, stop: St
         # Long-poll: the controller can wake us at once; polling is the fallback.
         if dog is not None:
             dog.kick(grace=seconds)  # blocking here on purpose is not a hang
-        link.waker.wait(seconds, link.agent.etag, stop=stop)
+        with stop.interruptible():
+            link.waker.wait(seconds, link.agent.etag, stop=stop)
         return
     # A blocking sleep costs no CPU; SIGTERM ends it within a second.
     deadline = time.monotonic() + seconds
