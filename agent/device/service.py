@@ -8,8 +8,10 @@ flag instead of patching private functions:
 
     run(up, once=False, watchdog=lambda up: Watchdog(...), stop=Stop())
 
-Heavy imports (the fleet client and its ``requests``, ``prometheus_client``) happen only
-when the device's config asks for them, so an agent without a controller stays small.
+``prometheus_client`` is imported only when ``metrics_file`` is set. The fleet client is
+imported to look for [fleet] at all (``find_fleet`` lives beside ``DdiClient``), so today an
+agent without a controller still loads ``requests``; once [fleet] is parsed with the rest of
+agent.toml, ``open_fleet`` can ask the config instead.
 """
 
 from __future__ import annotations
