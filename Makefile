@@ -9,7 +9,7 @@ APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs
             swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus
 EXTRAS  ?= test,host,controller,postgres,tpm
 
-.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle clean
+.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup clean
 
 help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
@@ -62,6 +62,9 @@ bench-models: venv
 
 bench-idle: venv
 	$(BIN)/python tools/bench/idle.py
+
+bench-startup: venv
+	$(BIN)/python tools/bench/startup.py
 
 bench: sysdeps venv
 	$(BIN)/python tools/bench/install.py

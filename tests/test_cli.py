@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli.main import EXIT_CODES
+from agent.cli.main import COMMANDS, EXIT_CODES, GROUPS, group, groups_for, parse_args
 from tests.conftest import BundleFactory, Keys, make_image, run_cli
 from tests.faultproxy import Fault, FaultProxy
 
@@ -296,3 +296,63 @@ def test_status_says_when_the_other_slot_is_below_the_floor(cfg: Path, make_bund
     line_a = next(line for line in out.splitlines() if "slot A" in line)
     assert "no rollback to it" in line_a
     assert run_cli("rollback", "--config", cfg).returncode == 12
+
+
+def test_the_command_table_names_what_each_group_registers() -> None:
+    import argparse
+
+    for name in GROUPS:
+        sub = argparse.ArgumentParser().add_subparsers()
+        group(name).register(sub)
+        assert set(sub.choices) == {w for w, g in COMMANDS.items() if g == name}, name
+
+
+def test_only_the_chosen_command_group_is_loaded() -> None:
+    assert groups_for(["--version"]) == () and groups_for([]) == ()
+    assert groups_for(["help", "exit-codes"]) == ()
+    assert groups_for(["--config", "status", "-v", "status", "--json"]) == ("device_cmd",)
+    assert groups_for(["--config=x.toml", "keys", "init-root"]) == ("keys_cmd",)
+    assert groups_for(["--conf", "x.toml", "sim", "reboot"]) == ("sim_cmd",)  # argparse abbreviation
+    assert groups_for(["-h"]) == groups_for(["-vh"]) == groups_for(["--help"]) == GROUPS
+    assert groups_for(["stauts"]) == GROUPS  # argparse's refusal lists every command
+    assert groups_for(None) == GROUPS
+
+
+def test_a_mistyped_command_lists_the_commands() -> None:
+    proc = run_cli("stauts")
+    assert proc.returncode == 2
+    assert "invalid choice: 'stauts'" in proc.stderr and "'status'" in proc.stderr
+
+
+def test_config_is_taken_before_or_after_the_command() -> None:
+    assert parse_args(["--config", "a.toml", "status"]).config == "a.toml"
+    assert parse_args(["--config=a.toml", "status", "--json"]).config == "a.toml"
+    assert parse_args(["status", "--config", "b.toml"]).config == "b.toml"
+    assert parse_args(["--config", "a.toml", "status", "--config", "b.toml"]).config == "b.toml"
+    assert parse_args(["status"]).config is None  # config_path: $EDGEOPS_CONFIG, then the default
+
+
+def test_without_config_the_environment_then_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.cli.common import config_path
+    from agent.core.config import DEFAULT_CONFIG
+
+    monkeypatch.delenv("EDGEOPS_CONFIG", raising=False)
+    assert config_path(None) == Path(DEFAULT_CONFIG)
+    monkeypatch.setenv("EDGEOPS_CONFIG", "/srv/agent.toml")
+    assert config_path(None) == Path("/srv/agent.toml")
+    assert config_path("x.toml") == Path("x.toml")
+
+
+@pytest.mark.parametrize("where", ["before", "before=", "after", "environment"])
+def test_status_with_config_before_after_or_from_the_environment(
+        cfg: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    args: tuple[str | Path, ...] = {
+        "before": ("--config", cfg, "status", "--json"),
+        "before=": (f"--config={cfg}", "status", "--json"),
+        "after": ("status", "--json", "--config", cfg),
+        "environment": ("status", "--json"),
+    }[where]
+    if where == "environment":
+        monkeypatch.setenv("EDGEOPS_CONFIG", str(cfg))
+    st = json.loads(run_cli(*args, check=True).stdout)
+    assert (st["booted_slot"], st["primary_slot"], st["phase"]) == ("A", "A", "idle")

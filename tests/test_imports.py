@@ -27,3 +27,21 @@ def test_cli_and_updater_import_no_server_or_test_dependency() -> None:
 def test_install_path_does_not_import_requests_or_psutil() -> None:
     mods = loaded_after("import agent.device.updater, agent.adapters.bundle, agent.core.trust")
     assert "requests" not in mods and "psutil" not in mods
+
+
+def test_version_loads_no_command_and_no_heavy_dependency() -> None:
+    mods = loaded_after("from agent.cli import main\ntry:\n    main.main(['--version'])\n"
+                        "except SystemExit:\n    pass") - loaded_after("pass")
+    heavy = ("cryptography", "requests", "urllib3", "zstandard", "sqlite3", "psutil", "tomllib",
+             "logging", "importlib.metadata", "agent.adapters", "agent.device", "agent.host")
+    bad = sorted(m for m in mods if m.startswith(heavy) or m.startswith("agent.cli."))
+    bad = [m for m in bad if m != "agent.cli.main"]
+    assert not bad, f"'edgeops --version' imports {bad}"
+
+
+def test_status_loads_only_the_device_commands(device_dir: Path) -> None:
+    mods = loaded_after("from agent.cli import main\n"
+                        f"main.main(['status', '--config', {str(device_dir / 'agent.toml')!r}])")
+    groups = sorted(m for m in mods if m.startswith("agent.cli.") and m.endswith("_cmd"))
+    assert groups == ["agent.cli.device_cmd"]
+    assert not {"requests", "urllib3", "psutil", "agent.host.keys", "agent.device.fleet"} & mods

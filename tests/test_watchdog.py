@@ -181,12 +181,10 @@ def test_agent_loop_feeds_systemd_watchdog(device_dir: Path, tmp_path: Path) -> 
 def test_agent_crash_leaves_the_watchdog_armed_only_during_a_trial(
         device_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_bundle: Any,
         in_trial: bool) -> None:
-    import argparse
     import io
-    import signal
 
-    from agent.cli import device_cmd
     from agent.core.config import load
+    from agent.device import service
     from agent.device.updater import Updater, open_device
     from agent.host import sim
 
@@ -197,19 +195,56 @@ def test_agent_crash_leaves_the_watchdog_armed_only_during_a_trial(
         sim.SimFirmware(device_dir).reboot()
     dog = tmp_path / "watchdog"
     dog.touch()
-    monkeypatch.setattr(device_cmd, "_watchdog",
-                        lambda up: Watchdog(DevWatchdog(dog), interval=0.01, stale_after=60))
-    monkeypatch.setattr(signal, "signal", lambda *a: None)
-
     def cycle(self: Updater) -> None:
         time.sleep(0.05)  # fed meanwhile
         raise RuntimeError("a bug in the loop")
 
     monkeypatch.setattr(Updater, "cycle", cycle)
-    with pytest.raises(RuntimeError):
-        device_cmd._agent(argparse.Namespace(config=str(device_dir / "agent.toml"), once=False))
+    dev_ = open_device(load(device_dir / "agent.toml"))
+    try:
+        with pytest.raises(RuntimeError):
+            service.run(Updater(dev_), once=False, stop=service.Stop(), watchdog=lambda up: Watchdog(
+                DevWatchdog(dog), interval=0.01, stale_after=60))
+    finally:
+        dev_.close()
     fed = dog.read_bytes()
     assert fed and set(fed[:-1]) == {0}
     # the magic 'V' disarms it: never during a trial (a hung trial must be reset by hardware),
     # but a committed system is not reset because its agent crashed
     assert fed.endswith(b"V") is not in_trial
+
+
+def test_sigterm_ends_the_agent_during_a_held_long_poll(device_dir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.fakeddi import FakeDdi
+
+    fake = FakeDdi(token="t0k3n", sleep="00:01:00")  # holds each long-poll for 10 s
+    cfg = device_dir / "agent.toml"
+    with open(cfg, "a") as f:
+        f.write(f'\n[fleet]\nurl = "{fake.url}"\ncontroller_id = "dev1"\nauth = "target"\n'
+                f'token = "t0k3n"\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config", str(cfg)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any("If-None-Match" in h and "Prefer" in h for _, _, h in fake.requests):
+            assert time.monotonic() < deadline, "the agent never long-polled"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.3)  # the request is being held by the controller now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 5, "SIGTERM waited for the held long-poll to end"
+        assert proc.returncode == 0, err
+        assert out.strip().endswith("phase: idle")
+    finally:
+        proc.kill()
+        proc.wait()
+        fake.close()

@@ -1,4 +1,7 @@
-"""edgeops bundle: create (host side), info, verify."""
+"""edgeops bundle: create (host side), info, verify.
+
+The bundle reader, ``trust`` and the host's keys (``cryptography``, ``zstandard``) are
+imported by the handlers, so registering these commands costs nothing."""
 
 from __future__ import annotations
 
@@ -6,15 +9,14 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from agent.adapters import bundle
-from agent.core import trust
 from agent.core.manifest import DEFAULT_BLOCK_SIZE
 from agent.errors import ConfigError, UsageError
-from agent.host import bundle_writer, keys
+
+if TYPE_CHECKING:
+    from agent.host import bundle_writer
 
 
 def register(sub: Any) -> None:
@@ -56,6 +58,8 @@ def register(sub: Any) -> None:
 
 
 def _parse_payload(spec: str, compress: bool, block_size: int) -> bundle_writer.PayloadSource:
+    from agent.host import bundle_writer
+
     left, sep, file = spec.partition("=")
     if not sep or not left or not file:
         raise UsageError(f"--payload {spec!r} is not CLASS=FILE")
@@ -67,6 +71,8 @@ def _parse_payload(spec: str, compress: bool, block_size: int) -> bundle_writer.
 def _load_health(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
+    import tomllib
+
     try:
         text = path.read_text()
         doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -80,6 +86,8 @@ def _load_health(path: Path | None) -> dict[str, Any] | None:
 
 
 def _create(a: argparse.Namespace) -> int:
+    from agent.host import bundle_writer, keys
+
     signing_key = keys.load_signing_key(a.key)
     chain_pem = _read(a.cert, "signer certificate")
     keys.check_signer(signing_key, chain_pem)
@@ -117,7 +125,8 @@ def _open(path: str) -> BinaryIO:
 
 
 def _info(a: argparse.Namespace) -> int:
-    from agent.core import manifest
+    from agent.adapters import bundle
+    from agent.core import manifest, trust
 
     with _open(a.bundle) as f:
         head = bundle.BundleReader(f).read_head()
@@ -145,6 +154,9 @@ def _info(a: argparse.Namespace) -> int:
 
 
 def _verify(a: argparse.Namespace) -> int:
+    from agent.adapters import bundle
+    from agent.core import trust
+
     keyring = trust.Keyring.from_pem(a.keyring.read_bytes())
     with _open(a.bundle) as f:
         reader = bundle.BundleReader(f)

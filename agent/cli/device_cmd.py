@@ -1,14 +1,15 @@
-"""Device commands: install, status, history, rollback, mark-good, mark-bad, health, agent."""
+"""Device commands: install, status, history, rollback, mark-good, mark-bad, health, agent.
+
+Argument parsing and output only: the updater does the work, ``agent.device.service`` runs
+the ``agent`` loop. Imports of the device code happen inside the handlers, so parsing
+``edgeops status`` loads nothing the command does not use.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
-import logging
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.cli.common import config_path
-from agent.core import config as config_mod
-from agent.device.updater import CycleResult, Updater, open_device
-from agent.errors import ConfigError, DeviceBusy, EdgeopsError, HealthCheckFailed, UsageError
+from agent.errors import ConfigError, HealthCheckFailed, UsageError
 
 if TYPE_CHECKING:
     from agent.adapters.watchdog import Watchdog
+    from agent.device.updater import Updater
 
 
 def register(sub: Any) -> None:
@@ -53,6 +53,9 @@ def register(sub: Any) -> None:
 
 @contextmanager
 def _updater(a: argparse.Namespace) -> Iterator[Updater]:
+    from agent.core import config as config_mod
+    from agent.device.updater import Updater, open_device
+
     cfg = config_mod.load(config_path(a.config))
     dev = open_device(cfg)
     try:
@@ -67,6 +70,8 @@ def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
         yield sys.stdin.buffer, 0
         return
     if src.startswith(("http://", "https://")):
+        import io
+
         from agent.adapters import download
 
         raw, size = download.open_stream(src)
@@ -182,124 +187,23 @@ def _health(a: argparse.Namespace) -> int:
     return 0
 
 
-def _fleet(up: Updater) -> tuple[Any, Any]:
-    """The DDI client when [fleet] is configured (agent.toml or fleet.toml), else (None, None)."""
-    from agent.adapters.ddi_http import DdiClient
-    from agent.device.fleet import FleetAgent
-    from agent.device.fleet_files import find_fleet
-    from agent.device.push import LongPoll
-
-    cfg = find_fleet(up.cfg)
-    if cfg is None:
-        return None, None
-    agent = FleetAgent(up, DdiClient(cfg))
-    return agent, (LongPoll(agent.client, wait=cfg.longpoll_wait) if cfg.push == "longpoll" else None)
-
-
 def _agent(a: argparse.Namespace) -> int:
-    stop = False
+    from agent.device import service
 
-    def _term(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
+    def watchdog(up: Updater) -> Watchdog | None:
+        return service.system_watchdog(up, _board_watchdog(up.cfg.board))
 
-    signal.signal(signal.SIGTERM, _term)
     with _updater(a) as up:
-        fleet, waker = _fleet(up)
-        pidfile = up.register_process()
-        if up.cfg.metrics_file is not None:
-            from agent.device import metrics
-
-            metrics.render(up)  # a missing [metrics] extra is a config error now, not later
-        dog = None if a.once else _watchdog(up)
-        if dog is not None:
-            dog.start()
-        clean = False
-        try:
-            while True:
-                up.messages.clear()
-                try:
-                    result = up.cycle()
-                except DeviceBusy:
-                    # an install or a technician's command holds the lock: not a fault of ours
-                    result = CycleResult(str(up.journal.state().phase), ["device busy; next cycle later"])
-                if dog is not None:
-                    dog.kick()
-                for m in result.messages:
-                    print(m, flush=True)
-                interval = up.cfg.poll_interval
-                if fleet is not None and not result.rebooted:
-                    # After the cycle, so a finished trial is reported in this same wake-up.
-                    out = fleet.poll_once()
-                    for m in out.messages:
-                        print(m, flush=True)
-                    result.rebooted, interval = out.rebooted, out.sleep
-                _write_metrics(up, fleet)
-                if a.once or result.rebooted or stop:
-                    break
-                if waker is not None and fleet is not None:
-                    # Long-poll: the controller can wake us at once; polling is the fallback.
-                    if dog is not None:
-                        dog.kick(grace=interval)  # blocking here on purpose is not a hang
-                    waker.wait(interval, fleet.etag, stop=lambda: stop)
-                    continue
-                # Idle: a blocking sleep costs no CPU; SIGTERM ends it early.
-                deadline = time.monotonic() + interval
-                while not stop and time.monotonic() < deadline:
-                    time.sleep(min(1.0, deadline - time.monotonic()))
-                    if dog is not None:
-                        dog.kick()
-            print(f"phase: {up.journal.state().phase}")
-            clean = True
-        except KeyboardInterrupt:
-            clean = True  # Ctrl-C on the console is as deliberate as SIGTERM
-            raise
-        finally:
-            if dog is not None:
-                # Magic close on a deliberate stop, and on a crash outside a trial (a healthy
-                # committed system is not reset for the agent's sake); a crash during a trial
-                # leaves the hardware timer armed, so a hung trial system is reset.
-                dog.stop(clean=clean or not _in_trial(up))
-            if pidfile is not None:
-                pidfile.unlink(missing_ok=True)
+        phase = service.run(up, once=a.once, watchdog=watchdog)
+    print(f"phase: {phase}")
     return 0
 
 
-def _write_metrics(up: Updater, fleet: Any) -> None:
-    if up.cfg.metrics_file is None:
-        return
-    from agent.device import metrics
-
-    try:
-        metrics.write(up, up.cfg.metrics_file, link_up=fleet.link_up if fleet is not None else None)
-    except (OSError, EdgeopsError) as exc:  # metrics are for people watching: never a reason
-        logging.getLogger("edgeops").warning("cannot write %s: %s", up.cfg.metrics_file, exc)
-
-
-def _in_trial(up: Updater) -> bool:
-    from agent.core.lifecycle import Phase
-
-    try:
-        return up.journal.state().phase in (Phase.TRIAL_PENDING, Phase.TESTING, Phase.COMMITTING)
-    except Exception:  # the journal itself may be what broke: stay armed, the safe side
-        return True
-
-
-def _watchdog(up: Updater) -> Watchdog | None:
-    """systemd's watchdog (WatchdogSec=) or the board file's device, fed while the loop runs.
-
-    A cycle may spend the whole health deadline in probes, so only a loop silent for
-    longer than that plus a poll interval counts as hung."""
+def _board_watchdog(board: str) -> Path | None:
+    """The watchdog device the board file names, if any."""
     from agent.adapters import boardfiles
-    from agent.adapters.watchdog import WatchdogError, from_environment
 
-    device = None
     with contextlib.suppress(ConfigError):
-        name = boardfiles.load(up.cfg.board).watchdog
-        device = Path(name) if name else None
-    stale = up.policy().deadline + up.cfg.poll_interval + 30
-    try:
-        return from_environment(os.environ, device, stale_after=stale)
-    except WatchdogError as exc:  # e.g. systemd already holds /dev/watchdog (RuntimeWatchdogSec=)
-        logging.getLogger("edgeops").warning("running without a watchdog: %s", exc.one_line())
-        return None
+        name = boardfiles.load(board).watchdog
+        return Path(name) if name else None
+    return None

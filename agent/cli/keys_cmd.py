@@ -1,4 +1,7 @@
-"""edgeops keys: init-root, issue-signer, revoke (host side)."""
+"""edgeops keys: init-root, issue-signer, revoke (host side).
+
+``agent.host.keys`` (and with it ``cryptography``) is imported by the handlers, so
+registering these commands for ``edgeops --help`` costs nothing."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UsageError
-from agent.host import keys
 
 
 def register(sub: Any) -> None:
@@ -17,13 +19,13 @@ def register(sub: Any) -> None:
     r = ks.add_parser("init-root", help="create an offline root key and certificate")
     r.add_argument("--out", type=Path, required=True, help="directory for root.key and root.crt")
     r.add_argument("--name", default="edgeops root", help="certificate common name")
-    r.add_argument("--days", type=int, default=keys.ROOT_DAYS)
+    r.add_argument("--days", type=int, help="validity (default 20 years)")
     r.set_defaults(func=_init_root)
 
     s = ks.add_parser("issue-signer", help="issue a short-lived signing key certified by the root")
     s.add_argument("--root", type=Path, required=True, help="directory made by init-root")
     s.add_argument("--out", type=Path, required=True, help="directory for signer.key and signer.crt")
-    s.add_argument("--days", type=int, default=keys.SIGNER_DAYS, help="validity (default 90)")
+    s.add_argument("--days", type=int, help="validity (default 90)")
     s.add_argument("--name", default="edgeops signer")
     s.set_defaults(func=_issue)
 
@@ -35,22 +37,29 @@ def register(sub: Any) -> None:
 
 
 def _init_root(a: argparse.Namespace) -> int:
-    kp = keys.init_root(a.out, name=a.name, days=a.days)
+    from agent.host import keys
+
+    kp = keys.init_root(a.out, name=a.name, days=keys.ROOT_DAYS if a.days is None else a.days)
     print(f"root key:         {kp.key_path}  (keep offline)")
     print(f"root certificate: {kp.cert_path}  (the device keyring)")
     return 0
 
 
 def _issue(a: argparse.Namespace) -> int:
-    if a.days < 1:
+    from agent.host import keys
+
+    days = keys.SIGNER_DAYS if a.days is None else a.days
+    if days < 1:
         raise UsageError("--days must be at least 1")
-    kp = keys.issue_signer(a.root, a.out, days=a.days, name=a.name)
+    kp = keys.issue_signer(a.root, a.out, days=days, name=a.name)
     print(f"signer key:         {kp.key_path}")
-    print(f"signer certificate: {kp.cert_path}  (valid {a.days} days)")
+    print(f"signer certificate: {kp.cert_path}  (valid {days} days)")
     return 0
 
 
 def _revoke(a: argparse.Namespace) -> int:
+    from agent.host import keys
+
     serials = [keys.cert_serial(c) for c in a.cert]
     try:
         serials += [int(s, 16) for s in a.serial]

@@ -13,29 +13,31 @@ Exit codes (documented in README.md, stable for scripts):
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
-from agent import errors
-from agent.cli import (
-    board_cmd,
-    bundle_cmd,
-    controller_cmd,
-    device_cmd,
-    fleet_cmd,
-    keys_cmd,
-    model_cmd,
-    sim_cmd,
-    tpm_cmd,
-)
+from agent import __version__, errors
 
-# Command groups, each a module in agent.cli with register(subparsers), imported
-# explicitly so a broken group fails loudly. They import their heavy dependencies
-# inside the handlers, so --help and --version stay fast.
-COMMAND_GROUPS = (keys_cmd, bundle_cmd, sim_cmd, device_cmd, board_cmd, model_cmd,
-                  fleet_cmd, controller_cmd, tpm_cmd)
+# Each command word and the module of agent.cli whose register(subparsers) adds it. Only
+# the chosen command's module is imported (explicitly: a broken group fails loudly), so
+# 'edgeops status' never loads what 'bundle create' needs; --help and an unknown word load
+# them all. tests/test_cli.py checks this table against what each register() adds.
+COMMANDS: dict[str, str] = {
+    "keys": "keys_cmd",
+    "bundle": "bundle_cmd",
+    "sim": "sim_cmd",
+    **dict.fromkeys(("install", "status", "history", "rollback", "mark-good", "mark-bad",
+                     "health", "agent"), "device_cmd"),
+    "board": "board_cmd",
+    "model": "model_cmd",
+    "fleet": "fleet_cmd",
+    "controller": "controller_cmd",
+    "tpm": "tpm_cmd",
+}
+GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # in the order 'edgeops --help' lists them
+OWN_COMMANDS = ("help",)  # registered here, no group module
 
 EXIT_CODES: list[tuple[type[errors.EdgeopsError], int]] = [
     (errors.UsageError, 2),
@@ -58,18 +60,6 @@ EXIT_CODES: list[tuple[type[errors.EdgeopsError], int]] = [
 ]
 
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("edgeops")
-    except PackageNotFoundError:  # run from a source tree without installing
-        from agent import __version__
-
-        return __version__
-
-
 def exit_code(exc: errors.EdgeopsError) -> int:
     for cls, code in EXIT_CODES:
         if isinstance(exc, cls):
@@ -77,7 +67,53 @@ def exit_code(exc: errors.EdgeopsError) -> int:
     return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def group(name: str) -> ModuleType:
+    """The command group module ``agent.cli.<name>``."""
+    return importlib.import_module(f"agent.cli.{name}")
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand in ``argv`` as argparse will see it, skipping the top-level options."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            return next(args, None)
+        if _abbreviates(arg, "--config"):
+            next(args, None)  # --config FILE
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def groups_for(argv: Sequence[str] | None) -> tuple[str, ...]:
+    """The command groups ``argv`` needs registered: the command's own; all of them for
+    top-level help or a word argparse must refuse (its message lists every command); none
+    for --version or a missing command."""
+    if argv is None:
+        return GROUPS
+    word = command_word(argv)
+    if word is None:
+        top = argv[:list(argv).index("--")] if "--" in argv else argv
+        return GROUPS if any(_asks_help(a) for a in top) else ()
+    if word in OWN_COMMANDS:
+        return ()
+    return (COMMANDS[word],) if word in COMMANDS else GROUPS
+
+
+def _abbreviates(arg: str, option: str) -> bool:
+    """``arg`` is ``option`` or a prefix argparse accepts for it, its value in the next arg."""
+    return "=" not in arg and len(arg) > 2 and arg.startswith("--") and option.startswith(arg)
+
+
+def _asks_help(arg: str) -> bool:
+    if arg.startswith("--"):
+        return len(arg) > 2 and "--help".startswith(arg)
+    return arg.startswith("-") and "h" in arg  # -h, or grouped short flags such as -vh
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``, with only the command groups it needs registered (see
+    ``groups_for``); every group when ``argv`` is None."""
     parser = argparse.ArgumentParser(
         prog="edgeops",
         description="Signed A/B updates for edge devices: install, trial boot, health check, "
@@ -85,19 +121,32 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: see 'edgeops help exit-codes' or README.md.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
-    parser.add_argument("--version", action="version", version=f"edgeops {_version()}")
+    parser.add_argument("--version", action="version", version=f"edgeops {__version__}")
+    # Also accepted after the command (as 'rauc --conf=F status' and 'rauc status --conf=F');
+    # a separate dest, because a subparser's own default would overwrite it.
+    parser.add_argument("--config", dest="global_config", metavar="FILE",
+                        help="agent config for every command (default /etc/edgeops/agent.toml, "
+                             "or $EDGEOPS_CONFIG)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in COMMAND_GROUPS:
-        group.register(sub)
+    for name in groups_for(argv):
+        group(name).register(sub)
     h = sub.add_parser("help", help="show help on a topic (exit-codes)")
     h.add_argument("topic", choices=["exit-codes"])
     h.set_defaults(func=lambda a: print(__doc__.split("Exit codes", 1)[1].strip()) or 0)
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    args = build_parser(argv).parse_args(argv)
+    if getattr(args, "config", None) is None and args.global_config is not None:
+        args.config = args.global_config  # the command's own --config wins when both are given
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)  # --version and --help exit here
+    import logging
+
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="edgeops: %(levelname)s: %(message)s")
     try:
@@ -105,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.EdgeopsError as exc:
         code = exit_code(exc)
         if getattr(args, "json", False):
+            import json
+
             print(json.dumps({"error": type(exc).__name__, "message": str(exc),
                               "hint": exc.hint, "exit_code": code}))
         print(f"edgeops: error: {exc.one_line()}", file=sys.stderr)

@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.common import config_path
-from agent.core import config as config_mod
 from agent.errors import ConfigError
-from agent.host import sim
 
 
 def register(sub: Any) -> None:
@@ -33,6 +31,8 @@ def register(sub: Any) -> None:
 
 
 def _init(a: argparse.Namespace) -> int:
+    from agent.host import sim
+
     size = sim.parse_size(a.slot_size) if a.slot_size else None
     path = sim.init_device(a.dir, image=a.image, keyring=a.keyring, compatible=a.compatible,
                            version=a.version, slot_size=size)
@@ -41,6 +41,8 @@ def _init(a: argparse.Namespace) -> int:
 
 
 def _base(a: argparse.Namespace) -> Path:
+    from agent.core import config as config_mod
+
     cfg = config_mod.load(config_path(a.config))
     if cfg.runtime != "sim":
         raise ConfigError(f"{cfg.path} is not a sim device")
@@ -48,12 +50,16 @@ def _base(a: argparse.Namespace) -> Path:
 
 
 def _reboot(a: argparse.Namespace) -> int:
+    from agent.host import sim
+
     slot = sim.SimFirmware(_base(a)).reboot()
     print(f"rebooted: running slot {slot}")
     return 0
 
 
 def _cut(a: argparse.Namespace) -> int:
+    from agent.host import sim
+
     slot = sim.SimFirmware(_base(a)).power_cut()
     print(f"power restored: running slot {slot}")
     return 0

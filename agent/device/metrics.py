@@ -3,17 +3,20 @@
 An offline-first device has no business running an HTTP server for a scraper that
 may not reach it; node_exporter's textfile collector (``--collector.textfile.directory``)
 already runs on most fleets and picks the file up. The file is rewritten (atomically,
-by ``prometheus_client.write_to_textfile``) only when a value changed, so an idle agent
-writes nothing, as the rest of the agent. Needs the ``[metrics]`` extra.
+through ``fsutil.atomic_write``) only when a value changed, so an idle agent writes
+nothing, as the rest of the agent. Needs the ``[metrics]`` extra.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.device.updater import Updater
+from agent.adapters.fsutil import atomic_write
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.device.updater import Updater
 
 
 def render(up: Updater, *, link_up: bool | None = None) -> tuple[Any, bytes]:
@@ -50,14 +53,12 @@ def render(up: Updater, *, link_up: bool | None = None) -> tuple[Any, bytes]:
 
 def write(up: Updater, path: Path, *, link_up: bool | None = None) -> bool:
     """Rewrite ``path`` if anything changed; True if it was written."""
-    from prometheus_client import write_to_textfile
-
-    reg, text = render(up, link_up=link_up)
+    _, text = render(up, link_up=link_up)
     try:
         if path.read_bytes() == text:
             return False
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(path), reg)
+    atomic_write(path, text)  # node_exporter reads it as another user: PUBLIC mode
     return True
