@@ -12,8 +12,8 @@ every action is idempotent, a power cut at any instant leaves a state from which
 
 The state diagram in docs/lifecycle.md is drawn from this table by ``edges()``
 (``tools/lifecycle_diagram.py``; a test fails when the doc is stale), so it cannot
-drift from the code. (A little over 400 lines: the events, outputs, table and that walk
-over it belong together; split, each half would need the other's privates.)
+drift from the code. Long because the events, outputs, table and the walk over it belong
+together (a little over 400 lines); split, each half would need the other's privates.
 Modelled on h11's ``_state.py`` (transitions as data, illegal pairs raise) and
 Mender's daemon state machine (failure edges written out, a cap on trial boots).
 """
