@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapters.bootloader.bootfs import BootFs
 from agent.adapters.bootloader.envfile import EnvStore
-from agent.adapters.bootloader.rpi_tryboot import BootFs, parse_autoboot
+from agent.core.autoboot import parse_autoboot
 from tests import hush
 
 MiB = 1 << 20

@@ -8,8 +8,8 @@ change in the file, as GRUB's save_env does) and ``menuentry "title" { ... }``
 
 from __future__ import annotations
 
-from agent.adapters.bootloader import grub as grub_mod
-from agent.adapters.bootloader.rpi_tryboot import BootFs
+from agent.adapters.bootloader.bootfs import BootFs
+from agent.core import grubenv
 from tests import hush
 
 
@@ -56,15 +56,15 @@ class GrubScript(hush.Hush):
         if cmd == "load_env":
             data = self.fs.read(self._file(argv[argv.index("--file") + 1]))
             if data is not None:
-                self.env.update(grub_mod.decode(data))
+                self.env.update(grubenv.decode(data))
             return data is not None
         if cmd == "save_env":
             i = argv.index("--file")
             name = self._file(argv[i + 1])
             data = self.fs.read(name)
-            stored = grub_mod.decode(data) if data is not None else {}
+            stored = grubenv.decode(data) if data is not None else {}
             stored.update({v: self.env.get(v, "") for v in argv[i + 2:]})
-            self.fs.replace(name, grub_mod.encode(stored, max(1024, len(data or b""))))
+            self.fs.replace(name, grubenv.encode(stored, max(1024, len(data or b""))))
             return True
         return super()._simple(argv)
 

@@ -22,9 +22,10 @@ from agent.adapters.bootloader import Bootloader, fwenv
 from agent.adapters.bootloader import grub as grub_mod
 from agent.adapters.bootloader import uboot as uboot_mod
 from agent.adapters.bootloader import uboot_rauc as rauc_mod
-from agent.adapters.bootloader.rpi_tryboot import RebootParamFlag, RpiTryboot, initial_autoboot
+from agent.adapters.bootloader.rpi_tryboot import RebootParamFlag, RpiTryboot
 from agent.adapters.journal import Journal
-from agent.core import lifecycle
+from agent.core import grubenv, lifecycle
+from agent.core.autoboot import initial_autoboot
 from agent.core.config import AgentConfig
 from agent.device.updater import Device, Updater
 from tests import firmware as fw
@@ -83,7 +84,7 @@ def _build(kind: str, tmp: Path) -> tuple[Bootloader, Any]:
         esp = fw.MtoolsFs(disk.path, disk.offset(1))
         # where the board file puts grubenv, relative to the ESP mounted at /boot/efi
         env = boardfiles.load("x86-64-grub").settings["grubenv"].removeprefix("/boot/efi/")
-        esp.replace(env, grub_mod.encode(grub_mod.initial_env("A", slots)))
+        esp.replace(env, grubenv.encode(grub_mod.initial_env("A", slots)))
         return grub_mod.GrubRauc(esp, env, slots), fw.Grub(esp, env)
     fw.need("mtype", "mtools")
     disk = fw.make_disk(tmp / "sd.img", MBR_RPI, 110, fat=(1, 2, 3))

@@ -11,8 +11,8 @@ from agent.adapters import boardfiles
 from agent.adapters.bootloader import envfile
 from agent.adapters.bootloader import grub as grub_mod
 from agent.adapters.bootloader import uboot as uboot_mod
-from agent.adapters.bootloader.rpi_tryboot import initial_autoboot
-from agent.core import boardfile
+from agent.core import boardfile, grubenv
+from agent.core.autoboot import initial_autoboot
 from agent.device import boardcheck
 from agent.errors import ConfigError
 from tests.conftest import run_cli
@@ -119,7 +119,7 @@ def test_x86_grub_replica(tmp_path: Path) -> None:
         (root / dev).touch()
     env = root / "boot/efi/EFI/edgeops/grubenv"
     env.parent.mkdir(parents=True)
-    env.write_bytes(grub_mod.encode(grub_mod.initial_env("A", ("A", "B"))))
+    env.write_bytes(grubenv.encode(grub_mod.initial_env("A", ("A", "B"))))
     (root / "proc").mkdir()
     (root / "proc/cmdline").write_text("root=PARTLABEL=rootfs_A rauc.slot=A\n")
     assert boardcheck.check(boardfiles.load("x86-64-grub"), root) == []

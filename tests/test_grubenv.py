@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.adapters.bootloader import grub
-from agent.adapters.bootloader.grub import GrubEnvError, GrubRauc
-from agent.adapters.bootloader.rpi_tryboot import DirBootFs
+from agent.adapters.bootloader.bootfs import DirBootFs
+from agent.adapters.bootloader.grub import GrubRauc
+from agent.core import grubenv
+from agent.core.grubenv import GrubEnvError
 from agent.errors import BootloaderError
 
 
@@ -34,7 +35,7 @@ ENV = {"ORDER": "B A", "A_OK": "1", "A_TRY": "0", "B_OK": "1", "B_TRY": "1",
 
 def test_grub_editenv_reads_what_edgeops_writes(tmp_path: Path) -> None:
     path = tmp_path / "grubenv"
-    path.write_bytes(grub.encode(ENV))
+    path.write_bytes(grubenv.encode(ENV))
     assert len(path.read_bytes()) == 1024
     assert listed(path) == ENV
 
@@ -42,13 +43,13 @@ def test_grub_editenv_reads_what_edgeops_writes(tmp_path: Path) -> None:
 def test_edgeops_reads_what_grub_editenv_writes(tmp_path: Path) -> None:
     path = tmp_path / "grubenv"
     editenv(str(path), "create")
-    assert path.read_bytes() == grub.encode({})  # the empty block, byte for byte
+    assert path.read_bytes() == grubenv.encode({})  # the empty block, byte for byte
     editenv(str(path), "set", *(f"{k}={v}" for k, v in ENV.items()))
-    assert grub.decode(path.read_bytes()) == ENV
-    assert path.read_bytes() == grub.encode(ENV)  # same order, same escaping, same padding
+    assert grubenv.decode(path.read_bytes()) == ENV
+    assert path.read_bytes() == grubenv.encode(ENV)  # same order, same escaping, same padding
     editenv(str(path), "set", "ORDER=A B", "multi=line1\nline2")
     editenv(str(path), "unset", "B_TRY")
-    got = grub.decode(path.read_bytes())
+    got = grubenv.decode(path.read_bytes())
     assert got["ORDER"] == "A B" and got["multi"] == "line1\nline2" and "B_TRY" not in got
 
 
@@ -72,17 +73,17 @@ def test_backend_env_stays_editable_by_grub_editenv(tmp_path: Path) -> None:
 
 
 def test_decode_rejects_broken_blocks() -> None:
-    good = grub.encode({"a": "1"})
+    good = grubenv.encode({"a": "1"})
     for bad in (b"", b"# GRUB Environment Block", b"# not grub\n" + good[11:],
-                grub.HEADER + b"a=1",  # the value runs into the end
-                grub.HEADER + b"noequals", grub.HEADER + b"a=\\"):
+                grubenv.HEADER + b"a=1",  # the value runs into the end
+                grubenv.HEADER + b"noequals", grubenv.HEADER + b"a=\\"):
         with pytest.raises(GrubEnvError):
-            grub.decode(bad)
+            grubenv.decode(bad)
     with pytest.raises(GrubEnvError):
-        grub.encode({"x": "y" * 1024})
+        grubenv.encode({"x": "y" * 1024})
     for name in ("", "#a", "a=b", "a\nb"):
         with pytest.raises(GrubEnvError):
-            grub.encode({name: "v"})
+            grubenv.encode({name: "v"})
 
 
 names = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF, blacklist_characters="=#"),
@@ -93,22 +94,22 @@ values = st.text(st.characters(min_codepoint=1, max_codepoint=0x2FF), max_size=2
 @given(st.dictionaries(names, values, max_size=10))
 def test_codec_round_trips(env: dict[str, str]) -> None:
     try:
-        block = grub.encode(env)
+        block = grubenv.encode(env)
     except GrubEnvError:  # only "does not fit" may refuse a valid env
-        need = len(grub.HEADER + grub.WARNING) + sum(
-            len(k.encode()) + len(grub._escape(v)) + 2 for k, v in env.items())
+        need = len(grubenv.HEADER + grubenv.WARNING) + sum(
+            len(k.encode()) + len(grubenv._escape(v)) + 2 for k, v in env.items())
         assert need > 1024
         return
     assert len(block) == 1024
-    assert grub.decode(block) == env
+    assert grubenv.decode(block) == env
 
 
 @settings(max_examples=300)
 @given(st.binary(max_size=200), st.booleans())
 def test_any_bytes_parse_or_raise_grubenv_error(data: bytes, with_header: bool) -> None:
-    block = (grub.HEADER + data) if with_header else data
+    block = (grubenv.HEADER + data) if with_header else data
     try:
-        env = grub.decode(block)
+        env = grubenv.decode(block)
     except GrubEnvError:
         return
     assert all("\n" not in k for k in env)
@@ -133,8 +134,8 @@ def test_grub_cfg_decisions(tmp_path: Path, env: dict[str, str], boots: str,
 
     path = tmp_path / "EFI/edgeops/grubenv"  # where boards/x86-64-grub.toml puts it on the ESP
     path.parent.mkdir(parents=True)
-    path.write_bytes(grub.encode({**env, "other": "kept"}))
+    path.write_bytes(grubenv.encode({**env, "other": "kept"}))
     assert fw.Grub(DirBootFs(tmp_path)).boot() == boots
-    got = grub.decode(path.read_bytes())
+    got = grubenv.decode(path.read_bytes())
     assert (got["A_TRY"], got["B_TRY"]) == after and got["other"] == "kept"
     assert listed(path) == got  # what GRUB saved, grub-editenv reads

@@ -10,18 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.adapters.bootloader import create
-from agent.adapters.bootloader.rpi_tryboot import (
-    Autoboot,
-    AutobootError,
-    DirBootFs,
-    RebootParamFlag,
-    RpiTryboot,
-    VcMailboxFlag,
-    initial_autoboot,
-    parse_autoboot,
-    read_boot_info,
-)
+from agent.adapters.bootloader.bootfs import DirBootFs
+from agent.adapters.bootloader.rpi_tryboot import RebootParamFlag, RpiTryboot, VcMailboxFlag, read_boot_info
 from agent.adapters.fsutil import atomic_write
+from agent.core.autoboot import Autoboot, AutobootError, initial_autoboot, parse_autoboot
 from agent.errors import BootloaderError
 from tests import firmware as fw
 
