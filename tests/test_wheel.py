@@ -51,3 +51,20 @@ def test_installed_wheel_writes_a_valid_agent_config(installed: Path, tmp_path: 
     cfg = config.parse(proc.stdout, tmp_path / "agent.toml")
     assert (cfg.board, cfg.bootloader) == ("rpi4", "rpi_tryboot")
     assert tomllib.loads(proc.stdout)["device"]["compatible"] == cfg.compatible
+
+
+def test_stage_rootfs_works_with_a_wheel_installed_edgeops(installed: Path, tmp_path: Path) -> None:
+    from agent.host import keys
+
+    root = keys.init_root(tmp_path / "root")
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    proc = subprocess.run(["sh", str(ROOT / "image" / "stage-rootfs.sh"), "--rootfs", str(rootfs),
+                           "--board", "x86-64-grub", "--keyring", str(root.cert_path),
+                           "--edgeops", str(installed / "edgeops")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})  # no checkout on the path
+    assert proc.returncode == 0, proc.stderr
+    cfg = config.load(rootfs / "etc" / "edgeops" / "agent.toml")
+    assert cfg.board == "x86-64-grub"
+    assert (rootfs / "usr/share/edgeops/boards/x86-64-grub.toml").is_file()
