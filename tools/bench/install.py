@@ -9,9 +9,12 @@ Everything is measured in this one run, on this machine:
           signature check, per-block verification, write and fsync included
   RAUC    ../shared/anchors/rauc_baseline.sh (RAUC 1.8, plain bundle, same 256 MiB
           image), run now, and edgeops on the very same image
+  before  with --against DIR: the same install by the edgeops in source tree DIR (an
+          earlier commit, e.g. `git worktree add DIR <commit>`), alternating run by
+          run with this tree's, so a change is judged against its past in one run
 Figures are medians of --runs runs, warm page cache. Output: a table, then one
 `name value unit` line per figure for scripts.
-Usage: tools/bench/install.py [--sizes 64,1024] [--runs 3] [--no-rauc] [--work DIR]
+Usage: tools/bench/install.py [--sizes 64,1024] [--runs 3] [--no-rauc] [--work DIR] [--against DIR]
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ class Run:
     rss_mib: float
 
 
-def run_measured(cmd: list[str]) -> Run:
+def run_measured(cmd: list[str], tree: Path = ROOT) -> Run:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tree,
+                            env={**os.environ, "PYTHONPATH": str(tree)})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode() if proc.stderr else ""
@@ -100,17 +104,23 @@ class Bench:
         return out
 
     def install(self, bundle: Path, slot_mib: int) -> Run:
-        runs = []
+        return self.installs(bundle, slot_mib, (ROOT,))[0]
+
+    def installs(self, bundle: Path, slot_mib: int, trees: tuple[Path, ...]) -> list[Run]:
+        """Median install of ``bundle`` by each source tree, the trees taking turns run by run."""
+        runs: list[list[Run]] = [[] for _ in trees]
         for _ in range(self.runs):
-            dev = self.work / "device"
-            shutil.rmtree(dev, ignore_errors=True)
-            subprocess.run(edgeops("sim", "init", dev, "--image", self.tiny, "--keyring",
-                                   self.work / "root/root.crt", "--slot-size", f"{slot_mib}M"),
-                           check=True, stdout=subprocess.DEVNULL)
-            runs.append(run_measured(edgeops("install", bundle, "--config", dev / "agent.toml",
-                                             "--progress", "never")))
+            for i, tree in enumerate(trees):
+                dev = self.work / "device"
+                shutil.rmtree(dev, ignore_errors=True)
+                subprocess.run(edgeops("sim", "init", dev, "--image", self.tiny, "--keyring",
+                                       self.work / "root/root.crt", "--slot-size", f"{slot_mib}M"),
+                               check=True, stdout=subprocess.DEVNULL, cwd=tree,
+                               env={**os.environ, "PYTHONPATH": str(tree)})
+                runs[i].append(run_measured(edgeops("install", bundle, "--config", dev / "agent.toml",
+                                                    "--progress", "never"), tree))
         shutil.rmtree(self.work / "device", ignore_errors=True)
-        return median(runs)
+        return [median(r) for r in runs]
 
     def limit(self, bundle: Path, image: Path) -> float:
         walls = []
@@ -145,6 +155,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeops-bench"))
     ap.add_argument("--no-rauc", action="store_true", help="skip the RAUC anchor")
+    ap.add_argument("--against", type=Path, help="also install with the edgeops of this source tree")
     a = ap.parse_args()
     os.chdir(ROOT)
     bench = Bench(a.work, a.runs)
@@ -162,7 +173,8 @@ def main() -> int:
         image = a.work / f"image-{size}M.img"
         make_image(image, size)
         b = bench.bundle(image, f"raw-{size}M")
-        ours = bench.install(b, size)
+        trees = (ROOT, a.against.resolve()) if a.against else (ROOT,)
+        ours, *before = bench.installs(b, size, trees)
         lim = bench.limit(b, image)
         tput, ltput = size / ours.wall, size / lim
         warm = size / max(ours.wall - startup, 1e-6)
@@ -174,6 +186,12 @@ def main() -> int:
                   (f"edgeops_install_{size}M_ratio_to_limit_excl_startup", warm / ltput, "x"),
                   (f"edgeops_install_{size}M_cpu", ours.cpu, "s"),
                   (f"edgeops_install_{size}M_peak_rss", ours.rss_mib, "MiB")]
+        for old in before:
+            print(f"{'':>9} before ({a.against}): {size / old.wall:.1f} MiB/s, {old.cpu:.2f} s CPU, "
+                  f"{old.rss_mib:.1f} MiB; this tree / before = {old.wall / ours.wall:.2f}x")
+            lines += [(f"edgeops_install_{size}M_speed_vs_before", old.wall / ours.wall, "x"),
+                      (f"before_install_{size}M_cpu", old.cpu, "s"),
+                      (f"before_install_{size}M_peak_rss", old.rss_mib, "MiB")]
         for f in (b, image):
             if size > 256:
                 f.unlink(missing_ok=True)  # a GiB of scratch each: do not leave it behind
