@@ -27,6 +27,7 @@ from agent.cli import (
     fleet_cmd,
     keys_cmd,
     model_cmd,
+    provision_cmd,
     sim_cmd,
     tpm_cmd,
 )
@@ -35,7 +36,7 @@ from agent.cli import (
 # explicitly so a broken group fails loudly. They import their heavy dependencies
 # inside the handlers, so --help and --version stay fast.
 COMMAND_GROUPS = (keys_cmd, bundle_cmd, sim_cmd, device_cmd, board_cmd, model_cmd,
-                  fleet_cmd, controller_cmd, tpm_cmd)
+                  fleet_cmd, controller_cmd, tpm_cmd, provision_cmd)
 
 EXIT_CODES: list[tuple[type[errors.EdgeopsError], int]] = [
     (errors.UsageError, 2),
