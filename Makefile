@@ -8,8 +8,12 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
             swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus
 EXTRAS  ?= test,host,controller,postgres,tpm
+# make image / make e2e (image/README.md): the board, where images go, the cache outside the clone
+BOARD   ?= x86-64-grub
+IMAGE_OUT ?= build/image/$(BOARD)
+EDGEOPS_CACHE ?= /var/cache/edgeops
 
-.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle clean
+.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle clean image
 
 help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
@@ -17,6 +21,7 @@ help:
 	@echo "make test    - the whole test suite (sets up .venv and system packages)"
 	@echo "make lint    - ruff, mypy --strict and the import-layer contracts"
 	@echo "make bench   - install benchmarks against the machine's limit and RAUC"
+	@echo "make image   - a bootable A/B disk image for BOARD (x86-64-grub) from Debian packages"
 
 $(STAMP): setup.cfg pyproject.toml | sysdeps
 	$(PY) -m venv $(VENV)
@@ -65,6 +70,9 @@ bench-idle: venv
 
 bench: sysdeps venv
 	$(BIN)/python tools/bench/install.py
+
+image: venv
+	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) image/build.py --board $(BOARD) --out $(IMAGE_OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
