@@ -10,9 +10,11 @@ the one wheel Debian lacks). Steps, each timed:
               (image/x86-64/trim.sh); the .debs and the trimmed tree are cached under
               CACHE/<sha256 of everything that shapes the tree>/, so a warm build skips it
   edgeops     a wheel built (pip wheel --no-deps) from a clean copy of this source tree,
-              installed without dependencies onto Debian's python3 packages; tpm2-pytss
-              (bookworm has 1.2, edgeops needs >= 2.1) as a vendored wheel in
-              /usr/lib/edgeops/vendor
+              installed without dependencies onto Debian's python3 packages (zstandard,
+              psutil, idna, certifi, charset-normalizer); what bookworm lacks or has too old,
+              pinned wheels in /usr/lib/edgeops/vendor: cryptography (bookworm's 38 misses
+              APIs edgeops uses), urllib3 2 and requests (bookworm's urllib3 1.26 has no
+              read1), tpm2-pytss (bookworm has 1.2)
   stage       image/stage-rootfs.sh (agent.toml, keyring, board file, units), fstab
               (the data partition at /var/lib/edgeops, the ESP at /boot/efi)
   factory     'edgeops provision --root' writes the journal of the data partition: slot A
@@ -61,8 +63,13 @@ HOST_FILES = {"/usr/lib/grub/x86_64-efi/part_gpt.mod": "grub-efi-amd64-bin",
 # GRUB modules in BOOTX64.EFI: grub.cfg's commands, GPT, FAT (ESP) and ext2 (the slots)
 GRUB_MODULES = ("part_gpt fat ext2 normal configfile loadenv search search_label search_fs_file "
                 "regexp linux test echo boot reboot halt cat ls serial terminal terminfo sleep")
-# the newest tpm2-pytss that imports with bookworm's cryptography 38 (3.0 needs >= 43)
-TPM2_PYTSS = "2.3.0"
+# Vendored (pinned, the versions the suite runs with): what Debian bookworm lacks or has too old
+WHEELS = {  # PyPI's wheels, as the suite runs them (image/x86-64/packages.txt says why)
+    "cryptography": "50.0.2",  # bookworm: 38.0.4, without APIs agent/core/trust.py uses
+    "urllib3": "2.8.0",  # bookworm: 1.26.12, without HTTPResponse.read1 (download.py)
+    "requests": "2.34.2",  # bookworm: 2.28.1, which wants urllib3 < 1.27
+}
+TPM2_PYTSS = "3.0.0"  # bookworm: 1.2.0; built here against bookworm's libtss2
 ESP_MIB = 32
 DATA_MIB = 256
 ALIGN_MIB = 1
@@ -216,7 +223,7 @@ def base_tree(b: Build, arch_dir: Path) -> Path:
     return tar
 
 
-# --- edgeops and its one vendored dependency ----------------------------------------------------
+# --- edgeops and the wheels it vendors ---------------------------------------------------------
 def clean_copy(dest: Path) -> None:
     """The source tree as git sees it (tracked and new files, nothing ignored): pip wheel
     writes build/ into the directory it builds, so never into the working tree."""
@@ -230,7 +237,7 @@ def clean_copy(dest: Path) -> None:
         shutil.copy2(src, dest / name)
 
 
-def build_wheels(b: Build, work: Path, pip: str) -> tuple[Path, Path]:
+def build_wheels(b: Build, work: Path, pip: str) -> tuple[Path, list[Path]]:
     wheels = work / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
@@ -246,7 +253,15 @@ def build_wheels(b: Build, work: Path, pip: str) -> tuple[Path, Path]:
         # Debian release's (bookworm: python 3.11, tpm2-tss 3.2.1)
         run([pip, "wheel", "-q", "--no-deps", "-w", vendor, f"tpm2-pytss=={TPM2_PYTSS}"])
         tpm = sorted(vendor.glob(f"tpm2_pytss-{TPM2_PYTSS}-*.whl"))
-    return own, tpm[-1]
+    out = [tpm[-1]]
+    for name, version in WHEELS.items():
+        have = sorted(vendor.glob(f"{name}-{version}-*.whl"))
+        if not have:  # cryptography's is manylinux (abi3, glibc 2.34: bookworm has 2.36)
+            run([pip, "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", vendor,
+                 f"{name}=={version}"])
+            have = sorted(vendor.glob(f"{name}-{version}-*.whl"))
+        out.append(have[-1])
+    return own, out
 
 
 CONSOLE_SCRIPT = """#!/usr/bin/python3
@@ -300,9 +315,10 @@ PARTLABEL=esp    /boot/efi         vfat  umask=0077,flush,x-systemd.before=edgeo
 
 
 def stage_rootfs(b: Build, tree: Path, pki: Path, fleet: Path | None, overlays: Sequence[Path],
-                 own_wheel: Path, tpm_wheel: Path, pip: str) -> None:
+                 own_wheel: Path, vendored: Sequence[Path], pip: str) -> None:
     install_wheel(own_wheel, tree, "/usr/lib/python3/dist-packages", scripts=True, pip=pip)
-    install_wheel(tpm_wheel, tree, "/usr/lib/edgeops/vendor", scripts=False, pip=pip)
+    for wheel in vendored:
+        install_wheel(wheel, tree, "/usr/lib/edgeops/vendor", scripts=False, pip=pip)
     (tree / "usr/lib/python3/dist-packages/edgeops-vendor.pth").write_text("/usr/lib/edgeops/vendor\n")
     argv = [HERE / "stage-rootfs.sh", "--rootfs", tree, "--board", b.board,
             "--keyring", pki / "root" / "root.crt", "--edgeops", b.edgeops]
@@ -432,16 +448,16 @@ def build(b: Build, *, fleet: Path | None, overlays: Sequence[Path], pip: str) -
     with step(b, "test PKI"):
         make_pki(b, b.out / "pki")
     with step(b, "edgeops wheel"):
-        own, tpm = build_wheels(b, work, pip)
+        own, vendored = build_wheels(b, work, pip)
         b.facts["wheel"] = own.name
-        b.facts["vendored"] = [tpm.name]
+        b.facts["vendored"] = [w.name for w in vendored]
     tree = work / "rootfs"
     with step(b, "rootfs tree"):
         if tree.exists():
             shutil.rmtree(tree)
         tree.mkdir()
         run(["tar", "-C", tree, "--numeric-owner", "-xpf", tar])
-        stage_rootfs(b, tree, b.out / "pki", fleet, overlays, own, tpm, pip)
+        stage_rootfs(b, tree, b.out / "pki", fleet, overlays, own, vendored, pip)
     factory = work / "factory"
     with step(b, "factory journal"):
         shutil.rmtree(factory, ignore_errors=True)
