@@ -8,8 +8,13 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
             swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus
 EXTRAS  ?= test,host,controller,postgres,tpm
+# make image / make e2e (image/README.md): the board, where images go, the cache outside the clone
+BOARD   ?= x86-64-grub
+IMAGE_OUT ?= build/image/$(BOARD)
+EDGEOPS_CACHE ?= /var/cache/edgeops
+E2E_OUT ?= build/e2e
 
-.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup clean
+.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup clean image e2e
 
 help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
@@ -17,6 +22,8 @@ help:
 	@echo "make test    - the whole test suite (sets up .venv and system packages)"
 	@echo "make lint    - ruff, mypy --strict and the import-layer contracts"
 	@echo "make bench   - install benchmarks against the machine's limit and RAUC"
+	@echo "make image   - a bootable A/B disk image for BOARD (x86-64-grub) from Debian packages"
+	@echo "make e2e     - the image booted in QEMU: updates from a controller on 127.0.0.1"
 
 $(STAMP): setup.cfg pyproject.toml | sysdeps
 	$(PY) -m venv $(VENV)
@@ -68,6 +75,12 @@ bench-startup: venv
 
 bench: sysdeps venv
 	$(BIN)/python tools/bench/install.py
+
+image: venv
+	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) image/build.py --board $(BOARD) --out $(IMAGE_OUT)
+
+e2e: venv
+	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) tools/e2e/run.py --out $(E2E_OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

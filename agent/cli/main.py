@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "fleet": "fleet_cmd",
     "controller": "controller_cmd",
     "tpm": "tpm_cmd",
+    "provision": "provision_cmd",
 }
 GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # in the order 'edgeops --help' lists them
 OWN_COMMANDS = ("help",)  # registered here, no group module

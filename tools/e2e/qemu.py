@@ -1,0 +1,254 @@
+"""Boot an edgeops disk image in QEMU and follow it: power on, wait for markers, power cut.
+
+Standard library only. One ``Machine`` is one device: its disk, its UEFI variables and its
+TPM state persist across power cycles; each power-on is one QEMU process (guest reboots stay
+inside it, as on hardware), and a power cut is killing that process. What QEMU gives it:
+
+  firmware   OVMF: the code pflash read-only, a copy of the VARS pflash per device
+  accel      KVM when /dev/kvm really runs OVMF here (tried once), otherwise TCG; never required
+  disk       virtio-blk, raw, cache=unsafe (the host is not the device: its flushes are moot)
+  serial     ttyS0 (kernel, getty) and ttyS1 (markers, tools/e2e/guest) written to files
+  network    none, or user-mode with restrict=on and one guestfwd: the guest reaches
+             10.0.2.100:8080 and nothing else; each connection runs tools/e2e/relay.py,
+             which connects to one port on the host's 127.0.0.1
+  TPM        swtpm (socket, TPM 2.0) attached as tpm-crb
+  watchdog   i6300esb (systemd owns it: image/systemd/system.conf.d)
+
+Waits are bounded; a failed wait raises ``E2EFailure`` with the tail of both consoles.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+GUEST_CONTROLLER = "10.0.2.100:8080"
+RELAY = Path(__file__).resolve().parent / "relay.py"
+ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[()][A-Z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
+BOOTED = re.compile(r"EDGEOPS-E2E booted slot=(\w*) uptime=([\d.]+) agent=(\S*) boot_id=(\S+)")
+
+
+class E2EFailure(Exception):
+    """A scenario's expectation did not hold; the message says which, with the consoles' tail."""
+
+
+@dataclass
+class Booted:
+    slot: str
+    uptime: float  # seconds since the guest kernel started, when multi-user was reached
+    agent: str  # systemctl is-active edgeops-agent.service at that moment
+    boot_id: str
+    at: float  # host seconds since this power-on
+
+
+@dataclass
+class Line:
+    at: float  # host seconds since this power-on
+    text: str
+
+
+def kvm_works(work: Path) -> tuple[bool, str]:
+    """Try KVM with the same firmware: /dev/kvm existing is not enough (nested setups fail)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "no usable /dev/kvm"
+    work.mkdir(parents=True, exist_ok=True)
+    vars_copy, log, err = (work / "kvm-probe-vars.fd", work / "kvm-probe-serial.log",
+                           work / "kvm-probe.err")
+    shutil.copyfile(OVMF_VARS, vars_copy)
+    log.unlink(missing_ok=True)
+    with open(err, "wb") as err_f:
+        proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "256",
+             "-nodefaults", "-display", "none", "-no-user-config",
+             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+             "-serial", f"file:{log}"], stderr=err_f, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            problem = err.read_text(errors="replace")
+            if "error" in problem.lower() or proc.poll() is not None:
+                first = problem.strip().splitlines()[:1] or [f"exit {proc.returncode}"]
+                return False, f"KVM fails here ({first[0]})"
+            if log.exists() and b"BdsDxe" in log.read_bytes():
+                return True, "KVM runs OVMF"
+            time.sleep(0.2)
+        return False, "KVM: OVMF printed nothing within 20 s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Machine:
+    name: str
+    work: Path  # this device's files: vars, TPM state, consoles
+    disk: Path
+    accel: str = "tcg"
+    controller_port: int | None = None  # host 127.0.0.1 port behind 10.0.2.100:8080
+    tpm: bool = True
+    watchdog: bool = True
+    memory_mib: int = 1024
+    transcript: Path | None = None
+    power_ons: int = 0
+    qemu: subprocess.Popen[bytes] | None = None
+    swtpm: subprocess.Popen[bytes] | None = None
+    t0: float = 0.0
+    lines: list[Line] = field(default_factory=list)
+    cursor: int = 0
+    _pos: int = 0
+    _partial: str = ""
+
+    # --- power -------------------------------------------------------------------------------
+    def power_on(self) -> None:
+        if self.qemu is not None:
+            raise RuntimeError("already powered on")
+        self.work.mkdir(parents=True, exist_ok=True)
+        vars_fd = self.work / "OVMF_VARS.fd"
+        if not vars_fd.exists():
+            shutil.copyfile(OVMF_VARS, vars_fd)
+        self.power_ons += 1
+        n = self.power_ons
+        self.console, self.markers = self.work / f"console-{n}.log", self.work / f"markers-{n}.log"
+        argv = ["qemu-system-x86_64", "-name", self.name, "-machine", "q35",
+                "-accel", "kvm" if self.accel == "kvm" else "tcg,thread=multi",
+                "-cpu", "host" if self.accel == "kvm" else "max",
+                "-smp", "2", "-m", str(self.memory_mib),
+                "-nodefaults", "-display", "none", "-no-user-config",
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
+                "-drive", f"file={self.disk},format=raw,if=virtio,cache=unsafe",
+                "-serial", f"file:{self.console}", "-serial", f"file:{self.markers}",
+                "-device", "virtio-rng-pci"]
+        if self.controller_port is not None:
+            host, port = GUEST_CONTROLLER.split(":")
+            cmd = shlex.join([sys.executable, str(RELAY), "127.0.0.1", str(self.controller_port)])
+            if "," in cmd:
+                raise E2EFailure(f"the relay command may not contain a comma (QEMU option syntax): {cmd}")
+            argv += ["-netdev", f"user,id=n0,restrict=on,guestfwd=tcp:{host}:{port}-cmd:{cmd}",
+                     "-device", "virtio-net-pci,netdev=n0"]
+        else:
+            argv += ["-nic", "none"]
+        if self.tpm:
+            argv += self._start_swtpm()
+        if self.watchdog:
+            argv += ["-device", "i6300esb", "-action", "watchdog=reset"]
+        self.lines, self.cursor, self._pos, self._partial = [], 0, 0, ""
+        self.t0 = time.monotonic()
+        self.qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.work / f"qemu-{n}.err", "wb"))  # noqa: SIM115
+
+    def _start_swtpm(self) -> list[str]:
+        state = self.work / "tpm"
+        state.mkdir(exist_ok=True)
+        sock = self.work / "swtpm.sock"
+        sock.unlink(missing_ok=True)
+        self.swtpm = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
+             "--ctrl", f"type=unixio,path={sock}", "--terminate", "--flags", "startup-clear"],
+            stdout=subprocess.DEVNULL, stderr=open(self.work / "swtpm.err", "ab"))  # noqa: SIM115
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if time.monotonic() > deadline or self.swtpm.poll() is not None:
+                raise E2EFailure(f"swtpm did not start: {(self.work / 'swtpm.err').read_text()[-500:]}")
+            time.sleep(0.05)
+        return ["-chardev", f"socket,id=chrtpm,path={sock}", "-tpmdev",
+                "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-crb,tpmdev=tpm0"]
+
+    def power_cut(self) -> None:
+        """Pull the plug: SIGKILL, whatever the guest was doing."""
+        if self.qemu is not None:
+            self.qemu.send_signal(signal.SIGKILL)
+            self.qemu.wait()
+            self.qemu = None
+        if self.swtpm is not None:
+            if self.swtpm.poll() is None:
+                self.swtpm.terminate()
+            try:
+                self.swtpm.wait(5)
+            except subprocess.TimeoutExpired:
+                self.swtpm.kill()
+                self.swtpm.wait()
+            self.swtpm = None
+        self._save_transcript()
+
+    def _save_transcript(self) -> None:
+        if self.transcript is None:
+            return
+        with open(self.transcript, "a") as out:
+            for label, path in (("ttyS0 console", self.console), ("ttyS1 markers", self.markers)):
+                out.write(f"\n===== {self.name}: power-on {self.power_ons}, {label} =====\n")
+                if path.exists():
+                    out.write(clean(path.read_bytes().decode(errors="replace")))
+
+    # --- following the consoles ----------------------------------------------------------------
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _read(self) -> None:
+        try:
+            with open(self.markers, "rb") as f:
+                f.seek(self._pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self._pos += len(data)
+        text = self._partial + data.decode(errors="replace")
+        *done, self._partial = text.split("\n")
+        at = self.now()
+        self.lines += [Line(at, clean(t).strip()) for t in done if clean(t).strip()]
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float, what: str) -> re.Match[str]:
+        """The next marker line (after the last one a wait returned) that matches, or a failure."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            self._read()
+            while self.cursor < len(self.lines):
+                line = self.lines[self.cursor]
+                self.cursor += 1
+                if (m := rx.search(line.text)) is not None:
+                    self.last_at = line.at
+                    return m
+            if self.qemu is not None and self.qemu.poll() is not None:
+                raise E2EFailure(f"{what}: QEMU exited ({self.qemu.returncode})\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise E2EFailure(f"{what}: not seen within {timeout:.0f} s\n{self.tail()}")
+            time.sleep(0.2)
+
+    def wait_booted(self, timeout: float, what: str) -> Booted:
+        m = self.wait_for(BOOTED, timeout, what)
+        return Booted(m[1], float(m[2]), m[3], m[4], self.last_at)
+
+    def seen(self, pattern: str) -> list[Line]:
+        """Every marker line so far (this power-on) that matches; consumes nothing."""
+        self._read()
+        rx = re.compile(pattern)
+        return [ln for ln in self.lines if rx.search(ln.text)]
+
+    def tail(self, n: int = 25) -> str:
+        out = []
+        for label, path in (("ttyS0", self.console), ("ttyS1", self.markers)):
+            try:
+                text = clean(path.read_bytes().decode(errors="replace"))
+            except (FileNotFoundError, AttributeError):
+                continue
+            lines = [ln for ln in text.splitlines() if ln.strip()][-n:]
+            out.append(f"--- last {len(lines)} lines of {label} ({path}) ---\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+def clean(text: str) -> str:
+    """Console bytes without terminal escapes (GRUB's menu, OVMF) and control characters."""
+    return ANSI.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))

@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+"""make e2e: the x86-64 image booted in QEMU, updated from a controller on the host's loopback.
+
+Standard library only (it drives ``edgeops`` and QEMU as subprocesses). One device, as few
+boots as the scenarios allow, in this order:
+
+  baseline  the same image booted with edgeops' units masked (systemd.mask= through the
+            grubenv's EO_CMDLINE), for boot-to-ready without the agent
+  (a)       a good release A->B from the controller: download, trial boot, health, commit,
+            success reported only after the commit
+  (e)       B->A with the same rootfs payload (slots are chosen by partition, not by label)
+  (f)       a bundle below the floor, refused on the booted system, failure reported
+  (b)       a release whose health check fails: trial, revert to A, failure reported
+  (d)       a power cut (QEMU killed) while the slot is being written: the next boot runs the
+            committed slot, and the same deployment, tried again, succeeds
+
+The guest reaches only 10.0.2.100:8080 (QEMU user networking, restrict=on, one guestfwd),
+which is tools/e2e/relay.py -> this script's counting proxy -> the controller, all on
+127.0.0.1. Writes OUT/transcript.log (both serial consoles of every power-on),
+OUT/timings.md (the table it prints) and OUT/result.json. Exit 0 only if every scenario passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qemu import E2EFailure, Machine, kvm_works
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICE_ID = "qemu-1"
+COMPATIBLE = "edgeops-x86-64"
+MASK = "systemd.mask=edgeops-agent.service systemd.mask=edgeops-provision.service"
+REQUEST = re.compile(rb"(GET|POST|PUT|DELETE) (\S+) HTTP/1\.[01]\r\n")
+
+
+# --- the counting proxy between the guest's relay and the controller ------------------------------
+@dataclass
+class Request:
+    at: float  # time.monotonic()
+    method: str
+    path: str
+    conn: int
+    bytes_down: int = 0  # response bytes sent to the guest so far
+
+
+@dataclass
+class Proxy:
+    target: int  # the controller's port on 127.0.0.1
+    requests: list[Request] = field(default_factory=list)
+    on_bytes: Callable[[Request], None] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> int:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return int(self.sock.getsockname()[1])
+
+    def _accept(self) -> None:
+        n = 0
+        while True:
+            try:
+                guest, _ = self.sock.accept()
+            except OSError:
+                return
+            n += 1
+            threading.Thread(target=self._conn, args=(guest, n), daemon=True).start()
+
+    def _conn(self, guest: socket.socket, n: int) -> None:
+        try:
+            ctl = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+        except OSError:
+            guest.close()
+            return
+        ctl.settimeout(None)
+        current: list[Request] = []
+
+        def up() -> None:
+            try:
+                while data := guest.recv(65536):
+                    for m in REQUEST.finditer(data):
+                        r = Request(time.monotonic(), m[1].decode(), m[2].decode(), n)
+                        with self.lock:
+                            self.requests.append(r)
+                        current[:] = [r]
+                    ctl.sendall(data)
+            except OSError:
+                pass
+            finally:
+                with _quiet():
+                    ctl.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=up, daemon=True).start()
+        try:
+            while data := ctl.recv(65536):
+                if current:
+                    current[0].bytes_down += len(data)
+                    if self.on_bytes is not None:
+                        self.on_bytes(current[0])
+                guest.sendall(data)
+        except OSError:
+            pass
+        finally:
+            guest.close()
+            ctl.close()
+
+    def since(self, t: float) -> list[Request]:
+        with self.lock:
+            return [r for r in self.requests if r.at >= t]
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is not None and issubclass(exc[0], OSError)  # type: ignore[arg-type]
+
+
+# --- the controller ---------------------------------------------------------------------------------
+@dataclass
+class Controller:
+    url: str
+    token: str
+    proc: subprocess.Popen[bytes]
+
+    def api(self, method: str, path: str, body: Any = None, data: bytes | None = None) -> Any:
+        payload = data if data is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(f"{self.url}/api/v1{path}", data=payload, method=method,
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise E2EFailure(f"controller: {method} {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+
+    def action(self, action_id: int) -> dict[str, Any]:
+        for a in self.api("GET", f"/actions?device={DEVICE_ID}")["actions"]:
+            if a["id"] == action_id:
+                return dict(a)
+        raise E2EFailure(f"controller has no action {action_id}")
+
+    def wait_action(self, action_id: int, timeout: float, machine: Machine, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            a = self.action(action_id)
+            if a["status"] in ("success", "failure", "canceled"):
+                return a
+            if time.monotonic() > deadline:
+                raise E2EFailure(f"{what}: action {action_id} still {a['status']} after {timeout:.0f} s"
+                                 f"\n{machine.tail()}")
+            time.sleep(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_controller(out: Path, edgeops: str, keyring: Path) -> Controller:
+    port, token = free_port(), secrets.token_hex(16)
+    db = out / "controller" / "controller.db"
+    shutil.rmtree(db.parent, ignore_errors=True)
+    db.parent.mkdir(parents=True)
+    log = open(out / "controller" / "serve.log", "wb")  # noqa: SIM115 (lives as long as the server)
+    proc = subprocess.Popen([edgeops, "controller", "serve", "--db", str(db), "--listen",
+                             f"127.0.0.1:{port}", "--keyring", str(keyring), "--token", token,
+                             "--poll-sleep", "5"], stdout=log, stderr=subprocess.STDOUT)
+    ctl = Controller(f"http://127.0.0.1:{port}", token, proc)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ctl.api("GET", "/devices")
+            return ctl
+        except (OSError, E2EFailure):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log_tail = (out / "controller/serve.log").read_text()[-800:]
+                raise E2EFailure(f"controller did not start: {log_tail}") from None
+            time.sleep(0.3)
+
+
+# --- the image and the bundles ----------------------------------------------------------------------
+def fleet_toml(out: Path) -> tuple[Path, str]:
+    path = out / "fleet.toml"
+    if path.exists():
+        token = re.search(r'token = "([0-9a-f]+)"', path.read_text())
+        if token:
+            return path, token[1]
+    token = secrets.token_hex(16)
+    path.write_text(f"""# e2e device's fleet config (tools/e2e/run.py); the guest's only route is this URL
+[fleet]
+url = "http://10.0.2.100:8080"
+controller_id = "{DEVICE_ID}"
+auth = "target"
+token = "{token}"
+poll_interval = 5
+min_sleep = 1
+max_sleep = 10
+push = "longpoll"
+longpoll_wait = 30
+read_timeout = 60
+""")
+    path.chmod(0o600)
+    return path, token
+
+
+def build_image(out: Path, fleet: Path) -> float:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "image/build.py"), "--out", str(out / "image"),
+                           "--overlay", str(REPO / "tools/e2e/guest"), "--fleet", str(fleet)],
+                          check=False)
+    if proc.returncode != 0:
+        raise E2EFailure("image build failed (see above)")
+    return time.monotonic() - t0
+
+
+@dataclass
+class Release:
+    name: str
+    version: str
+    security_version: int
+    health: dict[str, Any] | None = None
+    path: Path | None = None
+    bundle_id: int | None = None
+
+
+RELEASES = [
+    Release("good-ab", "2.0", 2),
+    Release("same-payload-ba", "3.0", 2),
+    Release("below-floor", "1.5", 1),
+    Release("failing-health", "4.0", 2, {"deadline": 45, "interval": 2, "retries": 1, "probe": [
+        {"type": "command", "command": ["/bin/false"], "name": "e2e-always-fails"}]}),
+    Release("after-power-cut", "5.0", 3),
+]
+
+
+def make_bundles(out: Path, edgeops: str, image: Path) -> None:
+    pki, payload = image / "pki", image / "rootfs.ext4"
+    d = out / "bundles"
+    d.mkdir(exist_ok=True)
+    for r in RELEASES:
+        r.path = d / f"{r.version}-{r.name}.bundle"
+        argv = [edgeops, "bundle", "create", "--key", str(pki / "signer/signer.key"),
+                "--cert", str(pki / "signer/signer.crt"), "--compatible", COMPATIBLE,
+                "--version", r.version, "--security-version", str(r.security_version),
+                "--payload", f"rootfs={payload}", "--compress", "zstd", "-o", str(r.path)]
+        if r.health:
+            (d / f"{r.version}-health.json").write_text(json.dumps(r.health))
+            argv += ["--health", str(d / f"{r.version}-health.json")]
+        run(argv)
+
+
+def run(argv: list[str]) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise E2EFailure(f"{' '.join(argv[:3])} failed ({proc.returncode}): {proc.stderr[-800:]}")
+    return proc.stdout
+
+
+def set_cmdline(disk: Path, esp_offset: int, extra: str, work: Path) -> None:
+    """EO_CMDLINE in the ESP's grubenv, written while the device is off (mtools, grub-editenv)."""
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    img = f"{disk}@@{esp_offset}"
+    local = work / "grubenv"
+    subprocess.run(["mcopy", "-o", "-i", img, "::/EFI/edgeops/grubenv", str(local)], env=env, check=True)
+    subprocess.run(["grub-editenv", str(local), "set", f"EO_CMDLINE={extra}"], check=True)
+    subprocess.run(["mcopy", "-o", "-i", img, str(local), "::/EFI/edgeops/grubenv"], env=env, check=True)
+
+
+def grubenv(disk: Path, esp_offset: int, work: Path) -> str:
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    local = work / "grubenv.read"
+    subprocess.run(["mcopy", "-o", "-i", f"{disk}@@{esp_offset}", "::/EFI/edgeops/grubenv",
+                    str(local)], env=env, check=True)
+    return subprocess.run(["grub-editenv", str(local), "list"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+# --- the timing table --------------------------------------------------------------------------------
+@dataclass
+class Report:
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    results: dict[str, str] = field(default_factory=dict)
+
+    def row(self, what: str, seconds: float | None, note: str = "") -> None:
+        self.rows.append((what, "" if seconds is None else f"{seconds:.1f}", note))
+        print(f"e2e: {what}: {'' if seconds is None else f'{seconds:.1f} s'} {note}".rstrip(), flush=True)
+
+    def table(self) -> str:
+        w = max(len(r[0]) for r in self.rows)
+        lines = [f"| {'step':<{w}} | seconds | note |", f"|{'-' * (w + 2)}|---------|------|"]
+        lines += [f"| {a:<{w}} | {b:>7} | {c} |" for a, b, c in self.rows]
+        return "\n".join(lines)
+
+
+# --- the scenarios ------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    out: Path
+    machine: Machine
+    ctl: Controller
+    proxy: Proxy
+    report: Report
+    esp_offset: int
+    boot_timeout: float
+
+    def deploy(self, r: Release) -> int:
+        res = self.ctl.api("POST", "/deployments", {"bundle": r.bundle_id, "device": DEVICE_ID})
+        ids = [a["id"] for a in self.ctl.api("GET", f"/actions?device={DEVICE_ID}")["actions"]
+               if a["bundle"] == r.bundle_id]
+        if not ids:
+            raise E2EFailure(f"deploy {r.version}: no action created ({res})")
+        return int(max(ids))
+
+    def ready_after(self, t_power: float, t_from: float, what: str) -> float:
+        """Seconds from power-on until the agent's first request to the controller after t_from."""
+        deadline = time.monotonic() + self.boot_timeout
+        while time.monotonic() < deadline:
+            reqs = self.proxy.since(t_from)
+            if reqs:
+                return reqs[0].at - t_power
+            time.sleep(0.2)
+        raise E2EFailure(f"{what}: the agent never polled the controller\n{self.machine.tail()}")
+
+    def expect_boot(self, slot: str, what: str) -> float:
+        b = self.machine.wait_booted(self.boot_timeout, what)
+        if b.slot != slot:
+            raise E2EFailure(f"{what}: booted slot {b.slot}, expected {slot}\n{self.machine.tail()}")
+        return b.at
+
+    def update(self, r: Release, *, to: str, back: str | None = None, expect: str) -> float:
+        """Deploy r; follow the trial boot into slot ``to`` (and ``back`` after a revert)."""
+        t0 = time.monotonic()
+        action = self.deploy(r)
+        self.expect_boot(to, f"{r.version}: trial boot")
+        t_commit_line = None
+        if expect == "success":
+            self.machine.wait_for(rf"committed: slot {to} {re.escape(r.version)}", 300,
+                                  f"{r.version}: commit")
+            t_commit_line = time.monotonic()
+        if back is not None:
+            self.expect_boot(back, f"{r.version}: revert boot")
+        a = self.ctl.wait_action(action, 300, self.machine, f"{r.version}")
+        t_report = time.monotonic()
+        if a["status"] != expect:
+            raise E2EFailure(f"{r.version}: action {a['status']} ({a['detail']}), expected {expect}"
+                             f"\n{self.machine.tail()}")
+        if t_commit_line is not None and t_report < t_commit_line:
+            raise E2EFailure(f"{r.version}: success reported before the commit")
+        return time.monotonic() - t0
+
+
+def scenarios(run_: Run, which: list[str]) -> None:
+    m, rep = run_.machine, run_.report
+    rel = {r.name: r for r in RELEASES}
+    if "baseline" in which:
+        set_cmdline(m.disk, run_.esp_offset, MASK, run_.out)
+        m.power_on()
+        b = m.wait_booted(run_.boot_timeout, "baseline boot (edgeops masked)")
+        if b.agent == "active":
+            raise E2EFailure("baseline: the agent ran although masked")
+        rep.row("boot to multi-user, edgeops masked", b.at, f"guest uptime {b.uptime:.1f} s")
+        m.power_cut()
+        set_cmdline(m.disk, run_.esp_offset, "", run_.out)
+
+    m.power_on()
+    t_power = m.t0
+    b = m.wait_booted(run_.boot_timeout, "first boot")
+    if b.slot != "A":
+        raise E2EFailure(f"first boot ran slot {b.slot}, not the factory slot A")
+    rep.row("boot to multi-user, with edgeops", b.at, f"guest uptime {b.uptime:.1f} s; first boot "
+            f"(TPM provisioning)")
+    rep.row("boot to agent ready (first poll)", run_.ready_after(t_power, t_power, "first boot"))
+    for name, key, to, back, expect in (("good-ab", "a", "B", None, "success"),
+                                         ("same-payload-ba", "e", "A", None, "success")):
+        if key in which:
+            took = run_.update(rel[name], to=to, back=back, expect=expect)
+            rep.results[key] = "passed"
+            rep.row(f"({key}) {rel[name].version}: {name}", took, f"A/B -> {to}, committed, success reported")
+    if "f" in which:
+        t0 = time.monotonic()
+        boots = len(m.seen("EDGEOPS-E2E booted"))
+        action = run_.deploy(rel["below-floor"])
+        a = run_.ctl.wait_action(action, 180, m, "below-floor")
+        if a["status"] != "failure" or len(m.seen("EDGEOPS-E2E booted")) != boots:
+            raise E2EFailure(f"below-floor: action {a['status']} ({a['detail']}), "
+                             f"{len(m.seen('EDGEOPS-E2E booted')) - boots} reboots")
+        if "floor" not in (a.get("detail") or "") and not m.seen("floor|RollbackRefused|refused"):
+            raise E2EFailure(f"below-floor: failure without the floor as reason: {a['detail']}")
+        rep.results["f"] = "passed"
+        rep.row("(f) 1.5 below the floor", time.monotonic() - t0,
+                f"refused on the device: {a['detail'][:60]}")
+    current = "A" if "e" in which or "a" not in which else "B"
+    other = "B" if current == "A" else "A"
+    if "b" in which:
+        took = run_.update(rel["failing-health"], to=other, back=current, expect="failure")
+        rep.results["b"] = "passed"
+        rep.row("(b) 4.0 failing health check", took,
+                f"trial on {other}, reverted to {current}, failure reported")
+    if "d" in which:
+        r = rel["after-power-cut"]
+        cut = threading.Event()
+        size = r.path.stat().st_size if r.path else 0
+
+        def trigger(req: Request) -> None:
+            if "/artifacts/" in req.path and req.bytes_down > size * 0.4 and not cut.is_set():
+                cut.set()
+
+        run_.proxy.on_bytes = trigger
+        t0 = time.monotonic()
+        action = run_.deploy(r)
+        if not cut.wait(600):
+            raise E2EFailure(f"power cut: the download never reached 40 %\n{m.tail()}")
+        m.power_cut()
+        run_.proxy.on_bytes = None
+        rep.row("(d) power cut at 40 % of the slot write", time.monotonic() - t0, "QEMU killed")
+        t1 = time.monotonic()
+        m.power_on()
+        run_.expect_boot(current, "after the power cut")
+        m.wait_booted(run_.boot_timeout * 2, f"{r.version}: trial boot after the retried install")
+        m.wait_for(rf"committed: slot {other} {re.escape(r.version)}", 300, f"{r.version}: commit")
+        a = run_.ctl.wait_action(action, 300, m, r.version)
+        if a["status"] != "success":
+            raise E2EFailure(f"after the power cut: action {a['status']} ({a['detail']})\n{m.tail()}")
+        rep.results["d"] = "passed"
+        rep.row("(d) next boot on the committed slot, install again, commit", time.monotonic() - t1,
+                f"booted {current}, then trial {other} committed")
+    m.power_cut()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--out", type=Path, default=REPO / "build/e2e")
+    p.add_argument("--edgeops", default=str(REPO / ".venv/bin/edgeops"))
+    p.add_argument("--skip-build", action="store_true", help="reuse OUT/image as it is")
+    p.add_argument("--scenarios", default="baseline,a,e,f,b,d")
+    p.add_argument("--boot-timeout", type=float, default=300)
+    a = p.parse_args(argv)
+    # a stopped run must not leave QEMU, swtpm or the controller behind: SIGTERM unwinds too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    which = a.scenarios.split(",")
+    report, t_start = Report(), time.monotonic()
+    (out / "transcript.log").write_text("")
+    ctl: Controller | None = None
+    machine: Machine | None = None
+    ok = False
+    try:
+        fleet, token = fleet_toml(out)
+        if not a.skip_build:
+            report.row("make image (warm or cold, see above)", build_image(out, fleet))
+        image = out / "image"
+        build = json.loads((image / "build.json").read_text())
+        t0 = time.monotonic()
+        make_bundles(out, a.edgeops, image)
+        report.row("5 bundles signed", time.monotonic() - t0,
+                   f"{RELEASES[0].path.stat().st_size >> 20 if RELEASES[0].path else 0} MiB each")
+        ctl = start_controller(out, a.edgeops, image / "pki/root/root.crt")
+        ctl.api("POST", "/devices", {"id": DEVICE_ID, "token": token})
+        for r in RELEASES:
+            assert r.path is not None
+            r.bundle_id = int(ctl.api("POST", f"/bundles?filename={r.path.name}",
+                                      data=r.path.read_bytes())["id"])
+        proxy = Proxy(int(ctl.url.rsplit(":", 1)[1]))
+        port = proxy.start()
+        kvm, why = kvm_works(out / "kvm-probe")
+        report.row("accelerator", None, f"{'kvm' if kvm else 'tcg'} ({why})")
+        disk = out / "disk.img"
+        subprocess.run(["cp", "--sparse=always", str(image / "disk.img"), str(disk)], check=True)
+        dev = out / "device"
+        shutil.rmtree(dev, ignore_errors=True)
+        machine = Machine(DEVICE_ID, dev, disk, accel="kvm" if kvm else "tcg",
+                          controller_port=port, transcript=out / "transcript.log")
+        esp = next(pt["start"] for pt in build["partitions"] if pt["name"] == "esp")
+        run_ = Run(out, machine, ctl, proxy, report, esp, a.boot_timeout)
+        scenarios(run_, which)
+        report.row("grubenv at the end", None, " ".join(grubenv(disk, esp, out).split()))
+        ok = True
+    except E2EFailure as exc:
+        print(f"e2e: FAILED: {exc}", file=sys.stderr)
+        report.row("FAILED", None, str(exc).splitlines()[0][:120])
+    finally:
+        if machine is not None and machine.qemu is not None:
+            machine.power_cut()
+        if ctl is not None:
+            ctl.proc.terminate()
+            ctl.proc.wait(10)
+        report.row("total", time.monotonic() - t_start)
+        table = report.table()
+        (out / "timings.md").write_text(table + "\n")
+        (out / "result.json").write_text(json.dumps({"ok": ok, "scenarios": report.results,
+                                                     "rows": report.rows}, indent=1) + "\n")
+        print(table)
+        print(f"e2e: transcript {out / 'transcript.log'}, timings {out / 'timings.md'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
