@@ -44,6 +44,8 @@ def register(sub: Any) -> None:
                         "devices must use client certificates from it (mTLS); needs --tls-cert")
     s.add_argument("--cert-lifetime", type=int, default=24 * 3600,
                    help="seconds a device certificate issued by identity/renew lives (default 86400)")
+    s.add_argument("--max-connections", type=int,
+                   help="at most this many connections (default: as many as the file limit allows)")
     s.set_defaults(func=_serve)
 
     def api_cmd(parser: Any, name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
@@ -151,19 +153,20 @@ def _rollout_create(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    import asyncio
     import secrets
 
-    from aiohttp import web
-
+    from agent.controller import serve
     from agent.controller.app import build_app
+    from agent.controller.connections import raise_file_limit
     from agent.controller.db import open_database
     from agent.controller.fleet import Fleet
-    from agent.controller.http import Settings
+    from agent.controller.http import GUARD, Settings
 
     host, _, port = a.listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen {a.listen!r} is not HOST:PORT")
+    if a.max_connections is not None and a.max_connections < 2:
+        raise UsageError("--max-connections must be at least 2")
     ca, ctx = _tls(a)  # before the database: a usage error should leave nothing behind
     db = open_database(a.db)
     data = a.data or (Path(a.db).resolve().parent / "controller-data" if "://" not in a.db else None)
@@ -176,19 +179,19 @@ def _serve(a: argparse.Namespace) -> int:
         token, fresh = _stored_token(db, secrets.token_urlsafe(24))
         said = _token_file(fleet.data_dir, token, fresh)
     settings = Settings(api_token=token, tenant=a.tenant, poll_sleep=a.poll_sleep, parent=a.parent,
-                        device_ca=ca, ssl_context=ctx, cert_lifetime=a.cert_lifetime)
-    scheme = "https" if ctx is not None else "http"
+                        device_ca=ca, ssl_context=ctx, cert_lifetime=a.cert_lifetime,
+                        max_connections=a.max_connections)
+    raise_file_limit()  # before build_app: the connection cap is derived from the file limit
+    app = build_app(fleet, settings)
     mode = "; devices need client certificates (mTLS)" if ca is not None else ""
-    print(f"edgeops controller on {scheme}://{host}:{port} (db {a.db}){mode}; {said}",
-          file=sys.stderr, flush=True)
-    try:
-        import uvloop
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
-    web.run_app(build_app(fleet, settings), host=host, port=int(port), access_log=None,
-                print=None, reuse_port=True, ssl_context=ctx)
+    def started(site: serve.GuardedSite) -> None:
+        guard = app[GUARD]
+        print(f"edgeops controller on {site.name} (db {a.db}){mode}; at most "
+              f"{guard.max_connections} connections ({guard.max_unauthenticated} not yet "
+              f"authenticated); {said}", file=sys.stderr, flush=True)
+
+    serve.run(app, host, int(port), reuse_port=True, started=started)
     return 0
 
 

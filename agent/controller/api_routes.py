@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller import rollout
-from agent.controller.errors import BadRequest, NotFound
+from agent.controller.errors import BadRequest, NotFound, RequestTimeout
 from agent.controller.http import FLEET, REQUESTS, SETTINGS, read_json
 
 API = "/api/v1"
@@ -86,21 +86,27 @@ async def api_upload(request: web.Request) -> web.Response:
     filename = request.query.get("filename", "bundle.edgeops")
     if "/" in filename or filename.startswith("."):
         raise BadRequest("filename must be a plain file name")
-    reader = _StreamFile(request.content, asyncio.get_running_loop())
+    reader = _StreamFile(request.content, asyncio.get_running_loop(),
+                         request.app[SETTINGS].body_timeout)
     # Verification reads the whole bundle; run it off the event loop so polls keep flowing.
     info = await asyncio.to_thread(fleet.upload_bundle, reader, filename)  # type: ignore[arg-type]
     return web.json_response(info.to_dict(), status=201)
 
 
 class _StreamFile:
-    """A blocking read() over the request body, for a worker thread."""
+    """A blocking read() over the request body, for a worker thread. Each read must bring data
+    within ``timeout`` seconds: an upload that stalls is dropped (408), not held open."""
 
-    def __init__(self, content: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self._content, self._loop = content, loop
+    def __init__(self, content: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._content, self._loop, self._timeout = content, loop, timeout
 
     def read(self, n: int = -1) -> bytes:
-        fut = asyncio.run_coroutine_threadsafe(self._content.read(n), self._loop)
-        data: bytes = fut.result()
+        fut = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(self._content.read(n), self._timeout), self._loop)
+        try:
+            data: bytes = fut.result()
+        except TimeoutError:
+            raise RequestTimeout(f"the upload stalled for {self._timeout:g} s") from None
         return data
 
 

@@ -40,6 +40,7 @@ from agent.controller.http import (
     SEEN,
     SETTINGS,
     WAITERS,
+    authenticated,
     base_url,
     read_json,
     sleep_text,
@@ -137,9 +138,12 @@ def _certified(request: web.Request, cid: str) -> None:
 def _poll(request: web.Request, cid: str) -> PollInfo:
     fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     if ca is None:
-        return fleet.poll(cid, target_token(request))
-    _certified(request, cid)
-    return fleet.poll_certified(cid)
+        info = fleet.poll(cid, target_token(request))
+    else:
+        _certified(request, cid)
+        info = fleet.poll_certified(cid)
+    authenticated(request)
+    return info
 
 
 def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
@@ -150,6 +154,7 @@ def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
     else:
         _certified(request, cid)
         fleet.require_device(cid)
+    authenticated(request)
     try:
         aid = int(request.match_info.get("aid", "0"))
     except ValueError:
@@ -242,6 +247,7 @@ async def ddi_identity_renew(request: web.Request) -> web.Response:
         fleet.require_device(cid)
     else:
         fleet.authenticate(cid, target_token(request))
+        authenticated(request)
         ak, kind = body.get("ak_public_pem", ""), body.get("kind", "")
         if isinstance(ak, str) and ak and kind in ("tpm", "keystore"):
             enrol = (ak.encode(), str(kind))

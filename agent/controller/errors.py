@@ -25,3 +25,8 @@ class NotFound(ControllerError):
 
 class Conflict(ControllerError):
     status = 409
+
+
+class RequestTimeout(ControllerError):
+    status = 408
+    hint = "send the whole request body promptly"

@@ -4,6 +4,8 @@ The DDI routes (``ddi_routes``), the regional mirror (``regional``) and the oper
 (``api_routes``) all build on this module and on nothing of each other, so ``app`` can wire
 any of them without an import cycle. Middleware, outermost first (``app.build_app``):
 
+* ``connection_mw`` marks the request's connection busy for ``connections.ConnectionGuard``
+  (a busy connection is never the one shed to make room);
 * ``errors_mw`` maps every error to one HTTP status and a JSON body ``{error, message, hint}``;
 * ``mtls_mw`` checks a client certificate, when one is presented, against the device CA;
 * ``auth_mw`` demands the operator's bearer token on ``/api/``.
@@ -12,11 +14,14 @@ Devices authenticate with ``Authorization: TargetToken <token>`` (hawkBit's targ
 token) or, when the controller runs with a device CA (``Settings.device_ca``), with a client
 certificate from that CA naming the controllerId (mutual TLS; the token is then not accepted
 on DDI routes, except as the enrolment token of ``identity/renew``). Operators use
-``Authorization: Bearer <token>`` on /api/v1.
+``Authorization: Bearer <token>`` on /api/v1. Whichever way a request authenticates, its
+connection is then counted among the authenticated ones (``authenticated``), which have
+headroom that a flood of anonymous sockets cannot take.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -28,7 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.controller.errors import BadRequest, ControllerError, Unauthorized
+from agent.controller.connections import ConnectionGuard
+from agent.controller.errors import BadRequest, ControllerError, RequestTimeout, Unauthorized
 from agent.controller.fleet import Fleet
 from agent.device.identity import CERT_LIFETIME, CertificateRequired, DeviceCA, IdentityError
 from agent.errors import EdgeopsError, TrustError
@@ -51,6 +57,11 @@ class Settings:
     device_ca: DeviceCA | None = None
     ssl_context: ssl.SSLContext | None = None  # HTTPS (from DeviceCA.server_context when mTLS)
     cert_lifetime: int = CERT_LIFETIME  # seconds, for certificates issued by identity/renew
+    # Slow and idle clients (aiohttp's keep-alive timer also bounds the wait for a request's
+    # headers, from the connection's start or the previous response on).
+    idle_timeout: float = 15.0  # seconds a connection may sit idle, or take to send its headers
+    body_timeout: float = 30.0  # seconds a request body may take (each read, for uploads)
+    max_connections: int | None = None  # None: as many as RLIMIT_NOFILE allows (connections)
 
 
 PEER = web.RequestKey("device", str)  # the device a checked client certificate names
@@ -59,6 +70,7 @@ SETTINGS = web.AppKey("settings", Settings)
 SEEN = web.AppKey("seen", dict)  # controllerId -> last poll time, flushed in batches by ``tasks``
 WAITERS = web.AppKey("waiters", dict)  # controllerId -> asyncio.Event that wakes a held long-poll
 REQUESTS = web.AppKey("requests", collections.Counter)  # DDI requests by kind, for /metrics
+GUARD = web.AppKey("guard", ConnectionGuard)  # counts connections; ``serve`` wires it to the socket
 
 
 def sleep_text(seconds: int) -> str:
@@ -78,10 +90,27 @@ def target_token(request: web.Request) -> str:
     return token.strip()
 
 
+def authenticated(request: web.Request) -> None:
+    """This request proved who sent it: its connection joins the authenticated ones."""
+    request.app[GUARD].authenticated(request.protocol)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body (at most ``client_max_size``), within ``Settings.body_timeout``: a client
+    that announces more than it sends (a lying Content-Length) gets 408, not a held handler."""
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].body_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within "
+                             f"{request.app[SETTINGS].body_timeout:g} s") from None
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or ``BadRequest``."""
+    raw = await read_body(request)
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("request body is not JSON") from None
     if not isinstance(body, dict):
@@ -90,6 +119,16 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 
 # --- middleware -----------------------------------------------------------------------------
+@web.middleware
+async def connection_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    guard = request.app[GUARD]
+    guard.begin(request.protocol)
+    try:
+        return await handler(request)
+    finally:
+        guard.end(request.protocol)
+
+
 @web.middleware
 async def errors_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -112,8 +151,11 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 def _error(status: int, exc: EdgeopsError) -> web.Response:
-    return web.json_response({"error": type(exc).__name__, "message": str(exc), "hint": exc.hint},
+    resp = web.json_response({"error": type(exc).__name__, "message": str(exc), "hint": exc.hint},
                              status=status)
+    if status == RequestTimeout.status:
+        resp.force_close()  # the rest of that body is not worth waiting for
+    return resp
 
 
 @web.middleware
@@ -123,6 +165,7 @@ async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme != "Bearer" or not _same(token.strip(), expected):
             raise Unauthorized("missing or wrong 'Authorization: Bearer <token>'")
+        authenticated(request)
     return await handler(request)
 
 
@@ -142,6 +185,7 @@ async def mtls_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
         der = _peer_der(request)
         if der is not None:
             request[PEER] = ca.check_peer(der, now=request.app[FLEET].clock())
+            authenticated(request)
     return await handler(request)
 
 

@@ -30,9 +30,9 @@ import aiohttp
 from aiohttp import web
 
 from agent.adapters.fsutil import atomic_file
-from agent.controller.errors import ControllerError, NotFound, Unauthorized
+from agent.controller.errors import BadRequest, ControllerError, NotFound, Unauthorized
 from agent.controller.fleet import Fleet
-from agent.controller.http import DDI, Settings, base_url, sleep_text
+from agent.controller.http import DDI, Settings, authenticated, base_url, read_body, sleep_text
 
 log = logging.getLogger("edgeops.controller.regional")
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
@@ -114,11 +114,13 @@ class Regional:
             raise Unauthorized("missing 'Authorization: TargetToken <token>'")
         known = self._auth_of(cid)
         if known is not None and secrets.compare_digest(known.encode(), auth.encode()):
+            authenticated(request)
             return auth
         # Unknown device or a new token: only the parent can vouch for it.
         await self._mirror_device(cid, auth)
         self.db.execute("INSERT INTO mirror_auth (device_id, auth) VALUES (?, ?) ON CONFLICT (device_id) "
                         "DO UPDATE SET auth = excluded.auth", [cid, auth])
+        authenticated(request)
         return auth
 
     # --- device-facing handlers ---------------------------------------------------------------
@@ -156,7 +158,10 @@ class Regional:
     async def queue(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
         await self._check_device(request, cid)
-        body = await request.text()
+        try:
+            body = (await read_body(request)).decode()
+        except UnicodeDecodeError:
+            raise BadRequest("request body is not UTF-8") from None
         tail = request.path.split("/controller/v1/", 1)[1].split("/", 1)[1]
         with self.db.tx():
             self.db.insert("INSERT INTO outbox (device_id, path, method, body, created) "
