@@ -243,3 +243,52 @@ def test_a_flood_of_idle_sockets_does_not_starve_device_polls(tmp_path: Path,
               f"polls on new connections: p50 {statistics.median(latencies) * 1000:.1f} ms, "
               f"p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")
     assert latencies[-1] < 1.0
+
+
+# --- one controller per port unless asked -----------------------------------------------------------
+def _serve(port: int, db: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEOPS_CONTROLLER_TOKEN": "op"}
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "controller", "serve", "--db", str(db),
+                             "--listen", f"127.0.0.1:{port}", *extra], env=env,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_up(port: int) -> None:
+    for _ in range(400):
+        try:
+            requests.get(f"http://127.0.0.1:{port}/_empty", timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise AssertionError("the controller did not start")
+
+
+def test_a_second_controller_on_the_same_port_is_refused_unless_asked(tmp_path: Path) -> None:
+    port = free_port()
+    first = _serve(port, tmp_path / "a.db")
+    try:
+        _wait_up(port)
+        second = _serve(port, tmp_path / "b.db")  # another fleet: it must not take half the devices
+        try:
+            _, err = second.communicate(timeout=30)
+        finally:
+            second.kill()
+        assert second.returncode == 40, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "cannot listen on 127.0.0.1:" in lines[0], err
+        assert "--reuse-port" in lines[0]
+    finally:
+        first.terminate()
+        first.wait(10)
+
+    # Asked for, on both: processes of one fleet share the port.
+    port = free_port()
+    procs = [_serve(port, tmp_path / "shared.db", "--reuse-port") for _ in range(2)]
+    try:
+        _wait_up(port)
+        time.sleep(1)
+        assert all(p.poll() is None for p in procs), [p.communicate(timeout=5)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)

@@ -2,6 +2,7 @@
 
     edgeops controller serve [--db URL] [--listen 127.0.0.1:PORT] [--parent URL] [--keyring ROOT.crt]
                              [--tls-cert F --tls-key F [--device-ca DIR [--cert-lifetime S]]]
+                             [--reuse-port] [--max-connections N]
     edgeops controller device list|add|tag|revoke     edgeops controller group list|add
     edgeops controller bundle list|upload      edgeops controller deploy (--device|--group|--percent)
     edgeops controller rollout create|status|pause|resume|halt|cancel
@@ -44,6 +45,9 @@ def register(sub: Any) -> None:
                         "devices must use client certificates from it (mTLS); needs --tls-cert")
     s.add_argument("--cert-lifetime", type=int, default=24 * 3600,
                    help="seconds a device certificate issued by identity/renew lives (default 86400)")
+    s.add_argument("--reuse-port", action="store_true",
+                   help="share the port with other controller processes (SO_REUSEPORT); only for "
+                        "processes that share one database (PostgreSQL, or one SQLite file)")
     s.add_argument("--max-connections", type=int,
                    help="at most this many connections (default: as many as the file limit allows)")
     s.set_defaults(func=_serve)
@@ -191,7 +195,12 @@ def _serve(a: argparse.Namespace) -> int:
               f"{guard.max_connections} connections ({guard.max_unauthenticated} not yet "
               f"authenticated); {said}", file=sys.stderr, flush=True)
 
-    serve.run(app, host, int(port), reuse_port=True, started=started)
+    try:
+        serve.run(app, host, int(port), reuse_port=a.reuse_port, started=started)
+    except OSError as exc:
+        hint = ("another process holds this port: stop it or choose another --listen; "
+                "controllers that share one database may all take it with --reuse-port")
+        raise TransportError(f"cannot listen on {a.listen}: {exc.strerror or exc}", hint=hint) from None
     return 0
 
 
