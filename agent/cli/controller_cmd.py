@@ -157,9 +157,7 @@ def _rollout_create(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    import secrets
-
-    from agent.controller import serve
+    from agent.controller import operator_token, serve
     from agent.controller.app import build_app
     from agent.controller.connections import raise_file_limit
     from agent.controller.db import open_database
@@ -172,19 +170,20 @@ def _serve(a: argparse.Namespace) -> int:
     if a.max_connections is not None and a.max_connections < 2:
         raise UsageError("--max-connections must be at least 2")
     ca, ctx = _tls(a)  # before the database: a usage error should leave nothing behind
+    os.umask(0o077)  # the database, its -wal/-shm and every file beside them: this user's only
     db = open_database(a.db)
     data = a.data or (Path(a.db).resolve().parent / "controller-data" if "://" not in a.db else None)
     if data is None:
         raise UsageError("with a PostgreSQL --db, give --data: a directory all controller processes share")
     fleet = Fleet(db, data, keyring_pem=a.keyring.read_bytes() if a.keyring else None)
     if a.token:
-        token, said = a.token, "operator token from --token / $EDGEOPS_CONTROLLER_TOKEN"
+        digest, said = "", "operator token from --token / $EDGEOPS_CONTROLLER_TOKEN"
     else:
-        token, fresh = _stored_token(db, secrets.token_urlsafe(24))
-        said = _token_file(fleet.data_dir, token, fresh)
-    settings = Settings(api_token=token, tenant=a.tenant, poll_sleep=a.poll_sleep, parent=a.parent,
-                        device_ca=ca, ssl_context=ctx, cert_lifetime=a.cert_lifetime,
-                        max_connections=a.max_connections)
+        stored = operator_token.load_or_create(db, fleet.data_dir)
+        digest, said = stored.digest, stored.said
+    settings = Settings(api_token=a.token or "", api_token_sha256=digest, tenant=a.tenant,
+                        poll_sleep=a.poll_sleep, parent=a.parent, device_ca=ca, ssl_context=ctx,
+                        cert_lifetime=a.cert_lifetime, max_connections=a.max_connections)
     raise_file_limit()  # before build_app: the connection cap is derived from the file limit
     app = build_app(fleet, settings)
     mode = "; devices need client certificates (mTLS)" if ca is not None else ""
@@ -238,22 +237,3 @@ def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
         return ca, ca.server_context(a.tls_cert, a.tls_key, require_client_cert=False)
     except (ssl.SSLError, OSError) as exc:
         raise UsageError(f"cannot load the TLS certificate, key or device CA: {exc}") from None
-
-
-def _stored_token(db: Any, fresh: str) -> tuple[str, bool]:
-    with db.tx():
-        rows = db.query("SELECT v FROM kv WHERE k = 'api_token'")
-        if rows:
-            return str(rows[0][0]), False
-        db.execute("INSERT INTO kv (k, v) VALUES ('api_token', ?)", [fresh])
-    return fresh, True
-
-
-def _token_file(data: Path, token: str, fresh: bool) -> str:
-    """The generated token goes to a 0600 file, not to logs (stderr often ends up in a journal)."""
-    from agent.adapters.fsutil import SECRET, atomic_write
-
-    path = data / "operator.token"
-    if fresh or not path.exists():
-        atomic_write(path, token + "\n", mode=SECRET)  # Fleet() has made the directory
-    return f"operator token in {path}" + (" (new)" if fresh else "")

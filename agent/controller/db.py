@@ -8,22 +8,31 @@ does not need because ``BEGIN IMMEDIATE`` already serialises writers.
 
 Several controller processes may share one PostgreSQL database: every state
 change runs in one transaction, and the rollout gate locks its rollout row.
+
+The schema carries a version (kv ``schema``); ``prepare`` brings an older database up to
+``SCHEMA_VERSION`` in one transaction when it is opened (``MIGRATIONS``). The SQLite file
+and the ``-wal``/``-shm`` files SQLite makes beside it (which take the main file's mode)
+are private to the controller's user: the file is created 0600, and tightened to 0600 if
+an older controller left it readable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.controller import tokens
 from agent.controller.errors import BadRequest
 
 Row = tuple[Any, ...]
-
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, token TEXT NOT NULL, site TEXT NOT NULL DEFAULT '',
@@ -75,6 +84,60 @@ class Database(Protocol):
     def close(self) -> None: ...
 
 
+# --- schema versions -----------------------------------------------------------------------------
+def _v2_token_digests(db: Database) -> None:
+    """Version 1 kept every device token and the operator token in plaintext."""
+    for device_id, token in db.query("SELECT id, token FROM devices"):
+        db.execute("UPDATE devices SET token = ? WHERE id = ?", [tokens.digest(token), device_id])
+    for (token,) in db.query("SELECT v FROM kv WHERE k = 'api_token'"):
+        db.execute("INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                   [tokens.OPERATOR_KEY, tokens.digest(token)])
+    db.execute("DELETE FROM kv WHERE k = 'api_token'")
+
+
+# MIGRATIONS[n] takes a database from version n + 1 to n + 2 (version 1 had no 'schema' row).
+MIGRATIONS: list[Callable[[Database], None]] = [_v2_token_digests]
+assert len(MIGRATIONS) == SCHEMA_VERSION - 1
+
+
+def schema_statements(pk: str) -> list[str]:
+    return [stmt for stmt in SCHEMA.replace("{pk}", pk).split(";") if stmt.strip()]
+
+
+def prepare(db: Database, pk: str, *, fresh: bool) -> int:
+    """Create the schema (``fresh``) or migrate it to ``SCHEMA_VERSION``; returns the version the
+    database had (0 for a fresh one). One transaction: a crash leaves the old version whole."""
+    with db.tx():
+        if db.dialect == "postgresql":  # several processes may start at once
+            db.query("SELECT pg_advisory_xact_lock(4242)")
+        if fresh:
+            had = 0
+        else:
+            rows = db.query("SELECT v FROM kv WHERE k = 'schema'")
+            had = int(rows[0][0]) if rows else 1
+            if had > SCHEMA_VERSION:
+                raise BadRequest(f"the database has schema version {had}; this controller knows "
+                                 f"{SCHEMA_VERSION}", hint="run the newer edgeops that wrote it")
+            for step in MIGRATIONS[had - 1:]:
+                step(db)
+        for stmt in schema_statements(pk):  # IF NOT EXISTS: adds what a migration did not
+            db.execute(stmt)
+        db.execute("INSERT INTO kv (k, v) VALUES ('schema', ?) ON CONFLICT (k) DO UPDATE SET "
+                   "v = excluded.v", [str(SCHEMA_VERSION)])
+    return had
+
+
+def _private(path: Path) -> None:
+    """Tighten a database file (and its -wal/-shm) that an older controller left readable."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_mode & 0o077:
+                p.chmod(0o600)
+
+
+SQLITE_PK = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+
 @dataclass
 class SqliteDatabase:
     """One connection guarded by a lock: the aiohttp loop and test threads may share it."""
@@ -82,9 +145,13 @@ class SqliteDatabase:
     path: Path
     dialect: str = "sqlite"
     for_update: str = ""
+    _building: bool = field(default=False, repr=False)  # the temporary file of _create
 
     def __post_init__(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._building:
+            if not self.path.exists():
+                self._create()
+            _private(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: a power cut loses at most the last commits, never corrupts.
@@ -92,7 +159,35 @@ class SqliteDatabase:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._lock = threading.RLock()
         self._depth = 0
-        self._db.executescript(SCHEMA.replace("{pk}", "INTEGER PRIMARY KEY AUTOINCREMENT"))
+        self._db.execute("PRAGMA secure_delete=ON")  # a migration must not leave plaintext behind
+        had = prepare(self, SQLITE_PK, fresh=self._building)
+        self._db.execute("PRAGMA secure_delete=OFF")
+        if had == 1:  # old plaintext tokens: rewrite the file without them, and empty the WAL
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _create(self) -> None:
+        """A complete new database appears under ``path`` in one step, or not at all: it is built
+        in a 0600 file beside it (the -wal and -shm files take that mode) and linked into place,
+        so a process starting at the same moment never finds a half-made or empty file."""
+        from agent.adapters.fsutil import fsync_dir
+
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(f".{self.path.name}.new-{os.getpid()}-{threading.get_ident()}")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            SqliteDatabase(tmp, _building=True).close()  # the last close checkpoints the WAL
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:  # another process made it first: use theirs
+                pass
+            except OSError:  # a filesystem without hard links
+                if not self.path.exists():
+                    os.rename(tmp, self.path)
+            fsync_dir(self.path.parent)
+        finally:
+            for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+                p.unlink(missing_ok=True)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock:
@@ -149,12 +244,10 @@ class PostgresDatabase:
         self._conn = psycopg.connect(url, autocommit=True)
         self._lock = threading.RLock()
         self._depth = 0
-        # Several processes may start at once: serialise schema creation.
-        with self._lock, self._conn.transaction():
-            self._conn.execute("SELECT pg_advisory_xact_lock(4242)")
-            for stmt in SCHEMA.replace("{pk}", "BIGSERIAL PRIMARY KEY").split(";"):
-                if stmt.strip():
-                    self._conn.execute(stmt)  # type: ignore[arg-type]
+        # A database without our tables is a fresh one (prepare locks against a concurrent start).
+        fresh = not self.query("SELECT 1 FROM information_schema.tables WHERE table_schema = "
+                               "current_schema() AND table_name = 'kv'")
+        prepare(self, "BIGSERIAL PRIMARY KEY", fresh=fresh)
 
     @staticmethod
     def _sql(sql: str) -> Any:

@@ -14,14 +14,13 @@ puts verified bundle files on disk. What stays here is the SQL that applies them
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.controller import bundles, rollout
+from agent.controller import bundles, rollout, tokens
 from agent.controller.actions import TERMINAL, next_status, outcome, parse_feedback
 from agent.controller.bundles import BundleInfo
 from agent.controller.db import Database
@@ -54,13 +53,16 @@ class Fleet:
     # --- devices and groups ----------------------------------------------------------------
     def add_device(self, device_id: str, *, token: str | None = None, site: str = "",
                    tags: Sequence[str] = ()) -> str:
+        """Register a device; returns its TargetToken, the only time anyone sees it (the database
+        keeps its SHA-256, ``tokens``)."""
         _check_name(device_id, "device id")
-        token = token or secrets.token_urlsafe(24)
+        token = token or tokens.new_token()
         with self.db.tx():
             if self.db.query("SELECT 1 FROM devices WHERE id = ?", [device_id]):
                 raise Conflict(f"device {device_id!r} exists")
             self.db.execute("INSERT INTO devices (id, token, site, tags, created) VALUES (?, ?, ?, ?, ?)",
-                            [device_id, token, site, json.dumps(sorted(set(tags))), self.clock()])
+                            [device_id, tokens.digest(token), site, json.dumps(sorted(set(tags))),
+                             self.clock()])
         return token
 
     def tag_device(self, device_id: str, tags: Sequence[str]) -> list[str]:
@@ -109,7 +111,7 @@ class Fleet:
 
     def authenticate(self, device_id: str, token: str) -> None:
         rows = self.db.query("SELECT token FROM devices WHERE id = ?", [device_id])
-        if not rows or not secrets.compare_digest(rows[0][0], token):
+        if not rows or not tokens.matches(token, rows[0][0]):
             raise Unauthorized("unknown controller id or wrong TargetToken")
 
     def touch(self, seen: dict[str, float]) -> None:
@@ -138,7 +140,7 @@ class Fleet:
     # --- DDI --------------------------------------------------------------------------------
     def poll(self, device_id: str, token: str) -> PollInfo:
         rows = self._poll_rows(device_id)
-        if not rows or not secrets.compare_digest(rows[0][0], token):
+        if not rows or not tokens.matches(token, rows[0][0]):
             raise Unauthorized("unknown controller id or wrong TargetToken")
         r = rows[0]
         return PollInfo(r[2], r[3], r[1] == "{}")

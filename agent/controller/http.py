@@ -25,7 +25,6 @@ import asyncio
 import collections
 import json
 import logging
-import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.controller import tokens
 from agent.controller.connections import ConnectionGuard
 from agent.controller.errors import BadRequest, ControllerError, RequestTimeout, Unauthorized
 from agent.controller.fleet import Fleet
@@ -46,7 +46,7 @@ DDI = "/{tenant}/controller/v1/{cid}"  # the root of every hawkBit DDI v1 route
 
 @dataclass
 class Settings:
-    api_token: str
+    api_token: str  # the operator's bearer token; "" when only its digest is known
     tenant: str = "DEFAULT"
     poll_sleep: int = 30  # seconds, sent as config.polling.sleep "HH:MM:SS"
     tick_interval: float = 5.0  # seconds between health-gate checks (feedback also triggers one)
@@ -62,6 +62,11 @@ class Settings:
     idle_timeout: float = 15.0  # seconds a connection may sit idle, or take to send its headers
     body_timeout: float = 30.0  # seconds a request body may take (each read, for uploads)
     max_connections: int | None = None  # None: as many as RLIMIT_NOFILE allows (connections)
+    api_token_sha256: str = ""  # what auth_mw compares against (tokens.digest of api_token)
+
+    def __post_init__(self) -> None:
+        if self.api_token and not self.api_token_sha256:
+            self.api_token_sha256 = tokens.digest(self.api_token)
 
 
 PEER = web.RequestKey("device", str)  # the device a checked client certificate names
@@ -161,16 +166,12 @@ def _error(status: int, exc: EdgeopsError) -> web.Response:
 @web.middleware
 async def auth_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/api/"):
-        expected = request.app[SETTINGS].api_token
+        expected = request.app[SETTINGS].api_token_sha256
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme != "Bearer" or not _same(token.strip(), expected):
+        if scheme != "Bearer" or not tokens.matches(token.strip(), expected):
             raise Unauthorized("missing or wrong 'Authorization: Bearer <token>'")
         authenticated(request)
     return await handler(request)
-
-
-def _same(a: str, b: str) -> bool:
-    return bool(a) and secrets.compare_digest(a.encode(), b.encode())
 
 
 @web.middleware

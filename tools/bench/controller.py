@@ -50,6 +50,7 @@ def free_port() -> int:
 def prepare(data: Path, devices: int) -> list[tuple[str, str]]:
     from agent.controller.db import open_database
     from agent.controller.fleet import Fleet
+    from agent.controller.tokens import digest
 
     db = open_database(str(data / "c.db"))
     fleet = Fleet(db, data)
@@ -58,7 +59,8 @@ def prepare(data: Path, devices: int) -> list[tuple[str, str]]:
         for i in range(devices):
             did, token = f"dev{i:06d}", f"tok{i:06d}"
             db.execute("INSERT INTO devices (id, token, site, tags, attributes, created) "
-                       "VALUES (?, ?, ?, '[]', '{\"version\": \"1.0\"}', 0)", [did, token, f"s{i % 7}"])
+                       "VALUES (?, ?, ?, '[]', '{\"version\": \"1.0\"}', 0)",
+                       [did, digest(token), f"s{i % 7}"])
             creds.append((did, token))
         db.execute("INSERT INTO bundles (version, compatible, sha256, sha1, md5, size, filename, signer, "
                    "created) VALUES ('2.0', 'x', 'a', 'b', 'c', 1, 'f', 's', 0)")
