@@ -134,3 +134,28 @@ def test_postgres_keeps_token_digests_and_migrates_plaintext(pg_url: str, tmp_pa
         assert db.query("SELECT v FROM kv WHERE k = 'schema'") == [(str(SCHEMA_VERSION),)]
     finally:
         db.close()
+
+
+def test_postgres_damage_is_refused_and_an_unreachable_server_is_one_line(pg_url: str) -> None:
+    import psycopg
+
+    from agent.controller.db import open_database
+    from agent.controller.errors import DatabaseRefused
+    from agent.errors import TransportError
+    from tests.conftest import run_cli
+
+    url = _fresh_database(pg_url, "halfgone")
+    open_database(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE devices")  # a controller database that lost a table
+    with pytest.raises(DatabaseRefused, match="not 'devices'"):
+        open_database(url)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"postgresql://edgeops@127.0.0.1:{s.getsockname()[1]}/postgres"
+    with pytest.raises(TransportError, match="cannot reach the database"):
+        open_database(dead)
+    r = run_cli("controller", "serve", "--db", dead.replace("edgeops@", "edgeops:secret@"),
+                "--data", "/nonexistent-unused")
+    assert r.returncode == 40 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "secret" not in r.stderr and "***" in r.stderr

@@ -2,7 +2,7 @@
 
     edgeops controller serve [--db URL] [--listen 127.0.0.1:PORT] [--parent URL] [--keyring ROOT.crt]
                              [--tls-cert F --tls-key F [--device-ca DIR [--cert-lifetime S]]]
-                             [--reuse-port] [--max-connections N]
+                             [--init] [--reuse-port] [--max-connections N]
     edgeops controller device list|add|tag|revoke     edgeops controller group list|add
     edgeops controller bundle list|upload      edgeops controller deploy (--device|--group|--percent)
     edgeops controller rollout create|status|pause|resume|halt|cancel
@@ -45,6 +45,9 @@ def register(sub: Any) -> None:
                         "devices must use client certificates from it (mTLS); needs --tls-cert")
     s.add_argument("--cert-lifetime", type=int, default=24 * 3600,
                    help="seconds a device certificate issued by identity/renew lives (default 86400)")
+    s.add_argument("--init", action="store_true",
+                   help="make a new database in an existing empty --db file (a missing file is "
+                        "always created; an existing damaged or empty one is otherwise refused)")
     s.add_argument("--reuse-port", action="store_true",
                    help="share the port with other controller processes (SO_REUSEPORT); only for "
                         "processes that share one database (PostgreSQL, or one SQLite file)")
@@ -171,7 +174,7 @@ def _serve(a: argparse.Namespace) -> int:
         raise UsageError("--max-connections must be at least 2")
     ca, ctx = _tls(a)  # before the database: a usage error should leave nothing behind
     os.umask(0o077)  # the database, its -wal/-shm and every file beside them: this user's only
-    db = open_database(a.db)
+    db = open_database(a.db, init=a.init)
     data = a.data or (Path(a.db).resolve().parent / "controller-data" if "://" not in a.db else None)
     if data is None:
         raise UsageError("with a PostgreSQL --db, give --data: a directory all controller processes share")
