@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     id {pk}, action_id BIGINT NOT NULL, device_id TEXT NOT NULL, execution TEXT NOT NULL,
     finished TEXT NOT NULL, body TEXT NOT NULL, received DOUBLE PRECISION NOT NULL, idem_key TEXT);
 CREATE INDEX IF NOT EXISTS feedback_key ON feedback (device_id, idem_key);
+CREATE INDEX IF NOT EXISTS feedback_action ON feedback (action_id, id);
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS mirror_docs (
     device_id TEXT NOT NULL, path TEXT NOT NULL, body TEXT NOT NULL,

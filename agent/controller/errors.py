@@ -38,3 +38,8 @@ class DatabaseRefused(DeviceError):
 
     hint = ("restore it from a backup, or move it aside to start a new fleet; "
             "'controller serve --init' makes a new database in an empty file")
+
+
+class TooLarge(ControllerError):
+    status = 413
+    hint = "send less: see docs/fleet-controller.md for the limits"

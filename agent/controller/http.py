@@ -35,7 +35,7 @@ from aiohttp import web
 from agent.controller import tokens
 from agent.controller.connections import ConnectionGuard
 from agent.controller.errors import BadRequest, ControllerError, RequestTimeout, Unauthorized
-from agent.controller.fleet import Fleet
+from agent.controller.fleet import FEEDBACK_RETENTION, Fleet
 from agent.device.identity import CERT_LIFETIME, CertificateRequired, DeviceCA, IdentityError
 from agent.errors import EdgeopsError, TrustError
 
@@ -63,6 +63,7 @@ class Settings:
     body_timeout: float = 30.0  # seconds a request body may take (each read, for uploads)
     max_connections: int | None = None  # None: as many as RLIMIT_NOFILE allows (connections)
     api_token_sha256: str = ""  # what auth_mw compares against (tokens.digest of api_token)
+    feedback_retention: float = FEEDBACK_RETENTION  # seconds a closed action keeps all its reports
 
     def __post_init__(self) -> None:
         if self.api_token and not self.api_token_sha256:

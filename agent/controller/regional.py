@@ -30,13 +30,15 @@ import aiohttp
 from aiohttp import web
 
 from agent.adapters.fsutil import atomic_file
-from agent.controller.errors import BadRequest, ControllerError, NotFound, Unauthorized
+from agent.controller.errors import BadRequest, ControllerError, NotFound, TooLarge, Unauthorized
 from agent.controller.fleet import Fleet
 from agent.controller.http import DDI, Settings, authenticated, base_url, read_body, sleep_text
 
 log = logging.getLogger("edgeops.controller.regional")
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 MAX_DOC = 1 << 20  # a DDI document from the parent; artifacts are streamed, not read whole
+MAX_QUEUED = 200  # reports one device may have waiting for the parent
+MAX_QUEUED_BODY = 64 << 10  # bytes of one queued report
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -158,12 +160,19 @@ class Regional:
     async def queue(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
         await self._check_device(request, cid)
+        raw = await read_body(request)
+        if len(raw) > MAX_QUEUED_BODY:
+            raise TooLarge(f"a report waiting for the parent may have at most {MAX_QUEUED_BODY} bytes")
         try:
-            body = (await read_body(request)).decode()
+            body = raw.decode()
         except UnicodeDecodeError:
             raise BadRequest("request body is not UTF-8") from None
         tail = request.path.split("/controller/v1/", 1)[1].split("/", 1)[1]
         with self.db.tx():
+            # the outbox is bounded per device: while the WAN is down, a device's own queue
+            # holds the rest (503 means "retry later" to a DDI client)
+            if self.db.query("SELECT COUNT(*) FROM outbox WHERE device_id = ?", [cid])[0][0] >= MAX_QUEUED:
+                raise ParentDown(f"{MAX_QUEUED} reports from {cid!r} are already waiting for the parent")
             self.db.insert("INSERT INTO outbox (device_id, path, method, body, created) "
                            "VALUES (?, ?, ?, ?, ?)", [cid, tail, request.method, body, self.fleet.clock()])
             if request.method == "POST" and _finishes(body):
