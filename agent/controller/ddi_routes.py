@@ -42,9 +42,11 @@ from agent.controller.http import (
     WAITERS,
     authenticated,
     base_url,
+    path_id,
     read_json,
     sleep_text,
     target_token,
+    text,
 )
 from agent.device.identity import RENEW_PATH, CertificateRequired, CertTimes, WrongDevice
 
@@ -155,10 +157,7 @@ def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
         _certified(request, cid)
         fleet.require_device(cid)
     authenticated(request)
-    try:
-        aid = int(request.match_info.get("aid", "0"))
-    except ValueError:
-        raise NotFound("action ids are numbers") from None
+    aid = path_id(request, "aid", "action") if "aid" in request.match_info else 0
     return fleet, cid, aid
 
 
@@ -207,17 +206,14 @@ async def ddi_config(request: web.Request) -> web.Response:
     data = body.get("data")
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise BadRequest("configData needs 'data': an object of strings")
-    fleet.set_attributes(cid, data, str(body.get("mode", "merge")))
+    fleet.set_attributes(cid, data, text(body, "mode", "merge"))
     return web.Response(status=200)
 
 
 async def ddi_artifact(request: web.Request) -> web.StreamResponse:
     request.app[REQUESTS]["artifact"] += 1
     fleet, _cid, _ = _ddi_auth(request)
-    try:
-        bundle = fleet.bundle(int(request.match_info["mid"]))
-    except ValueError:
-        raise NotFound("software module ids are numbers") from None
+    bundle = fleet.bundle(path_id(request, "mid", "software module"))
     if bundle.filename != request.match_info["fn"]:
         raise NotFound(f"module {bundle.id} has no artifact {request.match_info['fn']!r}")
     # FileResponse answers Range requests with 206 and If-Range/ETag; bundles are signed, so
@@ -252,8 +248,11 @@ async def ddi_identity_renew(request: web.Request) -> web.Response:
         if isinstance(ak, str) and ak and kind in ("tpm", "keystore"):
             enrol = (ak.encode(), str(kind))
     # File writes, fsync and a lock shared with other controller processes: off the event loop.
-    pem = await asyncio.to_thread(ca.issue_csr, cid, csr.encode(), now=fleet.clock(),
-                                  lifetime=s.cert_lifetime, enrol=enrol)
+    try:
+        pem = await asyncio.to_thread(ca.issue_csr, cid, csr.encode(), now=fleet.clock(),
+                                      lifetime=s.cert_lifetime, enrol=enrol)
+    except (ValueError, TypeError) as exc:  # e.g. an enrolment key that does not parse
+        raise BadRequest(f"identity/renew: {type(exc).__name__}: {exc}"[:300]) from None
     from cryptography import x509
 
     times = CertTimes.of(x509.load_pem_x509_certificate(pem))

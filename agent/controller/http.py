@@ -25,6 +25,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from aiohttp import web
 
 from agent.controller import tokens
 from agent.controller.connections import ConnectionGuard
-from agent.controller.errors import BadRequest, ControllerError, RequestTimeout, Unauthorized
+from agent.controller.errors import BadRequest, ControllerError, NotFound, RequestTimeout, Unauthorized
 from agent.controller.fleet import FEEDBACK_RETENTION, Fleet
 from agent.device.identity import CERT_LIFETIME, CertificateRequired, DeviceCA, IdentityError
 from agent.errors import EdgeopsError, TrustError
@@ -113,15 +114,117 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or ``BadRequest``."""
-    raw = await read_body(request)
+    """The request body as a JSON object, or ``BadRequest``: not JSON, not an object, nested
+    deeper than ``MAX_DEPTH``, or holding a number that is not finite (NaN, 1e400)."""
+    return parse_json(await read_body(request))
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("request body is not JSON") from None
+        # json.loads recurses per nesting level: 100,000 '[' raise RecursionError. ValueError
+        # also covers an integer of more digits than int() accepts.
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadRequest("request body is not JSON (or nested deeper than "
+                         f"{MAX_DEPTH} levels, or with a number out of range)") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    if _depth(body) > MAX_DEPTH:
+        raise BadRequest(f"request body is nested deeper than {MAX_DEPTH} levels")
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _depth(doc: Any) -> int:
+    """Nesting depth, without recursion."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        node, d = todo.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        todo.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
+# --- typed fields: every malformed input is a 4xx, never a TypeError deeper down ---------------
+MAX_DEPTH = 32  # nesting levels of a JSON body
+MAX_ID = (1 << 63) - 1  # the largest id either database stores (BIGINT)
+
+
+def path_id(request: web.Request, key: str, what: str) -> int:
+    """A numeric id in the path; anything else names nothing here (404)."""
+    raw = request.match_info[key]
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise NotFound(f"no {what} {raw[:40]!r} ({what} ids are numbers)")
+    return int(raw)
+
+
+def query_id(request: web.Request, key: str) -> int | None:
+    raw = request.query.get(key)
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise BadRequest(f"?{key}= must be a number")
+    return int(raw)
+
+
+def body_id(body: dict[str, Any], key: str) -> int:
+    """An id in a JSON body: an integer (or a string of digits) from 1 to ``MAX_ID``."""
+    v = body.get(key)
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 18:
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_ID:
+        raise BadRequest(f"'{key}' must be an id (a positive integer)")
+    return v
+
+
+def opt_text(body: dict[str, Any], key: str, *, limit: int = 256) -> str | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > limit:
+        raise BadRequest(f"'{key}' must be a string of at most {limit} characters")
+    return v
+
+
+def text(body: dict[str, Any], key: str, default: str = "", *, limit: int = 256) -> str:
+    v = opt_text(body, key, limit=limit)
+    return default if v is None else v
+
+
+def texts(body: dict[str, Any], key: str, *, limit: int = 10_000) -> list[str]:
+    v = body.get(key, [])
+    if not isinstance(v, list) or len(v) > limit or not all(isinstance(x, str) for x in v):
+        raise BadRequest(f"'{key}' must be a list of strings")
+    return v
+
+
+def opt_number(body: dict[str, Any], key: str) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise BadRequest(f"'{key}' must be a number")
+    return float(v)
+
+
+def opt_object(body: dict[str, Any], key: str) -> dict[str, Any]:
+    v = body.get(key, {})
+    if not isinstance(v, dict):
+        raise BadRequest(f"'{key}' must be an object")
+    return v
 
 
 # --- middleware -----------------------------------------------------------------------------

@@ -30,9 +30,17 @@ import aiohttp
 from aiohttp import web
 
 from agent.adapters.fsutil import atomic_file
-from agent.controller.errors import BadRequest, ControllerError, NotFound, TooLarge, Unauthorized
+from agent.controller.errors import ControllerError, NotFound, TooLarge, Unauthorized
 from agent.controller.fleet import Fleet
-from agent.controller.http import DDI, Settings, authenticated, base_url, read_body, sleep_text
+from agent.controller.http import (
+    DDI,
+    Settings,
+    authenticated,
+    base_url,
+    parse_json,
+    read_body,
+    sleep_text,
+)
 
 log = logging.getLogger("edgeops.controller.regional")
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
@@ -163,10 +171,8 @@ class Regional:
         raw = await read_body(request)
         if len(raw) > MAX_QUEUED_BODY:
             raise TooLarge(f"a report waiting for the parent may have at most {MAX_QUEUED_BODY} bytes")
-        try:
-            body = raw.decode()
-        except UnicodeDecodeError:
-            raise BadRequest("request body is not UTF-8") from None
+        doc = parse_json(raw)  # forwarded as it came, but only a well-formed JSON object
+        body = raw.decode()
         tail = request.path.split("/controller/v1/", 1)[1].split("/", 1)[1]
         with self.db.tx():
             # the outbox is bounded per device: while the WAN is down, a device's own queue
@@ -175,7 +181,7 @@ class Regional:
                 raise ParentDown(f"{MAX_QUEUED} reports from {cid!r} are already waiting for the parent")
             self.db.insert("INSERT INTO outbox (device_id, path, method, body, created) "
                            "VALUES (?, ?, ?, ?, ?)", [cid, tail, request.method, body, self.fleet.clock()])
-            if request.method == "POST" and _finishes(body):
+            if request.method == "POST" and _finishes(doc):
                 self._put(cid, "closed/" + request.match_info["aid"], "1")
         self.wake.set()
         return web.Response(status=200)
@@ -329,9 +335,6 @@ def _check_status(status: int, what: str) -> None:
         raise BadParentAnswer(f"parent answered {status} for {what}")
 
 
-def _finishes(body: str) -> bool:
-    try:
-        status = json.loads(body).get("status", {})
-    except (json.JSONDecodeError, AttributeError):
-        return False
+def _finishes(doc: dict[str, Any]) -> bool:
+    status = doc.get("status", {})
     return isinstance(status, dict) and status.get("execution") in ("closed", "canceled")
