@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
     s.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
     s.add_argument("--parent", help="regional mode: the parent controller's URL")
     s.add_argument("--keyring", type=Path, help="the fleet's root certificates (PEM)")
-    s.add_argument("--tenant", default="DEFAULT")
+    s.add_argument("--tenant", default="DEFAULT",
+                   help="the hawkBit tenant in DDI paths (default DEFAULT; compared without case)")
     s.add_argument("--poll-sleep", type=int, default=30, help="seconds devices wait between polls")
     s.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN"),
                    help="operator bearer token (default: generated once, kept in the database)")
@@ -165,13 +166,15 @@ def _serve(a: argparse.Namespace) -> int:
     from agent.controller.connections import raise_file_limit
     from agent.controller.db import open_database
     from agent.controller.fleet import Fleet
-    from agent.controller.http import GUARD, Settings
+    from agent.controller.http import GUARD, TENANT_NAME, TENANT_RULE, Settings
 
     host, _, port = a.listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen {a.listen!r} is not HOST:PORT")
     if a.max_connections is not None and a.max_connections < 2:
         raise UsageError("--max-connections must be at least 2")
+    if not TENANT_NAME.match(a.tenant):
+        raise UsageError(f"--tenant {a.tenant[:64]!r}: {TENANT_RULE}")
     ca, ctx = _tls(a)  # before the database: a usage error should leave nothing behind
     os.umask(0o077)  # the database, its -wal/-shm and every file beside them: this user's only
     db = open_database(a.db, init=a.init)

@@ -26,6 +26,7 @@ from agent.controller.http import (
     connection_mw,
     errors_mw,
     mtls_mw,
+    tenant_mw,
 )
 from agent.controller.regional import Regional
 
@@ -34,7 +35,7 @@ def build_app(fleet: Fleet, settings: Settings) -> web.Application:
     if settings.device_ca is not None and settings.parent:
         raise ValueError("a regional controller forwards TargetTokens upstream: no --device-ca")
     # errors_mw outside mtls_mw and auth_mw: their refusals get the same JSON error body.
-    app = web.Application(middlewares=[connection_mw, errors_mw, mtls_mw, auth_mw],
+    app = web.Application(middlewares=[connection_mw, errors_mw, tenant_mw, mtls_mw, auth_mw],
                           client_max_size=1 << 20)
     app[GUARD] = ConnectionGuard.for_file_limit(file_limit(), settings.max_connections)
     app[FLEET] = fleet

@@ -41,7 +41,7 @@ from agent.controller.http import (
     SETTINGS,
     WAITERS,
     authenticated,
-    base_url,
+    ddi_root,
     path_id,
     read_json,
     sleep_text,
@@ -108,7 +108,7 @@ def _base_doc(request: web.Request) -> tuple[dict[str, Any], str]:
     cid = request.match_info["cid"]
     info = _poll(request, cid)
     request.app[SEEN][cid] = fleet.clock()
-    root = f"{base_url(request)}/{request.match_info['tenant']}/controller/v1/{cid}"
+    root = ddi_root(request)
     links: dict[str, Any] = {}
     if info.action_id is not None:
         # hawkBit adds a changing query parameter so caches never serve a stale action.
@@ -178,7 +178,7 @@ async def ddi_deployment(request: web.Request) -> web.Response:
     status, bundle = fleet.action(cid, aid)
     if status not in ("open", "running"):
         raise NotFound(f"action {aid} is {status}")
-    root = f"{base_url(request)}/{request.match_info['tenant']}/controller/v1/{cid}"
+    root = ddi_root(request)
     return web.json_response(deployment_doc(root, aid, bundle))
 
 
@@ -212,8 +212,9 @@ async def ddi_config(request: web.Request) -> web.Response:
 
 async def ddi_artifact(request: web.Request) -> web.StreamResponse:
     request.app[REQUESTS]["artifact"] += 1
-    fleet, _cid, _ = _ddi_auth(request)
-    bundle = fleet.bundle(path_id(request, "mid", "software module"))
+    fleet, cid, _ = _ddi_auth(request)
+    # hawkBit answers 404 unless the artifact belongs to an action assigned to this device
+    bundle = fleet.assigned_bundle(cid, path_id(request, "mid", "software module"))
     if bundle.filename != request.match_info["fn"]:
         raise NotFound(f"module {bundle.id} has no artifact {request.match_info['fn']!r}")
     # FileResponse answers Range requests with 206 and If-Range/ETag; bundles are signed, so

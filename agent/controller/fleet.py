@@ -284,6 +284,16 @@ class Fleet:
         r = rows[0]
         return BundleInfo(int(r[0]), r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8])
 
+    def assigned_bundle(self, device_id: str, bundle_id: int) -> BundleInfo:
+        """A bundle this device may download: as in hawkBit, the newest of its actions for that
+        bundle exists and is not being (or has not been) canceled; otherwise NotFound, the
+        same answer as for a bundle that does not exist."""
+        rows = self.db.query("SELECT status FROM actions WHERE device_id = ? AND bundle_id = ? "
+                             "ORDER BY id DESC LIMIT 1", [device_id, bundle_id])
+        if not rows or rows[0][0] in ("canceling", "canceled"):
+            raise NotFound(f"no software module {bundle_id} is assigned to {device_id!r}")
+        return self.bundle(bundle_id)
+
     def bundles(self) -> list[BundleInfo]:
         return [self.bundle(r[0]) for r in self.db.query("SELECT id FROM bundles ORDER BY id")]
 

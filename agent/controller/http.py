@@ -7,6 +7,9 @@ any of them without an import cycle. Middleware, outermost first (``app.build_ap
 * ``connection_mw`` marks the request's connection busy for ``connections.ConnectionGuard``
   (a busy connection is never the one shed to make room);
 * ``errors_mw`` maps every error to one HTTP status and a JSON body ``{error, message, hint}``;
+* ``tenant_mw`` answers 404 for a DDI path whose ``{tenant}`` is not this controller's (the
+  comparison ignores case, as hawkBit clients differ: SWUpdate's examples send ``default``);
+  links in answers always carry the configured spelling, never the path's;
 * ``mtls_mw`` checks a client certificate, when one is presented, against the device CA;
 * ``auth_mw`` demands the operator's bearer token on ``/api/``.
 
@@ -26,6 +29,7 @@ import collections
 import json
 import logging
 import math
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -69,6 +73,12 @@ class Settings:
     def __post_init__(self) -> None:
         if self.api_token and not self.api_token_sha256:
             self.api_token_sha256 = tokens.digest(self.api_token)
+        if not TENANT_NAME.match(self.tenant):
+            raise ValueError(f"tenant {self.tenant[:64]!r}: {TENANT_RULE}")
+
+
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TENANT_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 PEER = web.RequestKey("device", str)  # the device a checked client certificate names
@@ -88,6 +98,13 @@ def sleep_text(seconds: int) -> str:
 def base_url(request: web.Request) -> str:
     """This controller as the client reached it: links in DDI documents point back here."""
     return f"{request.scheme}://{request.host}"
+
+
+def ddi_root(request: web.Request) -> str:
+    """The DDI root of the requesting device, for links: the configured tenant (``tenant_mw``
+    checked the path's), and the controllerId the request was authenticated for."""
+    return (f"{base_url(request)}/{request.app[SETTINGS].tenant}/controller/v1/"
+            f"{request.match_info['cid']}")
 
 
 def target_token(request: web.Request) -> str:
@@ -265,6 +282,14 @@ def _error(status: int, exc: EdgeopsError) -> web.Response:
     if status == RequestTimeout.status:
         resp.force_close()  # the rest of that body is not worth waiting for
     return resp
+
+
+@web.middleware
+async def tenant_mw(request: web.Request, handler: Handler) -> web.StreamResponse:
+    tenant = request.match_info.get("tenant")
+    if tenant is not None and tenant.casefold() != request.app[SETTINGS].tenant.casefold():
+        raise NotFound(f"no tenant {tenant[:64]!r} on this controller")
+    return await handler(request)
 
 
 @web.middleware

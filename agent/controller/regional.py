@@ -134,11 +134,10 @@ class Regional:
         return auth
 
     # --- device-facing handlers ---------------------------------------------------------------
-    def _local_root(self, request: web.Request) -> str:
-        return f"{base_url(request)}/{request.match_info['tenant']}/controller/v1/{request.match_info['cid']}"
-
     def _localise(self, body: str, request: web.Request) -> str:
-        tenant = request.match_info["tenant"]
+        # The parent's links name the tenant this controller speaks upstream with (the path's
+        # tenant was checked against it by http.tenant_mw, and is never copied into links).
+        tenant = self.settings.tenant
         return body.replace(self.parent + f"/{tenant}/", base_url(request) + f"/{tenant}/")
 
     async def base(self, request: web.Request) -> web.Response:
@@ -189,10 +188,28 @@ class Regional:
     async def artifact(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["cid"]
         await self._check_device(request, cid)
-        sha = self._get("*", f"artifact/{request.match_info['mid']}/{request.match_info['fn']}")
+        mid, fn = request.match_info["mid"], request.match_info["fn"]
+        if not self._offered(cid, f"/softwaremodules/{mid}/artifacts/{fn}"):
+            raise NotFound(f"no software module {mid[:40]!r} is assigned to {cid!r} here")
+        sha = self._get("*", f"artifact/{mid}/{fn}")
         if sha is None or not (self.cache / sha).exists():
             raise NotFound("artifact is not mirrored here yet")
         return web.FileResponse(self.cache / sha)
+
+    def _offered(self, cid: str, tail: str) -> bool:
+        """The parent offered this device a deployment that lists this artifact (the parent
+        decided what is assigned to whom; the mirror keeps each device's documents apart)."""
+        rows = self.db.query("SELECT body FROM mirror_docs WHERE device_id = ? AND path LIKE "
+                             "'deploymentBase/%'", [cid])
+        for (body,) in rows:
+            try:
+                chunks = json.loads(body)["deployment"]["chunks"]
+                hrefs = [a["_links"]["download"]["href"] for c in chunks for a in c["artifacts"]]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if any(isinstance(h, str) and h.split("?", 1)[0].endswith(tail) for h in hrefs):
+                return True
+        return False
 
     async def status(self, request: web.Request) -> web.Response:
         pending = self.db.query("SELECT COUNT(*) FROM outbox")[0][0]
