@@ -152,10 +152,19 @@ class Fleet:
             if len(have) > MAX_ATTRIBUTES:
                 raise BadRequest(f"a device has at most {MAX_ATTRIBUTES} configData attributes")
             self.db.execute("UPDATE devices SET attributes = ? WHERE id = ?", [json.dumps(have), device_id])
-            # edgeops agents report their running version as an attribute
-            version = data.get("edgeops.version", data.get("version"))
-            if version is not None and mode != "remove":
-                self.db.execute("UPDATE devices SET version = ? WHERE id = ?", [version, device_id])
+            if mode == "remove":
+                return
+            # The running version comes from feedback (closed/success of a deployment) and from
+            # the edgeops agent's own 'edgeops.version' (the version of the slot it booted). A
+            # plain 'version' attribute is only an attribute: SWUpdate re-sends its identify
+            # list at every start, and it must not undo a success reported since. It fills in
+            # a version the controller does not know yet, nothing more.
+            if "edgeops.version" in data:
+                self.db.execute("UPDATE devices SET version = ? WHERE id = ?",
+                                [data["edgeops.version"], device_id])
+            elif "version" in data:
+                self.db.execute("UPDATE devices SET version = ? WHERE id = ? AND version IS NULL",
+                                [data["version"], device_id])
 
     # --- DDI --------------------------------------------------------------------------------
     def poll(self, device_id: str, token: str) -> PollInfo:
@@ -347,6 +356,11 @@ class Fleet:
         ids = [r[0] for r in self.db.query("SELECT device_id FROM rollout_targets WHERE rollout_id = ? "
                                            "AND wave = ? ORDER BY device_id", [rid, wave])]
         for d in ids:
+            # One assignment at a time, as hawkBit without multi-assignments: a new one cancels
+            # the device's open or running action (it sees cancelAction first, then the new
+            # deployment once it confirmed the cancel, or after finishing if it rejects it).
+            self.db.execute("UPDATE actions SET status = 'canceling', updated = ? WHERE device_id = ? "
+                            "AND status IN ('open', 'running')", [now, d])
             self.db.insert("INSERT INTO actions (device_id, bundle_id, rollout_id, wave, status, created, "
                            "updated) VALUES (?, ?, ?, ?, 'open', ?, ?)", [d, bundle_id, rid, wave, now, now])
         self.db.execute("UPDATE rollouts SET current_wave = ?, wave_started = ? WHERE id = ?",
