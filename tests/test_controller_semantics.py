@@ -102,3 +102,66 @@ def test_a_device_that_rejects_the_cancel_finishes_first_then_gets_the_new_one(
     dev.report("deploymentBase", first, "closed", "success")
     second = ctl.api("GET", "/actions")["actions"][1]["id"]
     assert f"/deploymentBase/{second}?" in dev.links()["deploymentBase"]["href"]
+
+
+# --- a gate that needs the stronger signal -----------------------------------------------------------
+EDGEOPS_AGENT = {"edgeops.compatible": "edgeops-sim", "edgeops.board": "sim"}  # what agent.device.fleet sends
+RAUC_UPDATER = {"product": "Terminator", "model": "T-800"}  # rauc-hawkbit-updater's [device] section
+
+
+def _rollout(ctl: LocalController, make_bundle: BundleFactory, devices: dict[str, dict[str, str]],
+             **policy: Any) -> tuple[int, dict[str, Device]]:
+    devs = {}
+    for did, attributes in devices.items():
+        devs[did] = Device(ctl, did)
+        devs[did].call("PUT", "/configData", {"data": attributes})
+    ctl.api("POST", "/groups", {"name": "g", "devices": list(devices)})
+    rid = ctl.api("POST", "/rollouts", {"bundle": _bundle(ctl, make_bundle, "2.0"), "group": "g",
+                                        "policy": {"canary_percent": 100, "success_threshold": 1.0,
+                                                   **policy}})["id"]
+    return int(rid), devs
+
+
+def _succeed_all(ctl: LocalController, rid: int, devs: dict[str, Device]) -> None:
+    for a in ctl.api("GET", f"/actions?rollout={rid}")["actions"]:
+        devs[a["device"]].report("deploymentBase", a["id"], "closed", "success")
+
+
+def test_a_gate_that_requires_commits_does_not_pass_on_written_images(
+        ctl: LocalController, make_bundle: BundleFactory) -> None:
+    rid, devs = _rollout(ctl, make_bundle, {"edge": EDGEOPS_AGENT, "rauc": RAUC_UPDATER},
+                         require_commit=True, window=60)
+    _succeed_all(ctl, rid, devs)
+    actions = {a["device"]: a for a in ctl.api("GET", f"/actions?rollout={rid}")["actions"]}
+    assert {d: a["status"] for d, a in actions.items()} == {"edge": "success", "rauc": "success"}
+    assert {d: a["success_after"] for d, a in actions.items()} == {"edge": "commit", "rauc": "write"}
+    st = ctl.api("GET", f"/rollouts/{rid}")
+    assert st["status"] == "running" and st["policy"]["require_commit"] is True
+    fleet, real = ctl.fleet, ctl.fleet.clock
+    fleet.clock = lambda: real() + 61  # the window passes with one of two commits confirmed
+    try:
+        fleet.tick()
+    finally:
+        fleet.clock = real
+    st = ctl.api("GET", f"/rollouts/{rid}")
+    assert st["status"] == "paused" and "only 1 of 2 devices committed" in st["reason"]
+
+
+def test_without_the_requirement_and_with_a_declared_commit_the_gate_passes(
+        ctl: LocalController, make_bundle: BundleFactory) -> None:
+    rid, devs = _rollout(ctl, make_bundle, {"edge": EDGEOPS_AGENT, "rauc": RAUC_UPDATER})
+    _succeed_all(ctl, rid, devs)
+    assert ctl.api("GET", f"/rollouts/{rid}")["status"] == "finished"  # the default: any success
+
+
+def test_a_client_may_declare_that_it_reports_after_the_commit(tmp_path: Path, pki: Keys,
+                                                                make_bundle: BundleFactory) -> None:
+    ctl = start_controller(tmp_path / "c2", keyring=pki.root_crt, tick_interval=3600)
+    try:
+        rid, devs = _rollout(ctl, make_bundle, {"edge": EDGEOPS_AGENT,
+                                                "rauc": {**RAUC_UPDATER, "edgeops.success_after": "commit"}},
+                             require_commit=True)
+        _succeed_all(ctl, rid, devs)
+        assert ctl.api("GET", f"/rollouts/{rid}")["status"] == "finished"
+    finally:
+        ctl.stop()

@@ -111,6 +111,9 @@ def register(sub: Any) -> None:
     c.add_argument("--success-threshold", type=float, default=0.95)
     c.add_argument("--error-threshold", type=float, default=0.2)
     c.add_argument("--window", type=float, default=3600.0, help="seconds a wave may take")
+    c.add_argument("--require-commit", action="store_true",
+                   help="count only successes reported after a committed trial boot (edgeops agents), "
+                        "not those reported once the image is written (rauc-hawkbit-updater)")
     st = api_cmd(ro, "status", "show a rollout (or all)",
                  lambda a: _call(a, "GET", f"/rollouts/{a.id}" if a.id else "/rollouts"))
     st.add_argument("id", nargs="?", type=int)
@@ -155,7 +158,8 @@ def _upload(a: argparse.Namespace) -> int:
 
 def _rollout_create(a: argparse.Namespace) -> int:
     policy = {"canary_percent": a.canary_percent, "success_threshold": a.success_threshold,
-              "error_threshold": a.error_threshold, "window": a.window}
+              "error_threshold": a.error_threshold, "window": a.window,
+              "require_commit": a.require_commit}
     return _call(a, "POST", "/rollouts", {"bundle": a.bundle, "group": a.group, "percent": a.percent,
                                           "policy": policy})
 

@@ -34,6 +34,28 @@ def outcome(status: str) -> rollout.Outcome:
             "failure": "failure", "canceled": "canceled"}.get(status, "pending")  # type: ignore[return-value]
 
 
+def success_signal(attributes: dict[str, str]) -> str:
+    """What a device's ``closed/success`` means, from what its client told us about itself:
+    ``commit`` (reported after the trial boot committed the new slot) or ``write`` (reported
+    when the image was written, before any reboot). The edgeops agent always sends
+    ``edgeops.compatible`` and reports success only after a commit; any other client may declare
+    the same with the attribute ``edgeops.success_after = commit`` (rauc-hawkbit-updater: in its
+    ``[device]`` section, with ``post_update_close = false`` and a program that closes the action
+    once the new slot is marked good). Everything else reports after the write
+    (rauc-hawkbit-updater's default ``post_update_close = true``)."""
+    if "edgeops.compatible" in attributes or attributes.get("edgeops.success_after") == "commit":
+        return "commit"
+    return "write"
+
+
+def gate_outcome(status: str, success_after: str, require_commit: bool) -> rollout.Outcome:
+    """An action as a rollout gate counts it: with ``require_commit``, a success that did not
+    come after a commit is still ``running`` (installed, not yet known to boot)."""
+    if require_commit and status == "success" and success_after != "commit":
+        return "running"
+    return outcome(status)
+
+
 def parse_feedback(body: dict[str, Any]) -> tuple[str, str]:
     """DdiActionFeedback: {"status": {"execution": ..., "result": {"finished": ...}}} (hawkBit DDI v1)."""
     status = body.get("status") if isinstance(body, dict) else None

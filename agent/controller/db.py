@@ -40,7 +40,7 @@ from agent.controller.errors import BadRequest, DatabaseRefused
 from agent.errors import TransportError
 
 Row = tuple[Any, ...]
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REQUIRED = ("devices", "actions", "kv")  # tables every controller database has had since version 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS rollout_targets (
 CREATE TABLE IF NOT EXISTS actions (
     id {pk}, device_id TEXT NOT NULL, bundle_id BIGINT NOT NULL, rollout_id BIGINT,
     wave INTEGER, status TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,
-    updated DOUBLE PRECISION NOT NULL, detail TEXT NOT NULL DEFAULT '');
+    updated DOUBLE PRECISION NOT NULL, detail TEXT NOT NULL DEFAULT '',
+    success_after TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS actions_device ON actions (device_id, status);
 CREATE INDEX IF NOT EXISTS actions_rollout ON actions (rollout_id, wave);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -108,8 +109,13 @@ def _v2_token_digests(db: Database) -> None:
     db.execute("DELETE FROM kv WHERE k = 'api_token'")
 
 
+def _v3_success_after(db: Database) -> None:
+    """What a success meant (actions.success_signal): 'commit' or 'write'; '' before version 3."""
+    db.execute("ALTER TABLE actions ADD COLUMN success_after TEXT NOT NULL DEFAULT ''")
+
+
 # MIGRATIONS[n] takes a database from version n + 1 to n + 2 (version 1 had no 'schema' row).
-MIGRATIONS: list[Callable[[Database], None]] = [_v2_token_digests]
+MIGRATIONS: list[Callable[[Database], None]] = [_v2_token_digests, _v3_success_after]
 assert len(MIGRATIONS) == SCHEMA_VERSION - 1
 
 

@@ -23,11 +23,12 @@ from typing import Any, BinaryIO
 from agent.controller import bundles, rollout, tokens
 from agent.controller.actions import (
     TERMINAL,
+    gate_outcome,
     next_status,
-    outcome,
     parse_feedback,
     report_details,
     stored_report,
+    success_signal,
 )
 from agent.controller.bundles import BundleInfo
 from agent.controller.db import Database
@@ -232,7 +233,10 @@ class Fleet:
                             [new, now, details, action_id])
             if new == "success":
                 bundle = self.action(device_id, action_id)[1]
+                attributes = json.loads(self._device_row(device_id)[4])
                 self.db.execute("UPDATE devices SET version = ? WHERE id = ?", [bundle.version, device_id])
+                self.db.execute("UPDATE actions SET success_after = ? WHERE id = ?",
+                                [success_signal(attributes), action_id])
         if new in TERMINAL:
             self.tick()
 
@@ -380,10 +384,12 @@ class Fleet:
             status, policy_json, wave, waves, started, bundle_id = rows[0]
             if status != "running":
                 return
-            outcomes = {d: outcome(s) for d, s in self.db.query(
-                "SELECT device_id, status FROM actions WHERE rollout_id = ? AND wave = ?", [rid, wave])}
-            decision = rollout.evaluate(outcomes, policy=rollout.Policy.from_dict(json.loads(policy_json)),
-                                        wave_started=started, now=now, last_wave=wave + 1 >= waves)
+            policy = rollout.Policy.from_dict(json.loads(policy_json))
+            outcomes = {d: gate_outcome(s, after, policy.require_commit) for d, s, after in self.db.query(
+                "SELECT device_id, status, success_after FROM actions WHERE rollout_id = ? AND wave = ?",
+                [rid, wave])}
+            decision = rollout.evaluate(outcomes, policy=policy, wave_started=started, now=now,
+                                        last_wave=wave + 1 >= waves)
             if decision.verdict == "advance":
                 self._start_wave(rid, bundle_id, wave + 1, now)
             elif decision.verdict in ("pause", "complete"):
@@ -451,13 +457,14 @@ class Fleet:
         return ids
 
     def actions(self, *, device: str | None = None, rollout_id: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT id, device_id, bundle_id, rollout_id, wave, status, detail FROM actions WHERE 1 = 1"
+        sql = ("SELECT id, device_id, bundle_id, rollout_id, wave, status, detail, success_after "
+               "FROM actions WHERE 1 = 1")
         params: list[Any] = []
         if device is not None:
             sql, params = sql + " AND device_id = ?", [*params, device]
         if rollout_id is not None:
             sql, params = sql + " AND rollout_id = ?", [*params, rollout_id]
-        keys = ("id", "device", "bundle", "rollout", "wave", "status", "detail")
+        keys = ("id", "device", "bundle", "rollout", "wave", "status", "detail", "success_after")
         return [dict(zip(keys, r, strict=True)) for r in self.db.query(sql + " ORDER BY id", params)]
 
 
