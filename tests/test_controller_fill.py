@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from agent.controller.fleet import FEEDBACK_KEPT, FEEDBACK_RETENTION
+from agent.controller.retention import FEEDBACK_KEPT, FEEDBACK_RETENTION
 from agent.host.simfleet import LocalController, start_controller
 from tests.conftest import BundleFactory, Keys
 

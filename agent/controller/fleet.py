@@ -8,7 +8,9 @@ the deployment before the gate has passed.
 
 The decisions live in pure modules beside this one, ``actions`` (what a feedback
 report does to an action) and ``rollout`` (waves and the health gate); ``bundles``
-puts verified bundle files on disk. What stays here is the SQL that applies them.
+puts verified bundle files on disk; ``retention`` bounds what devices can make us keep.
+What stays here is the SQL that applies them (about 440 lines: one class, so that every
+state change and its transaction can be read in one place).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.controller import bundles, rollout, tokens
+from agent.controller import retention as retention_
 from agent.controller.actions import (
     TERMINAL,
     gate_outcome,
@@ -33,13 +36,6 @@ from agent.controller.actions import (
 from agent.controller.bundles import BundleInfo
 from agent.controller.db import Database
 from agent.controller.errors import BadRequest, Conflict, NotFound, Unauthorized
-
-FEEDBACK_KEPT = 20  # reports kept per action: the newest, and the first failure besides
-FEEDBACK_RETENTION = 30 * 86400.0  # seconds after which a closed action keeps only its last report
-COMPACT_BATCH = 500  # closed actions compacted per transaction
-MAX_ATTRIBUTES = 100  # configData attributes per device (hawkBit's default quota is 100 too)
-MAX_ATTRIBUTE_KEY = 128  # characters (hawkBit: 128)
-MAX_ATTRIBUTE_VALUE = 2048  # characters (what agent.core.ddi sends at most)
 
 
 @dataclass(frozen=True)
@@ -138,10 +134,7 @@ class Fleet:
     def set_attributes(self, device_id: str, data: dict[str, str], mode: str) -> None:
         if mode not in ("merge", "replace", "remove"):
             raise BadRequest(f"configData mode {mode!r} is not merge, replace or remove")
-        for k, v in data.items():
-            if not k or len(k) > MAX_ATTRIBUTE_KEY or len(v) > MAX_ATTRIBUTE_VALUE:
-                raise BadRequest(f"configData attribute {k[:40]!r}: keys are 1-{MAX_ATTRIBUTE_KEY} and "
-                                 f"values at most {MAX_ATTRIBUTE_VALUE} characters")
+        retention_.check_attributes(data)
         with self.db.tx():
             have: dict[str, str] = json.loads(self._device_row(device_id)[4])
             if mode == "merge":
@@ -150,8 +143,8 @@ class Fleet:
                 have = dict(data)
             else:
                 have = {k: v for k, v in have.items() if k not in data}
-            if len(have) > MAX_ATTRIBUTES:
-                raise BadRequest(f"a device has at most {MAX_ATTRIBUTES} configData attributes")
+            if len(have) > retention_.MAX_ATTRIBUTES:
+                raise BadRequest(f"a device has at most {retention_.MAX_ATTRIBUTES} configData attributes")
             self.db.execute("UPDATE devices SET attributes = ? WHERE id = ?", [json.dumps(have), device_id])
             if mode == "remove":
                 return
@@ -209,11 +202,11 @@ class Fleet:
         What is kept is bounded (see docs/fleet-controller.md, "Retention"): a report on a
         closed action is acknowledged and not stored (it cannot change anything); otherwise a
         bounded copy (``actions.stored_report``) is stored and the action keeps its newest
-        ``FEEDBACK_KEPT`` reports and its first failure."""
+        ``retention.FEEDBACK_KEPT`` reports and its first failure."""
         execution, finished = parse_feedback(body)
         stored = stored_report(body, execution, finished)
         details = "; ".join(report_details(body))[:500]
-        key = _idem_key(key)
+        key = retention_.idem_key(key)
         now = self.clock()
         with self.db.tx():
             status, _ = self.action(device_id, action_id)
@@ -225,7 +218,7 @@ class Fleet:
             self.db.insert("INSERT INTO feedback (action_id, device_id, execution, finished, body, received, "
                            "idem_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [action_id, device_id, execution, finished, stored, now, key])
-            self._trim_feedback(action_id, FEEDBACK_KEPT)
+            retention_.trim_feedback(self.db, action_id, retention_.FEEDBACK_KEPT)
             new = next_status(status, execution, finished, cancel)
             if new == status:
                 return
@@ -240,36 +233,11 @@ class Fleet:
         if new in TERMINAL:
             self.tick()
 
-    def _trim_feedback(self, action_id: int, keep: int) -> None:
-        """Keep the newest ``keep`` reports of an action and its first failure."""
-        rows = self.db.query("SELECT id FROM feedback WHERE action_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
-                             [action_id, keep - 1])
-        if not rows:
-            return
-        first = self.db.query("SELECT MIN(id) FROM feedback WHERE action_id = ? AND finished = 'failure'",
-                              [action_id])[0][0]
-        self.db.execute("DELETE FROM feedback WHERE action_id = ? AND id < ? AND id <> ?",
-                        [action_id, rows[0][0], first if first is not None else -1])
+    def compact(self, retention: float = retention_.FEEDBACK_RETENTION,
+                batch: int = retention_.COMPACT_BATCH) -> int:
+        """See ``retention.compact``: one batch of closed actions, by this fleet's clock."""
+        return retention_.compact(self.db, self.clock() - retention, batch)
 
-    def compact(self, retention: float = FEEDBACK_RETENTION, batch: int = COMPACT_BATCH) -> int:
-        """Actions closed more than ``retention`` seconds ago keep only their last report and
-        their first failure. Returns how many actions were compacted (at most ``batch`` a call;
-        a periodic task calls it, see ``tasks``)."""
-        cutoff = self.clock() - retention
-        with self.db.tx():
-            rows = self.db.query("SELECT v FROM kv WHERE k = 'compacted_until'")
-            since, last = (json.loads(rows[0][0]) if rows else [0.0, 0])
-            actions = self.db.query(  # in (updated, id) order, from where the last call stopped
-                "SELECT id, updated FROM actions WHERE status IN ('success', 'failure', 'canceled') "
-                "AND updated < ? AND (updated > ? OR (updated = ? AND id > ?)) ORDER BY updated, id "
-                "LIMIT ?", [cutoff, since, since, last, batch])
-            for action_id, updated in actions:
-                self._trim_feedback(int(action_id), 1)
-                since, last = float(updated), int(action_id)
-            self.db.execute("INSERT INTO kv (k, v) VALUES ('compacted_until', ?) ON CONFLICT (k) DO "
-                            "UPDATE SET v = excluded.v", [json.dumps([since, last])])
-        done = len(actions)
-        return done
 
     # --- bundles ----------------------------------------------------------------------------
     def upload_bundle(self, stream: BinaryIO, filename: str) -> BundleInfo:
@@ -466,13 +434,6 @@ class Fleet:
             sql, params = sql + " AND rollout_id = ?", [*params, rollout_id]
         keys = ("id", "device", "bundle", "rollout", "wave", "status", "detail", "success_after")
         return [dict(zip(keys, r, strict=True)) for r in self.db.query(sql + " ORDER BY id", params)]
-
-
-def _idem_key(key: str | None) -> str | None:
-    """An Idempotency-Key as stored: a long one by its digest, so a key costs at most 64 bytes."""
-    if not key:
-        return None
-    return key if len(key) <= 64 else "sha256:" + tokens.digest(key)[:57]
 
 
 def _check_name(name: str, what: str) -> None:

@@ -40,7 +40,8 @@ from aiohttp import web
 from agent.controller import tokens
 from agent.controller.connections import ConnectionGuard
 from agent.controller.errors import BadRequest, ControllerError, NotFound, RequestTimeout, Unauthorized
-from agent.controller.fleet import FEEDBACK_RETENTION, Fleet
+from agent.controller.fleet import Fleet
+from agent.controller.retention import FEEDBACK_RETENTION
 from agent.device.identity import CERT_LIFETIME, CertificateRequired, DeviceCA, IdentityError
 from agent.errors import EdgeopsError, TrustError
 

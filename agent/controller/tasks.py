@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from agent.controller.fleet import COMPACT_BATCH
 from agent.controller.http import FLEET, SEEN, SETTINGS, WAITERS
+from agent.controller.retention import COMPACT_BATCH
 
 log = logging.getLogger("edgeops.controller")
 COMPACT_INTERVAL = 3600.0  # seconds between passes over closed actions' feedback
