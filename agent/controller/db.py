@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.adapters.fsutil import fsync_dir
 from agent.controller import tokens
 from agent.controller.errors import BadRequest, DatabaseRefused
 from agent.errors import TransportError
@@ -226,8 +227,6 @@ class SqliteDatabase:
         in a 0600 file beside it (the -wal and -shm files take that mode) and linked into place,
         so a process starting at the same moment never finds a half-made or empty file.
         ``replace_empty``: put it in place of an empty file (``init``)."""
-        from agent.adapters.fsutil import fsync_dir
-
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_name(f".{self.path.name}.new-{os.getpid()}-{threading.get_ident()}")
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
