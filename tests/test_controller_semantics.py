@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 
+from agent.controller.errors import BadRequest
+from agent.controller.rollout import Policy
 from agent.host.simfleet import LocalController, start_controller
 from tests.conftest import BundleFactory, Keys
 
@@ -165,3 +167,11 @@ def test_a_client_may_declare_that_it_reports_after_the_commit(tmp_path: Path, p
         assert ctl.api("GET", f"/rollouts/{rid}")["status"] == "finished"
     finally:
         ctl.stop()
+
+
+def test_require_commit_is_a_flag() -> None:
+    assert Policy.from_dict({"require_commit": True, "window": 60}).require_commit is True
+    assert Policy.from_dict({}).require_commit is False
+    assert Policy.from_dict(Policy(require_commit=True).to_dict()) == Policy(require_commit=True)
+    with pytest.raises(BadRequest, match="rollout policy: require_commit"):
+        Policy.from_dict({"require_commit": "yes"})

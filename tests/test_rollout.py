@@ -96,11 +96,3 @@ def test_gate_never_advances_past_error_threshold(outcomes: list[str], elapsed: 
 def test_spread_order_is_a_permutation() -> None:
     ts = [Target(str(i), "s") for i in range(10)]
     assert sorted(spread_order(ts, "x")) == sorted(t.device_id for t in ts)
-
-
-def test_require_commit_is_a_flag() -> None:
-    assert Policy.from_dict({"require_commit": True, "window": 60}).require_commit is True
-    assert Policy.from_dict({}).require_commit is False
-    assert Policy.from_dict(Policy(require_commit=True).to_dict()) == Policy(require_commit=True)
-    with pytest.raises(BadRequest, match="rollout policy: require_commit"):
-        Policy.from_dict({"require_commit": "yes"})
