@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
-from agent.controller.actions import RUNNING_EXECUTIONS, TERMINAL, next_status, outcome, parse_feedback
+from agent.controller.actions import (
+    MAX_REPORT,
+    RUNNING_EXECUTIONS,
+    TERMINAL,
+    gate_outcome,
+    next_status,
+    outcome,
+    parse_feedback,
+    report_details,
+    stored_report,
+    success_signal,
+)
 from agent.controller.errors import BadRequest
 
 STATES = ("open", "running", "canceling", *TERMINAL)
@@ -65,3 +77,38 @@ def test_parse_feedback_refuses(body: dict) -> None:
 def test_outcome_counts_every_state_for_the_gate() -> None:
     assert [outcome(s) for s in STATES] == ["pending", "running", "running", "success", "failure", "canceled"]
     assert outcome("unheard-of") == "pending"
+
+
+@pytest.mark.parametrize(("attributes", "signal"), [
+    ({"edgeops.compatible": "x", "edgeops.board": "sim"}, "commit"),  # the edgeops agent
+    ({"product": "Terminator"}, "write"),  # rauc-hawkbit-updater's [device] section
+    ({"product": "T", "edgeops.success_after": "commit"}, "commit"),  # a client that declares it
+    ({"edgeops.success_after": "write"}, "write"),
+    ({"version": "1.0"}, "write"),
+    ({}, "write"),
+])
+def test_success_signal(attributes: dict[str, str], signal: str) -> None:
+    assert success_signal(attributes) == signal
+
+
+@pytest.mark.parametrize(("status", "after", "require", "expected"), [
+    ("success", "commit", True, "success"),
+    ("success", "write", True, "running"),  # written, not yet known to boot
+    ("success", "", True, "running"),  # reported before the controller recorded the signal
+    ("success", "write", False, "success"),
+    ("failure", "write", True, "failure"),
+    ("open", "", True, "pending"),
+])
+def test_gate_outcome(status: str, after: str, require: bool, expected: str) -> None:
+    assert gate_outcome(status, after, require) == expected
+
+
+def test_stored_report_is_bounded() -> None:
+    body = {"status": {"execution": "proceeding", "code": 7, "details": ["é" * 10_000] * 100,
+                       "result": {"finished": "none", "progress": {"cnt": 1, "of": 2}}}}
+    stored = stored_report(body, "proceeding", "none")
+    assert len(stored.encode()) <= MAX_REPORT
+    doc = json.loads(stored)
+    assert doc["code"] == 7 and doc["progress"] == {"cnt": 1, "of": 2} and doc["details"]
+    with pytest.raises(BadRequest):
+        report_details({"status": {"execution": "closed", "details": 5}})

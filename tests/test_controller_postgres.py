@@ -96,3 +96,66 @@ def test_two_controllers_share_one_database(pg_url: str, tmp_path: Path, pki: Ke
     finally:
         a.stop()
         b.stop()
+
+
+def _fresh_database(pg_url: str, name: str) -> str:
+    """A new, empty database on the throwaway server; its URL."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return pg_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def test_postgres_keeps_token_digests_and_migrates_plaintext(pg_url: str, tmp_path: Path) -> None:
+    import psycopg
+
+    from agent.controller.db import SCHEMA_VERSION, open_database
+    from agent.controller.fleet import Fleet
+    from tests.test_controller_secrets import V1_SCHEMA
+
+    url = _fresh_database(pg_url, "v1fleet")
+    with psycopg.connect(url, autocommit=True) as conn:  # what a version-1 controller left
+        for stmt in V1_SCHEMA.replace("{pk}", "BIGSERIAL PRIMARY KEY").split(";"):
+            if stmt.strip():
+                conn.execute(stmt)  # type: ignore[call-overload]
+        conn.execute("INSERT INTO devices (id, token, created) VALUES ('old', 'plain-old-token', 0)")
+        conn.execute("INSERT INTO kv (k, v) VALUES ('api_token', 'plain-operator')")
+    db = open_database(url)
+    try:
+        fleet = Fleet(db, tmp_path / "data")
+        fleet.authenticate("old", "plain-old-token")
+        new = fleet.add_device("new")
+        fleet.authenticate("new", new)
+        stored = {r[0] for r in db.query("SELECT token FROM devices")} | {
+            r[0] for r in db.query("SELECT v FROM kv")}
+        assert not stored & {"plain-old-token", new, "plain-operator"}
+        assert db.query("SELECT v FROM kv WHERE k = 'schema'") == [(str(SCHEMA_VERSION),)]
+    finally:
+        db.close()
+
+
+def test_postgres_damage_is_refused_and_an_unreachable_server_is_one_line(pg_url: str) -> None:
+    import psycopg
+
+    from agent.controller.db import open_database
+    from agent.controller.errors import DatabaseRefused
+    from agent.errors import TransportError
+    from tests.conftest import run_cli
+
+    url = _fresh_database(pg_url, "halfgone")
+    open_database(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE devices")  # a controller database that lost a table
+    with pytest.raises(DatabaseRefused, match="not 'devices'"):
+        open_database(url)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"postgresql://edgeops@127.0.0.1:{s.getsockname()[1]}/postgres"
+    with pytest.raises(TransportError, match="cannot reach the database"):
+        open_database(dead)
+    r = run_cli("controller", "serve", "--db", dead.replace("edgeops@", "edgeops:secret@"),
+                "--data", "/nonexistent-unused")
+    assert r.returncode == 40 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "secret" not in r.stderr and "***" in r.stderr

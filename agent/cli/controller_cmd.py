@@ -2,6 +2,7 @@
 
     edgeops controller serve [--db URL] [--listen 127.0.0.1:PORT] [--parent URL] [--keyring ROOT.crt]
                              [--tls-cert F --tls-key F [--device-ca DIR [--cert-lifetime S]]]
+                             [--init] [--reuse-port] [--max-connections N]
     edgeops controller device list|add|tag|revoke     edgeops controller group list|add
     edgeops controller bundle list|upload      edgeops controller deploy (--device|--group|--percent)
     edgeops controller rollout create|status|pause|resume|halt|cancel
@@ -33,7 +34,8 @@ def register(sub: Any) -> None:
     s.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
     s.add_argument("--parent", help="regional mode: the parent controller's URL")
     s.add_argument("--keyring", type=Path, help="the fleet's root certificates (PEM)")
-    s.add_argument("--tenant", default="DEFAULT")
+    s.add_argument("--tenant", default="DEFAULT",
+                   help="the hawkBit tenant in DDI paths (default DEFAULT; compared without case)")
     s.add_argument("--poll-sleep", type=int, default=30, help="seconds devices wait between polls")
     s.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN"),
                    help="operator bearer token (default: generated once, kept in the database)")
@@ -44,6 +46,14 @@ def register(sub: Any) -> None:
                         "devices must use client certificates from it (mTLS); needs --tls-cert")
     s.add_argument("--cert-lifetime", type=int, default=24 * 3600,
                    help="seconds a device certificate issued by identity/renew lives (default 86400)")
+    s.add_argument("--init", action="store_true",
+                   help="make a new database in an existing empty --db file (a missing file is "
+                        "always created; an existing damaged or empty one is otherwise refused)")
+    s.add_argument("--reuse-port", action="store_true",
+                   help="share the port with other controller processes (SO_REUSEPORT); only for "
+                        "processes that share one database (PostgreSQL, or one SQLite file)")
+    s.add_argument("--max-connections", type=int,
+                   help="at most this many connections (default: as many as the file limit allows)")
     s.set_defaults(func=_serve)
 
     def api_cmd(parser: Any, name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
@@ -101,6 +111,9 @@ def register(sub: Any) -> None:
     c.add_argument("--success-threshold", type=float, default=0.95)
     c.add_argument("--error-threshold", type=float, default=0.2)
     c.add_argument("--window", type=float, default=3600.0, help="seconds a wave may take")
+    c.add_argument("--require-commit", action="store_true",
+                   help="count only successes reported after a committed trial boot (edgeops agents), "
+                        "not those reported once the image is written (rauc-hawkbit-updater)")
     st = api_cmd(ro, "status", "show a rollout (or all)",
                  lambda a: _call(a, "GET", f"/rollouts/{a.id}" if a.id else "/rollouts"))
     st.add_argument("id", nargs="?", type=int)
@@ -145,50 +158,58 @@ def _upload(a: argparse.Namespace) -> int:
 
 def _rollout_create(a: argparse.Namespace) -> int:
     policy = {"canary_percent": a.canary_percent, "success_threshold": a.success_threshold,
-              "error_threshold": a.error_threshold, "window": a.window}
+              "error_threshold": a.error_threshold, "window": a.window,
+              "require_commit": a.require_commit}
     return _call(a, "POST", "/rollouts", {"bundle": a.bundle, "group": a.group, "percent": a.percent,
                                           "policy": policy})
 
 
 def _serve(a: argparse.Namespace) -> int:
-    import asyncio
-    import secrets
-
-    from aiohttp import web
-
+    from agent.controller import operator_token, serve
     from agent.controller.app import build_app
+    from agent.controller.connections import raise_file_limit
     from agent.controller.db import open_database
     from agent.controller.fleet import Fleet
-    from agent.controller.http import Settings
+    from agent.controller.http import GUARD, TENANT_NAME, TENANT_RULE, Settings
 
     host, _, port = a.listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen {a.listen!r} is not HOST:PORT")
+    if a.max_connections is not None and a.max_connections < 2:
+        raise UsageError("--max-connections must be at least 2")
+    if not TENANT_NAME.match(a.tenant):
+        raise UsageError(f"--tenant {a.tenant[:64]!r}: {TENANT_RULE}")
     ca, ctx = _tls(a)  # before the database: a usage error should leave nothing behind
-    db = open_database(a.db)
+    os.umask(0o077)  # the database, its -wal/-shm and every file beside them: this user's only
+    db = open_database(a.db, init=a.init)
     data = a.data or (Path(a.db).resolve().parent / "controller-data" if "://" not in a.db else None)
     if data is None:
         raise UsageError("with a PostgreSQL --db, give --data: a directory all controller processes share")
     fleet = Fleet(db, data, keyring_pem=a.keyring.read_bytes() if a.keyring else None)
     if a.token:
-        token, said = a.token, "operator token from --token / $EDGEOPS_CONTROLLER_TOKEN"
+        digest, said = "", "operator token from --token / $EDGEOPS_CONTROLLER_TOKEN"
     else:
-        token, fresh = _stored_token(db, secrets.token_urlsafe(24))
-        said = _token_file(fleet.data_dir, token, fresh)
-    settings = Settings(api_token=token, tenant=a.tenant, poll_sleep=a.poll_sleep, parent=a.parent,
-                        device_ca=ca, ssl_context=ctx, cert_lifetime=a.cert_lifetime)
-    scheme = "https" if ctx is not None else "http"
+        stored = operator_token.load_or_create(db, fleet.data_dir)
+        digest, said = stored.digest, stored.said
+    settings = Settings(api_token=a.token or "", api_token_sha256=digest, tenant=a.tenant,
+                        poll_sleep=a.poll_sleep, parent=a.parent, device_ca=ca, ssl_context=ctx,
+                        cert_lifetime=a.cert_lifetime, max_connections=a.max_connections)
+    raise_file_limit()  # before build_app: the connection cap is derived from the file limit
+    app = build_app(fleet, settings)
     mode = "; devices need client certificates (mTLS)" if ca is not None else ""
-    print(f"edgeops controller on {scheme}://{host}:{port} (db {a.db}){mode}; {said}",
-          file=sys.stderr, flush=True)
-    try:
-        import uvloop
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
-    web.run_app(build_app(fleet, settings), host=host, port=int(port), access_log=None,
-                print=None, reuse_port=True, ssl_context=ctx)
+    def started(site: serve.GuardedSite) -> None:
+        guard = app[GUARD]
+        print(f"edgeops controller on {site.name} (db {a.db}){mode}; at most "
+              f"{guard.max_connections} connections ({guard.max_unauthenticated} not yet "
+              f"authenticated); {said}", file=sys.stderr, flush=True)
+
+    try:
+        serve.run(app, host, int(port), reuse_port=a.reuse_port, started=started)
+    except OSError as exc:
+        hint = ("another process holds this port: stop it or choose another --listen; "
+                "controllers that share one database may all take it with --reuse-port")
+        raise TransportError(f"cannot listen on {a.listen}: {exc.strerror or exc}", hint=hint) from None
     return 0
 
 
@@ -226,22 +247,3 @@ def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
         return ca, ca.server_context(a.tls_cert, a.tls_key, require_client_cert=False)
     except (ssl.SSLError, OSError) as exc:
         raise UsageError(f"cannot load the TLS certificate, key or device CA: {exc}") from None
-
-
-def _stored_token(db: Any, fresh: str) -> tuple[str, bool]:
-    with db.tx():
-        rows = db.query("SELECT v FROM kv WHERE k = 'api_token'")
-        if rows:
-            return str(rows[0][0]), False
-        db.execute("INSERT INTO kv (k, v) VALUES ('api_token', ?)", [fresh])
-    return fresh, True
-
-
-def _token_file(data: Path, token: str, fresh: bool) -> str:
-    """The generated token goes to a 0600 file, not to logs (stderr often ends up in a journal)."""
-    from agent.adapters.fsutil import SECRET, atomic_write
-
-    path = data / "operator.token"
-    if fresh or not path.exists():
-        atomic_write(path, token + "\n", mode=SECRET)  # Fleet() has made the directory
-    return f"operator token in {path}" + (" (new)" if fresh else "")

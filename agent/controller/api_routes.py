@@ -7,15 +7,30 @@ in docs/fleet-controller.md. Handlers parse and answer; the work is ``Fleet``'s.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from aiohttp import web
 
 from agent.controller import rollout
-from agent.controller.errors import BadRequest, NotFound
-from agent.controller.http import FLEET, REQUESTS, SETTINGS, read_json
+from agent.controller.errors import BadRequest, NotFound, RequestTimeout
+from agent.controller.http import (
+    FLEET,
+    REQUESTS,
+    SETTINGS,
+    body_id,
+    opt_number,
+    opt_object,
+    opt_text,
+    path_id,
+    query_id,
+    read_json,
+    text,
+    texts,
+)
 
 API = "/api/v1"
+_FILENAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
 
 def add_routes(app: web.Application) -> None:
@@ -45,14 +60,15 @@ async def api_devices(request: web.Request) -> web.Response:
 
 async def api_add_device(request: web.Request) -> web.Response:
     b = await read_json(request)
-    token = request.app[FLEET].add_device(str(b.get("id", "")), token=b.get("token"),
-                                          site=str(b.get("site", "")), tags=list(b.get("tags", [])))
-    return web.json_response({"id": b["id"], "token": token}, status=201)
+    did = text(b, "id")
+    token = request.app[FLEET].add_device(did, token=opt_text(b, "token", limit=1024),
+                                          site=text(b, "site"), tags=texts(b, "tags", limit=100))
+    return web.json_response({"id": did, "token": token}, status=201)
 
 
 async def api_tag_device(request: web.Request) -> web.Response:
-    tags = (await read_json(request)).get("tags", [])
-    return web.json_response({"tags": request.app[FLEET].tag_device(request.match_info["id"], list(tags))})
+    tags = texts(await read_json(request), "tags", limit=100)
+    return web.json_response({"tags": request.app[FLEET].tag_device(request.match_info["id"], tags)})
 
 
 async def api_revoke_device(request: web.Request) -> web.Response:
@@ -72,7 +88,7 @@ async def api_groups(request: web.Request) -> web.Response:
 
 async def api_add_group(request: web.Request) -> web.Response:
     b = await read_json(request)
-    request.app[FLEET].add_to_group(str(b.get("name", "")), list(b.get("devices", [])))
+    request.app[FLEET].add_to_group(text(b, "name"), texts(b, "devices"))
     return web.json_response({"groups": request.app[FLEET].groups()}, status=201)
 
 
@@ -84,23 +100,30 @@ async def api_bundles(request: web.Request) -> web.Response:
 async def api_upload(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
     filename = request.query.get("filename", "bundle.edgeops")
-    if "/" in filename or filename.startswith("."):
-        raise BadRequest("filename must be a plain file name")
-    reader = _StreamFile(request.content, asyncio.get_running_loop())
+    if not _FILENAME.match(filename):
+        raise BadRequest("filename must be a plain file name: 1-128 letters, digits, '.', '_', '-', "
+                         "not starting with '.'")
+    reader = _StreamFile(request.content, asyncio.get_running_loop(),
+                         request.app[SETTINGS].body_timeout)
     # Verification reads the whole bundle; run it off the event loop so polls keep flowing.
     info = await asyncio.to_thread(fleet.upload_bundle, reader, filename)  # type: ignore[arg-type]
     return web.json_response(info.to_dict(), status=201)
 
 
 class _StreamFile:
-    """A blocking read() over the request body, for a worker thread."""
+    """A blocking read() over the request body, for a worker thread. Each read must bring data
+    within ``timeout`` seconds: an upload that stalls is dropped (408), not held open."""
 
-    def __init__(self, content: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self._content, self._loop = content, loop
+    def __init__(self, content: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._content, self._loop, self._timeout = content, loop, timeout
 
     def read(self, n: int = -1) -> bytes:
-        fut = asyncio.run_coroutine_threadsafe(self._content.read(n), self._loop)
-        data: bytes = fut.result()
+        fut = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(self._content.read(n), self._timeout), self._loop)
+        try:
+            data: bytes = fut.result()
+        except TimeoutError:
+            raise RequestTimeout(f"the upload stalled for {self._timeout:g} s") from None
         return data
 
 
@@ -109,34 +132,25 @@ async def api_deploy(request: web.Request) -> web.Response:
     """One device, a group, or a percentage of the fleet; one wave, no gate (see /rollouts)."""
     b = await read_json(request)
     fleet = request.app[FLEET]
-    targets = fleet.resolve_targets(device=b.get("device"), group=b.get("group"),
-                                    percent=_opt_float(b.get("percent")))
-    rid = fleet.create_rollout(int(b.get("bundle", 0)), targets, rollout.Policy(canary_percent=100),
-                               name=str(b.get("name", "")))
+    bundle = body_id(b, "bundle")
+    targets = fleet.resolve_targets(device=opt_text(b, "device"), group=opt_text(b, "group"),
+                                    percent=opt_number(b, "percent"))
+    rid = fleet.create_rollout(bundle, targets, rollout.Policy(canary_percent=100), name=text(b, "name"))
     return web.json_response(fleet.rollout_status(rid), status=201)
 
 
 async def api_create_rollout(request: web.Request) -> web.Response:
     b = await read_json(request)
     fleet = request.app[FLEET]
-    targets = fleet.resolve_targets(group=b.get("group"), percent=_opt_float(b.get("percent")))
-    policy = rollout.Policy.from_dict(b.get("policy", {}))
-    rid = fleet.create_rollout(int(b.get("bundle", 0)), targets, policy, name=str(b.get("name", "")))
+    bundle = body_id(b, "bundle")
+    targets = fleet.resolve_targets(group=opt_text(b, "group"), percent=opt_number(b, "percent"))
+    policy = rollout.Policy.from_dict(opt_object(b, "policy"))
+    rid = fleet.create_rollout(bundle, targets, policy, name=text(b, "name"))
     return web.json_response(fleet.rollout_status(rid), status=201)
 
 
-def _opt_float(v: Any) -> float | None:
-    try:
-        return None if v is None else float(v)
-    except (TypeError, ValueError):
-        raise BadRequest("percent must be a number") from None
-
-
 def _rid(request: web.Request) -> int:
-    try:
-        return int(request.match_info["rid"])
-    except ValueError:
-        raise NotFound("rollout ids are numbers") from None
+    return path_id(request, "rid", "rollout")
 
 
 async def api_rollouts(request: web.Request) -> web.Response:
@@ -157,9 +171,8 @@ async def api_halt_all(request: web.Request) -> web.Response:
 
 
 async def api_actions(request: web.Request) -> web.Response:
-    rid = request.query.get("rollout")
     return web.json_response({"actions": request.app[FLEET].actions(
-        device=request.query.get("device"), rollout_id=int(rid) if rid else None)})
+        device=request.query.get("device"), rollout_id=query_id(request, "rollout"))})
 
 
 # --- metrics ----------------------------------------------------------------------------------

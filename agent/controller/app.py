@@ -12,17 +12,21 @@ import collections
 from aiohttp import web
 
 from agent.controller import api_routes, ddi_routes, tasks
+from agent.controller.connections import ConnectionGuard, file_limit
 from agent.controller.fleet import Fleet
 from agent.controller.http import (
     FLEET,
+    GUARD,
     REQUESTS,
     SEEN,
     SETTINGS,
     WAITERS,
     Settings,
     auth_mw,
+    connection_mw,
     errors_mw,
     mtls_mw,
+    tenant_mw,
 )
 from agent.controller.regional import Regional
 
@@ -30,8 +34,10 @@ from agent.controller.regional import Regional
 def build_app(fleet: Fleet, settings: Settings) -> web.Application:
     if settings.device_ca is not None and settings.parent:
         raise ValueError("a regional controller forwards TargetTokens upstream: no --device-ca")
-    # errors_mw outermost: refusals from mtls_mw and auth_mw get the same JSON error body.
-    app = web.Application(middlewares=[errors_mw, mtls_mw, auth_mw], client_max_size=1 << 20)
+    # errors_mw outside mtls_mw and auth_mw: their refusals get the same JSON error body.
+    app = web.Application(middlewares=[connection_mw, errors_mw, tenant_mw, mtls_mw, auth_mw],
+                          client_max_size=1 << 20)
+    app[GUARD] = ConnectionGuard.for_file_limit(file_limit(), settings.max_connections)
     app[FLEET] = fleet
     app[SETTINGS] = settings
     app[SEEN] = {}

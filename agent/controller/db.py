@@ -8,22 +8,41 @@ does not need because ``BEGIN IMMEDIATE`` already serialises writers.
 
 Several controller processes may share one PostgreSQL database: every state
 change runs in one transaction, and the rollout gate locks its rollout row.
+
+The schema carries a version (kv ``schema``); ``prepare`` brings an older database up to
+``SCHEMA_VERSION`` in one transaction when it is opened (``MIGRATIONS``).
+
+Damage is refused, never papered over (``DatabaseRefused``, one line, exit 20): a new
+database is made only where none exists (no file; on PostgreSQL, none of our tables), or
+in an empty file when the operator says ``init``. An existing file that is empty, fails
+SQLite's ``quick_check``, is not SQLite at all, or lacks the controller's tables is not
+touched. (Starting an empty fleet over a damaged one would turn every device away with 401.) The SQLite file
+and the ``-wal``/``-shm`` files SQLite makes beside it (which take the main file's mode)
+are private to the controller's user: the file is created 0600, and tightened to 0600 if
+an older controller left it readable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.controller.errors import BadRequest
+from agent.adapters.fsutil import fsync_dir
+from agent.controller import tokens
+from agent.controller.errors import BadRequest, DatabaseRefused
+from agent.errors import TransportError
 
 Row = tuple[Any, ...]
-
+SCHEMA_VERSION = 3
+REQUIRED = ("devices", "actions", "kv")  # tables every controller database has had since version 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, token TEXT NOT NULL, site TEXT NOT NULL DEFAULT '',
@@ -46,13 +65,15 @@ CREATE TABLE IF NOT EXISTS rollout_targets (
 CREATE TABLE IF NOT EXISTS actions (
     id {pk}, device_id TEXT NOT NULL, bundle_id BIGINT NOT NULL, rollout_id BIGINT,
     wave INTEGER, status TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,
-    updated DOUBLE PRECISION NOT NULL, detail TEXT NOT NULL DEFAULT '');
+    updated DOUBLE PRECISION NOT NULL, detail TEXT NOT NULL DEFAULT '',
+    success_after TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS actions_device ON actions (device_id, status);
 CREATE INDEX IF NOT EXISTS actions_rollout ON actions (rollout_id, wave);
 CREATE TABLE IF NOT EXISTS feedback (
     id {pk}, action_id BIGINT NOT NULL, device_id TEXT NOT NULL, execution TEXT NOT NULL,
     finished TEXT NOT NULL, body TEXT NOT NULL, received DOUBLE PRECISION NOT NULL, idem_key TEXT);
 CREATE INDEX IF NOT EXISTS feedback_key ON feedback (device_id, idem_key);
+CREATE INDEX IF NOT EXISTS feedback_action ON feedback (action_id, id);
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS mirror_docs (
     device_id TEXT NOT NULL, path TEXT NOT NULL, body TEXT NOT NULL,
@@ -62,6 +83,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     id {pk}, device_id TEXT NOT NULL, path TEXT NOT NULL, method TEXT NOT NULL,
     body TEXT NOT NULL, created DOUBLE PRECISION NOT NULL);
 """
+
+
+TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
 
 
 class Database(Protocol):
@@ -75,24 +99,157 @@ class Database(Protocol):
     def close(self) -> None: ...
 
 
+# --- schema versions -----------------------------------------------------------------------------
+def _v2_token_digests(db: Database) -> None:
+    """Version 1 kept every device token and the operator token in plaintext."""
+    for device_id, token in db.query("SELECT id, token FROM devices"):
+        db.execute("UPDATE devices SET token = ? WHERE id = ?", [tokens.digest(token), device_id])
+    for (token,) in db.query("SELECT v FROM kv WHERE k = 'api_token'"):
+        db.execute("INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                   [tokens.OPERATOR_KEY, tokens.digest(token)])
+    db.execute("DELETE FROM kv WHERE k = 'api_token'")
+
+
+def _v3_success_after(db: Database) -> None:
+    """What a success meant (actions.success_signal): 'commit' or 'write'; '' before version 3."""
+    db.execute("ALTER TABLE actions ADD COLUMN success_after TEXT NOT NULL DEFAULT ''")
+
+
+# MIGRATIONS[n] takes a database from version n + 1 to n + 2 (version 1 had no 'schema' row).
+MIGRATIONS: list[Callable[[Database], None]] = [_v2_token_digests, _v3_success_after]
+assert len(MIGRATIONS) == SCHEMA_VERSION - 1
+
+
+def schema_statements(pk: str) -> list[str]:
+    return [stmt for stmt in SCHEMA.replace("{pk}", pk).split(";") if stmt.strip()]
+
+
+def prepare(db: Database, pk: str, *, fresh: bool) -> int:
+    """Create the schema (``fresh``) or migrate it to ``SCHEMA_VERSION``; returns the version the
+    database had (0 for a fresh one). One transaction: a crash leaves the old version whole."""
+    with db.tx():
+        if db.dialect == "postgresql":  # several processes may start at once
+            db.query("SELECT pg_advisory_xact_lock(4242)")
+        if fresh:
+            had = 0
+        else:
+            rows = db.query("SELECT v FROM kv WHERE k = 'schema'")
+            had = int(rows[0][0]) if rows else 1
+            if had > SCHEMA_VERSION:
+                raise DatabaseRefused(f"the database has schema version {had}; this controller "
+                                      f"knows {SCHEMA_VERSION}", hint="run the newer edgeops that wrote it")
+            for step in MIGRATIONS[had - 1:]:
+                step(db)
+        for stmt in schema_statements(pk):  # IF NOT EXISTS: adds what a migration did not
+            db.execute(stmt)
+        db.execute("INSERT INTO kv (k, v) VALUES ('schema', ?) ON CONFLICT (k) DO UPDATE SET "
+                   "v = excluded.v", [str(SCHEMA_VERSION)])
+    return had
+
+
+def _private(path: Path) -> None:
+    """Tighten a database file (and its -wal/-shm) that an older controller left readable."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_mode & 0o077:
+                p.chmod(0o600)
+
+
+SQLITE_PK = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+
 @dataclass
 class SqliteDatabase:
     """One connection guarded by a lock: the aiohttp loop and test threads may share it."""
 
     path: Path
+    init: bool = False  # an existing empty file (or SQLite file with no tables) may become a new one
     dialect: str = "sqlite"
     for_update: str = ""
+    _building: bool = field(default=False, repr=False)  # the temporary file of _create
 
     def __post_init__(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = self._building
+        try:
+            if not self._building:
+                if not self.path.exists():
+                    self._create()
+                elif self.path.stat().st_size == 0:
+                    if not self.init:
+                        raise DatabaseRefused(f"the database {self.path} is empty (0 bytes)")
+                    self._create(replace_empty=True)
+                _private(self.path)
+        except OSError as exc:
+            raise DatabaseRefused(f"cannot open the database {self.path}: {exc.strerror or exc}",
+                                  hint="check the path and its permissions") from None
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL: a power cut loses at most the last commits, never corrupts.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
         self._lock = threading.RLock()
         self._depth = 0
-        self._db.executescript(SCHEMA.replace("{pk}", "INTEGER PRIMARY KEY AUTOINCREMENT"))
+        try:
+            self._db.execute("PRAGMA busy_timeout=5000")
+            if not fresh:  # read only, before anything (even the journal mode) is written
+                fresh = self._check()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a power cut loses at most the last commits, never corrupts.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA secure_delete=ON")  # a migration must leave no plaintext behind
+            had = prepare(self, SQLITE_PK, fresh=fresh)
+            self._db.execute("PRAGMA secure_delete=OFF")
+            if had == 1:  # old plaintext tokens: rewrite the file without them, and empty the WAL
+                self._db.execute("VACUUM")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.DatabaseError as exc:  # not SQLite, truncated, or damaged pages
+            self._db.close()
+            raise DatabaseRefused(f"the database {self.path} cannot be read: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _check(self) -> bool:
+        """An existing file: whole, and a controller's. Returns True for an empty SQLite database
+        that ``init`` allows to become a new one."""
+        problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise DatabaseRefused(f"the database {self.path} is damaged: {problems[0]}")
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and self.init:
+            return True
+        if not tables:
+            raise DatabaseRefused(f"the database {self.path} holds no tables")
+        missing = [t for t in REQUIRED if t not in tables]
+        if missing:
+            raise DatabaseRefused(f"{self.path} is not a controller database (no table {missing[0]!r})",
+                                  hint="check --db: this file belongs to something else")
+        return False
+
+    def _create(self, *, replace_empty: bool = False) -> None:
+        """A complete new database appears under ``path`` in one step, or not at all: it is built
+        in a 0600 file beside it (the -wal and -shm files take that mode) and linked into place,
+        so a process starting at the same moment never finds a half-made or empty file.
+        ``replace_empty``: put it in place of an empty file (``init``)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(f".{self.path.name}.new-{os.getpid()}-{threading.get_ident()}")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            SqliteDatabase(tmp, _building=True).close()  # the last close checkpoints the WAL
+            if replace_empty:
+                if self.path.stat().st_size == 0:  # still empty: nothing of anyone's is lost
+                    os.replace(tmp, self.path)
+            else:
+                self._link(tmp)
+            fsync_dir(self.path.parent)
+        finally:
+            for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+                p.unlink(missing_ok=True)
+
+    def _link(self, tmp: Path) -> None:
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:  # another process made it first: use theirs
+            pass
+        except OSError:  # a filesystem without hard links
+            if not self.path.exists():
+                os.rename(tmp, self.path)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._lock:
@@ -146,15 +303,24 @@ class PostgresDatabase:
         except ImportError:
             raise BadRequest("a PostgreSQL URL needs psycopg",
                              hint="pip install 'psycopg[binary]>=3.1'") from None
-        self._conn = psycopg.connect(url, autocommit=True)
+        try:
+            self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TransportError(f"cannot reach the database {_redacted(url)}: {first}") from None
         self._lock = threading.RLock()
         self._depth = 0
-        # Several processes may start at once: serialise schema creation.
-        with self._lock, self._conn.transaction():
-            self._conn.execute("SELECT pg_advisory_xact_lock(4242)")
-            for stmt in SCHEMA.replace("{pk}", "BIGSERIAL PRIMARY KEY").split(";"):
-                if stmt.strip():
-                    self._conn.execute(stmt)  # type: ignore[arg-type]
+        # None of our tables: a fresh database (prepare locks against a concurrent start). Some
+        # but not all of the ones every version had: damaged, or someone else's.
+        tables = {r[0] for r in self.query("SELECT table_name FROM information_schema.tables "
+                                           "WHERE table_schema = current_schema()")}
+        ours = tables & set(TABLES)
+        missing = [t for t in REQUIRED if t not in tables]
+        if ours and missing:
+            self._conn.close()
+            raise DatabaseRefused(f"the database {_redacted(url)} has some controller tables but "
+                                  f"not {missing[0]!r}: damaged, or not a controller's")
+        prepare(self, "BIGSERIAL PRIMARY KEY", fresh=not ours)
 
     @staticmethod
     def _sql(sql: str) -> Any:
@@ -196,11 +362,16 @@ class PostgresDatabase:
             self._conn.close()
 
 
-def open_database(url: str) -> Database:
-    """``sqlite:///path``, a bare path, or ``postgresql://…``."""
+def _redacted(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def open_database(url: str, *, init: bool = False) -> Database:
+    """``sqlite:///path``, a bare path, or ``postgresql://…``. ``init``: an existing empty SQLite
+    file may become a new database (otherwise it is refused; see the module docstring)."""
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresDatabase(url)
     path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
     if not path:
         raise BadRequest(f"database URL {url!r} names no file")
-    return SqliteDatabase(Path(path))
+    return SqliteDatabase(Path(path), init=init)

@@ -40,10 +40,13 @@ from agent.controller.http import (
     SEEN,
     SETTINGS,
     WAITERS,
-    base_url,
+    authenticated,
+    ddi_root,
+    path_id,
     read_json,
     sleep_text,
     target_token,
+    text,
 )
 from agent.core.identity import RENEW_PATH, CertTimes
 from agent.errors import CertificateRequired, WrongDevice
@@ -106,7 +109,7 @@ def _base_doc(request: web.Request) -> tuple[dict[str, Any], str]:
     cid = request.match_info["cid"]
     info = _poll(request, cid)
     request.app[SEEN][cid] = fleet.clock()
-    root = f"{base_url(request)}/{request.match_info['tenant']}/controller/v1/{cid}"
+    root = ddi_root(request)
     links: dict[str, Any] = {}
     if info.action_id is not None:
         # hawkBit adds a changing query parameter so caches never serve a stale action.
@@ -138,9 +141,12 @@ def _certified(request: web.Request, cid: str) -> None:
 def _poll(request: web.Request, cid: str) -> PollInfo:
     fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     if ca is None:
-        return fleet.poll(cid, target_token(request))
-    _certified(request, cid)
-    return fleet.poll_certified(cid)
+        info = fleet.poll(cid, target_token(request))
+    else:
+        _certified(request, cid)
+        info = fleet.poll_certified(cid)
+    authenticated(request)
+    return info
 
 
 def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
@@ -151,10 +157,8 @@ def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
     else:
         _certified(request, cid)
         fleet.require_device(cid)
-    try:
-        aid = int(request.match_info.get("aid", "0"))
-    except ValueError:
-        raise NotFound("action ids are numbers") from None
+    authenticated(request)
+    aid = path_id(request, "aid", "action") if "aid" in request.match_info else 0
     return fleet, cid, aid
 
 
@@ -175,7 +179,7 @@ async def ddi_deployment(request: web.Request) -> web.Response:
     status, bundle = fleet.action(cid, aid)
     if status not in ("open", "running"):
         raise NotFound(f"action {aid} is {status}")
-    root = f"{base_url(request)}/{request.match_info['tenant']}/controller/v1/{cid}"
+    root = ddi_root(request)
     return web.json_response(deployment_doc(root, aid, bundle))
 
 
@@ -203,17 +207,15 @@ async def ddi_config(request: web.Request) -> web.Response:
     data = body.get("data")
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise BadRequest("configData needs 'data': an object of strings")
-    fleet.set_attributes(cid, data, str(body.get("mode", "merge")))
+    fleet.set_attributes(cid, data, text(body, "mode", "merge"))
     return web.Response(status=200)
 
 
 async def ddi_artifact(request: web.Request) -> web.StreamResponse:
     request.app[REQUESTS]["artifact"] += 1
-    fleet, _cid, _ = _ddi_auth(request)
-    try:
-        bundle = fleet.bundle(int(request.match_info["mid"]))
-    except ValueError:
-        raise NotFound("software module ids are numbers") from None
+    fleet, cid, _ = _ddi_auth(request)
+    # hawkBit answers 404 unless the artifact belongs to an action assigned to this device
+    bundle = fleet.assigned_bundle(cid, path_id(request, "mid", "software module"))
     if bundle.filename != request.match_info["fn"]:
         raise NotFound(f"module {bundle.id} has no artifact {request.match_info['fn']!r}")
     # FileResponse answers Range requests with 206 and If-Range/ETag; bundles are signed, so
@@ -243,12 +245,16 @@ async def ddi_identity_renew(request: web.Request) -> web.Response:
         fleet.require_device(cid)
     else:
         fleet.authenticate(cid, target_token(request))
+        authenticated(request)
         ak, kind = body.get("ak_public_pem", ""), body.get("kind", "")
         if isinstance(ak, str) and ak and kind in ("tpm", "keystore"):
             enrol = (ak.encode(), str(kind))
     # File writes, fsync and a lock shared with other controller processes: off the event loop.
-    pem = await asyncio.to_thread(ca.issue_csr, cid, csr.encode(), now=fleet.clock(),
-                                  lifetime=s.cert_lifetime, enrol=enrol)
+    try:
+        pem = await asyncio.to_thread(ca.issue_csr, cid, csr.encode(), now=fleet.clock(),
+                                      lifetime=s.cert_lifetime, enrol=enrol)
+    except (ValueError, TypeError) as exc:  # e.g. an enrolment key that does not parse
+        raise BadRequest(f"identity/renew: {type(exc).__name__}: {exc}"[:300]) from None
     from cryptography import x509
 
     times = CertTimes.of(x509.load_pem_x509_certificate(pem))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.errors import EdgeopsError
+from agent.errors import DeviceError, EdgeopsError
 
 
 class ControllerError(EdgeopsError):
@@ -25,3 +25,21 @@ class NotFound(ControllerError):
 
 class Conflict(ControllerError):
     status = 409
+
+
+class RequestTimeout(ControllerError):
+    status = 408
+    hint = "send the whole request body promptly"
+
+
+class DatabaseRefused(DeviceError):
+    """The database exists but cannot be used: damaged, empty, or not a controller's (exit 20,
+    like a device's damaged journal: a service manager should not restart into it)."""
+
+    hint = ("restore it from a backup, or move it aside to start a new fleet; "
+            "'controller serve --init' makes a new database in an empty file")
+
+
+class TooLarge(ControllerError):
+    status = 413
+    hint = "send less: see docs/fleet-controller.md for the limits"

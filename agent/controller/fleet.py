@@ -8,21 +8,31 @@ the deployment before the gate has passed.
 
 The decisions live in pure modules beside this one, ``actions`` (what a feedback
 report does to an action) and ``rollout`` (waves and the health gate); ``bundles``
-puts verified bundle files on disk. What stays here is the SQL that applies them.
+puts verified bundle files on disk; ``retention`` bounds what devices can make us keep.
+What stays here is the SQL that applies them (about 440 lines: one class, so that every
+state change and its transaction can be read in one place).
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.controller import bundles, rollout
-from agent.controller.actions import TERMINAL, next_status, outcome, parse_feedback
+from agent.controller import bundles, rollout, tokens
+from agent.controller import retention as retention_
+from agent.controller.actions import (
+    TERMINAL,
+    gate_outcome,
+    next_status,
+    parse_feedback,
+    report_details,
+    stored_report,
+    success_signal,
+)
 from agent.controller.bundles import BundleInfo
 from agent.controller.db import Database
 from agent.controller.errors import BadRequest, Conflict, NotFound, Unauthorized
@@ -54,13 +64,16 @@ class Fleet:
     # --- devices and groups ----------------------------------------------------------------
     def add_device(self, device_id: str, *, token: str | None = None, site: str = "",
                    tags: Sequence[str] = ()) -> str:
+        """Register a device; returns its TargetToken, the only time anyone sees it (the database
+        keeps its SHA-256, ``tokens``)."""
         _check_name(device_id, "device id")
-        token = token or secrets.token_urlsafe(24)
+        token = token or tokens.new_token()
         with self.db.tx():
             if self.db.query("SELECT 1 FROM devices WHERE id = ?", [device_id]):
                 raise Conflict(f"device {device_id!r} exists")
             self.db.execute("INSERT INTO devices (id, token, site, tags, created) VALUES (?, ?, ?, ?, ?)",
-                            [device_id, token, site, json.dumps(sorted(set(tags))), self.clock()])
+                            [device_id, tokens.digest(token), site, json.dumps(sorted(set(tags))),
+                             self.clock()])
         return token
 
     def tag_device(self, device_id: str, tags: Sequence[str]) -> list[str]:
@@ -109,7 +122,7 @@ class Fleet:
 
     def authenticate(self, device_id: str, token: str) -> None:
         rows = self.db.query("SELECT token FROM devices WHERE id = ?", [device_id])
-        if not rows or not secrets.compare_digest(rows[0][0], token):
+        if not rows or not tokens.matches(token, rows[0][0]):
             raise Unauthorized("unknown controller id or wrong TargetToken")
 
     def touch(self, seen: dict[str, float]) -> None:
@@ -121,6 +134,7 @@ class Fleet:
     def set_attributes(self, device_id: str, data: dict[str, str], mode: str) -> None:
         if mode not in ("merge", "replace", "remove"):
             raise BadRequest(f"configData mode {mode!r} is not merge, replace or remove")
+        retention_.check_attributes(data)
         with self.db.tx():
             have: dict[str, str] = json.loads(self._device_row(device_id)[4])
             if mode == "merge":
@@ -129,16 +143,27 @@ class Fleet:
                 have = dict(data)
             else:
                 have = {k: v for k, v in have.items() if k not in data}
+            if len(have) > retention_.MAX_ATTRIBUTES:
+                raise BadRequest(f"a device has at most {retention_.MAX_ATTRIBUTES} configData attributes")
             self.db.execute("UPDATE devices SET attributes = ? WHERE id = ?", [json.dumps(have), device_id])
-            # edgeops agents report their running version as an attribute
-            version = data.get("edgeops.version", data.get("version"))
-            if version is not None and mode != "remove":
-                self.db.execute("UPDATE devices SET version = ? WHERE id = ?", [version, device_id])
+            if mode == "remove":
+                return
+            # The running version comes from feedback (closed/success of a deployment) and from
+            # the edgeops agent's own 'edgeops.version' (the version of the slot it booted). A
+            # plain 'version' attribute is only an attribute: SWUpdate re-sends its identify
+            # list at every start, and it must not undo a success reported since. It fills in
+            # a version the controller does not know yet, nothing more.
+            if "edgeops.version" in data:
+                self.db.execute("UPDATE devices SET version = ? WHERE id = ?",
+                                [data["edgeops.version"], device_id])
+            elif "version" in data:
+                self.db.execute("UPDATE devices SET version = ? WHERE id = ? AND version IS NULL",
+                                [data["version"], device_id])
 
     # --- DDI --------------------------------------------------------------------------------
     def poll(self, device_id: str, token: str) -> PollInfo:
         rows = self._poll_rows(device_id)
-        if not rows or not secrets.compare_digest(rows[0][0], token):
+        if not rows or not tokens.matches(token, rows[0][0]):
             raise Unauthorized("unknown controller id or wrong TargetToken")
         r = rows[0]
         return PollInfo(r[2], r[3], r[1] == "{}")
@@ -172,28 +197,47 @@ class Fleet:
 
     def feedback(self, device_id: str, action_id: int, body: dict[str, Any], *, cancel: bool = False,
                  key: str | None = None) -> None:
-        """Apply one DDI feedback. A report whose ``Idempotency-Key`` was seen is applied once."""
+        """Apply one DDI feedback. A report whose ``Idempotency-Key`` was seen is applied once.
+
+        What is kept is bounded (see docs/fleet-controller.md, "Retention"): a report on a
+        closed action is acknowledged and not stored (it cannot change anything); otherwise a
+        bounded copy (``actions.stored_report``) is stored and the action keeps its newest
+        ``retention.FEEDBACK_KEPT`` reports and its first failure."""
         execution, finished = parse_feedback(body)
+        stored = stored_report(body, execution, finished)
+        details = "; ".join(report_details(body))[:500]
+        key = retention_.idem_key(key)
         now = self.clock()
         with self.db.tx():
             status, _ = self.action(device_id, action_id)
+            if status in TERMINAL:
+                return
             if key and self.db.query("SELECT 1 FROM feedback WHERE device_id = ? AND idem_key = ?",
                                      [device_id, key]):
                 return
             self.db.insert("INSERT INTO feedback (action_id, device_id, execution, finished, body, received, "
                            "idem_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           [action_id, device_id, execution, finished, json.dumps(body), now, key])
+                           [action_id, device_id, execution, finished, stored, now, key])
+            retention_.trim_feedback(self.db, action_id, retention_.FEEDBACK_KEPT)
             new = next_status(status, execution, finished, cancel)
             if new == status:
                 return
             self.db.execute("UPDATE actions SET status = ?, updated = ?, detail = ? WHERE id = ?",
-                            [new, now, "; ".join(map(str, body.get("status", {}).get("details", [])))[:500],
-                             action_id])
+                            [new, now, details, action_id])
             if new == "success":
                 bundle = self.action(device_id, action_id)[1]
+                attributes = json.loads(self._device_row(device_id)[4])
                 self.db.execute("UPDATE devices SET version = ? WHERE id = ?", [bundle.version, device_id])
+                self.db.execute("UPDATE actions SET success_after = ? WHERE id = ?",
+                                [success_signal(attributes), action_id])
         if new in TERMINAL:
             self.tick()
+
+    def compact(self, retention: float = retention_.FEEDBACK_RETENTION,
+                batch: int = retention_.COMPACT_BATCH) -> int:
+        """See ``retention.compact``: one batch of closed actions, by this fleet's clock."""
+        return retention_.compact(self.db, self.clock() - retention, batch)
+
 
     # --- bundles ----------------------------------------------------------------------------
     def upload_bundle(self, stream: BinaryIO, filename: str) -> BundleInfo:
@@ -220,6 +264,16 @@ class Fleet:
             raise NotFound(f"no bundle {bundle_id}")
         r = rows[0]
         return BundleInfo(int(r[0]), r[1], r[2], r[3], r[4], r[5], int(r[6]), r[7], r[8])
+
+    def assigned_bundle(self, device_id: str, bundle_id: int) -> BundleInfo:
+        """A bundle this device may download: as in hawkBit, the newest of its actions for that
+        bundle exists and is not being (or has not been) canceled; otherwise NotFound, the
+        same answer as for a bundle that does not exist."""
+        rows = self.db.query("SELECT status FROM actions WHERE device_id = ? AND bundle_id = ? "
+                             "ORDER BY id DESC LIMIT 1", [device_id, bundle_id])
+        if not rows or rows[0][0] in ("canceling", "canceled"):
+            raise NotFound(f"no software module {bundle_id} is assigned to {device_id!r}")
+        return self.bundle(bundle_id)
 
     def bundles(self) -> list[BundleInfo]:
         return [self.bundle(r[0]) for r in self.db.query("SELECT id FROM bundles ORDER BY id")]
@@ -274,6 +328,11 @@ class Fleet:
         ids = [r[0] for r in self.db.query("SELECT device_id FROM rollout_targets WHERE rollout_id = ? "
                                            "AND wave = ? ORDER BY device_id", [rid, wave])]
         for d in ids:
+            # One assignment at a time, as hawkBit without multi-assignments: a new one cancels
+            # the device's open or running action (it sees cancelAction first, then the new
+            # deployment once it confirmed the cancel, or after finishing if it rejects it).
+            self.db.execute("UPDATE actions SET status = 'canceling', updated = ? WHERE device_id = ? "
+                            "AND status IN ('open', 'running')", [now, d])
             self.db.insert("INSERT INTO actions (device_id, bundle_id, rollout_id, wave, status, created, "
                            "updated) VALUES (?, ?, ?, ?, 'open', ?, ?)", [d, bundle_id, rid, wave, now, now])
         self.db.execute("UPDATE rollouts SET current_wave = ?, wave_started = ? WHERE id = ?",
@@ -293,10 +352,12 @@ class Fleet:
             status, policy_json, wave, waves, started, bundle_id = rows[0]
             if status != "running":
                 return
-            outcomes = {d: outcome(s) for d, s in self.db.query(
-                "SELECT device_id, status FROM actions WHERE rollout_id = ? AND wave = ?", [rid, wave])}
-            decision = rollout.evaluate(outcomes, policy=rollout.Policy.from_dict(json.loads(policy_json)),
-                                        wave_started=started, now=now, last_wave=wave + 1 >= waves)
+            policy = rollout.Policy.from_dict(json.loads(policy_json))
+            outcomes = {d: gate_outcome(s, after, policy.require_commit) for d, s, after in self.db.query(
+                "SELECT device_id, status, success_after FROM actions WHERE rollout_id = ? AND wave = ?",
+                [rid, wave])}
+            decision = rollout.evaluate(outcomes, policy=policy, wave_started=started, now=now,
+                                        last_wave=wave + 1 >= waves)
             if decision.verdict == "advance":
                 self._start_wave(rid, bundle_id, wave + 1, now)
             elif decision.verdict in ("pause", "complete"):
@@ -364,13 +425,14 @@ class Fleet:
         return ids
 
     def actions(self, *, device: str | None = None, rollout_id: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT id, device_id, bundle_id, rollout_id, wave, status, detail FROM actions WHERE 1 = 1"
+        sql = ("SELECT id, device_id, bundle_id, rollout_id, wave, status, detail, success_after "
+               "FROM actions WHERE 1 = 1")
         params: list[Any] = []
         if device is not None:
             sql, params = sql + " AND device_id = ?", [*params, device]
         if rollout_id is not None:
             sql, params = sql + " AND rollout_id = ?", [*params, rollout_id]
-        keys = ("id", "device", "bundle", "rollout", "wave", "status", "detail")
+        keys = ("id", "device", "bundle", "rollout", "wave", "status", "detail", "success_after")
         return [dict(zip(keys, r, strict=True)) for r in self.db.query(sql + " ORDER BY id", params)]
 
 

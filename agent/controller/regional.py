@@ -30,13 +30,23 @@ import aiohttp
 from aiohttp import web
 
 from agent.adapters.fsutil import atomic_file
-from agent.controller.errors import ControllerError, NotFound, Unauthorized
+from agent.controller.errors import ControllerError, NotFound, TooLarge, Unauthorized
 from agent.controller.fleet import Fleet
-from agent.controller.http import DDI, Settings, base_url, sleep_text
+from agent.controller.http import (
+    DDI,
+    Settings,
+    authenticated,
+    base_url,
+    parse_json,
+    read_body,
+    sleep_text,
+)
 
 log = logging.getLogger("edgeops.controller.regional")
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 MAX_DOC = 1 << 20  # a DDI document from the parent; artifacts are streamed, not read whole
+MAX_QUEUED = 200  # reports one device may have waiting for the parent
+MAX_QUEUED_BODY = 64 << 10  # bytes of one queued report
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -114,19 +124,20 @@ class Regional:
             raise Unauthorized("missing 'Authorization: TargetToken <token>'")
         known = self._auth_of(cid)
         if known is not None and secrets.compare_digest(known.encode(), auth.encode()):
+            authenticated(request)
             return auth
         # Unknown device or a new token: only the parent can vouch for it.
         await self._mirror_device(cid, auth)
         self.db.execute("INSERT INTO mirror_auth (device_id, auth) VALUES (?, ?) ON CONFLICT (device_id) "
                         "DO UPDATE SET auth = excluded.auth", [cid, auth])
+        authenticated(request)
         return auth
 
     # --- device-facing handlers ---------------------------------------------------------------
-    def _local_root(self, request: web.Request) -> str:
-        return f"{base_url(request)}/{request.match_info['tenant']}/controller/v1/{request.match_info['cid']}"
-
     def _localise(self, body: str, request: web.Request) -> str:
-        tenant = request.match_info["tenant"]
+        # The parent's links name the tenant this controller speaks upstream with (the path's
+        # tenant was checked against it by http.tenant_mw, and is never copied into links).
+        tenant = self.settings.tenant
         return body.replace(self.parent + f"/{tenant}/", base_url(request) + f"/{tenant}/")
 
     async def base(self, request: web.Request) -> web.Response:
@@ -156,12 +167,20 @@ class Regional:
     async def queue(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
         await self._check_device(request, cid)
-        body = await request.text()
+        raw = await read_body(request)
+        if len(raw) > MAX_QUEUED_BODY:
+            raise TooLarge(f"a report waiting for the parent may have at most {MAX_QUEUED_BODY} bytes")
+        doc = parse_json(raw)  # forwarded as it came, but only a well-formed JSON object
+        body = raw.decode()
         tail = request.path.split("/controller/v1/", 1)[1].split("/", 1)[1]
         with self.db.tx():
+            # the outbox is bounded per device: while the WAN is down, a device's own queue
+            # holds the rest (503 means "retry later" to a DDI client)
+            if self.db.query("SELECT COUNT(*) FROM outbox WHERE device_id = ?", [cid])[0][0] >= MAX_QUEUED:
+                raise ParentDown(f"{MAX_QUEUED} reports from {cid!r} are already waiting for the parent")
             self.db.insert("INSERT INTO outbox (device_id, path, method, body, created) "
                            "VALUES (?, ?, ?, ?, ?)", [cid, tail, request.method, body, self.fleet.clock()])
-            if request.method == "POST" and _finishes(body):
+            if request.method == "POST" and _finishes(doc):
                 self._put(cid, "closed/" + request.match_info["aid"], "1")
         self.wake.set()
         return web.Response(status=200)
@@ -169,10 +188,28 @@ class Regional:
     async def artifact(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["cid"]
         await self._check_device(request, cid)
-        sha = self._get("*", f"artifact/{request.match_info['mid']}/{request.match_info['fn']}")
+        mid, fn = request.match_info["mid"], request.match_info["fn"]
+        if not self._offered(cid, f"/softwaremodules/{mid}/artifacts/{fn}"):
+            raise NotFound(f"no software module {mid[:40]!r} is assigned to {cid!r} here")
+        sha = self._get("*", f"artifact/{mid}/{fn}")
         if sha is None or not (self.cache / sha).exists():
             raise NotFound("artifact is not mirrored here yet")
         return web.FileResponse(self.cache / sha)
+
+    def _offered(self, cid: str, tail: str) -> bool:
+        """The parent offered this device a deployment that lists this artifact (the parent
+        decided what is assigned to whom; the mirror keeps each device's documents apart)."""
+        rows = self.db.query("SELECT body FROM mirror_docs WHERE device_id = ? AND path LIKE "
+                             "'deploymentBase/%'", [cid])
+        for (body,) in rows:
+            try:
+                chunks = json.loads(body)["deployment"]["chunks"]
+                hrefs = [a["_links"]["download"]["href"] for c in chunks for a in c["artifacts"]]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if any(isinstance(h, str) and h.split("?", 1)[0].endswith(tail) for h in hrefs):
+                return True
+        return False
 
     async def status(self, request: web.Request) -> web.Response:
         pending = self.db.query("SELECT COUNT(*) FROM outbox")[0][0]
@@ -315,9 +352,6 @@ def _check_status(status: int, what: str) -> None:
         raise BadParentAnswer(f"parent answered {status} for {what}")
 
 
-def _finishes(body: str) -> bool:
-    try:
-        status = json.loads(body).get("status", {})
-    except (json.JSONDecodeError, AttributeError):
-        return False
+def _finishes(doc: dict[str, Any]) -> bool:
+    status = doc.get("status", {})
     return isinstance(status, dict) and status.get("execution") in ("closed", "canceled")

@@ -11,7 +11,10 @@ Between waves the gate decides (``evaluate``):
 - ``advance`` (or ``complete`` after the last wave) once successes reach
   ``success_threshold`` of the wave; success means the device reported
   ``closed/success``, which edgeops agents send only after the trial boot
-  committed the new slot;
+  committed the new slot, and rauc-hawkbit-updater as soon as the image is
+  written. With ``require_commit`` only the stronger signal counts: ``Fleet``
+  passes a success that did not come after a commit as ``running``
+  (``actions.gate_outcome``), so the wave cannot pass on written images alone;
 - ``pause`` when ``window`` seconds pass without reaching the threshold;
 - ``wait`` otherwise.
 """
@@ -44,6 +47,7 @@ class Policy:
     success_threshold: float = 0.95  # fraction of a wave that must commit
     error_threshold: float = 0.2  # fraction of a wave failing that pauses the rollout
     window: float = 3600.0  # seconds a wave may take to pass the gate
+    require_commit: bool = False  # count only successes reported after a committed trial
 
     def __post_init__(self) -> None:
         checks = [
@@ -57,7 +61,7 @@ class Policy:
             if not ok:
                 raise BadRequest(f"rollout policy: {message}")
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | bool]:
         return asdict(self)
 
     @classmethod
@@ -66,10 +70,14 @@ class Policy:
         unknown = set(d) - known
         if unknown:
             raise BadRequest(f"rollout policy: unknown keys {sorted(unknown)}")
+        flag = d.get("require_commit", False)
+        if not isinstance(flag, bool):
+            raise BadRequest("rollout policy: require_commit must be true or false")
         try:
-            return cls(**{k: float(v) for k, v in d.items()})
+            numbers = {k: float(v) for k, v in d.items() if k != "require_commit"}
         except (TypeError, ValueError):
             raise BadRequest("rollout policy values must be numbers") from None
+        return cls(**numbers, require_commit=flag)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

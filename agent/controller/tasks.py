@@ -1,4 +1,5 @@
-"""A controller process's background work: long-poll wake-ups, batched last-seen writes, gate ticks.
+"""A controller process's background work: long-poll wake-ups, batched last-seen writes, gate ticks,
+and the hourly compaction of closed actions' feedback (``Fleet.compact``).
 
 ``lifecycle`` is an aiohttp cleanup context (``app.build_app`` installs it): the periodic
 jobs start with the server and stop with it, and the last batch of poll times is written
@@ -15,8 +16,10 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from agent.controller.http import FLEET, SEEN, SETTINGS, WAITERS
+from agent.controller.retention import COMPACT_BATCH
 
 log = logging.getLogger("edgeops.controller")
+COMPACT_INTERVAL = 3600.0  # seconds between passes over closed actions' feedback
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -34,7 +37,8 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     app[FLEET].listeners.append(listener)
     tasks = [asyncio.create_task(_every(s.flush_interval, lambda: flush_seen(app))),
-             asyncio.create_task(_every(s.tick_interval, app[FLEET].tick))]
+             asyncio.create_task(_every(s.tick_interval, app[FLEET].tick)),
+             asyncio.create_task(_every(COMPACT_INTERVAL, lambda: _compact(app)))]
     yield
     for t in tasks:
         t.cancel()
@@ -52,6 +56,12 @@ def flush_seen(app: web.Application) -> None:
         batch = dict(seen)
         seen.clear()
         app[FLEET].touch(batch)
+
+
+def _compact(app: web.Application) -> None:
+    fleet = app[FLEET]
+    while fleet.compact(app[SETTINGS].feedback_retention) == COMPACT_BATCH:
+        pass  # a backlog (first run after an upgrade): keep going, one transaction per batch
 
 
 async def _every(interval: float, fn: Callable[[], None]) -> None:

@@ -3,7 +3,7 @@
     python tools/bench/controller.py [--devices 10000] [--seconds 5] [--workers 1]
 
 Starts ``edgeops controller serve`` (aiohttp + uvloop, SQLite WAL) on 127.0.0.1 with
---workers processes sharing the port (SO_REUSEPORT; default 1), registers --devices
+--workers processes sharing the port (--reuse-port, SO_REUSEPORT; default 1), registers --devices
 devices and gives 1 % of them an open deployment so polls exercise both answers.
 The load generator is this process: keep-alive HTTP/1.1 over asyncio streams (uvloop),
 closed loop, each connection polling as a distinct device with its TargetToken. It
@@ -50,6 +50,7 @@ def free_port() -> int:
 def prepare(data: Path, devices: int) -> list[tuple[str, str]]:
     from agent.controller.db import open_database
     from agent.controller.fleet import Fleet
+    from agent.controller.tokens import digest
 
     db = open_database(str(data / "c.db"))
     fleet = Fleet(db, data)
@@ -58,7 +59,8 @@ def prepare(data: Path, devices: int) -> list[tuple[str, str]]:
         for i in range(devices):
             did, token = f"dev{i:06d}", f"tok{i:06d}"
             db.execute("INSERT INTO devices (id, token, site, tags, attributes, created) "
-                       "VALUES (?, ?, ?, '[]', '{\"version\": \"1.0\"}', 0)", [did, token, f"s{i % 7}"])
+                       "VALUES (?, ?, ?, '[]', '{\"version\": \"1.0\"}', 0)",
+                       [did, digest(token), f"s{i % 7}"])
             creds.append((did, token))
         db.execute("INSERT INTO bundles (version, compatible, sha256, sha1, md5, size, filename, signer, "
                    "created) VALUES ('2.0', 'x', 'a', 'b', 'c', 1, 'f', 's', 0)")
@@ -129,7 +131,7 @@ def sweep(port: int, make: object, seconds: float) -> tuple[Result, list[Result]
 def start_server(data: Path, port: int, workers: int) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEOPS_CONTROLLER_TOKEN": "bench"}
     cmd = [sys.executable, "-m", "agent.cli", "controller", "serve", "--db", str(data / "c.db"),
-           "--listen", f"127.0.0.1:{port}"]
+           "--listen", f"127.0.0.1:{port}"] + (["--reuse-port"] if workers > 1 else [])
     procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL) for _ in range(workers)]
     end = time.monotonic() + 20
     while time.monotonic() < end:
