@@ -9,8 +9,8 @@ the deployment before the gate has passed.
 The decisions live in pure modules beside this one, ``actions`` (what a feedback
 report does to an action) and ``rollout`` (waves and the health gate); ``bundles``
 puts verified bundle files on disk; ``retention`` bounds what devices can make us keep.
-What stays here is the SQL that applies them (about 440 lines: one class, so that every
-state change and its transaction can be read in one place).
+What stays here is the SQL that applies them. Long because it is one class (about 440
+lines), so that every state change and its transaction can be read in one place.
 """
 
 from __future__ import annotations
