@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core import lifecycle
-from agent.errors import DeviceError
+from agent.errors import ConfigError, DeviceError
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -56,8 +56,8 @@ class HistoryRow:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
+        _state_dir(path.parent)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -172,6 +172,19 @@ class Journal:
         with self._tx():
             self._db.execute("UPDATE outbox SET sent=? WHERE id=?",
                              (time.time() if now is None else now, outbox_id))
+
+
+def _state_dir(d: Path) -> None:
+    """Create the state directory, or say in one line why it cannot be one (``state_dir =
+    "/dev/null"``, a file, an unwritable parent): a configuration error, not a traceback."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"state_dir {d} is not a directory",
+                              hint="set [device] state_dir to a directory on the data partition") from None
+        raise ConfigError(f"state_dir {d} cannot be created: {exc.strerror}",
+                          hint="set [device] state_dir to a writable directory") from None
 
 
 class _Tx:

@@ -1,4 +1,4 @@
-"""Agent configuration: ``agent.toml`` text in, frozen dataclasses out. Reads no files itself.
+"""Agent configuration: ``agent.toml`` text in, frozen dataclasses out. Only ``load`` reads (the file).
 
 Paths in the file are relative to the file's own directory, so a device
 folder (the sim board's, or an image staging tree) can be moved as a whole.
@@ -202,8 +202,18 @@ def _str(table: dict[str, Any], key: str, path: Path) -> str:
 
 def load(path: Path) -> AgentConfig:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}",
                           hint="pass --config FILE (a sim device has DIR/agent.toml)") from None
-    return parse(text, path.resolve())
+    return parse(decode(raw, path), path.resolve())
+
+
+def decode(raw: bytes, path: Path) -> str:
+    """The text of a config file; TOML is UTF-8 by definition, so anything else is refused here
+    with the byte that broke it (a file saved in Latin-1, or half of it overwritten)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x})",
+                          hint="save the file as UTF-8") from None

@@ -33,7 +33,7 @@ from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
 from agent.core.manifest import Manifest
 from agent.core.plan import InstallPlan, plan_install, plan_rollback
-from agent.errors import DeviceBusy, EdgeopsError, StateError
+from agent.errors import ConfigError, DeviceBusy, EdgeopsError, StateError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -252,7 +252,12 @@ class Updater:
 
     def _run_health(self) -> lifecycle.Event:
         """Probe until ``health.decide`` commits or reverts, or a technician decides first."""
-        policy = self.policy()
+        try:
+            policy = self.policy()
+        except ConfigError as exc:
+            # Checks that cannot run give no verdict to wait for; waiting would only mean an
+            # agent failing the same way at every start until the bootloader gives up.
+            return lifecycle.HealthFailed(f"health checks cannot run: {exc}")
         # The deadline counts from the first health run of this boot, so an agent
         # that keeps restarting mid-trial cannot extend it (CLOCK_MONOTONIC is per boot).
         boot_id = self.dev.runtime.boot_id()
