@@ -8,6 +8,7 @@ lets the shell "persist before acting".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -33,6 +34,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     body TEXT NOT NULL, sent REAL);
 """
 MAX_HISTORY = 10_000  # rows kept; older ones are pruned so the journal cannot fill the disk
+
+
+class JournalError(DeviceError):
+    """A journal transaction could not be made durable (a full disk, an I/O error). SQLite
+    rolled it back, so the journal still holds its last committed state."""
+
+    hint = "free space on the state partition (or check the disk); the journal kept its last state"
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,7 @@ class Journal:
                                  "(SELECT MAX(id) FROM history) - ?", (MAX_HISTORY,))
 
     def _tx(self) -> _Tx:
-        return _Tx(self._db)
+        return _Tx(self._db, self.path)
 
     # --- reads -----------------------------------------------------------------------------
     def slots(self) -> dict[str, SlotInfo]:
@@ -188,11 +196,31 @@ def _state_dir(d: Path) -> None:
 
 
 class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    """One ``BEGIN IMMEDIATE`` … ``COMMIT``; any SQLite failure (``database or disk is full``)
+    rolls back and becomes one ``JournalError`` line instead of a traceback."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
+        self._path = path
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error as failed:
+                exc = failed
+        # A failed COMMIT may already have rolled back: then there is nothing left to roll back.
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: sqlite3.Error) -> JournalError:
+        return JournalError(f"journal {self._path} cannot be written: {exc}")

@@ -33,7 +33,7 @@ from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
 from agent.core.manifest import Manifest
 from agent.core.plan import InstallPlan, plan_install, plan_rollback
-from agent.errors import ConfigError, DeviceBusy, EdgeopsError, StateError
+from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, StateError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -166,8 +166,7 @@ class Updater:
             try:
                 m, plan = self._prepare(reader)
             except Exception as exc:  # a bug must not leave a refusal unrecorded either
-                self.journal.record([lifecycle.History("refused", None, None, _why(exc))],
-                                    now=self.clock())
+                self._note_failure(lifecycle.History("refused", None, None, _why(exc)))
                 raise
             self._drive(lifecycle.Install(plan.target, plan.previous, m.version, m.security_version,
                                           self.dev.runtime.boot_id(), m.health))
@@ -181,13 +180,25 @@ class Updater:
                     path = dest[pr.payload.name]
                     written += slots.write(path, chunks, limit=slots.capacity(path))
             except Exception as exc:  # whatever broke the write, the journal must not stay WRITING
-                self._drive(lifecycle.WriteFailed(_why(exc)))
+                self._note_failure(lifecycle.WriteFailed(_why(exc)))
                 raise
             if (root := self.root()) is not None:
                 for p in m.payloads:  # measured once written and fsynced, before the trial is set
                     root.measure(f"install:{p.name}:{plan.target}", bytes.fromhex(p.sha256))
             self._drive(lifecycle.WriteDone())
             return InstallResult(m.version, plan.target, written, [p.name for p in m.payloads])
+
+    def _note_failure(self, what: lifecycle.History | lifecycle.WriteFailed) -> None:
+        """Record why an install stopped, if the journal can still be written. On a full disk it
+        cannot: the error that stopped the install is the one to report, and a WRITING phase
+        left behind is closed as "interrupted" by the next start (``Booted``, same boot)."""
+        try:
+            if isinstance(what, lifecycle.WriteFailed):
+                self._drive(what)
+            else:
+                self.journal.record([what], now=self.clock())
+        except DeviceError as exc:
+            self.messages.append(f"not recorded: {exc.one_line()}")
 
     def _prepare(self, reader: BundleReader) -> tuple[Manifest, InstallPlan]:
         """Verify, plan and check room before anything on the device changes (as RAUC's
