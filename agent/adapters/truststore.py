@@ -48,15 +48,18 @@ class TrustStore:
         self._keyring: trust.Keyring | None = None
 
     # --- judging a bundle ----------------------------------------------------------------------
-    def verify(self, head: Head, now: float, *, device_floor: bool = True) -> trust.Verdict:
+    def verify(self, head: Head, now: float, *, device_floor: bool = True, floor_at_least: int = 0,
+               time_at_least: int = 0) -> trust.Verdict:
         """Decide trust in a bundle's signed head with this device's keyring, CRLs and floor.
 
         Changes nothing on the device. ``device_floor=False`` leaves anti-rollback to the
         caller: a model has its own floor, which it can only look up once the signed
-        manifest has named the model.
+        manifest has named the model. ``floor_at_least`` and ``time_at_least`` are what the
+        journal's witness knows (agent.core.witness): a journal lost or replaced cannot take
+        the floor or the best-known time down with it.
         """
         pem = self.keyring_pem()
-        floor = self.journal.security_floor if device_floor else 0
+        floor = max(self.journal.security_floor, floor_at_least) if device_floor else 0
         if self.root is not None:
             self.root.check_keyring(pem)  # a keyring swapped on disk is refused before it is used
             if device_floor:
@@ -65,7 +68,7 @@ class TrustStore:
         facts = trust.DeviceFacts(
             compatible=self.compatible,
             security_floor=floor,
-            best_known_time=trust.best_known_time(now, self.journal.trusted_time),
+            best_known_time=trust.best_known_time(now, max(self.journal.trusted_time, time_at_least)),
         )
         crls = [*self.stored_crls(), *([head.crl] if head.crl else [])]
         return trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,

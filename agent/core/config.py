@@ -58,6 +58,9 @@ class AgentConfig:
     tpm: TpmSettings = TpmSettings()
     fleet: FleetConfig | None = None  # this file's [fleet], token_file not read yet
     models: dict[str, Any] = field(default_factory=dict)  # [models], read by agent.device.models
+    # the journal's witness (agent.core.witness); on another partition it survives the loss
+    # of the whole state directory. Default: STATE/witness.json
+    witness: Path | None = None
     # [health] parsed once, here: a bad table fails at load, and no health run parses it again
     health_policy: HealthPolicy = field(init=False, repr=False, compare=False)
 
@@ -71,6 +74,10 @@ class AgentConfig:
     @property
     def journal_path(self) -> Path:
         return self.state_dir / "journal.db"
+
+    @property
+    def witness_path(self) -> Path:
+        return self.witness if self.witness is not None else self.state_dir / "witness.json"
 
     def other_slot(self, slot: str) -> str:
         others = [s for s in self.slots if s != slot]
@@ -140,6 +147,7 @@ def parse(text: str, path: Path) -> AgentConfig:
             tpm=_tpm(doc, path),
             fleet=_fleet(doc, path),
             models=models,
+            witness=rel(dev["witness"], "device.witness") if "witness" in dev else None,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
 from agent.adapters import probes, rot, slots
@@ -33,7 +33,11 @@ from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
 from agent.core.manifest import Manifest
 from agent.core.plan import InstallPlan, plan_install, plan_rollback
-from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, StateError
+from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, JournalLost, StateError
+
+if TYPE_CHECKING:  # imported where used: only a device that checks its journal needs them
+    from agent.adapters.witness import WitnessFile
+    from agent.core.witness import Finding, Record
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -91,6 +95,9 @@ class Updater:
         self.rebooted = False
         self._override: tuple[dict[str, Any], health.HealthPolicy] | None = None
         self.verdicts = VerdictBox(self.cfg.state_dir)
+        self._witness: WitnessFile | None = None
+        self._finding: Finding | None = None
+        self._witnessed: Record | None = None  # the witness's record, as last read
 
     # --- locking ----------------------------------------------------------------------------
     @contextmanager
@@ -161,12 +168,15 @@ class Updater:
     def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None
                 ) -> InstallResult:
         with self.locked():
-            self._sync_boot()
+            lost = self._lost()
+            if lost is None:
+                self._sync_boot()
             reader = BundleReader(stream)
             try:
-                m, plan = self._prepare(reader)
+                m, plan = self._prepare(reader, lost)
             except Exception as exc:  # a bug must not leave a refusal unrecorded either
-                self._note_failure(lifecycle.History("refused", None, None, _why(exc)))
+                if lost is None:  # a journal that is not this device's is set aside by recovery
+                    self._note_failure(lifecycle.History("refused", None, None, _why(exc)))
                 raise
             self._drive(lifecycle.Install(plan.target, plan.previous, m.version, m.security_version,
                                           self.dev.runtime.boot_id(), m.health))
@@ -200,11 +210,19 @@ class Updater:
         except DeviceError as exc:
             self.messages.append(f"not recorded: {exc.one_line()}")
 
-    def _prepare(self, reader: BundleReader) -> tuple[Manifest, InstallPlan]:
+    def _prepare(self, reader: BundleReader, lost: JournalLost | None = None
+                 ) -> tuple[Manifest, InstallPlan]:
         """Verify, plan and check room before anything on the device changes (as RAUC's
-        do_install_bundle): a refusal leaves the journal's trusted time and CRLs as they were."""
+        do_install_bundle): a refusal leaves the journal's trusted time and CRLs as they were.
+        The floor and time the witness knows count too, and a lost journal refuses every
+        bundle: one below that floor as a rollback, any other until the journal is recovered."""
         store = TrustStore(self.cfg, self.journal, self.root())
-        verdict = store.verify(reader.read_head(), self.clock())
+        seen = self._witnessed
+        verdict = store.verify(reader.read_head(), self.clock(),
+                               floor_at_least=seen.security_floor if seen else 0,
+                               time_at_least=seen.trusted_time if seen else 0)
+        if lost is not None:
+            raise lost
         plan = plan_install(verdict.manifest, phase=self.journal.state().phase,
                             booted=self.dev.runtime.booted_slot(),
                             primary=self.dev.bootloader.primary(),
@@ -217,7 +235,10 @@ class Updater:
     # --- boot, health, commit ----------------------------------------------------------------
     def _sync_boot(self, *, health: bool = False) -> None:
         """Tell the state machine which boot this is. Only the agent cycle runs health checks;
-        every other command just brings the recorded state up to date first."""
+        every other command just brings the recorded state up to date first. Nothing is
+        driven on a journal that does not match its witness (``JournalLost``)."""
+        if (lost := self._lost()) is not None:  # the committed slot keeps its tries meanwhile
+            raise lost
         rt = self.dev.runtime
         self._drive(lifecycle.Booted(rt.booted_slot(), rt.boot_id()), run_health=health)
         if (root := self.root()) is not None:
@@ -235,6 +256,55 @@ class Updater:
             return
         # each backend confirms only its committed slot (a fallback slot stays unconfirmed)
         bl.confirm(self.dev.runtime.booted_slot())
+
+    # --- the journal's witness ---------------------------------------------------------------
+    def witness(self) -> WitnessFile:
+        """The witness file, keyed by the root of trust when the device has one."""
+        from agent.adapters.witness import WitnessFile, witness_key
+
+        if self._witness is None:
+            self._witness = WitnessFile(self.cfg.witness_path, witness_key(self.root()))
+        return self._witness
+
+    def journal_finding(self, *, again: bool = False) -> Finding:
+        """Whether the journal is the one its witness knows, judged once per Updater (``again``:
+        now, as the files are). From then on (unless it is lost) the witness follows every
+        commit that changes what it keeps."""
+        if self._finding is None or again:
+            self._finding = self._judge()
+        return self._finding
+
+    def _judge(self) -> Finding:
+        from agent.core import witness as witness_core
+
+        w = self.witness()
+        try:
+            got, damaged = w.read(), None
+        except witness_core.WitnessDamaged as exc:
+            got, damaged = None, str(exc)
+        self._witnessed = got[0] if got else None
+        finding = witness_core.judge(self.journal.facts(), fresh=self.journal.fresh,
+                                     witness=got[0] if got else None, damaged=damaged,
+                                     keyed=got[1] if got else True, root_key=w.key is not None)
+        if finding.verdict != "lost":
+            self.journal.follow(w.write)
+            if finding.verdict == "refresh":
+                w.write(self.journal.facts())
+        return finding
+
+    def _lost(self) -> JournalLost | None:
+        """Why the journal cannot be used (the committed slot is still confirmed), or None."""
+        try:
+            self._check_journal()
+        except JournalLost as exc:
+            self._confirm_boot()
+            return exc
+        return None
+
+    def _check_journal(self) -> None:
+        finding = self.journal_finding()
+        if finding.verdict == "lost":
+            raise JournalLost(f"journal {self.journal.path} does not match its witness: {finding.reason}")
 
     def register_process(self) -> Path | None:
         """Tell a runtime that tracks agent processes (the sim board) that this one runs;
@@ -385,7 +455,13 @@ class Updater:
             "security_floor": self.journal.security_floor,
             "trusted_time": self.journal.trusted_time,
             "slots": out_slots,
+            "journal": self._journal_word(),
         }
+
+    def _journal_word(self) -> str:
+        """"ok", or why installs are refused until 'edgeops journal recover'."""
+        finding = self.journal_finding()
+        return f"lost: {finding.reason}" if finding.verdict == "lost" else "ok"
 
 
 def _public_state(state: str) -> str:
