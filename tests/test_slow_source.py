@@ -189,3 +189,57 @@ def test_the_minimum_rate_as_configured(table: dict[str, object], min_rate: floa
 def test_download_limits_that_cannot_work_are_refused(table: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         parse_fleet({"url": "https://c", "controller_id": "d", **table}, Path("."))
+
+
+# --- a cancel reaches a running fleet download --------------------------------------------------
+def test_a_controller_cancel_reaches_a_running_fleet_download(
+        device_dir: Path, make_bundle: BundleFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The artifact trickles (too fast to be given up, too slow to finish soon); the operator
+    cancels the action meanwhile: the download stops within a cancel check, the device stays on
+    its version, and the next poll confirms the cancel to the server."""
+    import random
+
+    from agent.adapters.ddi_http import DdiClient
+    from agent.core.fleet_config import FleetConfig
+    from agent.core.outbox import Backoff
+    from agent.device import fleet
+    from agent.device.updater import Updater
+    from tests.fakeddi import Action, FakeDdi
+    from tests.faultproxy import Fault, FaultProxy
+
+    monkeypatch.setattr(fleet, "CANCEL_CHECK", 0.3, raising=False)
+    fake = FakeDdi(token="t")
+    proxy = FaultProxy(fake.address, [Fault("trickle", after=30_000, rate=20_000, seconds=10)],
+                       match=b"/artifacts/")
+    fake.public_url = proxy.url
+    try:
+        fake.deploy(Action("9", make_bundle("2.0", size=600_000).read_bytes()))
+        threading.Timer(1.0, fake.cancel, args=("9",)).start()
+
+        def poll() -> list[str]:
+            dev = open_device(load(device_dir / "agent.toml"))
+            try:
+                cfg = FleetConfig(url=proxy.url, controller_id="dev1", auth="target", token="t",
+                                  min_sleep=0, download=DownloadPolicy(read_timeout=2, backoff=0.01))
+                agent = fleet.FleetAgent(Updater(dev, sleep=lambda s: None), DdiClient(cfg),
+                                         sleep=lambda s: None,
+                                         backoff=Backoff(base=0.01, cap=0.01, rng=random.Random(0)))
+                return agent.poll_once().messages
+            finally:
+                dev.close()
+
+        t0 = time.monotonic()
+        said = poll()
+        assert time.monotonic() - t0 < 5, said
+        assert any("download cancelled" in m for m in said), said
+        poll()
+        assert fake.actions[0].canceled and fake.actions[0].closed is None
+        dev = open_device(load(device_dir / "agent.toml"))
+        try:
+            st = Updater(dev).status()
+            assert (st["booted_slot"], st["phase"], st["slots"]["B"]["state"]) == ("A", "idle", "empty")
+        finally:
+            dev.close()
+    finally:
+        proxy.close()
+        fake.close()
