@@ -32,7 +32,7 @@ from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
 from agent.core.manifest import Manifest
-from agent.core.plan import InstallPlan, plan_install, plan_rollback
+from agent.core.plan import InstallPlan, pending_trial, plan_install, plan_rollback
 from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, JournalLost, StateError
 
 if TYPE_CHECKING:  # imported where used: only a device that checks its journal needs them
@@ -165,15 +165,17 @@ class Updater:
         return None
 
     # --- install ----------------------------------------------------------------------------
-    def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None
-                ) -> InstallResult:
+    def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None,
+                replace_trial: bool = True) -> InstallResult:
+        """Install a bundle into the inactive slot and arm its trial. ``replace_trial=False``
+        refuses to overwrite a trial that is armed and waiting for its boot (core.plan)."""
         with self.locked():
             lost = self._lost()
             if lost is None:
                 self._sync_boot()
             reader = BundleReader(stream)
             try:
-                m, plan = self._prepare(reader, lost)
+                m, plan = self._prepare(reader, lost, replace_trial=replace_trial)
             except Exception as exc:  # a bug must not leave a refusal unrecorded either
                 if lost is None:  # a journal that is not this device's is set aside by recovery
                     self._note_failure(lifecycle.History("refused", None, None, _why(exc)))
@@ -210,8 +212,8 @@ class Updater:
         except DeviceError as exc:
             self.messages.append(f"not recorded: {exc.one_line()}")
 
-    def _prepare(self, reader: BundleReader, lost: JournalLost | None = None
-                 ) -> tuple[Manifest, InstallPlan]:
+    def _prepare(self, reader: BundleReader, lost: JournalLost | None = None, *,
+                 replace_trial: bool = True) -> tuple[Manifest, InstallPlan]:
         """Verify, plan and check room before anything on the device changes (as RAUC's
         do_install_bundle): a refusal leaves the journal's trusted time and CRLs as they were.
         The floor and time the witness knows count too, and a lost journal refuses every
@@ -223,10 +225,11 @@ class Updater:
                                time_at_least=seen.trusted_time if seen else 0)
         if lost is not None:
             raise lost
-        plan = plan_install(verdict.manifest, phase=self.journal.state().phase,
-                            booted=self.dev.runtime.booted_slot(),
-                            primary=self.dev.bootloader.primary(),
-                            slots=self.cfg.slots, device_health=self.cfg.health_policy)
+        state, bl = self.journal.state(), self.dev.bootloader
+        plan = plan_install(verdict.manifest, phase=state.phase,
+                            booted=self.dev.runtime.booted_slot(), primary=bl.primary(),
+                            slots=self.cfg.slots, device_health=self.cfg.health_policy,
+                            pending=pending_trial(state, bl.trial()), replace_trial=replace_trial)
         for w in plan.writes:
             slots.check_fits(w.dest, w.payload.size, w.payload.name)
         store.accept(verdict)
