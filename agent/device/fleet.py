@@ -256,7 +256,8 @@ class FleetAgent:
         marks = _Quartiles(lambda cnt: self._feedback(
             aid, ddi.Feedback("proceeding", "none", ("downloading",), ddi.Progress(cnt, 4))))
         try:
-            result = self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks)
+            result = self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks,
+                                     replace_trial=False)  # a technician's armed trial goes first
         except StateError as exc:
             self.messages.append(f"device busy, will retry: {exc}")
             return False
