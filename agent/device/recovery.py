@@ -41,7 +41,7 @@ def _recover(up: Updater) -> str:
     if finding.verdict != "lost":
         return f"nothing to recover: {finding.reason}"
     try:
-        got = up.witness().read()
+        got = up.guard.witness().read()
     except witness_core.WitnessDamaged:
         got = None
     try:
@@ -54,8 +54,8 @@ def _recover(up: Updater) -> str:
     up.journal.close()
     aside = journal_mod.set_aside(path, "lost")
     fresh = journal_mod.Journal(path)
-    up.dev.journal = up.journal = fresh
-    fresh.follow(up.witness().write)
+    up.replace_journal(fresh)
+    fresh.follow(up.guard.witness().write)
     source = "its witness" if got else ("the old journal" if old else "the bootloader")
     fresh.restore(rec, f"{finding.reason}; rebuilt from {source}", now=up.clock())
     after = up.journal_finding(again=True)

@@ -8,6 +8,9 @@ An install: signed head → trust store and ``trust`` → ``plan_install`` → W
 target slot marked bad → payloads stream through ``bundle`` (verified block by block)
 into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the reboot ``cycle``
 feeds ``Booted``, and the health checks decide commit or revert.
+About 480 lines, on purpose: one module shows every command's sequence against the journal,
+the bootloader and the slots; what has a job of its own already lives beside it (the
+journal's witness in ``journal_guard``, recovery in ``recovery``).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from agent.core.plan import InstallPlan, pending_trial, plan_install, plan_rollb
 from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, JournalLost, StateError
 
 if TYPE_CHECKING:  # imported where used: only a device that checks its journal needs them
-    from agent.adapters.witness import WitnessFile
-    from agent.core.witness import Finding, Record
+    from agent.core.witness import Finding
+    from agent.device.journal_guard import JournalGuard
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -95,9 +98,7 @@ class Updater:
         self.rebooted = False
         self._override: tuple[dict[str, Any], health.HealthPolicy] | None = None
         self.verdicts = VerdictBox(self.cfg.state_dir)
-        self._witness: WitnessFile | None = None
-        self._finding: Finding | None = None
-        self._witnessed: Record | None = None  # the witness's record, as last read
+        self._guard: JournalGuard | None = None
 
     # --- locking ----------------------------------------------------------------------------
     @contextmanager
@@ -219,8 +220,9 @@ class Updater:
         The floor and time the witness knows count too, and a lost journal refuses every
         bundle: one below that floor as a rollback, any other until the journal is recovered."""
         store = TrustStore(self.cfg, self.journal, self.root())
-        seen = self._witnessed
-        verdict = store.verify(reader.read_head(), self.clock(),
+        seen = self.guard.witnessed
+        head = reader.read_head()
+        verdict = store.verify(head, self.clock(),
                                floor_at_least=seen.security_floor if seen else 0,
                                time_at_least=seen.trusted_time if seen else 0)
         if lost is not None:
@@ -261,53 +263,29 @@ class Updater:
         bl.confirm(self.dev.runtime.booted_slot())
 
     # --- the journal's witness ---------------------------------------------------------------
-    def witness(self) -> WitnessFile:
-        """The witness file, keyed by the root of trust when the device has one."""
-        from agent.adapters.witness import WitnessFile, witness_key
+    @property
+    def guard(self) -> JournalGuard:
+        """The journal held to its witness (agent.device.journal_guard), made on first use."""
+        if self._guard is None:
+            from agent.device.journal_guard import JournalGuard
 
-        if self._witness is None:
-            self._witness = WitnessFile(self.cfg.witness_path, witness_key(self.root()))
-        return self._witness
+            self._guard = JournalGuard(self.cfg, self.journal, self.root)
+        return self._guard
 
     def journal_finding(self, *, again: bool = False) -> Finding:
-        """Whether the journal is the one its witness knows, judged once per Updater (``again``:
-        now, as the files are). From then on (unless it is lost) the witness follows every
-        commit that changes what it keeps."""
-        if self._finding is None or again:
-            self._finding = self._judge()
-        return self._finding
+        """Whether the journal is the one its witness knows (judged once; ``again``: now)."""
+        return self.guard.finding(again=again)
 
-    def _judge(self) -> Finding:
-        from agent.core import witness as witness_core
-
-        w = self.witness()
-        try:
-            got, damaged = w.read(), None
-        except witness_core.WitnessDamaged as exc:
-            got, damaged = None, str(exc)
-        self._witnessed = got[0] if got else None
-        finding = witness_core.judge(self.journal.facts(), fresh=self.journal.fresh,
-                                     witness=got[0] if got else None, damaged=damaged,
-                                     keyed=got[1] if got else True, root_key=w.key is not None)
-        if finding.verdict != "lost":
-            self.journal.follow(w.write)
-            if finding.verdict == "refresh":
-                w.write(self.journal.facts())
-        return finding
+    def replace_journal(self, journal: Journal) -> None:
+        """Use ``journal`` from now on (``edgeops journal recover`` made it)."""
+        self.dev.journal = self.journal = self.guard.journal = journal
 
     def _lost(self) -> JournalLost | None:
         """Why the journal cannot be used (the committed slot is still confirmed), or None."""
-        try:
-            self._check_journal()
-        except JournalLost as exc:
+        lost = self.guard.lost()
+        if lost is not None:
             self._confirm_boot()
-            return exc
-        return None
-
-    def _check_journal(self) -> None:
-        finding = self.journal_finding()
-        if finding.verdict == "lost":
-            raise JournalLost(f"journal {self.journal.path} does not match its witness: {finding.reason}")
+        return lost
 
     def register_process(self) -> Path | None:
         """Tell a runtime that tracks agent processes (the sim board) that this one runs;
