@@ -10,7 +10,8 @@ into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the 
 feeds ``Booted``, and the health checks decide commit or revert.
 About 480 lines, on purpose: one module shows every command's sequence against the journal,
 the bootloader and the slots; what has a job of its own already lives beside it (the
-journal's witness in ``journal_guard``, recovery in ``recovery``).
+journal's witness in ``journal_guard``, recovery in ``recovery``, a trial's second look at
+its signer in ``adapters.truststore``).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class Updater:
         action produced (the health verdict). Nothing more runs after a reboot was asked for."""
         pending = deque([event])
         while pending:
-            t = self._apply(pending.popleft())
+            t = self._apply(self._vet(pending.popleft()))
             for action in t.actions:
                 produced = self._perform(action, run_health=run_health)
                 if self.rebooted:
@@ -132,6 +133,15 @@ class Updater:
                     pending.append(produced)
             if t.then is not None:
                 pending.append(t.then)
+
+    def _vet(self, event: lifecycle.Event) -> lifecycle.Event:
+        """A trial's commit, whoever asks for it (health checks or a technician), waits on one more
+        fact: its signer is not revoked by a CRL that came since, nor expired at the best-known time."""
+        if (isinstance(event, lifecycle.HealthPassed)
+                and self.journal.state().phase is lifecycle.Phase.TESTING
+                and (why := TrustStore(self.cfg, self.journal, self.root()).distrust_trial(self.clock()))):
+            return lifecycle.SignerDistrusted(why)
+        return event
 
     def _apply(self, event: lifecycle.Event) -> lifecycle.Transition:
         before = self.journal.state()
@@ -235,6 +245,7 @@ class Updater:
         for w in plan.writes:
             slots.check_fits(w.dest, w.payload.size, w.payload.name)
         store.accept(verdict)
+        store.remember_trial(head, plan.target, verdict.manifest.version)  # for _vet, at its commit
         return verdict.manifest, plan
 
     # --- boot, health, commit ----------------------------------------------------------------
