@@ -147,6 +147,12 @@ class BootloaderError(DeviceError):
     pass
 
 
+class JournalLost(DeviceError):
+    """The journal is not the one its witness knows: lost, emptied or replaced (agent.core.witness)."""
+
+    hint = "run 'edgeops journal recover': it rebuilds the journal from its witness, never lowering the floor"
+
+
 class StateError(EdgeopsError):
     """The request does not fit the device's current state."""
 

@@ -351,3 +351,70 @@ def test_a_damaged_crl_in_the_operators_crl_dir_stops_installs(updater: Updater,
     (device_dir / "keyring" / "revoked.crl").write_bytes(b"-----BEGIN X509 CRL-----\ngarbage\n")
     with pytest.raises(ConfigError, match="is not a CRL"):
         install_bytes(updater, make_bundle("2.0").read_bytes())
+
+
+# --- a trial armed before its signer was revoked or expired ----------------------------------------
+def armed_by(updater: Updater, device_dir: Path, make_bundle: BundleFactory, signer: keys.KeyPair) -> None:
+    updater.install(io.BytesIO(make_bundle("2.0", signer=by(signer)).read_bytes()))
+    assert updater.journal.state().phase == "trial-pending"
+    from agent.host import sim
+
+    sim.SimFirmware(device_dir).reboot()
+    updater.messages.clear()
+
+
+def assert_reverted(updater: Updater, words: str) -> None:
+    assert updater.journal.state().phase in ("reverting", "idle")
+    assert updater.journal.slots()["B"].state == "bad"
+    assert updater.journal.security_floor == 0  # a distrusted trial never raises the floor
+    rows = [r for r in updater.journal.history(10) if r.event == "distrusted"]
+    assert rows and words in rows[-1].detail, updater.journal.history(10)
+    assert any(m.startswith("distrusted: slot B 2.0") and words in m for m in updater.messages)
+
+
+@pytest.mark.parametrize("where", ["crl_dir", "state"])
+def test_a_crl_that_arrives_during_a_trial_reverts_it(updater: Updater, device_dir: Path,
+                                                     make_bundle: BundleFactory, pki: Keys,
+                                                     tmp_path: Path, where: str) -> None:
+    """The CRL revoking the trial's signer comes after the trial was armed (the operator's
+    crl_dir, or a model bundle that stored it): health passes, the trial is still reverted."""
+    victim, (crl,) = revoked_signer(pki, tmp_path / "late")
+    armed_by(updater, device_dir, make_bundle, victim)
+    store = device_dir / "keyring" if where == "crl_dir" else updater.cfg.state_dir / "crls"
+    store.mkdir(parents=True, exist_ok=True)
+    (store / "late.crl").write_bytes(crl)
+    updater.cycle()
+    assert_reverted(updater, "was revoked")
+    assert updater.rebooted and updater.dev.runtime.booted_slot() == "A"
+
+
+def test_a_technician_cannot_commit_a_revoked_trial(updater: Updater, device_dir: Path,
+                                                    make_bundle: BundleFactory, pki: Keys,
+                                                    tmp_path: Path) -> None:
+    victim, (crl,) = revoked_signer(pki, tmp_path / "late2")
+    armed_by(updater, device_dir, make_bundle, victim)
+    updater.status()  # the boot is noted by the next command, here mark-good's own
+    (device_dir / "keyring" / "late.crl").write_bytes(crl)
+    updater.mark_good()
+    assert_reverted(updater, "was revoked")
+
+
+def test_a_signer_that_expires_before_the_commit_reverts_the_trial(updater: Updater, device_dir: Path,
+                                                                  make_bundle: BundleFactory, pki: Keys,
+                                                                  tmp_path: Path) -> None:
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=12)
+    short = keys.issue_signer(pki.root, tmp_path / "short", days=1, not_before=start)
+    armed_by(updater, device_dir, make_bundle, short)
+    updater.clock = lambda: time.time() + 2 * 86400  # the device was off for two days
+    updater.cycle()
+    assert_reverted(updater, "expired on")
+
+
+def test_a_trial_whose_signer_still_holds_commits(updater: Updater, device_dir: Path,
+                                                  make_bundle: BundleFactory, pki: Keys,
+                                                  tmp_path: Path) -> None:
+    _, (crl,) = revoked_signer(pki, tmp_path / "other")  # revokes someone else
+    armed_by(updater, device_dir, make_bundle, keys.issue_signer(pki.root, tmp_path / "fine"))
+    (device_dir / "keyring" / "other.crl").write_bytes(crl)
+    updater.cycle()
+    assert updater.journal.slots()["B"].state == "good" and updater.journal.security_floor == 1

@@ -10,7 +10,7 @@ import pytest
 
 from agent.core import model_spec, plan
 from agent.core.health import HealthPolicy, parse_policy
-from agent.core.lifecycle import Phase
+from agent.core.lifecycle import Phase, State
 from agent.core.manifest import Manifest, Payload
 from agent.errors import ConfigError, EdgeopsError, IncompatibleBundle, RollbackRefused, StateError
 
@@ -113,3 +113,41 @@ def test_rollback_boots_the_other_good_slot() -> None:
     assert plan.plan_rollback(booted="B", slots=SLOTS, held=held, floor=0) == ("A", "2.0")
     assert plan.plan_rollback(booted="A", slots=SLOTS, held={"B": replace(held["B"], security_version=None)},
                               floor=0) == ("B", "1.0")
+
+
+# --- a trial armed for the next boot is replaced only when asked -------------------------------
+TRIAL = plan.Trial("B", "2.0")
+
+
+@pytest.mark.parametrize("pending, replace_trial, words", [
+    (TRIAL, False, "slot B holds version 2.0, armed to be tried at the next boot"),
+    (plan.Trial("B", None), False, "slot B holds a trial the journal does not know"),
+    (TRIAL, True, None),
+    (None, False, None),
+])
+def test_an_armed_trial_is_replaced_only_on_purpose(pending: plan.Trial | None, replace_trial: bool,
+                                                    words: str | None) -> None:
+    kw = {"phase": Phase.TRIAL_PENDING, "pending": pending, "replace_trial": replace_trial}
+    if words is None:
+        assert plan_for(manifest(), **kw).target == "B"
+        return
+    with pytest.raises(StateError, match=words) as info:
+        plan_for(manifest(), **kw)
+    assert "--replace-trial" in info.value.hint
+
+
+def test_a_trial_is_refused_after_the_phase_and_the_bootloader() -> None:
+    # the life cycle is still asked first: a trial that is running is no pending trial
+    with pytest.raises(StateError, match="while the device is testing"):
+        plan_for(manifest(), phase=Phase.TESTING, pending=TRIAL, replace_trial=False)
+
+
+@pytest.mark.parametrize("state, armed, expected", [
+    (State(), None, None),
+    (State(), "B", plan.Trial("B", None)),  # armed by hand, or a journal recovered without it
+    (State(Phase.TRIAL_PENDING, "B", "A", "2.0"), "B", TRIAL),
+    (State(Phase.WRITTEN, "B", "A", "2.0"), None, TRIAL),  # complete, its flag about to be set
+    (State(Phase.WRITING, "B", "A", "2.0"), None, None),  # half-written: nothing to try
+])
+def test_which_trial_is_pending(state: State, armed: str | None, expected: plan.Trial | None) -> None:
+    assert plan.pending_trial(state, armed) == expected

@@ -4,7 +4,7 @@ The installer and the agent are killed after each of their durable steps in
 turn (tests/faults.py), the sim board loses power, and then the device is left
 to the agent and the bootloader. At every kill point we assert: the device
 boots a slot whose content equals a version the journal calls good, the
-journal opens, and a fresh install then commits.
+journal opens and matches its witness, and a fresh install then commits.
 
 What a SIGKILL cannot show: the page cache survives it, so a missing fsync goes
 unnoticed here. That is covered elsewhere: the U-Boot env is tested with writes
@@ -78,6 +78,9 @@ def assert_boots_good_version(dev: Path, world: dict[str, Path]) -> str:
             f"slot {booted} content is not version {info.version}"
         assert device.bootloader.primary() == booted
         assert (info.security_version or 0) >= up.journal.security_floor, "runs below its floor"
+        # a cut between the journal's commit and its witness's leaves the witness behind, never
+        # a journal the device would refuse as lost
+        assert up.journal_finding().verdict != "lost", up.journal_finding().reason
         for name, other in up.journal.slots().items():
             if other.state == "good":
                 assert sha(cfg.slots[name]["rootfs"]) == sha(world[f"img{other.version}"])

@@ -119,10 +119,11 @@ class DdiClient:
             raise Rejected(f"{report.method} {report.path} answered HTTP {code}")
         raise TransportError(f"{report.method} {report.path} answered HTTP {code}")
 
-    def open_artifact(self, artifact: ddi.Artifact, *,
-                      sleep: Callable[[float], None] = time.sleep) -> ResumableStream:
+    def open_artifact(self, artifact: ddi.Artifact, *, sleep: Callable[[float], None] = time.sleep,
+                      cancelled: Callable[[], bool] | None = None) -> ResumableStream:
         return ResumableStream(self.session, self.origin, artifact.url, size=artifact.size,
-                               sha256=artifact.sha256, policy=self.cfg.download, sleep=sleep)
+                               sha256=artifact.sha256, policy=self.cfg.download, sleep=sleep,
+                               cancelled=cancelled)
 
 
 def redact(url: str) -> str:

@@ -6,8 +6,12 @@ the socket into the slot (no temporary copy). Under the hood:
 * a dropped, stalled (read timeout) or truncated connection is reopened with
   ``Range: bytes=N-`` (+ ``If-Range`` when the server gave a validator), a bounded number of
   times with a short backoff;
-* a bandwidth cap paces reads; a trickle below ``min_rate`` over ``min_rate_window`` aborts
-  (``DownloadTooSlow``) so a slow-loris link cannot hold the device's only install slot;
+* a bandwidth cap paces reads; a trickle below ``min_rate`` over ``min_rate_window``, or no
+  byte at all for ``stall_timeout`` however often the link is reopened, aborts
+  (``DownloadTooSlow``), by default on every download (also one without a Content-Length),
+  so a slow-loris link cannot hold the device's only install slot;
+* ``cancelled`` (a callable the fleet agent passes) is asked between reads: a controller's
+  cancel reaches a download that is running (``DownloadCancelled``);
 * bytes beyond the declared ``size`` abort at once (``ArtifactMismatch``): the server's
   Content-Length/Content-Range are checked before reading, and the body after reading;
 * the artifact's sha256 is checked when the *last* bytes arrive but *before* the installer
@@ -49,6 +53,10 @@ class DownloadFailed(TransportError):
 
 class DownloadTooSlow(DownloadFailed):
     hint = "the link is too slow; the download is retried at the next poll"
+
+
+class DownloadCancelled(DownloadFailed):
+    hint = "the controller cancelled the action; nothing was installed"
 
 
 class ArtifactMismatch(BundleError):
@@ -119,18 +127,55 @@ def open_url(session: requests.Session, origin: Origin, url: str, headers: Mappi
     raise DownloadFailed(f"more than {MAX_REDIRECTS} redirects")
 
 
+class _Meter:
+    """When a download gives up: a trickle below ``min_rate`` over a window, or a stall."""
+
+    def __init__(self, policy: DownloadPolicy, clock: Callable[[], float],
+                 cancelled: Callable[[], bool] | None = None) -> None:
+        self.policy, self.clock, self.cancelled = policy, clock, cancelled
+        now = clock()
+        self.total = 0
+        self._window = (now, 0)
+        self._last_byte = now
+
+    def got(self, n: int) -> None:
+        self.total += n
+        if n:
+            self._last_byte = self.clock()
+        self.check()
+
+    def check(self) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise DownloadCancelled(f"download cancelled after {self.total} bytes")
+        p, now = self.policy, self.clock()
+        if now - self._last_byte > p.stall_timeout:
+            raise DownloadTooSlow(f"download stalled: no byte for {now - self._last_byte:.0f} s "
+                                  f"(stall timeout {p.stall_timeout:g} s)")
+        t0, b0 = self._window
+        if not p.min_rate or now - t0 < p.min_rate_window:
+            return
+        rate = (self.total - b0) / (now - t0)
+        if rate < p.min_rate:
+            raise DownloadTooSlow(f"download ran at {rate:.0f} B/s over {now - t0:.0f} s, below "
+                                  f"the minimum {p.min_rate:.0f} B/s")
+        self._window = (now, self.total)
+
+
 class ResumableStream(io.RawIOBase):
     def __init__(self, session: requests.Session, origin: Origin, url: str, *, size: int,
                  sha256: str | None, policy: DownloadPolicy | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 response: requests.Response | None = None) -> None:
-        """``response``: a first GET already open on ``url`` (checked here like any other)."""
+                 response: requests.Response | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> None:
+        """``response``: a first GET already open on ``url`` (checked here like any other).
+        ``cancelled``: asked between reads; True stops the download (``DownloadCancelled``)."""
         super().__init__()
         self.session, self.origin, self.url = session, origin, url
         self.size, self.sha256 = size, sha256
         self.policy = policy or DownloadPolicy()
         self.clock, self.sleep = clock, sleep
+        self._meter = _Meter(self.policy, clock, cancelled)
         self.pos = 0  # bytes received and hashed
         self.served = 0  # bytes handed to the reader
         self.resumes = 0
@@ -139,7 +184,6 @@ class ResumableStream(io.RawIOBase):
         self._validator: str | None = None
         self._tail: bytes | None = None
         self._started = clock()
-        self._window = (self._started, 0)
         if response is not None:
             try:
                 self._accept(response)
@@ -230,7 +274,7 @@ class ResumableStream(io.RawIOBase):
                                  f"{self.policy.max_resumes} resumes ({why})")
         log.info("download interrupted at byte %d (%s); resuming", self.pos, why)
         self.sleep(min(5.0, self.policy.backoff * 2 ** (self.resumes - 1)))
-        self._check_rate()
+        self._meter.check()
 
     def _open(self) -> requests.Response:
         headers = {"Accept-Encoding": "identity"}  # Range offsets must be raw bytes
@@ -292,21 +336,7 @@ class ResumableStream(io.RawIOBase):
             now = self.clock()
             if due > now:
                 self.sleep(due - now)
-        self._check_rate()
-
-    def _check_rate(self) -> None:
-        p = self.policy
-        if not p.min_rate:
-            return
-        t0, b0 = self._window
-        now = self.clock()
-        if now - t0 < p.min_rate_window:
-            return
-        rate = (self.pos - b0) / (now - t0)
-        if rate < p.min_rate:
-            raise DownloadTooSlow(f"download ran at {rate:.0f} B/s over {now - t0:.0f} s, below "
-                                  f"the minimum {p.min_rate:.0f} B/s")
-        self._window = (now, self.pos)
+        self._meter.got(n)
 
 
 def open_stream(url: str, policy: DownloadPolicy | None = None) -> tuple[io.RawIOBase, int]:
@@ -332,15 +362,16 @@ def open_stream(url: str, policy: DownloadPolicy | None = None) -> tuple[io.RawI
         stream = ResumableStream(session, origin, resp.url or url, size=int(length), sha256=None,
                                  policy=policy, response=resp)
         return stream, int(length)
-    return _Guarded(resp, url), 0
+    return _Guarded(resp, url, _Meter(policy, time.monotonic)), 0
 
 
 class _Guarded(io.RawIOBase):
-    """A response body whose link errors surface as ``DownloadFailed``."""
+    """A response body whose link errors surface as ``DownloadFailed``, with the same
+    trickle and stall limits as a resumable download (it just cannot resume)."""
 
-    def __init__(self, resp: requests.Response, url: str) -> None:
+    def __init__(self, resp: requests.Response, url: str, meter: _Meter) -> None:
         super().__init__()
-        self.resp, self.url = resp, url
+        self.resp, self.url, self.meter = resp, url, meter
         resp.raw.decode_content = True
 
     def readable(self) -> bool:
@@ -354,6 +385,7 @@ class _Guarded(io.RawIOBase):
             raise DownloadFailed(f"download of {redact(self.url)} broke off: "
                                  f"{type(exc).__name__}") from None
         view[:len(data)] = data
+        self.meter.got(len(data))
         return len(data)
 
     def close(self) -> None:
@@ -361,5 +393,6 @@ class _Guarded(io.RawIOBase):
         super().close()
 
 
-__all__ = ["MAX_REDIRECTS", "ArtifactMismatch", "DownloadFailed", "DownloadPolicy", "DownloadTooSlow",
-           "Origin", "ResumableStream", "new_session", "open_stream", "open_url", "redact"]
+__all__ = ["MAX_REDIRECTS", "ArtifactMismatch", "DownloadCancelled", "DownloadFailed", "DownloadPolicy",
+           "DownloadTooSlow", "Origin", "ResumableStream", "new_session", "open_stream", "open_url",
+           "redact"]

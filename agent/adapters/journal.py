@@ -4,20 +4,31 @@ WAL mode with ``synchronous=FULL`` so a committed transaction survives a power
 cut. The journal stores and returns; it decides nothing. ``apply`` writes a new
 life-cycle state together with its records in one transaction, which is what
 lets the shell "persist before acting".
+
+It also knows who it is: a random ``identity`` made when the file was created (``fresh``
+says that happened in this open) and a ``generation`` bumped by every transaction that
+changes a witnessed fact — state, slot records, floor, trusted time. A follower set with
+``follow`` (the device's witness file, ``agent.adapters.witness``) gets ``facts()`` after
+each such commit, so a lost, emptied or replaced journal is told from this one
+(``agent.core.witness.judge``) instead of silently starting again at floor 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.core import lifecycle
-from agent.errors import DeviceError
+from agent.adapters.fsutil import fsync_dir
+from agent.core import lifecycle, witness
+from agent.errors import ConfigError, DeviceError
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -33,6 +44,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     body TEXT NOT NULL, sent REAL);
 """
 MAX_HISTORY = 10_000  # rows kept; older ones are pruned so the journal cannot fill the disk
+WITNESSED_KEYS = ("state", "security_floor", "trusted_time")  # and the slots table
+RECOVER_HINT = "run 'edgeops journal recover' (it keeps the old file beside the new journal)"
+Follower = Callable[[witness.Record], None]
+
+
+class JournalError(DeviceError):
+    """A journal transaction could not be made durable (a full disk, an I/O error). SQLite
+    rolled it back, so the journal still holds its last committed state."""
+
+    hint = "free space on the state partition (or check the disk); the journal kept its last state"
+
+
+class JournalCorrupt(JournalError):
+    """SQLite cannot read the file (not a database, or a damaged page)."""
+
+    hint = RECOVER_HINT
 
 
 @dataclass(frozen=True)
@@ -56,24 +83,41 @@ class HistoryRow:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._follower: Follower | None = None
+        _state_dir(path.parent)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO kv VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         except sqlite3.DatabaseError as exc:
-            raise DeviceError(f"journal {path} cannot be opened: {exc}",
-                              hint="check the state directory; move a corrupt journal aside") from None
+            raise JournalCorrupt(f"journal {path} cannot be opened: {exc}") from None
+        self.fresh = self._make_identity()
+
+    def _make_identity(self) -> bool:
+        if self.get("journal_id") is not None:  # the common case reads, and writes nothing
+            return False
+        with self._tx():
+            if self.get("journal_id") is not None:  # another process was quicker
+                return False
+            self._put("journal_id", uuid.uuid4().hex)
+            self._put("generation", 0)
+            return True
 
     def close(self) -> None:
         self._db.close()
 
     # --- key/value -------------------------------------------------------------------------
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            return list(self._db.execute(sql, args).fetchall())
+        except sqlite3.DatabaseError as exc:  # e.g. "database disk image is malformed"
+            raise JournalCorrupt(f"journal {self.path} cannot be read: {exc}") from None
+
     def get(self, key: str, default: Any = None) -> Any:
-        row = self._db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        rows = self._query("SELECT value FROM kv WHERE key=?", (key,))
+        return json.loads(rows[0][0]) if rows else default
 
     def _put(self, key: str, value: Any) -> None:
         self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
@@ -81,6 +125,8 @@ class Journal:
     def put(self, key: str, value: Any) -> None:
         with self._tx():
             self._put(key, value)
+            bumped = self._bump() if key in WITNESSED_KEYS else False
+        self._notify(bumped)
 
     def state(self) -> lifecycle.State:
         raw = self.get("state")
@@ -96,9 +142,59 @@ class Journal:
 
     def raise_trusted_time(self, t: int) -> None:
         """Only ever moves forward (see agent.core.trust: the clock rule)."""
+        bumped = False
         with self._tx():
             if t > int(self.get("trusted_time", 0)):
                 self._put("trusted_time", t)
+                bumped = self._bump()
+        self._notify(bumped)
+
+    # --- identity and witness --------------------------------------------------------------
+    @property
+    def identity(self) -> str:
+        return str(self.get("journal_id", ""))
+
+    @property
+    def generation(self) -> int:
+        return int(self.get("generation", 0))
+
+    def facts(self) -> witness.Record:
+        """What the witness keeps a copy of, as of the last commit."""
+        slots = {name: {"state": i.state, "version": i.version, "security_version": i.security_version}
+                 for name, i in self.slots().items()}
+        return witness.Record(self.identity, self.generation, self.security_floor, self.trusted_time,
+                              self.state().to_dict(), slots)
+
+    def follow(self, follower: Follower | None) -> None:
+        """Hand ``facts()`` to ``follower`` after every commit that changes one of them."""
+        self._follower = follower
+
+    def _bump(self) -> bool:
+        self._put("generation", int(self.get("generation", 0)) + 1)
+        return True
+
+    def _notify(self, bumped: bool) -> None:
+        # After the commit: a power cut in between leaves the witness one generation behind,
+        # which the next open brings up to date (agent.core.witness.judge).
+        if bumped and self._follower is not None:
+            self._follower(self.facts())
+
+    def restore(self, rec: witness.Record, detail: str, *, now: float | None = None) -> None:
+        """Write recovered facts over this (new) journal in one transaction, noting it in the history."""
+        now = time.time() if now is None else now
+        with self._tx():
+            self._db.execute("DELETE FROM slots")
+            for name, info in rec.slots.items():
+                self._db.execute("INSERT INTO slots VALUES (?,?,?,?,?)",
+                                 (name, str(info["state"]), info.get("version"),
+                                  info.get("security_version"), now))
+            self._put("state", rec.state)
+            self._put("security_floor", rec.security_floor)
+            self._put("trusted_time", rec.trusted_time)
+            self._record(lifecycle.History("recovered", None, None, detail), now)
+            self._bump()
+        self.fresh = False  # it holds what its witness vouched for, no longer nothing
+        self._notify(True)
 
     # --- transitions -----------------------------------------------------------------------
     def apply(self, t: lifecycle.Transition, *, now: float | None = None) -> None:
@@ -107,12 +203,18 @@ class Journal:
             self._put("state", t.state.to_dict())
             for r in t.records:
                 self._record(r, now)
+            self._bump()
+        self._notify(True)
 
     def record(self, records: Iterable[lifecycle.Record], *, now: float | None = None) -> None:
         now = time.time() if now is None else now
+        records = list(records)
         with self._tx():
             for r in records:
                 self._record(r, now)
+            bumped = (self._bump() if any(not isinstance(r, lifecycle.History) for r in records)
+                      else False)
+        self._notify(bumped)
 
     def _record(self, r: lifecycle.Record, now: float) -> None:
         match r:
@@ -130,20 +232,20 @@ class Journal:
                                  "(SELECT MAX(id) FROM history) - ?", (MAX_HISTORY,))
 
     def _tx(self) -> _Tx:
-        return _Tx(self._db)
+        return _Tx(self._db, self.path)
 
     # --- reads -----------------------------------------------------------------------------
     def slots(self) -> dict[str, SlotInfo]:
-        rows = self._db.execute("SELECT name, state, version, security_version FROM slots")
+        rows = self._query("SELECT name, state, version, security_version FROM slots")
         return {r[0]: SlotInfo(*r) for r in rows}
 
     def event_counts(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT event, COUNT(*) FROM history GROUP BY event").fetchall())
+        return dict(self._query("SELECT event, COUNT(*) FROM history GROUP BY event"))
 
     def history(self, limit: int = 50) -> list[HistoryRow]:
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT id, ts, event, slot, version, detail FROM history ORDER BY id DESC LIMIT ?",
-            (limit,)).fetchall()
+            (limit,))
         return [HistoryRow(*r) for r in reversed(rows)]
 
     # --- outbox: reports waiting for the link (used by the fleet client) --------------------
@@ -174,12 +276,64 @@ class Journal:
                              (time.time() if now is None else now, outbox_id))
 
 
+def set_aside(path: Path, why: str) -> Path | None:
+    """Rename a journal (and its -wal/-shm) out of the way, keeping it for inspection; the
+    name says why and when. None when there was no file. Nothing is deleted."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.name}.{why}-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{why}-{stamp}.{n}")
+    for suffix in ("-wal", "-shm", ""):
+        src = path.with_name(path.name + suffix)
+        if src.exists():
+            os.replace(src, aside.with_name(aside.name + suffix))
+    fsync_dir(path.parent)
+    return aside
+
+
+def _state_dir(d: Path) -> None:
+    """Create the state directory, or say in one line why it cannot be one (``state_dir =
+    "/dev/null"``, a file, an unwritable parent): a configuration error, not a traceback."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"state_dir {d} is not a directory",
+                              hint="set [device] state_dir to a directory on the data partition") from None
+        raise ConfigError(f"state_dir {d} cannot be created: {exc.strerror}",
+                          hint="set [device] state_dir to a writable directory") from None
+
+
 class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    """One ``BEGIN IMMEDIATE`` … ``COMMIT``; any SQLite failure (``database or disk is full``)
+    rolls back and becomes one ``JournalError`` line instead of a traceback."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
+        self._path = path
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error as failed:
+                exc = failed
+        # A failed COMMIT may already have rolled back: then there is nothing left to roll back.
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: sqlite3.Error) -> JournalError:
+        return JournalError(f"journal {self._path} cannot be written: {exc}")

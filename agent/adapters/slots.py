@@ -35,6 +35,27 @@ def check_fits(path: Path, size: int, what: str) -> None:
     room = capacity(path)
     if size > room:
         raise PayloadTooLarge(f"payload '{what}' is {size} bytes, slot {path} holds {room}")
+    check_space(path, size)
+
+
+def check_space(path: Path, size: int) -> None:
+    """A slot that is a sparse file (the sim board, a loop-mounted image) takes its blocks
+    from the filesystem it lives on as it is written: refuse before the first byte when
+    that filesystem cannot hold the payload, instead of failing half-way with ENOSPC.
+    Conservative: blocks already allocated anywhere in the file count as reusable."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return  # a block device owns its blocks
+        vfs = os.statvfs(path)
+    except OSError as exc:
+        raise SlotError(f"slot {path} cannot be examined: {exc.strerror}") from None
+    needed = size - st.st_blocks * 512
+    free = vfs.f_bavail * vfs.f_frsize
+    if needed > free:
+        raise SlotError(f"slot file {path} needs {needed} more bytes for a {size}-byte payload, "
+                        f"its filesystem has {free} free",
+                        hint="free space on the filesystem that holds the slot file")
 
 
 QUEUE_DEPTH = 4  # chunks in flight between the verifying reader and the writer thread

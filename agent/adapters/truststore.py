@@ -5,6 +5,8 @@ One ``TrustStore`` serves one installer run (slots in ``agent.device.updater``, 
 (``agent.core.trust.verify_head``) the device's facts — compatible, security floor,
 best-known time — and, once the installer's own checks pass too, ``accept`` records what
 the bundle taught: a later trusted time and the newest root-signed CRL of each root.
+``remember_trial`` keeps the accepted bundle's signer, and before its trial commits
+``distrust_trial`` looks at it again (``agent.core.signer``).
 
 Files:
     device.keyring            trusted roots (PEM); checked against the root of trust first
@@ -20,11 +22,12 @@ from typing import Protocol
 from agent.adapters.bundle import Head
 from agent.adapters.fsutil import atomic_write
 from agent.adapters.journal import Journal
-from agent.core import trust
+from agent.core import signer, trust
 from agent.core.config import AgentConfig
-from agent.errors import ConfigError
+from agent.errors import ConfigError, EdgeopsError
 
 MAX_CRL_FILES = 256  # in the operator's crl_dir: one per root is normal
+TRIAL_SIGNER = "trial_signer"  # journal key: the signer of the slot being installed or tried
 
 
 class KeyringRoot(Protocol):
@@ -48,15 +51,18 @@ class TrustStore:
         self._keyring: trust.Keyring | None = None
 
     # --- judging a bundle ----------------------------------------------------------------------
-    def verify(self, head: Head, now: float, *, device_floor: bool = True) -> trust.Verdict:
+    def verify(self, head: Head, now: float, *, device_floor: bool = True, floor_at_least: int = 0,
+               time_at_least: int = 0) -> trust.Verdict:
         """Decide trust in a bundle's signed head with this device's keyring, CRLs and floor.
 
         Changes nothing on the device. ``device_floor=False`` leaves anti-rollback to the
         caller: a model has its own floor, which it can only look up once the signed
-        manifest has named the model.
+        manifest has named the model. ``floor_at_least`` and ``time_at_least`` are what the
+        journal's witness knows (agent.core.witness): a journal lost or replaced cannot take
+        the floor or the best-known time down with it.
         """
         pem = self.keyring_pem()
-        floor = self.journal.security_floor if device_floor else 0
+        floor = max(self.journal.security_floor, floor_at_least) if device_floor else 0
         if self.root is not None:
             self.root.check_keyring(pem)  # a keyring swapped on disk is refused before it is used
             if device_floor:
@@ -65,7 +71,7 @@ class TrustStore:
         facts = trust.DeviceFacts(
             compatible=self.compatible,
             security_floor=floor,
-            best_known_time=trust.best_known_time(now, self.journal.trusted_time),
+            best_known_time=trust.best_known_time(now, max(self.journal.trusted_time, time_at_least)),
         )
         crls = [*self.stored_crls(), *([head.crl] if head.crl else [])]
         return trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,
@@ -77,6 +83,30 @@ class TrustStore:
         only when nothing will refuse the bundle any more, so a refusal changes nothing."""
         self.journal.raise_trusted_time(min(verdict.manifest.build_time, verdict.signer_not_after))
         self.keep_crls(verdict.crls)
+
+    # --- a trial armed before a CRL or an expiry --------------------------------------------------
+    def remember_trial(self, head: Head, target: str, version: str) -> None:
+        """Keep what the trial of an accepted bundle must look at again before it commits."""
+        rec = signer.record_of(head.chain_pem, self.keyring()).to_dict()
+        self.journal.put(TRIAL_SIGNER, {**rec, "target": target, "version": version})
+
+    def distrust_trial(self, now: float) -> str | None:
+        """Why the trial in the journal must not commit now — its signer revoked by a CRL this
+        device holds, or expired at the best-known time — or None. CRLs or a keyring that
+        cannot be read are a reason too (fail closed: the operator meant to revoke something).
+        A trial armed by an older agent, or recovered without its record, is not looked at."""
+        st, kept = self.journal.state(), self.journal.get(TRIAL_SIGNER)
+        if not isinstance(kept, dict) or (kept.get("target"), kept.get("version")) != (st.target, st.version):
+            return None
+        try:
+            rec = signer.SignerRecord.from_dict(kept)
+            crls, keyring = self.stored_crls(), self.keyring()
+        except (KeyError, TypeError, ValueError):
+            return "its signer record in the journal is damaged"
+        except EdgeopsError as exc:
+            return f"its signer cannot be checked: {exc}"
+        return signer.distrust(rec, crls=crls, keyring=keyring,
+                               best_known_time=trust.best_known_time(now, self.journal.trusted_time))
 
     # --- the keyring ---------------------------------------------------------------------------
     def keyring_pem(self) -> bytes:

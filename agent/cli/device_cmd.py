@@ -40,6 +40,8 @@ def register(sub: Any) -> None:
     i.add_argument("source", help="bundle path, '-' for stdin, or an http(s) URL")
     i.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
                    help="progress bar: auto (when stdout is a terminal), always or never")
+    i.add_argument("--replace-trial", action="store_true",
+                   help="overwrite a trial that is armed and waiting for its boot (refused otherwise)")
     cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
     h = cmd("history", "show the install and health history", _history, json_flag=True)
     h.add_argument("-n", type=int, default=30, help="rows (default 30)")
@@ -109,7 +111,8 @@ class _Bar:
 def _install(a: argparse.Namespace) -> int:
     show = a.progress == "always" or (a.progress == "auto" and sys.stdout.isatty())
     with _updater(a) as up, _source(a.source) as (stream, total):
-        result = up.install(stream, total=total, progress=_Bar() if show else None)
+        result = up.install(stream, total=total, progress=_Bar() if show else None,
+                            replace_trial=a.replace_trial)
     print(f"installed {result.version} into slot {result.slot} ({result.bytes_written} bytes); "
           f"reboot to try it once")
     return 0
@@ -126,6 +129,8 @@ def _status(a: argparse.Namespace) -> int:
     if st["trial_pending_slot"] and not st["trial"]:
         print(f"next boot     tries slot {st['trial_pending_slot']} once")
     print(f"phase         {st['phase']}")
+    if st["journal"] != "ok":
+        print(f"journal       {st['journal']} (run 'edgeops journal recover')")
     print(f"security      floor {st['security_floor']}")
     for name, s in st["slots"].items():
         mark = "*" if s["booted"] else " "

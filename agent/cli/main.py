@@ -3,10 +3,10 @@
 Exit codes (documented in README.md, stable for scripts):
     0 success            10 bad signature              20 device error (slot, bootloader, journal)
     1 internal error     11 untrusted/expired/revoked  21 not possible in the device's state
-    2 usage error        12 rollback refused           30 health checks failed
-    3 config error       13 incompatible bundle        40 transport error (retry later)
-                         14 malformed/unsafe bundle
-                         15 hash or size mismatch
+    2 usage error        12 rollback refused           22 journal lost or replaced: run
+    3 config error       13 incompatible bundle           'edgeops journal recover'
+                         14 malformed/unsafe bundle    30 health checks failed
+                         15 hash or size mismatch      40 transport error (retry later)
                          16 payload larger than its slot
 """
 
@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "controller": "controller_cmd",
     "tpm": "tpm_cmd",
     "provision": "provision_cmd",
+    "journal": "journal_cmd",
 }
 GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # in the order 'edgeops --help' lists them
 OWN_COMMANDS = ("help",)  # registered here, no group module
@@ -53,6 +54,7 @@ EXIT_CODES: list[tuple[type[errors.EdgeopsError], int]] = [
     (errors.PayloadTooLarge, 16),
     (errors.BundleError, 14),
     (errors.TrustError, 11),
+    (errors.JournalLost, 22),
     (errors.DeviceError, 20),
     (errors.StateError, 21),
     (errors.HealthCheckFailed, 30),

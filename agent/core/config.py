@@ -1,4 +1,4 @@
-"""Agent configuration: ``agent.toml`` text in, frozen dataclasses out. Reads no files itself.
+"""Agent configuration: ``agent.toml`` text in, frozen dataclasses out. Only ``load`` reads (the file).
 
 Paths in the file are relative to the file's own directory, so a device
 folder (the sim board's, or an image staging tree) can be moved as a whole.
@@ -58,6 +58,9 @@ class AgentConfig:
     tpm: TpmSettings = TpmSettings()
     fleet: FleetConfig | None = None  # this file's [fleet], token_file not read yet
     models: dict[str, Any] = field(default_factory=dict)  # [models], read by agent.device.models
+    # the journal's witness (agent.core.witness); on another partition it survives the loss
+    # of the whole state directory. Default: STATE/witness.json
+    witness: Path | None = None
     # [health] parsed once, here: a bad table fails at load, and no health run parses it again
     health_policy: HealthPolicy = field(init=False, repr=False, compare=False)
 
@@ -71,6 +74,10 @@ class AgentConfig:
     @property
     def journal_path(self) -> Path:
         return self.state_dir / "journal.db"
+
+    @property
+    def witness_path(self) -> Path:
+        return self.witness if self.witness is not None else self.state_dir / "witness.json"
 
     def other_slot(self, slot: str) -> str:
         others = [s for s in self.slots if s != slot]
@@ -140,6 +147,7 @@ def parse(text: str, path: Path) -> AgentConfig:
             tpm=_tpm(doc, path),
             fleet=_fleet(doc, path),
             models=models,
+            witness=rel(dev["witness"], "device.witness") if "witness" in dev else None,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -202,8 +210,18 @@ def _str(table: dict[str, Any], key: str, path: Path) -> str:
 
 def load(path: Path) -> AgentConfig:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}",
                           hint="pass --config FILE (a sim device has DIR/agent.toml)") from None
-    return parse(text, path.resolve())
+    return parse(decode(raw, path), path.resolve())
+
+
+def decode(raw: bytes, path: Path) -> str:
+    """The text of a config file; TOML is UTF-8 by definition, so anything else is refused here
+    with the byte that broke it (a file saved in Latin-1, or half of it overwritten)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x})",
+                          hint="save the file as UTF-8") from None

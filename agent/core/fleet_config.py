@@ -21,23 +21,38 @@ AUTH_KINDS = ("none", "target", "gateway")  # no credential, TargetToken, Gatewa
 PUSH_KINDS = ("longpoll", "none")
 
 
+DEFAULT_MIN_RATE = 1024.0  # bytes/s: 3.6 MB an hour; a 1 byte/s trickle is given up within a window
+DEFAULT_STALL_TIMEOUT = 120.0  # seconds without one byte, across reconnects
+
+
 @dataclass(frozen=True)
 class DownloadPolicy:
-    """How an artifact download paces itself and when it gives up (agent.adapters.download)."""
+    """How an artifact download paces itself and when it gives up (agent.adapters.download).
+
+    Every download gives up on a trickle (below ``min_rate`` over ``min_rate_window``) and
+    on a stall (no byte for ``stall_timeout``, however often it reconnects), so a slow or
+    hostile server cannot hold the device's install lock. ``min_rate = 0`` switches off only
+    the first (a known-slow satellite link); the stall timeout always holds."""
 
     connect_timeout: float = 10.0
     read_timeout: float = 30.0  # a stall this long drops the connection, then we resume
     max_resumes: int = 8
     bandwidth: float | None = None  # bytes/s cap; None = unlimited
-    min_rate: float = 0.0  # bytes/s; 0 disables trickle detection
+    min_rate: float = DEFAULT_MIN_RATE  # bytes/s; 0 disables trickle detection
     min_rate_window: float = 60.0
     read_size: int = 64 * 1024
     tail: int = 256 * 1024  # the last bytes, buffered until the sha256 is checked
     backoff: float = 0.2  # first resume delay, doubled per resume, capped at 5 s
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
     def __post_init__(self) -> None:
+        if not 0 < self.stall_timeout <= 86400 or not self.min_rate_window > 0 or self.min_rate < 0:
+            raise ValueError("stall_timeout and min_rate_window must be positive, min_rate not negative")
         if self.bandwidth is not None and self.bandwidth < self.min_rate:
-            raise ValueError("bandwidth cap is below the minimum rate: every download would abort")
+            if self.min_rate != DEFAULT_MIN_RATE:
+                raise ValueError("bandwidth cap is below the minimum rate: every download would abort")
+            # a cap set below the default minimum (a metered link): the default follows it
+            object.__setattr__(self, "min_rate", self.bandwidth / 2)
 
 
 @dataclass(frozen=True)
@@ -124,8 +139,9 @@ def _download(table: dict[str, Any]) -> DownloadPolicy:
         read_timeout=float(table.get("read_timeout", 30)),
         max_resumes=int(table.get("max_resumes", 8)),
         bandwidth=float(table["bandwidth"]) if table.get("bandwidth") else None,
-        min_rate=float(table.get("min_rate", 0)),
-        min_rate_window=float(table.get("min_rate_window", 60)))
+        min_rate=float(table.get("min_rate", DEFAULT_MIN_RATE)),
+        min_rate_window=float(table.get("min_rate_window", 60)),
+        stall_timeout=float(table.get("stall_timeout", DEFAULT_STALL_TIMEOUT)))
 
 
 def _attributes(table: dict[str, Any], where: str) -> dict[str, str]:
@@ -137,5 +153,5 @@ def _attributes(table: dict[str, Any], where: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in attrs.items()}
 
 
-__all__ = ["AUTH_KINDS", "MAX_CONFIG_ATTRIBUTES", "PUSH_KINDS", "DownloadPolicy", "FleetConfig",
-           "parse_fleet"]
+__all__ = ["AUTH_KINDS", "DEFAULT_MIN_RATE", "DEFAULT_STALL_TIMEOUT", "MAX_CONFIG_ATTRIBUTES",
+           "PUSH_KINDS", "DownloadPolicy", "FleetConfig", "parse_fleet"]

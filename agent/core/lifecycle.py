@@ -104,6 +104,13 @@ class HealthFailed:
 
 
 @dataclass(frozen=True)
+class SignerDistrusted:
+    """Health passed, but the trial's signer is revoked or expired now: it must not commit."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class CommitDone:
     pass
 
@@ -124,7 +131,7 @@ class RebootIntoTrial:
 
 
 Event = (Install | WriteDone | WriteFailed | TrialSet | Booted | HealthPassed | HealthFailed
-         | CommitDone | Rollback | RebootIntoTrial)
+         | SignerDistrusted | CommitDone | Rollback | RebootIntoTrial)
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -323,6 +330,16 @@ def _health_failed(s: State, ev: HealthFailed) -> Transition:
     )
 
 
+def _signer_distrusted(s: State, ev: SignerDistrusted) -> Transition:
+    # as a failed health check: the slot is rejected and the device returns to the old slot
+    return Transition(
+        replace(s, phase=Phase.REVERTING),
+        [SlotRecord(_t(s), "bad", s.version, s.security_version),
+         History("distrusted", s.target, s.version, ev.reason)],
+        [BootMarkBad(_t(s)), Reboot(f"trial rejected: {ev.reason}")],
+    )
+
+
 def _commit_done(s: State, ev: CommitDone) -> Transition:
     return Transition(
         State(),
@@ -355,6 +372,7 @@ _TABLE: dict[tuple[Phase, type], Handler] = {
     (Phase.WRITTEN, TrialSet): _trial_set,
     (Phase.TESTING, HealthPassed): _health_passed,
     (Phase.TESTING, HealthFailed): _health_failed,
+    (Phase.TESTING, SignerDistrusted): _signer_distrusted,
     (Phase.COMMITTING, CommitDone): _commit_done,
     (Phase.IDLE, Rollback): _rollback,
     (Phase.TRIAL_PENDING, RebootIntoTrial): _reboot_into_trial,
@@ -402,7 +420,8 @@ def _samples(phase: Phase, kind: type) -> list[tuple[str, State, Any]]:
     state = State() if phase is Phase.IDLE else State(phase, "B", "A", "2.0", 1, "b0", 1)
     if kind is not Booted:
         sample: Any = {Install: Install("B", "A", "2.0", 1, "b0"), WriteFailed: WriteFailed("x"),
-                       HealthFailed: HealthFailed("x"), Rollback: Rollback("B", "1.0"),
+                       HealthFailed: HealthFailed("x"), SignerDistrusted: SignerDistrusted("x"),
+                       Rollback: Rollback("B", "1.0"),
                        RebootIntoTrial: RebootIntoTrial("x")}.get(kind) or kind()
         return [("", state, sample)]
     trial_ran = phase in (Phase.TESTING, Phase.COMMITTING, Phase.REVERTING)

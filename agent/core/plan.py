@@ -38,12 +38,34 @@ class InstallPlan:
     health: health.HealthPolicy  # the trial's checks: the device's plus the bundle's
 
 
+@dataclass(frozen=True)
+class Trial:
+    """A trial waiting for its boot: what the journal (or only the bootloader) knows of it."""
+
+    slot: str
+    version: str | None  # None: the bootloader has it armed, the journal does not know it
+
+
+def pending_trial(state: lifecycle.State, armed: str | None) -> Trial | None:
+    """The trial an install would replace: the journal's (written, or armed and waiting for
+    its boot), else one that only the bootloader has armed (``armed``: its ``trial()``)."""
+    if state.phase in (lifecycle.Phase.WRITTEN, lifecycle.Phase.TRIAL_PENDING) and state.target:
+        return Trial(state.target, state.version)
+    return Trial(armed, None) if armed is not None else None
+
+
 def plan_install(manifest: Manifest, *, phase: lifecycle.Phase, booted: str, primary: str,
                  slots: Mapping[str, Mapping[str, Path]],
-                 device_health: health.HealthPolicy) -> InstallPlan:
+                 device_health: health.HealthPolicy, pending: Trial | None = None,
+                 replace_trial: bool = True) -> InstallPlan:
     """The install of ``manifest``, or the first reason it must not happen (checked in this order:
-    the life cycle's phase, the slot the bootloader boots next, the bundle's health checks,
-    the payloads' slot classes)."""
+    the life cycle's phase, the slot the bootloader boots next, a pending trial, the bundle's
+    health checks, the payloads' slot classes).
+
+    ``pending``: the trial armed for the next boot, if any. Installing disarms it and
+    overwrites its slot — even if the new bundle is then refused half-way — so with
+    ``replace_trial=False`` (the command line's default; ``--replace-trial`` says it) that is
+    refused instead, naming the trial."""
     if not lifecycle.can_install(phase):
         raise StateError(f"cannot install while the device is {phase}",
                          hint="let the trial finish ('edgeops agent --once') first")
@@ -52,6 +74,10 @@ def plan_install(manifest: Manifest, *, phase: lifecycle.Phase, booted: str, pri
         # the bootloader will boot next, and must not be overwritten
         raise StateError(f"the bootloader will boot slot {primary} next, not the running "
                          f"slot {booted}", hint="reboot first, then install")
+    if pending is not None and not replace_trial:
+        what = f"version {pending.version}" if pending.version else "a trial the journal does not know"
+        raise StateError(f"slot {pending.slot} holds {what}, armed to be tried at the next boot",
+                         hint="reboot to try it first, or install with --replace-trial to overwrite it")
     target = _other_slot(slots, booted)
     policy = device_health
     if manifest.health:

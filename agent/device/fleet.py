@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 from agent.adapters.ddi_http import DdiClient, redact
+from agent.adapters.download import DownloadCancelled
 from agent.core import ddi, lifecycle
 from agent.core.fleet_config import FleetConfig
 from agent.core.outbox import KIND, MODEL_KIND, Backoff, Report, Sync
@@ -48,6 +49,7 @@ from agent.errors import (
 MAX_MODEL_REPORTS = 16  # two attributes each, beside the device's own
 log = logging.getLogger(__name__)
 ACTION_KEY = "fleet.action"
+CANCEL_CHECK = 30.0  # seconds between looks for a cancel while a download runs
 BUNDLE_SUFFIXES = (".bundle", ".eob", ".edgeops")
 
 
@@ -250,16 +252,20 @@ class FleetAgent:
         return False
 
     def _install(self, aid: str, artifact: ddi.Artifact, attempts: int) -> bool:
-        stream = self.client.open_artifact(artifact, sleep=self.sleep)
+        stream = self.client.open_artifact(artifact, sleep=self.sleep, cancelled=self._cancel_watch(aid))
         marks = _Quartiles(lambda cnt: self._feedback(
             aid, ddi.Feedback("proceeding", "none", ("downloading",), ddi.Progress(cnt, 4))))
         try:
-            result = self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks)
+            result = self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks,
+                                     replace_trial=False)  # a technician's armed trial goes first
         except StateError as exc:
             self.messages.append(f"device busy, will retry: {exc}")
             return False
         except TrustError as exc:  # bad bytes: retrying the same artifact cannot help
             self._final(aid, "failure", f"install refused: {exc.one_line()}")
+            return False
+        except DownloadCancelled as exc:  # the next poll confirms the cancelAction
+            self.messages.append(f"download stopped: {exc}")
             return False
         except TransportError as exc:
             if attempts >= self.cfg.max_attempts:
@@ -277,6 +283,23 @@ class FleetAgent:
         self._feedback(aid, ddi.Feedback("downloaded", "none", (
             f"{result.version} written to slot {result.slot}; trial boot next",)))
         return self._reboot_into_trial(aid)
+
+    def _cancel_watch(self, aid: str) -> Callable[[], bool]:
+        """Asked between reads of a running download: at most every CANCEL_CHECK seconds, one
+        poll for a cancelAction of this action (the loop cannot poll while it downloads)."""
+        due = [self.clock() + CANCEL_CHECK]
+
+        def cancelled() -> bool:
+            if self.clock() < due[0]:
+                return False
+            due[0] = self.clock() + CANCEL_CHECK
+            try:
+                base = self.client.poll().base
+                return bool(base and base.cancel and self.client.cancel(base.cancel).stop_id == aid)
+            except TransportError:
+                return False  # the download's own limits decide about a bad link
+
+        return cancelled
 
     def _reboot_into_trial(self, aid: str) -> bool:
         self.sync.flush(force=True)  # tell the server before the link goes down for the reboot

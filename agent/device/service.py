@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.core import lifecycle
-from agent.errors import DeviceBusy, EdgeopsError
+from agent.errors import DeviceBusy, DeviceError, EdgeopsError
 
 if TYPE_CHECKING:
     from agent.adapters.watchdog import Watchdog
@@ -156,7 +156,7 @@ def _loop(up: Updater, link: FleetLink | None, dog: Watchdog | None, *, once: bo
     clean = False
     try:
         while True:
-            result = _cycle(up)
+            result = _cycle(up, keep_going=not once)
             if dog is not None:
                 dog.kick()
             for m in result.messages:
@@ -183,16 +183,24 @@ def _loop(up: Updater, link: FleetLink | None, dog: Watchdog | None, *, once: bo
             dog.stop(clean=clean or not _in_trial(up))
 
 
-def _cycle(up: Updater) -> CycleResult:
-    """One cycle of the device: note the boot, finish what a previous boot left, run a trial."""
+def _cycle(up: Updater, *, keep_going: bool = False) -> CycleResult:
+    """One cycle of the device: note the boot, finish what a previous boot left, run a trial.
+
+    ``keep_going`` (the service, not ``--once``): a device error such as a full disk is said
+    and retried next cycle, because exiting would only restart into the same error."""
+    from agent.device.updater import CycleResult
+
     up.messages.clear()
     try:
         return up.cycle()
     except DeviceBusy:
-        from agent.device.updater import CycleResult
-
         # an install or a technician's command holds the lock: not a fault of ours
         return CycleResult(str(up.journal.state().phase), ["device busy; next cycle later"])
+    except DeviceError as exc:
+        if not keep_going:
+            raise
+        return CycleResult(str(up.journal.state().phase),
+                           [f"device error, next cycle later: {exc.one_line()}"])
 
 
 def _poll(link: FleetLink, say: Say) -> tuple[bool, float]:

@@ -8,6 +8,10 @@ An install: signed head → trust store and ``trust`` → ``plan_install`` → W
 target slot marked bad → payloads stream through ``bundle`` (verified block by block)
 into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the reboot ``cycle``
 feeds ``Booted``, and the health checks decide commit or revert.
+About 480 lines, on purpose: one module shows every command's sequence against the journal,
+the bootloader and the slots; what has a job of its own already lives beside it (the
+journal's witness in ``journal_guard``, recovery in ``recovery``, a trial's second look at
+its signer in ``adapters.truststore``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
 from agent.adapters import probes, rot, slots
@@ -32,8 +36,12 @@ from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
 from agent.core.manifest import Manifest
-from agent.core.plan import InstallPlan, plan_install, plan_rollback
-from agent.errors import DeviceBusy, EdgeopsError, StateError
+from agent.core.plan import InstallPlan, pending_trial, plan_install, plan_rollback
+from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, JournalLost, StateError
+
+if TYPE_CHECKING:  # imported where used: only a device that checks its journal needs them
+    from agent.core.witness import Finding
+    from agent.device.journal_guard import JournalGuard
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -91,6 +99,7 @@ class Updater:
         self.rebooted = False
         self._override: tuple[dict[str, Any], health.HealthPolicy] | None = None
         self.verdicts = VerdictBox(self.cfg.state_dir)
+        self._guard: JournalGuard | None = None
 
     # --- locking ----------------------------------------------------------------------------
     @contextmanager
@@ -115,7 +124,7 @@ class Updater:
         action produced (the health verdict). Nothing more runs after a reboot was asked for."""
         pending = deque([event])
         while pending:
-            t = self._apply(pending.popleft())
+            t = self._apply(self._vet(pending.popleft()))
             for action in t.actions:
                 produced = self._perform(action, run_health=run_health)
                 if self.rebooted:
@@ -124,6 +133,15 @@ class Updater:
                     pending.append(produced)
             if t.then is not None:
                 pending.append(t.then)
+
+    def _vet(self, event: lifecycle.Event) -> lifecycle.Event:
+        """A trial's commit, whoever asks for it (health checks or a technician), waits on one more
+        fact: its signer is not revoked by a CRL that came since, nor expired at the best-known time."""
+        if (isinstance(event, lifecycle.HealthPassed)
+                and self.journal.state().phase is lifecycle.Phase.TESTING
+                and (why := TrustStore(self.cfg, self.journal, self.root()).distrust_trial(self.clock()))):
+            return lifecycle.SignerDistrusted(why)
+        return event
 
     def _apply(self, event: lifecycle.Event) -> lifecycle.Transition:
         before = self.journal.state()
@@ -158,16 +176,20 @@ class Updater:
         return None
 
     # --- install ----------------------------------------------------------------------------
-    def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None
-                ) -> InstallResult:
+    def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None,
+                replace_trial: bool = True) -> InstallResult:
+        """Install a bundle into the inactive slot and arm its trial. ``replace_trial=False``
+        refuses to overwrite a trial that is armed and waiting for its boot (core.plan)."""
         with self.locked():
-            self._sync_boot()
+            lost = self._lost()
+            if lost is None:
+                self._sync_boot()
             reader = BundleReader(stream)
             try:
-                m, plan = self._prepare(reader)
+                m, plan = self._prepare(reader, lost, replace_trial=replace_trial)
             except Exception as exc:  # a bug must not leave a refusal unrecorded either
-                self.journal.record([lifecycle.History("refused", None, None, _why(exc))],
-                                    now=self.clock())
+                if lost is None:  # a journal that is not this device's is set aside by recovery
+                    self._note_failure(lifecycle.History("refused", None, None, _why(exc)))
                 raise
             self._drive(lifecycle.Install(plan.target, plan.previous, m.version, m.security_version,
                                           self.dev.runtime.boot_id(), m.health))
@@ -181,7 +203,7 @@ class Updater:
                     path = dest[pr.payload.name]
                     written += slots.write(path, chunks, limit=slots.capacity(path))
             except Exception as exc:  # whatever broke the write, the journal must not stay WRITING
-                self._drive(lifecycle.WriteFailed(_why(exc)))
+                self._note_failure(lifecycle.WriteFailed(_why(exc)))
                 raise
             if (root := self.root()) is not None:
                 for p in m.payloads:  # measured once written and fsynced, before the trial is set
@@ -189,24 +211,50 @@ class Updater:
             self._drive(lifecycle.WriteDone())
             return InstallResult(m.version, plan.target, written, [p.name for p in m.payloads])
 
-    def _prepare(self, reader: BundleReader) -> tuple[Manifest, InstallPlan]:
+    def _note_failure(self, what: lifecycle.History | lifecycle.WriteFailed) -> None:
+        """Record why an install stopped, if the journal can still be written. On a full disk it
+        cannot: the error that stopped the install is the one to report, and a WRITING phase
+        left behind is closed as "interrupted" by the next start (``Booted``, same boot)."""
+        try:
+            if isinstance(what, lifecycle.WriteFailed):
+                self._drive(what)
+            else:
+                self.journal.record([what], now=self.clock())
+        except DeviceError as exc:
+            self.messages.append(f"not recorded: {exc.one_line()}")
+
+    def _prepare(self, reader: BundleReader, lost: JournalLost | None = None, *,
+                 replace_trial: bool = True) -> tuple[Manifest, InstallPlan]:
         """Verify, plan and check room before anything on the device changes (as RAUC's
-        do_install_bundle): a refusal leaves the journal's trusted time and CRLs as they were."""
+        do_install_bundle): a refusal leaves the journal's trusted time and CRLs as they were.
+        The floor and time the witness knows count too, and a lost journal refuses every
+        bundle: one below that floor as a rollback, any other until the journal is recovered."""
         store = TrustStore(self.cfg, self.journal, self.root())
-        verdict = store.verify(reader.read_head(), self.clock())
-        plan = plan_install(verdict.manifest, phase=self.journal.state().phase,
-                            booted=self.dev.runtime.booted_slot(),
-                            primary=self.dev.bootloader.primary(),
-                            slots=self.cfg.slots, device_health=self.cfg.health_policy)
+        seen = self.guard.witnessed
+        head = reader.read_head()
+        verdict = store.verify(head, self.clock(),
+                               floor_at_least=seen.security_floor if seen else 0,
+                               time_at_least=seen.trusted_time if seen else 0)
+        if lost is not None:
+            raise lost
+        state, bl = self.journal.state(), self.dev.bootloader
+        plan = plan_install(verdict.manifest, phase=state.phase,
+                            booted=self.dev.runtime.booted_slot(), primary=bl.primary(),
+                            slots=self.cfg.slots, device_health=self.cfg.health_policy,
+                            pending=pending_trial(state, bl.trial()), replace_trial=replace_trial)
         for w in plan.writes:
             slots.check_fits(w.dest, w.payload.size, w.payload.name)
         store.accept(verdict)
+        store.remember_trial(head, plan.target, verdict.manifest.version)  # for _vet, at its commit
         return verdict.manifest, plan
 
     # --- boot, health, commit ----------------------------------------------------------------
     def _sync_boot(self, *, health: bool = False) -> None:
         """Tell the state machine which boot this is. Only the agent cycle runs health checks;
-        every other command just brings the recorded state up to date first."""
+        every other command just brings the recorded state up to date first. Nothing is
+        driven on a journal that does not match its witness (``JournalLost``)."""
+        if (lost := self._lost()) is not None:  # the committed slot keeps its tries meanwhile
+            raise lost
         rt = self.dev.runtime
         self._drive(lifecycle.Booted(rt.booted_slot(), rt.boot_id()), run_health=health)
         if (root := self.root()) is not None:
@@ -224,6 +272,31 @@ class Updater:
             return
         # each backend confirms only its committed slot (a fallback slot stays unconfirmed)
         bl.confirm(self.dev.runtime.booted_slot())
+
+    # --- the journal's witness ---------------------------------------------------------------
+    @property
+    def guard(self) -> JournalGuard:
+        """The journal held to its witness (agent.device.journal_guard), made on first use."""
+        if self._guard is None:
+            from agent.device.journal_guard import JournalGuard
+
+            self._guard = JournalGuard(self.cfg, self.journal, self.root)
+        return self._guard
+
+    def journal_finding(self, *, again: bool = False) -> Finding:
+        """Whether the journal is the one its witness knows (judged once; ``again``: now)."""
+        return self.guard.finding(again=again)
+
+    def replace_journal(self, journal: Journal) -> None:
+        """Use ``journal`` from now on (``edgeops journal recover`` made it)."""
+        self.dev.journal = self.journal = self.guard.journal = journal
+
+    def _lost(self) -> JournalLost | None:
+        """Why the journal cannot be used (the committed slot is still confirmed), or None."""
+        lost = self.guard.lost()
+        if lost is not None:
+            self._confirm_boot()
+        return lost
 
     def register_process(self) -> Path | None:
         """Tell a runtime that tracks agent processes (the sim board) that this one runs;
@@ -252,7 +325,12 @@ class Updater:
 
     def _run_health(self) -> lifecycle.Event:
         """Probe until ``health.decide`` commits or reverts, or a technician decides first."""
-        policy = self.policy()
+        try:
+            policy = self.policy()
+        except ConfigError as exc:
+            # Checks that cannot run give no verdict to wait for; waiting would only mean an
+            # agent failing the same way at every start until the bootloader gives up.
+            return lifecycle.HealthFailed(f"health checks cannot run: {exc}")
         # The deadline counts from the first health run of this boot, so an agent
         # that keeps restarting mid-trial cannot extend it (CLOCK_MONOTONIC is per boot).
         boot_id = self.dev.runtime.boot_id()
@@ -369,7 +447,13 @@ class Updater:
             "security_floor": self.journal.security_floor,
             "trusted_time": self.journal.trusted_time,
             "slots": out_slots,
+            "journal": self._journal_word(),
         }
+
+    def _journal_word(self) -> str:
+        """"ok", or why installs are refused until 'edgeops journal recover'."""
+        finding = self.journal_finding()
+        return f"lost: {finding.reason}" if finding.verdict == "lost" else "ok"
 
 
 def _public_state(state: str) -> str:

@@ -4,7 +4,7 @@
     DIR/slot-a.img, -b.img  rootfs slots: sparse files
     DIR/uboot.env           a redundant U-Boot environment (2 x 16 KiB), fw_printenv-readable
     DIR/keyring/root.crt    trusted roots
-    DIR/state/journal.db    the agent's journal
+    DIR/state/journal.db    the agent's journal, and state/witness.json its witness
     DIR/run/                the running system: cmdline, boot_id, pids of running agents
 
 The board's power-on behaviour and running system (``SimFirmware``, ``SimRuntime``,
@@ -22,7 +22,9 @@ from pathlib import Path
 from agent.adapters.bootloader.uboot import DEFAULT_ENV_SIZE, initial_env
 from agent.adapters.journal import Journal
 from agent.adapters.simboard import ENV_FILE, SimFirmware, SimRuntime, env_store
+from agent.adapters.witness import WitnessFile
 from agent.core import lifecycle
+from agent.core.config import load
 from agent.errors import ConfigError
 
 __all__ = ["CONFIG_TEMPLATE", "ENV_FILE", "SLOTS", "SLOT_FILES", "SimFirmware", "SimRuntime",
@@ -116,6 +118,7 @@ def init_device(target: Path, *, image: Path, keyring: Path, compatible: str = "
     store.write(initial_env("A"))
     store.write(initial_env("A"))  # both copies valid from the start
     journal = Journal(target / "state" / "journal.db")
+    journal.follow(WitnessFile(load(target / "agent.toml").witness_path, None).write)  # both, at once
     try:
         journal.record([
             lifecycle.SlotRecord("A", "good", version, 0),
