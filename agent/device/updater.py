@@ -8,8 +8,8 @@ An install: signed head → trust store and ``trust`` → ``plan_install`` → W
 target slot marked bad → payloads stream through ``bundle`` (verified block by block)
 into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the reboot ``cycle``
 feeds ``Booted``, and the health checks decide commit or revert.
-About 480 lines, on purpose: one module shows every command's sequence against the journal,
-the bootloader and the slots; what has a job of its own already lives beside it (the
+Long because (about 480 lines, on purpose) one module shows every command's sequence
+against the journal, the bootloader and the slots; what has a job of its own already lives beside it (the
 journal's witness in ``journal_guard``, recovery in ``recovery``, a trial's second look at
 its signer in ``adapters.truststore``).
 """
