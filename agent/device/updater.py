@@ -8,6 +8,10 @@ An install: signed head → trust store and ``trust`` → ``plan_install`` → W
 target slot marked bad → payloads stream through ``bundle`` (verified block by block)
 into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the reboot ``cycle``
 feeds ``Booted``, and the health checks decide commit or revert.
+
+What only an install, a health run or a TPM needs (the bundle reader and zstandard, the
+trust store and cryptography, slots, probes, the root of trust) is imported where it is
+used: ``edgeops status`` and the idle agent never load it.
 """
 
 from __future__ import annotations
@@ -20,20 +24,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
-from agent.adapters import probes, rot, slots
-from agent.adapters.bundle import BundleReader
 from agent.adapters.journal import Journal
 from agent.adapters.runtime import LinuxRuntime, RegistersProcess, Runtime
-from agent.adapters.truststore import TrustStore
 from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
-from agent.core.manifest import Manifest
-from agent.core.plan import InstallPlan, plan_install, plan_rollback
 from agent.errors import DeviceBusy, EdgeopsError, StateError
+
+if TYPE_CHECKING:
+    from agent.adapters.bundle import BundleReader
+    from agent.adapters.rot import RootOfTrust
+    from agent.core.manifest import Manifest
+    from agent.core.plan import InstallPlan
+    from agent.core.probe_spec import ProbeResult
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -86,7 +92,7 @@ class Updater:
         self.clock = clock
         self.sleep = sleep
         self.messages: list[str] = []
-        self._root: rot.RootOfTrust | None = None
+        self._root: RootOfTrust | None = None
         self._root_opened = False
         self.rebooted = False
         self._override: tuple[dict[str, Any], health.HealthPolicy] | None = None
@@ -160,6 +166,9 @@ class Updater:
     # --- install ----------------------------------------------------------------------------
     def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None
                 ) -> InstallResult:
+        from agent.adapters import slots
+        from agent.adapters.bundle import BundleReader
+
         with self.locked():
             self._sync_boot()
             reader = BundleReader(stream)
@@ -192,6 +201,10 @@ class Updater:
     def _prepare(self, reader: BundleReader) -> tuple[Manifest, InstallPlan]:
         """Verify, plan and check room before anything on the device changes (as RAUC's
         do_install_bundle): a refusal leaves the journal's trusted time and CRLs as they were."""
+        from agent.adapters import slots
+        from agent.adapters.truststore import TrustStore
+        from agent.core.plan import plan_install
+
         store = TrustStore(self.cfg, self.journal, self.root())
         verdict = store.verify(reader.read_head(), self.clock())
         plan = plan_install(verdict.manifest, phase=self.journal.state().phase,
@@ -231,9 +244,11 @@ class Updater:
         rt = self.dev.runtime
         return rt.register_process() if isinstance(rt, RegistersProcess) else None
 
-    def root(self) -> rot.RootOfTrust | None:
+    def root(self) -> RootOfTrust | None:
         """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""
         if not self._root_opened:
+            from agent.adapters import rot
+
             self._root = rot.root_for_updater(self.cfg.tpm, self.cfg.state_dir)
             self._root_opened = True
         return self._root
@@ -252,6 +267,8 @@ class Updater:
 
     def _run_health(self) -> lifecycle.Event:
         """Probe until ``health.decide`` commits or reverts, or a technician decides first."""
+        from agent.adapters import probes
+
         policy = self.policy()
         # The deadline counts from the first health run of this boot, so an agent
         # that keeps restarting mid-trial cannot extend it (CLOCK_MONOTONIC is per boot).
@@ -261,7 +278,7 @@ class Updater:
             mark = {"boot_id": boot_id, "monotonic": time.monotonic()}
             self.journal.put("trial_started", mark)
         started = float(mark["monotonic"])
-        results: list[probes.ProbeResult] = []
+        results: list[ProbeResult] = []
         while True:
             results += probes.run_all(policy.probes)
             decision = health.decide(policy, results, started=started, now=time.monotonic())
@@ -283,7 +300,9 @@ class Updater:
             self._override = (override, health.parse_policy(override, base=base))
         return self._override[1]
 
-    def health_report(self) -> list[probes.ProbeResult]:
+    def health_report(self) -> list[ProbeResult]:
+        from agent.adapters import probes
+
         return probes.run_all(self.policy().probes)
 
     def mark_good(self) -> None:
@@ -327,6 +346,8 @@ class Updater:
                              .rstrip() if last else "handed to the running agent")
 
     def rollback(self) -> str:
+        from agent.core.plan import plan_rollback
+
         with self.locked():
             self._sync_boot()
             self._require(lifecycle.Phase.IDLE, "rollback")
