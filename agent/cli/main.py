@@ -16,10 +16,10 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 from agent import __version__, errors
 
+TYPE_CHECKING = False  # typing itself costs 'edgeops --version' 3 ms; mypy knows this name
 if TYPE_CHECKING:
     import argparse  # imported by build_parser: the agent service's process never parses
 
