@@ -69,3 +69,10 @@ def test_an_unknown_bootloader_still_lists_every_backend() -> None:
     with pytest.raises(ConfigError) as info:
         bootloader.create("lilo", {}, ROOT, ("A", "B"))
     assert all(name in str(info.value.hint) for name in bootloader.BUILTIN)
+
+
+def test_version_loads_no_typing() -> None:
+    """typing is 3 ms of a --version that should cost little more than Python itself."""
+    mods = loaded_after("from agent.cli import main\ntry:\n    main.main(['--version'])\n"
+                        "except SystemExit:\n    pass") - loaded_after("pass")
+    assert "typing" not in mods
