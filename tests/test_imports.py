@@ -45,3 +45,34 @@ def test_status_loads_only_the_device_commands(device_dir: Path) -> None:
     groups = sorted(m for m in mods if m.startswith("agent.cli.") and m.endswith("_cmd"))
     assert groups == ["agent.cli.device_cmd"]
     assert not {"requests", "urllib3", "psutil", "agent.host.keys", "agent.device.fleet"} & mods
+
+
+def test_status_loads_no_crypto_no_codec_and_only_the_configured_bootloader(device_dir: Path) -> None:
+    """What only an install, a health run or a TPM needs stays out of 'edgeops status'."""
+    mods = loaded_after("from agent.cli import main\n"
+                        f"main.main(['status', '--config', {str(device_dir / 'agent.toml')!r}])")
+    unused = ("cryptography", "zstandard", "hashlib", "agent.adapters.bundle", "agent.adapters.rot",
+              "agent.adapters.probes", "agent.adapters.slots", "agent.adapters.truststore",
+              "agent.core.trust", "agent.core.plan", "agent.adapters.bootloader.grub",
+              "agent.adapters.bootloader.rpi_tryboot", "agent.adapters.bootloader.uboot_rauc")
+    assert not {m for m in mods if m.startswith(unused)}
+    assert "agent.adapters.bootloader.uboot" in mods  # the sim board's backend
+
+
+def test_an_unknown_bootloader_still_lists_every_backend() -> None:
+    import pytest
+
+    from agent.adapters import bootloader
+    from agent.errors import ConfigError
+
+    assert set(bootloader.BUILTIN) <= set(bootloader.names())
+    with pytest.raises(ConfigError) as info:
+        bootloader.create("lilo", {}, ROOT, ("A", "B"))
+    assert all(name in str(info.value.hint) for name in bootloader.BUILTIN)
+
+
+def test_version_loads_no_typing() -> None:
+    """typing is 3 ms of a --version that should cost little more than Python itself."""
+    mods = loaded_after("from agent.cli import main\ntry:\n    main.main(['--version'])\n"
+                        "except SystemExit:\n    pass") - loaded_after("pass")
+    assert "typing" not in mods

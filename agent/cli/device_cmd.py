@@ -8,20 +8,17 @@ the ``agent`` loop. Imports of the device code happen inside the handlers, so pa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.cli.common import config_path
-from agent.errors import ConfigError, HealthCheckFailed, UsageError
+from agent.errors import HealthCheckFailed, UsageError
 
 if TYPE_CHECKING:
-    from agent.adapters.watchdog import Watchdog
     from agent.device.updater import Updater
 
 
@@ -51,6 +48,9 @@ def register(sub: Any) -> None:
     cmd("health", "run the health checks now and print each result", _health, json_flag=True)
     a = cmd("agent", "run the agent service (finishes trials, runs health checks)", _agent)
     a.add_argument("--once", action="store_true", help="one cycle, then exit")
+    # The service's worker (agent.device.worker): one wake-up, its outcome as a JSON line on
+    # this inherited file descriptor instead of the closing 'phase:' line. Not for people.
+    a.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
 
 
 @contextmanager
@@ -193,22 +193,22 @@ def _health(a: argparse.Namespace) -> int:
 
 
 def _agent(a: argparse.Namespace) -> int:
-    from agent.device import service
+    from agent.device import service, worker
 
-    def watchdog(up: Updater) -> Watchdog | None:
-        return service.system_watchdog(up, _board_watchdog(up.cfg.board))
+    if a.report_fd is not None:
+        if not a.once:
+            raise UsageError("--report-fd is for the service's worker, with --once")
+        with _updater(a) as up:
+            report = worker.Reporter(a.report_fd, up)
+            report.started()
+            service.run(up, once=True, report=report)
+        return 0
+    if not a.once:
+        # The service becomes a process of its own, on the standard library (agent.cli.serve).
+        from agent.cli import serve
 
+        serve.become_service(config_path(a.config), verbose=bool(getattr(a, "verbose", False)))
     with _updater(a) as up:
-        phase = service.run(up, once=a.once, watchdog=watchdog)
+        phase = service.run(up, once=True)
     print(f"phase: {phase}")
     return 0
-
-
-def _board_watchdog(board: str) -> Path | None:
-    """The watchdog device the board file names, if any."""
-    from agent.adapters import boardfiles
-
-    with contextlib.suppress(ConfigError):
-        name = boardfiles.load(board).watchdog
-        return Path(name) if name else None
-    return None

@@ -12,13 +12,16 @@ Exit codes (documented in README.md, stable for scripts):
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from agent import __version__, errors
+
+TYPE_CHECKING = False  # typing itself costs 'edgeops --version' 3 ms; mypy knows this name
+if TYPE_CHECKING:
+    import argparse  # imported by build_parser: the agent service's process never parses
 
 # Each command word and the module of agent.cli whose register(subparsers) adds it. Only
 # the chosen command's module is imported (explicitly: a broken group fails loudly), so
@@ -117,6 +120,8 @@ def _asks_help(arg: str) -> bool:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for ``argv``, with only the command groups it needs registered (see
     ``groups_for``); every group when ``argv`` is None."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="edgeops",
         description="Signed A/B updates for edge devices: install, trial boot, health check, "
@@ -148,15 +153,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)  # --version and --help exit here
+    log_to_stderr(verbose=args.verbose)
+    return guarded(lambda: args.func(args), json_errors=getattr(args, "json", False))
+
+
+def log_to_stderr(*, verbose: bool) -> None:
     import logging
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="edgeops: %(levelname)s: %(message)s")
+
+
+def guarded(command: Callable[[], int | None], *, json_errors: bool = False) -> int:
+    """Run ``command``; an error becomes its line on stderr and its exit code (this table)."""
     try:
-        return int(args.func(args) or 0)
+        return int(command() or 0)
     except errors.EdgeopsError as exc:
         code = exit_code(exc)
-        if getattr(args, "json", False):
+        if json_errors:
             import json
 
             print(json.dumps({"error": type(exc).__name__, "message": str(exc),

@@ -208,6 +208,14 @@ def can_install(phase: Phase) -> bool:
     return phase in _CAN_INSTALL
 
 
+def needs_cycle(s: State, booted: str, boot_id: str) -> bool:
+    """Whether an agent cycle in this boot would do anything: ``Booted`` changes the state,
+    records something, acts or leads on. False when idle, and while an armed trial waits for
+    its reboot; the idle service asks this before it starts a worker to run the cycle."""
+    t = step(s, Booted(booted, boot_id))
+    return t.state != s or bool(t.records or t.actions) or t.then is not None
+
+
 def step(s: State, ev: Event) -> Transition:
     handler = _TABLE.get((s.phase, type(ev)))
     if handler is None:

@@ -36,6 +36,7 @@ from agent.core.outbox import KIND, MODEL_KIND, Backoff, Report, Sync
 from agent.core.trust import best_known_time
 from agent.device.fleet_files import find_fleet, load_fleet
 from agent.device.identity import FleetIdentity
+from agent.device.push import next_poll
 from agent.device.updater import Updater
 from agent.errors import (
     CertificateRefused,
@@ -156,8 +157,7 @@ class FleetAgent:
                                  f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
 
     def _sleep_for(self, base: ddi.BaseResource | None) -> float:
-        s = base.sleep if base is not None and base.sleep is not None else self.cfg.poll_interval
-        return min(max(s, self.cfg.min_sleep), self.cfg.max_sleep)
+        return next_poll(base, self.cfg)  # the idle service paces its own polls the same way
 
     def _act_on(self, base: ddi.BaseResource) -> bool:
         if base.config_data is not None:

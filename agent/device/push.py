@@ -12,21 +12,45 @@ Why a long-poll and not MQTT or a WebSocket:
     unchanged answer and simply sleep out the rest of the interval, i.e. normal polling.
 The cost is one idle TCP connection per device on the controller, which an async server
 handles cheaply; NAT mappings stay alive because N (60 s default) is below common timeouts.
+
+The poller is anything with DDI's ``poll(etag=, wait=)``: the full client
+(``agent.adapters.ddi_http.DdiClient``) or the idle service's standard-library one
+(``agent.adapters.ddi_poll.BasePoll``), so this module imports neither.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from agent.adapters.ddi_http import DdiClient
+from agent.core import ddi
+from agent.core.fleet_config import FleetConfig
 from agent.errors import TransportError
 
 QUICK = 1.0  # an unchanged answer faster than this means the server does not hold requests
 
 
+class Answer(Protocol):
+    @property
+    def base(self) -> ddi.BaseResource | None: ...  # None: 304, nothing new
+    @property
+    def etag(self) -> str | None: ...
+
+
+class Poller(Protocol):
+    def poll(self, *, etag: str | None = None, wait: float = 0) -> Answer: ...
+
+
+def next_poll(base: ddi.BaseResource | None, cfg: FleetConfig) -> float:
+    """Seconds until the next poll: the controller's ``config.polling.sleep`` (else the
+    configured ``poll_interval``) within [min_sleep, max_sleep]."""
+    s = base.sleep if base is not None and base.sleep is not None else cfg.poll_interval
+    return min(max(s, cfg.min_sleep), cfg.max_sleep)
+
+
 class LongPoll:
-    def __init__(self, client: DdiClient, *, wait: float = 60.0,
+    def __init__(self, client: Poller, *, wait: float = 60.0,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.client, self.wait_s = client, wait

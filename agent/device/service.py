@@ -1,12 +1,25 @@
 """The agent service: cycles, fleet polls, metrics and the watchdog, until SIGTERM or a reboot.
 
-``edgeops agent`` parses its arguments, opens the device and calls :func:`run`; everything
-the service decides lives here: when to cycle, when to poll the controller (and when a
+``edgeops agent`` parses its arguments and becomes ``agent.cli.serve``, which loads the
+config and calls :func:`serve` (``--once`` calls :func:`run`); everything the service
+decides lives here: when to cycle, when to poll the controller (and when a
 long-poll may block), when the metrics textfile is rewritten, and how the watchdog is fed
 and closed. The seams are arguments, so a test injects a watchdog, a fleet link or a stop
 flag instead of patching private functions:
 
     run(up, once=False, watchdog=lambda up: Watchdog(...), stop=Stop())
+
+Two ways to run the same loop. ``run`` does every wake-up in this process: a cycle of the
+device, then a poll of the controller with the full fleet agent (requests, and for an
+install cryptography and zstandard). ``serve`` (the service, ``edgeops agent`` without
+``--once``) keeps this process on the standard library — the config, a stat of the
+journal's files, one GET of the DDI base resource (``agent.adapters.ddi_poll``), the
+long-poll and the watchdog; no device, no database — and starts a worker, ``edgeops agent
+--once`` in a fresh interpreter, only for a wake-up that has work (``agent.device.worker``):
+the idle service holds half the memory. The journal is the only state either way, so a
+worker killed mid-install is what a killed ``run`` was. Devices whose loop needs the heavy
+libraries anyway (mTLS with the TPM-sealed identity key, renewed between polls; a metrics
+textfile) have ``serve`` call ``run``.
 
 ``prometheus_client`` is imported only when ``metrics_file`` is set, and the fleet client
 (requests and TLS) only when [fleet] is configured: ``open_fleet`` asks the parsed config
@@ -23,22 +36,32 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from agent.core import lifecycle
+from agent.device.worker import Wake
 from agent.errors import DeviceBusy, DeviceError, EdgeopsError
 
 if TYPE_CHECKING:
     from agent.adapters.watchdog import Watchdog
-    from agent.device.fleet import FleetAgent
+    from agent.core import lifecycle
+    from agent.core.config import AgentConfig
+    from agent.device.fleet import FleetAgent, PollOutcome
     from agent.device.push import LongPoll
     from agent.device.updater import CycleResult, Updater
+    from agent.device.worker import Done, Started
 
 log = logging.getLogger("edgeops")
 
 WatchdogFactory = Callable[["Updater"], "Watchdog | None"]
 FleetFactory = Callable[["Updater"], "FleetLink | None"]
 Say = Callable[[str], None]
+Report = Callable[[Wake], None]
+WakeUp = Callable[["Watchdog | None"], Wake]  # one wake-up of the loop: cycle, poll, ...
+DeadlineWatchdog = Callable[[float], "Watchdog | None"]  # for a given health deadline
+
+
+class HasState(Protocol):
+    def state(self) -> lifecycle.State: ...
 
 
 class Interrupted(BaseException):
@@ -106,14 +129,14 @@ def open_fleet(up: Updater) -> FleetLink | None:
     return FleetLink(agent, LongPoll(agent.client, wait=cfg.longpoll_wait))
 
 
-def system_watchdog(up: Updater, device: Path | None) -> Watchdog | None:
+def system_watchdog(cfg: AgentConfig, deadline: float, device: Path | None) -> Watchdog | None:
     """systemd's watchdog (WatchdogSec=) or ``device`` (the board file's), else none.
 
-    A cycle may spend the whole health deadline in probes, so only a loop silent for
+    A cycle may spend the whole health ``deadline`` in probes, so only a loop silent for
     longer than that plus a poll interval counts as hung."""
     from agent.adapters.watchdog import WatchdogError, from_environment
 
-    stale = up.policy().deadline + up.cfg.poll_interval + 30
+    stale = deadline + cfg.poll_interval + 30
     try:
         return from_environment(os.environ, device, stale_after=stale)
     except WatchdogError as exc:  # e.g. systemd already holds /dev/watchdog (RuntimeWatchdogSec=)
@@ -121,17 +144,31 @@ def system_watchdog(up: Updater, device: Path | None) -> Watchdog | None:
         return None
 
 
+def board_watchdog(board: str) -> Path | None:
+    """The watchdog device the board file names, if any."""
+    import contextlib
+
+    from agent.adapters import boardfiles
+    from agent.errors import ConfigError
+
+    with contextlib.suppress(ConfigError):
+        name = boardfiles.load(board).watchdog
+        return Path(name) if name else None
+    return None
+
+
 def _say(line: str) -> None:
     print(line, flush=True)  # one line per event, at once: the service's log is the journal
 
 
 def run(up: Updater, *, once: bool = False, watchdog: WatchdogFactory | None = None,
-        fleet: FleetFactory = open_fleet, stop: Stop | None = None, say: Say = _say) -> str:
+        fleet: FleetFactory = open_fleet, stop: Stop | None = None, say: Say = _say,
+        report: Report | None = None) -> str:
     """Cycle (and poll the controller) until SIGTERM, a reboot, or after one cycle (``once``).
 
     Returns the journal's phase at the end. ``watchdog`` is called once, after start-up
     succeeded; without one (or with ``once``) nothing is fed. ``stop`` defaults to a flag
-    set by SIGTERM.
+    set by SIGTERM. ``report`` hears how each wake-up ended (a worker tells its parent).
     """
     if stop is None:
         stop = Stop().on_sigterm()
@@ -143,33 +180,117 @@ def run(up: Updater, *, once: bool = False, watchdog: WatchdogFactory | None = N
 
             metrics.render(up)  # a missing [metrics] extra is a config error now, not later
         dog = None if once or watchdog is None else watchdog(up)
-        return _loop(up, link, dog, once=once, stop=stop, say=say)
+
+        def wake(dog: Watchdog | None) -> Wake:
+            w = _wake_here(up, link, dog, say, keep_going=not once)
+            if report is not None:
+                report(w)
+            return w
+
+        return _loop(up.journal, wake, link.waker if link is not None else None, dog,
+                     once=once, stop=stop)
     finally:
         if pidfile is not None:
             pidfile.unlink(missing_ok=True)
 
 
-def _loop(up: Updater, link: FleetLink | None, dog: Watchdog | None, *, once: bool, stop: Stop,
-          say: Say) -> str:
+def serve(cfg: AgentConfig, *, watchdog: DeadlineWatchdog | None = None, stop: Stop | None = None,
+          say: Say = _say, worker: Callable[[Started], Done] | None = None) -> str:
+    """The service (``edgeops agent``): the loop of ``run`` with each wake-up that has work
+    done by a worker process, while this one stays on the standard library and opens neither
+    the device nor its journal; ``run`` itself where the loop needs the heavy libraries
+    anyway (see the module docstring). ``watchdog`` is called with the health deadline."""
+    from agent.device.fleet_files import find_fleet
+
+    fleet = find_fleet(cfg)
+    if cfg.metrics_file is not None or (fleet is not None and fleet.identity):
+        return _run_device(cfg, watchdog=watchdog, stop=stop, say=say)
+    from agent.device.worker import IdleAgent
+    from agent.device.worker import Worker as WorkerProcess
+
+    if stop is None:
+        stop = Stop().on_sigterm()
+    poll = waker = None
+    if fleet is not None:
+        from agent.adapters.ddi_poll import BasePoll
+
+        poll = BasePoll(fleet)
+        if fleet.push == "longpoll":
+            from agent.device.push import LongPoll
+
+            waker = LongPoll(poll, wait=fleet.longpoll_wait)
+    idle = IdleAgent(cfg, fleet, poll, worker or WorkerProcess(
+        cfg.path, verbose=log.isEnabledFor(logging.DEBUG)))
+    pidfile = _register(cfg)
+    try:
+        # The bundle of a running trial may allow more time; each worker says so as it starts.
+        dog = None if watchdog is None else watchdog(cfg.health_policy.deadline)
+        return _loop(_JournalAtExit(cfg.journal_path), idle, waker, dog, once=False, stop=stop)
+    finally:
+        if pidfile is not None:
+            pidfile.unlink(missing_ok=True)
+        if poll is not None:
+            poll.close()
+
+
+def _run_device(cfg: AgentConfig, *, watchdog: DeadlineWatchdog | None, stop: Stop | None,
+                say: Say) -> str:
+    """``run`` on the device ``cfg`` describes (the loop in this one process)."""
+    from agent.device.updater import Updater, open_device
+
+    def dog(up: Updater) -> Watchdog | None:
+        return watchdog(up.policy().deadline) if watchdog is not None else None
+
+    dev = open_device(cfg)
+    try:
+        return run(Updater(dev), watchdog=dog, stop=stop, say=say)
+    finally:
+        dev.close()
+
+
+def _register(cfg: AgentConfig) -> Path | None:
+    """Tell the sim board that this process runs (its firmware signals it on a reboot), as
+    ``Updater.register_process`` does for the worker; real boards track no processes."""
+    if cfg.runtime != "sim":
+        return None
+    from agent.adapters.simboard import SimRuntime
+
+    return SimRuntime(cfg).register_process()
+
+
+class _JournalAtExit:
+    """The journal's state for the service's last line and its watchdog, read only when
+    asked: the idle service holds no database open (sqlite3 alone is 2 MiB resident)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def state(self) -> lifecycle.State:
+        from agent.adapters.journal import Journal
+
+        journal = Journal(self.path)
+        try:
+            return journal.state()
+        finally:
+            journal.close()
+
+
+def _loop(journal: HasState, wake: WakeUp, waker: LongPoll | None, dog: Watchdog | None, *,
+          once: bool, stop: Stop) -> str:
     if dog is not None:
         dog.start()
     clean = False
     try:
         while True:
-            result = _cycle(up, keep_going=not once)
+            w = wake(dog)
             if dog is not None:
                 dog.kick()
-            for m in result.messages:
-                say(m)
-            rebooted, interval = result.rebooted, up.cfg.poll_interval
-            if link is not None and not rebooted:
-                # After the cycle, so a finished trial is reported in this same wake-up.
-                rebooted, interval = _poll(link, say)
-            _write_metrics(up, link)
-            if once or rebooted or stop():
+            if once or w.rebooted or stop():
                 break
-            _idle(link, dog, interval, stop)
-        phase = str(up.journal.state().phase)
+            _idle(waker, w.etag, dog, w.interval, stop)
+            if stop():
+                break  # out of the idle wait at once: no wake-up after SIGTERM
+        phase = str(journal.state().phase)
         clean = True
         return phase
     except KeyboardInterrupt:
@@ -180,14 +301,31 @@ def _loop(up: Updater, link: FleetLink | None, dog: Watchdog | None, *, once: bo
             # Magic close on a deliberate stop, and on a crash outside a trial (a healthy
             # committed system is not reset for the agent's sake); a crash during a trial
             # leaves the hardware timer armed, so a hung trial system is reset.
-            dog.stop(clean=clean or not _in_trial(up))
+            dog.stop(clean=clean or not _in_trial(journal))
+
+
+def _wake_here(up: Updater, link: FleetLink | None, dog: Watchdog | None, say: Say, *,
+               keep_going: bool = False) -> Wake:
+    """One wake-up in this process: the device's cycle, then the controller's poll."""
+    result = _cycle(up, keep_going=keep_going)
+    if dog is not None:
+        dog.kick()
+    for m in result.messages:
+        say(m)
+    w = Wake(result.rebooted, up.cfg.poll_interval)
+    if link is not None and not result.rebooted:
+        # After the cycle, so a finished trial is reported in this same wake-up.
+        out = _poll(link, say)
+        w = Wake(out.rebooted, out.sleep, link.agent.etag)
+    _write_metrics(up, link)
+    return w
 
 
 def _cycle(up: Updater, *, keep_going: bool = False) -> CycleResult:
     """One cycle of the device: note the boot, finish what a previous boot left, run a trial.
 
-    ``keep_going`` (the service, not ``--once``): a device error such as a full disk is said
-    and retried next cycle, because exiting would only restart into the same error."""
+    ``keep_going`` (a long-lived loop, not ``--once``): a device error such as a full disk is
+    said and retried next cycle, because exiting would only restart into the same error."""
     from agent.device.updater import CycleResult
 
     up.messages.clear()
@@ -203,21 +341,22 @@ def _cycle(up: Updater, *, keep_going: bool = False) -> CycleResult:
                            [f"device error, next cycle later: {exc.one_line()}"])
 
 
-def _poll(link: FleetLink, say: Say) -> tuple[bool, float]:
-    """One poll of the controller: (rebooted, seconds until the next one)."""
+def _poll(link: FleetLink, say: Say) -> PollOutcome:
+    """One poll of the controller; its messages said."""
     out = link.agent.poll_once()
     for m in out.messages:
         say(m)
-    return out.rebooted, out.sleep
+    return out
 
 
-def _idle(link: FleetLink | None, dog: Watchdog | None, seconds: float, stop: Stop) -> None:
-    if link is not None and link.waker is not None:
+def _idle(waker: LongPoll | None, etag: str | None, dog: Watchdog | None, seconds: float,
+          stop: Stop) -> None:
+    if waker is not None:
         # Long-poll: the controller can wake us at once; polling is the fallback.
         if dog is not None:
             dog.kick(grace=seconds)  # blocking here on purpose is not a hang
         with stop.interruptible():
-            link.waker.wait(seconds, link.agent.etag, stop=stop)
+            waker.wait(seconds, etag, stop=stop)
         return
     # A blocking sleep costs no CPU; SIGTERM ends it within a second.
     deadline = time.monotonic() + seconds
@@ -238,9 +377,11 @@ def _write_metrics(up: Updater, link: FleetLink | None) -> None:
         log.warning("cannot write %s: %s", up.cfg.metrics_file, exc)
 
 
-def _in_trial(up: Updater) -> bool:
+def _in_trial(journal: HasState) -> bool:
+    from agent.core import lifecycle
+
     try:
-        return up.journal.state().phase in (lifecycle.Phase.TRIAL_PENDING, lifecycle.Phase.TESTING,
-                                            lifecycle.Phase.COMMITTING)
+        return journal.state().phase in (lifecycle.Phase.TRIAL_PENDING, lifecycle.Phase.TESTING,
+                                         lifecycle.Phase.COMMITTING)
     except Exception:  # the journal itself may be what broke: stay armed, the safe side
         return True

@@ -8,6 +8,10 @@ An install: signed head → trust store and ``trust`` → ``plan_install`` → W
 target slot marked bad → payloads stream through ``bundle`` (verified block by block)
 into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the reboot ``cycle``
 feeds ``Booted``, and the health checks decide commit or revert.
+
+What only an install, a health run or a TPM needs (the bundle reader and zstandard, the
+trust store and cryptography, slots, probes, the root of trust) is imported where it is
+used: ``edgeops status`` and the idle agent never load it.
 Long because (about 480 lines, on purpose) one module shows every command's sequence
 against the journal, the bootloader and the slots; what has a job of its own already lives beside it (the
 journal's witness in ``journal_guard``, recovery in ``recovery``, a trial's second look at
@@ -27,19 +31,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
-from agent.adapters import probes, rot, slots
-from agent.adapters.bundle import BundleReader
 from agent.adapters.journal import Journal
 from agent.adapters.runtime import LinuxRuntime, RegistersProcess, Runtime
-from agent.adapters.truststore import TrustStore
 from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
-from agent.core.manifest import Manifest
-from agent.core.plan import InstallPlan, pending_trial, plan_install, plan_rollback
 from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, JournalLost, StateError
 
-if TYPE_CHECKING:  # imported where used: only a device that checks its journal needs them
+if TYPE_CHECKING:  # imported where used (see above), and only a device that checks its journal
+    from agent.adapters.bundle import BundleReader
+    from agent.adapters.rot import RootOfTrust
+    from agent.core.manifest import Manifest
+    from agent.core.plan import InstallPlan
+    from agent.core.probe_spec import ProbeResult
     from agent.core.witness import Finding
     from agent.device.journal_guard import JournalGuard
 
@@ -94,7 +98,7 @@ class Updater:
         self.clock = clock
         self.sleep = sleep
         self.messages: list[str] = []
-        self._root: rot.RootOfTrust | None = None
+        self._root: RootOfTrust | None = None
         self._root_opened = False
         self.rebooted = False
         self._override: tuple[dict[str, Any], health.HealthPolicy] | None = None
@@ -137,6 +141,8 @@ class Updater:
     def _vet(self, event: lifecycle.Event) -> lifecycle.Event:
         """A trial's commit, whoever asks for it (health checks or a technician), waits on one more
         fact: its signer is not revoked by a CRL that came since, nor expired at the best-known time."""
+        from agent.adapters.truststore import TrustStore
+
         if (isinstance(event, lifecycle.HealthPassed)
                 and self.journal.state().phase is lifecycle.Phase.TESTING
                 and (why := TrustStore(self.cfg, self.journal, self.root()).distrust_trial(self.clock()))):
@@ -180,6 +186,9 @@ class Updater:
                 replace_trial: bool = True) -> InstallResult:
         """Install a bundle into the inactive slot and arm its trial. ``replace_trial=False``
         refuses to overwrite a trial that is armed and waiting for its boot (core.plan)."""
+        from agent.adapters import slots
+        from agent.adapters.bundle import BundleReader
+
         with self.locked():
             lost = self._lost()
             if lost is None:
@@ -229,6 +238,10 @@ class Updater:
         do_install_bundle): a refusal leaves the journal's trusted time and CRLs as they were.
         The floor and time the witness knows count too, and a lost journal refuses every
         bundle: one below that floor as a rollback, any other until the journal is recovered."""
+        from agent.adapters import slots
+        from agent.adapters.truststore import TrustStore
+        from agent.core.plan import pending_trial, plan_install
+
         store = TrustStore(self.cfg, self.journal, self.root())
         seen = self.guard.witnessed
         head = reader.read_head()
@@ -304,9 +317,11 @@ class Updater:
         rt = self.dev.runtime
         return rt.register_process() if isinstance(rt, RegistersProcess) else None
 
-    def root(self) -> rot.RootOfTrust | None:
+    def root(self) -> RootOfTrust | None:
         """The TPM (or provisioned keystore) if this device opted in; opened once per Updater."""
         if not self._root_opened:
+            from agent.adapters import rot
+
             self._root = rot.root_for_updater(self.cfg.tpm, self.cfg.state_dir)
             self._root_opened = True
         return self._root
@@ -325,6 +340,8 @@ class Updater:
 
     def _run_health(self) -> lifecycle.Event:
         """Probe until ``health.decide`` commits or reverts, or a technician decides first."""
+        from agent.adapters import probes
+
         try:
             policy = self.policy()
         except ConfigError as exc:
@@ -339,7 +356,7 @@ class Updater:
             mark = {"boot_id": boot_id, "monotonic": time.monotonic()}
             self.journal.put("trial_started", mark)
         started = float(mark["monotonic"])
-        results: list[probes.ProbeResult] = []
+        results: list[ProbeResult] = []
         while True:
             results += probes.run_all(policy.probes)
             decision = health.decide(policy, results, started=started, now=time.monotonic())
@@ -361,7 +378,9 @@ class Updater:
             self._override = (override, health.parse_policy(override, base=base))
         return self._override[1]
 
-    def health_report(self) -> list[probes.ProbeResult]:
+    def health_report(self) -> list[ProbeResult]:
+        from agent.adapters import probes
+
         return probes.run_all(self.policy().probes)
 
     def mark_good(self) -> None:
@@ -405,6 +424,8 @@ class Updater:
                              .rstrip() if last else "handed to the running agent")
 
     def rollback(self) -> str:
+        from agent.core.plan import plan_rollback
+
         with self.locked():
             self._sync_boot()
             self._require(lifecycle.Phase.IDLE, "rollback")

@@ -2,13 +2,16 @@
 
 Each backend is one module (as RAUC's src/bootloaders/) and registers itself
 with ``register``; the board file names the backend, so adding a board never
-means another if/else branch. What only some backends can do is a capability
+means another if/else branch. ``BUILTIN`` names the module of each shipped backend, and
+``create`` imports only the one the config names: a device (and ``edgeops status``) never
+pays for the parsers and helpers of the three boards it is not. What only some backends can do is a capability
 Protocol of its own (``Confirmable``, ``KnowsBootedSlot``), tested with ``isinstance``
 so the type checker sees every call.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -55,6 +58,13 @@ class KnowsBootedSlot(Protocol):
 
 Factory = Callable[[Mapping[str, Any], Path, tuple[str, ...]], Bootloader]
 _REGISTRY: dict[str, Factory] = {}
+# The shipped backends: name -> the module whose import registers it.
+BUILTIN: dict[str, str] = {
+    "grub": "agent.adapters.bootloader.grub",
+    "rpi_tryboot": "agent.adapters.bootloader.rpi_tryboot",
+    "uboot": "agent.adapters.bootloader.uboot",
+    "uboot_rauc": "agent.adapters.bootloader.uboot_rauc",
+}
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -65,19 +75,16 @@ def register(name: str) -> Callable[[Factory], Factory]:
 
 
 def create(name: str, settings: Mapping[str, Any], base: Path, slots: tuple[str, ...]) -> Bootloader:
-    _load_builtin()
+    if name not in _REGISTRY and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])  # registers it
     try:
         factory = _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown bootloader backend '{name}'",
-                          hint=f"use one of: {', '.join(sorted(_REGISTRY))}") from None
+                          hint=f"use one of: {', '.join(names())}") from None
     return factory(settings, base, slots)
 
 
 def names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    from agent.adapters.bootloader import grub, rpi_tryboot, uboot, uboot_rauc  # noqa: F401  (register)
+    """Every backend a board file may name: the shipped ones and any registered since."""
+    return sorted(set(BUILTIN) | set(_REGISTRY))
