@@ -20,12 +20,12 @@ import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from typing import TYPE_CHECKING
 
 from agent.errors import TrustError
+
+if TYPE_CHECKING:  # the records below are used where no quote is checked ('edgeops status')
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 TPM_GENERATED_VALUE = 0xFF544347
 TPM_ST_ATTEST_QUOTE = 0x8018
@@ -146,6 +146,9 @@ def parse_attest(data: bytes) -> QuoteFacts:
 
 
 def load_ak(ak_public_pem: bytes) -> ec.EllipticCurvePublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         key = serialization.load_pem_public_key(ak_public_pem)
     except ValueError as exc:
@@ -162,6 +165,10 @@ def verify_quote(*, ak_public_pem: bytes, attest: bytes, signature: bytes, nonce
     ``expected_pcrs`` is the verifier's policy, never the quote's own selection: otherwise a
     device could quote a PCR it can reset and extend at will (16, the debug PCR) instead.
     """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     if not 8 <= len(nonce) <= MAX_NONCE:
         raise QuoteRefused(f"nonce is {len(nonce)} bytes; use 8 to {MAX_NONCE} fresh random bytes")
     try:

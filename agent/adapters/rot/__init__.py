@@ -20,6 +20,7 @@ from agent.adapters.rot.base import (
     TpmError,
     TpmRequired,
     TpmUnavailable,
+    keystore_provisioned,
 )
 from agent.core.config import TpmSettings, tpm_settings_from_toml
 from agent.errors import ConfigError
@@ -54,9 +55,7 @@ def root_for_updater(settings: TpmSettings, state_dir: Path) -> RootOfTrust | No
     boards that never opted in behave exactly as before. A configured TPM that is
     not provisioned is *not* off: its checks raise ``NotProvisioned`` (fail closed).
     """
-    from agent.adapters.rot import keystore
-
-    if settings.tcti is None and not settings.required and not keystore.is_provisioned(state_dir):
+    if settings.tcti is None and not settings.required and not keystore_provisioned(state_dir):
         return None
     return open_root(settings, state_dir)
 

@@ -18,7 +18,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.adapters import fsutil
-from agent.adapters.rot.base import KeyringMismatch, NotProvisioned, Quote, RootOfTrust, RootStatus
+from agent.adapters.rot.base import (
+    KeyringMismatch,
+    NotProvisioned,
+    Quote,
+    RootOfTrust,
+    RootStatus,
+    keystore_provisioned,
+)
 from agent.adapters.rot.eventlog import EventLog
 from agent.core import attest
 from agent.core.anchor import keyring_anchor, verify_rotation
@@ -39,7 +46,7 @@ def _warn_once(state_dir: Path, reason: str) -> None:
 
 def is_provisioned(state_dir: Path) -> bool:
     """Whether a keystore was provisioned under ``state_dir``: a board without a TPM opts in so."""
-    return (state_dir / "keystore" / "state.json").exists()
+    return keystore_provisioned(state_dir)
 
 
 def _write_secret(path: Path, data: bytes) -> None:
