@@ -13,7 +13,8 @@ boots as the scenarios allow, in this order:
   (f)       a bundle below the floor, refused on the booted system, failure reported
   (b)       a release whose health check fails: trial, revert to A, failure reported
   (d)       a power cut (QEMU killed) while the slot is being written: the next boot runs the
-            committed slot, and the same deployment, tried again, succeeds
+            committed slot, and the same deployment, tried again, succeeds. With (a) in the
+            run, the cut hits (a)'s download and the retry is (a): one install and boot fewer
 
 The guest reaches only 10.0.2.100:8080 (QEMU user networking, restrict=on, one guestfwd),
 which is tools/e2e/relay.py -> this script's counting proxy -> the controller, all on
