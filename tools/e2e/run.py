@@ -207,9 +207,9 @@ def start_controller(out: Path, edgeops: str, keyring: Path) -> Controller:
 def fleet_toml(out: Path) -> tuple[Path, str]:
     path = out / "fleet.toml"
     if path.exists():
-        token = re.search(r'token = "([0-9a-f]+)"', path.read_text())
-        if token:
-            return path, token[1]
+        found = re.search(r'token = "([0-9a-f]+)"', path.read_text())
+        if found:
+            return path, found[1]
     token = secrets.token_hex(16)
     path.write_text(f"""# e2e device's fleet config (tools/e2e/run.py); the guest's only route is this URL
 [fleet]
