@@ -80,7 +80,7 @@ image: venv
 	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) image/build.py --board $(BOARD) --out $(IMAGE_OUT)
 
 e2e: venv
-	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) tools/e2e/run.py --out $(E2E_OUT)
+	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) tools/e2e/run.py --out $(E2E_OUT) $(if $(SCENARIOS),--only $(SCENARIOS))
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

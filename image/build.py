@@ -401,6 +401,8 @@ def make_esp(b: Build, img: Path, work: Path) -> None:
     run(["mcopy", "-i", img, efi, "::/EFI/BOOT/BOOTX64.EFI"], env=mt)
     run(["mcopy", "-i", img, REPO / "boards/grub/grub.cfg", "::/EFI/edgeops/grub.cfg"], env=mt)
     run(["mcopy", "-i", img, env, "::/EFI/edgeops/grubenv"], env=mt)
+    # its second copy (agent/adapters/bootloader/grub.py: each copy rewritten in place)
+    run(["mcopy", "-i", img, env, "::/EFI/edgeops/grubenv.b"], env=mt)
 
 
 def layout(slot_mib: int) -> list[Partition]:

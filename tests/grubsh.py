@@ -2,13 +2,15 @@
 
 Adds GRUB's ``set X=Y`` and ``X=Y`` assignments, ``[ ... ]`` tests with ``-a``,
 ``load_env --file F`` / ``save_env --file F VAR...`` (only the named variables
-change in the file, as GRUB's save_env does) and ``menuentry "title" { ... }``
+change in the file, written in place, as GRUB's save_env does; both fail, changing
+nothing, on a missing file or a block without GRUB's signature, as
+grub-core/commands/loadenv.c does) and ``menuentry "title" { ... }``
 (recorded, not run). Booting = the entry ``$default`` names.
 """
 
 from __future__ import annotations
 
-from agent.adapters.bootloader.bootfs import BootFs
+from agent.adapters.bootloader.bootfs import BootFs, write_in_place
 from agent.core import grubenv
 from tests import hush
 
@@ -44,7 +46,8 @@ class GrubScript(hush.Hush):
             return True
         if cmd == "[":
             assert argv[-1] == "]", argv
-            terms, cur = [], []
+            terms: list[list[str]] = []
+            cur: list[str] = []
             for a in argv[1:-1]:
                 if a == "-a":
                     terms.append(cur)
@@ -55,16 +58,19 @@ class GrubScript(hush.Hush):
             return all(hush._test(t) for t in terms)
         if cmd == "load_env":
             data = self.fs.read(self._file(argv[argv.index("--file") + 1]))
-            if data is not None:
-                self.env.update(grubenv.decode(data))
-            return data is not None
+            if data is None or not data.startswith(grubenv.HEADER):
+                return False  # "file not found" / "invalid environment block"
+            self.env.update(grubenv.decode(data))
+            return True
         if cmd == "save_env":
             i = argv.index("--file")
             name = self._file(argv[i + 1])
             data = self.fs.read(name)
-            stored = grubenv.decode(data) if data is not None else {}
+            if data is None or not data.startswith(grubenv.HEADER):
+                return False
+            stored = grubenv.decode(data)
             stored.update({v: self.env.get(v, "") for v in argv[i + 2:]})
-            self.fs.replace(name, grubenv.encode(stored, max(1024, len(data or b""))))
+            write_in_place(self.fs, name, 0, grubenv.encode(stored, len(data)))
             return True
         return super()._simple(argv)
 

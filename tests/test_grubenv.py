@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,153 @@ def test_grub_cfg_decisions(tmp_path: Path, env: dict[str, str], boots: str,
     got = grubenv.decode(path.read_bytes())
     assert (got["A_TRY"], got["B_TRY"]) == after and got["other"] == "kept"
     assert listed(path) == got  # what GRUB saved, grub-editenv reads
+
+
+# --- power cuts: two copies, each rewritten in place (grub.py) -----------------------------------
+class PowerCut(Exception):
+    pass
+
+
+class TornFs:
+    """An ESP in memory whose power fails after ``budget`` written bytes.
+
+    An in-place rewrite cut after n bytes leaves the new bytes' prefix over the old ones;
+    a whole-file replace cut at any point leaves the file empty (what vfat showed in e2e)."""
+
+    def __init__(self, files: dict[str, bytes], budget: int | None = None) -> None:
+        self.files, self.budget, self.written = dict(files), budget, 0
+
+    def read(self, name: str) -> bytes | None:
+        return self.files.get(name)
+
+    def _spend(self, n: int) -> int:
+        if self.budget is None:
+            self.written += n
+            return n
+        n = max(0, min(n, self.budget - self.written))
+        self.written += n
+        return n
+
+    def replace(self, name: str, data: bytes) -> None:
+        if self._spend(len(data)) < len(data):
+            self.files[name] = b""
+            raise PowerCut(name)
+        self.files[name] = data
+
+    def rewrite(self, name: str, offset: int, data: bytes) -> None:
+        old = self.files[name]
+        assert len(old) >= offset + len(data), "an in-place write must not grow the file"
+        n = self._spend(len(data))
+        self.files[name] = old[:offset] + data[:n] + old[offset + n:]
+        if n < len(data):
+            raise PowerCut(name)
+
+
+ESP_ENV = "EFI/edgeops/grubenv"
+COMMITTED_A = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0", "B_TRY": "0"}
+
+
+def _grub_boots(files: dict[str, bytes]) -> str:
+    from tests import firmware as fw
+    return fw.Grub(TornFs(files)).boot()
+
+
+def _torn_runs(files: dict[str, bytes], op: str) -> Iterator[tuple[TornFs, dict[str, str],
+                                                                    dict[str, str]]]:
+    """For every byte the operation writes, the ESP with the power cut right there."""
+    clean = TornFs(files)
+    bl = GrubRauc(clean, ESP_ENV, ("A", "B"))
+    before = bl.read()
+    getattr(bl, op)("B")
+    after = bl.read()
+    assert clean.written > 2 * 1024  # both copies, in place (plus a repair, if needed)
+    for budget in range(clean.written):
+        fs = TornFs(files, budget)
+        with pytest.raises(PowerCut):
+            getattr(GrubRauc(fs, ESP_ENV, ("A", "B")), op)("B")
+        yield fs, before, after
+
+
+@pytest.mark.parametrize("start, op", [
+    ("both", "set_trial"), ("both", "commit"), ("both", "mark_bad"),
+    ("primary-only", "set_trial"),  # an ESP from before the backup existed
+    ("empty-primary", "set_trial"),  # the e2e power cut's leftover: a 0-byte grubenv
+])
+def test_a_power_cut_at_any_byte_leaves_the_old_or_the_new_state(start: str, op: str) -> None:
+    env = COMMITTED_A if op == "set_trial" else {
+        **COMMITTED_A, "ORDER": "B A", "B_OK": "1", "B_TRY": "1", "EO_TRIAL": "B"}
+    block = grubenv.encode(env)
+    files = {"both": {ESP_ENV: block, ESP_ENV + ".b": block},
+             "primary-only": {ESP_ENV: block},
+             "empty-primary": {ESP_ENV: b"", ESP_ENV + ".b": block}}[start]
+    seen = set()
+    expected: set[str] = set()
+    for fs, before, after in _torn_runs(files, op):
+        expected = expected or {_grub_boots({ESP_ENV: grubenv.encode(s)}) for s in (before, after)}
+        got = GrubRauc(fs, ESP_ENV, ("A", "B")).read()
+        assert got in (before, after), f"torn after {fs.budget} bytes: {got}"
+        seen.add(json_key(got))
+        # GRUB, running the real grub.cfg, boots what the old or the new state boots
+        ok = {_grub_boots(fs.files)}
+        assert ok <= expected, f"torn after {fs.budget} bytes: GRUB boots {ok}, not {expected}"
+        # and the next write, after the power comes back, succeeds and leaves both copies valid
+        again = GrubRauc(TornFs(fs.files), ESP_ENV, ("A", "B"))
+        if op != "mark_bad" or again.primary() != "B":
+            getattr(again, op)("B")
+            assert again.read() == after
+            assert {grubenv.decode(again.fs.read(n) or b"") == after
+                    for n in (ESP_ENV, ESP_ENV + ".b")} == {True}
+    assert seen == {json_key(before), json_key(after)}  # both outcomes do occur
+
+
+def json_key(env: dict[str, str]) -> str:
+    return json.dumps(env, sort_keys=True)
+
+
+def test_a_zero_length_primary_falls_back_to_the_backup(tmp_path: Path) -> None:
+    esp = tmp_path / "EFI/edgeops"
+    esp.mkdir(parents=True)
+    trial = {**COMMITTED_A, "ORDER": "B A", "B_OK": "1", "EO_TRIAL": "B"}
+    (esp / "grubenv").write_bytes(b"")
+    (esp / "grubenv.b").write_bytes(grubenv.encode(trial))
+    bl = GrubRauc(DirBootFs(tmp_path), ESP_ENV, ("A", "B"))
+    assert bl.read() == trial and bl.trial() == "B" and bl.primary() == "A"
+    from tests import firmware as fw
+    assert fw.Grub(DirBootFs(tmp_path)).boot() == "B"  # the trial's one boot, from the backup
+    assert (esp / "grubenv").read_bytes() == b""  # GRUB's save_env leaves the bad copy alone
+    assert grubenv.decode((esp / "grubenv.b").read_bytes())["B_TRY"] == "1"
+    assert fw.Grub(DirBootFs(tmp_path)).boot() == "A"  # trial spent: the committed slot
+    bl.mark_bad("B")  # the agent's next write repairs the primary
+    assert listed(esp / "grubenv") == listed(esp / "grubenv.b") == bl.read()
+    assert bl.read()["B_OK"] == "0"
+
+
+def test_copies_are_rewritten_in_place_not_replaced(tmp_path: Path) -> None:
+    esp = tmp_path / "EFI/edgeops"
+    esp.mkdir(parents=True)
+    for name in ("grubenv", "grubenv.b"):
+        (esp / name).write_bytes(grubenv.encode(COMMITTED_A))
+    inodes = {n: (esp / n).stat().st_ino for n in ("grubenv", "grubenv.b")}
+    bl = GrubRauc(DirBootFs(tmp_path), ESP_ENV, ("A", "B"))
+    bl.set_trial("B")
+    assert {n: (esp / n).stat().st_ino for n in inodes} == inodes  # same files: no rename
+    assert {(esp / n).stat().st_size for n in inodes} == {1024}
+    assert listed(esp / "grubenv") == listed(esp / "grubenv.b") == bl.read()
+    assert bl.trial() == "B"
+
+
+def test_neither_copy_valid_is_an_error_naming_both(tmp_path: Path) -> None:
+    fs = TornFs({ESP_ENV: b"", ESP_ENV + ".b": b"!" + grubenv.encode(COMMITTED_A)[1:]})
+    with pytest.raises(GrubEnvError, match=r"grubenv\.b"):
+        GrubRauc(fs, ESP_ENV, ("A", "B")).read()
+
+
+def test_grub_refuses_a_copy_caught_mid_rewrite(tmp_path: Path) -> None:
+    # GRUB's own envblk.c (grub-editenv shares it with load_env): no signature, no block
+    path = tmp_path / "grubenv"
+    path.write_bytes(b"!" + grubenv.encode(COMMITTED_A)[1:])
+    exe = shutil.which("grub-editenv")
+    if exe is None:
+        pytest.skip("grub-editenv missing: apt-get install grub-common")
+    r = subprocess.run([exe, str(path), "list"], capture_output=True, text=True)
+    assert r.returncode != 0 and "invalid environment block" in r.stderr

@@ -17,6 +17,19 @@ needs that for ``primary()``/``trial()``, so it adds one variable RAUC ignores:
     EO_TRIAL     the slot armed by set_trial, until commit or mark_bad
 Because grub.cfg consumes <S>_TRY on *every* boot, the running committed slot
 must be confirmed on every boot (``confirm``), as RAUC's mark-good service does.
+
+Power cuts. grubenv sits on the FAT ESP, where a temp file + rename is not power-cut
+safe (an e2e power cut left a 0-byte grubenv). So there are two copies, ``grubenv`` and
+``grubenv.b`` beside it, and each is rewritten *in place* (same file, size and clusters,
+as GRUB's save_env writes its block) in three durable steps: byte 0 of the header broken,
+bytes 1.. of the new block, byte 0 restored. A copy caught between the steps has no
+valid header, so it fails to decode here and GRUB's ``load_env`` refuses it too
+(grub-core/commands/loadenv.c read_envblk_file: "invalid environment block" when
+grub_envblk_open, lib/envblk.c, finds no signature; no variable is set). The primary is
+written only while the backup holds a valid block, and the backup only after the primary
+is durable, so at every instant one copy holds the old or the new state in full. Reads,
+here and in grub.cfg, take the primary if it decodes and fall back to the backup.
+Creating a copy (missing, or of another size) uses atomic_write: the other copy is valid.
 """
 
 from __future__ import annotations
@@ -26,10 +39,22 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.bootloader import register
-from agent.adapters.bootloader.bootfs import BootFs, DirBootFs
+from agent.adapters.bootloader.bootfs import BootFs, DirBootFs, write_in_place
 from agent.core import grubenv
 from agent.core.grubenv import GrubEnvError
 from agent.errors import BootloaderError, ConfigError
+
+BACKUP_SUFFIX = ".b"  # grubenv.b beside grubenv; boards/grub/grub.cfg names the same file
+_TORN = b"!"  # byte 0 while a copy is being rewritten: "# GRUB Environment Block" broken
+
+
+def _decoded(data: bytes | None) -> dict[str, str] | None:
+    if data is None:
+        return None
+    try:
+        return grubenv.decode(data)
+    except GrubEnvError:
+        return None
 
 
 class GrubRauc:
@@ -40,16 +65,55 @@ class GrubRauc:
         self.name = name
         self.slots = slots
 
+    @property
+    def backup(self) -> str:
+        return self.name + BACKUP_SUFFIX
+
     def read(self) -> dict[str, str]:
-        data = self.fs.read(self.name)
-        if data is None:
+        return self._load()[0]
+
+    def _load(self) -> tuple[dict[str, str], int]:
+        """The first copy that decodes (primary, then backup), and its size."""
+        datas = [self.fs.read(self.name), self.fs.read(self.backup)]
+        for data in datas:
+            env = _decoded(data)
+            if env is not None and data is not None:
+                return env, len(data)
+        if datas[0] is None and datas[1] is None:
             raise GrubEnvError(f"grubenv {self.name} is missing",
                                hint=f"create it: grub-editenv {self.name} create")
-        return grubenv.decode(data)
+        if datas[0] is not None and datas[1] is None:
+            grubenv.decode(datas[0])  # raises with the reason, as before there was a backup
+        raise GrubEnvError(f"neither {self.name} nor {self.backup} holds a GRUB environment block",
+                           hint=f"re-create it: grub-editenv {self.name} create")
 
     def _write(self, env: dict[str, str]) -> None:
-        data = grubenv.encode(env, max(grubenv.BLOCK_SIZE, len(self.fs.read(self.name) or b"")))
-        self.fs.replace(self.name, data)
+        _, size = self._load()
+        block = grubenv.encode(env, max(grubenv.BLOCK_SIZE, size))
+        primary, backup = self.fs.read(self.name), self.fs.read(self.backup)
+        if _decoded(backup) is None:
+            # the primary is about to be torn open: first make the backup a full copy of it
+            assert primary is not None
+            self._store(self.backup, backup, primary)
+            backup = primary
+        self._store(self.name, primary, block)
+        self._store(self.backup, backup, block)
+
+    def _in_sync(self) -> bool:
+        """Both copies hold the same valid block (else a cut interrupted the last write)."""
+        primary = self.fs.read(self.name)
+        return _decoded(primary) is not None and self.fs.read(self.backup) == primary
+
+    def _store(self, name: str, old: bytes | None, new: bytes) -> None:
+        """Make ``name`` hold ``new``; in place if it has the size, else created whole."""
+        if old == new:
+            return
+        if old is None or len(old) != len(new):
+            self.fs.replace(name, new)  # creating: the other copy is valid meanwhile
+            return
+        write_in_place(self.fs, name, 0, _TORN)
+        write_in_place(self.fs, name, 1, new[1:])
+        write_in_place(self.fs, name, 0, new[:1])
 
     def _order(self, env: Mapping[str, str]) -> list[str]:
         return [s for s in env.get("ORDER", "").split() if s in self.slots]
@@ -91,7 +155,7 @@ class GrubRauc:
         new = dict(env)
         new.update({f"{slot}_OK": "1", f"{slot}_TRY": "0", "ORDER": self._ordered(env, slot)})
         new.pop("EO_TRIAL", None)
-        if new != env:
+        if new != env or not self._in_sync():
             self._write(new)
 
     def confirm(self, slot: str) -> None:
@@ -115,7 +179,7 @@ class GrubRauc:
         new.update({f"{slot}_OK": "0", f"{slot}_TRY": "0", "ORDER": self._ordered(env, primary)})
         if new.get("EO_TRIAL") == slot:
             del new["EO_TRIAL"]
-        if new != env:
+        if new != env or not self._in_sync():
             self._write(new)
 
     def _ordered(self, env: Mapping[str, str], *first: str) -> str:
