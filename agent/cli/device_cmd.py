@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from agent.cli.common import config_path
+from agent.cli.common import add_config_option, config_path
 from agent.errors import HealthCheckFailed, UsageError
 
 if TYPE_CHECKING:
@@ -26,8 +26,7 @@ def register(sub: Any) -> None:
     def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int],
             json_flag: bool = False) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=helptext)
-        p.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, "
-                                        "or $EDGEOPS_CONFIG)")
+        add_config_option(p)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=fn)

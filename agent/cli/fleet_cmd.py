@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from agent.cli.common import config_path
+from agent.cli.common import add_config_option, config_path
 from agent.core import config as config_mod
 
 
@@ -25,8 +25,7 @@ def register(sub: Any) -> None:
     def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int]
             ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = fsub.add_parser(name, help=helptext)
-        p.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, or "
-                                        "$EDGEOPS_CONFIG); [fleet] in it or in fleet.toml beside it")
+        add_config_option(p, "; [fleet] in it or in fleet.toml beside it")
         p.set_defaults(func=fn)
         return p
 

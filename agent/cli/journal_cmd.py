@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from agent.cli.common import config_path
+from agent.cli.common import add_config_option, config_path
 
 
 def register(sub: Any) -> None:
@@ -14,8 +14,7 @@ def register(sub: Any) -> None:
     js = p.add_subparsers(dest="journal_command", metavar="ACTION", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, "
-                                         "or $EDGEOPS_CONFIG)")
+        add_config_option(sp)
 
     s = js.add_parser("status", help="say whether the journal is the one its witness knows")
     common(s)

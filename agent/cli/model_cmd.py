@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import config_path
+from agent.cli.common import add_config_option, config_path
 
 # LiteRT's C++ core prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on the
 # first interpreter of a process, straight to fd 2, and no setting of its Python API turns it
@@ -49,8 +49,7 @@ def register(sub: Any) -> None:
     def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int],
             json_flag: bool = False) -> argparse.ArgumentParser:
         c: argparse.ArgumentParser = ms.add_parser(name, help=helptext)
-        c.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, "
-                                        "or $EDGEOPS_CONFIG)")
+        add_config_option(c)
         if json_flag:
             c.add_argument("--json", action="store_true", help="machine-readable output")
         c.set_defaults(func=_quiet_runtime(fn))

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import config_path
+from agent.cli.common import add_config_option, config_path
 from agent.errors import UsageError
 
 DEFAULT_RELEASE = Path("/etc/edgeops/release.toml")
@@ -20,8 +20,7 @@ def register(sub: Any) -> None:
         description="Run once as a device leaves the factory: at image build time with --root "
                     "(the image's tree) and --slot, or on the first boot (the running slot). "
                     "A second run changes nothing.")
-    p.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, "
-                                    "or $EDGEOPS_CONFIG)")
+    add_config_option(p)
     p.add_argument("--root", type=Path,
                    help="an image tree: the config's state_dir is looked up below it")
     p.add_argument("--slot", help="the factory slot (default: the running slot; required "

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.common import config_path
+from agent.cli.common import add_config_option, config_path
 from agent.errors import UsageError
 
 if TYPE_CHECKING:
@@ -22,8 +22,7 @@ def register(sub: Any) -> None:
     ts = p.add_subparsers(dest="tpm_command", metavar="ACTION", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="agent config (default /etc/edgeops/agent.toml, "
-                                         "or $EDGEOPS_CONFIG)")
+        add_config_option(sp)
 
     v = ts.add_parser("provision", help="anchor the keyring, create the counter and the identity key")
     common(v)
