@@ -13,17 +13,14 @@ def register(sub: Any) -> None:
     p = sub.add_parser("journal", help="the journal and its witness: status, recover")
     js = p.add_subparsers(dest="journal_command", metavar="ACTION", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        add_config_option(sp)
-
     s = js.add_parser("status", help="say whether the journal is the one its witness knows")
-    common(s)
+    add_config_option(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_status)
 
     r = js.add_parser("recover", help="rebuild a lost, emptied or replaced journal from its witness "
                                       "(never lowers the security floor; keeps the old file)")
-    common(r)
+    add_config_option(r)
     r.set_defaults(func=_recover)
 
 

@@ -21,32 +21,29 @@ def register(sub: Any) -> None:
     p = sub.add_parser("tpm", help="TPM root of trust: anchored keyring, rollback counter, attestation")
     ts = p.add_subparsers(dest="tpm_command", metavar="ACTION", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        add_config_option(sp)
-
     v = ts.add_parser("provision", help="anchor the keyring, create the counter and the identity key")
-    common(v)
+    add_config_option(v)
     v.add_argument("--device-id", default=None, help="device ID for enrolment (default: host name)")
     v.set_defaults(func=_provision)
 
     s = ts.add_parser("status", help="explain what is anchored, the floor, the certificate's life")
-    common(s)
+    add_config_option(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_status)
 
     q = ts.add_parser("quote", help="quote the measurement PCR for the controller's nonce")
-    common(q)
+    add_config_option(q)
     q.add_argument("--nonce", required=True, help="hex, 8 to 64 bytes, fresh from the controller")
     q.set_defaults(func=_quote)
 
     r = ts.add_parser("rotate", help="re-anchor to a new root set signed by a current root")
-    common(r)
+    add_config_option(r)
     r.add_argument("--keyring", type=Path, required=True, help="the new root certificates (PEM)")
     r.add_argument("--signature", type=Path, required=True, help="rotation signature by a current root")
     r.set_defaults(func=_rotate)
 
     n = ts.add_parser("renew", help="fetch a new identity certificate from the fleet controller now")
-    common(n)
+    add_config_option(n)
     n.set_defaults(func=_renew)
 
 

@@ -10,12 +10,12 @@ agent.device.boardcheck; the agent.toml an image ships is agent.host.boardconfig
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.config import toml_doc
 from agent.errors import ConfigError
 
 # [bootloader] settings that are paths on the device, rooted by --root
@@ -96,13 +96,7 @@ def _ref(d: object, where: str) -> DeviceRef:
 
 
 def parse(text: str, source: str) -> Board:
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(doc) - _SECTIONS
-    if unknown:
-        raise ConfigError(f"{source}: unknown sections {', '.join(sorted(unknown))}")
+    doc = toml_doc(text, source, _SECTIONS)
     meta, boot = doc.get("board", {}), dict(doc.get("bootloader", {}))
     slots: list[SlotSpec] = []
     for slot, classes in doc.get("slots", {}).items():

@@ -86,14 +86,21 @@ class AgentConfig:
         return others[0]
 
 
-def parse(text: str, path: Path) -> AgentConfig:
+def toml_doc(text: str, where: object, sections: set[str] | None = None) -> dict[str, Any]:
+    """A TOML document with only the known top-level ``sections`` (when given): the one
+    reading of TOML that agent.toml and board files share, with the same one-line refusals."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = set(doc) - _SECTIONS
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    unknown = set(doc) - sections if sections is not None else set()
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}: unknown sections {', '.join(sorted(unknown))}")
+    return doc
+
+
+def parse(text: str, path: Path) -> AgentConfig:
+    doc = toml_doc(text, path, _SECTIONS)
     base = path.parent
     dev = _table(doc, "device", path)
     boot = _table(doc, "bootloader", path)
@@ -155,11 +162,7 @@ def parse(text: str, path: Path) -> AgentConfig:
 
 def tpm_settings_from_toml(text: str, path: Path) -> TpmSettings:
     """Only the root-of-trust settings of an agent.toml text (which need not be a whole config)."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return _tpm(doc, path)
+    return _tpm(toml_doc(text, path), path)
 
 
 def _tpm(doc: dict[str, Any], path: Path) -> TpmSettings:
