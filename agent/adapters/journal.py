@@ -20,15 +20,18 @@ import json
 import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.adapters.fsutil import fsync_dir
-from agent.core import lifecycle, witness
+from agent.core import witness
+from agent.core.state import History, RaiseFloor, Record, SlotRecord, State
 from agent.errors import ConfigError, DeviceError
+
+if TYPE_CHECKING:  # the table itself is not needed to store its output
+    from agent.core.lifecycle import Transition
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -101,7 +104,7 @@ class Journal:
         with self._tx():
             if self.get("journal_id") is not None:  # another process was quicker
                 return False
-            self._put("journal_id", uuid.uuid4().hex)
+            self._put("journal_id", os.urandom(16).hex())  # a random id, as uuid4 is
             self._put("generation", 0)
             return True
 
@@ -128,9 +131,9 @@ class Journal:
             bumped = self._bump() if key in WITNESSED_KEYS else False
         self._notify(bumped)
 
-    def state(self) -> lifecycle.State:
+    def state(self) -> State:
         raw = self.get("state")
-        return lifecycle.State.from_dict(raw) if raw else lifecycle.State()
+        return State.from_dict(raw) if raw else State()
 
     @property
     def security_floor(self) -> int:
@@ -191,13 +194,13 @@ class Journal:
             self._put("state", rec.state)
             self._put("security_floor", rec.security_floor)
             self._put("trusted_time", rec.trusted_time)
-            self._record(lifecycle.History("recovered", None, None, detail), now)
+            self._record(History("recovered", None, None, detail), now)
             self._bump()
         self.fresh = False  # it holds what its witness vouched for, no longer nothing
         self._notify(True)
 
     # --- transitions -----------------------------------------------------------------------
-    def apply(self, t: lifecycle.Transition, *, now: float | None = None) -> None:
+    def apply(self, t: Transition, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx():
             self._put("state", t.state.to_dict())
@@ -206,25 +209,25 @@ class Journal:
             self._bump()
         self._notify(True)
 
-    def record(self, records: Iterable[lifecycle.Record], *, now: float | None = None) -> None:
+    def record(self, records: Iterable[Record], *, now: float | None = None) -> None:
         now = time.time() if now is None else now
         records = list(records)
         with self._tx():
             for r in records:
                 self._record(r, now)
-            bumped = (self._bump() if any(not isinstance(r, lifecycle.History) for r in records)
+            bumped = (self._bump() if any(not isinstance(r, History) for r in records)
                       else False)
         self._notify(bumped)
 
-    def _record(self, r: lifecycle.Record, now: float) -> None:
+    def _record(self, r: Record, now: float) -> None:
         match r:
-            case lifecycle.SlotRecord():
+            case SlotRecord():
                 self._db.execute("INSERT OR REPLACE INTO slots VALUES (?,?,?,?,?)",
                                  (r.slot, r.state, r.version, r.security_version, now))
-            case lifecycle.RaiseFloor():
+            case RaiseFloor():
                 if r.security_version > int(self.get("security_floor", 0)):
                     self._put("security_floor", r.security_version)
-            case lifecycle.History():
+            case History():
                 self._db.execute(
                     "INSERT INTO history (ts, event, slot, version, detail) VALUES (?,?,?,?,?)",
                     (now, r.event, r.slot, r.version, r.detail))

@@ -9,7 +9,6 @@ stops them) also implements ``RegistersProcess``.
 from __future__ import annotations
 
 import shlex
-import subprocess
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -57,4 +56,6 @@ class LinuxRuntime:
         return (self.proc / "sys/kernel/random/boot_id").read_text().strip()
 
     def reboot(self, reason: str) -> None:
+        import subprocess  # here: only a reboot needs it, and every status would pay for it
+
         subprocess.run(["systemctl", "reboot", f"--message={reason}"], check=False)

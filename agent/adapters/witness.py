@@ -10,12 +10,11 @@ on a device that has a root of trust, generated there on first use; None without
 
 from __future__ import annotations
 
-import secrets
+import os
 from pathlib import Path
 from typing import Protocol
 
 from agent.adapters.fsutil import atomic_write
-from agent.adapters.rot.base import NotProvisioned
 from agent.core import witness
 from agent.errors import DeviceError
 
@@ -36,10 +35,13 @@ class SealsSecrets(Protocol):
 def witness_key(root: SealsSecrets | None) -> bytes | None:
     if root is None:
         return None
+    # Imported here: a device with no root of trust (and 'edgeops status') never needs it.
+    from agent.adapters.rot.base import NotProvisioned
+
     try:
         return root.unseal(KEY_NAME)
     except NotProvisioned:
-        key = secrets.token_bytes(32)
+        key = os.urandom(32)  # what secrets.token_bytes does
         root.seal(KEY_NAME, key)
         return key
 

@@ -12,53 +12,28 @@ every action is idempotent, a power cut at any instant leaves a state from which
 
 The state diagram in docs/lifecycle.md is drawn from this table by ``edges()``
 (``tools/lifecycle_diagram.py``; a test fails when the doc is stale), so it cannot
-drift from the code. Long because the events, outputs, table and the walk over it belong
-together (a little over 400 lines); split, each half would need the other's privates.
+drift from the code. The state record and the journal records (``Phase``, ``State``,
+``SlotRecord``...) live in ``agent.core.state``, so that what only reads them (the
+journal, ``edgeops status``) does not build the whole table.
 Modelled on h11's ``_state.py`` (transitions as data, illegal pairs raise) and
 Mender's daemon state machine (failure edges written out, a cap on trial boots).
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+# re-exported: the life cycle's vocabulary, as every caller has imported it from here
+from agent.core.state import MAX_TRIAL_BOOTS as MAX_TRIAL_BOOTS
+from agent.core.state import History as History
+from agent.core.state import Phase as Phase
+from agent.core.state import RaiseFloor as RaiseFloor
+from agent.core.state import Record as Record
+from agent.core.state import SlotRecord as SlotRecord
+from agent.core.state import State as State
 from agent.errors import StateError
-
-MAX_TRIAL_BOOTS = 3
-
-
-class Phase(enum.StrEnum):
-    IDLE = "idle"
-    WRITING = "writing"
-    WRITTEN = "written"
-    TRIAL_PENDING = "trial-pending"
-    TESTING = "testing"
-    COMMITTING = "committing"
-    REVERTING = "reverting"
-
-
-@dataclass(frozen=True)
-class State:
-    phase: Phase = Phase.IDLE
-    target: str | None = None  # slot being installed or tried
-    previous: str | None = None  # the committed slot to fall back to
-    version: str | None = None
-    security_version: int = 0
-    install_boot_id: str | None = None  # the boot during which the install ran
-    trial_boots: int = 0
-    health: dict[str, Any] | None = None  # per-bundle health overrides
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["phase"] = str(self.phase)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> State:
-        return cls(**{**d, "phase": Phase(d["phase"])})
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -136,29 +111,6 @@ Event = (Install | WriteDone | WriteFailed | TrialSet | Booted | HealthPassed | 
 
 # --- outputs --------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SlotRecord:
-    """Journal: what a slot now holds."""
-
-    slot: str
-    state: str  # good | bad | trial | empty | written
-    version: str | None = None
-    security_version: int | None = None
-
-
-@dataclass(frozen=True)
-class RaiseFloor:
-    security_version: int
-
-
-@dataclass(frozen=True)
-class History:
-    event: str  # installing, installed, trial, committed, reverted, failed, interrupted
-    slot: str | None
-    version: str | None
-    detail: str = ""
-
-
-@dataclass(frozen=True)
 class BootMarkBad:
     slot: str
 
@@ -183,7 +135,6 @@ class Reboot:
     reason: str
 
 
-Record = SlotRecord | RaiseFloor | History
 Action = BootMarkBad | BootSetTrial | BootCommit | RunHealth | Reboot
 
 

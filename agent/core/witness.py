@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from agent.core.lifecycle import State
+from agent.core.state import State
 
 FORMAT = "edgeops-witness/1"
 UNKEYED = b"edgeops witness: no root of trust on this device"
