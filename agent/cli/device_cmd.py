@@ -118,8 +118,10 @@ def _install(a: argparse.Namespace) -> int:
 
 
 def _status(a: argparse.Namespace) -> int:
-    with _updater(a) as up:
-        st = up.status()
+    from agent.core import config as config_mod
+    from agent.device import status
+
+    st = status.read(config_mod.load(config_path(a.config)))  # no updater, no lock: it only reads
     if a.json:
         print(json.dumps(st, indent=2))
         return 0

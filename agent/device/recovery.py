@@ -17,7 +17,8 @@ from agent.adapters import journal as journal_mod
 from agent.core import lifecycle
 from agent.core import witness as witness_core
 from agent.core.config import AgentConfig
-from agent.device.updater import Device, Updater, open_device
+from agent.device.parts import Device, open_device
+from agent.device.updater import Updater
 from agent.errors import EdgeopsError, JournalLost
 
 

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.adapters import bootloader as bootloader_mod
 from agent.adapters.journal import Journal
-from agent.adapters.runtime import LinuxRuntime, RegistersProcess, Runtime
+from agent.adapters.runtime import RegistersProcess
 from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
-from agent.core.config import AgentConfig
+from agent.device.parts import Device
+from agent.device.parts import open_device as open_device  # where callers have found it
 from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, JournalLost, StateError
 
 if TYPE_CHECKING:  # imported where used (see above), and only a device that checks its journal
@@ -48,30 +49,6 @@ if TYPE_CHECKING:  # imported where used (see above), and only a device that che
     from agent.device.journal_guard import JournalGuard
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-
-@dataclass
-class Device:
-    config: AgentConfig
-    journal: Journal
-    bootloader: bootloader_mod.Bootloader
-    runtime: Runtime
-
-    def close(self) -> None:
-        self.journal.close()
-
-
-def open_device(config: AgentConfig) -> Device:
-    slot_names = tuple(config.slots)
-    bl = bootloader_mod.create(config.bootloader, config.bootloader_settings, config.base, slot_names)
-    rt: Runtime
-    if config.runtime == "sim":
-        from agent.adapters.simboard import SimRuntime  # lazy: only a sim board needs it
-
-        rt = SimRuntime(config)
-    else:
-        rt = LinuxRuntime(slot_names)
-    return Device(config, Journal(config.journal_path), bl, rt)
 
 
 @dataclass
@@ -444,42 +421,15 @@ class Updater:
 
     # --- status -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        st = self.journal.state()
-        rt, bl = self.dev.runtime, self.dev.bootloader
-        booted = rt.booted_slot()
-        records = self.journal.slots()
-        out_slots = {}
-        for name, classes in self.cfg.slots.items():
-            info = records.get(name)
-            out_slots[name] = {
-                "device": str(classes["rootfs"]),
-                "version": info.version if info else None,
-                "state": _public_state(info.state if info else "empty"),
-                "security_version": info.security_version if info else None,
-                "booted": name == booted,
-            }
-        return {
-            "booted_slot": booted,
-            "primary_slot": bl.primary(),
-            "trial": st.phase in (lifecycle.Phase.TESTING, lifecycle.Phase.COMMITTING),
-            "trial_pending_slot": bl.trial(),
-            "phase": str(st.phase),
-            "compatible": self.cfg.compatible,
-            "security_floor": self.journal.security_floor,
-            "trusted_time": self.journal.trusted_time,
-            "slots": out_slots,
-            "journal": self._journal_word(),
-        }
+        from agent.device import status
+
+        return status.describe(self.cfg, self.dev, self._journal_word())
 
     def _journal_word(self) -> str:
-        """"ok", or why installs are refused until 'edgeops journal recover'."""
+        from agent.device import status
+
         finding = self.journal_finding()
-        return f"lost: {finding.reason}" if finding.verdict == "lost" else "ok"
-
-
-def _public_state(state: str) -> str:
-    # "written" is an internal step: to a person it is a trial waiting to happen
-    return {"written": "trial"}.get(state, state)
+        return status.journal_word(finding.verdict, finding.reason)
 
 
 def _verdict_event(good: bool) -> lifecycle.Event:
