@@ -13,9 +13,14 @@ is at least the RSS of the process it was forked from (this benchmark, ~15 MiB).
 command is therefore started by a minimal ``python -I -S`` launcher (~8 MiB, below any
 Python command) that reports the command's own rusage.
 
-A device runs installed, byte-compiled modules (pip compiles them). A checkout may not have
-them, and with PYTHONDONTWRITEBYTECODE=1 every run would compile each agent module from
-source again (status: +0.07 s), so the benchmark byte-compiles ``agent/`` first.
+A device runs edgeops installed from its wheel, byte-compiled (pip compiles it). So the
+benchmark builds the wheel of this tree and installs it, without its dependencies, into a
+fresh venv (``--via wheel``, the default): what ``--version`` and ``status`` on a sim board
+load must then be the standard library and edgeops alone, or the run fails. There
+``python -c pass`` is the venv's own. A checkout's editable install costs every command,
+``python -c pass`` included, about 0.02 s more (its import hook loads pathlib, urllib and
+importlib.util at start-up); ``--via script`` measures that instead, after byte-compiling
+``agent/`` (with PYTHONDONTWRITEBYTECODE=1 every run would compile each module again).
 """
 
 from __future__ import annotations
@@ -41,12 +46,32 @@ class Sample:
     rss: list[float] = field(default_factory=list)  # MiB, peak
 
 
-def edgeops(via: str) -> list[str]:
-    """The installed console script (what a technician runs), else ``python -m agent.cli``."""
+def edgeops(via: str, work: Path) -> tuple[list[str], str]:
+    """The command to run and the Python it runs on: the wheel's console script in a fresh
+    venv (``wheel``), this environment's console script (``script``) or ``python -m``."""
+    if via == "wheel":
+        return [str(install_wheel(work) / "edgeops")], str(work / "venv" / "bin" / "python")
+    compileall.compile_dir(ROOT / "agent", quiet=1)  # as installed (see the docstring)
     script = Path(sys.executable).with_name("edgeops")
-    if via == "script" or (via == "auto" and script.exists()):
-        return [str(script)]
-    return [sys.executable, "-m", "agent.cli"]
+    if via == "script":
+        return [str(script)], sys.executable
+    return [sys.executable, "-m", "agent.cli"], sys.executable
+
+
+def install_wheel(work: Path) -> Path:
+    """bin/ of a fresh venv holding this tree's wheel and none of its dependencies."""
+    src = work / "src"  # pip wheel writes build/ into the tree it builds: build a copy
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache"))
+    quiet = {"check": True, "stdout": subprocess.DEVNULL}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                    str(work / "dist"), str(src)], **quiet)  # type: ignore[call-overload]
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], **quiet)  # type: ignore[call-overload]
+    wheel = next((work / "dist").glob("edgeops-*.whl"))
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], **quiet)  # type: ignore[call-overload]
+    return venv / "bin"
 
 
 # Runs argv[1:] with stdout on /dev/null and prints "exit-code cpu-seconds maxrss-KiB".
@@ -81,17 +106,16 @@ def make_device(work: Path, cli: list[str]) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15, help="runs of each command (default 15)")
-    ap.add_argument("--via", choices=["auto", "script", "module"], default="auto",
-                    help="run the 'edgeops' console script or 'python -m agent.cli' (default: "
-                         "the script when installed beside this Python)")
+    ap.add_argument("--via", choices=["wheel", "script", "module"], default="wheel",
+                    help="run edgeops installed from its wheel in a fresh venv (default), this "
+                         "environment's 'edgeops' script (a checkout), or 'python -m agent.cli'")
     a = ap.parse_args()
-    cli = edgeops(a.via)
-    compileall.compile_dir(ROOT / "agent", quiet=1)  # as installed (see the docstring)
     work = Path(tempfile.mkdtemp(prefix="edgeops-startup-"))
     try:
-        cfg = make_device(work, cli)
+        cli, python = edgeops(a.via, work)
+        cfg = make_device(work, edgeops("module", work)[0])  # keys init-root needs cryptography
         commands = {
-            "python -c pass": [sys.executable, "-c", "pass"],
+            "python -c pass": [python, "-c", "pass"],
             "edgeops --version": [*cli, "--version"],
             "edgeops status": [*cli, "status", "--config", str(cfg)],
         }
@@ -111,6 +135,7 @@ def report(samples: dict[str, Sample], runs: int, cli: list[str]) -> None:
     base = samples["python -c pass"]
     base_cpu, base_rss = statistics.median(base.cpu), statistics.median(base.rss)
     print(f"# CLI start-up, median (min-max) of {runs} runs; edgeops = {' '.join(cli)}")
+    print("# python -c pass: the Python that edgeops runs on, in the same run")
     print(f"{'':<20} {'CPU s':>22} {'peak RSS MiB':>20} {'CPU x pass':>11} {'RSS x pass':>11}")
     for name, s in samples.items():
         cpu, rss = statistics.median(s.cpu), statistics.median(s.rss)
