@@ -61,6 +61,14 @@ def test_status_loads_no_crypto_no_codec_and_only_the_configured_bootloader(devi
     assert "agent.adapters.bootloader.uboot" in mods  # the sim board's backend
 
 
+def test_status_reads_without_the_updater_or_the_transition_table(device_dir: Path) -> None:
+    """status only reads: it needs the state record, not the machine that moves it."""
+    mods = loaded_after("from agent.cli import main\n"
+                        f"main.main(['status', '--config', {str(device_dir / 'agent.toml')!r}])")
+    assert "agent.core.state" in mods
+    assert not {"agent.device.updater", "agent.core.lifecycle", "subprocess"} & mods
+
+
 def test_an_unknown_bootloader_still_lists_every_backend() -> None:
     import pytest
 
