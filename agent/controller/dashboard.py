@@ -40,6 +40,7 @@ from agent.controller.http import FLEET, SETTINGS, authenticated, read_body
 
 KEY = web.AppKey("dashboard_key", bytes)  # the session signing key (dashboard_auth.session_key)
 SESSION = web.RequestKey("dashboard_session", auth.Session)
+FORM = web.RequestKey("dashboard_form", dict)  # a POST's fields, CSRF checked
 STATIC = {"dashboard.css": "text/css; charset=utf-8",
           "dashboard.js": "text/javascript; charset=utf-8"}
 VERBS = ("pause", "resume", "halt")
@@ -108,7 +109,7 @@ def guarded(handler: Handler, *, post: bool = False) -> Handler:
                 if not auth.csrf_ok(key, session, form.get("csrf")):
                     return _html(page.error_page(403, "the form's CSRF token is missing or wrong: "
                                                  "reload the page and try again", _csrf(request)), 403)
-                request["form"] = form
+                request[FORM] = form
             return await handler(request)
         except ControllerError as exc:
             status = exc.status if 400 <= exc.status < 500 else 500
@@ -204,7 +205,7 @@ def _number(form: dict[str, str], key: str, default: float) -> float:
 
 
 async def start_rollout(request: web.Request) -> web.Response:
-    form = request["form"]
+    form = request[FORM]
     raw = form.get("bundle", "")
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise BadRequest("choose a bundle")
@@ -221,7 +222,7 @@ def _start(fleet: Fleet, bundle: int, group: str | None, policy: rollout.Policy)
 
 
 async def rollout_verb(request: web.Request) -> web.Response:
-    rid, verb, form = _rid(request), request.match_info["verb"], request["form"]
+    rid, verb, form = _rid(request), request.match_info["verb"], request[FORM]
     if verb not in VERBS:
         raise NotFound(f"no rollout action {verb[:20]!r} (one of {', '.join(VERBS)})")
     choice = form.get("choice", "")
