@@ -15,7 +15,7 @@ IMAGE_OUT ?= build/image/$(BOARD)
 EDGEOPS_CACHE ?= /var/cache/edgeops
 E2E_OUT ?= build/e2e
 
-.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup clean image e2e
+.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup bench-dashboard clean image e2e
 
 help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
@@ -70,6 +70,9 @@ bench-models: venv
 
 bench-idle: venv
 	$(BIN)/python tools/bench/idle.py
+
+bench-dashboard: sysdeps venv
+	$(BIN)/python tools/bench/dashboard.py
 
 bench-startup: venv
 	$(BIN)/python tools/bench/startup.py

@@ -153,7 +153,8 @@ def _device_table(rows: list[DeviceRow], now: float) -> str:
         body.append(f'<tr><td><a href="/devices/{e(quote(d.id, safe=""))}">{e(d.id)}</a></td>'
                     f"<td>{e(d.site)}</td><td>{e(d.version or '(unknown)')}</td>"
                     f'<td>{e(", ".join(d.tags))}</td><td class="{state}" title="{e(iso(d.last_seen))}">'
-                    f"{state} · {e(ago(d.last_seen, now))}</td><td>{action}</td>"
+                    f"{state if d.last_seen is None else state + ' · ' + e(ago(d.last_seen, now))}</td>"
+                    f"<td>{action}</td>"
                     f'<td class="detail">{e(d.detail if d.action == "failure" else "")}</td></tr>')
     return ('<table id="devices"><thead><tr><th>device</th><th>site</th><th>version</th><th>tags</th>'
             "<th>last seen</th><th>last action</th><th>failure reason</th></tr></thead>"
