@@ -6,6 +6,7 @@ requests plays the operator. The browser tests are tests/test_dashboard_browser.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -107,6 +108,27 @@ def test_csrf_token_of_another_session_is_forbidden(ctl: LocalController) -> Non
     s = login(ctl)
     r = s.post(ctl.url + "/logout", data={"csrf": other}, allow_redirects=False, timeout=10)
     assert r.status_code == 403
+
+
+def test_post_from_another_origin_is_forbidden_even_with_the_token(ctl: LocalController) -> None:
+    s = login(ctl)
+    csrf = csrf_of(s.get(ctl.url + "/", timeout=10).text)
+    r = s.post(ctl.url + "/logout", data={"csrf": csrf}, headers={"Origin": "http://evil.example"},
+               allow_redirects=False, timeout=10)
+    assert r.status_code == 403
+    r = s.post(ctl.url + "/logout", data={"csrf": csrf}, headers={"Origin": ctl.url}, allow_redirects=False,
+               timeout=10)
+    assert r.status_code == 303
+
+
+def test_logins_are_logged_without_tokens_or_cookies(ctl: LocalController,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edgeops.controller")
+    requests.post(ctl.url + "/login", data={"token": "guess-0123456789"}, allow_redirects=False, timeout=10)
+    s = login(ctl)
+    assert "wrong token" in caplog.text and "logged in" in caplog.text
+    for secret in ("guess-0123456789", TOKEN, s.cookies[dashboard_auth.COOKIE]):
+        assert secret not in caplog.text
 
 
 def test_logout_ends_the_session_in_this_browser(ctl: LocalController) -> None:

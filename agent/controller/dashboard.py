@@ -22,6 +22,7 @@ is missing or wrong gets 403. Malformed input is a 4xx page naming the parameter
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -53,6 +54,7 @@ HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; st
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
            "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 T = TypeVar("T")
+log = logging.getLogger("edgeops.controller")
 
 
 def add_routes(app: web.Application) -> None:
@@ -105,6 +107,9 @@ def guarded(handler: Handler, *, post: bool = False) -> Handler:
         authenticated(request)
         try:
             if post:
+                if not _same_origin(request):
+                    return _html(page.error_page(403, "this form was sent from another site", _csrf(request)),
+                                 403)
                 form = await _form(request)
                 if not auth.csrf_ok(key, session, form.get("csrf")):
                     return _html(page.error_page(403, "the form's CSRF token is missing or wrong: "
@@ -116,6 +121,14 @@ def guarded(handler: Handler, *, post: bool = False) -> Handler:
             return _html(page.error_page(status, str(exc), _csrf(request)), status)
 
     return wrapped
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A browser's ``Origin`` on a POST names this server (OWASP: verify the origin with standard
+    headers), on top of the CSRF token; a client that sends none (curl, old browsers) relies on
+    the token alone."""
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{request.scheme}://{request.host}"
 
 
 async def _form(request: web.Request) -> dict[str, str]:
@@ -152,7 +165,9 @@ async def login(request: web.Request) -> web.Response:
         return _html(page.login_page(str(exc)), 400)
     token = form.get("token", "").strip()
     if not tokens.matches(token, request.app[SETTINGS].api_token_sha256):
+        log.warning("dashboard: a login from %s with a wrong token", request.remote)
         return _html(page.login_page("That is not the operator token.", _next(form.get("next"))), 401)
+    log.info("dashboard: operator logged in from %s", request.remote)
     resp = _redirect(_next(form.get("next")))
     resp.set_cookie(auth.COOKIE, auth.issue(request.app[KEY], request.app[FLEET].clock()),
                     max_age=auth.SESSION_LIFETIME, path="/", httponly=True, samesite="Strict",
@@ -212,7 +227,10 @@ async def start_rollout(request: web.Request) -> web.Response:
     policy = rollout.Policy(canary_percent=_number(form, "canary_percent", 5.0),
                             error_threshold=_number(form, "error_threshold", 0.2))
     group = form.get("group") or None
-    await _db(_start, request.app[FLEET], int(raw), group, policy)
+    rid = await _db(_start, request.app[FLEET], int(raw), group, policy)
+    log.info("dashboard: rollout %d of bundle %s to %s started (canary %g %%, pause at %g failed)",
+             rid, raw, f"group {group}" if group else "all devices", policy.canary_percent,
+             policy.error_threshold)
     return _redirect("/")
 
 
@@ -232,6 +250,8 @@ async def rollout_verb(request: web.Request) -> web.Response:
     if threshold is not None and not 0 < threshold <= 1:
         raise BadRequest("threshold must be a share of the wave, in (0, 1]")
     await _db(_apply, request.app[FLEET], rid, verb, choice, threshold)
+    log.info("dashboard: rollout %d %s by the operator%s", rid, {"pause": "paused", "resume": "resumed",
+             "halt": "halted"}[verb], f" ({choice})" if choice else "")
     return _redirect("/")
 
 

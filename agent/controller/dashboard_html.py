@@ -186,10 +186,11 @@ def _pager(page: FleetPage) -> str:
 def fleet(page: FleetPage, csrf: str) -> str:
     s = page.summary
     cards = ('<section class="cards" id="summary">'
-             f'<div class="card big"><b id="total">{s.total}</b> devices</div>'
-             f'<div class="card big online"><b id="online">{s.online}</b> online</div>'
-             f'<div class="card big offline"><b id="offline">{s.offline}</b> offline</div>'
-             f'<div class="card big"><b id="never">{s.never}</b> never seen</div></section>')
+             f'<a class="card big" href="/"><b id="total">{s.total}</b> devices</a>'
+             f'<a class="card big online" href="/?state=online"><b id="online">{s.online}</b> online</a>'
+             f'<a class="card big offline" href="/?state=offline"><b id="offline">{s.offline}</b> offline</a>'
+             f'<a class="card big" href="/?state=never"><b id="never">{s.never}</b> never seen</a>'
+             f'<a class="card big failing" href="/?state=failing">failing now</a></section>')
     counts = (f'<section class="cards">{_counts_table("By version", "version", s.by_version, "by-version")}'
               f'{_counts_table("By site", "site", s.by_site, "by-site")}'
               f'<div class="card wide"><h3>Versions over time</h3>'
