@@ -234,9 +234,21 @@ async def start_rollout(request: web.Request) -> web.Response:
     return _redirect("/")
 
 
+WHO = "operator via dashboard"  # who acted, for a rollout's history (where the fleet keeps one)
+
+
+# --- the Fleet calls of the buttons, in one place ---------------------------------------------
+# Issue 13 items 1 and 2 (engineer "ops") add Fleet.select_targets (leaves out other boards and
+# devices already on the version), a rollout history with who acted, and Fleet.resume_rollout
+# with choices. These functions use them where this tree has them and the older calls otherwise;
+# once both branches are merged they can call them directly.
 def _start(fleet: Fleet, bundle: int, group: str | None, policy: rollout.Policy) -> int:
-    targets = fleet.resolve_targets(group=group)
-    return fleet.create_rollout(bundle, targets, policy, name="")
+    select: Callable[..., Any] | None = getattr(fleet, "select_targets", None)
+    if select is None:
+        return fleet.create_rollout(bundle, fleet.resolve_targets(group=group), policy)
+    targets, skipped = select(bundle, group=group, everyone=group is None)
+    create: Callable[..., int] = fleet.create_rollout
+    return create(bundle, targets, policy, who=WHO, skipped=skipped)
 
 
 async def rollout_verb(request: web.Request) -> web.Response:
@@ -256,15 +268,16 @@ async def rollout_verb(request: web.Request) -> web.Response:
 
 
 def _apply(fleet: Fleet, rid: int, verb: str, choice: str, threshold: float | None) -> None:
-    if verb != "resume" or not choice:
-        fleet.set_rollout_state(rid, verb)
-        return
-    # Resume with a choice is ops' Fleet.resume_rollout (issue 13, item 2); until it lands, this
-    # controller says so instead of resuming in a way the operator did not choose.
     resume: Callable[..., Any] | None = getattr(fleet, "resume_rollout", None)
-    if resume is None:
+    if verb == "resume" and resume is not None:
+        resume(rid, choice or None, threshold, who=WHO)
+    elif verb == "resume" and choice:
         raise BadRequest("this controller offers only a plain resume: choose 'resume'")
-    resume(rid, choice=choice, threshold=threshold)
+    elif resume is not None:  # the same tree's set_rollout_state records who acted
+        state: Callable[..., Any] = fleet.set_rollout_state
+        state(rid, verb, who=WHO)
+    else:
+        fleet.set_rollout_state(rid, verb)
 
 
 # --- assets -----------------------------------------------------------------------------------

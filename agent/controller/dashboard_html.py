@@ -208,7 +208,13 @@ def fleet(page: FleetPage, csrf: str) -> str:
 
 def rollout_page(r: RolloutView, csrf: str) -> str:
     policy = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in sorted(r.policy.items()))
-    return layout(f"Rollout {r.id}", rollout_section(r, csrf) +
+    events = "".join(f"<tr><td>{e(ev.get('at', ''))}</td><td>{e(ev.get('who', ''))}</td>"
+                     f"<td>{e(ev.get('event', ''))}</td><td>{e(ev.get('detail', ''))}</td></tr>"
+                     for ev in r.history)
+    history = ('<section class="card"><h3>History</h3><table id="rollout-history"><thead><tr><th>at</th>'
+               f"<th>who</th><th>event</th><th>detail</th></tr></thead><tbody>{events}</tbody></table>"
+               "</section>" if events else "")
+    return layout(f"Rollout {r.id}", rollout_section(r, csrf) + history +
                   f'<section class="card"><h3>Policy</h3><table id="policy">{policy}</table></section>',
                   csrf, refresh=True)
 
