@@ -51,7 +51,7 @@ MAX_FORM_FIELDS = 20
 HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
                                       "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
                                       "frame-ancestors 'none'; base-uri 'none'",
-           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
            "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 T = TypeVar("T")
 log = logging.getLogger("edgeops.controller")
@@ -127,6 +127,8 @@ def _same_origin(request: web.Request) -> bool:
     """A browser's ``Origin`` on a POST names this server (OWASP: verify the origin with standard
     headers), on top of the CSRF token; a client that sends none (curl, old browsers) relies on
     the token alone."""
+    # Referrer-Policy is same-origin, not no-referrer: under no-referrer a browser sends
+    # "Origin: null" with a form POST (Fetch standard, "serialize a request origin").
     origin = request.headers.get("Origin")
     return origin is None or origin == f"{request.scheme}://{request.host}"
 
