@@ -98,7 +98,8 @@ def rollout_section(r: RolloutView, csrf: str) -> str:
     plot = dashboard_svg.success_by_wave([(w.wave, w.size, w.counts.get("success", 0),
                                            w.counts.get("failure", 0)) for w in r.waves])
     return (f'<section class="card" id="rollout" data-rollout="{r.id}"><h2>Rollout '
-            f'<a href="/rollouts/{r.id}">#{r.id} {e(r.name)}</a> (version {e(r.version)})</h2>'
+            f'<a href="/rollouts/{r.id}">#{r.id} {e(r.name)}</a>'
+            f'{"" if r.name == r.version else f" (version {e(r.version)})"}</h2>'
             f'<p>status <b class="status {e(r.status)}" id="rollout-status">{e(r.status)}</b> '
             f'<span id="rollout-reason" class="muted">{e(r.reason)}</span></p>'
             f'<ol class="waves">{"".join(waves)}</ol>{_verbs(r, csrf)}{failing_html}'
