@@ -71,8 +71,10 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/ui/static/{name}", static)
 
 
-async def _db(fn: Callable[..., T], *args: Any) -> T:
-    """The one place a dashboard handler touches the database: in a worker thread."""
+async def _db(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
+    """The one place a dashboard handler touches the database: in a worker thread. (With the
+    controller's database executor, engineer "scale"'s ``dbexec``, this becomes
+    ``dbexec.call(request.app, fn, *args)``.)"""
     return await asyncio.to_thread(fn, *args)
 
 
@@ -186,12 +188,12 @@ async def logout(request: web.Request) -> web.Response:
 # --- pages ------------------------------------------------------------------------------------
 async def fleet_page(request: web.Request) -> web.Response:
     filters = views.Filters.parse(request.query)
-    data = await _db(views.fleet_page, request.app[FLEET], filters)
+    data = await _db(request, views.fleet_page, request.app[FLEET], filters)
     return _html(page.fleet(data, _csrf(request) or ""))
 
 
 async def device_page(request: web.Request) -> web.Response:
-    data = await _db(views.device_page, request.app[FLEET], request.match_info["id"])
+    data = await _db(request, views.device_page, request.app[FLEET], request.match_info["id"])
     return _html(page.device(data, _csrf(request) or ""))
 
 
@@ -203,7 +205,7 @@ def _rid(request: web.Request) -> int:
 
 
 async def rollout_page(request: web.Request) -> web.Response:
-    data = await _db(views.rollout_view, request.app[FLEET], _rid(request))
+    data = await _db(request, views.rollout_view, request.app[FLEET], _rid(request))
     return _html(page.rollout_page(data, _csrf(request) or ""))
 
 
@@ -229,7 +231,7 @@ async def start_rollout(request: web.Request) -> web.Response:
     policy = rollout.Policy(canary_percent=_number(form, "canary_percent", 5.0),
                             error_threshold=_number(form, "error_threshold", 0.2))
     group = form.get("group") or None
-    rid = await _db(_start, request.app[FLEET], int(raw), group, policy)
+    rid = await _db(request, _start, request.app[FLEET], int(raw), group, policy)
     log.info("dashboard: rollout %d of bundle %s to %s started (canary %g %%, pause at %g failed)",
              rid, raw, f"group {group}" if group else "all devices", policy.canary_percent,
              policy.error_threshold)
@@ -263,7 +265,7 @@ async def rollout_verb(request: web.Request) -> web.Response:
     threshold = _number(form, "threshold", math.nan) if choice == "raise-threshold" else None
     if threshold is not None and not 0 < threshold <= 1:
         raise BadRequest("threshold must be a share of the wave, in (0, 1]")
-    await _db(_apply, request.app[FLEET], rid, verb, choice, threshold)
+    await _db(request, _apply, request.app[FLEET], rid, verb, choice, threshold)
     log.info("dashboard: rollout %d %s by the operator%s", rid, {"pause": "paused", "resume": "resumed",
              "halt": "halted"}[verb], f" ({choice})" if choice else "")
     return _redirect("/")
