@@ -356,3 +356,27 @@ def test_resume_skip_goes_on_and_the_rollout_page_says_who(canary: Canary) -> No
     history = canary.session.get(f"{canary.ctl.url}/rollouts/{rid}", timeout=10).text
     history = history.split('id="rollout-history"', 1)[1].split("</table>", 1)[0]
     assert "operator via dashboard" in history and "skip" in history
+
+
+def test_versions_over_time_replay_successes_in_order(tmp_path: Path) -> None:
+    from agent.controller import dashboard_views
+    from agent.controller.db import open_database
+    from agent.controller.fleet import Fleet
+
+    fleet = Fleet(open_database(str(tmp_path / "c.db")), tmp_path, clock=lambda: 1000.0)
+    for did in ("a", "b", "c"):
+        fleet.add_device(did)
+    fleet.db.execute("UPDATE devices SET version = '1.0' WHERE id = 'c'")
+    for version in ("2.0", "3.0"):
+        fleet.db.execute("INSERT INTO bundles (version, compatible, sha256, sha1, md5, size, filename, signer, "
+                         "created) VALUES (?, 'x', ?, 'b', 'c', 1, 'f', 's', 0)", [version, version])
+    for did, bundle, at in (("a", 1, 100.0), ("b", 1, 500.0), ("a", 2, 900.0)):
+        fleet.db.execute("INSERT INTO actions (device_id, bundle_id, status, created, updated) "
+                         "VALUES (?, ?, 'success', ?, ?)", [did, bundle, at, at])
+    history = dashboard_views.version_history(fleet, now=1000.0)
+    assert len(history) == dashboard_views.PLOT_POINTS
+    assert all(sum(c.values()) == 3 for _, c in history)  # every device, at every instant
+    assert history[0][1] == {"earlier": 2, "1.0": 1}  # before the first success
+    assert history[-1][1] == {"3.0": 1, "2.0": 1, "1.0": 1}
+    middle = next(c for t, c in history if 500.0 <= t < 900.0)
+    assert middle == {"2.0": 2, "1.0": 1}

@@ -247,32 +247,31 @@ def version_history(fleet: Fleet, now: float) -> list[tuple[float, dict[str, int
     """The fleet's versions over time, sampled at ``PLOT_POINTS`` instants from the first
     successful deployment to ``now``. There is no table of past versions: a device's version at
     ``t`` is the bundle of its newest successful action before ``t``; before its first one it
-    counts as "earlier" (and a device with no successful action at all, as its version now)."""
-    successes = fleet.db.query(
+    counts as "earlier" (and a device with no successful action at all, as its version now).
+    The counts are kept as the successes are replayed in time order, so the cost is one pass
+    over the successful actions, whatever the number of samples."""
+    db = fleet.db
+    successes = db.query(
         "SELECT a.device_id, a.updated, b.version FROM actions a JOIN bundles b ON b.id = a.bundle_id "
-        "WHERE a.status = 'success' ORDER BY a.updated, a.id")
+        "JOIN devices d ON d.id = a.device_id WHERE a.status = 'success' ORDER BY a.updated, a.id")
     if not successes:
         return []
-    current: dict[str, str] = {str(d): str(v) for d, v in fleet.db.query(
-        "SELECT id, COALESCE(version, '') FROM devices")}
+    counts: Counter[str] = Counter({str(v) or "unknown": int(n) for v, n in db.query(
+        "SELECT COALESCE(version, ''), COUNT(*) FROM devices WHERE id NOT IN "
+        "(SELECT device_id FROM actions WHERE status = 'success') GROUP BY COALESCE(version, '')")})
+    counts["earlier"] += len({d for d, _, _ in successes})
     start = float(successes[0][1])
-    span = max(now - start, 1.0)
-    start -= span / (PLOT_POINTS - 1)  # the first sample shows the fleet before any success
-    updated = {d for d, _, _ in successes}
-    base = Counter(v or "unknown" for d, v in current.items() if d not in updated)
-    base["earlier"] += sum(1 for d in updated if d in current)
+    start -= max(now - start, 1.0) / (PLOT_POINTS - 1)  # the first sample: before any success
     at: dict[str, str] = {}
     out, i = [], 0
     for k in range(PLOT_POINTS):
         t = start + (now - start) * k / (PLOT_POINTS - 1)
         while i < len(successes) and float(successes[i][1]) <= t:
             d, _, v = successes[i]
-            if d in current:
-                at[d] = str(v)
+            counts[at.get(d, "earlier")] -= 1
+            at[d] = str(v)
+            counts[at[d]] += 1
             i += 1
-        counts = Counter(base)
-        counts["earlier"] -= len(at)
-        counts.update(at.values())
         out.append((t, {v: n for v, n in counts.items() if n > 0}))
     return out
 
