@@ -368,8 +368,8 @@ def test_versions_over_time_replay_successes_in_order(tmp_path: Path) -> None:
         fleet.add_device(did)
     fleet.db.execute("UPDATE devices SET version = '1.0' WHERE id = 'c'")
     for version in ("2.0", "3.0"):
-        fleet.db.execute("INSERT INTO bundles (version, compatible, sha256, sha1, md5, size, filename, signer, "
-                         "created) VALUES (?, 'x', ?, 'b', 'c', 1, 'f', 's', 0)", [version, version])
+        fleet.db.execute("INSERT INTO bundles (version, compatible, sha256, sha1, md5, size, filename, "
+                         "signer, created) VALUES (?, 'x', ?, 'b', 'c', 1, 'f', 's', 0)", [version, version])
     for did, bundle, at in (("a", 1, 100.0), ("b", 1, 500.0), ("a", 2, 900.0)):
         fleet.db.execute("INSERT INTO actions (device_id, bundle_id, status, created, updated) "
                          "VALUES (?, ?, 'success', ?, ?)", [did, bundle, at, at])
@@ -380,3 +380,15 @@ def test_versions_over_time_replay_successes_in_order(tmp_path: Path) -> None:
     assert history[-1][1] == {"3.0": 1, "2.0": 1, "1.0": 1}
     middle = next(c for t, c in history if 500.0 <= t < 900.0)
     assert middle == {"2.0": 2, "1.0": 1}
+
+
+def test_a_regional_controller_serves_no_dashboard(ctl: LocalController) -> None:
+    from agent.controller.app import build_app
+    from agent.controller.http import Settings
+
+    paths = {r.resource.canonical for r in build_app(ctl.fleet, Settings(api_token="x", parent=ctl.url))
+             .router.routes() if r.resource is not None}
+    assert "/" not in paths and "/login" not in paths
+    central = {r.resource.canonical for r in build_app(ctl.fleet, Settings(api_token="x")).router.routes()
+               if r.resource is not None}
+    assert {"/", "/login"} <= central

@@ -58,6 +58,11 @@ log = logging.getLogger("edgeops.controller")
 
 
 def add_routes(app: web.Application) -> None:
+    """The dashboard's routes, on a central controller. A regional one (``Settings.parent``)
+    serves none: its database mirrors the parent's documents, not the fleet, and rollouts are
+    started and steered on the parent."""
+    if app[SETTINGS].parent:
+        return
     app[KEY] = auth.session_key(app[FLEET].data_dir, app[SETTINGS].api_token_sha256)
     r = app.router
     r.add_get("/", guarded(fleet_page))
