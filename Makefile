@@ -6,7 +6,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # Debian packages the tests use as interop oracles or real parts.
 APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
-            swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus
+            swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus \
+            chromium chromium-driver
 EXTRAS  ?= test,host,controller,postgres,tpm
 # make image / make e2e (image/README.md): the board, where images go, the cache outside the clone
 BOARD   ?= x86-64-grub
@@ -14,7 +15,7 @@ IMAGE_OUT ?= build/image/$(BOARD)
 EDGEOPS_CACHE ?= /var/cache/edgeops
 E2E_OUT ?= build/e2e
 
-.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup clean image e2e
+.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup bench-dashboard clean image e2e
 
 help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
@@ -69,6 +70,9 @@ bench-models: venv
 
 bench-idle: venv
 	$(BIN)/python tools/bench/idle.py
+
+bench-dashboard: sysdeps venv
+	$(BIN)/python tools/bench/dashboard.py
 
 bench-startup: venv
 	$(BIN)/python tools/bench/startup.py

@@ -68,3 +68,16 @@ def test_stage_rootfs_works_with_a_wheel_installed_edgeops(installed: Path, tmp_
     cfg = config.load(rootfs / "etc" / "edgeops" / "agent.toml")
     assert cfg.board == "x86-64-grub"
     assert (rootfs / "usr/share/edgeops/boards/x86-64-grub.toml").is_file()
+
+
+
+def test_installed_wheel_carries_the_dashboard_assets(installed: Path) -> None:
+    """The dashboard serves its script and stylesheet from package data: the wheel must hold them."""
+    shipped = sorted(p.name for p in (ROOT / "agent" / "controller" / "web").iterdir())
+    script = ("import sys; from importlib import resources; "
+              "web = resources.files('agent.controller') / 'web'; "
+              "print(' '.join(n for n in sys.argv[1:] if (web / n).is_file() and (web / n).read_bytes()))")
+    proc = subprocess.run([installed / "python", "-c", script, *shipped], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == shipped
