@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ANCHORS = ROOT.parent / "shared" / "anchors"
+ANCHORS = next((p / "shared" / "anchors" for p in ROOT.parents if (p / "shared" / "anchors").is_dir()),
+               ROOT.parent / "shared" / "anchors")
 MIB = 1 << 20
 
 
