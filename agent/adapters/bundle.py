@@ -242,7 +242,8 @@ class PayloadReader:
         try:
             if self._z is None:
                 dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-                self._z = dctx.stream_reader(_Source(self._verified_read), read_size=self.buffer_size,
+                self._z = dctx.stream_reader(_Source(self._verified_read),  # type: ignore[arg-type]
+                                             read_size=self.buffer_size,
                                              closefd=False)
             got = 0
             while got < len(buf):  # fill it: a full buffer is an aligned, large write

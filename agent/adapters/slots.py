@@ -168,13 +168,13 @@ def write_from(path: Path, fill: Fill, *, limit: int, buffers: list[memoryview] 
         stages.append(queue.Queue())
     failed: list[BaseException] = []
 
-    def checker(src: queue.Queue[tuple[memoryview, int] | None],
+    def checker(fn: Check, src: queue.Queue[tuple[memoryview, int] | None],
                 dst: queue.Queue[tuple[memoryview, int] | None]) -> None:
         while (item := src.get()) is not None:
             if not failed:
                 try:
-                    check(item[0][:item[1]])  # type: ignore[misc]
-                except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+                    fn(item[0][:item[1]])
+                except BaseException as exc:  # re-raised in the caller's thread
                     failed.append(exc)
             if failed:
                 free.put(item[0])
@@ -187,13 +187,13 @@ def write_from(path: Path, fill: Fill, *, limit: int, buffers: list[memoryview] 
             if not failed:
                 try:
                     sink.write(item[0][:item[1]])
-                except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+                except BaseException as exc:  # re-raised in the caller's thread
                     failed.append(exc)
             free.put(item[0])
 
     threads = [threading.Thread(target=writer, args=(stages[-1],), name="slot-writer", daemon=True)]
     if check is not None:
-        threads.append(threading.Thread(target=checker, args=(stages[0], stages[1]),
+        threads.append(threading.Thread(target=checker, args=(check, stages[0], stages[1]),
                                         name="slot-check", daemon=True))
     for t in threads:
         t.start()
