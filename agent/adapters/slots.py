@@ -170,25 +170,29 @@ def write_from(path: Path, fill: Fill, *, limit: int, buffers: list[memoryview] 
 
     def checker(fn: Check, src: queue.Queue[tuple[memoryview, int] | None],
                 dst: queue.Queue[tuple[memoryview, int] | None]) -> None:
+        broken = False  # from the failed buffer on, nothing goes to the writer
         while (item := src.get()) is not None:
-            if not failed:
+            if not broken:
                 try:
                     fn(item[0][:item[1]])
                 except BaseException as exc:  # re-raised in the caller's thread
                     failed.append(exc)
-            if failed:
+                    broken = True
+            if broken:
                 free.put(item[0])
             else:
                 dst.put(item)
         dst.put(None)
 
     def writer(src: queue.Queue[tuple[memoryview, int] | None]) -> None:
+        broken = False  # after a write error nothing more is written; what passed the check is
         while (item := src.get()) is not None:
-            if not failed:
+            if not broken:
                 try:
                     sink.write(item[0][:item[1]])
                 except BaseException as exc:  # re-raised in the caller's thread
                     failed.append(exc)
+                    broken = True
             free.put(item[0])
 
     threads = [threading.Thread(target=writer, args=(stages[-1],), name="slot-writer", daemon=True)]
