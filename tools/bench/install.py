@@ -12,7 +12,8 @@ For each size the raw install, the zstd install and the limit take turns, run by
 neighbour's load hits all three alike; each figure is the best of --runs. The whole
 measurement is done twice (--rounds) and every ratio is printed with its spread over the
 rounds (min-max). ratio = limit wall / install wall (above 1: faster than the limit).
-Warm page cache, byte-compiled modules (as installed on a device). Output: a table, then one `name value unit` line per figure for scripts.
+Warm page cache, byte-compiled modules (as installed on a device). Output: a table,
+then one `name value unit` line per figure for scripts.
 Usage: tools/bench/install.py [--sizes 64,256,1024] [--runs 3] [--rounds 2] [--no-rauc] [--work DIR]
 """
 
