@@ -18,12 +18,9 @@ decompressor. Writing bundles is host work: agent.host.bundle_writer.
 from __future__ import annotations
 
 import hashlib
-import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
-
-import zstandard
 
 from agent.core import manifest as manifest_mod
 from agent.core import tarstream
@@ -129,7 +126,14 @@ class BundleReader:
 
 
 class PayloadReader:
-    """One payload: verified stored blocks in, installed bytes out, sizes and hashes checked."""
+    """One payload: verified stored blocks in, installed bytes out, sizes and hashes checked.
+
+    The hot path is ``readinto(buf)``: stored bytes are read straight into the caller's
+    buffer (a slot writer's ring, agent.adapters.slots) and each block is hashed there, so
+    a raw payload costs one copy and one SHA-256 pass per byte. A zstd payload's stored
+    blocks are read and verified in one reused buffer, which the decompressor reads in
+    place; it decompresses straight into the caller's buffer.
+    """
 
     def __init__(self, tar: tarstream.TarReader, payload: Payload, digests: bytes) -> None:
         self.payload = payload
@@ -138,99 +142,127 @@ class PayloadReader:
         self._next_block = 0
         self._left = payload.stored_size
         self.stored_read = 0
+        self.installed = 0
+        self._scratch: memoryview | None = None  # verified stored bytes, for zstd and drain()
+        self._z: Any = None
 
-    def stored_chunks(self, read_size: int = READ_SIZE) -> Iterator[memoryview]:
-        """Yield stored bytes; each chunk is yielded only after every block in it matched.
+    @property
+    def buffer_size(self) -> int:
+        """The smallest good buffer for ``readinto``: whole blocks, at least ``READ_SIZE``."""
+        return max(READ_SIZE, self.payload.block_size)
 
-        Every chunk is a fresh buffer that the consumer may keep (the slot writer
-        queues a few to overlap writing with reading and hashing); memory stays
-        bounded by the consumer's queue, not by the payload size.
+    def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` with the next installed bytes, every one from a verified block, and
+        return how many (``buf`` is filled up to a whole number of blocks, or to the end).
+        0 means the end; the installed size is checked against the manifest there."""
+        p = self.payload
+        n = self._stored_into(buf) if p.compression == "none" else self._decompress_into(buf)
+        self.installed += n
+        if self.installed > p.size:
+            raise HashMismatch(f"payload '{p.name}' decompresses past its declared {p.size} bytes")
+        if not n and self.installed != p.size:
+            raise HashMismatch(f"payload '{p.name}' has {self.installed} bytes, the manifest says {p.size}")
+        return n
+
+    def whole_hash_check(self, whole_hash: bool | None = None) -> Callable[[memoryview], None] | None:
+        """A check for every installed buffer, in order, that hashes the whole payload and
+        raises ``HashMismatch`` at its last byte if the SHA-256 differs from the manifest's.
+
+        ``whole_hash=None`` hashes the whole only for compressed payloads: for raw ones the
+        signed block list already pins every byte, so a second SHA-256 pass adds time and no
+        safety (``bundle verify`` still asks for it, to catch a bundle whose creator wrote an
+        inconsistent manifest). Returns None when no whole hash is wanted.
         """
-        bs = self.payload.block_size
-        read_size = max(bs, read_size // bs * bs)
-        sha256 = hashlib.sha256
-        digests = self._digests
-        while self._left:
-            n = min(read_size, self._left)
-            chunk = memoryview(bytearray(n))
-            self._tar.readinto_exact(chunk)
-            i = self._next_block
-            for off in range(0, n, bs):
-                if sha256(chunk[off:off + bs]).digest() != digests[32 * i:32 * i + 32]:
-                    raise HashMismatch(
-                        f"payload '{self.payload.name}' block {i} (bytes {i * bs}..) does not "
-                        f"match its signed hash; stopped before using it"
-                    )
-                i += 1
-            self._next_block = i
-            self._left -= n
-            self.stored_read += n
-            yield chunk
+        p = self.payload
+        if whole_hash is None:
+            whole_hash = p.compression != "none"
+        if not whole_hash:
+            return None
+        h = hashlib.sha256()
+        seen = [0]
+
+        def check(view: memoryview) -> None:
+            h.update(view)  # releases the GIL: runs beside the reader and the writer
+            seen[0] += len(view)
+            if seen[0] == p.size and h.hexdigest() != p.sha256:
+                raise HashMismatch(f"payload '{p.name}' SHA-256 does not match the manifest")
+
+        return check
 
     def installed_chunks(self, read_size: int = READ_SIZE, *, whole_hash: bool | None = None
                          ) -> Iterator[memoryview]:
-        """Yield the bytes to install; size and SHA-256 of the whole are checked at the end.
+        """Yield the bytes to install, each chunk a fresh buffer the consumer may keep; size
+        and (see ``whole_hash_check``) SHA-256 of the whole are checked at the end."""
+        size = max(self.payload.block_size, read_size // self.payload.block_size * self.payload.block_size)
+        check = self.whole_hash_check(whole_hash)
+        while True:
+            buf = memoryview(bytearray(size))
+            n = self.readinto(buf)
+            if not n:
+                return
+            if check is not None:
+                check(buf[:n])
+            yield buf[:n]
 
-        ``whole_hash=None`` hashes the whole only for compressed payloads: for raw ones
-        the signed block list already pins every byte, so a second SHA-256 pass adds
-        time and no safety (``bundle verify`` still asks for it, to catch a bundle
-        whose creator wrote an inconsistent manifest).
-        """
-        p = self.payload
-        total = 0
-        if whole_hash is None:
-            whole_hash = p.compression != "none"
-        h = hashlib.sha256() if whole_hash else None
-        if p.compression == "none":
-            source: Iterator[memoryview] = self.stored_chunks(read_size)
-        else:
-            source = self._decompressed(read_size)
-        for chunk in source:
-            total += len(chunk)
-            if total > p.size:
-                raise HashMismatch(f"payload '{p.name}' decompresses past its declared {p.size} bytes")
-            if h is not None:
-                h.update(chunk)
-            yield chunk
-        if total != p.size:
-            raise HashMismatch(f"payload '{p.name}' has {total} bytes, the manifest says {p.size}")
-        if h is not None and h.hexdigest() != p.sha256:
-            raise HashMismatch(f"payload '{p.name}' SHA-256 does not match the manifest")
+    def _stored_into(self, buf: memoryview) -> int:
+        """Read the next whole blocks of stored bytes into ``buf`` and verify each in place."""
+        bs = self.payload.block_size
+        n = min(len(buf) // bs * bs, self._left)
+        if not n:
+            if self._left:
+                raise ValueError(f"a {len(buf)}-byte buffer cannot hold a {bs}-byte block")
+            return 0
+        view = buf[:n]
+        self._tar.readinto_exact(view)
+        i = self._next_block
+        sha256, digests = hashlib.sha256, self._digests
+        for off in range(0, n, bs):
+            if sha256(view[off:off + bs]).digest() != digests[32 * i:32 * i + 32]:
+                raise HashMismatch(
+                    f"payload '{self.payload.name}' block {i} (bytes {i * bs}..) does not "
+                    f"match its signed hash; stopped before using it"
+                )
+            i += 1
+        self._next_block = i
+        self._left -= n
+        self.stored_read += n
+        return n
 
-    def _decompressed(self, read_size: int) -> Iterator[memoryview]:
-        raw = _ChunkFile(self.stored_chunks(read_size))
-        dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    def _verified_read(self, size: int = -1) -> memoryview:
+        """The decompressor's source: the next verified stored bytes, in one reused buffer.
+        python-zstandard reads a new input only once it consumed the last one
+        (c-ext/decompressionreader.c, read_decompressor_input), so reusing it is safe."""
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(self.buffer_size))
+        return self._scratch[:self._stored_into(self._scratch)]
+
+    def _decompress_into(self, buf: memoryview) -> int:
+        import zstandard  # only compressed payloads need it: a raw install never loads it
+
         try:
-            reader = dctx.stream_reader(raw, read_size=read_size, closefd=False)  # type: ignore[arg-type]
-            with reader as z:
-                while True:
-                    out = z.read(read_size)
-                    if not out:
-                        break
-                    yield memoryview(out)
+            if self._z is None:
+                dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+                self._z = dctx.stream_reader(_Source(self._verified_read),  # type: ignore[arg-type]
+                                             read_size=self.buffer_size,
+                                             closefd=False)
+            got = 0
+            while got < len(buf):  # fill it: a full buffer is an aligned, large write
+                k = self._z.readinto(buf[got:])
+                if not k:
+                    break
+                got += k
+            return got
         except zstandard.ZstdError as exc:
             raise BundleError(f"payload '{self.payload.name}' is not valid zstd: {exc}") from None
 
     def drain(self) -> None:
         """Consume what the consumer left unread, still verifying it."""
-        for _ in self.stored_chunks():
-            pass
+        while self._left:
+            self._verified_read()
 
 
-class _ChunkFile(io.RawIOBase):
-    def __init__(self, chunks: Iterator[memoryview]) -> None:
-        self._chunks = chunks
-        self._cur = memoryview(b"")
+class _Source:
+    """A file-like ``read`` over verified stored bytes, as zstandard's stream_reader wants."""
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if not self._cur:
-            self._cur = next(self._chunks, memoryview(b""))
-            if not self._cur:
-                return 0
-        n = min(len(b), len(self._cur))
-        b[:n] = self._cur[:n]
-        self._cur = self._cur[n:]
-        return n
+    def __init__(self, read: Callable[[int], memoryview]) -> None:
+        self.read = read

@@ -1,16 +1,21 @@
 """Write a payload stream into a slot (a regular file or a block device) and make it durable.
 
-Moves bytes only: which slot to write is the orchestrator's decision.
+Moves bytes only: which slot to write is the orchestrator's decision. The hot path
+(``write_from``) fills a small ring of reusable aligned buffers and writes them while the
+next one fills; docs/performance.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import queue
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from agent.errors import PayloadTooLarge, SlotError
@@ -58,62 +63,194 @@ def check_space(path: Path, size: int) -> None:
                         hint="free space on the filesystem that holds the slot file")
 
 
-QUEUE_DEPTH = 4  # chunks in flight between the verifying reader and the writer thread
+RING = 3  # buffers in flight: one being filled, one being checked or written, one spare
+BUFFER_SIZE = 1 << 20  # bytes per buffer: a large, page-aligned write (and RSS stays small)
+ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size
+WRITEBACK_BEHIND = 4  # buffered fallback: drop a buffer's pages this many writes later
+
+Fill = Callable[[memoryview], int]  # fills (part of) a buffer, returns the byte count; 0 = end
+Check = Callable[[memoryview], None]  # sees every filled buffer before it is written
 
 
-def write(path: Path, chunks: Iterable[memoryview | bytes], *, limit: int) -> int:
-    """Stream chunks into the slot from offset 0, then fsync. Never writes past ``limit``.
+def ring(n: int = RING, size: int = BUFFER_SIZE) -> list[memoryview]:
+    """``n`` reusable page-aligned buffers (anonymous mmap: aligned for O_DIRECT, and never
+    zero-filled by Python, unlike a fresh ``bytearray`` per chunk)."""
+    return [memoryview(mmap.mmap(-1, size)) for _ in range(n)]
 
-    A writer thread does the ``write`` calls while the caller's thread reads and
-    hashes the next chunk: both release the GIL, so on two cores the install runs
-    at the speed of the slower of the two instead of their sum. If the chunk
-    iterator raises (a block failed its hash), what was already verified and
-    queued is written, nothing more, and the error propagates.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SlotError(f"slot {path} cannot be opened for writing: {exc.strerror}") from None
-    q: queue.Queue[memoryview | bytes | None] = queue.Queue(maxsize=QUEUE_DEPTH)
-    failed: list[OSError] = []
-    written = [0]
 
-    def writer() -> None:
-        while (item := q.get()) is not None:
-            if failed:
-                continue  # keep draining so the producer never blocks
-            view = memoryview(item)
+class _Sink:
+    """The write side of a slot: O_DIRECT when the file system takes it, so each byte is copied
+    once (into the ring) and the disk reads it from there; otherwise buffered writes with
+    writeback started a few buffers behind, so the final fsync has little left to do.
+
+    Slot data goes through ``os.write`` (the seam the power-cut and disk-full suites cut at)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
+            self.direct = bool(_O_DIRECT)
+        except OSError:  # tmpfs before Linux 6.6, some FUSE and overlay mounts
             try:
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    written[0] += n
+                self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             except OSError as exc:
-                failed.append(exc)
+                raise SlotError(f"slot {path} cannot be opened for writing: {exc.strerror}") from None
+            self.direct = False
+        self.written = 0
+        self._behind: list[tuple[int, int]] = []
 
-    thread = threading.Thread(target=writer, name="slot-writer", daemon=True)
-    thread.start()
+    def write(self, view: memoryview) -> None:
+        if self.direct and (len(view) % ALIGN or self.written % ALIGN):
+            self._buffered()  # the payload's tail: the rest goes through the page cache
+        start = self.written
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._buffered()  # O_DIRECT opened but refused at the first write
+                continue
+            view = view[n:]
+            self.written += n
+        if not self.direct:
+            self._writeback(start, self.written - start)
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        self.direct = False
+
+    def _writeback(self, start: int, n: int) -> None:
+        # Linux's POSIX_FADV_DONTNEED starts writeback of the dirty range (WB_SYNC_NONE) and
+        # drops the pages already clean (mm/fadvise.c): called now for what was just written
+        # and again a few writes later to free it, it keeps the dirty set small and the disk
+        # busy while we read, where a plain write + fsync leaves a GiB dirty for the fsync.
+        if not _FADVISE:
+            return
+        os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
+        self._behind.append((start, n))
+        if len(self._behind) > WRITEBACK_BEHIND:
+            os.posix_fadvise(self.fd, *self._behind.pop(0), os.POSIX_FADV_DONTNEED)
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_FADVISE = hasattr(os, "posix_fadvise")
+
+
+def write_from(path: Path, fill: Fill, *, limit: int, buffers: list[memoryview] | None = None,
+               check: Check | None = None, synced: Callable[[], None] | None = None) -> int:
+    """Fill a ring of buffers with ``fill`` and write them into the slot from offset 0, then
+    fsync. Never writes past ``limit``; returns the bytes written.
+
+    Three stages overlap, each in its own thread, passing buffers (never copies) along:
+    the caller's thread fills (reads and verifies: ``fill`` must hand over only verified
+    bytes), an optional ``check`` thread looks at each filled buffer (a whole-payload hash),
+    the writer thread writes. Reading, hashing and writing all release the GIL, so on two
+    cores the install runs at the pace of the slowest stage, not their sum. If ``fill``
+    raises (a block failed its hash), what was already filled and verified is written,
+    nothing more, and the error propagates; so does an error from ``check``, which stops
+    the writes that follow it. ``synced`` is called before the final fsync (a progress
+    display's "sync" phase).
+    """
+    bufs = buffers if buffers is not None else ring()
+    sink = _Sink(path)
+    free: queue.Queue[memoryview] = queue.Queue()
+    for b in bufs:
+        free.put(b)
+    stages: list[queue.Queue[tuple[memoryview, int] | None]] = [queue.Queue()]
+    if check is not None:
+        stages.append(queue.Queue())
+    failed: list[BaseException] = []
+
+    def checker(fn: Check, src: queue.Queue[tuple[memoryview, int] | None],
+                dst: queue.Queue[tuple[memoryview, int] | None]) -> None:
+        broken = False  # from the failed buffer on, nothing goes to the writer
+        while (item := src.get()) is not None:
+            if not broken:
+                try:
+                    fn(item[0][:item[1]])
+                except BaseException as exc:  # re-raised in the caller's thread
+                    failed.append(exc)
+                    broken = True
+            if broken:
+                free.put(item[0])
+            else:
+                dst.put(item)
+        dst.put(None)
+
+    def writer(src: queue.Queue[tuple[memoryview, int] | None]) -> None:
+        broken = False  # after a write error nothing more is written; what passed the check is
+        while (item := src.get()) is not None:
+            if not broken:
+                try:
+                    sink.write(item[0][:item[1]])
+                except BaseException as exc:  # re-raised in the caller's thread
+                    failed.append(exc)
+                    broken = True
+            free.put(item[0])
+
+    threads = [threading.Thread(target=writer, args=(stages[-1],), name="slot-writer", daemon=True)]
+    if check is not None:
+        threads.append(threading.Thread(target=checker, args=(check, stages[0], stages[1]),
+                                        name="slot-check", daemon=True))
+    for t in threads:
+        t.start()
     queued = 0
     try:
         try:
-            for chunk in chunks:
-                queued += len(chunk)
+            while not failed:
+                buf = free.get()
+                n = fill(buf)
+                if not n:
+                    free.put(buf)
+                    break
+                queued += n
                 if queued > limit:
                     raise PayloadTooLarge(f"payload overflows slot {path} ({limit} bytes)")
-                q.put(chunk)
-                if failed:
-                    break
+                stages[0].put((buf, n))
         finally:
-            q.put(None)
-            thread.join()
+            stages[0].put(None)
+            for t in threads:
+                t.join()
         if failed:
             raise failed[0]
-        os.fsync(fd)
+        if synced is not None:
+            synced()
+        sink.sync()
     except OSError as exc:
-        raise SlotError(f"writing slot {path} failed at byte {written[0]}: {exc.strerror}") from None
+        raise SlotError(f"writing slot {path} failed at byte {sink.written}: {exc.strerror}") from None
     finally:
-        os.close(fd)
-    return written[0]
+        sink.close()
+    return sink.written
+
+
+def write(path: Path, chunks: Iterable[memoryview | bytes], *, limit: int) -> int:
+    """Stream ``chunks`` into the slot from offset 0, then fsync (``write_from`` for an iterable:
+    each chunk is copied into the ring once; the installer fills the ring directly)."""
+    it = iter(chunks)
+    pending = [memoryview(b"")]
+
+    def fill(buf: memoryview) -> int:
+        n = 0
+        while n < len(buf):
+            if not pending[0]:
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                pending[0] = memoryview(nxt).cast("B")
+            k = min(len(buf) - n, len(pending[0]))
+            buf[n:n + k] = pending[0][:k]
+            pending[0] = pending[0][k:]
+            n += k
+        return n
+
+    return write_from(path, fill, limit=limit)
 
 
 def digest(path: Path, size: int, block: int = 1 << 20) -> str:

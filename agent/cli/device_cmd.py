@@ -35,7 +35,8 @@ def register(sub: Any) -> None:
     i = cmd("install", "install a bundle into the inactive slot and arm a trial boot", _install)
     i.add_argument("source", help="bundle path, '-' for stdin, or an http(s) URL")
     i.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
-                   help="progress bar: auto (when stdout is a terminal), always or never")
+                   help="progress: auto (a bar when stdout is a terminal), always (a bar on a "
+                        "terminal, plain periodic lines elsewhere, e.g. journald) or never")
     i.add_argument("--replace-trial", action="store_true",
                    help="overwrite a trial that is armed and waiting for its boot (refused otherwise)")
     cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
@@ -89,29 +90,18 @@ def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
         yield f, 0
 
 
-class _Bar:
-    def __init__(self) -> None:
-        self.last = -1.0
-
-    def __call__(self, done: int, total: int) -> None:
-        frac = done / total if total else 0.0
-        if frac - self.last < 0.01 and done != total:
-            return
-        self.last = frac
-        width = 30
-        fill = int(frac * width)
-        sys.stdout.write(f"\r  [{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
-                         f"{done / 2**20:8.1f} MiB")
-        if done >= total:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-
-
 def _install(a: argparse.Namespace) -> int:
-    show = a.progress == "always" or (a.progress == "auto" and sys.stdout.isatty())
-    with _updater(a) as up, _source(a.source) as (stream, total):
-        result = up.install(stream, total=total, progress=_Bar() if show else None,
-                            replace_trial=a.replace_trial)
+    from agent.cli.progress import Display
+
+    tty = sys.stdout.isatty()
+    show = a.progress == "always" or (a.progress == "auto" and tty)
+    display = Display(sys.stdout, tty=tty) if show else None
+    try:
+        with _updater(a) as up, _source(a.source) as (stream, total):
+            result = up.install(stream, total=total, progress=display, replace_trial=a.replace_trial)
+    finally:
+        if display is not None:
+            display.close()  # a failed install's bar must not run into the error line
     print(f"installed {result.version} into slot {result.slot} ({result.bytes_written} bytes); "
           f"reboot to try it once")
     return 0

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
 from agent.adapters import bootloader as bootloader_mod
 from agent.adapters.journal import Journal
@@ -48,7 +48,17 @@ if TYPE_CHECKING:  # imported where used (see above), and only a device that che
     from agent.core.witness import Finding
     from agent.device.journal_guard import JournalGuard
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+Progress = Callable[[int, int], None]  # (installed bytes done, installed bytes of the bundle)
+
+
+@runtime_checkable
+class PhasedProgress(Protocol):
+    """A progress display that also shows the install's phase: "verify" (the signed head),
+    "write" (payload bytes, verified block by block), "sync" (the final fsync), "done"."""
+
+    def __call__(self, done: int, total: int) -> None: ...
+
+    def phase(self, name: str) -> None: ...
 
 
 @dataclass
@@ -162,10 +172,15 @@ class Updater:
     def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None,
                 replace_trial: bool = True) -> InstallResult:
         """Install a bundle into the inactive slot and arm its trial. ``replace_trial=False``
-        refuses to overwrite a trial that is armed and waiting for its boot (core.plan)."""
+        refuses to overwrite a trial that is armed and waiting for its boot (core.plan).
+        ``progress`` is told installed bytes against the manifest's installed total, never
+        against ``total`` (the source's length: a download's Content-Length, which for a zstd
+        bundle is far smaller than what gets installed); ``total`` is only that, for callers."""
         from agent.adapters import slots
         from agent.adapters.bundle import BundleReader
 
+        if isinstance(progress, PhasedProgress):
+            progress.phase("verify")
         with self.locked():
             lost = self._lost()
             if lost is None:
@@ -181,13 +196,16 @@ class Updater:
                                           self.dev.runtime.boot_id(), m.health))
             dest = {w.payload.name: w.dest for w in plan.writes}
             written = 0
+            meter = _Meter(progress, _total(m))  # installed bytes over installed bytes
             try:
                 for pr in reader.payloads(m):
-                    chunks = pr.installed_chunks()
-                    if progress is not None:
-                        chunks = _counting(chunks, written, total or _total(m), progress)
                     path = dest[pr.payload.name]
-                    written += slots.write(path, chunks, limit=slots.capacity(path))
+                    meter.phase("write")
+                    written += slots.write_from(
+                        path, meter.counting(pr.readinto), limit=slots.capacity(path),
+                        buffers=slots.ring(size=pr.buffer_size), check=pr.whole_hash_check(),
+                        synced=lambda: meter.phase("sync"))
+                meter.phase("done")
             except Exception as exc:  # whatever broke the write, the journal must not stay WRITING
                 self._note_failure(lifecycle.WriteFailed(_why(exc)))
                 raise
@@ -446,10 +464,27 @@ def _total(m: Manifest) -> int:
     return sum(p.size for p in m.payloads)
 
 
-def _counting(chunks: Iterator[memoryview], start: int, total: int, progress: Progress
-              ) -> Iterator[memoryview]:
-    done = start
-    for c in chunks:
-        done += len(c)
-        progress(done, total)
-        yield c
+class _Meter:
+    """Feeds a progress display installed bytes against the manifest's installed total (a
+    download's Content-Length counts stored, perhaps compressed, bytes plus the bundle's head),
+    and its phase when it has one (``PhasedProgress``)."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def phase(self, name: str) -> None:
+        if isinstance(self.progress, PhasedProgress):
+            self.progress.phase(name)
+
+    def counting(self, fill: Callable[[memoryview], int]) -> Callable[[memoryview], int]:
+        if self.progress is None:
+            return fill
+        report = self.progress
+
+        def counted(buf: memoryview) -> int:
+            n = fill(buf)
+            self.done += n
+            report(self.done, self.total)
+            return n
+
+        return counted

@@ -1,20 +1,20 @@
 #!/usr/bin/env python3
-"""Install throughput, CPU and peak memory of edgeops, next to the machine's limit and RAUC.
+"""Install time of edgeops against the machine's limit, measured alternately in one run, and RAUC's.
 
-Everything is measured in this one run, on this machine:
-  limit   read + SHA-256 + write a copy with fsync: `openssl dgst -sha256 BUNDLE`
-          followed by `dd if=IMAGE of=COPY bs=1M conv=fsync` (a serial pass; an
-          agent that overlaps hashing and writing can beat it)
-  edgeops `edgeops install BUNDLE` into a file-backed sim slot, Python start-up,
-          signature check, per-block verification, write and fsync included
-  RAUC    ../shared/anchors/rauc_baseline.sh (RAUC 1.8, plain bundle, same 256 MiB
-          image), run now, and edgeops on the very same image
-  before  with --against DIR: the same install by the edgeops in source tree DIR (an
-          earlier commit, e.g. `git worktree add DIR <commit>`), alternating run by
-          run with this tree's, so a change is judged against its past in one run
-Figures are medians of --runs runs, warm page cache. Output: a table, then one
-`name value unit` line per figure for scripts.
-Usage: tools/bench/install.py [--sizes 64,1024] [--runs 3] [--no-rauc] [--work DIR] [--against DIR]
+  limit    what one serial pass costs here: `openssl dgst -sha256 BUNDLE` then
+           `dd if=IMAGE of=COPY bs=1M conv=fsync` (read + SHA-256 + write with fsync)
+  edgeops  `edgeops install BUNDLE` into a fresh file-backed sim slot: Python start-up,
+           signature check, per-block verification, write and fsync included
+  RAUC     ../shared/anchors/rauc_baseline.sh (RAUC 1.8, plain bundle) on the 256 MiB anchor
+           image, with this run's limit for that image beside it (needs root)
+
+For each size the raw install, the zstd install and the limit take turns, run by run, so a
+neighbour's load hits all three alike; each figure is the best of --runs. The whole
+measurement is done twice (--rounds) and every ratio is printed with its spread over the
+rounds (min-max). ratio = limit wall / install wall (above 1: faster than the limit).
+Warm page cache, byte-compiled modules (as installed on a device). Output: a table,
+then one `name value unit` line per figure for scripts.
+Usage: tools/bench/install.py [--sizes 64,256,1024] [--runs 3] [--rounds 2] [--no-rauc] [--work DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import contextlib
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -32,21 +31,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ANCHORS = ROOT.parent / "shared" / "anchors"
+# the anchors live in the shared tree beside the checkout (or beside the worktrees' parent)
+ANCHORS = next((p / "shared" / "anchors" for p in ROOT.parents if (p / "shared" / "anchors").is_dir()),
+               ROOT.parent / "shared" / "anchors")
 MIB = 1 << 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     wall: float
     cpu: float
     rss_mib: float
 
 
-def run_measured(cmd: list[str], tree: Path = ROOT) -> Run:
+def run_measured(cmd: list[str]) -> Run:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tree,
-                            env={**os.environ, "PYTHONPATH": str(tree)})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode() if proc.stderr else ""
@@ -55,19 +56,12 @@ def run_measured(cmd: list[str], tree: Path = ROOT) -> Run:
     return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
 
 
-def timed(cmd: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
 def edgeops(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "agent.cli", *map(str, args)]
 
 
-def median(runs: list[Run]) -> Run:
-    return Run(statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs),
-               max(r.rss_mib for r in runs))
+def best(runs: list[Run]) -> Run:
+    return Run(min(r.wall for r in runs), min(r.cpu for r in runs), max(r.rss_mib for r in runs))
 
 
 def make_image(path: Path, size_mib: int) -> None:
@@ -86,13 +80,13 @@ class Bench:
             shutil.rmtree(work / "root", ignore_errors=True)
             shutil.rmtree(work / "signer", ignore_errors=True)
             subprocess.run(edgeops("keys", "init-root", "--out", work / "root"), check=True,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, cwd=ROOT)
             subprocess.run(edgeops("keys", "issue-signer", "--root", work / "root", "--out",
-                                   work / "signer"), check=True, stdout=subprocess.DEVNULL)
+                                   work / "signer"), check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
         self.tiny = work / "tiny.img"
         self.tiny.write_bytes(b"v1" * 512)
 
-    def bundle(self, image: Path, name: str, compress: bool = False) -> Path:
+    def bundle(self, image: Path, name: str, compress: bool) -> Path:
         out = self.work / f"{name}.bundle"
         if not out.exists() or out.stat().st_mtime < image.stat().st_mtime:
             subprocess.run(edgeops(
@@ -100,38 +94,44 @@ class Bench:
                 self.work / "signer/signer.crt", "--compatible", "edgeops-sim", "--version", "2.0",
                 "--security-version", "1", "--payload", f"rootfs={image}",
                 "--compress", "zstd" if compress else "none", "-o", out), check=True,
-                stdout=subprocess.DEVNULL)
+                stdout=subprocess.DEVNULL, cwd=ROOT)
         return out
 
     def install(self, bundle: Path, slot_mib: int) -> Run:
-        return self.installs(bundle, slot_mib, (ROOT,))[0]
+        dev = self.work / "device"
+        shutil.rmtree(dev, ignore_errors=True)
+        subprocess.run(edgeops("sim", "init", dev, "--image", self.tiny, "--keyring",
+                               self.work / "root/root.crt", "--slot-size", f"{slot_mib}M"),
+                       check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        run = run_measured(edgeops("install", bundle, "--config", dev / "agent.toml",
+                                   "--progress", "never"))
+        shutil.rmtree(dev, ignore_errors=True)  # the next writer starts from a fresh, sparse slot
+        return run
 
-    def installs(self, bundle: Path, slot_mib: int, trees: tuple[Path, ...]) -> list[Run]:
-        """Median install of ``bundle`` by each source tree, the trees taking turns run by run."""
-        runs: list[list[Run]] = [[] for _ in trees]
-        for _ in range(self.runs):
-            for i, tree in enumerate(trees):
-                dev = self.work / "device"
-                shutil.rmtree(dev, ignore_errors=True)
-                subprocess.run(edgeops("sim", "init", dev, "--image", self.tiny, "--keyring",
-                                       self.work / "root/root.crt", "--slot-size", f"{slot_mib}M"),
-                               check=True, stdout=subprocess.DEVNULL, cwd=tree,
-                               env={**os.environ, "PYTHONPATH": str(tree)})
-                runs[i].append(run_measured(edgeops("install", bundle, "--config", dev / "agent.toml",
-                                                    "--progress", "never"), tree))
-        shutil.rmtree(self.work / "device", ignore_errors=True)
-        return [median(r) for r in runs]
+    def limit(self, bundle: Path, image: Path) -> Run:
+        copy = self.work / "copy.img"
+        copy.unlink(missing_ok=True)
+        a = run_measured(["openssl", "dgst", "-sha256", str(bundle)])
+        b = run_measured(["dd", f"if={image}", f"of={copy}", "bs=1M", "conv=fsync", "status=none"])
+        copy.unlink()
+        return Run(a.wall + b.wall, a.cpu + b.cpu, max(a.rss_mib, b.rss_mib))
 
-    def limit(self, bundle: Path, image: Path) -> float:
-        walls = []
-        for _ in range(self.runs):
-            copy = self.work / "copy.img"
-            copy.unlink(missing_ok=True)
-            t = timed(["openssl", "dgst", "-sha256", str(bundle)])
-            t += timed(["dd", f"if={image}", f"of={copy}", "bs=1M", "conv=fsync", "status=none"])
-            copy.unlink()
-            walls.append(t)
-        return statistics.median(walls)
+    def size(self, size: int, runs_per_round: int) -> dict[str, Run]:
+        """One round for one size: raw, zstd and the limit taking turns; best of each."""
+        image = self.work / f"image-{size}M.img"
+        raw = self.bundle(image, f"raw-{size}M", compress=False)
+        zst = self.bundle(image, f"zstd-{size}M", compress=True)
+        got: dict[str, list[Run]] = {"raw": [], "zstd": [], "limit": []}
+        for _ in range(runs_per_round):
+            got["raw"].append(self.install(raw, size))
+            got["limit"].append(self.limit(raw, image))
+            got["zstd"].append(self.install(zst, size))
+        return {k: best(v) for k, v in got.items()}
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
 
 
 def rauc_figures(work: Path) -> dict[str, float]:
@@ -151,72 +151,72 @@ def rauc_figures(work: Path) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", default="64,1024", help="payload sizes in MiB")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="64,256,1024", help="payload sizes in MiB")
+    ap.add_argument("--runs", type=int, default=3, help="best of this many per round")
+    ap.add_argument("--rounds", type=int, default=2, help="whole measurements, for the spread")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeops-bench"))
     ap.add_argument("--no-rauc", action="store_true", help="skip the RAUC anchor")
-    ap.add_argument("--against", type=Path, help="also install with the edgeops of this source tree")
     a = ap.parse_args()
-    os.chdir(ROOT)
+    if a.runs < 1 or a.rounds < 1:
+        ap.error("--runs and --rounds must be at least 1")
+    sizes = [int(s) for s in a.sizes.split(",")]
+    # A device runs byte-compiled modules (pip and Debian packages compile them at install);
+    # with PYTHONDONTWRITEBYTECODE set, as here, every start would compile the agent anew.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agent")], check=True)
     bench = Bench(a.work, a.runs)
+    for size in sizes:
+        make_image(a.work / f"image-{size}M.img", size)
+    print(f"# edgeops install benchmark ({os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
+          f"best of {a.runs} alternating with the limit, {a.rounds} rounds, warm cache)")
+    rounds: dict[int, list[dict[str, Run]]] = {s: [] for s in sizes}
+    for _ in range(a.rounds):
+        for size in sizes:
+            rounds[size].append(bench.size(size, a.runs))
     lines: list[tuple[str, float, str]] = []
-    if a.runs < 1:
-        ap.error("--runs must be at least 1")
-    print(f"# edgeops install benchmark  ({os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
-          f"medians of {a.runs}, warm cache)")
-    startup = statistics.median(run_measured(edgeops("help", "exit-codes")).wall for _ in range(5))
-    print(f"# Python start-up of the CLI (imports included): {startup * 1000:.0f} ms, counted in "
-          f"'edgeops'; 'excl. start-up' subtracts it")
-    print(f"{'payload':>9} {'edgeops MiB/s':>14} {'excl. start-up':>15} {'limit MiB/s':>12} "
-          f"{'ratio':>6} {'ratio excl.':>11} {'CPU s':>6} {'peak RSS MiB':>13}")
-    for size in (int(s) for s in a.sizes.split(",")):
-        image = a.work / f"image-{size}M.img"
-        make_image(image, size)
-        b = bench.bundle(image, f"raw-{size}M")
-        trees = (ROOT, a.against.resolve()) if a.against else (ROOT,)
-        ours, *before = bench.installs(b, size, trees)
-        lim = bench.limit(b, image)
-        tput, ltput = size / ours.wall, size / lim
-        warm = size / max(ours.wall - startup, 1e-6)
-        print(f"{size:>6}MiB {tput:>14.1f} {warm:>15.1f} {ltput:>12.1f} {tput / ltput:>6.2f} "
-              f"{warm / ltput:>11.2f} {ours.cpu:>6.2f} {ours.rss_mib:>13.1f}")
-        lines += [(f"edgeops_install_{size}M_throughput", tput, "MiB/s"),
-                  (f"limit_{size}M_throughput", ltput, "MiB/s"),
-                  (f"edgeops_install_{size}M_ratio_to_limit", tput / ltput, "x"),
-                  (f"edgeops_install_{size}M_ratio_to_limit_excl_startup", warm / ltput, "x"),
-                  (f"edgeops_install_{size}M_cpu", ours.cpu, "s"),
-                  (f"edgeops_install_{size}M_peak_rss", ours.rss_mib, "MiB")]
-        for old in before:
-            print(f"{'':>9} before ({a.against}): {size / old.wall:.1f} MiB/s, {old.cpu:.2f} s CPU, "
-                  f"{old.rss_mib:.1f} MiB; this tree / before = {old.wall / ours.wall:.2f}x")
-            lines += [(f"edgeops_install_{size}M_speed_vs_before", old.wall / ours.wall, "x"),
-                      (f"before_install_{size}M_cpu", old.cpu, "s"),
-                      (f"before_install_{size}M_peak_rss", old.rss_mib, "MiB")]
-        for f in (b, image):
-            if size > 256:
-                f.unlink(missing_ok=True)  # a GiB of scratch each: do not leave it behind
-    if not a.no_rauc:
-        if os.geteuid() != 0 or not (ANCHORS / "rauc_baseline.sh").exists():
-            print("# RAUC anchor skipped (needs root and ../shared/anchors)")
-        else:
-            print("# running the RAUC 1.8 anchor on the same 256 MiB image (about a minute) ...")
+    print(f"{'payload':>8} {'limit s':>8} {'raw s':>7} {'zstd s':>7} {'raw/limit':>10} "
+          f"{'zstd/limit':>11} {'zstd/raw':>9} {'CPU raw/zstd s':>15} {'RSS raw/zstd MiB':>17}")
+    for size in sizes:
+        rs = rounds[size]
+        r_raw = [r["limit"].wall / r["raw"].wall for r in rs]
+        r_zst = [r["limit"].wall / r["zstd"].wall for r in rs]
+        z_raw = [r["raw"].wall / r["zstd"].wall for r in rs]
+        last = rs[-1]
+        rss_raw, rss_zst = max(r["raw"].rss_mib for r in rs), max(r["zstd"].rss_mib for r in rs)
+        print(f"{size:>5}MiB {spread([r['limit'].wall for r in rs]):>8} "
+              f"{spread([r['raw'].wall for r in rs]):>7} {spread([r['zstd'].wall for r in rs]):>7} "
+              f"{spread(r_raw):>10} {spread(r_zst):>11} {spread(z_raw):>9} "
+              f"{last['raw'].cpu:>7.2f}/{last['zstd'].cpu:<7.2f} {rss_raw:>8.1f}/{rss_zst:<8.1f}")
+        lines += [(f"edgeops_raw_{size}M_ratio_to_limit_min", min(r_raw), "x"),
+                  (f"edgeops_raw_{size}M_ratio_to_limit_max", max(r_raw), "x"),
+                  (f"edgeops_zstd_{size}M_ratio_to_limit_min", min(r_zst), "x"),
+                  (f"edgeops_zstd_{size}M_ratio_to_limit_max", max(r_zst), "x"),
+                  (f"edgeops_zstd_{size}M_ratio_to_raw_min", min(z_raw), "x"),
+                  (f"edgeops_zstd_{size}M_ratio_to_raw_max", max(z_raw), "x"),
+                  (f"edgeops_raw_{size}M_peak_rss", rss_raw, "MiB"),
+                  (f"edgeops_zstd_{size}M_peak_rss", rss_zst, "MiB")]
+    rauc = "NA"
+    if a.no_rauc:
+        why = "skipped (--no-rauc)"
+    elif os.geteuid() != 0 or not (ANCHORS / "rauc_baseline.sh").exists():
+        why = "skipped: needs root and ../shared/anchors/rauc_baseline.sh"
+    else:
+        try:
             r = rauc_figures(a.work)
+        except (RuntimeError, OSError) as exc:
+            why = f"could not run here: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
+        else:
             image = a.work / "anchors" / "rootfs-256M.img"
-            raw = bench.install(bench.bundle(image, "anchor-raw"), 256)
-            zst = bench.install(bench.bundle(image, "anchor-zstd", compress=True), 256)
+            b = bench.bundle(image, "anchor-raw", compress=False)
+            lim = best([bench.limit(b, image) for _ in range(a.runs)])
+            ours = best([bench.install(b, 256) for _ in range(a.runs)])
             rw = r["rauc_install_wall"]
-            print(f"{'256 MiB anchor image':<28} {'install s':>9} {'MiB/s':>7} {'CPU s':>6} "
-                  f"{'RSS MiB':>8} {'vs RAUC':>8}")
-            rauc_cpu = r.get("rauc_install_cpu_total", float("nan"))
-            print(f"{'RAUC 1.8 plain (squashfs)':<28} {rw:>9.2f} {256 / rw:>7.1f} {rauc_cpu:>6.2f} "
-                  f"{r.get('rauc_install_peak_rss', float('nan')):>8.1f} {1.0:>8.2f}")
-            for label, run in (("edgeops raw", raw), ("edgeops zstd", zst)):
-                print(f"{label:<28} {run.wall:>9.2f} {256 / run.wall:>7.1f} {run.cpu:>6.2f} "
-                      f"{run.rss_mib:>8.1f} {rw / run.wall:>8.2f}")
-            lines += [("rauc_install_wall", rw, "s"), ("edgeops_raw_256M_install_wall", raw.wall, "s"),
-                      ("edgeops_zstd_256M_install_wall", zst.wall, "s"),
-                      ("edgeops_raw_speedup_vs_rauc", rw / raw.wall, "x"),
-                      ("edgeops_zstd_speedup_vs_rauc", rw / zst.wall, "x")]
+            rauc = f"{lim.wall / rw:.2f}"
+            why = (f"RAUC 1.8 install {rw:.2f} s (median of 3, its service already running), "
+                   f"limit {lim.wall:.2f} s, edgeops raw {ours.wall:.2f} s "
+                   f"-> edgeops/limit {lim.wall / ours.wall:.2f}, RAUC/limit {rauc}")
+            lines += [("rauc_256M_ratio_to_limit", lim.wall / rw, "x"),
+                      ("edgeops_raw_anchor256M_ratio_to_limit", lim.wall / ours.wall, "x")]
+    print(f"# RAUC ratio to the limit (256 MiB anchor image): {rauc}; {why}")
     print()
     for name, value, unit in lines:
         print(f"{name} {value:.3f} {unit}")

@@ -1,0 +1,134 @@
+"""The slot writer's ring: what reaches the slot when the filler, the check or the disk fails."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.adapters import slots
+from agent.errors import HashMismatch, SlotError
+
+MIB = 1 << 20
+
+
+def _slot(tmp_path: Path, size: int) -> Path:
+    p = tmp_path / "slot.img"
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return p
+
+
+def _data(n: int) -> bytes:
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(i.to_bytes(8, "big")).digest() * 128
+        i += 1
+    return bytes(out[:n])
+
+
+class _Filler:
+    """Fills buffers from ``data``; raises ``fail`` instead of filling buffer number ``at``."""
+
+    def __init__(self, data: bytes, fail: BaseException | None = None, at: int = -1) -> None:
+        self.data, self.pos, self.fail, self.at, self.calls = data, 0, fail, at, 0
+
+    def __call__(self, buf: memoryview) -> int:
+        if self.calls == self.at and self.fail is not None:
+            raise self.fail
+        self.calls += 1
+        n = min(len(buf), len(self.data) - self.pos)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("size", [3 * MIB, 3 * MIB + 1234, 4095, 1])
+def test_written_bytes_are_the_filled_bytes_with_an_unaligned_tail(tmp_path: Path, size: int) -> None:
+    data = _data(size)
+    slot = _slot(tmp_path, 4 * MIB)
+    assert slots.write_from(slot, _Filler(data), limit=4 * MIB) == size
+    assert slot.read_bytes()[:size] == data
+
+
+def test_a_filesystem_without_o_direct_gets_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """O_DIRECT refused at the first write (EINVAL), as some FUSE and overlay mounts do."""
+    real_write = os.write
+    refused = [0]
+
+    def write(fd: int, data: Any) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused[0] += 1
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    data = _data(2 * MIB + 100)
+    slot = _slot(tmp_path, 4 * MIB)
+    assert slots.write_from(slot, _Filler(data), limit=4 * MIB) == len(data)
+    monkeypatch.undo()
+    assert refused[0] == 1
+    assert slot.read_bytes()[:len(data)] == data
+
+
+def test_a_fill_that_fails_writes_what_was_verified_before_it_and_nothing_after(tmp_path: Path) -> None:
+    data = _data(5 * MIB)
+    slot = _slot(tmp_path, 8 * MIB)
+    with pytest.raises(HashMismatch):
+        slots.write_from(slot, _Filler(data, HashMismatch("block 48"), at=3), limit=8 * MIB)
+    got = slot.read_bytes()
+    assert got[:3 * MIB] == data[:3 * MIB]
+    assert got[3 * MIB:] == bytes(5 * MIB)
+
+
+def test_a_failed_check_stops_that_buffer_and_every_later_one(tmp_path: Path) -> None:
+    data = _data(5 * MIB)
+    slot = _slot(tmp_path, 8 * MIB)
+    seen = [0]
+
+    def check(view: memoryview) -> None:
+        seen[0] += 1
+        if seen[0] == 2:
+            raise HashMismatch("whole payload")
+
+    with pytest.raises(HashMismatch):
+        slots.write_from(slot, _Filler(data), limit=8 * MIB, check=check)
+    got = slot.read_bytes()
+    assert got[:MIB] == data[:MIB]
+    assert got[MIB:] == bytes(7 * MIB)
+
+
+def test_a_payload_larger_than_the_slot_is_refused(tmp_path: Path) -> None:
+    slot = _slot(tmp_path, 2 * MIB)
+    with pytest.raises(slots.PayloadTooLarge):
+        slots.write_from(slot, _Filler(_data(3 * MIB)), limit=2 * MIB)
+    assert slot.stat().st_size == 2 * MIB
+
+
+def test_a_disk_error_names_the_slot_and_the_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    slot = _slot(tmp_path, 4 * MIB)
+
+    def write(fd: int, data: Any) -> int:
+        if os.fstat(fd).st_ino == slot.stat().st_ino and os.lseek(fd, 0, os.SEEK_CUR) >= MIB:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(SlotError, match=rf"slot {slot} failed at byte {MIB}: Input/output error"):
+        slots.write_from(slot, _Filler(_data(3 * MIB)), limit=4 * MIB)
+
+
+def test_the_iterable_writer_keeps_its_chunks_in_order(tmp_path: Path) -> None:
+    data = _data(3 * MIB + 7)
+    slot = _slot(tmp_path, 4 * MIB)
+    chunks = [data[i:i + 300_001] for i in range(0, len(data), 300_001)]
+    assert slots.write(slot, chunks, limit=4 * MIB) == len(data)
+    assert slot.read_bytes()[:len(data)] == data
