@@ -36,6 +36,7 @@ from agent.adapters.runtime import LinuxRuntime, RegistersProcess, Runtime
 from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
 from agent.core.config import AgentConfig
+from agent.device import telemetry
 from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, JournalLost, StateError
 
 if TYPE_CHECKING:  # imported where used (see above), and only a device that checks its journal
@@ -155,6 +156,7 @@ class Updater:
         if t.state != before or t.records:
             # An idle cycle changes nothing and writes nothing: SD cards wear out.
             self.journal.apply(t, now=self.clock())
+            telemetry.transition(self.cfg, before.phase, t.state.phase, version=t.state.version)
         for record in t.records:
             if isinstance(record, lifecycle.RaiseFloor) and (root := self.root()) is not None:
                 root.raise_floor(record.security_version)  # journal first; _sync_boot catches up
@@ -190,6 +192,7 @@ class Updater:
         from agent.adapters.bundle import BundleReader
 
         with self.locked():
+            telemetry.mark(self.cfg, "verify")  # the update's trace (device.telemetry)
             lost = self._lost()
             if lost is None:
                 self._sync_boot()

@@ -1,0 +1,406 @@
+"""Device telemetry: collect system, agent and QoE metrics, buffer them, ship them when the link is up.
+
+Off unless agent.toml has a ``[telemetry]`` section; then ``start`` runs one daemon thread in
+the agent's process (the idle service's or ``run``'s) that every ``interval`` seconds
+collects (psutil for CPU, memory, disk, network and uptime; /sys/class/thermal for
+temperatures; a read-only look at the journal for the agent's own state; TCP-connect or
+HTTP timing for latency, jitter and loss to the controller and configured targets), applies
+the series policies (``agent.core.telemetry_policy``), adds what may leave the device to the
+SQLite buffer (``agent.adapters.telemetry_buffer``) and drains it through remote write and
+OTLP (``agent.adapters.telemetry_ship``). Without the section nothing is imported, started
+or written — the idle agent stays as lean as before.
+
+Update traces: ``mark`` and ``transition`` are the hooks the updater and the fleet agent
+call at each phase (download, verify, write, reboot, health, commit or revert); one span
+ends where the next begins, in the buffer, so a trace survives the reboot in its middle.
+This module's top level imports only the standard library (the updater imports it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.adapters.telemetry_buffer import Point, TelemetryBuffer
+    from agent.adapters.telemetry_ship import FlushReport, Shipper
+    from agent.core.config import AgentConfig, TelemetrySettings
+
+log = logging.getLogger("edgeops.telemetry")
+Labels = tuple[tuple[str, str], ...]
+
+
+def enabled(cfg: AgentConfig) -> bool:
+    return cfg.telemetry is not None and cfg.telemetry.enabled
+
+
+# --- the trace hooks ----------------------------------------------------------------------------
+def mark(cfg: AgentConfig, name: str, *, now: float | None = None, **attrs: str) -> None:
+    """Span boundary: the update's open span ends now and ``name`` begins. Never raises."""
+    if not enabled(cfg):
+        return
+    _with_buffer(cfg, lambda b: b.mark_span(name, _ns(now), {k: str(v) for k, v in attrs.items()}))
+
+
+def transition(cfg: AgentConfig, before: str, after: str, *, version: str | None = None,
+               now: float | None = None) -> None:
+    """A journal phase change, as a span boundary (``telemetry_policy.span_for``)."""
+    if not enabled(cfg):
+        return
+    from agent.core.telemetry_policy import span_for
+
+    before, after = str(before), str(after)  # a lifecycle.Phase hashes by its enum name
+    span = span_for(before, after)
+    if span is None:
+        return
+    if span == "":
+        ok = before == "committing"
+        _with_buffer(cfg, lambda b: b.end_trace(_ns(now), ok=ok, why="" if ok else
+                                                 ("reverted" if before == "reverting" else "failed")))
+    else:
+        attrs = {"edgeops.version": version} if version else {}
+        _with_buffer(cfg, lambda b: b.mark_span(span, _ns(now), attrs))
+
+
+def _ns(now: float | None) -> int:
+    return int((time.time() if now is None else now) * 1e9)
+
+
+def _with_buffer(cfg: AgentConfig, act: Callable[[TelemetryBuffer], None]) -> None:
+    try:
+        buf = open_buffer(cfg)
+        try:
+            act(buf)
+        finally:
+            buf.close()
+    except Exception as exc:  # telemetry is for people watching: never a reason to fail an update
+        log.warning("telemetry: cannot record a span: %s", exc)
+
+
+def open_buffer(cfg: AgentConfig) -> TelemetryBuffer:
+    from agent.adapters.telemetry_buffer import TelemetryBuffer
+    from agent.core.telemetry_policy import Budget
+
+    t = cfg.telemetry
+    assert t is not None
+    return TelemetryBuffer(cfg.telemetry_path, Budget(t.budget_bytes, int(t.full_resolution * 1000),
+                                                      int(t.downsample_step * 1000)))
+
+
+# --- collection ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Probe:
+    """Latency, jitter and loss of ``count`` TCP connects (or HTTP requests) to one target."""
+
+    target: str
+    latency: float | None  # mean seconds of the probes that answered
+    jitter: float | None  # mean absolute difference of consecutive latencies
+    loss: float  # fraction that did not answer
+
+
+def probe(target: str, *, count: int, timeout: float,
+          clock: Callable[[], float] = time.perf_counter) -> Probe:
+    times: list[float] = []
+    for _ in range(count):
+        t0 = clock()
+        try:
+            if target.startswith(("http://", "https://")):
+                import urllib.request
+
+                with urllib.request.urlopen(target, timeout=timeout) as r:
+                    r.read(1)
+            else:
+                host, _, port = target.rpartition(":")
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                    pass
+        except OSError:
+            continue
+        except ValueError:
+            break  # not host:port: counted as lost, said once by the config check
+        times.append(clock() - t0)
+    if not times:
+        return Probe(target, None, None, 1.0)
+    jitter = (sum(abs(a - b) for a, b in itertools.pairwise(times)) / (len(times) - 1)
+              if len(times) > 1 else 0.0)
+    return Probe(target, sum(times) / len(times), jitter, 1 - len(times) / count)
+
+
+@dataclass
+class Collector:
+    """One collection: (labels, value, kind) triples with the metric name in ``__name__``."""
+
+    cfg: AgentConfig
+    extra: Callable[[], Iterable[tuple[Labels, float, str]]] | None = None  # tests, the bench
+    _proc: Any = field(default=None, init=False)
+
+    def __call__(self) -> list[tuple[Labels, float, str]]:
+        out = self.system() + self.agent() + self.qoe()
+        if self.extra is not None:
+            out.extend(self.extra())
+        return out
+
+    def system(self) -> list[tuple[Labels, float, str]]:
+        import psutil
+
+        out: list[tuple[Labels, float, str]] = []
+
+        def g(name: str, value: float, kind: str = "gauge", **labels: str) -> None:
+            out.append((tuple(sorted({"__name__": name, **labels}.items())), float(value), kind))
+
+        cpu = psutil.cpu_times()
+        for mode in ("user", "system", "idle", "iowait"):
+            g("node_cpu_seconds_total", getattr(cpu, mode, 0.0), "counter", mode=mode)
+        mem = psutil.virtual_memory()
+        g("node_memory_MemTotal_bytes", mem.total)
+        g("node_memory_MemAvailable_bytes", mem.available)
+        for where in {self.cfg.state_dir}:
+            try:
+                du = psutil.disk_usage(str(where))
+            except OSError:
+                continue
+            g("node_filesystem_size_bytes", du.total, mountpoint=str(where))
+            g("node_filesystem_avail_bytes", du.free, mountpoint=str(where))
+        for nic, c in sorted(psutil.net_io_counters(pernic=True).items())[:16]:
+            g("node_network_receive_bytes_total", c.bytes_recv, "counter", device=nic)
+            g("node_network_transmit_bytes_total", c.bytes_sent, "counter", device=nic)
+        g("node_boot_time_seconds", psutil.boot_time())
+        g("node_load1", os.getloadavg()[0])
+        for zone in sorted(Path("/sys/class/thermal").glob("thermal_zone*"))[:16]:
+            try:
+                g("node_thermal_zone_temp", int((zone / "temp").read_text()) / 1000, zone=zone.name)
+            except (OSError, ValueError):
+                continue
+        if self._proc is None:
+            self._proc = psutil.Process()
+        me = self._proc.cpu_times()
+        g("edgeops_agent_cpu_seconds_total", me.user + me.system, "counter")
+        g("edgeops_agent_resident_bytes", self._proc.memory_info().rss)
+        return out
+
+    def agent(self) -> list[tuple[Labels, float, str]]:
+        """The journal's view, read-only (the idle service must not write or lock it)."""
+        import json
+        import sqlite3
+
+        path = self.cfg.journal_path
+        if not path.exists():
+            return []
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+            try:
+                raw = db.execute("SELECT value FROM kv WHERE key = 'state'").fetchone()
+                slots = db.execute("SELECT name, state, version FROM slots").fetchall()
+                pending = db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NULL").fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            log.debug("telemetry: journal not readable: %s", exc)
+            return []
+        state = json.loads(raw[0]) if raw else {}
+        out: list[tuple[Labels, float, str]] = [
+            ((("__name__", "edgeops_phase_info"), ("phase", str(state.get("phase", "idle")))), 1.0,
+             "gauge"),
+            ((("__name__", "edgeops_reports_pending"),), float(pending), "gauge")]
+        for name, st, version in slots:
+            out.append(((("__name__", "edgeops_slot_info"), ("slot", str(name)), ("state", str(st)),
+                         ("version", str(version or ""))), 1.0, "gauge"))
+        return out
+
+    def qoe(self) -> list[tuple[Labels, float, str]]:
+        t = self.cfg.telemetry
+        if t is None:
+            return []
+        out: list[tuple[Labels, float, str]] = []
+        for target in qoe_targets(self.cfg):
+            p = probe(target, count=t.probe_count, timeout=t.probe_timeout)
+            lb = ("target", target)
+            out.append(((("__name__", "edgeops_qoe_loss_ratio"), lb), p.loss, "gauge"))
+            if p.latency is not None and p.jitter is not None:
+                out.append(((("__name__", "edgeops_qoe_latency_seconds"), lb), p.latency, "gauge"))
+                out.append(((("__name__", "edgeops_qoe_jitter_seconds"), lb), p.jitter, "gauge"))
+        return out
+
+
+def qoe_targets(cfg: AgentConfig) -> list[str]:
+    """The configured targets, and the controller (host:port of its URL) when [fleet] has one."""
+    from urllib.parse import urlsplit
+
+    t = cfg.telemetry
+    targets = list(t.targets) if t is not None else []
+    if cfg.fleet is not None:
+        u = urlsplit(cfg.fleet.url)
+        if u.hostname:
+            ctl = f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}"
+            if ctl not in targets:
+                targets.append(ctl)
+    return targets
+
+
+# --- the runner ---------------------------------------------------------------------------------
+def read_token(t: TelemetrySettings) -> str | None:
+    """The bearer token from ``credentials_file``, read when needed (never logged)."""
+    if t.credentials_file is None:
+        return None
+    try:
+        return t.credentials_file.read_text().strip() or None
+    except OSError as exc:
+        log.warning("telemetry: cannot read credentials_file %s: %s", t.credentials_file, exc.strerror)
+        return None
+
+
+def shipper(cfg: AgentConfig, buf: TelemetryBuffer, **kw: Any) -> Shipper:
+    from agent.adapters.remote_write import RemoteWrite
+    from agent.adapters.telemetry_ship import Shipper
+
+    t = cfg.telemetry
+    assert t is not None
+    token = read_token(t)
+    metrics = RemoteWrite(t.remote_write_url, token=token) if t.remote_write_url else None
+    traces = None
+    if t.otlp_url:
+        from agent.adapters.otlp import OtlpTraces
+
+        traces = OtlpTraces(t.otlp_url, token=token)
+    resource = {"service.name": "edgeops", "host.name": socket.gethostname(),
+                "edgeops.compatible": cfg.compatible}
+    return Shipper(buf, metrics, traces, resource, batch_samples=t.batch_samples,
+                   bytes_per_second=t.bytes_per_second, **kw)
+
+
+def _salt(cfg: AgentConfig) -> bytes:
+    """The device's own salt for hashed labels (STATE/telemetry.salt, 0600, made once)."""
+    from agent.adapters.fsutil import SECRET, atomic_write
+
+    path = cfg.state_dir / "telemetry.salt"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        salt = os.urandom(16)
+        atomic_write(path, salt, mode=SECRET)
+        return salt
+
+
+class Telemetry:
+    """Collect, decide, buffer and ship; ``tick`` once per interval (``start`` runs a thread)."""
+
+    def __init__(self, cfg: AgentConfig, *, clock: Callable[[], float] = time.time,
+                 collector: Callable[[], list[tuple[Labels, float, str]]] | None = None,
+                 ship: Shipper | None = None) -> None:
+        t = cfg.telemetry
+        assert t is not None
+        self.cfg, self.t, self.clock = cfg, t, clock
+        self.collect = collector or Collector(cfg)
+        self.buffer = open_buffer(cfg)
+        self.ship = ship or shipper(cfg, self.buffer, clock=clock)
+        self.salt = _salt(cfg) if any(r.hash for r in t.rules) else b""
+        self.latest: dict[Labels, tuple[float, str]] = {}  # for the local endpoint, local ones too
+        self.last_flush: FlushReport | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+
+    def close(self) -> None:
+        self.buffer.close()
+
+    def points(self, now: float) -> list[Point]:
+        """One collection, through the series policies: what may leave the device."""
+        from agent.adapters.telemetry_buffer import Point
+        from agent.core.telemetry_policy import aggregate, decide
+
+        ts = int(now * 1000)
+        keep: list[Point] = []
+        agg: list[tuple[Labels, int, float]] = []
+        kinds: dict[Labels, str] = {}
+        self.latest = {}
+        for labels, value, kind in self.collect():
+            self.latest[labels] = (value, kind)
+            d = decide(dict(labels), self.t.rules, self.salt)
+            if d.scope == "local":
+                continue
+            if d.aggregate:
+                agg.append((d.labels, ts, value))
+                kinds[d.labels] = kind
+            else:
+                keep.append(Point(d.labels, ts, value, kind))
+        keep.extend(Point(lb, t, v, kinds[lb]) for lb, t, v in aggregate(agg))
+        return keep
+
+    def tick(self) -> FlushReport:
+        now = self.clock()
+        self.buffer.add(self.points(now), int(now * 1000))
+        return self.flush()
+
+    def flush(self, *, force: bool = False) -> FlushReport:
+        self.last_flush = self.ship.flush(force=force)
+        return self.last_flush
+
+    # --- as a thread of the agent's process --------------------------------------------------------
+    def start(self) -> Telemetry:
+        if self.t.listen:
+            self._serve_local(self.t.listen)
+        self._thread = threading.Thread(target=self._run, name="edgeops-telemetry", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._server is not None:
+            self._server.shutdown()
+
+    def _run(self) -> None:
+        # sqlite3 objects belong to the thread that made them: the thread opens its own buffer
+        self.buffer.close()
+        self.buffer = open_buffer(self.cfg)
+        self.ship.buffer = self.buffer
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.tick()
+            except Exception:  # a bug here must not take the update agent down with it
+                log.exception("telemetry tick failed")
+            self._stop.wait(max(0.0, self.t.interval - (time.monotonic() - started)))
+        self.buffer.close()
+
+    def _serve_local(self, listen: str) -> None:
+        """The Prometheus text endpoint (prometheus-client), loopback unless configured."""
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        owner = self
+
+        class Latest:
+            def collect(self) -> Iterable[Any]:
+                by_name: dict[str, list[tuple[Labels, float, str]]] = {}
+                for labels, (value, kind) in list(owner.latest.items()):
+                    by_name.setdefault(dict(labels)["__name__"], []).append((labels, value, kind))
+                for name, rows in sorted(by_name.items()):
+                    keys = sorted({k for lb, _, _ in rows for k, _ in lb if k != "__name__"})
+                    counter = rows[0][2] == "counter" and name.endswith("_total")
+                    fam = (CounterMetricFamily(name[:-6], name, labels=keys) if counter
+                           else GaugeMetricFamily(name, name, labels=keys))
+                    for lb, value, _ in rows:
+                        d = dict(lb)
+                        fam.add_metric([d.get(k, "") for k in keys], value)
+                    yield fam
+
+        reg = CollectorRegistry()
+        reg.register(Latest())  # type: ignore[arg-type]
+        host, _, port = listen.rpartition(":")
+        self._server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=reg)
+
+
+def start(cfg: AgentConfig) -> Telemetry | None:
+    """The telemetry thread when [telemetry] is on, else None (nothing imported or written)."""
+    if not enabled(cfg):
+        return None
+    return Telemetry(cfg).start()
