@@ -197,6 +197,8 @@ class TelemetryBuffer:
         opened by its first span; "download" or "verify" after anything else starts a new one)."""
         with self.tx():
             cur = self._open_trace()
+            if cur is not None and cur["span"] == name:
+                return  # the same phase again (written, then trial-pending: both "reboot")
             if cur is not None and name in ("download", "verify") and cur["span"] != "download":
                 self._finish(now_ns, ok=False, why="abandoned")
                 cur = None
