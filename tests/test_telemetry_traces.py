@@ -4,6 +4,7 @@ as one trace with the expected spans (decoded with the official opentelemetry-pr
 from __future__ import annotations
 
 import gzip
+import itertools
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_a_committed_update_is_one_trace_with_its_spans(device_dir: Path,
     assert all(s.parent_span_id == root.span_id for s in spans if s is not root)
     assert root.status.code == 1  # OK
     ordered = sorted((s for s in spans if s is not root), key=lambda s: s.start_time_unix_nano)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         assert a.end_time_unix_nano == b.start_time_unix_nano  # one span ends where the next begins
     assert rx.paths[-1] == ("/v1/traces", "application/x-protobuf", "gzip")
     buf = open_buffer(load(cfg))

@@ -127,6 +127,11 @@ class TelemetryBuffer:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    def count(self, name: str, n: int) -> None:
+        """Count ``n`` samples under ``name`` (e.g. a relay's ``kept-on-site``)."""
+        with self.tx():
+            self._count(name, n)
+
     def add(self, points: Iterable[Point], now_ms: int) -> int:
         """Buffer ``points``, then hold the budget; returns how many samples are held."""
         with self.tx():
@@ -248,11 +253,24 @@ class TelemetryBuffer:
                 self._merge_attrs(cur["trace_id"], cur["root"], {"edgeops.outcome": why})
         self.db.execute("UPDATE spans SET done = 1 WHERE trace_id = ?", (cur["trace_id"],))
         self._set_meta("trace", "{}")
+        self._trim_spans()
+
+    def _trim_spans(self) -> None:
         n = int(self.db.execute("SELECT COUNT(*) FROM spans WHERE done = 1").fetchone()[0])
         if n > MAX_SPANS:
             gone = self.db.execute("DELETE FROM spans WHERE id IN (SELECT id FROM spans WHERE "
                                    "done = 1 ORDER BY id LIMIT ?)", (n - MAX_SPANS,)).rowcount
             self._count("spans-evicted", gone)
+
+    def add_spans(self, spans: Iterable[tp.Span]) -> None:
+        """Spans of finished traces received from elsewhere (a relay's), ready to send on."""
+        with self.tx():
+            self.db.executemany(
+                "INSERT INTO spans (trace_id, span_id, parent_id, name, start_ns, end_ns, attrs, ok, "
+                "done) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                [(s.trace_id, s.span_id, s.parent_id, s.name, s.start_ns, s.end_ns,
+                  json.dumps(s.attrs), int(s.ok)) for s in spans])
+            self._trim_spans()
 
     def span_batch(self, limit: int = 512) -> tuple[list[int], list[tp.Span]]:
         """Spans of finished traces, oldest first."""

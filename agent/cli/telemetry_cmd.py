@@ -49,8 +49,10 @@ def _status(a: argparse.Namespace) -> int:
         st = buf.status()
     finally:
         buf.close()
-    doc = {"buffer": str(cfg.telemetry_path), "samples": st.samples, "max_samples": st.max_samples,
-           "fill": round(st.samples / st.max_samples, 4), "series": st.series,
+    fill = round(st.samples / st.max_samples, 4)
+    doc: dict[str, Any] = {
+           "buffer": str(cfg.telemetry_path), "samples": st.samples, "max_samples": st.max_samples,
+           "fill": fill, "series": st.series,
            "oldest_ms": st.oldest_ms, "newest_ms": st.newest_ms, "spans_pending": st.spans_pending,
            "last_send": st.last_send, "last_trace_send": st.last_trace_send,
            "dropped": st.dropped, "file_bytes": st.file_bytes}
@@ -58,7 +60,7 @@ def _status(a: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"buffer   {doc['buffer']} ({st.file_bytes} bytes)")
-    print(f"samples  {st.samples} of {st.max_samples} ({100 * doc['fill']:.1f}%) in {st.series} series")
+    print(f"samples  {st.samples} of {st.max_samples} ({100 * fill:.1f}%) in {st.series} series")
     print(f"oldest   {_when(st.oldest_ms / 1000) if st.oldest_ms is not None else 'none'}")
     print(f"spans    {st.spans_pending} waiting")
     print(f"sent     samples {_when(st.last_send)}, traces {_when(st.last_trace_send)}")

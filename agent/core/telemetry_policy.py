@@ -295,3 +295,49 @@ class Span:
     end_ns: int
     attrs: dict[str, str] = field(default_factory=dict)
     ok: bool = True
+
+
+# --- the controller's relay ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class RelaySettings:
+    """``DATA/telemetry-relay.toml`` of a controller: where its devices' telemetry goes on to.
+    Series whose scope is not ``upstream`` (by a device's rule or by these rules) stay here."""
+
+    remote_write_url: str | None = None
+    otlp_url: str | None = None
+    credentials_file: str | None = None  # relative to the data directory
+    budget_bytes: int = 256 << 20
+    interval: float = 10.0  # seconds between forwarding passes while the upstream is down
+    bytes_per_second: int = 1 << 20
+    rules: tuple[SeriesRule, ...] = ()
+
+
+_RELAY_KEYS = {"remote_write_url", "otlp_url", "credentials_file", "budget_bytes", "interval",
+               "bytes_per_second", "policy"}
+
+
+def parse_relay(doc: Mapping[str, object], where: str) -> RelaySettings:
+    unknown = set(doc) - _RELAY_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+
+    def url(key: str) -> str | None:
+        v = doc.get(key)
+        if v is not None and (not isinstance(v, str) or not v.startswith(("http://", "https://"))):
+            raise ConfigError(f"{where}: {key} must be an http:// or https:// URL")
+        return v
+
+    def num(key: str, lo: float, hi: float, default: float) -> float:
+        v = doc.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+            raise ConfigError(f"{where}: {key} must be a number from {lo:g} to {hi:g}")
+        return float(v)
+
+    cred = doc.get("credentials_file")
+    if cred is not None and (not isinstance(cred, str) or not cred):
+        raise ConfigError(f"{where}: credentials_file must be a path")
+    return RelaySettings(url("remote_write_url"), url("otlp_url"), cred,
+                         int(num("budget_bytes", 4096, 1 << 40, 256 << 20)),
+                         num("interval", 0.1, 86400, 10.0),
+                         int(num("bytes_per_second", 256, 1 << 32, 1 << 20)),
+                         parse_rules(doc.get("policy"), where))
