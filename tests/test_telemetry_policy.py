@@ -148,3 +148,34 @@ def test_phase_changes_are_span_boundaries(before: str, after: str, span: str | 
                                             ("node_load1", tp.Priority.SYSTEM)])
 def test_agent_series_go_first(name: str, prio: tp.Priority) -> None:
     assert tp.priority_of(name) is prio
+
+
+@given(st.binary(max_size=512))
+def test_remote_write_decode_returns_or_raises_its_one_error(body: bytes) -> None:
+    from agent.adapters import remote_write
+
+    try:
+        remote_write.decode(body)
+    except remote_write.BadWrite:
+        pass
+
+
+@given(st.lists(st.tuples(st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
+                                          st.text(max_size=20), max_size=4),
+                          st.lists(st.tuples(st.integers(-2**62, 2**62), st.floats(allow_nan=False)),
+                                   max_size=5)), max_size=5))
+def test_remote_write_round_trips(raw: list[tuple[dict[str, str], list[tuple[int, float]]]]) -> None:
+    from agent.adapters import remote_write
+
+    series = [(tuple(sorted(lb.items())), sorted(pts)) for lb, pts in raw]
+    assert remote_write.decode(remote_write.encode(series)) == series
+
+
+@given(st.binary(max_size=512))
+def test_otlp_decode_returns_or_raises_its_one_error(body: bytes) -> None:
+    from agent.adapters import otlp
+
+    try:
+        otlp.decode(body)
+    except otlp.BadExport:
+        pass
