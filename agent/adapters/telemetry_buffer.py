@@ -79,7 +79,9 @@ class TelemetryBuffer:
     def __init__(self, path: Path, budget: tp.Budget | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.budget = path, budget or tp.Budget()
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=10)
+        # one user at a time, but not always the thread that opened it (the agent's telemetry
+        # thread takes over the buffer its constructor opened)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)

@@ -239,7 +239,7 @@ def _telemetry(doc: dict[str, Any], path: Path) -> TelemetrySettings | None:
     def num(key: str, default: float, lo: float, hi: float) -> float:
         v = t.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-            raise ConfigError(f"{where}: {key} must be a number from {lo:g} to {hi:g}")
+            raise ConfigError(f"{where}: {key} must be a number from {_num(lo)} to {_num(hi)}")
         return float(v)
 
     def url(key: str) -> str | None:
@@ -277,6 +277,10 @@ def _telemetry(doc: dict[str, Any], path: Path) -> TelemetrySettings | None:
         probe_count=int(num("probe_count", 5, 1, 100)),
         probe_timeout=num("probe_timeout", 2.0, 0.05, 60.0), listen=listen,
         rules=parse_rules(t.get("policy"), where))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
 
 
 def _fleet(doc: dict[str, Any], path: Path) -> FleetConfig | None:

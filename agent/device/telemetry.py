@@ -358,10 +358,6 @@ class Telemetry:
             self._server.shutdown()
 
     def _run(self) -> None:
-        # sqlite3 objects belong to the thread that made them: the thread opens its own buffer
-        self.buffer.close()
-        self.buffer = open_buffer(self.cfg)
-        self.ship.buffer = self.buffer
         while not self._stop.is_set():
             started = time.monotonic()
             try:
