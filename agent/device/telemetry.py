@@ -14,6 +14,9 @@ Update traces: ``mark`` and ``transition`` are the hooks the updater and the fle
 call at each phase (download, verify, write, reboot, health, commit or revert); one span
 ends where the next begins, in the buffer, so a trace survives the reboot in its middle.
 This module's top level imports only the standard library (the updater imports it).
+
+Long because it is one job in three parts that share that rule — the trace hooks, the
+collector and the runner with its local endpoint; split, each would re-import the others.
 """
 
 from __future__ import annotations
