@@ -30,7 +30,6 @@ import fnmatch
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 
 from agent.errors import ConfigError
 
@@ -222,6 +221,8 @@ def retry_after(header: str | None, now: float) -> float | None:
     text = header.strip()
     if text.isdigit():
         return float(int(text))
+    from email.utils import parsedate_to_datetime  # not at the top: the idle service loads config
+
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

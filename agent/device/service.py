@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from agent.device import telemetry  # the standard library only until [telemetry] is on
 from agent.device.worker import Wake
 from agent.errors import DeviceBusy, DeviceError, EdgeopsError
 
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     from agent.core.config import AgentConfig
     from agent.device.fleet import FleetAgent, PollOutcome
     from agent.device.push import LongPoll
-    from agent.device.telemetry import Telemetry
     from agent.device.updater import CycleResult, Updater
     from agent.device.worker import Done, Started
 
@@ -176,7 +176,7 @@ def run(up: Updater, *, once: bool = False, watchdog: WatchdogFactory | None = N
         stop = Stop().on_sigterm()
     link = fleet(up)
     pidfile = up.register_process()
-    tel = None if once else _start_telemetry(up.cfg)
+    tel = None if once else telemetry.start(up.cfg)
     try:
         if up.cfg.metrics_file is not None:
             from agent.device import metrics
@@ -227,7 +227,7 @@ def serve(cfg: AgentConfig, *, watchdog: DeadlineWatchdog | None = None, stop: S
     idle = IdleAgent(cfg, fleet, poll, worker or WorkerProcess(
         cfg.path, verbose=log.isEnabledFor(logging.DEBUG)))
     pidfile = _register(cfg)
-    tel = _start_telemetry(cfg)
+    tel = telemetry.start(cfg)
     try:
         # The bundle of a running trial may allow more time; each worker says so as it starts.
         dog = None if watchdog is None else watchdog(cfg.health_policy.deadline)
@@ -239,16 +239,6 @@ def serve(cfg: AgentConfig, *, watchdog: DeadlineWatchdog | None = None, stop: S
             pidfile.unlink(missing_ok=True)
         if poll is not None:
             poll.close()
-
-
-def _start_telemetry(cfg: AgentConfig) -> Telemetry | None:
-    """The telemetry thread (agent.device.telemetry) only with [telemetry] on: without it
-    nothing of it is imported, and the idle loop writes nothing."""
-    if cfg.telemetry is None or not cfg.telemetry.enabled:
-        return None
-    from agent.device import telemetry
-
-    return telemetry.start(cfg)
 
 
 def _run_device(cfg: AgentConfig, *, watchdog: DeadlineWatchdog | None, stop: Stop | None,

@@ -399,7 +399,31 @@ class Telemetry:
 
 
 def start(cfg: AgentConfig) -> Telemetry | None:
-    """The telemetry thread when [telemetry] is on, else None (nothing imported or written)."""
+    """The telemetry thread when [telemetry] is on, else None (nothing imported or written).
+    A missing [telemetry] extra is a config error now, not at the first send; a buffer that
+    cannot be opened (a full or read-only data partition) costs the telemetry, not the agent."""
     if not enabled(cfg):
         return None
-    return Telemetry(cfg).start()
+    from agent.errors import ConfigError
+
+    t = cfg.telemetry
+    assert t is not None
+    needs = ((["google.protobuf", "cramjam"] if t.remote_write_url else [])
+             + (["opentelemetry.proto"] if t.otlp_url else []) + (["prometheus_client"] if t.listen else []))
+    for name in needs:
+        try:
+            __import__(name)
+        except ImportError:
+            raise ConfigError(f"[telemetry] needs {name.split('.')[0]}",
+                              hint="pip install 'edgeops[telemetry]'") from None
+    try:
+        return Telemetry(cfg).start()
+    except (OSError, sqlite3_error()) as exc:
+        log.warning("telemetry off: cannot open %s: %s", cfg.telemetry_path, exc)
+        return None
+
+
+def sqlite3_error() -> type[Exception]:
+    import sqlite3
+
+    return sqlite3.Error
