@@ -301,3 +301,23 @@ def test_power_cut_between_send_and_ack_loses_nothing(device_dir: Path, tmp_path
     assert out.returncode == 0, out.stderr
     assert taken_before_cut and sorted(v for _, pts in rx.taken for _, v in pts) == \
         [float(i) for i in range(50)]
+
+
+def test_with_the_link_up_a_tick_sends_at_once_and_writes_nothing(device_dir: Path) -> None:
+    rx = Receiver([])
+    cfg = load(telemetry_config(device_dir, rx.url))
+    clock = Clock(time.time())
+    rows = [((("__name__", "edgeops_direct"),), 1.0, "gauge")]
+    tel = Telemetry(cfg, clock=clock, collector=lambda: rows)
+    try:
+        tel.tick()  # the first also writes down when samples last went out
+        files = [cfg.telemetry_path, cfg.telemetry_path.with_name("telemetry.db-wal")]
+        before = [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        for _ in range(3):
+            clock.t += INTERVAL
+            assert tel.tick().samples == 1
+        assert [(p.stat().st_size, p.stat().st_mtime_ns) for p in files] == before
+        assert tel.buffer.status().samples == 0
+    finally:
+        tel.close()
+    assert len(rx.taken) == 4

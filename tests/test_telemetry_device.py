@@ -136,8 +136,8 @@ def test_the_local_endpoint_serves_the_latest_values_on_loopback(device_dir: Pat
         tel.stop()
 
 
-def test_the_service_runs_telemetry_in_its_thread(device_dir: Path) -> None:
-    cfg = with_telemetry(device_dir, "interval = 1\n")
+def test_the_service_buffers_telemetry_in_its_thread_while_the_link_is_down(device_dir: Path) -> None:
+    cfg = with_telemetry(device_dir, f'interval = 1\nremote_write_url = "http://127.0.0.1:{free_port()}/w"\n')
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "--config", str(cfg)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

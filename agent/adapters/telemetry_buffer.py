@@ -84,6 +84,7 @@ class TelemetryBuffer:
         self.db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA cache_size=-256")  # KiB: a device's agent, not a database server
         self.db.executescript(_SCHEMA)
         os.chmod(path, 0o600)
 
@@ -184,6 +185,11 @@ class TelemetryBuffer:
         """The receiver took these: delete them (they are never sent again)."""
         with self.tx():
             self.db.executemany("DELETE FROM samples WHERE id = ?", [(i,) for i in ids])
+            self._set_meta("last_send", repr(now))
+
+    def note_send(self, now: float) -> None:
+        """Samples went out without passing through here: remember when, for ``status``."""
+        with self.tx():
             self._set_meta("last_send", repr(now))
 
     def reject(self, ids: Sequence[int], reason: str = "rejected") -> None:

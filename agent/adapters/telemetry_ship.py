@@ -95,6 +95,22 @@ class Shipper:
             lane.not_before = 0.0
         return v
 
+    def send_now(self, series: list[tuple[tuple[tuple[str, str], ...], list[tuple[int, float]]]],
+                 report: FlushReport) -> tp.Outcome | None:
+        """Send fresh samples without buffering them (the buffer is empty and the link up);
+        None when the lane is backing off. The caller buffers them unless ACKED."""
+        assert self.metrics is not None
+        lane = self.lanes["metrics"]
+        if not self._ready(lane, report, False):
+            return None
+        body = encode_write(series)
+        self._pace(len(body))
+        v = self._answer(lane, self.metrics.send_body(body), report)
+        if v.outcome is tp.Outcome.ACKED:
+            report.samples += sum(len(pts) for _, pts in series)
+            report.bytes += len(body)
+        return v.outcome
+
     def _flush_metrics(self, report: FlushReport, *, force: bool, max_batches: int | None) -> None:
         assert self.metrics is not None
         lane, n = self.lanes["metrics"], 0
@@ -116,6 +132,9 @@ class Shipper:
                 self.buffer.reject(batch.ids)
                 report.rejected += batch.samples
             force = False
+
+    def flush_traces(self, report: FlushReport) -> None:
+        self._flush_traces(report, force=False)
 
     def _flush_traces(self, report: FlushReport, *, force: bool) -> None:
         from agent.adapters.otlp import encode as encode_traces

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeops.telemetry")
 Labels = tuple[tuple[str, str], ...]
+NOTE_SEND_EVERY = 300.0  # seconds between writing down a direct send's time (status shows it)
 
 
 def enabled(cfg: AgentConfig) -> bool:
@@ -306,6 +307,8 @@ class Telemetry:
         self.salt = _salt(cfg) if any(r.hash for r in t.rules) else b""
         self.latest: dict[Labels, tuple[float, str]] = {}  # for the local endpoint, local ones too
         self.last_flush: FlushReport | None = None
+        self.backlog: bool | None = None  # samples wait in the buffer (None: not looked yet)
+        self.noted = 0.0  # when the last direct send was written down as "last send"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -337,9 +340,39 @@ class Telemetry:
         return keep
 
     def tick(self) -> FlushReport:
+        """One collection. With the link up and nothing waiting, the samples go straight out
+        and nothing is written (the buffer is for outages: SD cards wear out); otherwise they
+        join the buffer, which is drained oldest first so no series goes out of order."""
+        from agent.adapters.telemetry_ship import FlushReport
+        from agent.core.telemetry_policy import Outcome
+
         now = self.clock()
-        self.buffer.add(self.points(now), int(now * 1000))
-        return self.flush()
+        points = self.points(now)
+        if self.ship.metrics is None:
+            return self.flush()  # no receiver for samples: only the local endpoint has them
+        if self.backlog is None:
+            self.backlog = self.buffer.status().samples > 0
+        if not self.backlog:
+            report = FlushReport()
+            series: dict[Labels, list[tuple[int, float]]] = {}
+            for p in points:
+                series.setdefault(p.labels, []).append((p.ts, p.value))
+            outcome = self.ship.send_now(list(series.items()), report)
+            if outcome is Outcome.ACKED:
+                if now - self.noted >= NOTE_SEND_EVERY:
+                    self.buffer.note_send(now)
+                    self.noted = now
+                if self.ship.traces is not None:
+                    self.ship.flush_traces(report)
+                self.last_flush = report
+                return report
+            if outcome is Outcome.REJECTED:
+                self.buffer.count("rejected", len(points))
+                return report
+        self.buffer.add(points, int(now * 1000))
+        report = self.flush()
+        self.backlog = report.retry_in is not None
+        return report
 
     def flush(self, *, force: bool = False) -> FlushReport:
         self.last_flush = self.ship.flush(force=force)
