@@ -177,3 +177,9 @@ def test_otlp_decode_returns_or_raises_its_one_error(body: bytes) -> None:
 
     with contextlib.suppress(otlp.BadExport):
         otlp.decode(body)
+
+
+def test_the_embedded_prompb_descriptor_is_the_one_assembled_in_code() -> None:
+    from agent.adapters import remote_write
+
+    assert remote_write.file_descriptor().SerializeToString() == remote_write.FILE_DESCRIPTOR

@@ -2,8 +2,8 @@
 
 Off unless agent.toml has a ``[telemetry]`` section; then ``start`` runs one daemon thread in
 the agent's process (the idle service's or ``run``'s) that every ``interval`` seconds
-collects (psutil for CPU, memory, disk, network and uptime; /sys/class/thermal for
-temperatures; a read-only look at the journal for the agent's own state; TCP-connect or
+collects (/proc for CPU, memory, network and uptime, statvfs for the disk, /sys/class/thermal
+for temperatures; a read-only look at the journal for the agent's own state; TCP-connect or
 HTTP timing for latency, jitter and loss to the controller and configured targets), applies
 the series policies (``agent.core.telemetry_policy``), adds what may leave the device to the
 SQLite buffer (``agent.adapters.telemetry_buffer``) and drains it through remote write and
@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,7 +143,6 @@ class Collector:
 
     cfg: AgentConfig
     extra: Callable[[], Iterable[tuple[Labels, float, str]]] | None = None  # tests, the bench
-    _proc: Any = field(default=None, init=False)
 
     def __call__(self) -> list[tuple[Labels, float, str]]:
         out = self.system() + self.agent() + self.qoe()
@@ -152,45 +151,56 @@ class Collector:
         return out
 
     def system(self) -> list[tuple[Labels, float, str]]:
-        import psutil
-
+        """From /proc and /sys, what psutil would read there (psutil itself costs the idle
+        agent a megabyte; /proc/stat, /proc/meminfo, /proc/net/dev are stable kernel ABI)."""
         out: list[tuple[Labels, float, str]] = []
 
         def g(name: str, value: float, kind: str = "gauge", **labels: str) -> None:
             out.append((tuple(sorted({"__name__": name, **labels}.items())), float(value), kind))
 
-        cpu = psutil.cpu_times()
-        for mode in ("user", "system", "idle", "iowait"):
-            g("node_cpu_seconds_total", getattr(cpu, mode, 0.0), "counter", mode=mode)
-        mem = psutil.virtual_memory()
-        g("node_memory_MemTotal_bytes", mem.total)
-        g("node_memory_MemAvailable_bytes", mem.available)
-        for where in {self.cfg.state_dir}:
-            try:
-                du = psutil.disk_usage(str(where))
-            except OSError:
-                continue
-            g("node_filesystem_size_bytes", du.total, mountpoint=str(where))
-            g("node_filesystem_avail_bytes", du.free, mountpoint=str(where))
-        for nic, c in sorted(psutil.net_io_counters(pernic=True).items())[:16]:
-            g("node_network_receive_bytes_total", c.bytes_recv, "counter", device=nic)
-            g("node_network_transmit_bytes_total", c.bytes_sent, "counter", device=nic)
-        g("node_boot_time_seconds", psutil.boot_time())
+        hz = os.sysconf("SC_CLK_TCK")
+        for line in _read("/proc/stat").splitlines():
+            f = line.split()
+            if f and f[0] == "cpu":  # proc(5): user nice system idle iowait ...
+                for mode, v in zip(("user", "nice", "system", "idle", "iowait"), f[1:6], strict=False):
+                    g("node_cpu_seconds_total", int(v) / hz, "counter", mode=mode)
+            elif f and f[0] == "btime":
+                g("node_boot_time_seconds", int(f[1]))
+        mem = {k: v.split() for k, _, v in (line.partition(":") for line in
+                                             _read("/proc/meminfo").splitlines())}
+        for key in ("MemTotal", "MemAvailable"):
+            if key in mem:
+                g(f"node_memory_{key}_bytes", int(mem[key][0]) * 1024)
+        try:
+            st = os.statvfs(self.cfg.state_dir)
+            g("node_filesystem_size_bytes", st.f_blocks * st.f_frsize, mountpoint=str(self.cfg.state_dir))
+            g("node_filesystem_avail_bytes", st.f_bavail * st.f_frsize, mountpoint=str(self.cfg.state_dir))
+        except OSError:
+            pass
+        for line in _read("/proc/net/dev").splitlines()[2:18]:
+            nic, _, rest = line.partition(":")
+            f = rest.split()
+            if len(f) >= 9:
+                g("node_network_receive_bytes_total", int(f[0]), "counter", device=nic.strip())
+                g("node_network_transmit_bytes_total", int(f[8]), "counter", device=nic.strip())
         g("node_load1", os.getloadavg()[0])
         for zone in sorted(Path("/sys/class/thermal").glob("thermal_zone*"))[:16]:
             try:
                 g("node_thermal_zone_temp", int((zone / "temp").read_text()) / 1000, zone=zone.name)
             except (OSError, ValueError):
                 continue
-        if self._proc is None:
-            self._proc = psutil.Process()
-        me = self._proc.cpu_times()
-        g("edgeops_agent_cpu_seconds_total", me.user + me.system, "counter")
-        g("edgeops_agent_resident_bytes", self._proc.memory_info().rss)
+        t = os.times()
+        g("edgeops_agent_cpu_seconds_total", t.user + t.system, "counter")
+        statm = _read("/proc/self/statm").split()
+        if len(statm) > 1:
+            g("edgeops_agent_resident_bytes", int(statm[1]) * os.sysconf("SC_PAGE_SIZE"))
         return out
 
     def agent(self) -> list[tuple[Labels, float, str]]:
-        """The journal's view, read-only (the idle service must not write or lock it)."""
+        """The journal's view, read-only and ``immutable``: even a read-only connection would
+        create the journal's -wal and -shm files, which the idle service takes for a change
+        (``worker.journal_mark``) and starts a worker for. The price: a commit still in the
+        WAL shows at the next collection, once checkpointed (a torn read is skipped)."""
         import json
         import sqlite3
 
@@ -198,7 +208,7 @@ class Collector:
         if not path.exists():
             return []
         try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+            db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=1)
             try:
                 raw = db.execute("SELECT value FROM kv WHERE key = 'state'").fetchone()
                 slots = db.execute("SELECT name, state, version FROM slots").fetchall()
@@ -231,6 +241,13 @@ class Collector:
                 out.append(((("__name__", "edgeops_qoe_latency_seconds"), lb), p.latency, "gauge"))
                 out.append(((("__name__", "edgeops_qoe_jitter_seconds"), lb), p.jitter, "gauge"))
         return out
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def qoe_targets(cfg: AgentConfig) -> list[str]:
