@@ -26,8 +26,6 @@ collector (``agent.device.telemetry``) pass ``now`` and rows in and act on what 
 from __future__ import annotations
 
 import enum
-import fnmatch
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -104,11 +102,15 @@ def parse_rules(raw: object, where: str) -> tuple[SeriesRule, ...]:
 
 def hash_value(value: str, salt: bytes) -> str:
     """A salted SHA-256 of a label value, 16 hex digits: joins series, reveals nothing."""
+    import hashlib  # not at the top: config imports this module, and _hashlib loads libcrypto
+
     return hashlib.sha256(salt + value.encode()).hexdigest()[:16]
 
 
 def decide(labels: Mapping[str, str], rules: Sequence[SeriesRule], salt: bytes = b"") -> Decision:
     """What the first matching rule makes of one series (no rule: sent on as it is)."""
+    import fnmatch
+
     name = labels.get("__name__", "")
     rule = next((r for r in rules if fnmatch.fnmatchcase(name, r.match)), SeriesRule())
     out: dict[str, str] = {}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -112,6 +111,8 @@ class Probe:
 
 def probe(target: str, *, count: int, timeout: float,
           clock: Callable[[], float] = time.perf_counter) -> Probe:
+    import socket
+
     times: list[float] = []
     for _ in range(count):
         t0 = clock()
@@ -278,6 +279,8 @@ def read_token(t: TelemetrySettings) -> str | None:
 
 
 def shipper(cfg: AgentConfig, buf: TelemetryBuffer, **kw: Any) -> Shipper:
+    import socket
+
     from agent.adapters.remote_write import RemoteWrite
     from agent.adapters.telemetry_ship import Shipper
 
