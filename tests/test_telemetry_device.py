@@ -79,7 +79,8 @@ def test_agent_series_are_sent_first(tmp_path: Path) -> None:
 
 
 def test_local_series_never_enter_the_buffer_and_aggregates_are_sums(device_dir: Path) -> None:
-    cfg = with_telemetry(device_dir, '[[telemetry.policy]]\nmatch = "face_*"\nscope = "local"\n'
+    cfg = with_telemetry(device_dir, f'listen = "127.0.0.1:{free_port()}"\n'
+                                     '[[telemetry.policy]]\nmatch = "face_*"\nscope = "local"\n'
                                      '[[telemetry.policy]]\nmatch = "visits"\naggregate = ["user"]\n'
                                      '[[telemetry.policy]]\nmatch = "badge"\nhash = ["user"]\n')
     rows = [((("__name__", "face_matches"),), 3.0, "gauge"),

@@ -159,7 +159,10 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float = 30.
             f"Content-Length: {len(body)}", "Connection: close",
             *(f"{k}: {v}" for k, v in headers.items())]
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        # an ASCII name as bytes (getaddrinfo takes them): a str is IDNA-encoded first, which
+        # loads unicodedata; typeshed only knows str
+        addr: Any = (host.encode() if host.isascii() else host, port)
+        sock = socket.create_connection(addr, timeout=timeout)
         if u.scheme == "https":
             import ssl
 

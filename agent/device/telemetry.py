@@ -124,7 +124,9 @@ def probe(target: str, *, count: int, timeout: float,
                     r.read(1)
             else:
                 host, _, port = target.rpartition(":")
-                with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                name = host.strip("[]")
+                addr: Any = (name.encode() if name.isascii() else name, int(port))  # as in post()
+                with socket.create_connection(addr, timeout=timeout):
                     pass
         except OSError:
             continue
@@ -346,8 +348,10 @@ class Telemetry:
         agg: list[tuple[Labels, int, float]] = []
         kinds: dict[Labels, str] = {}
         self.latest = {}
+        serving = self.t.listen is not None
         for labels, value, kind in self.collect():
-            self.latest[labels] = (value, kind)
+            if serving:
+                self.latest[labels] = (value, kind)
             d = decide(dict(labels), self.t.rules, self.salt)
             if d.scope == "local":
                 continue
