@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from agent.core.config import load
 from agent.device.telemetry import open_buffer
-from tests.conftest import BundleFactory, run_cli
+from tests.conftest import BundleFactory, Keys, run_cli
 
 FAILING = {"retries": 1, "deadline": 5, "interval": 0.1,
            "probe": [{"type": "tcp", "host": "127.0.0.1", "port": 9, "name": "app port"}]}
@@ -124,3 +124,43 @@ def test_without_telemetry_an_update_writes_no_telemetry_file(device_dir: Path,
     run_cli("sim", "reboot", "--config", cfg, check=True)
     run_cli("agent", "--once", "--config", cfg, check=True)
     assert not list(load(cfg).state_dir.glob("telemetry*"))
+
+
+def test_a_fleet_update_trace_starts_with_its_download(tmp_path: Path, pki: Keys,
+                                                      make_bundle: BundleFactory) -> None:
+    from agent.core import lifecycle
+    from agent.device.fleet import DdiClient, FleetAgent, FleetConfig
+    from agent.device.updater import Updater, open_device
+    from agent.host import sim
+    from agent.host.simfleet import start_controller
+    from tests.conftest import make_image
+
+    rx = OtlpReceiver()
+    ctl = start_controller(tmp_path / "ctl", keyring=pki.root_crt, tick_interval=3600)
+    try:
+        board = tmp_path / "b0"
+        sim.init_device(board, image=make_image(tmp_path / "i0", 4096, "1.0"), keyring=pki.root_crt,
+                        slot_size=1 << 20)
+        cfg_path = with_traces(board, rx.url)
+        token = ctl.api("POST", "/devices", {"id": "d0"})["token"]
+        with open(make_bundle("2.0", size=4096), "rb") as f:
+            bid = ctl.api("POST", "/bundles?filename=v2.bundle", data=f)["id"]
+        ctl.api("POST", "/deployments", {"bundle": bid, "device": "d0"})
+        for _ in range(6):
+            dev = open_device(load(cfg_path))
+            try:
+                up = Updater(dev, sleep=lambda s: None)
+                up.cycle()
+                if dev.journal.state().phase is lifecycle.Phase.IDLE:
+                    fc = FleetConfig(url=ctl.url, controller_id="d0", auth="target", token=token,
+                                     push="none")
+                    FleetAgent(up, DdiClient(fc), sleep=lambda s: None).poll_once()
+            finally:
+                dev.close()
+    finally:
+        ctl.stop()
+    assert run_cli("telemetry", "flush", "--config", cfg_path).returncode == 0
+    (spans,) = rx.traces().values()
+    assert names(spans) == ["update", "download", "verify", "write", "reboot", "health", "commit"]
+    download = next(s for s in spans if s.name == "download")
+    assert {a.key for a in download.attributes} >= {"action", "artifact"}
