@@ -34,6 +34,7 @@ def with_telemetry(device_dir: Path, body: str = "") -> Path:
     ('remote_write_url = "ftp://x"\n', "remote_write_url"),
     ('listen = "9108"\n', "listen"),
     ('[[telemetry.policy]]\nscope = "moon"\n', "scope"),
+    ('traces = "moon"\n', "traces"),
 ])
 def test_a_bad_telemetry_section_is_one_line_and_exit_3(device_dir: Path, body: str, word: str) -> None:
     cfg = with_telemetry(device_dir, body)

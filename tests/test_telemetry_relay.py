@@ -122,3 +122,45 @@ def test_a_bad_body_is_a_400_not_a_5xx(device_dir: Path, ctl: LocalController, b
     r = requests.post(ctl.url + "/DEFAULT/controller/v1/d3/telemetry/write", data=body,
                       headers={**remote_write.HEADERS, "Authorization": f"Bearer {token}"}, timeout=10)
     assert r.status_code == 400, r.text
+
+
+def test_a_regional_trace_stays_on_site_and_an_upstream_one_goes_on(tmp_path: Path, device_dir: Path) -> None:
+    from agent.device.telemetry import open_buffer, shipper
+    from tests.test_telemetry_traces import OtlpReceiver
+
+    upstream = OtlpReceiver()
+    data = tmp_path / "ctl2"
+    data.mkdir()
+    (data / "telemetry-relay.toml").write_text(f'otlp_url = "{upstream.url}"\ninterval = 0.2\n')
+    ctl = start_controller(data, tick_interval=3600)
+    try:
+        token = ctl.api("POST", "/devices", {"id": "t0"})["token"]
+        (device_dir / "tok").write_text(token)
+        base = device_dir / "agent.toml"
+        text = base.read_text()
+        sent = {}
+        for scope in ("regional", "upstream"):
+            base.write_text(text + f'\n[telemetry]\notlp_url = "{ctl.url}/DEFAULT/controller/v1/t0/telemetry"\n'
+                                   f'credentials_file = "tok"\ntraces = "{scope}"\n')
+            cfg = load(base)
+            buf = open_buffer(cfg)
+            try:
+                buf.mark_span("verify", 1_000, {"edgeops.version": scope})
+                buf.mark_span("write", 2_000)
+                buf.end_trace(3_000, ok=True)
+                assert shipper(cfg, buf).flush().spans == 3
+            finally:
+                buf.close()
+            sent[scope] = True
+        deadline = time.monotonic() + 30
+        while not upstream.exports:
+            assert time.monotonic() < deadline, "the relay never forwarded the upstream trace"
+            time.sleep(0.2)
+        status = requests.get(ctl.url + "/_telemetry", timeout=10).json()
+    finally:
+        ctl.stop()
+    (spans,) = upstream.traces().values()
+    versions = {a.value.string_value for s in spans for a in s.attributes if a.key == "edgeops.version"}
+    assert versions == {"upstream"}
+    assert {a.key: a.value.string_value for s in spans for a in s.attributes}["edgeops_device"] == "t0"
+    assert status["dropped"]["spans-kept-on-site"] == 3

@@ -93,6 +93,9 @@ class Shipper:
         else:
             lane.failures = 0
             lane.not_before = 0.0
+            if v.outcome is tp.Outcome.REJECTED:
+                report.last = f"HTTP {answer.status} {answer.detail[:200]}".rstrip()
+                log.warning("telemetry receiver refused a batch for good: %s", report.last)
         return v
 
     def send_now(self, series: list[tuple[tuple[tuple[str, str], ...], list[tuple[int, float]]]],
@@ -155,6 +158,7 @@ class Shipper:
                 report.spans += len(ids)
             else:
                 self.buffer.reject_spans(ids)
+                report.rejected += len(ids)
             force = False
 
     def _pace(self, n: int) -> None:

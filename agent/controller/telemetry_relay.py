@@ -14,7 +14,8 @@ loop drains it upstream through remote write and OTLP with the same retries, so 
 controller carries its site's telemetry through a WAN cut and forwards it when the link
 returns, as it does for feedback. Each series gets ``edgeops_device=<cid>`` (the device
 cannot claim another's); a series whose scope is ``regional`` or ``local`` — by the device's
-rule or by the relay's own — is counted (``kept-on-site``) and never forwarded.
+rule or by the relay's own — is counted (``kept-on-site``) and never forwarded; so is a
+trace whose resource says ``edgeops.scope=regional`` (a device's ``traces = "regional"``).
 """
 
 from __future__ import annotations
@@ -125,14 +126,16 @@ class Relay:
         cid = request.match_info["cid"]
         self._check(request, cid)
         try:
-            req = decode(await read_body(request),
-                         gzipped=request.headers.get("Content-Encoding", "") == "gzip")
+            # aiohttp already inflates a "Content-Encoding: gzip" body (within client_max_size)
+            body = await read_body(request)
+            req = decode(body, gzipped=body[:2] == b"\x1f\x8b")
         except (BadExport, EdgeopsError) as exc:
             raise BadRequest(f"not an OTLP trace export: {exc}") from None
-        spans = []
+        spans, kept = [], 0
         for rs in req.resource_spans:
             res = {a.key: a.value.string_value for a in rs.resource.attributes}
             if res.get("edgeops.scope", "upstream") != "upstream":
+                kept += sum(len(ss.spans) for ss in rs.scope_spans)
                 continue
             for ss in rs.scope_spans:
                 for s in ss.spans:
@@ -144,6 +147,8 @@ class Relay:
                                          s.parent_span_id.hex() or None, s.name[:200],
                                          s.start_time_unix_nano, s.end_time_unix_nano, attrs,
                                          s.status.code != 2))
+        if kept:
+            self.buffer.count("spans-kept-on-site", kept)
         if spans:
             self.buffer.add_spans(spans)
             self.wake.set()

@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.core.fleet_config import FleetConfig, parse_fleet
 from agent.core.health import HealthPolicy, parse_policy
-from agent.core.telemetry_policy import SeriesRule, parse_rules
+from agent.core.telemetry_policy import SCOPES, SeriesRule, parse_rules
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
@@ -60,6 +60,7 @@ class TelemetrySettings:
     probe_timeout: float = 2.0
     listen: str | None = None  # "127.0.0.1:9108": the local Prometheus endpoint, off by default
     rules: tuple[SeriesRule, ...] = ()
+    traces: str = "upstream"  # update traces' scope: upstream, regional (the site's controller) or local
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def _tpm(doc: dict[str, Any], path: Path) -> TpmSettings:
 _TELEMETRY_KEYS = {"enabled", "interval", "buffer", "budget_bytes", "full_resolution",
                    "downsample_step", "remote_write_url", "otlp_url", "credentials_file",
                    "bytes_per_second", "batch_samples", "targets", "probe_count", "probe_timeout",
-                   "listen", "policy"}
+                   "listen", "policy", "traces"}
 
 
 def _telemetry(doc: dict[str, Any], path: Path) -> TelemetrySettings | None:
@@ -256,6 +257,9 @@ def _telemetry(doc: dict[str, Any], path: Path) -> TelemetrySettings | None:
     listen = t.get("listen")
     if listen is not None and (not isinstance(listen, str) or ":" not in listen):
         raise ConfigError(f"{where}: listen must be 'ADDRESS:PORT' such as '127.0.0.1:9108'")
+    traces = t.get("traces", "upstream")
+    if traces not in SCOPES:
+        raise ConfigError(f"{where}: traces must be one of {', '.join(SCOPES)}")
     enabled = t.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}: enabled must be true or false")
@@ -276,7 +280,7 @@ def _telemetry(doc: dict[str, Any], path: Path) -> TelemetrySettings | None:
         batch_samples=int(num("batch_samples", 2000, 1, 100_000)), targets=tuple(targets),
         probe_count=int(num("probe_count", 5, 1, 100)),
         probe_timeout=num("probe_timeout", 2.0, 0.05, 60.0), listen=listen,
-        rules=parse_rules(t.get("policy"), where))
+        rules=parse_rules(t.get("policy"), where), traces=traces)
 
 
 def _num(x: float) -> str:

@@ -291,12 +291,14 @@ def shipper(cfg: AgentConfig, buf: TelemetryBuffer, **kw: Any) -> Shipper:
     token = read_token(t)
     metrics = RemoteWrite(t.remote_write_url, token=token) if t.remote_write_url else None
     traces = None
-    if t.otlp_url:
+    if t.otlp_url and t.traces != "local":  # local: recorded here, never sent
         from agent.adapters.otlp import OtlpTraces
 
         traces = OtlpTraces(t.otlp_url, token=token)
     resource = {"service.name": "edgeops", "host.name": socket.gethostname(),
                 "edgeops.compatible": cfg.compatible}
+    if t.traces == "regional":
+        resource["edgeops.scope"] = "regional"  # the relay keeps these on site
     return Shipper(buf, metrics, traces, resource, batch_samples=t.batch_samples,
                    bytes_per_second=t.bytes_per_second, **kw)
 
