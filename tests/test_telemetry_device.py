@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.adapters.telemetry_buffer import Point, TelemetryBuffer
 from agent.core.config import load
@@ -159,3 +161,26 @@ def test_the_service_buffers_telemetry_in_its_thread_while_the_link_is_down(devi
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 60), st.lists(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 10_000)),
+                                             max_size=30), max_size=12))
+def test_the_buffer_holds_its_budget_and_accounts_for_every_sample(
+        cap: int, adds: list[list[tuple[int, int]]]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        buf = TelemetryBuffer(Path(d) / "t.db", Budget(cap * SAMPLE_COST, 1000, 100))
+        added, now = 0, 0
+        try:
+            for batch in adds:
+                now += 1000
+                buf.add([Point((("__name__", "x"), ("s", str(s))), now - ts, 1.0) for s, ts in batch],
+                        now)
+                added += len(batch)
+                st_ = buf.status()
+                assert st_.samples <= cap
+                assert st_.samples + sum(st_.dropped.values()) == added
+        finally:
+            buf.close()

@@ -236,7 +236,11 @@ class Collector:
         if t is None:
             return []
         out: list[tuple[Labels, float, str]] = []
+        deadline = time.monotonic() + t.interval / 2  # dead targets must not stretch the interval
         for target in qoe_targets(self.cfg):
+            if time.monotonic() > deadline:
+                log.info("telemetry: QoE probes took half the interval; the rest wait for the next")
+                break
             p = probe(target, count=t.probe_count, timeout=t.probe_timeout)
             lb = ("target", target)
             out.append(((("__name__", "edgeops_qoe_loss_ratio"), lb), p.loss, "gauge"))
@@ -415,7 +419,7 @@ class Telemetry:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=5)  # a send cut short is not acknowledged: sent again later
         if self._server is not None:
             self._server.shutdown()
 
