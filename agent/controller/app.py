@@ -11,7 +11,7 @@ import collections
 
 from aiohttp import web
 
-from agent.controller import api_routes, dashboard, ddi_routes, tasks
+from agent.controller import api_routes, dashboard, ddi_routes, tasks, telemetry_relay
 from agent.controller.connections import ConnectionGuard, file_limit
 from agent.controller.fleet import Fleet
 from agent.controller.http import (
@@ -51,6 +51,7 @@ def build_app(fleet: Fleet, settings: Settings) -> web.Application:
         ddi_routes.add_routes(app)
     api_routes.add_routes(app)
     dashboard.add_routes(app)
+    telemetry_relay.install(app, fleet, settings)  # only with DATA/telemetry-relay.toml
     return app
 
 

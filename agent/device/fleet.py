@@ -34,6 +34,7 @@ from agent.core import ddi, lifecycle
 from agent.core.fleet_config import FleetConfig
 from agent.core.outbox import KIND, MODEL_KIND, Backoff, Report, Sync
 from agent.core.trust import best_known_time
+from agent.device import telemetry
 from agent.device.fleet_files import find_fleet, load_fleet
 from agent.device.identity import FleetIdentity
 from agent.device.push import next_poll
@@ -252,6 +253,7 @@ class FleetAgent:
         return False
 
     def _install(self, aid: str, artifact: ddi.Artifact, attempts: int) -> bool:
+        telemetry.mark(self.up.cfg, "download", action=aid, artifact=artifact.filename)
         stream = self.client.open_artifact(artifact, sleep=self.sleep, cancelled=self._cancel_watch(aid))
         marks = _Quartiles(lambda cnt: self._feedback(
             aid, ddi.Feedback("proceeding", "none", ("downloading",), ddi.Progress(cnt, 4))))

@@ -21,7 +21,8 @@ worker killed mid-install is what a killed ``run`` was. Devices whose loop needs
 libraries anyway (mTLS with the TPM-sealed identity key, renewed between polls; a metrics
 textfile) have ``serve`` call ``run``.
 
-``prometheus_client`` is imported only when ``metrics_file`` is set, and the fleet client
+``prometheus_client`` is imported only when ``metrics_file`` is set, the telemetry thread
+(``agent.device.telemetry``) only with ``[telemetry]``, and the fleet client
 (requests and TLS) only when [fleet] is configured: ``open_fleet`` asks the parsed config
 (agent.device.fleet_files reads no more than a fleet.toml beside agent.toml).
 """
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from agent.device import telemetry  # the standard library only until [telemetry] is on
 from agent.device.worker import Wake
 from agent.errors import DeviceBusy, DeviceError, EdgeopsError
 
@@ -174,6 +176,7 @@ def run(up: Updater, *, once: bool = False, watchdog: WatchdogFactory | None = N
         stop = Stop().on_sigterm()
     link = fleet(up)
     pidfile = up.register_process()
+    tel = None if once else telemetry.start(up.cfg)
     try:
         if up.cfg.metrics_file is not None:
             from agent.device import metrics
@@ -190,6 +193,8 @@ def run(up: Updater, *, once: bool = False, watchdog: WatchdogFactory | None = N
         return _loop(up.journal, wake, link.waker if link is not None else None, dog,
                      once=once, stop=stop)
     finally:
+        if tel is not None:
+            tel.stop()
         if pidfile is not None:
             pidfile.unlink(missing_ok=True)
 
@@ -222,11 +227,14 @@ def serve(cfg: AgentConfig, *, watchdog: DeadlineWatchdog | None = None, stop: S
     idle = IdleAgent(cfg, fleet, poll, worker or WorkerProcess(
         cfg.path, verbose=log.isEnabledFor(logging.DEBUG)))
     pidfile = _register(cfg)
+    tel = telemetry.start(cfg)
     try:
         # The bundle of a running trial may allow more time; each worker says so as it starts.
         dog = None if watchdog is None else watchdog(cfg.health_policy.deadline)
         return _loop(_JournalAtExit(cfg.journal_path), idle, waker, dog, once=False, stop=stop)
     finally:
+        if tel is not None:
+            tel.stop()
         if pidfile is not None:
             pidfile.unlink(missing_ok=True)
         if poll is not None:

@@ -35,6 +35,7 @@ from agent.adapters.journal import Journal
 from agent.adapters.runtime import RegistersProcess
 from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
+from agent.device import telemetry
 from agent.device.parts import Device
 from agent.device.parts import open_device as open_device  # where callers have found it
 from agent.errors import ConfigError, DeviceBusy, DeviceError, EdgeopsError, JournalLost, StateError
@@ -142,6 +143,7 @@ class Updater:
         if t.state != before or t.records:
             # An idle cycle changes nothing and writes nothing: SD cards wear out.
             self.journal.apply(t, now=self.clock())
+            telemetry.transition(self.cfg, before.phase, t.state.phase, version=t.state.version)
         for record in t.records:
             if isinstance(record, lifecycle.RaiseFloor) and (root := self.root()) is not None:
                 root.raise_floor(record.security_version)  # journal first; _sync_boot catches up
@@ -182,6 +184,7 @@ class Updater:
         if isinstance(progress, PhasedProgress):
             progress.phase("verify")
         with self.locked():
+            telemetry.mark(self.cfg, "verify")  # the update's trace (device.telemetry)
             lost = self._lost()
             if lost is None:
                 self._sync_boot()
