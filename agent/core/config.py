@@ -9,12 +9,14 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.core.fleet_config import FleetConfig, parse_fleet
 from agent.core.health import HealthPolicy, parse_policy
-from agent.core.telemetry_policy import SCOPES, SeriesRule, parse_rules
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:  # parsed only where [telemetry] exists: status and the idle agent skip it
+    from agent.core.telemetry_policy import SeriesRule
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
@@ -231,6 +233,8 @@ def _telemetry(doc: dict[str, Any], path: Path) -> TelemetrySettings | None:
     if t is None:
         return None
     where = f"{path} [telemetry]"
+    from agent.core.telemetry_policy import SCOPES, parse_rules
+
     if not isinstance(t, dict):
         raise ConfigError(f"{where} must be a table")
     unknown = set(t) - _TELEMETRY_KEYS
