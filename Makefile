@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # Debian packages the tests use as interop oracles or real parts.
 APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
             swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus
-EXTRAS  ?= test,host,controller,postgres,tpm
+EXTRAS  ?= test,host,controller,postgres,tpm,udev
 # make image / make e2e (image/README.md): the board, where images go, the cache outside the clone
 BOARD   ?= x86-64-grub
 IMAGE_OUT ?= build/image/$(BOARD)

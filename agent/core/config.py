@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.console_policy import ConsoleSettings, parse_console
 from agent.core.fleet_config import FleetConfig, parse_fleet
 from agent.core.health import HealthPolicy, parse_policy
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
-             "fleet"}
+             "fleet", "console"}
 # [models] is kept raw for agent.device.models; [fleet] is parsed here (agent.core.fleet_config), its
 # token_file and a fleet.toml beside the file are read by agent.device.fleet_files
 
@@ -61,6 +62,7 @@ class AgentConfig:
     # the journal's witness (agent.core.witness); on another partition it survives the loss
     # of the whole state directory. Default: STATE/witness.json
     witness: Path | None = None
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)  # [console] (agent.core.console_policy)
     # [health] parsed once, here: a bad table fails at load, and no health run parses it again
     health_policy: HealthPolicy = field(init=False, repr=False, compare=False)
 
@@ -155,6 +157,7 @@ def parse(text: str, path: Path) -> AgentConfig:
             fleet=_fleet(doc, path),
             models=models,
             witness=rel(dev["witness"], "device.witness") if "witness" in dev else None,
+            console=parse_console(doc.get("console"), str(path)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,527 @@
+"""The technician console: a login, a command loop on a serial port or terminal, and its audit trail.
+
+Runs as its own process (``edgeops console``, started on the board's serial port by
+``image/systemd/edgeops-console@.service``) beside the agent, never inside it: it reads the
+journal (SQLite WAL readers do not block the agent) and takes the device lock only inside
+the updater's state-changing calls, which refuse at once when the agent holds it, except
+mark-good/mark-bad, handed to the running health loop as ``edgeops mark-good`` does.
+
+The terminal: plain lines on a dumb terminal or anything that is not a tty (no colour, no
+cursor movement, progress as lines); readline editing, history and tab completion, and
+colour only for a tty whose TERM allows it. A hangup (SIGHUP) or end of input ends the
+session: between commands at once, during a state-changing command after it finished, so
+a cable pulled mid-install neither interrupts the write nor leaves a session logged in.
+
+Access (``agent.core.console_auth``, ``console_challenge``, ``console_commands``): a PIN
+(scrypt record, 0600) and/or a signed challenge; failed attempts back off, the lockout is
+persisted in ``STATE/console/lockout.json``. Every login, failure and state change is an
+``AuditEvent`` in the journal's history and its outbox (``agent.core.console_audit``).
+Long because (about 530 lines) login, the loop, the confirmations and the audit share one
+session's state; the read-only views live in ``console_views``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import termios
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+from agent.adapters.fsutil import SECRET, atomic_write
+from agent.core import console_audit, console_auth, console_commands
+from agent.core.config import AgentConfig
+from agent.device import console_views as views
+from agent.device import usb_updates
+from agent.device.updater import Device, Updater, open_device
+from agent.errors import DeviceBusy, EdgeopsError, StateError, UsageError
+
+MAX_INPUT = 8192  # characters read for one line (a pasted answer fits)
+PROGRESS_STEP = 0.1
+
+
+class Hangup(Exception):
+    """The terminal went away (SIGHUP) or input ended."""
+
+
+def pin_path(cfg: AgentConfig) -> Path:
+    return cfg.state_dir / cfg.console.pin_file
+
+
+def set_pin(cfg: AgentConfig, pin: str) -> Path:
+    """Store ``pin`` as a scrypt record, 0600 (``edgeops console set-pin``, provisioning)."""
+    rec = console_auth.hash_pin(pin, os.urandom(console_auth.SALT_BYTES))
+    path = pin_path(cfg)
+    atomic_write(path, rec.to_json(), mode=SECRET, dir_mode=0o700)
+    return path
+
+
+def device_id(cfg: AgentConfig) -> str:
+    """The name a challenge carries: the fleet's controller id, else the host name."""
+    raw = cfg.fleet.controller_id if cfg.fleet is not None else socket.gethostname()
+    clean = "".join(ch for ch in raw if ch.isalnum() or ch in "._:-")[:64]
+    return clean or "edgeops-device"
+
+
+class Terminal:
+    """Input and output of one session; plain unless the terminal allows more."""
+
+    def __init__(self, inp: IO[str], out: IO[str]) -> None:
+        self.inp, self.out = inp, out
+        term = os.environ.get("TERM", "")
+        self.tty = inp.isatty() and out.isatty()
+        self.plain = not self.tty or term in ("", "dumb", "unknown") or "NO_COLOR" in os.environ
+        self.readline: Any = None
+        if not self.plain and inp is sys.stdin and out is sys.stdout:
+            try:
+                import readline
+
+                readline.set_completer(self._complete)
+                readline.set_completer_delims(" ")
+                readline.parse_and_bind("tab: complete")
+                self.readline = readline
+            except ImportError:  # a Python built without readline: plain lines still work
+                pass
+
+    def _complete(self, text: str, state: int) -> str | None:
+        hits = console_commands.completions(text)
+        return hits[state] + " " if state < len(hits) else None
+
+    def write(self, text: str = "") -> None:
+        try:
+            self.out.write(text + "\n")
+            self.out.flush()
+        except OSError:  # the line dropped (EIO after a hangup): the session ends at the next read
+            pass
+
+    def emph(self, text: str, colour: str = "1") -> str:
+        return text if self.plain else f"\033[{colour}m{text}\033[0m"
+
+    def read(self, prompt: str, *, secret: bool = False) -> str:
+        if self.readline is not None and not secret:
+            try:
+                line = input(prompt)
+            except EOFError:
+                raise Hangup("end of input") from None
+            return line[:MAX_INPUT]
+        try:
+            self.out.write(prompt)
+            self.out.flush()
+        except OSError:
+            raise Hangup("terminal gone") from None
+        with self._no_echo(secret):
+            try:
+                line = self.inp.readline(MAX_INPUT)
+            except OSError:
+                raise Hangup("terminal gone") from None
+        if secret:
+            self.write()
+        if not line:
+            raise Hangup("end of input")
+        return line.rstrip("\r\n")
+
+    @contextmanager
+    def _no_echo(self, secret: bool) -> Iterator[None]:
+        if not (secret and self.inp.isatty()):
+            yield
+            return
+        fd = self.inp.fileno()
+        old = termios.tcgetattr(fd)
+        new = list(old)
+        new[3] &= ~termios.ECHO
+        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
+        try:
+            yield
+        finally:
+            with suppress(termios.error):
+                termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+
+
+class Session:
+    def __init__(self, cfg: AgentConfig, term: Terminal, *, tty_name: str = "",
+                 clock: Callable[[], float] = time.time,
+                 opener: usb_updates.Opener | None = None) -> None:
+        self.cfg, self.term, self.clock = cfg, term, clock
+        self.tty_name = tty_name
+        self.who: str | None = None
+        self.method = "-"
+        self.last_input = clock()
+        self.busy = False
+        self.hung_up = False
+        self.opener = opener or usb_updates.default_opener(cfg.state_dir)
+        self.id = device_id(cfg)
+        self._dev: Device | None = None
+
+    # --- the device, opened per session, an Updater per command ---------------------------------
+    @contextmanager
+    def updater(self) -> Iterator[Updater]:
+        if self._dev is None:
+            self._dev = open_device(self.cfg)
+        yield Updater(self._dev)
+
+    def close(self) -> None:
+        if self._dev is not None:
+            self._dev.close()
+
+    # --- audit ------------------------------------------------------------------------------
+    def audit(self, event: str, command: str = "", outcome: str = "") -> None:
+        ev = console_audit.AuditEvent(self.clock(), event, self.who or "-", self.method, command,
+                                      outcome, self.tty_name)
+        try:
+            with self.updater() as up:
+                up.journal.record([ev.history()], now=ev.ts)
+                up.journal.enqueue(console_audit.KIND, ev.outbox_body(), now=ev.ts)
+        except EdgeopsError as exc:  # a full disk must not hide what happened on the screen
+            self.term.write(f"(audit not recorded: {exc.one_line()})")
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> int:
+        old = signal.signal(signal.SIGHUP, self._on_hangup)
+        try:
+            self.term.write(f"edgeops console on {self.id} ({self.cfg.board}); 'help' lists commands")
+            if not self.cfg.console.open_read_only:
+                self.term.write("log in first: 'login' (PIN) or 'login key' (signed challenge)")
+            self._offer_note()
+            while not self.hung_up:
+                try:
+                    line = self.term.read(self._prompt())
+                except Hangup:
+                    break
+                if not self.one(line):
+                    break
+        finally:
+            signal.signal(signal.SIGHUP, old)
+            if self.who is not None:
+                self.audit("logout", outcome="hangup" if self.hung_up else "session ended")
+            self.close()
+        return 0
+
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        self.hung_up = True
+        if not self.busy:
+            raise Hangup("hangup")
+
+    def _prompt(self) -> str:
+        return f"{self.id}{'#' if self.who else '>'} "
+
+    def one(self, line: str) -> bool:
+        """Run one line; False ends the session."""
+        now = self.clock()
+        if self.who is not None and now - self.last_input > self.cfg.console.idle_logout:
+            self.audit("logout", outcome="idle")
+            self.who, self.method = None, "-"
+            self.term.write("(logged out after being idle)")
+        self.last_input = now
+        try:
+            parsed = console_commands.parse_line(line)
+            if parsed is None:
+                return True
+            cmd = parsed.command
+            if cmd.name == "exit":
+                return False
+            if not console_commands.allowed(cmd, logged_in=self.who is not None,
+                                            open_read_only=self.cfg.console.open_read_only):
+                self.term.write(f"'{cmd.name}' needs a login: type 'login' or 'login key'")
+                if cmd.changes_state:
+                    self.audit("command", line, "refused: not logged in")
+                return True
+            handler = getattr(self, "do_" + cmd.name.replace("-", "_"))
+            if cmd.changes_state:
+                self.busy = True
+                try:
+                    outcome = handler(*parsed.args)
+                except EdgeopsError as exc:
+                    self.audit("command", line, f"failed: {exc.one_line()}")
+                    raise
+                finally:
+                    self.busy = False
+                if outcome:
+                    self.audit("command", line, outcome)
+            else:
+                handler(*parsed.args)
+        except Hangup:
+            return False
+        except EdgeopsError as exc:
+            self.term.write(f"error: {exc.one_line()}")
+        return not self.hung_up
+
+    # --- access ------------------------------------------------------------------------------
+    @property
+    def _lockout_path(self) -> Path:
+        return self.cfg.state_dir / "console" / "lockout.json"
+
+    def _lockout(self) -> console_auth.Lockout:
+        import json
+
+        try:
+            raw = json.loads(self._lockout_path.read_text())
+        except FileNotFoundError:
+            return console_auth.Lockout()
+        except (OSError, ValueError):
+            raw = "damaged"
+        return console_auth.Lockout.from_dict(raw)
+
+    def _save_lockout(self, state: console_auth.Lockout) -> None:
+        import json
+
+        atomic_write(self._lockout_path, json.dumps(state.to_dict()), mode=SECRET, dir_mode=0o700)
+
+    def do_login(self, how: str = "") -> None:
+        if self.who is not None:
+            self.term.write(f"already logged in as {self.who}")
+            return
+        state, wait = console_auth.wait_left(self._lockout(), self.clock())
+        if wait > 0:
+            self._save_lockout(state)
+            self.term.write(f"locked after {state.failures} failed logins: try again in {wait:.0f} s")
+            self.audit("login-failed", outcome=f"locked out, {wait:.0f} s left")
+            return
+        has_pin = pin_path(self.cfg).exists()
+        how = how or ("pin" if has_pin else "key")
+        if how not in ("pin", "key"):
+            raise UsageError(f"login takes 'pin' or 'key', not {how[:20]!r}", hint="usage: login [pin|key]")
+        ok, who, why = self._login_pin() if how == "pin" else self._login_key()
+        if ok:
+            self._save_lockout(console_auth.after_success(state))
+            self.who, self.method = who, how
+            self.audit("login", outcome="ok")
+            self.term.write(self.term.emph(f"logged in ({who})"))
+            return
+        state = console_auth.after_failure(state, self.clock())
+        self._save_lockout(state)
+        self.method = how
+        self.audit("login-failed", outcome=why)
+        self.method = "-"
+        _, wait = console_auth.wait_left(state, self.clock())
+        self.term.write(f"login failed: {why}")
+        if wait > 0:
+            self.audit("locked-out", outcome=f"{state.failures} failures, {wait:.0f} s")
+            self.term.write(f"{state.failures} failed logins: locked for {wait:.0f} s")
+
+    def _login_pin(self) -> tuple[bool, str, str]:
+        try:
+            rec = console_auth.PinRecord.from_json(pin_path(self.cfg).read_text(), str(pin_path(self.cfg)))
+        except FileNotFoundError:
+            return False, "", "no technician PIN is set on this device (try 'login key')"
+        pin = self.term.read("PIN: ", secret=True).strip()
+        if console_auth.pin_matches(rec, pin):
+            return True, "pin", ""
+        return False, "", "wrong PIN"
+
+    def _login_key(self) -> tuple[bool, str, str]:
+        from agent.adapters.truststore import TrustStore
+        from agent.core import console_challenge as cc
+        from agent.core import trust
+
+        challenge = cc.Challenge.make(self.id, os.urandom(16), self.clock())
+        self.term.write("sign this line with 'edgeops console answer' and paste the answer:")
+        self.term.write(challenge.text())
+        answer = self.term.read("answer: ")
+        try:
+            with self.updater() as up:
+                store = TrustStore(self.cfg, up.journal, up.root())
+                if store.root is not None:
+                    store.root.check_keyring(store.keyring_pem())
+                tech = cc.verify_answer(challenge, answer, keyring=store.keyring(),
+                                        crls=store.stored_crls(), now=self.clock(),
+                                        best_known_time=trust.best_known_time(self.clock(),
+                                                                              up.journal.trusted_time))
+        except EdgeopsError as exc:
+            return False, "", exc.one_line()
+        return True, tech.name, ""
+
+    def do_logout(self) -> None:
+        if self.who is not None:
+            self.audit("logout", outcome="ok")
+        self.who, self.method = None, "-"
+        self.term.write("logged out")
+
+    # --- read-only commands -------------------------------------------------------------------
+    def do_help(self, name: str | None = None) -> None:
+        self.term.write(console_commands.help_text(name))
+
+    def _lines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.term.write(line)
+
+    def do_status(self) -> None:
+        with self.updater() as up:
+            self._lines(views.status_lines(up))
+
+    def do_slots(self) -> None:
+        with self.updater() as up:
+            self._lines(views.slot_lines(up))
+
+    def do_history(self, n: str = "20") -> None:
+        with self.updater() as up:
+            self._lines(views.history_lines(up, _count(n), audit=False))
+
+    def do_logs(self, n: str = "20") -> None:
+        with self.updater() as up:
+            self._lines(views.log_lines(up, _count(n)))
+
+    def do_health(self) -> None:
+        with self.updater() as up:
+            lines, ok = views.health_lines(up)
+        self._lines(lines)
+        self.term.write(self.term.emph("healthy" if ok else "NOT healthy", "32" if ok else "31"))
+
+    def do_network(self) -> None:
+        with self.updater() as up:
+            self._lines(views.network_lines(up))
+
+    def do_tpm(self) -> None:
+        with self.updater() as up:
+            self._lines(views.tpm_lines(up))
+
+    def do_diag(self, where: str = "usb") -> None:
+        with self.updater() as up:
+            name, data = views.diag_bundle(up, self.id)
+        if where == "usb":
+            offer = self._offer()
+            raise StateError("diag to the stick needs the stick mounted writable, which this device "
+                             "never does" if offer else "no USB stick is offered",
+                             hint="give a directory: 'diag /tmp', then copy the file")
+        target = Path(where)
+        if not target.is_dir():
+            raise UsageError(f"{where[:60]} is not a directory", hint="usage: diag DIR")
+        atomic_write(target / name, data)
+        self.term.write(f"wrote {target / name} ({len(data)} bytes; status, history, logs, "
+                        f"board check; no keys, tokens or PIN)")
+        self.audit("command", f"diag {where}", "ok")
+
+    # --- state changes (each returns the audit outcome) ---------------------------------------
+    def _confirm(self, question: str) -> bool:
+        answer = self.term.read(f"{question} type 'yes' to go on: ").strip().lower()
+        if answer != "yes":
+            self.term.write("cancelled: nothing changed")
+        return answer == "yes"
+
+    def do_install(self, source: str = "usb") -> str:
+        if source == "usb":
+            offer = self._offer()
+            if offer is None:
+                raise StateError("no USB stick with bundles is offered",
+                                 hint="insert the stick and wait a few seconds, or 'install FILE'")
+            return self._install_usb(offer)
+        with self.updater() as up:
+            try:
+                f = open(source, "rb")  # noqa: SIM115 (closed below)
+            except OSError as exc:
+                raise UsageError(f"cannot open {source[:80]}: {exc.strerror}",
+                                 hint="give the bundle's path, or 'install usb'") from None
+            with f:
+                pv = usb_updates.preview(up, f, source)
+            return self._confirmed_install(up, pv, lambda: open(source, "rb"))
+
+    def _install_usb(self, offer: usb_updates.Offer) -> str:
+        with usb_updates.opened(self.opener, offer.devnode, offer.fs_type) as medium, \
+                self.updater() as up:
+            found = usb_updates.find_bundles(medium)
+            if not found:
+                raise StateError(f"{offer.devnode} holds no bundle now", hint="check the stick")
+            pick = found[-1]
+            if len(found) > 1:
+                for i, fnd in enumerate(found, 1):
+                    self.term.write(f"  {i}. {fnd.path}")
+                choice = self.term.read(f"which bundle (1-{len(found)})? ").strip()
+                if not choice.isdigit() or not 1 <= int(choice) <= len(found):
+                    self.term.write("cancelled: nothing changed")
+                    return "cancelled"
+                pick = found[int(choice) - 1]
+            with usb_updates.open_bundle(medium, pick.path) as stream:
+                pv = usb_updates.preview(up, stream, f"{offer.devnode}:{pick.path}")
+            return self._confirmed_install(up, pv, lambda: usb_updates.open_bundle(medium, pick.path))
+
+    def _confirmed_install(self, up: Updater, pv: usb_updates.Preview, reopen: Callable[[], Any]) -> str:
+        self.term.write(self.term.emph("verified: signature, signer and policy are good"))
+        self._lines(pv.lines())
+        if not self._confirm(f"install {pv.version} into slot {pv.target}?"):
+            return "cancelled"
+        progress = _Progress(self.term)
+        try:
+            with reopen() as stream:
+                result = up.install(stream, progress=progress, replace_trial=False)
+        except DeviceBusy as exc:
+            raise DeviceBusy(f"{exc}; the agent is working, try again in a minute") from None
+        except EdgeopsError as exc:
+            self.term.write(self.term.emph(f"install stopped: {exc.one_line()}", "31"))
+            self.term.write(f"nothing committed: slot {pv.booted} is still active and the boot "
+                            f"configuration is unchanged")
+            raise
+        self.term.write(f"installed {result.version} into slot {result.slot} "
+                        f"({result.bytes_written} bytes); 'reboot' to try it once")
+        return f"ok: {result.version} into slot {result.slot}"
+
+    def do_rollback(self) -> str:
+        if not self._confirm("make the other slot primary and boot it next?"):
+            return "cancelled"
+        with self.updater() as up:
+            slot = up.rollback()
+        self.term.write(f"rolled back: slot {slot} is primary again; 'reboot' to boot it")
+        return f"ok: slot {slot} primary"
+
+    def do_mark_good(self) -> str:
+        return self._verdict(good=True)
+
+    def do_mark_bad(self) -> str:
+        return self._verdict(good=False)
+
+    def _verdict(self, *, good: bool) -> str:
+        with self.updater() as up:
+            up.mark_good() if good else up.mark_bad()
+            self._lines(up.messages)
+        return "ok"
+
+    def do_reboot(self) -> str:
+        if not self._confirm("reboot the device now?"):
+            return "cancelled"
+        self.audit("command", "reboot", "ok: rebooting")  # before: the reboot may not return
+        with self.updater() as up:
+            self.term.write("rebooting")
+            up.dev.runtime.reboot("technician console")
+        return ""
+
+    # --- USB offers ------------------------------------------------------------------------
+    def _offer(self) -> usb_updates.Offer | None:
+        if self.cfg.console.usb == "off":
+            return None
+        offer = usb_updates.Offer.load(self.cfg.state_dir / usb_updates.OFFER_FILE)
+        return offer if offer is not None and os.path.exists(offer.devnode) else None
+
+    def _offer_note(self) -> None:
+        offer = self._offer()
+        if offer is not None:
+            self.term.write(f"USB stick {offer.devnode}: {', '.join(offer.bundles)} "
+                            f"('install usb' after login)")
+
+
+class _Progress:
+    """Progress as whole lines every 10 % (a dumb terminal has no carriage-return redraw)."""
+
+    def __init__(self, term: Terminal) -> None:
+        self.term, self.next = term, PROGRESS_STEP
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        while frac >= self.next - 1e-9 and self.next <= 1.0 + 1e-9:
+            self.term.write(f"  {self.next:4.0%} written")
+            self.next += PROGRESS_STEP
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise UsageError(f"{text[:20]!r} is not a count from 1 to 1000", hint="e.g. 'history 50'")
+    return int(text)
+
+
+def run(cfg: AgentConfig, *, inp: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> int:
+    tty = ""
+    with suppress(OSError, ValueError):
+        tty = os.ttyname(inp.fileno()) if inp.isatty() else ""
+    return Session(cfg, Terminal(inp, out), tty_name=tty).run()
