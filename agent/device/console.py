@@ -235,6 +235,9 @@ class Session:
                 self.busy = True
                 try:
                     outcome = handler(*parsed.args)
+                except Hangup:
+                    self.audit("command", line, "cancelled: the terminal hung up")
+                    raise
                 except EdgeopsError as exc:
                     self.audit("command", line, f"failed: {exc.one_line()}")
                     raise
