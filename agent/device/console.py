@@ -9,7 +9,8 @@ mark-good/mark-bad, handed to the running health loop as ``edgeops mark-good`` d
 The terminal: plain lines on a dumb terminal or anything that is not a tty (no colour, no
 cursor movement, progress as lines); readline editing, history and tab completion, and
 colour only for a tty whose TERM allows it. A hangup (SIGHUP) or end of input ends the
-session: between commands at once, during a state-changing command after it finished, so
+session: at once while it waits for input (a confirmation included), and during a
+state-changing command's work only after it finished, so
 a cable pulled mid-install neither interrupts the write nor leaves a session logged in.
 
 Access (``agent.core.console_auth``, ``console_challenge``, ``console_commands``): a PIN
@@ -77,6 +78,7 @@ class Terminal:
         self.tty = inp.isatty() and out.isatty()
         self.plain = not self.tty or term in ("", "dumb", "unknown") or "NO_COLOR" in os.environ
         self.readline: Any = None
+        self.reading = False  # blocked waiting for a line: a hangup may end the wait at once
         if not self.plain and inp is sys.stdin and out is sys.stdout:
             try:
                 import readline
@@ -103,6 +105,13 @@ class Terminal:
         return text if self.plain else f"\033[{colour}m{text}\033[0m"
 
     def read(self, prompt: str, *, secret: bool = False) -> str:
+        self.reading = True
+        try:
+            return self._read(prompt, secret)
+        finally:
+            self.reading = False
+
+    def _read(self, prompt: str, secret: bool) -> str:
         if self.readline is not None and not secret:
             try:
                 line = input(prompt)
@@ -203,7 +212,7 @@ class Session:
 
     def _on_hangup(self, signum: int, frame: object) -> None:
         self.hung_up = True
-        if not self.busy:
+        if not self.busy or self.term.reading:  # nothing is being written: stop now
             raise Hangup("hangup")
 
     def _prompt(self) -> str:
