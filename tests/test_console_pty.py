@@ -378,3 +378,38 @@ def test_an_idle_logged_in_console_does_not_hold_up_the_agent(pinned: Path, tran
     assert "phase: idle" in proc.stdout
     child.sendline("exit")
     child.expect(pexpect.EOF)
+
+
+def test_a_usb_stick_install_is_offered_verified_and_confirmed_on_the_console(
+        pinned: Path, make_bundle: BundleFactory, transcript: Path, tmp_path: Path) -> None:
+    from contextlib import nullcontext
+
+    from agent.adapters import usb
+    from agent.device import usb_updates
+    from agent.device.updater import Updater, open_device
+    from tests.usbsticks import ext4_stick
+
+    tree = tmp_path / "tree"
+    (tree / "edgeops").mkdir(parents=True)
+    (tree / "edgeops" / "v2.bundle").write_bytes(make_bundle("2.0").read_bytes())
+    cfg = load(pinned / "agent.toml")
+    with ext4_stick(tree, tmp_path / "stick.ext4") as dev:
+        device = open_device(cfg)
+        watcher = usb_updates.UsbWatcher(lambda: nullcontext(Updater(device)), cfg.state_dir, "offer")
+        watcher.handle(usb.BlockEvent("add", dev, "disk", "ext4", "usb"))  # as udev reports it
+        device.close()
+        child = spawn(pinned, transcript)
+        child.expect(f"USB stick {dev}: edgeops/v2.bundle")
+        login_pin(child)
+        child.expect("logged in")
+        child.sendline("install usb")
+        child.expect("verified: signature, signer and policy are good")
+        child.expect(rf"bundle    {dev}:edgeops/v2\.bundle")
+        child.expect("type 'yes' to go on: ")
+        child.sendline("yes")
+        child.expect(r"installed 2\.0 into slot B")
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+        assert str(cfg.state_dir / "usb" / "mnt") not in Path("/proc/self/mounts").read_text()
+    assert load(pinned / "agent.toml") and json.loads(
+        run_cli("status", "--json", "--config", pinned / "agent.toml").stdout)["trial_pending_slot"] == "B"

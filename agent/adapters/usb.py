@@ -148,6 +148,14 @@ class DirectoryMedium:
         return out
 
     def open(self, path: str) -> BinaryIO:
+        try:  # said plainly first; the O_NOFOLLOW open and fstat below are what holds
+            mode = os.lstat(self.root / path).st_mode
+        except OSError as exc:
+            raise _gone_or(exc, self.where) from None
+        if stat.S_ISLNK(mode):
+            raise MediumError(f"{self.where}: {path} is a link; only regular files are read")
+        if not stat.S_ISREG(mode):
+            raise MediumError(f"{self.where}: {path} is not a regular file")
         try:
             fd = os.open(self.root / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError as exc:
