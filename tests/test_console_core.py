@@ -3,6 +3,7 @@ and answer, audit records, the [console] settings. Tables, and hypothesis for wh
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from pathlib import Path
 
@@ -61,10 +62,8 @@ def test_an_empty_line_is_no_command() -> None:
 
 @given(st.text(max_size=300))
 def test_any_line_parses_or_raises_only_a_usage_error(line: str) -> None:
-    try:
+    with contextlib.suppress(UsageError):
         console_commands.parse_line(line)
-    except UsageError:
-        pass
 
 
 @pytest.mark.parametrize("name, logged_in, open_ro, ok", [
@@ -176,7 +175,7 @@ def test_a_clock_set_back_cannot_lock_for_longer_than_an_hour() -> None:
 
 @pytest.mark.parametrize("raw", ["damaged", {"failures": "x"}, {"nope": 1}, [1, 2]])
 def test_a_damaged_lockout_record_counts_as_locked(raw: object) -> None:
-    state, wait = console_auth.wait_left(console_auth.Lockout.from_dict(raw), NOW)
+    _state, wait = console_auth.wait_left(console_auth.Lockout.from_dict(raw), NOW)
     assert wait == console_auth.MAX_DELAY
 
 

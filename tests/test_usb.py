@@ -76,7 +76,7 @@ def test_links_fifos_and_device_nodes_are_never_opened(ext4: Any, tmp_path: Path
     dev, _ = ext4
     medium = usb.MountedMedium(dev, "ext4", under=tmp_path / "mnt")
     try:
-        with pytest.raises(usb.MediumError, match="link|not a regular file"):
+        with pytest.raises(usb.MediumError, match=r"link|not a regular file"):
             medium.open(name)
     finally:
         medium.close()

@@ -2,6 +2,7 @@
 
     edgeops console                      run the console on this terminal (the serial unit does)
     edgeops console set-pin              store the technician PIN (scrypt, 0600); asks twice
+    edgeops console watch-usb            offer (or install) signed bundles from USB sticks (a unit)
     edgeops console answer CHALLENGE     sign a device's challenge (host: technician key)
     edgeops console issue-technician     certify a technician key with the offline root (host)
 """
@@ -29,6 +30,10 @@ def register(sub: Any) -> None:
     s.add_argument("--pin-stdin", action="store_true",
                    help="read the PIN from one line of stdin (provisioning) instead of asking twice")
     s.set_defaults(func=_set_pin)
+    w = cs.add_parser("watch-usb", help="watch for USB sticks and offer or install their bundles "
+                                        "by the [console] usb policy (needs the udev extra)")
+    add_config_option(w)
+    w.set_defaults(func=_watch_usb)
     a = cs.add_parser("answer", help="sign a console challenge with a technician key (host)")
     a.add_argument("challenge", help="the whole 'edgeops-console-v1 ...' line the device shows")
     a.add_argument("--key", type=Path, required=True, help="technician.key")
@@ -64,6 +69,39 @@ def _set_pin(a: argparse.Namespace) -> int:
             raise UsageError("the two PINs differ", hint="run 'edgeops console set-pin' again")
     path = console.set_pin(cfg, pin)
     print(f"technician PIN stored in {path} (scrypt, mode 0600)")
+    return 0
+
+
+def _watch_usb(a: argparse.Namespace) -> int:
+    from contextlib import contextmanager
+
+    from agent.adapters import usb
+    from agent.core import config as config_mod
+    from agent.device import usb_updates
+    from agent.device.updater import Updater, open_device
+
+    cfg = config_mod.load(config_path(a.config))
+    if cfg.console.usb == "off":
+        print("[console] usb = \"off\": not watching")
+        return 0
+
+    @contextmanager
+    def updater() -> Any:
+        dev = open_device(cfg)
+        try:
+            yield Updater(dev)
+        finally:
+            dev.close()
+
+    watcher = usb_updates.UsbWatcher(updater, cfg.state_dir, cfg.console.usb)
+    monitor = usb.UdevMonitor()
+    for event in monitor.present():  # a stick inserted before the start
+        watcher.handle(event)
+    for event in monitor:
+        watcher.handle(event)
+        for line in watcher.messages:
+            print(line, flush=True)
+        watcher.messages.clear()
     return 0
 
 
