@@ -248,3 +248,76 @@ def test_the_console_says_what_happened_when_the_stick_is_pulled(
         [*__import__("tests.conftest", fromlist=["EDGEOPS"]).EDGEOPS, "status", "--json", "--config",
          str(device_dir / "agent.toml")], capture_output=True, text=True).stdout)
     assert st["primary_slot"] == "A" and st["trial_pending_slot"] is None
+
+
+class _LyingStick:
+    """A stick that answers the second read of a file with another (validly signed) bundle."""
+
+    def __init__(self, first: Path, second: Path) -> None:
+        self.files, self.where = [first, second], "lying-stick"
+
+    def entries(self, folder: str = "") -> list[usb.Entry]:
+        return [usb.Entry("v.eob", "file", 1)] if folder == "" else []
+
+    def open(self, path: str) -> BinaryIO:
+        return open(self.files.pop(0) if len(self.files) > 1 else self.files[0], "rb")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stick_that_changes_the_bundle_after_the_confirmation_is_refused_before_anything_changes(
+        device: Device, make_bundle: BundleFactory) -> None:
+    from agent.errors import BundleError
+
+    stick = _LyingStick(make_bundle("2.0"), make_bundle("6.6"))
+    up = Updater(device)
+    with stick.open("v.eob") as s:
+        pv = usb_updates.preview(up, s, "v.eob")
+    generation = device.journal.generation
+    with stick.open("v.eob") as s, pytest.raises(BundleError, match="changed after it was confirmed"):
+        usb_updates.install(up, s, confirmed=pv)
+    assert device.journal.generation == generation  # not even a refusal's transition
+    assert device.journal.slots()["B"].state == "empty"
+
+
+def _offer(cfg: Any, node: str, fs: str, bundles: tuple[str, ...] = ()) -> None:
+    (cfg.state_dir / "usb").mkdir(parents=True, exist_ok=True)
+    (cfg.state_dir / usb_updates.OFFER_FILE).write_text(
+        usb_updates.Offer(node, fs, bundles, 0.0).to_json())
+
+
+def _session(cfg: Any, lines: str) -> str:
+    out = io.StringIO()
+    console.Session(cfg, console.Terminal(io.StringIO(lines), out)).run()
+    return out.getvalue()
+
+
+def test_diag_writes_its_bundle_to_a_fat_stick_without_mounting_it(device_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    img = fat_image({"notes.txt": b"hi"}, tmp_path / "s.fat")
+    cfg = load(device_dir / "agent.toml")
+    console.set_pin(cfg, "246813")
+    _offer(cfg, str(img), "vfat")
+    text = _session(cfg, "login\n246813\ndiag usb\nexit\n")
+    assert f"to {img}" in text
+    names = [e.name for e in usb.MtoolsMedium(str(img)).entries("")]
+    assert any(n.startswith("edgeops-diag-") and n.endswith(".tar.gz") for n in names), names
+
+
+def test_diag_writes_to_an_ext4_stick_and_unmounts_it(device_dir: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    cfg = load(device_dir / "agent.toml")
+    console.set_pin(cfg, "246813")
+    with ext4_stick(tree, tmp_path / "s.ext4") as dev:
+        _offer(cfg, dev, "ext4")
+        text = _session(cfg, "login\n246813\ndiag usb\nexit\n")
+        assert f"to {dev}" in text
+        assert dev not in Path("/proc/self/mounts").read_text()
+        medium = usb.MountedMedium(dev, "ext4", under=tmp_path / "m")
+        try:
+            names = [e.name for e in medium.entries("")]
+        finally:
+            medium.close()
+    assert any(n.startswith("edgeops-diag-") for n in names), names

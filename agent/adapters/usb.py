@@ -303,6 +303,49 @@ def _gone_or(exc: OSError, where: str, done: int | None = None) -> DeviceError |
     return MediumError(f"{where}: {exc.strerror}")
 
 
+def write_file(devnode: str, fs_type: str | None, name: str, data: bytes, *,
+               mount_under: Path | None = None) -> None:
+    """Put one new file (``name``, no folders) at the stick's top level: the one write this
+    device makes to a stick (the console's diagnostics). FAT goes through mtools (no mount);
+    anything else is mounted ``rw,nosuid,nodev,noexec`` just for the write, then synced and
+    unmounted. An existing name is never overwritten or followed."""
+    if "/" in name or name.startswith(".") or not name:
+        raise MediumError(f"{name!r} is not a plain file name")
+    if mount_under is not None:
+        mount_under.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if fs_type in ("vfat", "msdos", "fat"):
+        env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+        with tempfile.NamedTemporaryFile(dir=mount_under) as tmp:
+            tmp.write(data)
+            tmp.flush()
+            proc = subprocess.run(["mcopy", "-D", "s", "-i", devnode, tmp.name, f"::/{name}"],
+                                  capture_output=True, timeout=MTOOLS_TIMEOUT, env=env, check=False)
+        if proc.returncode != 0:
+            raise MediumError(f"cannot write {name} to {devnode}: "
+                              f"{proc.stderr.decode(errors='replace').strip()[:120]}")
+        return
+    mnt = Path(tempfile.mkdtemp(prefix="usb-rw-", dir=mount_under))
+    argv = ["mount", "-o", "rw,nosuid,nodev,noexec", *(["-t", fs_type] if fs_type else []),
+            devnode, str(mnt)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=MTOOLS_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        mnt.rmdir()
+        raise MediumError(f"cannot mount {devnode} to write: "
+                          f"{(proc.stderr.strip().splitlines() or ['mount failed'])[-1]}")
+    try:
+        fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise _gone_or(exc, devnode) from None
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=MTOOLS_TIMEOUT, check=False)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
 def open_medium(devnode: str, fs_type: str | None, *, mount_under: Path | None = None,
                 prefer_mount: bool = True) -> Medium:
     """The stick's filesystem: mounted read-only where the kernel can, FAT through mtools

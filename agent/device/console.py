@@ -396,9 +396,13 @@ class Session:
             name, data = views.diag_bundle(up, self.id)
         if where == "usb":
             offer = self._offer()
-            raise StateError("diag to the stick needs the stick mounted writable, which this device "
-                             "never does" if offer else "no USB stick is offered",
-                             hint="give a directory: 'diag /tmp', then copy the file")
+            if offer is None:
+                raise StateError("no USB stick is in", hint="insert one, or give a directory: 'diag DIR'")
+            usb_updates.usb_write(self.cfg.state_dir, offer, name, data)
+            self.term.write(f"wrote {name} to {offer.devnode} ({len(data)} bytes; status, history, "
+                            f"logs, board check; no keys, tokens or PIN)")
+            self.audit("command", "diag usb", "ok")
+            return
         target = Path(where)
         if not target.is_dir():
             raise UsageError(f"{where[:60]} is not a directory", hint="usage: diag DIR")
@@ -417,7 +421,7 @@ class Session:
     def do_install(self, source: str = "usb") -> str:
         if source == "usb":
             offer = self._offer()
-            if offer is None:
+            if offer is None or not offer.bundles:
                 raise StateError("no USB stick with bundles is offered",
                                  hint="insert the stick and wait a few seconds, or 'install FILE'")
             return self._install_usb(offer)
@@ -458,7 +462,7 @@ class Session:
         progress = _Progress(self.term)
         try:
             with reopen() as stream:
-                result = up.install(stream, progress=progress, replace_trial=False)
+                result = usb_updates.install(up, stream, progress=progress, confirmed=pv)
         except DeviceBusy as exc:
             raise DeviceBusy(f"{exc}; the agent is working, try again in a minute") from None
         except EdgeopsError as exc:
@@ -508,9 +512,11 @@ class Session:
 
     def _offer_note(self) -> None:
         offer = self._offer()
-        if offer is not None:
+        if offer is not None and offer.bundles:
             self.term.write(f"USB stick {offer.devnode}: {', '.join(offer.bundles)} "
                             f"('install usb' after login)")
+        elif offer is not None:
+            self.term.write(f"USB stick {offer.devnode}: no bundles ('diag usb' writes there)")
 
 
 class _Progress:

@@ -11,12 +11,14 @@ does (``TrustStore.verify`` and ``plan_install``) and changes nothing; ``install
 stream: nothing is committed, the active slot and the boot configuration stay as they were.
 
 Board policy (``[console] usb``): ``offer`` records what a new stick holds in
-``STATE/usb/offer.json`` for the console to show (``install usb``), ``install`` installs
+``STATE/usb/offer.json`` for the console to show (``install usb``, and ``diag usb`` writes
+there even when it holds no bundle), ``install`` installs
 the newest verified bundle at once (the console is not needed), ``off`` ignores sticks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -25,12 +27,12 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.adapters import usb
 from agent.adapters.fsutil import atomic_write
 from agent.core import console_audit
-from agent.errors import EdgeopsError, StateError
+from agent.errors import BundleError, EdgeopsError, StateError
 
 if TYPE_CHECKING:
     from agent.device.updater import InstallResult, Progress, Updater
@@ -75,6 +77,8 @@ class Preview:
     target: str
     replaces: str  # what the target slot holds now
     booted: str
+    head_len: int = 0  # the signed head's bytes, and their hash: what the confirmation saw
+    head_sha256: str = ""
 
     def lines(self) -> list[str]:
         return [f"bundle    {self.path}",
@@ -91,7 +95,10 @@ def preview(up: Updater, stream: BinaryIO, path: str) -> Preview:
     from agent.adapters.truststore import TrustStore
     from agent.core.plan import pending_trial, plan_install
 
-    head = BundleReader(stream).read_head()
+    seen_bytes = _Recorder(stream)
+    head = BundleReader(cast(BinaryIO, seen_bytes)).read_head()
+    head_len = head.size
+    head_sha = hashlib.sha256(bytes(seen_bytes.data[:head_len])).hexdigest()
     seen = up.guard.witnessed
     verdict = TrustStore(up.cfg, up.journal, up.root()).verify(
         head, up.clock(), floor_at_least=seen.security_floor if seen else 0,
@@ -104,12 +111,53 @@ def preview(up: Updater, stream: BinaryIO, path: str) -> Preview:
     held = up.journal.slots().get(plan.target)
     replaces = f"{held.version or '-'} {held.state}" if held else "empty"
     return Preview(path, m.version, m.security_version, m.compatible, verdict.signer_subject,
-                   sum(p.size for p in m.payloads), plan.target, replaces, booted)
+                   sum(p.size for p in m.payloads), plan.target, replaces, booted, head_len, head_sha)
 
 
-def install(up: Updater, stream: BinaryIO, *, progress: Progress | None = None) -> InstallResult:
-    """``Updater.install`` from the stick (an armed trial is not replaced from a stick)."""
+def install(up: Updater, stream: BinaryIO, *, progress: Progress | None = None,
+            confirmed: Preview | None = None) -> InstallResult:
+    """``Updater.install`` from the stick (an armed trial is not replaced from a stick).
+
+    With ``confirmed``, the stream must carry the very head that was verified and shown:
+    a stick (or a file) that answers the second read with another bundle is refused when
+    its head has been read, before the install verifies, plans or records anything."""
+    if confirmed is not None:
+        stream = cast(BinaryIO, SameHead(stream, confirmed))
     return up.install(stream, progress=progress, replace_trial=False)
+
+
+class _Recorder:
+    """Keeps the bytes read through it (only the head is read through it: bounded by the
+    bundle reader's head limits)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.data = raw, bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.raw.read(n)
+        self.data += chunk
+        return chunk
+
+
+class SameHead:
+    """A stream whose first ``head_len`` bytes must hash to the confirmed head's SHA-256."""
+
+    def __init__(self, raw: BinaryIO, pv: Preview) -> None:
+        self.raw, self.pv = raw, pv
+        self.h = hashlib.sha256()
+        self.seen = 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.raw.read(n)
+        if self.seen < self.pv.head_len:
+            take = chunk[: self.pv.head_len - self.seen]
+            self.h.update(take)
+            self.seen += len(take)
+            if self.seen >= self.pv.head_len and self.h.hexdigest() != self.pv.head_sha256:
+                raise BundleError(f"{self.pv.path} changed after it was confirmed",
+                                  hint="the source gave different bytes the second time; "
+                                       "use another stick or copy of the bundle")
+        return chunk
 
 
 # --- a stick, opened --------------------------------------------------------------------------
@@ -188,9 +236,7 @@ class UsbWatcher:
         try:
             with opened(self.opener, ev.devnode, ev.fs_type) as medium:
                 found = find_bundles(medium)
-                if not found:
-                    return
-                if self.policy == "install":
+                if found and self.policy == "install":
                     self._install_newest(medium, ev, found)
                     return
         except EdgeopsError as exc:
@@ -201,13 +247,14 @@ class UsbWatcher:
         atomic_write(self.offer_path, offer.to_json(), dir_mode=0o700)
         self.messages.append(f"{ev.devnode}: {len(found)} bundle(s) offered on the console")
 
+
     def _install_newest(self, medium: usb.Medium, ev: usb.BlockEvent, found: list[Found]) -> None:
         """Policy ``install``: the last bundle (by name) that verifies is installed."""
         with self.up_factory() as up:
             for f in reversed(found):
                 try:
                     with open_bundle(medium, f.path) as stream:
-                        preview(up, stream, f.path)
+                        pv = preview(up, stream, f.path)
                 except StateError:
                     raise
                 except EdgeopsError as exc:
@@ -215,7 +262,7 @@ class UsbWatcher:
                     continue
                 try:
                     with open_bundle(medium, f.path) as stream:
-                        result = install(up, stream)
+                        result = install(up, stream, confirmed=pv)
                     outcome = f"installed {result.version} into slot {result.slot}"
                 except EdgeopsError as exc:
                     outcome = f"failed: {exc.one_line()}"
@@ -225,3 +272,8 @@ class UsbWatcher:
                 up.journal.record([audit.history()], now=self.clock())
                 up.journal.enqueue(console_audit.KIND, audit.outbox_body(), now=self.clock())
                 return
+
+
+def usb_write(state_dir: Path, offer: Offer, name: str, data: bytes) -> None:
+    """The diagnostics bundle onto the offered stick (``agent.adapters.usb.write_file``)."""
+    usb.write_file(offer.devnode, offer.fs_type, name, data, mount_under=state_dir / "usb" / "mnt")
