@@ -318,11 +318,11 @@ def write_file(devnode: str, fs_type: str | None, name: str, data: bytes, *,
         with tempfile.NamedTemporaryFile(dir=mount_under) as tmp:
             tmp.write(data)
             tmp.flush()
-            proc = subprocess.run(["mcopy", "-D", "s", "-i", devnode, tmp.name, f"::/{name}"],
-                                  capture_output=True, timeout=MTOOLS_TIMEOUT, env=env, check=False)
-        if proc.returncode != 0:
+            copied = subprocess.run(["mcopy", "-D", "s", "-i", devnode, tmp.name, f"::/{name}"],
+                                    capture_output=True, timeout=MTOOLS_TIMEOUT, env=env, check=False)
+        if copied.returncode != 0:
             raise MediumError(f"cannot write {name} to {devnode}: "
-                              f"{proc.stderr.decode(errors='replace').strip()[:120]}")
+                              f"{copied.stderr.decode(errors='replace').strip()[:120]}")
         return
     mnt = Path(tempfile.mkdtemp(prefix="usb-rw-", dir=mount_under))
     argv = ["mount", "-o", "rw,nosuid,nodev,noexec", *(["-t", fs_type] if fs_type else []),
