@@ -321,3 +321,40 @@ def test_diag_writes_to_an_ext4_stick_and_unmounts_it(device_dir: Path, tmp_path
         finally:
             medium.close()
     assert any(n.startswith("edgeops-diag-") for n in names), names
+
+
+def test_the_monitor_hears_the_kernel_announce_a_new_stick(tmp_path: Path) -> None:
+    """Real uevents over netlink, from the kernel itself (no udevd here, nor started: the
+    machine is shared), for a loop device attached while the monitor listens."""
+    import threading
+
+    pytest.importorskip("pyudev", reason="pip install pyudev (the udev extra)")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "x.eob").write_bytes(b"x")
+    monitor = usb.UdevMonitor(timeout=0.2, source="kernel")
+    seen: list[usb.BlockEvent] = []
+    started = threading.Event()
+
+    def listen() -> None:
+        monitor.monitor.start()
+        started.set()
+        for ev in monitor:
+            seen.append(ev)
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    started.wait(5)
+    try:
+        with ext4_stick(tree, tmp_path / "s.ext4") as dev:
+            import time
+
+            end = time.monotonic() + 10
+            while time.monotonic() < end and not any(e.devnode == dev for e in seen):
+                time.sleep(0.1)
+            mine = [e for e in seen if e.devnode == dev]
+            assert mine, f"no uevent for {dev}; heard {[(e.action, e.devnode) for e in seen]}"
+            assert any(e.fs_type == "ext4" for e in mine)
+    finally:
+        monitor.stopped = True
+        t.join(5)

@@ -68,7 +68,9 @@ class BlockEvents(Protocol):
 class UdevMonitor:
     """Block device events from the kernel through udev (pyudev)."""
 
-    def __init__(self, timeout: float = 1.0) -> None:
+    def __init__(self, timeout: float = 1.0, *, source: str = "udev") -> None:
+        """``source="kernel"`` listens to the kernel's own uevents (no udevd needed; udev's
+        properties such as ID_FS_TYPE are then missing, and blkid fills the filesystem in)."""
         try:
             import pyudev  # type: ignore[import-untyped]
         except ModuleNotFoundError:
@@ -76,7 +78,7 @@ class UdevMonitor:
                               hint="pip install 'edgeops[udev]', or set [console] usb = \"off\"") from None
         self._pyudev = pyudev
         self.context = pyudev.Context()
-        self.monitor = pyudev.Monitor.from_netlink(self.context)
+        self.monitor = pyudev.Monitor.from_netlink(self.context, source=source)
         self.monitor.filter_by("block")
         self.timeout = timeout
         self.stopped = False
@@ -103,8 +105,23 @@ def event_of(dev: Any, action: str) -> BlockEvent | None:
     if not node:
         return None
     props = dev.properties
-    return BlockEvent(action, str(node), str(dev.device_type or "disk"),
-                      props.get("ID_FS_TYPE") or None, props.get("ID_BUS") or None)
+    fs = props.get("ID_FS_TYPE") or None
+    if fs is None and action in ("add", "change"):
+        fs = probe_fs_type(str(node))
+    return BlockEvent(action, str(node), str(dev.device_type or "disk"), fs,
+                      props.get("ID_BUS") or None)
+
+
+def probe_fs_type(devnode: str) -> str | None:
+    """The filesystem type blkid reads from ``devnode`` (what udev would have put in
+    ID_FS_TYPE), or None: no filesystem, no blkid, or the device is gone."""
+    try:
+        proc = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", devnode],
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    value = proc.stdout.strip()
+    return value if proc.returncode == 0 and value.isascii() and value.isalnum() else None
 
 
 # --- reading a stick ----------------------------------------------------------------------------

@@ -231,8 +231,12 @@ class UsbWatcher:
                 self.offer_path.unlink(missing_ok=True)
                 self.messages.append(f"{ev.devnode} removed")
             return
-        if ev.action != "add" or ev.fs_type is None:
+        if ev.action not in ("add", "change") or ev.fs_type is None:
             return  # a whole disk with partitions: its partitions come as events of their own
+        if ev.action == "change":  # media into a card reader, a loop device attached
+            offer = Offer.load(self.offer_path)
+            if offer is not None and offer.devnode == ev.devnode:
+                return  # already seen
         try:
             with opened(self.opener, ev.devnode, ev.fs_type) as medium:
                 found = find_bundles(medium)
