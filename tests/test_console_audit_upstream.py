@@ -35,3 +35,14 @@ def test_console_logins_reach_the_controller_when_the_link_returns(device_dir: P
     j = Journal(cfg.journal_path)
     assert j.pending(kind=console_audit.KIND) == []
     j.close()
+
+
+def test_refused_commands_typed_at_the_port_cannot_flood_the_journal(device_dir: Path) -> None:
+    cfg = load(device_dir / "agent.toml")
+    term = console.Terminal(io.StringIO("reboot\n" * 50 + "exit\n"), io.StringIO())
+    console.Session(cfg, term).run()
+    j = Journal(cfg.journal_path)
+    rows = [r for r in j.history(1000) if r.event == "console-command"]
+    j.close()
+    assert len(rows) == console.MAX_REFUSALS_AUDITED
+    assert rows[-1].detail.count("further refusals this session not recorded") == 1

@@ -39,10 +39,11 @@ from agent.core import console_audit, console_auth, console_commands
 from agent.core.config import AgentConfig
 from agent.device import console_views as views
 from agent.device import usb_updates
-from agent.device.updater import Device, Updater, open_device
+from agent.device.updater import Updater, open_device
 from agent.errors import DeviceBusy, EdgeopsError, StateError, UsageError
 
 MAX_INPUT = 8192  # characters read for one line (a pasted answer fits)
+MAX_REFUSALS_AUDITED = 10
 PROGRESS_STEP = 0.1
 
 
@@ -164,18 +165,21 @@ class Session:
         self.hung_up = False
         self.opener = opener or usb_updates.default_opener(cfg.state_dir)
         self.id = device_id(cfg)
-        self._dev: Device | None = None
+        self.refusals = 0  # refused commands audited this session (bounded: see one())
 
     # --- the device, opened per session, an Updater per command ---------------------------------
     @contextmanager
     def updater(self) -> Iterator[Updater]:
-        if self._dev is None:
-            self._dev = open_device(self.cfg)
-        yield Updater(self._dev)
+        """The device opened for one command and closed after it: an idle console holds no
+        journal handle (a journal replaced by 'edgeops journal recover' is simply used next)."""
+        dev = open_device(self.cfg)
+        try:
+            yield Updater(dev)
+        finally:
+            dev.close()
 
     def close(self) -> None:
-        if self._dev is not None:
-            self._dev.close()
+        pass
 
     # --- audit ------------------------------------------------------------------------------
     def audit(self, event: str, command: str = "", outcome: str = "") -> None:
@@ -237,7 +241,13 @@ class Session:
                                             open_read_only=self.cfg.console.open_read_only):
                 self.term.write(f"'{cmd.name}' needs a login: type 'login' or 'login key'")
                 if cmd.changes_state:
-                    self.audit("command", line, "refused: not logged in")
+                    # bounded, so typing at the port cannot push the install history out
+                    # of the journal (MAX_HISTORY rows); failed logins are bounded by the back-off
+                    self.refusals += 1
+                    if self.refusals <= MAX_REFUSALS_AUDITED:
+                        more = " (further refusals this session not recorded)" \
+                            if self.refusals == MAX_REFUSALS_AUDITED else ""
+                        self.audit("command", line, "refused: not logged in" + more)
                 return True
             handler = getattr(self, "do_" + cmd.name.replace("-", "_"))
             if cmd.changes_state:
@@ -290,8 +300,8 @@ class Session:
         state, wait = console_auth.wait_left(self._lockout(), self.clock())
         if wait > 0:
             self._save_lockout(state)
+            # not audited: no PIN was asked for, and the lockout itself was ("locked-out")
             self.term.write(f"locked after {state.failures} failed logins: try again in {wait:.0f} s")
-            self.audit("login-failed", outcome=f"locked out, {wait:.0f} s left")
             return
         has_pin = pin_path(self.cfg).exists()
         how = how or ("pin" if has_pin else "key")
