@@ -17,7 +17,7 @@ Access (``agent.core.console_auth``, ``console_challenge``, ``console_commands``
 (scrypt record, 0600) and/or a signed challenge; failed attempts back off, the lockout is
 persisted in ``STATE/console/lockout.json``. Every login, failure and state change is an
 ``AuditEvent`` in the journal's history and its outbox (``agent.core.console_audit``).
-Long because (about 530 lines) login, the loop, the confirmations and the audit share one
+Long because (about 550 lines) login, the loop, the confirmations and the audit share one
 session's state; the read-only views live in ``console_views``.
 """
 
