@@ -105,6 +105,23 @@ def test_a_terminal_that_allows_it_gets_tab_completion_and_colour(pinned: Path, 
     child.expect(r"\x1b\[32mhealthy")
     child.sendline("exit")
     child.expect(pexpect.EOF)
+    assert "\x1b[?2004h" not in transcript.read_text()  # no bracketed-paste junk at each prompt
+
+
+def test_a_vt220_as_the_serial_unit_assumes_gets_line_editing_but_no_colour(
+        pinned: Path, transcript: Path) -> None:
+    child = spawn(pinned, transcript, term="vt220")
+    login_pin(child)
+    child.expect("logged in")
+    child.send("sl\t")
+    child.expect("slots ")
+    child.sendline("")
+    child.expect(r"\* A    good")
+    child.sendline("health")
+    child.expect("healthy")
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    assert "\x1b[3" not in transcript.read_text()
 
 
 def test_without_a_login_state_changes_and_reads_are_refused(pinned: Path, transcript: Path) -> None:

@@ -45,6 +45,7 @@ from agent.errors import DeviceBusy, EdgeopsError, StateError, UsageError
 MAX_INPUT = 8192  # characters read for one line (a pasted answer fits)
 MAX_REFUSALS_AUDITED = 10
 PROGRESS_STEP = 0.1
+_COLOUR_TERMS = ("xterm", "ansi", "linux", "screen", "tmux", "rxvt", "color")
 
 
 class Hangup(Exception):
@@ -77,7 +78,10 @@ class Terminal:
         self.inp, self.out = inp, out
         term = os.environ.get("TERM", "")
         self.tty = inp.isatty() and out.isatty()
-        self.plain = not self.tty or term in ("", "dumb", "unknown") or "NO_COLOR" in os.environ
+        self.plain = not self.tty or term in ("", "dumb", "unknown")
+        # colour only where the terminal type has it (a vt220, the serial unit's default, has not)
+        self.colour = (not self.plain and "NO_COLOR" not in os.environ
+                       and any(t in term for t in _COLOUR_TERMS))
         self.readline: Any = None
         self.reading = False  # blocked waiting for a line: a hangup may end the wait at once
         if not self.plain and inp is sys.stdin and out is sys.stdout:
@@ -87,6 +91,9 @@ class Terminal:
                 readline.set_completer(self._complete)
                 readline.set_completer_delims(" ")
                 readline.parse_and_bind("tab: complete")
+                # readline >= 8.1 wraps every prompt in bracketed-paste escapes: a terminal
+                # that does not know them shows them as junk, and a pasted answer needs none
+                readline.parse_and_bind("set enable-bracketed-paste off")
                 self.readline = readline
             except ImportError:  # a Python built without readline: plain lines still work
                 pass
@@ -103,7 +110,7 @@ class Terminal:
             pass
 
     def emph(self, text: str, colour: str = "1") -> str:
-        return text if self.plain else f"\033[{colour}m{text}\033[0m"
+        return f"\033[{colour}m{text}\033[0m" if self.colour else text
 
     def read(self, prompt: str, *, secret: bool = False) -> str:
         self.reading = True
