@@ -334,3 +334,17 @@ def test_the_console_section_parses() -> None:
     s = console_policy.parse_console({"device": "ttyAMA0", "usb": "install", "open_read_only": True},
                                      "agent.toml")
     assert (s.device, s.usb, s.open_read_only) == ("ttyAMA0", "install", True)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.floats(min_value=-1e6, max_value=1e6)), max_size=40))
+def test_the_lockout_never_waits_more_than_an_hour_and_a_success_clears_it(
+        steps: list[tuple[bool, float]]) -> None:
+    s = console_auth.Lockout()
+    now = NOW
+    for ok, dt_ in steps:
+        now += dt_  # clocks jump both ways
+        s, wait = console_auth.wait_left(s, now)
+        assert 0 <= wait <= console_auth.MAX_DELAY
+        s = console_auth.after_success(s) if ok else console_auth.after_failure(s, now)
+        if ok:
+            assert console_auth.wait_left(s, now)[1] == 0

@@ -307,8 +307,10 @@ def test_mark_good_rollback_and_reboot_need_their_state_and_say_why(
     assert all(o.startswith("failed") for _, o in outcomes[:3]) and outcomes[3][1] == "ok: rebooting"
 
 
-def test_mark_good_on_the_console_reaches_the_running_agents_health_loop(
-        pinned: Path, make_bundle: BundleFactory, transcript: Path) -> None:
+@pytest.mark.parametrize("verdict, primary", [("mark-good", r"\* B    good   2\.0"),
+                                              ("mark-bad", r"  B    bad")])
+def test_a_verdict_on_the_console_reaches_the_running_agents_health_loop(
+        pinned: Path, make_bundle: BundleFactory, transcript: Path, verdict: str, primary: str) -> None:
     import subprocess
 
     from tests.test_cli import wait_until_locked
@@ -328,16 +330,38 @@ def test_mark_good_on_the_console_reaches_the_running_agents_health_loop(
         child.expect("logged in")
         child.sendline("status")
         child.expect(r"booted    slot B  \(trial\)")  # reads while the agent holds the lock
-        child.sendline("mark-good")
+        child.sendline(verdict)
         child.expect("handed to the running agent")
         assert agent.wait(20) == 0
         child.sendline("slots")
-        child.expect(r"\* B    good   2\.0")
+        child.expect(primary)
         child.sendline("exit")
         child.expect(pexpect.EOF)
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_rollback_from_the_console_makes_the_old_slot_primary(
+        pinned: Path, make_bundle: BundleFactory, transcript: Path) -> None:
+    cfg = pinned / "agent.toml"
+    run_cli("install", make_bundle("2.0", security_version=0), "--config", cfg, check=True)
+    run_cli("sim", "reboot", "--config", cfg, check=True)
+    run_cli("agent", "--once", "--config", cfg, check=True)  # the trial passes and commits
+    child = spawn(pinned, transcript)
+    login_pin(child)
+    child.expect("logged in")
+    child.sendline("slots")
+    child.expect(r"\* B    good   2\.0")
+    child.sendline("rollback")
+    child.expect("type 'yes' to go on: ")
+    child.sendline("yes")
+    child.expect("rolled back: slot A is primary again")
+    child.sendline("status")
+    child.expect("primary   slot A")
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    assert [b["outcome"] for b in outbox(pinned) if b["event"] == "command"] == ["ok: slot A primary"]
 
 
 def test_a_hangup_at_the_confirmation_changes_nothing_and_ends_the_session(
