@@ -257,27 +257,37 @@ class Session:
                         self.audit("command", line, "refused: not logged in" + more)
                 return True
             handler = getattr(self, "do_" + cmd.name.replace("-", "_"))
-            if cmd.changes_state:
-                self.busy = True
-                try:
-                    outcome = handler(*parsed.args)
-                except Hangup:
-                    self.audit("command", line, "cancelled: the terminal hung up")
-                    raise
-                except EdgeopsError as exc:
-                    self.audit("command", line, f"failed: {exc.one_line()}")
-                    raise
-                finally:
-                    self.busy = False
-                if outcome:
-                    self.audit("command", line, outcome)
-            else:
-                handler(*parsed.args)
+            # a hangup waits for a state change (and its audit row) or a login (and its
+            # lockout record) to finish; only a wait for input ends at once
+            self.busy = cmd.changes_state or cmd.name in ("login", "logout", "diag")
+            try:
+                if cmd.changes_state:
+                    self._changing(handler, parsed.args, line)
+                else:
+                    handler(*parsed.args)
+            finally:
+                self.busy = False
         except Hangup:
             return False
         except EdgeopsError as exc:
             self.term.write(f"error: {exc.one_line()}")
+        except Exception as exc:  # a bug: say so in one line and keep the console usable
+            self.term.write(f"internal error (please report it): {type(exc).__name__}: {exc}")
+            if cmd_changes_state(line):
+                self.audit("command", line, f"failed: internal error {type(exc).__name__}")
         return not self.hung_up
+
+    def _changing(self, handler: Callable[..., str], args: tuple[str, ...], line: str) -> None:
+        try:
+            outcome = handler(*args)
+        except Hangup:
+            self.audit("command", line, "cancelled: the terminal hung up")
+            raise
+        except EdgeopsError as exc:
+            self.audit("command", line, f"failed: {exc.one_line()}")
+            raise
+        if outcome:
+            self.audit("command", line, outcome)
 
     # --- access ------------------------------------------------------------------------------
     @property
@@ -314,35 +324,45 @@ class Session:
         how = how or ("pin" if has_pin else "key")
         if how not in ("pin", "key"):
             raise UsageError(f"login takes 'pin' or 'key', not {how[:20]!r}", hint="usage: login [pin|key]")
-        ok, who, why = self._login_pin() if how == "pin" else self._login_key()
+        failed = console_auth.after_failure(state, self.clock())
+        # The attempt counts as a failure from the moment its secret is in, before it is
+        # checked: a hangup or a power cut during the slow hash cannot make it free.
+        submitted = [False]
+
+        def count() -> None:
+            submitted[0] = True
+            self._save_lockout(failed)
+
+        ok, who, why = self._login_pin(count) if how == "pin" else self._login_key(count)
         if ok:
             self._save_lockout(console_auth.after_success(state))
             self.who, self.method = who, how
             self.audit("login", outcome="ok")
             self.term.write(self.term.emph(f"logged in ({who})"))
             return
-        state = console_auth.after_failure(state, self.clock())
-        self._save_lockout(state)
+        self.term.write(f"login failed: {why}")
+        if not submitted[0]:
+            return  # nothing was tried (no PIN set on this device)
         self.method = how
         self.audit("login-failed", outcome=why)
         self.method = "-"
-        _, wait = console_auth.wait_left(state, self.clock())
-        self.term.write(f"login failed: {why}")
+        _, wait = console_auth.wait_left(failed, self.clock())
         if wait > 0:
-            self.audit("locked-out", outcome=f"{state.failures} failures, {wait:.0f} s")
-            self.term.write(f"{state.failures} failed logins: locked for {wait:.0f} s")
+            self.audit("locked-out", outcome=f"{failed.failures} failures, {wait:.0f} s")
+            self.term.write(f"{failed.failures} failed logins: locked for {wait:.0f} s")
 
-    def _login_pin(self) -> tuple[bool, str, str]:
+    def _login_pin(self, count: Callable[[], None]) -> tuple[bool, str, str]:
         try:
             rec = console_auth.PinRecord.from_json(pin_path(self.cfg).read_text(), str(pin_path(self.cfg)))
         except FileNotFoundError:
             return False, "", "no technician PIN is set on this device (try 'login key')"
         pin = self.term.read("PIN: ", secret=True).strip()
+        count()
         if console_auth.pin_matches(rec, pin):
             return True, "pin", ""
         return False, "", "wrong PIN"
 
-    def _login_key(self) -> tuple[bool, str, str]:
+    def _login_key(self, count: Callable[[], None]) -> tuple[bool, str, str]:
         from agent.adapters.truststore import TrustStore
         from agent.core import console_challenge as cc
         from agent.core import trust
@@ -351,6 +371,7 @@ class Session:
         self.term.write("sign this line with 'edgeops console answer' and paste the answer:")
         self.term.write(challenge.text())
         answer = self.term.read("answer: ")
+        count()
         try:
             with self.updater() as up:
                 store = TrustStore(self.cfg, up.journal, up.root())
@@ -534,6 +555,14 @@ class Session:
                             f"('install usb' after login)")
         elif offer is not None:
             self.term.write(f"USB stick {offer.devnode}: no bundles ('diag usb' writes there)")
+
+
+def cmd_changes_state(line: str) -> bool:
+    try:
+        parsed = console_commands.parse_line(line)
+    except UsageError:
+        return False
+    return parsed is not None and parsed.command.changes_state
 
 
 class _Progress:
