@@ -6,19 +6,17 @@ journal (SQLite WAL readers do not block the agent) and takes the device lock on
 the updater's state-changing calls, which refuse at once when the agent holds it, except
 mark-good/mark-bad, handed to the running health loop as ``edgeops mark-good`` does.
 
-The terminal: plain lines on a dumb terminal or anything that is not a tty (no colour, no
-cursor movement, progress as lines); readline editing, history and tab completion, and
-colour only for a tty whose TERM allows it. A hangup (SIGHUP) or end of input ends the
-session: at once while it waits for input (a confirmation included), and during a
-state-changing command's work only after it finished, so
-a cable pulled mid-install neither interrupts the write nor leaves a session logged in.
+The terminal (plain, or readline and colour where allowed) is ``console_terminal``. A
+hangup (SIGHUP) or end of input ends the session: at once while it waits for input (a
+confirmation included); during a state change, a login or an audit only after it finished,
+so a cable pulled mid-install neither interrupts the write nor leaves a session logged in.
 
 Access (``agent.core.console_auth``, ``console_challenge``, ``console_commands``): a PIN
 (scrypt record, 0600) and/or a signed challenge; failed attempts back off, the lockout is
 persisted in ``STATE/console/lockout.json``. Every login, failure and state change is an
 ``AuditEvent`` in the journal's history and its outbox (``agent.core.console_audit``).
-Long because (about 550 lines) login, the loop, the confirmations and the audit share one
-session's state; the read-only views live in ``console_views``.
+Long because (about 480 lines) login, the loop, the confirmations and the audit share one
+session's state; the terminal is ``console_terminal``, the read-only views ``console_views``.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import os
 import signal
 import socket
 import sys
-import termios
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -39,17 +36,11 @@ from agent.core import console_audit, console_auth, console_commands
 from agent.core.config import AgentConfig
 from agent.device import console_views as views
 from agent.device import usb_updates
+from agent.device.console_terminal import Hangup, Progress, Terminal
 from agent.device.updater import Updater, open_device
 from agent.errors import DeviceBusy, EdgeopsError, StateError, UsageError
 
-MAX_INPUT = 8192  # characters read for one line (a pasted answer fits)
 MAX_REFUSALS_AUDITED = 10
-PROGRESS_STEP = 0.1
-_COLOUR_TERMS = ("xterm", "ansi", "linux", "screen", "tmux", "rxvt", "color")
-
-
-class Hangup(Exception):
-    """The terminal went away (SIGHUP) or input ended."""
 
 
 def pin_path(cfg: AgentConfig) -> Path:
@@ -69,94 +60,6 @@ def device_id(cfg: AgentConfig) -> str:
     raw = cfg.fleet.controller_id if cfg.fleet is not None else socket.gethostname()
     clean = "".join(ch for ch in raw if ch.isalnum() or ch in "._:-")[:64]
     return clean or "edgeops-device"
-
-
-class Terminal:
-    """Input and output of one session; plain unless the terminal allows more."""
-
-    def __init__(self, inp: IO[str], out: IO[str]) -> None:
-        self.inp, self.out = inp, out
-        term = os.environ.get("TERM", "")
-        self.tty = inp.isatty() and out.isatty()
-        self.plain = not self.tty or term in ("", "dumb", "unknown")
-        # colour only where the terminal type has it (a vt220, the serial unit's default, has not)
-        self.colour = (not self.plain and "NO_COLOR" not in os.environ
-                       and any(t in term for t in _COLOUR_TERMS))
-        self.readline: Any = None
-        self.reading = False  # blocked waiting for a line: a hangup may end the wait at once
-        if not self.plain and inp is sys.stdin and out is sys.stdout:
-            try:
-                import readline
-
-                readline.set_completer(self._complete)
-                readline.set_completer_delims(" ")
-                readline.parse_and_bind("tab: complete")
-                # readline >= 8.1 wraps every prompt in bracketed-paste escapes: a terminal
-                # that does not know them shows them as junk, and a pasted answer needs none
-                readline.parse_and_bind("set enable-bracketed-paste off")
-                self.readline = readline
-            except ImportError:  # a Python built without readline: plain lines still work
-                pass
-
-    def _complete(self, text: str, state: int) -> str | None:
-        hits = console_commands.completions(text)
-        return hits[state] + " " if state < len(hits) else None
-
-    def write(self, text: str = "") -> None:
-        try:
-            self.out.write(text + "\n")
-            self.out.flush()
-        except OSError:  # the line dropped (EIO after a hangup): the session ends at the next read
-            pass
-
-    def emph(self, text: str, colour: str = "1") -> str:
-        return f"\033[{colour}m{text}\033[0m" if self.colour else text
-
-    def read(self, prompt: str, *, secret: bool = False) -> str:
-        self.reading = True
-        try:
-            return self._read(prompt, secret)
-        finally:
-            self.reading = False
-
-    def _read(self, prompt: str, secret: bool) -> str:
-        if self.readline is not None and not secret:
-            try:
-                line = input(prompt)
-            except EOFError:
-                raise Hangup("end of input") from None
-            return line[:MAX_INPUT]
-        try:
-            self.out.write(prompt)
-            self.out.flush()
-        except OSError:
-            raise Hangup("terminal gone") from None
-        with self._no_echo(secret):
-            try:
-                line = self.inp.readline(MAX_INPUT)
-            except OSError:
-                raise Hangup("terminal gone") from None
-        if secret:
-            self.write()
-        if not line:
-            raise Hangup("end of input")
-        return line.rstrip("\r\n")
-
-    @contextmanager
-    def _no_echo(self, secret: bool) -> Iterator[None]:
-        if not (secret and self.inp.isatty()):
-            yield
-            return
-        fd = self.inp.fileno()
-        old = termios.tcgetattr(fd)
-        new = list(old)
-        new[3] &= ~termios.ECHO
-        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
-        try:
-            yield
-        finally:
-            with suppress(termios.error):
-                termios.tcsetattr(fd, termios.TCSAFLUSH, old)
 
 
 class Session:
@@ -497,7 +400,7 @@ class Session:
         self._lines(pv.lines())
         if not self._confirm(f"install {pv.version} into slot {pv.target}?"):
             return "cancelled"
-        progress = _Progress(self.term)
+        progress = Progress(self.term)
         try:
             with reopen() as stream:
                 result = usb_updates.install(up, stream, progress=progress, confirmed=pv)
@@ -563,19 +466,6 @@ def cmd_changes_state(line: str) -> bool:
     except UsageError:
         return False
     return parsed is not None and parsed.command.changes_state
-
-
-class _Progress:
-    """Progress as whole lines every 10 % (a dumb terminal has no carriage-return redraw)."""
-
-    def __init__(self, term: Terminal) -> None:
-        self.term, self.next = term, PROGRESS_STEP
-
-    def __call__(self, done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        while frac >= self.next - 1e-9 and self.next <= 1.0 + 1e-9:
-            self.term.write(f"  {self.next:4.0%} written")
-            self.next += PROGRESS_STEP
 
 
 def _count(text: str) -> int:
