@@ -358,3 +358,12 @@ def test_the_monitor_hears_the_kernel_announce_a_new_stick(tmp_path: Path) -> No
     finally:
         monitor.stopped = True
         t.join(5)
+
+
+def test_policy_install_does_not_install_again_from_a_stick_left_in(
+        device: Device, tmp_path: Path, make_bundle: BundleFactory) -> None:
+    img = fat_image({"a-1.0.eob": make_bundle("1.0")}, tmp_path / "s.fat")  # what is running
+    w = _watcher(device, "install")
+    w.handle(usb.BlockEvent("add", str(img), "partition", "vfat"))
+    assert device.journal.slots()["B"].state == "empty"
+    assert any("already on this device" in m for m in w.messages)

@@ -253,7 +253,8 @@ class UsbWatcher:
 
 
     def _install_newest(self, medium: usb.Medium, ev: usb.BlockEvent, found: list[Found]) -> None:
-        """Policy ``install``: the last bundle (by name) that verifies is installed."""
+        """Policy ``install``: the last bundle (by name) that verifies is installed, unless
+        a good slot already holds its version (the stick was left in)."""
         with self.up_factory() as up:
             for f in reversed(found):
                 try:
@@ -264,6 +265,11 @@ class UsbWatcher:
                 except EdgeopsError as exc:
                     self.messages.append(f"{f.path}: refused: {exc.one_line()}")
                     continue
+                held = {i.version for i in up.journal.slots().values() if i.state == "good"}
+                if pv.version in held:
+                    # a stick left in: the next start must not install (and try) it again
+                    self.messages.append(f"{f.path}: {pv.version} is already on this device")
+                    return
                 try:
                     with open_bundle(medium, f.path) as stream:
                         result = install(up, stream, confirmed=pv)
