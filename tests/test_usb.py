@@ -34,6 +34,8 @@ def _tree(tmp: Path, bundle: Path) -> Path:
     os.symlink("/etc/shadow", t / "link.eob")
     os.mkfifo(t / "fifo.eob")
     os.mknod(t / "disk.eob", 0o600 | 0o060000, os.makedev(7, 0))  # a block device node
+    (t / "host").mkdir()
+    (t / "host" / "secret.eob").write_bytes(b"stands for a file outside the stick")
     (t / "deep" / "edgeops").mkdir(parents=True)
     (t / "deep" / "edgeops" / "nested.eob").write_bytes(bundle.read_bytes())  # not searched
     return t
@@ -367,3 +369,25 @@ def test_policy_install_does_not_install_again_from_a_stick_left_in(
     w.handle(usb.BlockEvent("add", str(img), "partition", "vfat"))
     assert device.journal.slots()["B"].state == "empty"
     assert any("already on this device" in m for m in w.messages)
+
+
+def test_an_edgeops_folder_that_is_a_link_is_not_followed(tmp_path: Path) -> None:
+    """A stick whose edgeops/ points elsewhere (on a mounted stick: anywhere on the device)."""
+    root = tmp_path / "stick"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "elsewhere.eob").write_bytes(b"not the stick's")
+    os.symlink(outside, root / "edgeops")
+    medium = usb.DirectoryMedium(root)
+    assert usb_updates.find_bundles(medium) == []
+    with pytest.raises(usb.MediumError, match="folder on the way"):
+        medium.open("edgeops/elsewhere.eob")
+
+
+@pytest.mark.parametrize("path", ["../outside.eob", "edgeops/../../outside.eob", "./x.eob"])
+def test_a_path_that_climbs_out_is_refused(tmp_path: Path, path: str) -> None:
+    (tmp_path / "stick" / "edgeops").mkdir(parents=True)
+    (tmp_path / "outside.eob").write_bytes(b"x")
+    with pytest.raises(usb.MediumError):
+        usb.DirectoryMedium(tmp_path / "stick").open(path)

@@ -147,10 +147,34 @@ class DirectoryMedium:
         self.root = root
         self.where = where or str(root)
 
+    def _walk(self, parts: list[str]) -> int:
+        """A directory fd for ``parts`` below the root, each step opened with O_NOFOLLOW:
+        a folder that is a link (``edgeops -> /etc``) is refused, never followed."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts:
+                if part in ("", ".", ".."):
+                    raise MediumError(f"{self.where}: {'/'.join(parts)!r} is not a plain path")
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def entries(self, folder: str = "") -> list[Entry]:
         out: list[Entry] = []
         try:
-            with os.scandir(self.root / folder) as it:
+            fd = self._walk([p for p in folder.split("/") if p])
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                return []  # a link or a file where the folder belongs: nothing to look at
+            raise _gone_or(exc, self.where) from None
+        try:
+            with os.scandir(fd) as it:
                 for e in it:
                     if len(out) >= MAX_ENTRIES:
                         break
@@ -158,27 +182,39 @@ class DirectoryMedium:
                     kind = ("file" if stat.S_ISREG(st.st_mode)
                             else "dir" if stat.S_ISDIR(st.st_mode) else "other")
                     out.append(Entry(e.name, kind, st.st_size if kind == "file" else None))
-        except FileNotFoundError:
-            return []
         except OSError as exc:
             raise _gone_or(exc, self.where) from None
+        finally:
+            os.close(fd)
         return out
 
     def open(self, path: str) -> BinaryIO:
-        try:  # said plainly first; the O_NOFOLLOW open and fstat below are what holds
-            mode = os.lstat(self.root / path).st_mode
-        except OSError as exc:
-            raise _gone_or(exc, self.where) from None
-        if stat.S_ISLNK(mode):
-            raise MediumError(f"{self.where}: {path} is a link; only regular files are read")
-        if not stat.S_ISREG(mode):
-            raise MediumError(f"{self.where}: {path} is not a regular file")
+        *parents, name = path.split("/")
         try:
-            fd = os.open(self.root / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+            dfd = self._walk(parents)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise MediumError(f"{self.where}: {path} is a link; only regular files are read") from None
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise MediumError(f"{self.where}: a folder on the way to {path} is a link") from None
             raise _gone_or(exc, self.where) from None
+        try:
+            try:  # said plainly first; the O_NOFOLLOW open and fstat below are what holds
+                mode = os.lstat(name, dir_fd=dfd).st_mode
+            except OSError as exc:
+                raise _gone_or(exc, self.where) from None
+            if stat.S_ISLNK(mode):
+                raise MediumError(f"{self.where}: {path} is a link; only regular files are read")
+            if not stat.S_ISREG(mode):
+                raise MediumError(f"{self.where}: {path} is not a regular file")
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK,
+                             dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise MediumError(f"{self.where}: {path} is a link; only regular files "
+                                      "are read") from None
+                raise _gone_or(exc, self.where) from None
+        finally:
+            os.close(dfd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise MediumError(f"{self.where}: {path} is not a regular file")
