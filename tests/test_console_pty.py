@@ -364,6 +364,23 @@ def test_rollback_from_the_console_makes_the_old_slot_primary(
     assert [b["outcome"] for b in outbox(pinned) if b["event"] == "command"] == ["ok: slot A primary"]
 
 
+def test_ctrl_c_at_the_confirmation_cancels_and_the_console_goes_on(
+        pinned: Path, make_bundle: BundleFactory, transcript: Path) -> None:
+    bundle = make_bundle("2.0")
+    child = spawn(pinned, transcript)
+    login_pin(child)
+    child.expect("logged in")
+    child.sendline(f"install {bundle}")
+    child.expect("type 'yes' to go on: ")
+    child.sendintr()
+    child.expect(r"\^C")
+    child.sendline("slots")
+    child.expect(r"  B    empty")
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    assert [b["outcome"] for b in outbox(pinned) if b["event"] == "command"] == ["cancelled: Ctrl-C"]
+
+
 def test_a_hangup_at_the_confirmation_changes_nothing_and_ends_the_session(
         pinned: Path, make_bundle: BundleFactory, transcript: Path) -> None:
     bundle = make_bundle("2.0")

@@ -105,6 +105,7 @@ class Session:
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
         old = signal.signal(signal.SIGHUP, self._on_hangup)
+        old_int = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
             self.term.write(f"edgeops console on {self.id} ({self.cfg.board}); 'help' lists commands")
             if not self.cfg.console.open_read_only:
@@ -113,12 +114,15 @@ class Session:
             while not self.hung_up:
                 try:
                     line = self.term.read(self._prompt())
+                    if not self.one(line):
+                        break
                 except Hangup:
                     break
-                if not self.one(line):
-                    break
+                except KeyboardInterrupt:  # Ctrl-C at a prompt or a question: a fresh prompt
+                    self.term.write("^C")
         finally:
             signal.signal(signal.SIGHUP, old)
+            signal.signal(signal.SIGINT, old_int)
             if self.who is not None:
                 self.audit("logout", outcome="hangup" if self.hung_up else "session ended")
             self.close()
@@ -128,6 +132,12 @@ class Session:
         self.hung_up = True
         if not self.busy or self.term.reading:  # nothing is being written: stop now
             raise Hangup("hangup")
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        if self.busy and not self.term.reading:  # a command at work is not cut off mid-write
+            self.term.write("(busy: Ctrl-C takes effect when this command has finished)")
+            return
+        raise KeyboardInterrupt
 
     def _prompt(self) -> str:
         return f"{self.id}{'#' if self.who else '>'} "
@@ -185,6 +195,9 @@ class Session:
             outcome = handler(*args)
         except Hangup:
             self.audit("command", line, "cancelled: the terminal hung up")
+            raise
+        except KeyboardInterrupt:
+            self.audit("command", line, "cancelled: Ctrl-C")
             raise
         except EdgeopsError as exc:
             self.audit("command", line, f"failed: {exc.one_line()}")
