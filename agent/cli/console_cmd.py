@@ -21,7 +21,9 @@ from agent.errors import UsageError
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "console", help="the technician console (serial port or terminal), its PIN and challenges")
+        "console", help="the technician console (serial port or terminal), its PIN and challenges",
+        description="Without a subcommand: run the technician console on this terminal "
+                    "(docs/console.md).")
     add_config_option(p)
     p.set_defaults(func=_run)
     cs = p.add_subparsers(dest="console_command", metavar="SUBCOMMAND")
