@@ -17,6 +17,8 @@ Entries are never followed: ``scandir(follow_symlinks=False)`` and ``O_NOFOLLOW`
 ``fstat`` after the open refuse links, device nodes, FIFOs and sockets; names and counts
 are bounded here, by the caller's limits. pyudev's monitor: pyudev docs, "Monitoring
 devices" (``Monitor.from_netlink``, ``filter_by('block')``, ``poll(timeout)``).
+Long because (about 410 lines) the three readers of a stick — mounted, mtools, the one write
+— share the bounds, the link refusals and the "stick gone" mapping that make them safe.
 """
 
 from __future__ import annotations
