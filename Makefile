@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
             swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus \
             chromium chromium-driver
-EXTRAS  ?= test,host,controller,postgres,tpm,telemetry
+EXTRAS  ?= test,host,controller,postgres,tpm,telemetry,udev
 # make image / make e2e (image/README.md): the board, where images go, the cache outside the clone
 BOARD   ?= x86-64-grub
 IMAGE_OUT ?= build/image/$(BOARD)

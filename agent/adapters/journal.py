@@ -273,6 +273,11 @@ class Journal:
     def pending_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NULL").fetchone()[0])
 
+    def last_delivered(self) -> float | None:
+        """When the controller last took a report (the console's "last contact"), or None."""
+        row = self._query("SELECT MAX(sent) FROM outbox")
+        return float(row[0][0]) if row and row[0][0] is not None else None
+
     def mark_sent(self, outbox_id: int, *, now: float | None = None) -> None:
         with self._tx():
             self._db.execute("UPDATE outbox SET sent=? WHERE id=?",

@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "provision": "provision_cmd",
     "journal": "journal_cmd",
     "telemetry": "telemetry_cmd",
+    "console": "console_cmd",
 }
 GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # in the order 'edgeops --help' lists them
 OWN_COMMANDS = ("help",)  # registered here, no group module

@@ -3,7 +3,7 @@
 A board file names the bootloader backend and its settings, the slots (each
 payload class by PARTLABEL, PARTUUID or path, with a minimum size), the boot
 partition, the watchdog device, default health checks, the compatible string
-and whether a TPM is required. Finding board files on disk is
+whether a TPM is required and the serial console's port. Finding board files on disk is
 agent.adapters.boardfiles; checking a running system against one is
 agent.device.boardcheck; the agent.toml an image ships is agent.host.boardconfig.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.config import toml_doc
+from agent.core.console_policy import check_tty
 from agent.errors import ConfigError
 
 # [bootloader] settings that are paths on the device, rooted by --root
@@ -62,6 +63,7 @@ class Board:
     tpm_required: bool = False
     health: dict[str, Any] = field(default_factory=dict)
     cmdline: str = "/proc/cmdline"  # where the running kernel's command line is read
+    console: str | None = None  # the serial port the technician console runs on (ttyS0, ttyAMA0)
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -121,6 +123,8 @@ def parse(text: str, source: str) -> Board:
             watchdog=meta.get("watchdog"), tpm_required=bool(meta.get("tpm_required", False)),
             health=dict(doc.get("health", {})),
             cmdline=str(meta.get("cmdline", "/proc/cmdline")),
+            console=(check_tty(meta["console"], f"{source}: [board] console")
+                     if "console" in meta else None),
         )
     except KeyError as exc:
         raise ConfigError(f"{source}: missing {exc.args[0]!r} ([board] name and compatible, "

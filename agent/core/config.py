@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.core.console_policy import ConsoleSettings, parse_console
 from agent.core.fleet_config import FleetConfig, parse_fleet
 from agent.core.health import HealthPolicy, parse_policy
 from agent.errors import ConfigError
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # parsed only where [telemetry] exists: status and the idle a
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
-             "fleet", "telemetry"}
+             "fleet", "telemetry", "console"}
 # [models] is kept raw for agent.device.models; [fleet] is parsed here (agent.core.fleet_config), its
 # token_file and a fleet.toml beside the file are read by agent.device.fleet_files
 
@@ -88,6 +89,7 @@ class AgentConfig:
     # of the whole state directory. Default: STATE/witness.json
     witness: Path | None = None
     telemetry: TelemetrySettings | None = None  # [telemetry]; None: nothing collected or written
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)  # [console] (agent.core.console_policy)
     # [health] parsed once, here: a bad table fails at load, and no health run parses it again
     health_policy: HealthPolicy = field(init=False, repr=False, compare=False)
 
@@ -188,6 +190,7 @@ def parse(text: str, path: Path) -> AgentConfig:
             models=models,
             witness=rel(dev["witness"], "device.witness") if "witness" in dev else None,
             telemetry=_telemetry(doc, path),
+            console=parse_console(doc.get("console"), str(path)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -119,6 +119,7 @@ class FleetAgent:
             return PollOutcome(0.0, self.messages, True)
         self._renew(connectivity_returned=False)
         self._forward_model_reports()
+        self._forward_console_audit()
         self.sync.flush()
         try:
             answer = self.client.poll()
@@ -204,6 +205,20 @@ class FleetAgent:
         self.sync.queue("PUT", "configData", ddi.config_data_body(attrs))  # durable first ...
         for oid, _, _ in rows:
             self.journal.mark_sent(oid)  # ... then the model rows are done
+
+    def _forward_console_audit(self) -> None:
+        """The console's audit rows (agent.core.console_audit) reach the controller the same
+        way: one attribute per row, queued durably before the rows are marked done."""
+        from agent.core import console_audit
+
+        rows = self.journal.pending(MAX_MODEL_REPORTS, kind=console_audit.KIND)
+        if not rows:
+            return
+        attrs: dict[str, str] = self._device_attributes()
+        attrs.update(console_audit.attribute(oid, body) for oid, _, body in rows)
+        self.sync.queue("PUT", "configData", ddi.config_data_body(attrs))
+        for oid, _, _ in rows:
+            self.journal.mark_sent(oid)
 
     # --- cancel ------------------------------------------------------------------------------
     def _handle_cancel(self, href: str) -> None:

@@ -35,6 +35,8 @@ def agent_toml(board: Board, *, keyring: str = "/etc/edgeops/keyring/root.crt",
                            "slots": slots}
     if board.health:
         doc["health"] = board.health
+    if board.console:
+        doc["console"] = {"device": board.console}  # the technician console (docs/console.md)
     if board.tpm_required or tpm_tcti:
         from agent.core.config import DEVICE_TCTI
 
