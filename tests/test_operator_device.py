@@ -101,7 +101,7 @@ def test_agent_logs_each_round_of_a_trials_health_window(device_dir: Path,
 @pytest.fixture
 def http_404() -> Iterator[str]:
     class NotHere(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             self.send_error(404)
 
         def log_message(self, *args: object) -> None:

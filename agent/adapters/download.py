@@ -354,13 +354,11 @@ def open_stream(url: str, policy: DownloadPolicy | None = None) -> tuple[io.RawI
         resp = open_url(session, origin, url, {"Accept-Encoding": "identity"}, timeout)
     except requests.RequestException as exc:
         raise DownloadFailed(f"download of {redact(url)} failed: {type(exc).__name__}") from None
-    if resp.status_code in (404, 410):  # a wrong URL, not a network problem: not "retry later"
+    if resp.status_code != 200:  # 404/410: a wrong URL, not a network problem, not "retry later"
         resp.close()
-        raise SourceNotFound(f"download of {redact(url)} answered HTTP {resp.status_code}: "
-                             "no such file on the server")
-    if resp.status_code != 200:
-        resp.close()
-        raise DownloadFailed(f"download of {redact(url)} answered HTTP {resp.status_code}")
+        gone = resp.status_code in (404, 410)
+        raise (SourceNotFound if gone else DownloadFailed)(
+            f"download of {redact(url)} answered HTTP {resp.status_code}")
     length = resp.headers.get("Content-Length", "")
     if length.isdigit() and "Content-Encoding" not in resp.headers:
         stream = ResumableStream(session, origin, resp.url or url, size=int(length), sha256=None,

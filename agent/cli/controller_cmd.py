@@ -18,6 +18,7 @@ JSON with --json (for scripts). Heavy imports stay inside handlers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,14 +66,19 @@ def register(sub: Any) -> None:
 
     s = _parser(cs, "serve", "run the controller",
                 "edgeops controller serve --db /var/lib/edgeops/controller.db --keyring pki/root/root.crt")
-    s.add_argument("--db", default="controller.db", help="the database: a SQLite path or a postgresql:// URL (default controller.db)")
-    s.add_argument("--data", type=Path, help="artifact directory (default: controller-data beside the SQLite file)")
+    s.add_argument("--db", default="controller.db",
+                   help="the database: a SQLite path or a postgresql:// URL (default controller.db)")
+    s.add_argument("--data", type=Path,
+                   help="artifact directory (default: controller-data beside the SQLite file)")
     s.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
-    s.add_argument("--parent", help="regional mode: serve devices on behalf of the parent controller at this URL")
-    s.add_argument("--keyring", type=Path, help="the fleet's root certificates (PEM): uploaded bundles are verified against them")
+    s.add_argument("--parent",
+                   help="regional mode: serve devices on behalf of the parent controller at this URL")
+    s.add_argument("--keyring", type=Path,
+                   help="the fleet's root certificates (PEM): uploaded bundles are verified against them")
     s.add_argument("--tenant", default="DEFAULT",
                    help="the hawkBit tenant in DDI paths (default DEFAULT; compared without case)")
-    s.add_argument("--poll-sleep", type=int, default=30, help="seconds devices wait between polls (default 30)")
+    s.add_argument("--poll-sleep", type=int, default=30,
+                   help="seconds devices wait between polls (default 30)")
     s.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN"),
                    help="operator bearer token (default: generated once, kept in the database)")
     s.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
@@ -141,7 +147,8 @@ def register(sub: Any) -> None:
             lambda a: _call(a, "GET", "/groups", render=_groups_table), "edgeops controller group list")
     g = api_cmd(grp, "add", "add devices to a group (created on first use)",
                 lambda a: _call(a, "POST", "/groups", {"name": a.name, "devices": a.devices},
-                                render=lambda r: print(f"group {a.name}: {len(r['groups'][a.name])} devices")),
+                                render=lambda r: print(f"group {a.name}: "
+                                                       f"{len(r['groups'][a.name])} devices")),
                 "edgeops controller group add stores store-17 store-18")
     g.add_argument("name", help="the group")
     g.add_argument("devices", nargs="+", help="devices to add")
@@ -184,11 +191,11 @@ def register(sub: Any) -> None:
     st.add_argument("id", nargs="?", type=int, help="the rollout (default: list every rollout)")
     st.add_argument("--watch", action="store_true",
                     help="show it again whenever it changes, until it is no longer running (Ctrl-C stops)")
-    st.add_argument("--interval", type=float, default=2.0, help="seconds between looks with --watch (default 2)")
+    st.add_argument("--interval", type=float, default=2.0,
+                    help="seconds between looks with --watch (default 2)")
     for verb, what in (("pause", "pause a running rollout (no new wave starts)"),
                        ("cancel", "cancel a rollout: its open actions are canceled")):
-        v = api_cmd(ro, verb, what, lambda a, verb=verb: _call(
-            a, "POST", f"/rollouts/{a.id}/{verb}", render=_rollout_line), f"edgeops controller rollout {verb} 7")
+        v = api_cmd(ro, verb, what, _verb(verb), f"edgeops controller rollout {verb} 7")
         v.add_argument("id", type=int, help="the rollout")
     r = api_cmd(ro, "resume", "resume a paused rollout; after a failure pause, say what to do "
                               "with the failed devices", _rollout_resume,
@@ -214,6 +221,10 @@ def register(sub: Any) -> None:
                  "edgeops controller actions --rollout 7")
     ac.add_argument("--device", help="only this device's actions")
     ac.add_argument("--rollout", type=int, help="only this rollout's actions")
+
+
+def _verb(verb: str) -> Callable[[argparse.Namespace], int]:
+    return lambda a: _call(a, "POST", f"/rollouts/{a.id}/{verb}", render=_rollout_line)
 
 
 def _target_options(p: argparse.ArgumentParser, *, device: bool) -> None:
@@ -263,10 +274,8 @@ def _request(a: argparse.Namespace, method: str, path: str, body: Any = None, da
 
     url = f"{a.url.rstrip('/')}/api/v1{path}"
     headers = {"Authorization": f"Bearer {a.token}"}
-    try:
-        headers["X-Edgeops-Operator"] = getpass.getuser()  # for the rollout's history: who did it
-    except (KeyError, OSError):
-        pass
+    with contextlib.suppress(KeyError, OSError):  # for the rollout's history: who did it
+        headers["X-Edgeops-Operator"] = getpass.getuser()
     try:
         r = requests.request(method, url, json=body if data is None else None, data=data, timeout=120,
                              headers=headers, verify=getattr(a, "ca_cert", None) or True)

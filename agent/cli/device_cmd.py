@@ -213,7 +213,8 @@ def _mark_good(a: argparse.Namespace) -> int:
             # a revert under way) is still refused.
             st = up.status()
             booted = st["slots"].get(st["booted_slot"], {})
-            if st["phase"] != "idle" or st["booted_slot"] != st["primary_slot"] or booted.get("state") != "good":
+            committed = st["booted_slot"] == st["primary_slot"] and booted.get("state") == "good"
+            if st["phase"] != "idle" or not committed:
                 raise
             print(f"slot {st['booted_slot']} ({booted.get('version') or 'no version'}) is already "
                   f"committed; nothing to mark")
