@@ -12,7 +12,9 @@
 Management commands talk HTTP to a running controller (--url, $EDGEOPS_CONTROLLER_URL) with
 the operator token (--token, $EDGEOPS_CONTROLLER_TOKEN); an HTTPS controller with a private CA
 needs --ca-cert ($EDGEOPS_CONTROLLER_CA). They print tables for people, and the controller's
-JSON with --json (for scripts). Heavy imports stay inside handlers.
+JSON with --json (for scripts; the tables are drawn by ``controller_views``). Heavy imports
+stay inside handlers. Long because it declares every management command with a sentence per
+option and an example (about 440 lines); split, one parser would live in two files.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.cli import controller_views as views
 from agent.errors import TransportError, UsageError
 
 ENV_HELP = ("The management commands reach the controller at --url (default "
@@ -117,7 +120,7 @@ def register(sub: Any) -> None:
                         description="List, register, tag or revoke devices.").add_subparsers(
         dest="a", metavar="ACTION", required=True)
     api_cmd(dev, "list", "list devices with their version, site and last contact",
-            lambda a: _call(a, "GET", "/devices", render=_devices_table),
+            lambda a: _call(a, "GET", "/devices", render=views.devices_table),
             "edgeops controller device list")
     d = api_cmd(dev, "add", "register a device; prints its TargetToken (shown only once)", lambda a: _call(
         a, "POST", "/devices", {"id": a.id, "site": a.site, "tags": a.tag, "token": a.device_token},
@@ -144,7 +147,7 @@ def register(sub: Any) -> None:
                         description="List groups or add devices to one.").add_subparsers(
         dest="a", metavar="ACTION", required=True)
     api_cmd(grp, "list", "list groups and their devices",
-            lambda a: _call(a, "GET", "/groups", render=_groups_table), "edgeops controller group list")
+            lambda a: _call(a, "GET", "/groups", render=views.groups_table), "edgeops controller group list")
     g = api_cmd(grp, "add", "add devices to a group (created on first use)",
                 lambda a: _call(a, "POST", "/groups", {"name": a.name, "devices": a.devices},
                                 render=lambda r: print(f"group {a.name}: "
@@ -157,7 +160,8 @@ def register(sub: Any) -> None:
                         description="List or upload bundles.").add_subparsers(
         dest="a", metavar="ACTION", required=True)
     api_cmd(bun, "list", "list uploaded bundles",
-            lambda a: _call(a, "GET", "/bundles", render=_bundles_table), "edgeops controller bundle list")
+            lambda a: _call(a, "GET", "/bundles", render=views.bundles_table),
+            "edgeops controller bundle list")
     u = api_cmd(bun, "upload", "upload a signed bundle (the controller verifies it)", _upload,
                 "edgeops controller bundle upload build/v2.edgeops")
     u.add_argument("path", type=Path, help="the bundle file")
@@ -210,21 +214,21 @@ def register(sub: Any) -> None:
                      help="raise the error threshold to X (a fraction, above the current one)")
     h = api_cmd(ro, "halt", "halt one rollout, or with no id every rollout (fleet-wide)",
                 lambda a: _call(a, "POST", f"/rollouts/{a.id}/halt" if a.id else "/halt",
-                                render=_rollout_line if a.id else
+                                render=views.rollout_line if a.id else
                                 lambda r: print(f"halted rollouts: {r['halted'] or 'none'}")),
                 "edgeops controller rollout halt 7")
     h.add_argument("id", nargs="?", type=int, help="the rollout (default: every running or paused one)")
 
     ac = api_cmd(cs, "actions", "list deployment actions with their state and the device's reason",
                  lambda a: _call(a, "GET", "/actions" + _query(device=a.device, rollout=a.rollout),
-                                 render=_actions_table),
+                                 render=views.actions_table),
                  "edgeops controller actions --rollout 7")
     ac.add_argument("--device", help="only this device's actions")
     ac.add_argument("--rollout", type=int, help="only this rollout's actions")
 
 
 def _verb(verb: str) -> Callable[[argparse.Namespace], int]:
-    return lambda a: _call(a, "POST", f"/rollouts/{a.id}/{verb}", render=_rollout_line)
+    return lambda a: _call(a, "POST", f"/rollouts/{a.id}/{verb}", render=views.rollout_line)
 
 
 def _target_options(p: argparse.ArgumentParser, *, device: bool) -> None:
@@ -306,7 +310,7 @@ def _upload(a: argparse.Namespace) -> int:
 
 
 def _deploy(a: argparse.Namespace) -> int:
-    return _call(a, "POST", "/deployments", {"bundle": a.bundle, **_targets(a)}, render=_created)
+    return _call(a, "POST", "/deployments", {"bundle": a.bundle, **_targets(a)}, render=views.created)
 
 
 def _rollout_create(a: argparse.Namespace) -> int:
@@ -314,7 +318,7 @@ def _rollout_create(a: argparse.Namespace) -> int:
               "error_threshold": a.error_threshold, "window": a.window,
               "require_commit": a.require_commit}
     return _call(a, "POST", "/rollouts", {"bundle": a.bundle, **_targets(a), "policy": policy},
-                 render=_created)
+                 render=views.created)
 
 
 def _rollout_resume(a: argparse.Namespace) -> int:
@@ -325,125 +329,30 @@ def _rollout_resume(a: argparse.Namespace) -> int:
         body = {"choice": "skip"}
     elif a.threshold is not None:
         body = {"choice": "raise-threshold", "threshold": a.threshold}
-    return _call(a, "POST", f"/rollouts/{a.id}/resume", body, render=_rollout_line)
+    return _call(a, "POST", f"/rollouts/{a.id}/resume", body, render=views.rollout_line)
 
 
 def _rollout_status(a: argparse.Namespace) -> int:
     if a.id is None:
         if a.watch:
             raise UsageError("--watch follows one rollout: give its id")
-        return _call(a, "GET", "/rollouts", render=_rollouts_table)
+        return _call(a, "GET", "/rollouts", render=views.rollouts_table)
     if not a.watch:
-        return _call(a, "GET", f"/rollouts/{a.id}", render=_rollout_detail)
+        return _call(a, "GET", f"/rollouts/{a.id}", render=views.rollout_detail)
     if not 0.2 <= a.interval <= 3600:
         raise UsageError("--interval must be from 0.2 to 3600 seconds")
     shown = None
     while True:
         st = _request(a, "GET", f"/rollouts/{a.id}")
-        view = json.dumps(st, sort_keys=True) if a.json else _rollout_text(st)
+        view = json.dumps(st, sort_keys=True) if a.json else views.rollout_text(st)
         if view != shown:
             if not a.json:
-                print(f"--- {_iso(time.time())}")
+                print(f"--- {views.iso(time.time())}")
             print(view, flush=True)
             shown = view
         if st["status"] != "running":
             return 0
         time.sleep(a.interval)
-
-
-# --- output for people ------------------------------------------------------------------------
-def _iso(t: float | None) -> str:
-    if t is None:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns padded to their widest cell; '-' for an empty one; the last column unpadded."""
-    cells = [[("-" if v is None or v == "" else str(v)) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = [headers, *cells]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=False)) +
-                     ("  " if len(line) > 1 else "") + line[-1] for line in lines).rstrip()
-
-
-def _devices_table(r: Any) -> None:
-    print(table(("DEVICE", "SITE", "VERSION", "LAST SEEN", "GROUPS", "TAGS"),
-                [(d["id"], d["site"], d["version"], _iso(d["last_seen"]), ",".join(d["groups"]),
-                  ",".join(d["tags"])) for d in r["devices"]]))
-
-
-def _groups_table(r: Any) -> None:
-    print(table(("GROUP", "DEVICES", "MEMBERS"),
-                [(g, len(m), ", ".join(m[:8]) + (", ..." if len(m) > 8 else ""))
-                 for g, m in r["groups"].items()]))
-
-
-def _bundles_table(r: Any) -> None:
-    print(table(("ID", "VERSION", "COMPATIBLE", "SIZE", "FILE", "SIGNER"),
-                [(b["id"], b["version"], b["compatible"], b["size"], b["filename"], b["signer"])
-                 for b in r["bundles"]]))
-
-
-def _progress(st: dict[str, Any]) -> str:
-    return f"wave {st['current_wave'] + 1} of {st['waves']}" if st["waves"] else "no waves"
-
-
-def _rollouts_table(r: Any) -> None:
-    print(table(("ID", "NAME", "BUNDLE", "STATUS", "WAVE", "CREATED", "REASON"),
-                [(x["id"], x["name"], x["bundle"], x["status"], _progress(x), x.get("created_at"),
-                  x["reason"]) for x in r["rollouts"]]))
-
-
-def _rollout_line(st: dict[str, Any]) -> None:
-    reason = f": {st['reason']}" if st["reason"] else ""
-    print(f"rollout {st['id']} ({st['name']}) is {st['status']}, {_progress(st)}{reason}")
-
-
-STATES = ("open", "running", "canceling", "success", "failure", "canceled")
-
-
-def _waves_table(st: dict[str, Any]) -> str:
-    rows = []
-    for w in range(st["waves"]):
-        counts = st["actions"].get(str(w), {})
-        mark = "*" if w == st["current_wave"] and st["status"] in ("running", "paused") else ""
-        rows.append((f"{w}{mark}", st["wave_sizes"].get(str(w), 0), *(counts.get(s, 0) for s in STATES)))
-    return table(("WAVE", "DEVICES", *(s.upper() for s in STATES)), rows)
-
-
-def _rollout_text(st: dict[str, Any]) -> str:
-    reason = f"\nreason     {st['reason']}" if st["reason"] else ""
-    policy = st["policy"]
-    out = (f"rollout    {st['id']} ({st['name']}), bundle {st['bundle']}\n"
-           f"status     {st['status']}, {_progress(st)}{reason}\n"
-           f"gate       success {policy['success_threshold']:g}, error {policy['error_threshold']:g}, "
-           f"window {policy['window']:g} s{', require commit' if policy.get('require_commit') else ''}\n"
-           f"\n{_waves_table(st)}")
-    if st.get("skipped_devices"):
-        out += f"\n\nskipped    {', '.join(st['skipped_devices'])}"
-    if st.get("history"):
-        out += "\n\n" + table(("AT", "WHO", "EVENT", "DETAIL"),
-                               [(h["at"], h["who"], h["event"], h["detail"]) for h in st["history"][-20:]])
-    return out
-
-
-def _rollout_detail(st: dict[str, Any]) -> None:
-    print(_rollout_text(st))
-
-
-def _created(st: dict[str, Any]) -> None:
-    n = sum(st["wave_sizes"].values())
-    print(f"rollout {st['id']} ({st['name']}): {n} devices in {st['waves']} waves, {st['status']}")
-    for device, why in sorted(st.get("skipped", {}).items()):
-        print(f"  left out {device}: {why}")
-
-
-def _actions_table(r: Any) -> None:
-    print(table(("ID", "DEVICE", "ROLLOUT", "WAVE", "BUNDLE", "STATE", "UPDATED", "REASON"),
-                [(x["id"], x["device"], x["rollout"], x["wave"], x["bundle"], x["status"],
-                  x.get("updated_at"), x["detail"] if x["status"] != "success" else "")
-                 for x in r["actions"]]))
 
 
 def _serve(a: argparse.Namespace) -> int:
