@@ -153,7 +153,7 @@ def test_every_help_explains_each_option_and_ends_with_an_example(word: str) -> 
         if name.split()[0] != word or any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
             continue
         for action in parser._actions:
-            assert action.help and action.help != argparse.SUPPRESS or action.dest == "report_fd", \
+            assert (action.help and action.help != argparse.SUPPRESS) or action.dest == "report_fd", \
                 f"edgeops {name}: {action.option_strings or action.dest} has no help"
         text = parser.format_help().rstrip()
         assert re.search(r"example:\n  edgeops \S.*\Z", text, re.S), f"edgeops {name}: no example at the end"
