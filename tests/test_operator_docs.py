@@ -65,7 +65,8 @@ def _examples(md: str) -> list[str]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_health_docs_show_an_example_of_each_probe_type(kind: str) -> None:
     docs = (DOCS / "health.md").read_text()
-    kinds = {p["type"] for ex in _examples(docs) for p in tomllib.loads(ex).get("health", {}).get("probe", [])}
+    kinds = {p["type"] for ex in _examples(docs)
+             for p in tomllib.loads(ex).get("health", {}).get("probe", [])}
     assert kind in kinds
 
 
