@@ -113,6 +113,19 @@ def test_device_already_on_the_version_is_refused_unless_forced(ctl: LocalContro
     assert _action_devices(ctl) == {"d1"}
 
 
+def test_a_device_that_just_failed_the_release_is_left_out_unless_forced(ctl: LocalController,
+                                                                        make_bundle) -> None:
+    _devices(ctl, {"d1": (COMPATIBLE, "1.0"), "d2": (COMPATIBLE, "1.0")})
+    bid = _upload(ctl, make_bundle("2.0", size=4096))
+    rid = ctl.api("POST", "/deployments", {"bundle": bid, "device": "d1"})["id"]
+    aid = ctl.api("GET", f"/actions?rollout={rid}")["actions"][0]["id"]
+    ctl.fleet.feedback("d1", aid, {"status": {"execution": "closed", "result": {"finished": "failure"}}})
+    out = ctl.api("POST", "/deployments", {"bundle": bid, "group": "g"})
+    assert "failed 2.0" in out["skipped"]["d1"] and set(out["skipped"]) == {"d1"}
+    forced = ctl.api("POST", "/deployments", {"bundle": bid, "device": "d1", "force": True})
+    assert forced["skipped"] == {}
+
+
 def test_a_deployment_that_leaves_nobody_is_refused(ctl: LocalController, make_bundle) -> None:
     _devices(ctl, {"d1": (COMPATIBLE, "2.0"), "d2": (COMPATIBLE, "2.0")})
     bid = _upload(ctl, make_bundle("2.0", size=4096))
@@ -138,11 +151,12 @@ def test_cli_deploy_without_a_target_exits_2_before_any_request(tmp_path: Path) 
 
 @given(bc=st.sampled_from(["a", "b"]), bv=st.sampled_from(["1", "2"]),
        dc=st.sampled_from([None, "", "a", "b"]), dv=st.sampled_from([None, "1", "2"]),
-       force=st.booleans())
-def test_eligibility_table(bc: str, bv: str, dc: str | None, dv: str | None, force: bool) -> None:
-    why = rollout.ineligible(bc, bv, dc, dv, force=force)
+       force=st.booleans(), failed=st.booleans())
+def test_eligibility_table(bc: str, bv: str, dc: str | None, dv: str | None, force: bool,
+                           failed: bool) -> None:
+    why = rollout.ineligible(bc, bv, dc, dv, force=force, failed_it=failed)
     other_board = bool(dc) and dc != bc
     same_version = dv == bv
-    assert (why is None) == (not other_board and (force or not same_version))
+    assert (why is None) == (not other_board and (force or not (same_version or failed)))
     if other_board:
         assert why is not None and why.startswith("incompatible")

@@ -469,21 +469,26 @@ class Fleet:
         bundle = self.bundle(bundle_id)
         targets = self.resolve_targets(device=device, group=group, percent=percent, everyone=everyone)
         known = {d["id"]: d for d in self.devices([t.device_id for t in targets])}
+        # whose newest action for this bundle failed (a retry of a failed release is a choice)
+        last = {d: st for d, st in self.db.query(
+            "SELECT device_id, status FROM actions WHERE id IN (SELECT MAX(id) FROM actions "
+            "WHERE bundle_id = ? GROUP BY device_id)", [bundle_id])}
         keep, skipped = [], {}
         for t in targets:
             d = known[t.device_id]
             attrs = d["attributes"]
             why = rollout.ineligible(bundle.compatible, bundle.version,
                                      attrs.get("edgeops.compatible") or attrs.get("compatible"),
-                                     d["version"], force=force)
+                                     d["version"], force=force,
+                                     failed_it=last.get(t.device_id) == "failure")
             if why is None:
                 keep.append(t)
             else:
                 skipped[t.device_id] = why
-        hint = "add force (--force) to reinstall the same version"
+        hint = "add force (--force) to install it anyway"
         if device is not None and skipped:
             raise Conflict(f"device {device!r} {skipped[device]}",
-                           hint=hint if "already" in skipped[device] else "upload a bundle for its board")
+                           hint="upload a bundle for its board" if "incompatible" in skipped[device] else hint)
         if not keep:
             raise Conflict(f"none of the {len(targets)} target devices may get {bundle.version}: "
                            f"{_summary(skipped)}", hint=hint)

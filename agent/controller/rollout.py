@@ -152,16 +152,19 @@ CHOICES: tuple[Choice, ...] = ("retry", "skip", "raise-threshold")
 
 
 def ineligible(bundle_compatible: str, bundle_version: str, device_compatible: str | None,
-               device_version: str | None, *, force: bool) -> str | None:
+               device_version: str | None, *, force: bool, failed_it: bool = False) -> str | None:
     """Why a device must not get this bundle (None: it may). A device that told us its
     ``compatible`` and names another board never gets it, ``force`` or not (it would refuse the
     bundle after downloading it, or worse, a client without that check would write it); one that
-    already runs the bundle's version is left alone unless ``force`` (a reinstall reboots it).
+    already runs the bundle's version, or whose last try of this bundle failed (``failed_it``),
+    is left alone unless ``force`` (a reinstall reboots it; a failed one would fail again).
     A device that never reported its compatible is not refused: the device itself checks."""
     if device_compatible and device_compatible != bundle_compatible:
         return f"incompatible: it is {device_compatible!r}, the bundle is for {bundle_compatible!r}"
     if not force and device_version is not None and device_version == bundle_version:
         return f"already runs {bundle_version}"
+    if not force and failed_it:
+        return f"failed {bundle_version} at its last try"
     return None
 
 
