@@ -192,7 +192,8 @@ def test_cli_serve_and_manage(tmp_path: Path, pki: Keys, make_bundle) -> None:
             assert '"version": "2.0"' in out
             out = run_cli("controller", "rollout", "create", "1", "--group", "g", "--json", check=True).stdout
             assert '"status": "running"' in out
-            assert '"halted": [\n    1\n  ]' in run_cli("controller", "rollout", "halt", "--json", check=True).stdout
+            halted = run_cli("controller", "rollout", "halt", "--json", check=True).stdout
+            assert '"halted": [\n    1\n  ]' in halted
             bad = run_cli("controller", "rollout", "resume", "1")
             assert bad.returncode == 2 and "409" in bad.stderr
             bad = run_cli("controller", "device", "list", "--token", "wrong")

@@ -487,8 +487,9 @@ class Fleet:
                 skipped[t.device_id] = why
         hint = "add force (--force) to install it anyway"
         if device is not None and skipped:
-            raise Conflict(f"device {device!r} {skipped[device]}",
-                           hint="upload a bundle for its board" if "incompatible" in skipped[device] else hint)
+            why = skipped[device]
+            raise Conflict(f"device {device!r} {why}",
+                           hint="upload a bundle for its board" if "incompatible" in why else hint)
         if not keep:
             raise Conflict(f"none of the {len(targets)} target devices may get {bundle.version}: "
                            f"{_summary(skipped)}", hint=hint)
