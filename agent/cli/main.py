@@ -129,7 +129,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="edgeops",
         description="Signed A/B updates for edge devices: install, trial boot, health check, "
                     "commit or revert.",
-        epilog="Exit codes: see 'edgeops help exit-codes' or README.md.",
+        epilog="Exit codes: see 'edgeops help exit-codes' or README.md.\n\n"
+               "example:\n  edgeops status",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
     parser.add_argument("--version", action="version", version=f"edgeops {__version__}")
