@@ -100,6 +100,13 @@ class TransportError(EdgeopsError):
     hint = "check the network or the source, then retry"
 
 
+class SourceNotFound(TransportError):
+    """The server answered that it has no such file (HTTP 404 or 410): the URL is wrong, or
+    the file was removed. Retrying the same URL cannot help, so it has an exit code of its own."""
+
+    hint = "check the URL: the server has no such file; retrying it will not help"
+
+
 # --- device identity (mTLS): a refused identity is bad credentials, never retried as is ----
 class IdentityError(TrustError):
     hint = "enrol the device again or ask the operator to check its record"

@@ -85,7 +85,7 @@ def test_install_from_http(cfg: Path, make_bundle: BundleFactory,
     (root / "v2.bundle").write_bytes(make_bundle("2.0").read_bytes())
     run_cli("install", f"{url}/v2.bundle", "--config", cfg, check=True)
     missing = run_cli("install", f"{url}/nope.bundle", "--config", cfg)
-    assert missing.returncode == 40
+    assert missing.returncode == 41  # not found: not "retry later" (40)
     assert "404" in one_line_error(missing.stderr)
 
 

@@ -92,7 +92,7 @@ def test_real_agent_through_a_faulty_link(tmp_path: Path, pki: Keys, make_bundle
             boards[f"d{i}"] = (board, ctl.api("POST", "/devices", {"id": f"d{i}"})["token"], proxy.url)
         with open(make_bundle("2.0", size=40_000), "rb") as f:
             bid = ctl.api("POST", "/bundles?filename=v2.bundle", data=f)["id"]
-        rid = ctl.api("POST", "/deployments", {"bundle": bid})["id"]
+        rid = ctl.api("POST", "/deployments", {"bundle": bid, "all": True})["id"]
         for _ in range(8):
             for did, (board, token, url) in boards.items():
                 agent_cycle(board, url, did, token)

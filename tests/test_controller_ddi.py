@@ -184,14 +184,16 @@ def test_cli_serve_and_manage(tmp_path: Path, pki: Keys, make_bundle) -> None:
         os.environ["EDGEOPS_CONTROLLER_TOKEN"], old = "op-token", os.environ.get("EDGEOPS_CONTROLLER_TOKEN")
         os.environ["EDGEOPS_CONTROLLER_URL"] = url
         try:
-            out = run_cli("controller", "device", "add", "d1", "--site", "x", check=True).stdout
+            out = run_cli("controller", "device", "add", "d1", "--site", "x", "--json", check=True).stdout
             assert '"token"' in out
             run_cli("controller", "group", "add", "g", "d1", check=True)
-            out = run_cli("controller", "bundle", "upload", make_bundle("2.0", size=4096), check=True).stdout
+            out = run_cli("controller", "bundle", "upload", make_bundle("2.0", size=4096), "--json",
+                          check=True).stdout
             assert '"version": "2.0"' in out
-            out = run_cli("controller", "rollout", "create", "1", "--group", "g", check=True).stdout
+            out = run_cli("controller", "rollout", "create", "1", "--group", "g", "--json", check=True).stdout
             assert '"status": "running"' in out
-            assert '"halted": [\n    1\n  ]' in run_cli("controller", "rollout", "halt", check=True).stdout
+            halted = run_cli("controller", "rollout", "halt", "--json", check=True).stdout
+            assert '"halted": [\n    1\n  ]' in halted
             bad = run_cli("controller", "rollout", "resume", "1")
             assert bad.returncode == 2 and "409" in bad.stderr
             bad = run_cli("controller", "device", "list", "--token", "wrong")

@@ -274,7 +274,8 @@ def test_cli_serve_with_device_ca_and_tpm_renew(tmp_path: Path, sw: SwTpm, devic
                 break
             except requests.ConnectionError:
                 time.sleep(0.05)
-        token = json.loads(run_cli("controller", "device", "add", "gw-1", check=True).stdout)["token"]
+        added = run_cli("controller", "device", "add", "gw-1", "--json", check=True).stdout
+        token = json.loads(added)["token"]
         toml = device_dir / "agent.toml"
         toml.write_text(toml.read_text() + f'\n[tpm]\ntcti = "{sw.tcti}"\n\n[fleet]\nurl = "{url}"\n'
                         f'controller_id = "gw-1"\nauth = "target"\ntoken = "{token}"\n'

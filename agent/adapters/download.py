@@ -40,7 +40,7 @@ import requests
 import urllib3
 
 from agent.core.fleet_config import DownloadPolicy
-from agent.errors import BundleError, TransportError
+from agent.errors import BundleError, SourceNotFound, TransportError
 
 log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -354,9 +354,11 @@ def open_stream(url: str, policy: DownloadPolicy | None = None) -> tuple[io.RawI
         resp = open_url(session, origin, url, {"Accept-Encoding": "identity"}, timeout)
     except requests.RequestException as exc:
         raise DownloadFailed(f"download of {redact(url)} failed: {type(exc).__name__}") from None
-    if resp.status_code != 200:
+    if resp.status_code != 200:  # 404/410: a wrong URL, not a network problem, not "retry later"
         resp.close()
-        raise DownloadFailed(f"download of {redact(url)} answered HTTP {resp.status_code}")
+        gone = resp.status_code in (404, 410)
+        raise (SourceNotFound if gone else DownloadFailed)(
+            f"download of {redact(url)} answered HTTP {resp.status_code}")
     length = resp.headers.get("Content-Length", "")
     if length.isdigit() and "Content-Encoding" not in resp.headers:
         stream = ResumableStream(session, origin, resp.url or url, size=int(length), sha256=None,

@@ -43,17 +43,29 @@ def register(sub: Any) -> None:
     c.add_argument("-o", "--output", type=Path, required=True)
     c.set_defaults(func=_create)
 
-    i = bs.add_parser("info", help="show a bundle's manifest (unverified)")
-    i.add_argument("bundle")
-    i.add_argument("--json", action="store_true")
+    i = bs.add_parser("info", help="show a bundle's manifest, health overrides and carried CRL "
+                                   "(unverified)",
+                      description="Show a bundle's manifest, signer, health overrides and carried "
+                                  "revocation list, without verifying anything.",
+                      epilog="example:\n  edgeops bundle info update.bundle",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("bundle", help="the bundle file, or '-' for stdin")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=_info)
 
-    v = bs.add_parser("verify", help="verify signature, chain and every payload block; writes nothing")
-    v.add_argument("bundle")
-    v.add_argument("--keyring", type=Path, required=True, help="trusted root certificate(s)")
+    v = bs.add_parser("verify", help="verify signature, chain and every payload block; writes nothing",
+                      description="Verify a bundle as a device would: signature, signer chain, "
+                                  "revocation and every payload block. Writes nothing.",
+                      epilog="example:\n  edgeops bundle verify update.bundle --keyring root/root.crt",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("bundle", help="the bundle file, or '-' for stdin")
+    v.add_argument("--keyring", type=Path, required=True, help="trusted root certificate(s), PEM")
     v.add_argument("--compatible", help="also require this compatible string")
-    v.add_argument("--crl", type=Path, action="append", default=[])
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--crl", type=Path, action="append", default=None,
+                   help="a revocation list to apply (repeatable; default: every *.crl beside "
+                        "--keyring, as 'keys revoke' writes ROOT/revoked.crl); the bundle's own "
+                        "carried CRL always applies")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
     v.set_defaults(func=_verify)
 
 
@@ -134,8 +146,9 @@ def _info(a: argparse.Namespace) -> int:
     chain = trust.parse_chain(head.chain_pem)
     doc = json.loads(head.manifest_bytes)
     doc["signer"] = {"subject": chain[0].subject.rfc4514_string(),
-                     "serial": f"{chain[0].serial_number:x}",
+                     "serial": openssl_serial(chain[0].serial_number),
                      "not_after": chain[0].not_valid_after_utc.isoformat()}
+    doc["crl"] = _crl_summary(head.crl) if head.crl else None
     doc["verified"] = False
     if a.json:
         print(json.dumps(doc, indent=2))
@@ -149,21 +162,68 @@ def _info(a: argparse.Namespace) -> int:
     for p in m.payloads:
         print(f"payload {p.name:<10} class={p.slot_class} size={p.size} stored={p.stored_size} "
               f"({p.compression}) sha256={p.sha256[:16]}… blocks={p.block_count}x{p.block_size}")
+    _print_health(m.health)
+    crl = doc["crl"]
+    if crl is None:
+        print("crl               none carried")
+    elif "error" in crl:
+        print(f"crl               {crl['error']}")
+    else:
+        print(f"crl               by {crl['issuer']}, number {crl['number']}, {crl['this_update']} "
+              f"to {crl['next_update']}; revokes {', '.join(crl['revoked']) or 'nothing'}")
     print("(not verified: use 'edgeops bundle verify --keyring ROOT.crt')")
     return 0
+
+
+def openssl_serial(n: int) -> str:
+    """A certificate serial as 'openssl x509 -serial' prints it: upper-case hex, whole bytes."""
+    h = f"{n:X}"
+    return h if len(h) % 2 == 0 else "0" + h
+
+
+def _print_health(h: dict[str, Any] | None) -> None:
+    if not h:
+        print("health            the device's own checks (no overrides)")
+        return
+    limits = ", ".join(f"{k} {h[k]}" for k in ("deadline", "interval", "retries") if k in h)
+    print(f"health            {limits or 'the device limits'}; adds {len(h.get('probe', []))} probe(s)")
+    for p in h.get("probe", []):
+        keys = ", ".join(f"{k}={v!r}" for k, v in p.items() if k not in ("type", "name"))
+        print(f"  probe {p.get('type')}{' ' + repr(p['name']) if 'name' in p else ''}: {keys}")
+
+
+def _crl_summary(blob: bytes) -> dict[str, Any]:
+    """What a carried CRL says (unverified): issuer, number, dates and revoked serials."""
+    from cryptography import x509
+
+    try:
+        crl = (x509.load_pem_x509_crl(blob) if blob.lstrip().startswith(b"-----")
+               else x509.load_der_x509_crl(blob))
+    except ValueError:
+        return {"error": f"carries {len(blob)} bytes that are not a CRL"}
+    try:
+        number: int | None = int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        number = None
+    nxt = crl.next_update_utc
+    return {"issuer": crl.issuer.rfc4514_string(), "number": number,
+            "this_update": crl.last_update_utc.isoformat(),
+            "next_update": nxt.isoformat() if nxt else None,
+            "revoked": [openssl_serial(r.serial_number) for r in crl]}
 
 
 def _verify(a: argparse.Namespace) -> int:
     from agent.adapters import bundle
     from agent.core import trust
 
-    keyring = trust.Keyring.from_pem(a.keyring.read_bytes())
+    keyring = trust.Keyring.from_pem(_read(a.keyring, "keyring"))
     with _open(a.bundle) as f:
         reader = bundle.BundleReader(f)
         head = reader.read_head()
         facts = trust.DeviceFacts(compatible=a.compatible, security_floor=0,
                                   best_known_time=int(time.time()))
-        crls = [c.read_bytes() for c in a.crl] + ([head.crl] if head.crl else [])
+        crl_files = a.crl if a.crl is not None else sorted(a.keyring.resolve().parent.glob("*.crl"))
+        crls = [_read(c, "CRL") for c in crl_files] + ([head.crl] if head.crl else [])
         verdict = trust.verify_head(manifest_bytes=head.manifest_bytes, signature=head.signature,
                                     chain_pem=head.chain_pem, keyring=keyring, device=facts,
                                     crls=crls)
@@ -177,4 +237,6 @@ def _verify(a: argparse.Namespace) -> int:
     else:
         print(f"OK: {a.bundle} version {m.version} for '{m.compatible}' signed by "
               f"{verdict.signer_subject}; all {sum(p.block_count for p in m.payloads)} blocks verified")
+        names = [str(c) for c in crl_files] + (["the bundle's own"] if head.crl else [])
+        print(f"revocation checked against: {', '.join(names) or 'no CRL (none beside the keyring)'}")
     return 0

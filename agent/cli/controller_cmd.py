@@ -4,39 +4,84 @@
                              [--tls-cert F --tls-key F [--device-ca DIR [--cert-lifetime S]]]
                              [--init] [--reuse-port] [--max-connections N]
     edgeops controller device list|add|tag|revoke     edgeops controller group list|add
-    edgeops controller bundle list|upload      edgeops controller deploy (--device|--group|--percent)
-    edgeops controller rollout create|status|pause|resume|halt|cancel
+    edgeops controller bundle list|upload
+    edgeops controller deploy BUNDLE (--device D | --group G | --percent P | --all) [--force]
+    edgeops controller rollout create|status [--watch]|pause|resume|halt|cancel
+    edgeops controller actions [--device D] [--rollout R]
 
 Management commands talk HTTP to a running controller (--url, $EDGEOPS_CONTROLLER_URL) with
 the operator token (--token, $EDGEOPS_CONTROLLER_TOKEN); an HTTPS controller with a private CA
-needs --ca-cert ($EDGEOPS_CONTROLLER_CA). Heavy imports stay inside handlers.
+needs --ca-cert ($EDGEOPS_CONTROLLER_CA). They print tables for people, and the controller's
+JSON with --json (for scripts; the tables are drawn by ``controller_views``). Heavy imports
+stay inside handlers. Long because it declares every management command with a sentence per
+option and an example (about 440 lines); split, one parser would live in two files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.cli import controller_views as views
 from agent.errors import TransportError, UsageError
+
+ENV_HELP = ("The management commands reach the controller at --url (default "
+            "$EDGEOPS_CONTROLLER_URL, else http://127.0.0.1:8080) with the operator token --token "
+            "(default $EDGEOPS_CONTROLLER_TOKEN; 'controller serve' prints where it keeps a "
+            "generated one); an HTTPS controller with a private CA needs --ca-cert "
+            "($EDGEOPS_CONTROLLER_CA).")
+Render = Callable[[Any], None]
+
+
+def _parser(parent: Any, name: str, helptext: str, example: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = parent.add_parser(
+        name, help=helptext, description=helptext[:1].upper() + helptext[1:] + ".",
+        epilog=f"{ENV_HELP}\n\nexample:\n  {example}", formatter_class=_Formatter)
+    return p
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the example's line breaks; wraps the prose paragraph of the epilog itself."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        prose, _, rest = text.partition("\n\n")
+        return textwrap.fill(prose, width, initial_indent=indent,
+                             subsequent_indent=indent) + ("\n\n" + rest if rest else "")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("controller", help="the fleet controller (hawkBit DDI server) and its API")
+    p = sub.add_parser("controller", help="the fleet controller (hawkBit DDI server) and its API",
+                       description="The fleet controller (a hawkBit DDI server) and the commands "
+                                   "that manage a fleet through its REST API.",
+                       epilog=f"{ENV_HELP}\n\nexample:\n  export EDGEOPS_CONTROLLER_URL="
+                              "http://127.0.0.1:8080 EDGEOPS_CONTROLLER_TOKEN=...\n"
+                              "  edgeops controller rollout status", formatter_class=_Formatter)
     cs = p.add_subparsers(dest="controller_command", metavar="ACTION", required=True)
 
-    s = cs.add_parser("serve", help="run the controller")
-    s.add_argument("--db", default="controller.db", help="SQLite path or postgresql:// URL")
-    s.add_argument("--data", type=Path, help="artifact directory (default: beside the SQLite file)")
+    s = _parser(cs, "serve", "run the controller",
+                "edgeops controller serve --db /var/lib/edgeops/controller.db --keyring pki/root/root.crt")
+    s.add_argument("--db", default="controller.db",
+                   help="the database: a SQLite path or a postgresql:// URL (default controller.db)")
+    s.add_argument("--data", type=Path,
+                   help="artifact directory (default: controller-data beside the SQLite file)")
     s.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
-    s.add_argument("--parent", help="regional mode: the parent controller's URL")
-    s.add_argument("--keyring", type=Path, help="the fleet's root certificates (PEM)")
+    s.add_argument("--parent",
+                   help="regional mode: serve devices on behalf of the parent controller at this URL")
+    s.add_argument("--keyring", type=Path,
+                   help="the fleet's root certificates (PEM): uploaded bundles are verified against them")
     s.add_argument("--tenant", default="DEFAULT",
                    help="the hawkBit tenant in DDI paths (default DEFAULT; compared without case)")
-    s.add_argument("--poll-sleep", type=int, default=30, help="seconds devices wait between polls")
+    s.add_argument("--poll-sleep", type=int, default=30,
+                   help="seconds devices wait between polls (default 30)")
     s.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN"),
                    help="operator bearer token (default: generated once, kept in the database)")
     s.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
@@ -56,95 +101,201 @@ def register(sub: Any) -> None:
                    help="at most this many connections (default: as many as the file limit allows)")
     s.set_defaults(func=_serve)
 
-    def api_cmd(parser: Any, name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
-        c: argparse.ArgumentParser = parser.add_parser(name, help=helptext)
-        c.add_argument("--url", default=os.environ.get("EDGEOPS_CONTROLLER_URL", "http://127.0.0.1:8080"))
-        c.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN", ""))
+    def api_cmd(parser: Any, name: str, helptext: str, fn: Callable[[argparse.Namespace], int],
+                example: str) -> argparse.ArgumentParser:
+        c = _parser(parser, name, helptext, example)
+        c.add_argument("--url", default=os.environ.get("EDGEOPS_CONTROLLER_URL", "http://127.0.0.1:8080"),
+                       help="the controller's URL (default $EDGEOPS_CONTROLLER_URL, else "
+                            "http://127.0.0.1:8080)")
+        c.add_argument("--token", default=os.environ.get("EDGEOPS_CONTROLLER_TOKEN", ""),
+                       help="the operator token (default $EDGEOPS_CONTROLLER_TOKEN)")
         c.add_argument("--ca-cert", default=os.environ.get("EDGEOPS_CONTROLLER_CA"),
-                       help="CA of an HTTPS controller's certificate")
+                       help="the CA of an HTTPS controller's certificate (default $EDGEOPS_CONTROLLER_CA)")
+        c.add_argument("--json", action="store_true",
+                       help="print the controller's JSON answer instead of a table (for scripts)")
         c.set_defaults(func=fn)
         return c
 
-    dev = cs.add_parser("device", help="devices").add_subparsers(dest="a", metavar="ACTION", required=True)
-    api_cmd(dev, "list", "list devices", lambda a: _call(a, "GET", "/devices"))
-    d = api_cmd(dev, "add", "register a device; prints its TargetToken", lambda a: _call(
-        a, "POST", "/devices", {"id": a.id, "site": a.site, "tags": a.tag, "token": a.device_token}))
-    d.add_argument("id")
-    d.add_argument("--site", default="")
-    d.add_argument("--tag", action="append", default=[])
+    dev = cs.add_parser("device", help="list, register, tag or revoke devices",
+                        description="List, register, tag or revoke devices.").add_subparsers(
+        dest="a", metavar="ACTION", required=True)
+    api_cmd(dev, "list", "list devices with their version, site and last contact",
+            lambda a: _call(a, "GET", "/devices", render=views.devices_table),
+            "edgeops controller device list")
+    d = api_cmd(dev, "add", "register a device; prints its TargetToken (shown only once)", lambda a: _call(
+        a, "POST", "/devices", {"id": a.id, "site": a.site, "tags": a.tag, "token": a.device_token},
+        render=lambda r: print(f"registered {r['id']}; its TargetToken (shown only this once): "
+                               f"{r['token']}")),
+        "edgeops controller device add store-17 --site north --tag kiosk")
+    d.add_argument("id", help="the device's controllerId (1-128 letters, digits, '-', '_', '.', ':')")
+    d.add_argument("--site", default="", help="the device's site (rollout waves spread across sites)")
+    d.add_argument("--tag", action="append", default=[], help="a tag (repeat for more)")
     d.add_argument("--device-token", help="use this TargetToken instead of a generated one")
     t = api_cmd(dev, "tag", "add tags to a device",
-                lambda a: _call(a, "POST", f"/devices/{a.id}/tags", {"tags": a.tags}))
-    t.add_argument("id")
-    t.add_argument("tags", nargs="+")
+                lambda a: _call(a, "POST", f"/devices/{a.id}/tags", {"tags": a.tags},
+                                render=lambda r: print(f"{a.id}: tags {', '.join(r['tags'])}")),
+                "edgeops controller device tag store-17 kiosk beta")
+    t.add_argument("id", help="the device")
+    t.add_argument("tags", nargs="+", help="tags to add")
     rv = api_cmd(dev, "revoke", "revoke a device's identity: its certificates are refused (mTLS)",
-                 lambda a: _call(a, "POST", f"/devices/{a.id}/revoke"))
-    rv.add_argument("id")
+                 lambda a: _call(a, "POST", f"/devices/{a.id}/revoke",
+                                 render=lambda r: print(f"{a.id}: revoked")),
+                 "edgeops controller device revoke store-17")
+    rv.add_argument("id", help="the device")
 
-    grp = cs.add_parser("group", help="groups").add_subparsers(dest="a", metavar="ACTION", required=True)
-    api_cmd(grp, "list", "list groups", lambda a: _call(a, "GET", "/groups"))
+    grp = cs.add_parser("group", help="list groups or add devices to one",
+                        description="List groups or add devices to one.").add_subparsers(
+        dest="a", metavar="ACTION", required=True)
+    api_cmd(grp, "list", "list groups and their devices",
+            lambda a: _call(a, "GET", "/groups", render=views.groups_table), "edgeops controller group list")
     g = api_cmd(grp, "add", "add devices to a group (created on first use)",
-                lambda a: _call(a, "POST", "/groups", {"name": a.name, "devices": a.devices}))
-    g.add_argument("name")
-    g.add_argument("devices", nargs="+")
+                lambda a: _call(a, "POST", "/groups", {"name": a.name, "devices": a.devices},
+                                render=lambda r: print(f"group {a.name}: "
+                                                       f"{len(r['groups'][a.name])} devices")),
+                "edgeops controller group add stores store-17 store-18")
+    g.add_argument("name", help="the group")
+    g.add_argument("devices", nargs="+", help="devices to add")
 
-    bun = cs.add_parser("bundle", help="bundles").add_subparsers(dest="a", metavar="ACTION", required=True)
-    api_cmd(bun, "list", "list bundles", lambda a: _call(a, "GET", "/bundles"))
-    u = api_cmd(bun, "upload", "upload a signed bundle (the controller verifies it)", _upload)
-    u.add_argument("path", type=Path)
+    bun = cs.add_parser("bundle", help="list or upload bundles",
+                        description="List or upload bundles.").add_subparsers(
+        dest="a", metavar="ACTION", required=True)
+    api_cmd(bun, "list", "list uploaded bundles",
+            lambda a: _call(a, "GET", "/bundles", render=views.bundles_table),
+            "edgeops controller bundle list")
+    u = api_cmd(bun, "upload", "upload a signed bundle (the controller verifies it)", _upload,
+                "edgeops controller bundle upload build/v2.edgeops")
+    u.add_argument("path", type=Path, help="the bundle file")
 
-    dep = api_cmd(cs, "deploy", "deploy a bundle at once (one wave, no gate)", lambda a: _call(
-        a, "POST", "/deployments", {"bundle": a.bundle, "device": a.device, "group": a.group,
-                                    "percent": a.percent}))
-    dep.add_argument("bundle", type=int)
-    dep.add_argument("--device")
-    dep.add_argument("--group")
-    dep.add_argument("--percent", type=float)
+    dep = api_cmd(cs, "deploy", "deploy a bundle at once to the devices named (one wave, no gate)",
+                  _deploy, "edgeops controller deploy 3 --group stores")
+    dep.add_argument("bundle", type=int, help="the bundle's id ('controller bundle list')")
+    _target_options(dep, device=True)
 
-    ro = cs.add_parser("rollout", help="gated rollouts").add_subparsers(dest="a", metavar="ACTION",
-                                                                       required=True)
-    c = api_cmd(ro, "create", "canary wave, then growing waves behind a health gate", _rollout_create)
-    c.add_argument("bundle", type=int)
-    c.add_argument("--group")
-    c.add_argument("--percent", type=float)
-    c.add_argument("--canary-percent", type=float, default=5.0)
-    c.add_argument("--success-threshold", type=float, default=0.95)
-    c.add_argument("--error-threshold", type=float, default=0.2)
-    c.add_argument("--window", type=float, default=3600.0, help="seconds a wave may take")
+    ro = cs.add_parser("rollout", help="gated rollouts: create, watch, pause, resume, halt, cancel",
+                       description="Gated rollouts: a canary wave, then growing waves behind a "
+                                   "health gate.").add_subparsers(dest="a", metavar="ACTION",
+                                                                  required=True)
+    c = api_cmd(ro, "create", "create a rollout: a canary wave, then growing waves behind a health gate",
+                _rollout_create, "edgeops controller rollout create 3 --group stores --canary-percent 5")
+    c.add_argument("bundle", type=int, help="the bundle's id ('controller bundle list')")
+    _target_options(c, device=False)
+    c.add_argument("--canary-percent", type=float, default=5.0,
+                   help="the first wave's share of the targets, in percent (default 5)")
+    c.add_argument("--success-threshold", type=float, default=0.95,
+                   help="the fraction of a wave that must succeed before the next starts (default 0.95)")
+    c.add_argument("--error-threshold", type=float, default=0.2,
+                   help="the fraction of a wave failing that pauses the rollout (default 0.2)")
+    c.add_argument("--window", type=float, default=3600.0,
+                   help="seconds a wave may take to pass the gate before the rollout pauses (default 3600)")
     c.add_argument("--require-commit", action="store_true",
                    help="count only successes reported after a committed trial boot (edgeops agents), "
                         "not those reported once the image is written (rauc-hawkbit-updater)")
-    st = api_cmd(ro, "status", "show a rollout (or all)",
-                 lambda a: _call(a, "GET", f"/rollouts/{a.id}" if a.id else "/rollouts"))
-    st.add_argument("id", nargs="?", type=int)
-    for verb in ("pause", "resume", "cancel"):
-        v = api_cmd(ro, verb, f"{verb} a rollout",
-                    lambda a, verb=verb: _call(a, "POST", f"/rollouts/{a.id}/{verb}"))
-        v.add_argument("id", type=int)
+    st = api_cmd(ro, "status", "show one rollout with its waves and history, or list them all",
+                 _rollout_status, "edgeops controller rollout status 7 --watch")
+    st.add_argument("id", nargs="?", type=int, help="the rollout (default: list every rollout)")
+    st.add_argument("--watch", action="store_true",
+                    help="show it again whenever it changes, until it is no longer running (Ctrl-C stops)")
+    st.add_argument("--interval", type=float, default=2.0,
+                    help="seconds between looks with --watch (default 2)")
+    for verb, what in (("pause", "pause a running rollout (no new wave starts)"),
+                       ("cancel", "cancel a rollout: its open actions are canceled")):
+        v = api_cmd(ro, verb, what, _verb(verb), f"edgeops controller rollout {verb} 7")
+        v.add_argument("id", type=int, help="the rollout")
+    r = api_cmd(ro, "resume", "resume a paused rollout; after a failure pause, say what to do "
+                              "with the failed devices", _rollout_resume,
+                "edgeops controller rollout resume 7 --retry-failed")
+    r.add_argument("id", type=int, help="the rollout")
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--retry-failed", action="store_true",
+                     help="give the wave's failed devices the bundle again")
+    how.add_argument("--skip-failed", action="store_true",
+                     help="leave the failed devices out of this rollout and go on")
+    how.add_argument("--threshold", type=float, metavar="X",
+                     help="raise the error threshold to X (a fraction, above the current one)")
     h = api_cmd(ro, "halt", "halt one rollout, or with no id every rollout (fleet-wide)",
-                lambda a: _call(a, "POST", f"/rollouts/{a.id}/halt" if a.id else "/halt"))
-    h.add_argument("id", nargs="?", type=int)
+                lambda a: _call(a, "POST", f"/rollouts/{a.id}/halt" if a.id else "/halt",
+                                render=views.rollout_line if a.id else
+                                lambda r: print(f"halted rollouts: {r['halted'] or 'none'}")),
+                "edgeops controller rollout halt 7")
+    h.add_argument("id", nargs="?", type=int, help="the rollout (default: every running or paused one)")
+
+    ac = api_cmd(cs, "actions", "list deployment actions with their state and the device's reason",
+                 lambda a: _call(a, "GET", "/actions" + _query(device=a.device, rollout=a.rollout),
+                                 render=views.actions_table),
+                 "edgeops controller actions --rollout 7")
+    ac.add_argument("--device", help="only this device's actions")
+    ac.add_argument("--rollout", type=int, help="only this rollout's actions")
 
 
-def _call(a: argparse.Namespace, method: str, path: str, body: Any = None, data: Any = None) -> int:
+def _verb(verb: str) -> Callable[[argparse.Namespace], int]:
+    return lambda a: _call(a, "POST", f"/rollouts/{a.id}/{verb}", render=views.rollout_line)
+
+
+def _target_options(p: argparse.ArgumentParser, *, device: bool) -> None:
+    if device:
+        p.add_argument("--device", help="one device")
+    p.add_argument("--group", help="the devices of this group")
+    p.add_argument("--percent", type=float,
+                   help="this percentage of the fleet (or of --group), chosen evenly across sites")
+    p.add_argument("--all", action="store_true", dest="everyone",
+                   help="every registered device (never the default: say it)")
+    p.add_argument("--force", action="store_true",
+                   help="also devices already running the bundle's version (they reinstall and reboot)")
+
+
+def _targets(a: argparse.Namespace) -> dict[str, Any]:
+    device = getattr(a, "device", None)
+    if device is None and a.group is None and a.percent is None and not a.everyone:
+        raise UsageError("name the target devices: --device, --group, --percent, or --all for the "
+                         "whole fleet")
+    body: dict[str, Any] = {"group": a.group, "percent": a.percent, "all": a.everyone, "force": a.force}
+    if device is not None:
+        body["device"] = device
+    return body
+
+
+def _query(**params: Any) -> str:
+    from urllib.parse import urlencode
+
+    given = {k: v for k, v in params.items() if v is not None}
+    return "?" + urlencode(given) if given else ""
+
+
+def _call(a: argparse.Namespace, method: str, path: str, body: Any = None, data: Any = None, *,
+          render: Render | None = None) -> int:
+    answer = _request(a, method, path, body, data)
+    if a.json or render is None:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        render(answer)
+    return 0
+
+
+def _request(a: argparse.Namespace, method: str, path: str, body: Any = None, data: Any = None) -> Any:
+    import getpass
+
     import requests
 
     url = f"{a.url.rstrip('/')}/api/v1{path}"
+    headers = {"Authorization": f"Bearer {a.token}"}
+    with contextlib.suppress(KeyError, OSError):  # for the rollout's history: who did it
+        headers["X-Edgeops-Operator"] = getpass.getuser()
     try:
         r = requests.request(method, url, json=body if data is None else None, data=data, timeout=120,
-                             headers={"Authorization": f"Bearer {a.token}"},
-                             verify=getattr(a, "ca_cert", None) or True)
+                             headers=headers, verify=getattr(a, "ca_cert", None) or True)
     except requests.RequestException as exc:
         raise TransportError(f"controller at {a.url} unreachable: {exc}") from None
     if r.status_code >= 400:
         try:
-            msg = r.json().get("message", r.text)
+            doc = r.json()
+            msg, hint = doc.get("message", r.text), doc.get("hint") or None
         except ValueError:
-            msg = r.text
+            msg, hint = r.text[:300], None
+        if r.status_code == 401:
+            hint = "give the operator token: --token or $EDGEOPS_CONTROLLER_TOKEN"
         raise UsageError(f"controller refused {method} {path}: HTTP {r.status_code}: {msg}",
-                         hint="see docs/fleet-controller.md")
-    print(json.dumps(r.json(), indent=2, sort_keys=True))
-    return 0
+                         hint=hint or "see docs/fleet-controller.md")
+    return r.json()
 
 
 def _upload(a: argparse.Namespace) -> int:
@@ -153,15 +304,55 @@ def _upload(a: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot open {a.path}: {exc.strerror}") from None
     with f:
-        return _call(a, "POST", f"/bundles?filename={a.path.name}", data=f)
+        return _call(a, "POST", f"/bundles?filename={a.path.name}", data=f, render=lambda b: print(
+            f"bundle {b['id']}: {b['version']} for {b['compatible']}, {b['size']} bytes, "
+            f"signed by {b['signer']}"))
+
+
+def _deploy(a: argparse.Namespace) -> int:
+    return _call(a, "POST", "/deployments", {"bundle": a.bundle, **_targets(a)}, render=views.created)
 
 
 def _rollout_create(a: argparse.Namespace) -> int:
     policy = {"canary_percent": a.canary_percent, "success_threshold": a.success_threshold,
               "error_threshold": a.error_threshold, "window": a.window,
               "require_commit": a.require_commit}
-    return _call(a, "POST", "/rollouts", {"bundle": a.bundle, "group": a.group, "percent": a.percent,
-                                          "policy": policy})
+    return _call(a, "POST", "/rollouts", {"bundle": a.bundle, **_targets(a), "policy": policy},
+                 render=views.created)
+
+
+def _rollout_resume(a: argparse.Namespace) -> int:
+    body: dict[str, Any] | None = None
+    if a.retry_failed:
+        body = {"choice": "retry"}
+    elif a.skip_failed:
+        body = {"choice": "skip"}
+    elif a.threshold is not None:
+        body = {"choice": "raise-threshold", "threshold": a.threshold}
+    return _call(a, "POST", f"/rollouts/{a.id}/resume", body, render=views.rollout_line)
+
+
+def _rollout_status(a: argparse.Namespace) -> int:
+    if a.id is None:
+        if a.watch:
+            raise UsageError("--watch follows one rollout: give its id")
+        return _call(a, "GET", "/rollouts", render=views.rollouts_table)
+    if not a.watch:
+        return _call(a, "GET", f"/rollouts/{a.id}", render=views.rollout_detail)
+    if not 0.2 <= a.interval <= 3600:
+        raise UsageError("--interval must be from 0.2 to 3600 seconds")
+    shown = None
+    while True:
+        st = _request(a, "GET", f"/rollouts/{a.id}")
+        view = json.dumps(st, sort_keys=True) if a.json else views.rollout_text(st)
+        if view != shown:
+            if not a.json:
+                print(f"--- {views.iso(time.time())}")
+            print(view, flush=True)
+            shown = view
+        if st["status"] != "running":
+            return 0
+        time.sleep(a.interval)
 
 
 def _serve(a: argparse.Namespace) -> int:
@@ -195,6 +386,10 @@ def _serve(a: argparse.Namespace) -> int:
                         poll_sleep=a.poll_sleep, parent=a.parent, device_ca=ca, ssl_context=ctx,
                         cert_lifetime=a.cert_lifetime, max_connections=a.max_connections)
     raise_file_limit()  # before build_app: the connection cap is derived from the file limit
+    import logging
+
+    # Each rollout transition and each failed action is one line on stderr, whatever -v says.
+    logging.getLogger("edgeops.controller.rollouts").setLevel(logging.INFO)
     app = build_app(fleet, settings)
     mode = "; devices need client certificates (mTLS)" if ca is not None else ""
 

@@ -16,16 +16,31 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.cli.common import add_config_option, config_path
-from agent.errors import HealthCheckFailed, UsageError
+from agent.errors import HealthCheckFailed, StateError, UsageError
 
 if TYPE_CHECKING:
     from agent.device.updater import Updater
 
 
+# The example that ends each command's --help.
+EXAMPLES = {
+    "install": "edgeops install https://updates.example.com/gateway-2.1.bundle",
+    "status": "edgeops status --json",
+    "history": "edgeops history -n 10",
+    "rollback": "edgeops rollback",
+    "mark-good": "edgeops mark-good    # e.g. from a unit that runs at every boot",
+    "mark-bad": "edgeops mark-bad",
+    "health": "edgeops health --json",
+    "agent": "edgeops agent --once",
+}
+
+
 def register(sub: Any) -> None:
     def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int],
             json_flag: bool = False) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=helptext)
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=helptext, description=helptext[:1].upper() + helptext[1:] + ".",
+            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_option(p)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -42,8 +57,9 @@ def register(sub: Any) -> None:
     cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
     h = cmd("history", "show the install and health history", _history, json_flag=True)
     h.add_argument("-n", type=int, default=30, help="rows (default 30)")
-    cmd("rollback", "boot the other known-good slot", _rollback)
-    cmd("mark-good", "commit the running trial slot now", _mark_good)
+    cmd("rollback", "make the other known-good slot primary and reboot into it (at once)", _rollback)
+    cmd("mark-good", "commit the running trial slot now (on a committed system: nothing to do, exit 0)",
+        _mark_good)
     cmd("mark-bad", "reject the running trial slot and revert", _mark_bad)
     cmd("health", "run the health checks now and print each result", _health, json_flag=True)
     a = cmd("agent", "run the agent service (finishes trials, runs health checks)", _agent)
@@ -115,9 +131,15 @@ def _status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"booted slot   {st['booted_slot']}{'  (trial)' if st['trial'] else ''}")
+    trial = ""
+    if st["trial"]:
+        trial = "  (trial)" if st["trial_picked_up"] else "  (trial, not yet picked up by the agent)"
+    print(f"booted slot   {st['booted_slot']}{trial}")
     print(f"primary slot  {st['primary_slot']}")
-    if st["trial_pending_slot"] and not st["trial"]:
+    if st["trial"]:
+        print(f"next boot     falls back to slot {st['primary_slot']} unless this trial is committed "
+              f"(health checks pass, or 'edgeops mark-good')")
+    elif st["trial_pending_slot"]:
         print(f"next boot     tries slot {st['trial_pending_slot']} once")
     print(f"phase         {st['phase']}")
     if st["journal"] != "ok":
@@ -146,15 +168,30 @@ def _history(a: argparse.Namespace) -> int:
 
 
 def _rollback(a: argparse.Namespace) -> int:
+    print("rolling back: the other known-good slot becomes primary, then the device reboots",
+          flush=True)  # before: the reboot may end this process
     with _updater(a) as up:
         slot = up.rollback()
-    print(f"rolled back: slot {slot} is primary again")
+    print(f"rolled back: slot {slot} is primary again; rebooting into it")
     return 0
 
 
 def _mark_good(a: argparse.Namespace) -> int:
     with _updater(a) as up:
-        up.mark_good()
+        try:
+            up.mark_good()
+        except StateError:
+            # Already committed (as 'rauc status mark-good' on a good slot): a unit that marks
+            # good at every boot must not fail. Anything else (a trial armed for the next boot,
+            # a revert under way) is still refused.
+            st = up.status()
+            booted = st["slots"].get(st["booted_slot"], {})
+            committed = st["booted_slot"] == st["primary_slot"] and booted.get("state") == "good"
+            if st["phase"] != "idle" or not committed:
+                raise
+            print(f"slot {st['booted_slot']} ({booted.get('version') or 'no version'}) is already "
+                  f"committed; nothing to mark")
+            return 0
         print("\n".join(up.messages))
     return 0
 
@@ -184,7 +221,12 @@ def _health(a: argparse.Namespace) -> int:
 
 
 def _agent(a: argparse.Namespace) -> int:
+    import logging
+
     from agent.device import service, worker
+
+    # A trial's health window is logged as it goes (probe, round, time left), not only its verdict.
+    logging.getLogger("edgeops.trial").setLevel(logging.INFO)
 
     if a.report_fd is not None:
         if not a.once:

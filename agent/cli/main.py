@@ -7,7 +7,9 @@ Exit codes (documented in README.md, stable for scripts):
     3 config error       13 incompatible bundle           'edgeops journal recover'
                          14 malformed/unsafe bundle    30 health checks failed
                          15 hash or size mismatch      40 transport error (retry later)
-                         16 payload larger than its slot
+                         16 payload larger than its    41 not found at the source (HTTP 404/410):
+                            slot                          fix the URL, retrying will not help
+                                                      130 interrupted (Ctrl-C, SIGINT)
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ EXIT_CODES: list[tuple[type[errors.EdgeopsError], int]] = [
     (errors.DeviceError, 20),
     (errors.StateError, 21),
     (errors.HealthCheckFailed, 30),
+    (errors.SourceNotFound, 41),
     (errors.TransportError, 40),
     (errors.EdgeopsError, 1),
 ]
@@ -128,7 +131,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="edgeops",
         description="Signed A/B updates for edge devices: install, trial boot, health check, "
                     "commit or revert.",
-        epilog="Exit codes: see 'edgeops help exit-codes' or README.md.",
+        epilog="Exit codes: see 'edgeops help exit-codes' or README.md.\n\n"
+               "example:\n  edgeops status",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
     parser.add_argument("--version", action="version", version=f"edgeops {__version__}")

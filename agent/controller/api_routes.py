@@ -22,8 +22,10 @@ from agent.controller.http import (
     opt_number,
     opt_object,
     opt_text,
+    parse_json,
     path_id,
     query_id,
+    read_body,
     read_json,
     text,
     texts,
@@ -129,24 +131,47 @@ class _StreamFile:
 
 # --- deployments and rollouts -----------------------------------------------------------------
 async def api_deploy(request: web.Request) -> web.Response:
-    """One device, a group, or a percentage of the fleet; one wave, no gate (see /rollouts)."""
+    """One device, a group, a percentage of the fleet, or ``"all": true``; one wave, no gate
+    (see /rollouts). Devices of another board, or already on the version (unless
+    ``"force": true``), are left out and listed under ``skipped``."""
     b = await read_json(request)
     fleet = request.app[FLEET]
-    bundle = body_id(b, "bundle")
-    targets = fleet.resolve_targets(device=opt_text(b, "device"), group=opt_text(b, "group"),
-                                    percent=opt_number(b, "percent"))
-    rid = fleet.create_rollout(bundle, targets, rollout.Policy(canary_percent=100), name=text(b, "name"))
-    return web.json_response(fleet.rollout_status(rid), status=201)
+    targets, skipped = fleet.select_targets(
+        body_id(b, "bundle"), device=opt_text(b, "device"), group=opt_text(b, "group"),
+        percent=opt_number(b, "percent"), everyone=_flag(b, "all"), force=_flag(b, "force"))
+    rid = fleet.create_rollout(body_id(b, "bundle"), targets, rollout.Policy(canary_percent=100),
+                               name=text(b, "name"), who=_who(request), skipped=skipped)
+    return web.json_response({**fleet.rollout_status(rid), "skipped": skipped}, status=201)
 
 
 async def api_create_rollout(request: web.Request) -> web.Response:
     b = await read_json(request)
     fleet = request.app[FLEET]
-    bundle = body_id(b, "bundle")
-    targets = fleet.resolve_targets(group=opt_text(b, "group"), percent=opt_number(b, "percent"))
     policy = rollout.Policy.from_dict(opt_object(b, "policy"))
-    rid = fleet.create_rollout(bundle, targets, policy, name=text(b, "name"))
-    return web.json_response(fleet.rollout_status(rid), status=201)
+    targets, skipped = fleet.select_targets(
+        body_id(b, "bundle"), group=opt_text(b, "group"), percent=opt_number(b, "percent"),
+        everyone=_flag(b, "all"), force=_flag(b, "force"))
+    rid = fleet.create_rollout(body_id(b, "bundle"), targets, policy, name=text(b, "name"),
+                               who=_who(request), skipped=skipped)
+    return web.json_response({**fleet.rollout_status(rid), "skipped": skipped}, status=201)
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    v = body.get(key, False)
+    if not isinstance(v, bool):
+        raise BadRequest(f"'{key}' must be true or false")
+    return v
+
+
+_WHO = re.compile(r"^[A-Za-z0-9@._:+-]{1,64}$")
+
+
+def _who(request: web.Request) -> str:
+    """Who acted, for a rollout's history: "operator", or "operator:NAME" when the client
+    names its user in ``X-Edgeops-Operator`` (the CLI sends the login name). The name is the
+    client's word, not a second credential: every operator shares the one bearer token."""
+    name = request.headers.get("X-Edgeops-Operator", "")
+    return f"operator:{name}" if _WHO.match(name) else "operator"
 
 
 def _rid(request: web.Request) -> int:
@@ -158,12 +183,26 @@ async def api_rollouts(request: web.Request) -> web.Response:
 
 
 async def api_rollout(request: web.Request) -> web.Response:
-    return web.json_response(request.app[FLEET].rollout_status(_rid(request)))
+    fleet, rid = request.app[FLEET], _rid(request)
+    return web.json_response({**fleet.rollout_status(rid), "history": fleet.rollout_history(rid)})
 
 
 async def api_rollout_verb(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
-    return web.json_response(fleet.set_rollout_state(_rid(request), request.match_info["verb"]))
+    verb = request.match_info["verb"]
+    if verb != "resume":
+        return web.json_response(fleet.set_rollout_state(_rid(request), verb, who=_who(request)))
+    # {"choice": "retry" | "skip" | "raise-threshold", "threshold": 0..1}, or no body at all
+    raw = await read_body(request)
+    b = parse_json(raw) if raw.strip() else {}
+    unknown = set(b) - {"choice", "threshold"}
+    if unknown:
+        raise BadRequest(f"resume takes only 'choice' and 'threshold', not {sorted(unknown)}")
+    choice = opt_text(b, "choice")
+    if choice is not None and choice not in rollout.CHOICES:
+        raise BadRequest(f"choice {choice[:40]!r} is not one of {', '.join(rollout.CHOICES)}")
+    return web.json_response(fleet.resume_rollout(_rid(request), choice,  # type: ignore[arg-type]
+                                                  opt_number(b, "threshold"), who=_who(request)))
 
 
 async def api_halt_all(request: web.Request) -> web.Response:

@@ -41,7 +41,7 @@ from agent.controller.errors import BadRequest, DatabaseRefused
 from agent.errors import TransportError
 
 Row = tuple[Any, ...]
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 REQUIRED = ("devices", "actions", "kv")  # tables every controller database has had since version 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -82,6 +82,13 @@ CREATE TABLE IF NOT EXISTS mirror_auth (device_id TEXT PRIMARY KEY, auth TEXT NO
 CREATE TABLE IF NOT EXISTS outbox (
     id {pk}, device_id TEXT NOT NULL, path TEXT NOT NULL, method TEXT NOT NULL,
     body TEXT NOT NULL, created DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS rollout_events (
+    id {pk}, rollout_id BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL, who TEXT NOT NULL,
+    event TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id, id);
+CREATE TABLE IF NOT EXISTS rollout_skipped (
+    rollout_id BIGINT NOT NULL, device_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (rollout_id, device_id));
 """
 
 
@@ -115,8 +122,15 @@ def _v3_success_after(db: Database) -> None:
     db.execute("ALTER TABLE actions ADD COLUMN success_after TEXT NOT NULL DEFAULT ''")
 
 
+def _v4_rollout_history(db: Database) -> None:
+    """A rollout's history (rollout_events: who did what when) and the devices an operator
+    skipped (rollout_skipped). Both are new tables, which ``prepare`` creates from SCHEMA right
+    after the migrations (IF NOT EXISTS); older rollouts simply have no history before it."""
+
+
 # MIGRATIONS[n] takes a database from version n + 1 to n + 2 (version 1 had no 'schema' row).
-MIGRATIONS: list[Callable[[Database], None]] = [_v2_token_digests, _v3_success_after]
+MIGRATIONS: list[Callable[[Database], None]] = [_v2_token_digests, _v3_success_after,
+                                                 _v4_rollout_history]
 assert len(MIGRATIONS) == SCHEMA_VERSION - 1
 
 

@@ -9,16 +9,18 @@ the deployment before the gate has passed.
 The decisions live in pure modules beside this one, ``actions`` (what a feedback
 report does to an action) and ``rollout`` (waves and the health gate); ``bundles``
 puts verified bundle files on disk; ``retention`` bounds what devices can make us keep.
-What stays here is the SQL that applies them. Long because it is one class (about 440
+What stays here is the SQL that applies them. Long because it is one class (about 600
 lines), so that every state change and its transaction can be read in one place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +38,9 @@ from agent.controller.actions import (
 from agent.controller.bundles import BundleInfo
 from agent.controller.db import Database
 from agent.controller.errors import BadRequest, Conflict, NotFound, Unauthorized
+
+# One line per rollout transition and per failed action (serve turns it up to INFO).
+log = logging.getLogger("edgeops.controller.rollouts")
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,8 @@ class Fleet:
                 self.db.execute("UPDATE devices SET version = ? WHERE id = ?", [bundle.version, device_id])
                 self.db.execute("UPDATE actions SET success_after = ? WHERE id = ?",
                                 [success_signal(attributes), action_id])
+        if new == "failure":
+            log.warning("action %d of device %s failed: %s", action_id, device_id, details or "no details")
         if new in TERMINAL:
             self.tick()
 
@@ -283,9 +290,15 @@ class Fleet:
 
     # --- rollouts ---------------------------------------------------------------------------
     def resolve_targets(self, *, device: str | None = None, group: str | None = None,
-                        percent: float | None = None) -> list[rollout.Target]:
-        if sum(x is not None for x in (device, group)) > 1:
-            raise BadRequest("give one of device or group (percent may narrow either)")
+                        percent: float | None = None, everyone: bool = False) -> list[rollout.Target]:
+        """The devices a deployment names. It must name them: a device, a group, a percentage
+        of the fleet, or ``everyone`` (the API's ``"all": true``) -- never the whole fleet by
+        default, which once reinstalled and rebooted every device on a forgotten option."""
+        if sum(x is not None for x in (device, group)) + everyone > 1:
+            raise BadRequest("give one of device, group or all (percent may narrow a group or all)")
+        if device is None and group is None and percent is None and not everyone:
+            raise BadRequest("name the target devices: device, group, percent, or \"all\": true "
+                             "for the whole fleet")
         sites = {d["id"]: d["site"] for d in self.devices()}
         if device is not None:
             ids = [device] if device in sites else []
@@ -307,7 +320,8 @@ class Fleet:
         return targets
 
     def create_rollout(self, bundle_id: int, targets: Sequence[rollout.Target], policy: rollout.Policy,
-                       name: str = "") -> int:
+                       name: str = "", *, who: str = "operator", skipped: Mapping[str, str] | None = None
+                       ) -> int:
         bundle = self.bundle(bundle_id)
         now = self.clock()
         with self.db.tx():
@@ -321,6 +335,9 @@ class Fleet:
                     self.db.execute("INSERT INTO rollout_targets (rollout_id, device_id, wave) "
                                     "VALUES (?, ?, ?)", [rid, d, w])
             self.db.execute("UPDATE rollouts SET waves = ? WHERE id = ?", [len(waves), rid])
+            left_out = f"; left out {len(skipped)}: {_summary(skipped)}" if skipped else ""
+            self._event(rid, who, "created", f"{bundle.version} to {len(targets)} devices in "
+                                             f"{len(waves)} waves{left_out}", now)
             self._start_wave(rid, bundle.id, 0, now)
         return rid
 
@@ -353,33 +370,38 @@ class Fleet:
             if status != "running":
                 return
             policy = rollout.Policy.from_dict(json.loads(policy_json))
-            outcomes = {d: gate_outcome(s, after, policy.require_commit) for d, s, after in self.db.query(
-                "SELECT device_id, status, success_after FROM actions WHERE rollout_id = ? AND wave = ?",
-                [rid, wave])}
+            outcomes = self._wave_outcomes(rid, wave, policy)
             decision = rollout.evaluate(outcomes, policy=policy, wave_started=started, now=now,
                                         last_wave=wave + 1 >= waves)
             if decision.verdict == "advance":
                 self._start_wave(rid, bundle_id, wave + 1, now)
+                self._event(rid, "controller", "advanced",
+                            f"wave {wave + 1} of {waves} started: {decision.reason}", now)
             elif decision.verdict in ("pause", "complete"):
                 new = "paused" if decision.verdict == "pause" else "finished"
                 self.db.execute("UPDATE rollouts SET status = ?, reason = ? WHERE id = ?",
                                 [new, decision.reason, rid])
+                self._event(rid, "controller", new, f"wave {wave}: {decision.reason}", now)
 
     def rollout_status(self, rid: int) -> dict[str, Any]:
-        rows = self.db.query("SELECT id, bundle_id, name, status, policy, current_wave, waves, reason "
-                             "FROM rollouts WHERE id = ?", [rid])
+        rows = self.db.query("SELECT id, bundle_id, name, status, policy, current_wave, waves, reason, "
+                             "created, wave_started FROM rollouts WHERE id = ?", [rid])
         if not rows:
             raise NotFound(f"no rollout {rid}")
         r = rows[0]
         counts: dict[str, dict[str, int]] = {}
-        for wave, st, n in self.db.query("SELECT wave, status, COUNT(*) FROM actions WHERE rollout_id = ? "
-                                         "GROUP BY wave, status", [rid]):
+        # A device's newest action in the rollout (a retried device's earlier failure is history).
+        for wave, st, n in self.db.query("SELECT wave, status, COUNT(*) FROM actions WHERE id IN "
+                                         "(SELECT MAX(id) FROM actions WHERE rollout_id = ? "
+                                         "GROUP BY device_id) GROUP BY wave, status", [rid]):
             counts.setdefault(str(wave), {})[st] = int(n)
         sizes = {str(w): int(n) for w, n in self.db.query(
             "SELECT wave, COUNT(*) FROM rollout_targets WHERE rollout_id = ? GROUP BY wave", [rid])}
         return {"id": r[0], "bundle": r[1], "name": r[2], "status": r[3], "policy": json.loads(r[4]),
                 "current_wave": r[5], "waves": r[6], "reason": r[7], "wave_sizes": sizes,
-                "actions": counts}
+                "actions": counts, "created_at": iso(r[8]), "wave_started_at": iso(r[9]),
+                "skipped_devices": [d for (d,) in self.db.query(
+                    "SELECT device_id FROM rollout_skipped WHERE rollout_id = ? ORDER BY device_id", [rid])]}
 
     def rollouts(self) -> list[dict[str, Any]]:
         return [self.rollout_status(int(r[0])) for r in self.db.query("SELECT id FROM rollouts ORDER BY id")]
@@ -388,7 +410,9 @@ class Fleet:
         return [r[0] for r in self.db.query("SELECT device_id FROM rollout_targets WHERE rollout_id = ? "
                                             "AND wave = ? ORDER BY device_id", [rid, wave])]
 
-    def set_rollout_state(self, rid: int, verb: str) -> dict[str, Any]:
+    def set_rollout_state(self, rid: int, verb: str, *, who: str = "operator") -> dict[str, Any]:
+        if verb == "resume":
+            return self.resume_rollout(rid, who=who)
         moves = {"pause": (("running",), "paused"), "resume": (("paused",), "running"),
                  "halt": (("running", "paused"), "halted"), "cancel": (("running", "paused"), "canceled")}
         if verb not in moves:
@@ -400,12 +424,10 @@ class Fleet:
                 raise Conflict(f"rollout {rid} is {st}; cannot {verb}")
             self.db.execute("UPDATE rollouts SET status = ?, reason = ? WHERE id = ?",
                             [new, f"{verb} by operator", rid])
-            if verb == "resume":  # a fresh window for the wave that paused
-                self.db.execute("UPDATE rollouts SET wave_started = ? WHERE id = ?", [self.clock(), rid])
+            self._event(rid, who, {"pause": "paused", "halt": "halted", "cancel": "canceled"}[verb],
+                        f"was {st}", self.clock())
             if verb in ("halt", "cancel"):
                 self._cancel_open(rid)
-        if verb == "resume":
-            self.tick()
         return self.rollout_status(rid)
 
     def _cancel_open(self, rid: int) -> None:
@@ -425,15 +447,143 @@ class Fleet:
         return ids
 
     def actions(self, *, device: str | None = None, rollout_id: int | None = None) -> list[dict[str, Any]]:
-        sql = ("SELECT id, device_id, bundle_id, rollout_id, wave, status, detail, success_after "
-               "FROM actions WHERE 1 = 1")
+        sql = ("SELECT id, device_id, bundle_id, rollout_id, wave, status, detail, success_after, "
+               "created, updated FROM actions WHERE 1 = 1")
         params: list[Any] = []
         if device is not None:
             sql, params = sql + " AND device_id = ?", [*params, device]
         if rollout_id is not None:
             sql, params = sql + " AND rollout_id = ?", [*params, rollout_id]
         keys = ("id", "device", "bundle", "rollout", "wave", "status", "detail", "success_after")
-        return [dict(zip(keys, r, strict=True)) for r in self.db.query(sql + " ORDER BY id", params)]
+        return [{**dict(zip(keys, r[:8], strict=True)), "created_at": iso(r[8]), "updated_at": iso(r[9])}
+                for r in self.db.query(sql + " ORDER BY id", params)]
+
+    # --- safe targets, resume choices and a rollout's history -------------------------------
+    def select_targets(self, bundle_id: int, *, device: str | None = None, group: str | None = None,
+                       percent: float | None = None, everyone: bool = False, force: bool = False
+                       ) -> tuple[list[rollout.Target], dict[str, str]]:
+        """The devices a deployment goes to, and those it leaves out with why
+        (``rollout.ineligible``: another board, or already on the version unless ``force``).
+        A single named device that may not have it is refused (409), as is a deployment that
+        would leave nobody."""
+        bundle = self.bundle(bundle_id)
+        targets = self.resolve_targets(device=device, group=group, percent=percent, everyone=everyone)
+        known = {d["id"]: d for d in self.devices([t.device_id for t in targets])}
+        # whose newest action for this bundle failed (a retry of a failed release is a choice)
+        last = {d: st for d, st in self.db.query(
+            "SELECT device_id, status FROM actions WHERE id IN (SELECT MAX(id) FROM actions "
+            "WHERE bundle_id = ? GROUP BY device_id)", [bundle_id])}
+        keep, skipped = [], {}
+        for t in targets:
+            d = known[t.device_id]
+            attrs = d["attributes"]
+            why = rollout.ineligible(bundle.compatible, bundle.version,
+                                     attrs.get("edgeops.compatible") or attrs.get("compatible"),
+                                     d["version"], force=force,
+                                     failed_it=last.get(t.device_id) == "failure")
+            if why is None:
+                keep.append(t)
+            else:
+                skipped[t.device_id] = why
+        hint = "add force (--force) to install it anyway"
+        if device is not None and skipped:
+            why = skipped[device]
+            raise Conflict(f"device {device!r} {why}",
+                           hint="upload a bundle for its board" if "incompatible" in why else hint)
+        if not keep:
+            raise Conflict(f"none of the {len(targets)} target devices may get {bundle.version}: "
+                           f"{_summary(skipped)}", hint=hint)
+        return keep, skipped
+
+    def _wave_outcomes(self, rid: int, wave: int, policy: rollout.Policy) -> dict[str, rollout.Outcome]:
+        """Each device's newest action in the wave as the gate counts it, without the devices an
+        operator skipped."""
+        return {d: gate_outcome(s, after, policy.require_commit) for d, s, after in self.db.query(
+            "SELECT device_id, status, success_after FROM actions WHERE rollout_id = ? AND wave = ? "
+            "AND device_id NOT IN (SELECT device_id FROM rollout_skipped WHERE rollout_id = ?) "
+            "ORDER BY id", [rid, wave, rid])}
+
+    def resume_rollout(self, rid: int, choice: rollout.Choice | None = None,
+                       threshold: float | None = None, *, who: str = "operator") -> dict[str, Any]:
+        """Resume a paused rollout, with the operator's choice about the wave's failed devices:
+        ``retry`` (each gets a new action), ``skip`` (they no longer count, and get nothing
+        more from this rollout) or ``raise-threshold`` (the policy's error threshold becomes
+        ``threshold``). Without a choice only when the gate would not pause again at once
+        (``rollout.resume``); each resume is in the history with who and when."""
+        now = self.clock()
+        with self.db.tx():
+            rows = self.db.query("SELECT status, policy, current_wave, waves, bundle_id FROM rollouts "
+                                 "WHERE id = ?" + self.db.for_update, [rid])
+            if not rows:
+                raise NotFound(f"no rollout {rid}")
+            status, policy_json, wave, waves, bundle_id = rows[0]
+            if status != "paused":
+                raise Conflict(f"rollout {rid} is {status}; only a paused rollout resumes")
+            policy = rollout.Policy.from_dict(json.loads(policy_json))
+            outcomes = self._wave_outcomes(rid, wave, policy)
+            failed = sorted(d for d, o in outcomes.items() if o == "failure")
+            planned: dict[str, rollout.Outcome] = dict(outcomes)
+            if choice == "retry":
+                planned.update(dict.fromkeys(failed, "pending"))
+            elif choice == "skip":
+                planned = {d: o for d, o in outcomes.items() if o != "failure"}
+            new_policy, _ = rollout.resume(planned, policy=policy, now=now, last_wave=wave + 1 >= waves,
+                                           choice=choice, threshold=threshold)
+            if choice == "retry":
+                for d in failed:  # as _start_wave: one assignment at a time
+                    self.db.execute("UPDATE actions SET status = 'canceling', updated = ? WHERE "
+                                    "device_id = ? AND status IN ('open', 'running')", [now, d])
+                    self.db.insert("INSERT INTO actions (device_id, bundle_id, rollout_id, wave, status, "
+                                   "created, updated) VALUES (?, ?, ?, ?, 'open', ?, ?)",
+                                   [d, bundle_id, rid, wave, now, now])
+            elif choice == "skip":
+                for d in failed:
+                    self.db.execute("INSERT INTO rollout_skipped (rollout_id, device_id, at) VALUES "
+                                    "(?, ?, ?) ON CONFLICT (rollout_id, device_id) DO NOTHING", [rid, d, now])
+            detail = {None: "resumed with a fresh window",
+                      "retry": f"retrying {len(failed)} failed devices: {', '.join(failed[:20])}",
+                      "skip": f"skipping {len(failed)} failed devices: {', '.join(failed[:20])}",
+                      "raise-threshold": f"error threshold {policy.error_threshold:g} -> "
+                                         f"{new_policy.error_threshold:g}"}[choice]
+            self.db.execute("UPDATE rollouts SET status = 'running', reason = ?, wave_started = ?, "
+                            "policy = ? WHERE id = ?",
+                            [f"resumed by {who}", now, json.dumps(new_policy.to_dict()), rid])
+            self._event(rid, who, "resumed" if choice is None else f"resumed: {choice}",
+                        f"wave {wave}: {detail}", now)
+        if choice == "retry":
+            self._notify(failed)
+        self.tick()
+        return self.rollout_status(rid)
+
+    def _event(self, rid: int, who: str, event: str, detail: str, at: float) -> None:
+        """One line of a rollout's history, in the caller's transaction, and in the log."""
+        self.db.execute("INSERT INTO rollout_events (rollout_id, at, who, event, detail) "
+                        "VALUES (?, ?, ?, ?, ?)", [rid, at, who, event, detail[:1000]])
+        level = logging.WARNING if event in ("paused", "halted") else logging.INFO
+        log.log(level, "rollout %d %s by %s: %s", rid, event, who, detail)
+
+    def rollout_history(self, rid: int, limit: int = 500) -> list[dict[str, Any]]:
+        """The newest ``limit`` events of a rollout, oldest first."""
+        rows = self.db.query("SELECT at, who, event, detail FROM rollout_events WHERE rollout_id = ? "
+                             "ORDER BY id DESC LIMIT ?", [rid, limit])
+        return [{"at": iso(at), "who": who, "event": ev, "detail": detail}
+                for at, who, ev, detail in reversed(rows)]
+
+
+def iso(t: float | None) -> str | None:
+    """An epoch time as ISO 8601 in UTC, to the second (``2026-12-02T00:38:02Z``)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(float(t), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _summary(skipped: Mapping[str, str]) -> str:
+    """'3 already run 2.0, 1 incompatible (dev7)': why devices were left out, counted."""
+    by: dict[str, list[str]] = {}
+    for d, why in sorted(skipped.items()):
+        by.setdefault(why.split(":")[0], []).append(d)
+    return ", ".join(f"{len(ds)} {why} ({', '.join(ds[:5])}{', ...' if len(ds) > 5 else ''})"
+                     for why, ds in by.items())
 
 
 def _check_name(name: str, what: str) -> None:

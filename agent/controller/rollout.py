@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from agent.controller.errors import BadRequest
+from agent.controller.errors import BadRequest, Conflict
 
 Outcome = Literal["pending", "running", "success", "failure", "canceled"]
 Verdict = Literal["wait", "advance", "complete", "pause"]
@@ -144,3 +144,53 @@ def evaluate(outcomes: Mapping[str, Outcome], *, policy: Policy, wave_started: f
         return Decision("pause", f"only {ok} of {n} devices committed within {policy.window:g} s "
                                  f"(threshold {policy.success_threshold:.0%})")
     return Decision("wait", f"{ok} of {n} committed, {failed} failed")
+
+
+# --- who gets a bundle, and how a paused rollout goes on --------------------------------------
+Choice = Literal["retry", "skip", "raise-threshold"]
+CHOICES: tuple[Choice, ...] = ("retry", "skip", "raise-threshold")
+
+
+def ineligible(bundle_compatible: str, bundle_version: str, device_compatible: str | None,
+               device_version: str | None, *, force: bool, failed_it: bool = False) -> str | None:
+    """Why a device must not get this bundle (None: it may). A device that told us its
+    ``compatible`` and names another board never gets it, ``force`` or not (it would refuse the
+    bundle after downloading it, or worse, a client without that check would write it); one that
+    already runs the bundle's version, or whose last try of this bundle failed (``failed_it``),
+    is left alone unless ``force`` (a reinstall reboots it; a failed one would fail again).
+    A device that never reported its compatible is not refused: the device itself checks."""
+    if device_compatible and device_compatible != bundle_compatible:
+        return f"incompatible: it is {device_compatible!r}, the bundle is for {bundle_compatible!r}"
+    if not force and device_version is not None and device_version == bundle_version:
+        return f"already runs {bundle_version}"
+    if not force and failed_it:
+        return f"failed {bundle_version} at its last try"
+    return None
+
+
+def resume(outcomes: Mapping[str, Outcome], *, policy: Policy, now: float, last_wave: bool,
+           choice: Choice | None, threshold: float | None = None) -> tuple[Policy, Decision]:
+    """A paused rollout's resume, decided before anything changes: the policy it runs on and the
+    gate's first decision after it. ``outcomes`` are the wave's, with the choice applied by the
+    caller (``retry``: the failed devices pending again; ``skip``: the failed devices left out).
+    Raises ``ResumeRefused`` when the rollout would pause again at once for the same reason,
+    so the operator is asked to choose instead of watching it re-pause within seconds."""
+    if choice == "raise-threshold":
+        if threshold is None or not 0 < threshold <= 1:
+            raise BadRequest("raise-threshold needs 'threshold', a fraction in (0, 1]")
+        if threshold <= policy.error_threshold:
+            raise BadRequest(f"threshold {threshold:g} does not raise the error threshold "
+                             f"{policy.error_threshold:g}")
+        policy = Policy(**{**asdict(policy), "error_threshold": threshold})
+    elif threshold is not None:
+        raise BadRequest("'threshold' goes only with the choice raise-threshold")
+    decision = evaluate(outcomes, policy=policy, wave_started=now, now=now, last_wave=last_wave)
+    if decision.verdict == "pause":
+        what = "choose one of: " + ", ".join(CHOICES) if choice is None else f"{choice} is not enough"
+        raise ResumeRefused(f"resuming would pause again at once: {decision.reason}; {what}")
+    return policy, decision
+
+
+class ResumeRefused(Conflict):
+    hint = ("resume with {\"choice\": \"retry\"} (the failed devices try again), \"skip\" (leave "
+            "them out and go on) or \"raise-threshold\" with \"threshold\"")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from agent.core.config import AgentConfig
-from agent.core.state import Phase
+from agent.core.state import Phase, State
 from agent.device.parts import Device, open_device
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ def describe(cfg: AgentConfig, dev: Device, journal_word: str) -> dict[str, Any]
     return {
         "booted_slot": booted,
         "primary_slot": dev.bootloader.primary(),
-        "trial": st.phase in (Phase.TESTING, Phase.COMMITTING),
         "trial_pending_slot": dev.bootloader.trial(),
         "phase": str(st.phase),
         "compatible": cfg.compatible,
@@ -44,7 +43,25 @@ def describe(cfg: AgentConfig, dev: Device, journal_word: str) -> dict[str, Any]
         "trusted_time": dev.journal.trusted_time,
         "slots": out_slots,
         "journal": journal_word,
+        **_trial_now(st, booted, dev),  # "trial" and "trial_picked_up"
     }
+
+
+def _trial_now(journal: State, booted: str, dev: Device) -> dict[str, bool]:
+    """Whether this boot is a trial, also before the agent has picked it up: the journal still
+    says the trial is armed, but the device booted the trial's slot in a boot other than the
+    install's, which the agent's first cycle turns into a running trial (``lifecycle.step``
+    decides, as it will for the agent). Such a boot already spent its one try: the next boot
+    falls back (the bootloader's bootcount and upgrade_available say so too)."""
+    if journal.phase is Phase.TESTING:
+        return {"trial": True, "trial_picked_up": True}
+    if journal.phase not in (Phase.TRIAL_PENDING, Phase.WRITTEN):
+        committing = journal.phase is Phase.COMMITTING
+        return {"trial": committing, "trial_picked_up": committing}
+    from agent.core import lifecycle  # only for an armed trial: the table is the one to ask
+
+    ahead = lifecycle.step(journal, lifecycle.Booted(booted, dev.runtime.boot_id()))
+    return {"trial": ahead.state.phase is Phase.TESTING, "trial_picked_up": False}
 
 
 def public_state(state: str) -> str:

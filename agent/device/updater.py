@@ -355,13 +355,23 @@ class Updater:
             self.journal.put("trial_started", mark)
         started = float(mark["monotonic"])
         results: list[ProbeResult] = []
+        import logging  # here: 'edgeops status' loads this module and never runs a trial
+
+        trial_log = logging.getLogger("edgeops.trial")
+        rounds = 0
         while True:
             results += probes.run_all(policy.probes)
+            rounds += 1
             decision = health.decide(policy, results, started=started, now=time.monotonic())
             if decision.verdict == "commit":
                 return lifecycle.HealthPassed(decision.reason)
             if decision.verdict == "revert":
                 return lifecycle.HealthFailed(decision.reason)
+            # one line per round while it waits: which probes, which attempt, how long is left
+            left = max(0.0, policy.deadline - (time.monotonic() - started))
+            trial_log.info("trial health round %d: %s (a probe reverts after %d failures in a row); "
+                           "%.0f s of %g s left", rounds, decision.reason, policy.retries, left,
+                           policy.deadline)
             # sleep until the next round, taking a technician's verdict as soon as it comes
             if (good := self.verdicts.wait(boot_id, policy.interval, sleep=self.sleep)) is not None:
                 return _verdict_event(good)
