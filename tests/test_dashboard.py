@@ -337,18 +337,7 @@ def _paused_on_a_failure(canary: Canary) -> int:
     return rid
 
 
-def test_resume_choice_is_refused_where_the_fleet_has_no_choices(canary: Canary) -> None:
-    if hasattr(canary.ctl.fleet, "resume_rollout"):
-        pytest.skip("this tree has Fleet.resume_rollout: the choices work (next test)")
-    rid = _paused_on_a_failure(canary)
-    r = canary.post(f"/ui/rollouts/{rid}/resume", choice="skip")
-    assert r.status_code == 400 and "only a plain resume" in r.text
-    assert canary.ctl.api("GET", f"/rollouts/{rid}")["status"] == "paused"
-
-
 def test_resume_skip_goes_on_and_the_rollout_page_says_who(canary: Canary) -> None:
-    if not hasattr(canary.ctl.fleet, "resume_rollout"):
-        pytest.skip("resume choices are Fleet.resume_rollout (issue 13 item 2), not in this tree yet")
     rid = _paused_on_a_failure(canary)
     assert canary.post(f"/ui/rollouts/{rid}/resume", choice="skip").status_code == 303
     got = canary.ctl.api("GET", f"/rollouts/{rid}")

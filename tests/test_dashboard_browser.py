@@ -159,8 +159,6 @@ def test_canary_pauses_on_a_failing_device_and_resumes(browser: object, fleet: t
 def test_resume_with_skip_goes_on_after_a_failed_canary(browser: object, fleet: tuple[
         LocalController, dict[str, DdiDevice]]) -> None:
     ctl, devices = fleet
-    if not hasattr(ctl.fleet, "resume_rollout"):
-        pytest.skip("resume choices are Fleet.resume_rollout (issue 13 item 2), not in this tree yet")
     log_in(browser, ctl)
     start_canary(browser, threshold="0.05")
     rid = int(browser.find_element(By.ID, "rollout").get_attribute("data-rollout"))  # type: ignore[attr-defined]

@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
@@ -247,17 +247,10 @@ WHO = "operator via dashboard"  # who acted, for a rollout's history (where the 
 
 
 # --- the Fleet calls of the buttons, in one place ---------------------------------------------
-# Issue 13 items 1 and 2 (engineer "ops") add Fleet.select_targets (leaves out other boards and
-# devices already on the version), a rollout history with who acted, and Fleet.resume_rollout
-# with choices. These functions use them where this tree has them and the older calls otherwise;
-# once both branches are merged they can call them directly.
 def _start(fleet: Fleet, bundle: int, group: str | None, policy: rollout.Policy) -> int:
-    select: Callable[..., Any] | None = getattr(fleet, "select_targets", None)
-    if select is None:
-        return fleet.create_rollout(bundle, fleet.resolve_targets(group=group), policy)
-    targets, skipped = select(bundle, group=group, everyone=group is None)
-    create: Callable[..., int] = fleet.create_rollout
-    return create(bundle, targets, policy, who=WHO, skipped=skipped)
+    # select_targets leaves out other boards and devices already on the version (issue 13 item 1)
+    targets, skipped = fleet.select_targets(bundle, group=group, everyone=group is None)
+    return fleet.create_rollout(bundle, targets, policy, who=WHO, skipped=skipped)
 
 
 async def rollout_verb(request: web.Request) -> web.Response:
@@ -277,16 +270,10 @@ async def rollout_verb(request: web.Request) -> web.Response:
 
 
 def _apply(fleet: Fleet, rid: int, verb: str, choice: str, threshold: float | None) -> None:
-    resume: Callable[..., Any] | None = getattr(fleet, "resume_rollout", None)
-    if verb == "resume" and resume is not None:
-        resume(rid, choice or None, threshold, who=WHO)
-    elif verb == "resume" and choice:
-        raise BadRequest("this controller offers only a plain resume: choose 'resume'")
-    elif resume is not None:  # the same tree's set_rollout_state records who acted
-        state: Callable[..., Any] = fleet.set_rollout_state
-        state(rid, verb, who=WHO)
+    if verb == "resume":  # with the operator's choice about the failed devices (issue 13 item 2)
+        fleet.resume_rollout(rid, cast(rollout.Choice, choice) if choice else None, threshold, who=WHO)
     else:
-        fleet.set_rollout_state(rid, verb)
+        fleet.set_rollout_state(rid, verb, who=WHO)
 
 
 # --- assets -----------------------------------------------------------------------------------

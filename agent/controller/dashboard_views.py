@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,13 +226,10 @@ def rollout_view(fleet: Fleet, rid: int) -> RolloutView:
     failing = [(d, int(w), detail or "failed (no reason reported)") for d, w, detail in fleet.db.query(
         "SELECT device_id, wave, detail FROM actions WHERE rollout_id = ? AND status = 'failure' "
         "ORDER BY wave, device_id LIMIT 100", [rid])]
-    # A rollout's history (who paused, resumed, skipped, when) is Fleet.rollout_history where this
-    # tree has it (issue 13 item 2); without it the page shows none.
-    history: Callable[[int], list[dict[str, Any]]] | None = getattr(fleet, "rollout_history", None)
     return RolloutView(int(st["id"]), str(st["name"]), str(st["status"]), str(st["reason"]),
                        int(st["bundle"]), str(version_rows[0][0]) if version_rows else "?",
                        int(st["current_wave"]), dict(st["policy"]), waves, failing,
-                       history(rid)[-HISTORY:] if history is not None else [])
+                       fleet.rollout_history(rid)[-HISTORY:])  # who paused, resumed, skipped, when
 
 
 def _current_rollout(fleet: Fleet) -> int | None:
