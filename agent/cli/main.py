@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "controller": "controller_cmd",
     "tpm": "tpm_cmd",
     "provision": "provision_cmd",
+    "decommission": "decommission_cmd",
     "journal": "journal_cmd",
 }
 GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # in the order 'edgeops --help' lists them
