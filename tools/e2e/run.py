@@ -241,12 +241,18 @@ read_timeout = 60
     return path, token
 
 
+IMAGE_INPUTS = ("agent", "boards", "image", "tools/e2e/guest", "setup.cfg", "pyproject.toml",
+                "setup.py", "MANIFEST.in")
+
+
 def image_key(fleet: Path) -> str:
-    """Everything the e2e image is made of: the tracked (and new, unignored) files of this
-    tree, which include image/, boards/, tools/e2e/guest and the agent, and the device's
-    fleet.toml. The base tree has its own cache key inside image/build.py."""
+    """Everything the e2e image is made of: the tracked (and new, unignored) files of the
+    parts of this tree that go into it (IMAGE_INPUTS: the agent's package, its packaging, the
+    board files, image/ and the guest overlay), and the device's fleet.toml. Tests, docs and
+    this harness do not shape the image. The base tree has its own key in image/build.py."""
     h = hashlib.sha256(fleet.read_bytes())
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                            "--", *IMAGE_INPUTS],
                            cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
     for name in sorted(f for f in files if f):
         path = REPO / name.decode()
