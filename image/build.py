@@ -303,6 +303,46 @@ print(" ".join(f"{m}={version(m)}" for m in ("cryptography", "requests", "urllib
                                                 "psutil", "tpm2-pytss")))
 """
 
+# What a headless appliance without D-Bus never runs, masked (a link to /dev/null), each a
+# few seconds of a boot under TCG and of every boot on slow hardware. Not the serial getty,
+# not fsck, not udev: what the device needs stays.
+MASKED_UNITS = (
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount",  # trim.sh dropped binfmt_misc
+    "systemd-logind.service", "systemd-user-sessions.service",  # no D-Bus, no logins but a getty
+    "getty@tty1.service",  # no display: the console is a serial port
+    "systemd-ask-password-wall.path", "systemd-update-utmp-runlevel.service",
+    "e2scrub_reap.service", "e2scrub_all.timer",  # no LVM
+    "fstrim.timer", "dpkg-db-backup.timer",  # no apt on the device; flash wear is the SoC's
+    "systemd-pstore.service",
+)
+# Files the device never reads, out of the slot payload: every byte here is downloaded,
+# hashed and written by each update. The full perl (perl-base stays: it is Essential),
+# udev's hwdb (device names for desktops), iconv's charset modules, apt's caches, Python's
+# own tests and tools. dpkg's database still lists them: nobody runs dpkg on a slot.
+SLIM_PATHS = (
+    "usr/share/perl", "usr/lib/x86_64-linux-gnu/perl", "usr/bin/perl5.*",
+    "usr/lib/x86_64-linux-gnu/libperl.so.*",
+    "usr/lib/udev/hwdb.bin", "usr/lib/udev/hwdb.d", "etc/udev/hwdb.bin",
+    "usr/lib/x86_64-linux-gnu/gconv", "var/cache/apt/*.bin", "var/cache/debconf/*-old",
+    "usr/lib/python3.11/test", "usr/lib/python3.11/ensurepip", "usr/lib/python3.11/idlelib",
+    "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/pydoc_data", "usr/lib/python3.11/turtledemo",
+)
+
+
+def slim(tree: Path) -> int:
+    """Remove SLIM_PATHS from TREE; returns the bytes removed."""
+    gone = 0
+    for pattern in SLIM_PATHS:
+        for path in tree.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                gone += sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                gone += path.lstat().st_size
+                path.unlink()
+    return gone
+
+
 FSTAB = """\
 # edgeops x86-64 image. The slot's root is mounted by the initramfs from root=PARTLABEL=...
 # on the kernel command line (grub.cfg), so this file is the same in both slots.
@@ -339,11 +379,12 @@ def stage_rootfs(b: Build, tree: Path, pki: Path, fleet: Path | None, overlays: 
     # applied again, slow under TCG); one per image build instead. A fleet identity is the
     # data partition's (identity keys), never this.
     (tree / "etc/machine-id").write_text(hashlib.sha256(os.urandom(32)).hexdigest()[:32] + "\n")
-    # trim.sh dropped binfmt_misc: nothing here runs foreign binaries
-    for unit in ("systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount"):
+    for unit in MASKED_UNITS:
         link = tree / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
+    (tree / "etc/systemd/system/getty.target.wants/getty@tty1.service").unlink(missing_ok=True)
+    b.facts["slimmed_bytes"] = slim(tree)
     # Python's bytecode now, not at the device's first start (the CLI is slow under TCG)
     run(["chroot", tree, "python3", "-m", "compileall", "-q", "-j", "0",
          "/usr/lib/python3/dist-packages/agent", "/usr/lib/edgeops/vendor"])

@@ -57,7 +57,8 @@ def test_bad_board_files_are_config_errors(text: str, needle: str) -> None:
 
 
 def rpi_replica(root: Path) -> Path:
-    for n, size in ((1, 8 << 20), (2, 64 << 20), (3, 64 << 20), (5, 2 << 30), (6, 2 << 30)):
+    for n, size in ((1, 8 << 20), (2, 64 << 20), (3, 64 << 20), (5, 2 << 30), (6, 2 << 30),
+                    (7, 64 << 20)):
         sized(root / f"dev/mmcblk0p{n}", size)
     (root / "boot/autoboot").mkdir(parents=True)
     (root / "boot/autoboot/autoboot.txt").write_bytes(initial_autoboot(2, 3))
@@ -88,7 +89,7 @@ def test_rpi4_replica_passes_then_each_fault_is_one_line(tmp_path: Path) -> None
 def test_uboot_arm64_replica(tmp_path: Path) -> None:
     root = tmp_path
     emmc = sized(root / "dev/mmcblk0", 8 << 20)
-    for label in ("rootfs_A", "rootfs_B"):
+    for label in ("rootfs_A", "rootfs_B", "data"):
         target = sized(root / f"parts/{label}", 2 << 30)
         link = root / f"dev/disk/by-partlabel/{label}"
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,7 @@ def test_uboot_arm64_replica(tmp_path: Path) -> None:
 
 def test_x86_grub_replica(tmp_path: Path) -> None:
     root = tmp_path
-    for label in ("rootfs_A", "rootfs_B", "esp"):
+    for label in ("rootfs_A", "rootfs_B", "esp", "data"):
         link = root / f"dev/disk/by-partlabel/{label}"
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(sized(root / f"parts/{label}", 4 << 30))

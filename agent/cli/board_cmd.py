@@ -79,7 +79,7 @@ def _check(a: argparse.Namespace) -> int:
     else:
         root = Path("/")
     problems = boardcheck.check(board, root, agent_compatible=cfg.compatible if cfg else None,
-                            agent_backend=cfg.bootloader if cfg else None)
+                            agent_backend=cfg.bootloader if cfg else None, config=cfg)
     for p in problems:
         print(f"problem: {p}")
     if problems:

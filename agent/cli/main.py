@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "controller": "controller_cmd",
     "tpm": "tpm_cmd",
     "provision": "provision_cmd",
+    "decommission": "decommission_cmd",
     "journal": "journal_cmd",
     "telemetry": "telemetry_cmd",
     "console": "console_cmd",

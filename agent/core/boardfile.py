@@ -2,7 +2,8 @@
 
 A board file names the bootloader backend and its settings, the slots (each
 payload class by PARTLABEL, PARTUUID or path, with a minimum size), the boot
-partition, the watchdog device, default health checks, the compatible string
+partition, the persistent data partition ([data]: where the agent's state lives,
+never on a slot), the watchdog device, default health checks, the compatible string,
 whether a TPM is required and the serial console's port. Finding board files on disk is
 agent.adapters.boardfiles; checking a running system against one is
 agent.device.boardcheck; the agent.toml an image ships is agent.host.boardconfig.
@@ -21,7 +22,7 @@ from agent.errors import ConfigError
 
 # [bootloader] settings that are paths on the device, rooted by --root
 PATH_SETTINGS = ("env", "fw_env_config", "boot_dir", "grubenv", "proc", "reboot_param")
-_SECTIONS = {"board", "bootloader", "slots", "boot", "health"}
+_SECTIONS = {"board", "bootloader", "slots", "boot", "health", "data"}
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -51,6 +52,14 @@ class SlotSpec:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """The persistent data partition: what it is, and where the running system mounts it."""
+
+    device: DeviceRef
+    mount: str  # absolute, e.g. /var/lib/edgeops
+
+
+@dataclass(frozen=True)
 class Board:
     name: str
     description: str
@@ -64,6 +73,7 @@ class Board:
     health: dict[str, Any] = field(default_factory=dict)
     cmdline: str = "/proc/cmdline"  # where the running kernel's command line is read
     console: str | None = None  # the serial port the technician console runs on (ttyS0, ttyAMA0)
+    data: DataSpec | None = None  # the persistent data partition, if the board names one
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -97,6 +107,16 @@ def _ref(d: object, where: str) -> DeviceRef:
     return DeviceRef(kinds[0], d[kinds[0]])
 
 
+def _data(d: object, source: str) -> DataSpec:
+    where = f"{source}: [data]"
+    ref = _ref(d, where)  # partlabel, partuuid or path; "mount" beside it
+    mount = d.get("mount") if isinstance(d, Mapping) else None
+    if not isinstance(mount, str) or not mount.startswith("/") or ".." in mount.split("/"):
+        raise ConfigError(f"{where} needs mount = an absolute path where the system mounts it, "
+                          f"e.g. \"/var/lib/edgeops\"")
+    return DataSpec(ref, mount.rstrip("/") or "/")
+
+
 def parse(text: str, source: str) -> Board:
     doc = toml_doc(text, source, _SECTIONS)
     meta, boot = doc.get("board", {}), dict(doc.get("bootloader", {}))
@@ -125,6 +145,7 @@ def parse(text: str, source: str) -> Board:
             cmdline=str(meta.get("cmdline", "/proc/cmdline")),
             console=(check_tty(meta["console"], f"{source}: [board] console")
                      if "console" in meta else None),
+            data=_data(doc["data"], source) if "data" in doc else None,
         )
     except KeyError as exc:
         raise ConfigError(f"{source}: missing {exc.args[0]!r} ([board] name and compatible, "

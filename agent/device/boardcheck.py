@@ -11,6 +11,7 @@ from pathlib import Path
 
 from agent.adapters import bootloader
 from agent.core.boardfile import Board
+from agent.core.config import AgentConfig
 from agent.errors import EdgeopsError
 
 
@@ -24,8 +25,9 @@ class Problem:
 
 
 def check(board: Board, root: Path = Path("/"), *, agent_compatible: str | None = None,
-          agent_backend: str | None = None) -> list[Problem]:
+          agent_backend: str | None = None, config: AgentConfig | None = None) -> list[Problem]:
     problems = _check_slots(board, root) + _check_boot(board, root) + _check_env_place(board, root)
+    problems += _check_data(board, root, config)
     if agent_compatible is not None and agent_compatible != board.compatible:
         problems.append(Problem(f"agent.toml compatible '{agent_compatible}' differs from the board's "
                                 f"'{board.compatible}'",
@@ -64,6 +66,32 @@ def _check_slots(board: Board, root: Path) -> list[Problem]:
     if board.boot is not None and not board.boot.resolve(root).exists():
         out.append(Problem(f"boot partition {board.boot} not found",
                            "create and format it as the board file says"))
+    return out
+
+
+def _check_data(board: Board, root: Path, cfg: AgentConfig | None) -> list[Problem]:
+    """The data partition exists and is mounted where the board says, and every place the
+    agent keeps state (agent.device.datapart.state_paths) is on it, not on a slot."""
+    from agent.device import datapart
+
+    if board.data is None:
+        return []
+    out = []
+    if not board.data.device.resolve(root).exists():
+        out.append(Problem(f"data partition {board.data.device} not found",
+                           "partition the disk as the board file says, with a data partition"))
+    table = datapart.mounts(root)
+    if table:
+        m = datapart.mount_of(board.data.mount, table)
+        want = datapart.device_path(board.data.device, root)
+        if m is None or m.source != want or m.point.rstrip("/") != board.data.mount:
+            out.append(Problem(f"data partition {board.data.device} is not mounted at "
+                               f"{board.data.mount}",
+                               "add it to /etc/fstab (x-systemd.before=edgeops-agent.service)"))
+    if cfg is not None:
+        for what, path, where in datapart.off_data(board, cfg, root):
+            out.append(Problem(f"{what} {path} is on {where}",
+                               f"keep it under {board.data.mount} (agent.toml [device] state_dir)"))
     return out
 
 

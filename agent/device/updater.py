@@ -267,6 +267,13 @@ class Updater:
         if (lost := self._lost()) is not None:  # the committed slot keeps its tries meanwhile
             raise lost
         rt = self.dev.runtime
+        if health and self.cfg.runtime == "linux" and (
+                self.journal.state().phase is not lifecycle.Phase.IDLE
+                or self.dev.bootloader.trial() is not None):
+            # a trial decided off the data partition is forgotten by the next slot
+            from agent.device.datapart import require_persistent
+
+            require_persistent(self.cfg)
         self._drive(lifecycle.Booted(rt.booted_slot(), rt.boot_id()), run_health=health)
         if (root := self.root()) is not None:
             root.measure("boot:slot", rt.booted_slot().encode(), once=True)

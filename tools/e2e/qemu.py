@@ -12,20 +12,24 @@ inside it, as on hardware), and a power cut is killing that process. What QEMU g
              10.0.2.100:8080 and nothing else; each connection runs tools/e2e/relay.py,
              which connects to one port on the host's 127.0.0.1
   TPM        swtpm (socket, TPM 2.0) attached as tpm-crb
-  watchdog   i6300esb (systemd owns it: image/systemd/system.conf.d)
+  watchdog   i6300esb (systemd owns it: image/systemd/system.conf.d); QEMU's own account of
+             a watchdog reset comes from its QMP events (``events``, ``WATCHDOG``)
 
 Waits are bounded; a failed wait raises ``E2EFailure`` with the tail of both consoles.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 GUEST_CONTROLLER = "10.0.2.100:8080"
 RELAY = Path(__file__).resolve().parent / "relay.py"
 ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[()][A-Z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
+# firmware and loader milestones on ttyS0, for where a boot's time goes (``stages``)
+STAGES = (("firmware", re.compile(rb"BdsDxe: loading")), ("grub", re.compile(rb"Welcome to GRUB")))
 BOOTED = re.compile(r"EDGEOPS-E2E booted slot=(\w*) uptime=([\d.]+) agent=(\S*) boot_id=(\S+)")
 
 
@@ -49,6 +55,13 @@ class Booted:
     agent: str  # systemctl is-active edgeops-agent.service at that moment
     boot_id: str
     at: float  # host seconds since this power-on
+
+
+@dataclass
+class Event:
+    at: float  # host seconds since this power-on
+    name: str  # QMP event name, e.g. WATCHDOG, RESET
+    data: dict[str, object]
 
 
 @dataclass
@@ -106,6 +119,9 @@ class Machine:
     swtpm: subprocess.Popen[bytes] | None = None
     t0: float = 0.0
     lines: list[Line] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    stages: list[tuple[float, str]] = field(default_factory=list)  # (host s, milestone) on ttyS0
+    boots: list[Booted] = field(default_factory=list)  # every boot of every power-on
     cursor: int = 0
     _pos: int = 0
     _partial: str = ""
@@ -144,10 +160,38 @@ class Machine:
             argv += self._start_swtpm()
         if self.watchdog:
             argv += ["-device", "i6300esb", "-action", "watchdog=reset"]
-        self.lines, self.cursor, self._pos, self._partial = [], 0, 0, ""
+        qmp = self.work / "qmp.sock"
+        qmp.unlink(missing_ok=True)
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+        self.lines, self.events, self.cursor, self._pos, self._partial = [], [], 0, 0, ""
+        self.stages, self._cpos = [], 0
         self.t0 = time.monotonic()
         self.qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                      stderr=open(self.work / f"qemu-{n}.err", "wb"))  # noqa: SIM115
+        threading.Thread(target=self._follow_qmp, args=(qmp, self.qemu), daemon=True).start()
+
+    def _follow_qmp(self, path: Path, proc: subprocess.Popen[bytes]) -> None:
+        """Collect QEMU's QMP events of this power-on (docs: qemu-qmp-ref, "Events")."""
+        deadline = time.monotonic() + 30
+        sock = socket.socket(socket.AF_UNIX)
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    return
+                time.sleep(0.1)
+        with sock, sock.makefile("rwb") as f:
+            f.write(b'{"execute": "qmp_capabilities"}\n')
+            f.flush()
+            for raw in f:
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    continue
+                if "event" in msg:
+                    self.events.append(Event(self.now(), str(msg["event"]), dict(msg.get("data", {}))))
 
     def _start_swtpm(self) -> list[str]:
         state = self.work / "tpm"
@@ -196,7 +240,35 @@ class Machine:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
+    def _read_console(self) -> None:
+        try:
+            with open(self.console, "rb") as f:
+                f.seek(max(0, self._cpos - 64))  # a milestone may straddle two reads
+                data = f.read()
+        except (FileNotFoundError, AttributeError):
+            return
+        at, base = self.now(), max(0, self._cpos - 64)
+        for name, rx in STAGES:
+            for m in rx.finditer(data):
+                if base + m.start() >= self._cpos:
+                    self.stages.append((at, name))
+        self._cpos = base + len(data)
+
+    def split(self, booted_at: float, uptime: float) -> str:
+        """The last boot's time by stage: (power-on ->) OVMF's boot manager -> GRUB -> the
+        kernel (the marker's time less the guest's uptime) -> multi-user."""
+        self._read_console()
+        fw = [t for t, n in self.stages if n == "firmware" and t <= booted_at]
+        gr = [t for t, n in self.stages if n == "grub" and t <= booted_at]
+        kernel = booted_at - uptime
+        if not fw or not gr:
+            return f"kernel at {kernel:.1f} s"
+        first = f"power-on -> OVMF boot manager {fw[-1]:.1f} s, " if len(fw) == 1 else ""
+        return (f"{first}-> GRUB {gr[-1] - fw[-1]:.1f} s, -> kernel {kernel - gr[-1]:.1f} s, "
+                f"-> multi-user {uptime:.1f} s")
+
     def _read(self) -> None:
+        self._read_console()
         try:
             with open(self.markers, "rb") as f:
                 f.seek(self._pos)
@@ -229,7 +301,13 @@ class Machine:
 
     def wait_booted(self, timeout: float, what: str) -> Booted:
         m = self.wait_for(BOOTED, timeout, what)
-        return Booted(m[1], float(m[2]), m[3], m[4], self.last_at)
+        b = Booted(m[1], float(m[2]), m[3], m[4], self.last_at)
+        self.boots.append(b)
+        return b
+
+    def event(self, name: str) -> Event | None:
+        """The first QMP event ``name`` of this power-on, if QEMU sent one."""
+        return next((e for e in list(self.events) if e.name == name), None)
 
     def seen(self, pattern: str) -> list[Line]:
         """Every marker line so far (this power-on) that matches; consumes nothing."""

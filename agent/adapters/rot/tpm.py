@@ -160,6 +160,20 @@ class TpmRoot:
         e.nv_write(h, AnchorRecord(anchor, base).to_bytes(), 0, auth_handle=tss.ESYS_TR.OWNER)
         e.nv_write_lock(h, auth_handle=tss.ESYS_TR.OWNER)
 
+    def erase(self) -> list[str]:
+        """Undefine edgeops's NV indices, the keyring anchor and the rollback counter (owner
+        authorisation), for a decommission (agent.device.decommission). Idempotent; the
+        TPM's other indices and hierarchies are left alone."""
+        gone = []
+        with self._esys() as (tss, e):
+            for what, index in (("keyring anchor", self.settings.anchor_index),
+                                ("rollback counter", self.settings.counter_index)):
+                h = self._nv(tss, e, index)
+                if h is not None:
+                    e.nv_undefine_space(h)
+                    gone.append(f"TPM NV index {index:#x} ({what})")
+        return gone
+
     # -- RootOfTrust --
     def provision(self, keyring_pem: bytes) -> RootStatus:
         """Anchor the keyring and create the counter; idempotent for the same keyring.
