@@ -48,6 +48,9 @@ if TYPE_CHECKING:  # imported where used (see above), and only a device that che
     from agent.device.journal_guard import JournalGuard
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+# Writes the payloads of a verified, recorded install (agent.device.delta): (reader, manifest,
+# payload name -> target slot path) -> bytes installed. None: stream them from the reader.
+PayloadWriter = Callable[["BundleReader", "Manifest", dict[str, Path]], int]
 
 
 @dataclass
@@ -183,9 +186,10 @@ class Updater:
 
     # --- install ----------------------------------------------------------------------------
     def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None,
-                replace_trial: bool = True) -> InstallResult:
+                replace_trial: bool = True, writer: PayloadWriter | None = None) -> InstallResult:
         """Install a bundle into the inactive slot and arm its trial. ``replace_trial=False``
-        refuses to overwrite a trial that is armed and waiting for its boot (core.plan)."""
+        refuses to overwrite a trial that is armed and waiting for its boot (core.plan).
+        ``writer`` replaces the streaming write of the payloads (a delta install)."""
         from agent.adapters import slots
         from agent.adapters.bundle import BundleReader
 
@@ -205,7 +209,9 @@ class Updater:
             dest = {w.payload.name: w.dest for w in plan.writes}
             written = 0
             try:
-                for pr in reader.payloads(m):
+                if writer is not None:
+                    written = writer(reader, m, dest)
+                for pr in reader.payloads(m) if writer is None else ():
                     chunks = pr.installed_chunks()
                     if progress is not None:
                         chunks = _counting(chunks, written, total or _total(m), progress)
