@@ -236,6 +236,13 @@ class HeadStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def window(self, start: int, end: int) -> bytes:
+        """What the last window holds of [start, end), from ``start`` on (may be empty)."""
+        rel = start - self._buf_start
+        if not 0 <= rel < len(self._buf):
+            return b""
+        return self._buf[rel:rel + (end - start)]
+
     def sequential(self) -> None:
         if self._seq is None:
             if not 0 <= self.pos - self._buf_start < len(self._buf):

@@ -47,7 +47,7 @@ GAP = 4096  # ranges closer than this merge: an HTTP part costs ~100 bytes of fr
 BUDGET = 48  # ranges per payload when the server answers one range per request
 BATCH_BYTES = 4 << 20  # bytes per multi-range request
 CHECKPOINT = 64 << 20  # bytes written between fsync + journal progress
-HEAD_FIRST = 32 * 1024
+HEAD_FIRST = 16 * 1024
 
 
 @dataclass
@@ -142,7 +142,7 @@ class DeltaWriter:
         if ilen > p.stored_size:
             raise dx.DeltaIndexError(f"payload '{p.name}' declares an index larger than itself")
         covered = min(p.stored_size, -(-ilen // bs) * bs)
-        raw = self.fetcher.read_range(blocks_off, data_off + covered)
+        raw = self._read(blocks_off, data_off + covered)
         digests = raw[:p.blocks_size]
         if hashlib.sha256(digests).hexdigest() != p.blocks_sha256:
             raise HashMismatch(f"block list of payload '{p.name}' does not match the manifest")
@@ -164,6 +164,13 @@ class DeltaWriter:
             raise dx.DeltaIndexError(f"payload '{p.name}' index is not valid zstd: {exc}") from None
         index = dx.decode(body, size=p.size, data_size=p.stored_size - ilen)
         return digests, index, ilen
+
+    def _read(self, start: int, end: int) -> bytes:
+        """Bytes [start, end), taking what the head window already holds."""
+        have = self.head.window(start, end)
+        if len(have) == end - start:
+            return have
+        return have + self.fetcher.read_range(start + len(have), end)
 
     # --- one payload -----------------------------------------------------------------------
     def _payload(self, p: Payload, target: Path, blocks_off: int, data_off: int) -> int:
@@ -267,7 +274,11 @@ class DeltaWriter:
     def _sources(self, index: dx.DeltaIndex, todo: list[delta_plan.Step], origin: int, bfd: int
                  ) -> Iterator[tuple[delta_plan.Step, bytes | None]]:
         """Each step's verified bytes, in chunk order (None: a local source failed its hash)."""
-        remote = delta_plan.spans(index, todo, origin)
+        # local copies first, then the remote steps in bundle order (patches sit after the
+        # frames), so the answer is read front to back; pwrite does not care about the order
+        remote = sorted(delta_plan.spans(index, todo, origin), key=lambda sp: sp.start)
+        by_chunk = {s.chunk: s for s in todo}
+        todo = [s for s in todo if s.kind == delta_plan.COPY] + [by_chunk[sp.chunk] for sp in remote]
         ranges = delta_plan.coalesce([(s.start, s.end) for s in remote], gap=GAP, budget=BUDGET)
         parts = self._parts(delta_plan.batches(ranges, max_bytes=BATCH_BYTES, max_parts=MAX_PARTS))
         part: Part | None = None
@@ -310,20 +321,28 @@ class DeltaWriter:
     # --- resuming ----------------------------------------------------------------------------
     def _checkpoint(self, p: Payload, target: Path, tfd: int, done: set[int]) -> None:
         os.fsync(tfd)  # the journal may only name chunks that are on the medium
-        upto = 0
-        while upto in done:
-            upto += 1
-        self.up.journal.put(PROGRESS_KEY, {"sha256": p.sha256, "slot": str(target), "done": upto})
+        runs: list[list[int]] = []
+        for i in sorted(done):
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        self.up.journal.put(PROGRESS_KEY, {"sha256": p.sha256, "slot": str(target), "done": runs})
 
     def _resumed(self, p: Payload, target: Path, tfd: int, index: dx.DeltaIndex,
                  offsets: list[int]) -> set[int]:
         """Chunks an interrupted attempt at this same payload wrote, re-verified in the slot."""
         rec = self.up.journal.get(PROGRESS_KEY)
         if not (isinstance(rec, dict) and rec.get("sha256") == p.sha256
-                and rec.get("slot") == str(target) and isinstance(rec.get("done"), int)):
+                and rec.get("slot") == str(target) and isinstance(rec.get("done"), list)):
             return set()
+        claimed: set[int] = set()
+        for run in rec["done"][:len(index.chunks)]:
+            if (isinstance(run, list) and len(run) == 2 and all(type(x) is int for x in run)
+                    and 0 <= run[0] < run[1] <= len(index.chunks)):
+                claimed.update(range(run[0], run[1]))
         have = set()
-        for i in range(min(int(rec["done"]), len(index.chunks))):
+        for i in sorted(claimed):  # claimed by the journal, believed only once re-hashed
             c = index.chunks[i]
             if hashlib.sha256(_pread(tfd, c.length, offsets[i])).digest() == c.sha256:
                 have.add(i)

@@ -37,7 +37,7 @@ from agent.core.trust import best_known_time
 from agent.device.fleet_files import find_fleet, load_fleet
 from agent.device.identity import FleetIdentity
 from agent.device.push import next_poll
-from agent.device.updater import Updater
+from agent.device.updater import InstallResult, Updater
 from agent.errors import (
     CertificateRefused,
     DeviceError,
@@ -255,9 +255,11 @@ class FleetAgent:
         stream = self.client.open_artifact(artifact, sleep=self.sleep, cancelled=self._cancel_watch(aid))
         marks = _Quartiles(lambda cnt: self._feedback(
             aid, ddi.Feedback("proceeding", "none", ("downloading",), ddi.Progress(cnt, 4))))
+        delta_note: list[str] = []
         try:
-            result = self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks,
-                                     replace_trial=False)  # a technician's armed trial goes first
+            result = (self._try_delta(artifact, marks, aid, delta_note)
+                      or self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks,
+                                         replace_trial=False))  # a technician's armed trial goes first
         except StateError as exc:
             self.messages.append(f"device busy, will retry: {exc}")
             return False
@@ -281,8 +283,27 @@ class FleetAgent:
         self._set_action({"id": aid, "stage": "installed", "attempts": attempts,
                           "slot": result.slot, "version": result.version})
         self._feedback(aid, ddi.Feedback("downloaded", "none", (
-            f"{result.version} written to slot {result.slot}; trial boot next",)))
+            f"{result.version} written to slot {result.slot}; trial boot next", *delta_note)))
         return self._reboot_into_trial(aid)
+
+    def _try_delta(self, artifact: ddi.Artifact, marks: Callable[[int, int], None], aid: str,
+                   note: list[str]) -> InstallResult | None:
+        """Install by delta (agent.device.delta) when the server answers Range; None: it does
+        not, nothing was recorded, and the caller downloads the bundle whole."""
+        from agent.adapters.range_fetch import RangeFetcher, RangeUnsupported
+        from agent.device import delta
+
+        fetcher = RangeFetcher(self.client.session, self.client.origin, artifact.url,
+                               size=artifact.size, policy=self.cfg.download,
+                               cancelled=self._cancel_watch(aid))
+        try:
+            result, stats = delta.install(self.up, fetcher, progress=marks, replace_trial=False)
+        except RangeUnsupported:
+            return None
+        note.append(stats.line())  # bytes saved, in the DDI feedback details
+        self.journal.put("fleet.delta.last", {"received": stats.received, "saved": stats.saved,
+                                              "requests": stats.requests, "mode": stats.mode})
+        return result
 
     def _cancel_watch(self, aid: str) -> Callable[[], bool]:
         """Asked between reads of a running download: at most every CANCEL_CHECK seconds, one

@@ -280,3 +280,96 @@ def is_bundle(path: Path) -> bool:
 
 def meta_for(built: Built) -> dict[str, Any]:
     return {META_KEY: built.index_bytes}
+
+
+# --- what a device holding an image would download ------------------------------------------
+@dataclass
+class DeltaInfo:
+    bundle_bytes: int
+    download_bytes: int
+    requests_multi: int  # with a server that answers multi-range requests
+    requests_single: int  # with one that answers one range per request
+    base: str | None
+    chunks: int
+    copied: int
+    patched: int
+    fetched: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+PART_OVERHEAD = 100  # bytes of multipart framing per range (boundary, Content-Type, Content-Range)
+
+
+def delta_info(bundle: Path, image: Path) -> DeltaInfo:
+    """Simulate the device side (agent.device.delta) on local files: same plan, same coalescing.
+    The manifest is not verified here (``bundle verify`` does that)."""
+    from agent.core import delta_plan
+    from agent.device import delta as device_delta
+
+    size = bundle.stat().st_size
+    with open(bundle, "rb") as f:
+        reader = bundle_mod.BundleReader(f)
+        head = reader.read_head()
+        m = manifest_mod.from_bytes(head.manifest_bytes)
+        p = m.payloads[0]
+        ilen = device_delta._index_len(p)
+        blocks_off = reader.offset
+        data_off = device_delta.DeltaWriter._payload_start(blocks_off, p)
+        head_bytes = min(size, device_delta.HEAD_FIRST)
+        if not ilen:
+            return DeltaInfo(size, size, 1, 1, None, 0, 0, 0, 0)
+        f.seek(data_off)
+        stored = f.read(ilen)
+        body = zstandard.ZstdDecompressor().decompress(stored[dx.FRAME_HEADER + 4:],
+                                                       max_output_size=dx.MAX_INDEX_BYTES)
+        index = dx.decode(body, size=p.size, data_size=p.stored_size - ilen)
+        origin = data_off + ilen
+        covered = min(p.stored_size, -(-ilen // p.block_size) * p.block_size)
+        meta_bytes = max(head_bytes, data_off + covered)  # the head window, then the rest up to it
+        img = image.read_bytes()
+        sha = hashlib.sha256(img).digest()
+        base = next((b for b in index.bases if b.sha256 == sha), None)
+        if base is None:
+            return DeltaInfo(size, meta_bytes + p.stored_size, 3, 3, None, len(index.chunks), 0, 0,
+                             len(index.chunks))
+        offsets = index.offsets()
+        steps = delta_plan.steps(index, base)
+        forced = set()
+        for s in steps:
+            c = index.chunks[s.chunk]
+            if s.kind == delta_plan.COPY:
+                assert isinstance(s.op, dx.Copy)
+                ok = hashlib.sha256(img[s.op.offset:s.op.offset + c.length]).digest() == c.sha256
+            elif s.kind == delta_plan.PATCH:
+                assert isinstance(s.op, dx.Patch)
+                f.seek(origin + s.op.offset)
+                blob = f.read(s.op.length)
+                dictionary = b"".join(img[a:a + n] for a, n in s.op.extents)
+                out = device_delta._unzstd(blob, c.length, dictionary)
+                ok = out is not None and hashlib.sha256(out).digest() == c.sha256
+            else:
+                ok = True
+            if not ok:
+                forced.add(s.chunk)
+        del offsets
+        first = [s for s in steps if s.kind != delta_plan.HAVE]
+        total = meta_bytes
+        req_multi = req_single = 2  # the head window and the block list + index
+        for round_steps in (first, [s for s in delta_plan.steps(index, None) if s.chunk in forced]):
+            spans = delta_plan.spans(index, round_steps, origin)
+            if not spans:
+                continue
+            ranges = delta_plan.coalesce([(s.start, s.end) for s in spans], gap=device_delta.GAP,
+                                         budget=device_delta.BUDGET)
+            batches = delta_plan.batches(ranges, max_bytes=device_delta.BATCH_BYTES,
+                                         max_parts=device_delta.MAX_PARTS)
+            total += delta_plan.fetched_bytes(ranges) + PART_OVERHEAD * len(ranges)
+            req_multi += len(batches)
+            req_single += len(ranges)
+        kinds = [s.kind for s in steps]
+        return DeltaInfo(size, total, req_multi, req_single, base.version, len(index.chunks),
+                         kinds.count(delta_plan.COPY) - len([s for s in steps if s.chunk in forced
+                                                             and s.kind == delta_plan.COPY]),
+                         kinds.count(delta_plan.PATCH), kinds.count(delta_plan.FETCH) + len(forced))
