@@ -28,6 +28,21 @@ class Served:
     log: list[str] = field(default_factory=list)
 
 
+class _File:
+    """A file sliced like bytes, read only where sliced (bundles can be large)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __len__(self) -> int:
+        return self.path.stat().st_size
+
+    def __getitem__(self, s: slice) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(s.start or 0)
+            return f.read((s.stop if s.stop is not None else len(self)) - (s.start or 0))
+
+
 def _handler(state: Served) -> type[BaseHTTPRequestHandler]:
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -49,13 +64,13 @@ def _handler(state: Served) -> type[BaseHTTPRequestHandler]:
             state.body_bytes += len(data)
             return True
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             state.requests += 1
             path = state.files.get(self.path.split("?")[0])
             if path is None:
                 self.send_error(404)
                 return
-            data = path.read_bytes()
+            data = _File(path)
             size = len(data)
             spec = self.headers.get("Range")
             state.log.append(spec or "")
@@ -64,7 +79,7 @@ def _handler(state: Served) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", str(size))
                 self.send_header("ETag", '"e1"')
                 self.end_headers()
-                self._send(data)
+                self._send(data[0:size])
                 return
             m = re.fullmatch(r"bytes=([0-9,\- ]+)", spec)
             ranges = []

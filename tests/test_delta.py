@@ -1,4 +1,4 @@
-"""Delta installs over real HTTP on 127.0.0.1: verified before written, resumable, identical to a full install."""
+"""Delta installs over real HTTP on 127.0.0.1: verified before written, resumable, same as a full install."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ and count read from input is bounded, and only ``DeltaIndexError`` is raised.
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ def index_frame_length(head: bytes) -> int:
     """Total bytes of the index frame that starts a stored payload, from its first 12 bytes."""
     if len(head) < FRAME_HEADER + len(MAGIC):
         raise DeltaIndexError("stored payload is too short to start with a delta index")
-    magic, n = struct.unpack_from("<II", head)
+    magic, n = (int(x) for x in struct.unpack_from("<II", head))
     if magic != SKIPPABLE_INDEX or head[FRAME_HEADER:FRAME_HEADER + 4] != MAGIC:
         raise DeltaIndexError("stored payload does not start with a delta index frame")
     if n > MAX_INDEX_BYTES:
@@ -281,7 +282,7 @@ def decode(body: bytes, *, size: int, data_size: int) -> DeltaIndex:
     if len({b.version for b in bases}) != len(bases):
         raise DeltaIndexError("delta index names a base version twice")
     patches.sort()
-    for (a, n), (b, _) in zip(patches, patches[1:], strict=False):
+    for (a, n), (b, _) in itertools.pairwise(patches):
         if a + n > b:
             raise DeltaIndexError("delta index patches overlap")
     return DeltaIndex(tuple(chunks), tuple(bases))

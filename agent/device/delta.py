@@ -16,14 +16,13 @@ index, no matching base, a server without Range support) the payload is installe
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import zstandard
 
@@ -88,7 +87,7 @@ def install(updater: Updater, fetcher: RangeFetcher, *, progress: Progress | Non
     head.pos = 0
     writer = DeltaWriter(updater, fetcher, head, progress)
     try:
-        result = updater.install(head, total=fetcher.size, progress=progress,
+        result = updater.install(cast(BinaryIO, head), total=fetcher.size, progress=progress,
                                  replace_trial=replace_trial, writer=writer)
     finally:
         head.close()
@@ -194,7 +193,7 @@ class DeltaWriter:
     def _whole(self, p: Payload, target: Path, digests: bytes, data_off: int) -> int:
         stream = self.fetcher.stream_from(data_off)
         try:
-            pr = PayloadReader(tarstream.TarReader(stream), p, digests)
+            pr = PayloadReader(tarstream.TarReader(cast(BinaryIO, stream)), p, digests)
             return slots.write(target, self._counted(pr.installed_chunks()),
                                limit=slots.capacity(target))
         finally:
@@ -308,11 +307,11 @@ class DeltaWriter:
                 if hashlib.sha256(blob).digest() != c.frame_sha256:
                     raise HashMismatch(f"chunk {s.chunk} (image bytes {index.offsets()[s.chunk]}..) "
                                        "does not match the signed index; stopped before using it")
-                data = _unzstd(blob, c.length, None)
-                if data is None or hashlib.sha256(data).digest() != c.sha256:
+                plain = _unzstd(blob, c.length, None)
+                if plain is None or hashlib.sha256(plain).digest() != c.sha256:
                     raise HashMismatch(f"chunk {s.chunk} decompresses to other bytes than its "
                                        "signed hash")
-                yield s, data
+                yield s, plain
 
     def _parts(self, batches: list[list[tuple[int, int]]]) -> Iterator[Part]:
         for batch in batches:
@@ -383,4 +382,4 @@ def _unzstd(blob: bytes, size: int, dictionary: bytes | None) -> bytes | None:
     return out if len(out) == size else None
 
 
-__all__ = ["DeltaStats", "DeltaWriter", "install", "io"]
+__all__ = ["BUDGET", "GAP", "HEAD_FIRST", "MAX_PARTS", "DeltaStats", "DeltaWriter", "install"]

@@ -252,11 +252,9 @@ def base_from_arg(spec: str, workdir: Path) -> BaseImage:
 def _base_from_bundle(path: Path, workdir: Path) -> BaseImage:
     """Unpack a previous release's rootfs payload; its block hashes are checked as it is read
     (the build host trusts its own old bundles' signatures; ``bundle verify`` checks them)."""
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise UsageError(f"cannot read base {path}: {exc.strerror}") from None
-    with f:
+    if not path.is_file():
+        raise UsageError(f"cannot read base {path}: not a file")
+    with open(path, "rb") as f:
         reader = bundle_mod.BundleReader(f)
         head = reader.read_head()
         m = manifest_mod.from_bytes(head.manifest_bytes)
