@@ -41,6 +41,10 @@ MAX_HEADER_LINE = 1024
 class RangeUnsupported(DownloadFailed):
     hint = "the server ignores HTTP Range; the whole bundle is downloaded instead"
 
+    def __init__(self, message: str, *, response: requests.Response | None = None) -> None:
+        super().__init__(message)
+        self.response = response  # the 200 answer, still unread: the full download can use it
+
 
 class RangeFetcher:
     def __init__(self, session: requests.Session, origin: Origin, url: str, *, size: int,
@@ -58,7 +62,7 @@ class RangeFetcher:
         self._validator: str | None = None
 
     # --- one request ---------------------------------------------------------------------
-    def _get(self, ranges: list[tuple[int, int]]) -> requests.Response:
+    def _get(self, ranges: list[tuple[int, int]], *, keep_200: bool = False) -> requests.Response:
         spec = ",".join(f"{a}-{b - 1}" for a, b in ranges)
         headers = {"Accept-Encoding": "identity", "Range": f"bytes={spec}"}
         if self._validator:
@@ -72,8 +76,11 @@ class RangeFetcher:
                                  f"{type(exc).__name__}") from None
         code = resp.status_code
         if code == 200:
+            msg = f"{redact(self.url)} answered a Range request with the whole body"
+            if keep_200:
+                raise RangeUnsupported(msg, response=resp)
             resp.close()
-            raise RangeUnsupported(f"{redact(self.url)} answered a Range request with the whole body")
+            raise RangeUnsupported(msg)
         if code >= 500 or code in (408, 429):
             resp.close()
             raise DownloadFailed(f"range request answered HTTP {code}")
@@ -117,9 +124,10 @@ class RangeFetcher:
                                    f"expected {self.size}")
 
     # --- public ----------------------------------------------------------------------------
-    def read_range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the artifact, in one single-range request."""
-        resp = self._get([(start, end)])
+    def read_range(self, start: int, end: int, *, keep_200: bool = False) -> bytes:
+        """Bytes [start, end) of the artifact, in one single-range request. ``keep_200``: a
+        server without Range support leaves its open answer in ``RangeUnsupported.response``."""
+        resp = self._get([(start, end)], keep_200=keep_200)
         try:
             if resp.status_code == 416:
                 raise DownloadFailed(f"server refused range {start}-{end - 1} (416)")
@@ -235,6 +243,13 @@ class HeadStream(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def first(self) -> None:
+        """Fetch the first window now; ``RangeUnsupported`` (with the server's open 200
+        answer) when the server ignores Range."""
+        end = min(self.fetcher.size, self._window)
+        self._buf, self._buf_start = self.fetcher.read_range(0, end, keep_200=True), 0
+        self._window *= 2
 
     def window(self, start: int, end: int) -> bytes:
         """What the last window holds of [start, end), from ``start`` on (may be empty)."""

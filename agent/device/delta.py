@@ -80,11 +80,10 @@ def install(updater: Updater, fetcher: RangeFetcher, *, progress: Progress | Non
             replace_trial: bool = True) -> tuple[InstallResult, DeltaStats]:
     """Install the bundle at ``fetcher``'s URL by delta where possible.
 
-    ``RangeUnsupported`` comes before anything was verified or recorded: the caller then
-    downloads the bundle whole the usual way."""
+    ``RangeUnsupported`` comes before anything was verified or recorded, carrying the server's
+    open 200 answer: the caller then downloads the bundle whole the usual way, from it."""
     head = HeadStream(fetcher, HEAD_FIRST)
-    head.readinto(bytearray(1))  # the first window: a server without Range support shows here
-    head.pos = 0
+    head.first()  # a server without Range support shows here, its answer kept for the caller
     writer = DeltaWriter(updater, fetcher, head, progress)
     try:
         result = updater.install(cast(BinaryIO, head), total=fetcher.size, progress=progress,

@@ -257,7 +257,7 @@ class FleetAgent:
             aid, ddi.Feedback("proceeding", "none", ("downloading",), ddi.Progress(cnt, 4))))
         delta_note: list[str] = []
         try:
-            result = (self._try_delta(artifact, marks, aid, delta_note)
+            result = (self._try_delta(artifact, marks, aid, delta_note, stream)
                       or self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks,
                                          replace_trial=False))  # a technician's armed trial goes first
         except StateError as exc:
@@ -287,9 +287,10 @@ class FleetAgent:
         return self._reboot_into_trial(aid)
 
     def _try_delta(self, artifact: ddi.Artifact, marks: Callable[[int, int], None], aid: str,
-                   note: list[str]) -> InstallResult | None:
+                   note: list[str], stream: Any) -> InstallResult | None:
         """Install by delta (agent.device.delta) when the server answers Range; None: it does
-        not, nothing was recorded, and the caller downloads the bundle whole."""
+        not, nothing was recorded, and ``stream`` (the full download) reads the answer the
+        server already sent, so a server without Range sees one request, as before."""
         from agent.adapters.range_fetch import RangeFetcher, RangeUnsupported
         from agent.device import delta
 
@@ -298,7 +299,9 @@ class FleetAgent:
                                cancelled=self._cancel_watch(aid))
         try:
             result, stats = delta.install(self.up, fetcher, progress=marks, replace_trial=False)
-        except RangeUnsupported:
+        except RangeUnsupported as exc:
+            if exc.response is not None:
+                stream.adopt(exc.response)
             return None
         note.append(stats.line())  # bytes saved, in the DDI feedback details
         self.journal.put("fleet.delta.last", {"received": stats.received, "saved": stats.saved,
