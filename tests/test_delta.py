@@ -291,3 +291,37 @@ def test_delta_info_predicts_what_the_device_downloads(world: dict[str, Any]) ->
     info = json.loads(proc.stdout)
     assert info["base"] == "1.0"
     assert abs(info["download_bytes"] - state.body_bytes) <= 0.05 * state.body_bytes + 2048
+
+
+def test_the_controllers_file_server_refusing_multi_range_gets_single_ranges(
+        world: dict[str, Any]) -> None:
+    """The controller serves artifacts with aiohttp's FileResponse (ddi_routes.ddi_artifact): one
+    range per request, 416 for several. The device notices and asks one range at a time."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    async def artifact(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(world["bundle"])
+
+    app = web.Application()
+    app.router.add_get("/b", artifact)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        dev = _device(world, "dev")
+        _, stats = _run(dev, f"http://127.0.0.1:{port}", world["bundle"].stat().st_size)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+    assert stats.mode == "delta" and stats.requests <= delta.BUDGET + 4
+    assert _slot(dev, "B") == world["v2"]

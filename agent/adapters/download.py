@@ -192,19 +192,6 @@ class ResumableStream(io.RawIOBase):
                 raise
             self._resp = response
 
-    def adopt(self, response: requests.Response) -> None:
-        """Read from ``response``, a GET of ``url`` already open (checked as any other); it
-        replaces whatever connection this stream had (agent.device.delta's first Range probe,
-        answered 200 by a server without Range support, becomes the download itself)."""
-        try:
-            self._accept(response)
-        except BaseException:
-            response.close()
-            raise
-        if self._resp is not None:
-            self._resp.close()
-        self._resp = response
-
     # --- io.RawIOBase ----------------------------------------------------------------------
     def readable(self) -> bool:
         return True

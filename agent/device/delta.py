@@ -11,6 +11,8 @@ outside edgeops) is fetched instead; a fetched byte that fails is a ``HashMismat
 bundle is bad. Progress (the chunks written and fsynced) is kept in the journal, so a dropped
 link or a reboot resumes without fetching them again. Whenever the delta cannot be used (no
 index, no matching base, a server without Range support) the payload is installed whole.
+Long because (about 410 lines) the whole device procedure reads top to bottom in one place:
+fetch and verify the index, plan, write, resume, and the fleet agent's entry point.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import zstandard
 
 from agent.adapters import slots
 from agent.adapters.bundle import ZSTD_MAX_WINDOW, PayloadReader
-from agent.adapters.download import ArtifactMismatch, DownloadFailed
+from agent.adapters.download import ArtifactMismatch, DownloadFailed, ResumableStream
 from agent.adapters.range_fetch import MAX_PARTS, HeadStream, Part, RangeFetcher, RangeUnsupported
 from agent.core import delta_index as dx
 from agent.core import delta_plan, tarstream
@@ -37,6 +39,8 @@ from agent.errors import BundleError, HashMismatch, SlotError
 
 if TYPE_CHECKING:
     from agent.adapters.bundle import BundleReader
+    from agent.adapters.ddi_http import DdiClient
+    from agent.core.ddi import Artifact
     from agent.device.updater import InstallResult, Progress, Updater
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,33 @@ def install(updater: Updater, fetcher: RangeFetcher, *, progress: Progress | Non
         head.close()
         writer.stats.received, writer.stats.requests = fetcher.received, fetcher.requests
     return result, writer.stats
+
+
+def for_fleet(updater: Updater, client: DdiClient, artifact: Artifact, stream: ResumableStream,
+              progress: Progress, cancelled: Callable[[], bool], note: list[str], *,
+              sleep: Callable[[float], None] = time.sleep
+              ) -> tuple[InstallResult | None, ResumableStream]:
+    """The fleet agent's delta attempt: the result, or None and the stream for the full
+    download (a technician's armed trial goes first: ``replace_trial=False``). A server
+    without Range support answered the probe with 200: that answer becomes the full
+    download, so it sees one request, as before. Bytes saved go to ``note`` (the DDI
+    feedback details) and the journal (``fleet.delta.last``)."""
+    fetcher = RangeFetcher(client.session, client.origin, artifact.url, size=artifact.size,
+                           policy=client.cfg.download, cancelled=cancelled)
+    try:
+        result, stats = install(updater, fetcher, progress=progress, replace_trial=False)
+    except RangeUnsupported as exc:
+        if exc.response is None:
+            return None, stream
+        stream.close()
+        return None, ResumableStream(client.session, client.origin, artifact.url,
+                                     size=artifact.size, sha256=artifact.sha256,
+                                     policy=client.cfg.download, response=exc.response,
+                                     cancelled=cancelled)
+    note.append(stats.line())
+    updater.journal.put("fleet.delta.last", {"received": stats.received, "saved": stats.saved,
+                                             "requests": stats.requests, "mode": stats.mode})
+    return result, stream
 
 
 class DeltaWriter:

@@ -37,7 +37,7 @@ from agent.core.trust import best_known_time
 from agent.device.fleet_files import find_fleet, load_fleet
 from agent.device.identity import FleetIdentity
 from agent.device.push import next_poll
-from agent.device.updater import InstallResult, Updater
+from agent.device.updater import Updater
 from agent.errors import (
     CertificateRefused,
     DeviceError,
@@ -255,11 +255,14 @@ class FleetAgent:
         stream = self.client.open_artifact(artifact, sleep=self.sleep, cancelled=self._cancel_watch(aid))
         marks = _Quartiles(lambda cnt: self._feedback(
             aid, ddi.Feedback("proceeding", "none", ("downloading",), ddi.Progress(cnt, 4))))
+        from agent.device import delta  # by delta where the server allows (zstandard: lazily)
+
         delta_note: list[str] = []
         try:
-            result = (self._try_delta(artifact, marks, aid, delta_note, stream)
-                      or self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks,
-                                         replace_trial=False))  # a technician's armed trial goes first
+            result, stream = delta.for_fleet(self.up, self.client, artifact, stream, marks,
+                                             self._cancel_watch(aid), delta_note, sleep=self.sleep)
+            result = result or self.up.install(cast(BinaryIO, stream), total=artifact.size,
+                                               progress=marks, replace_trial=False)
         except StateError as exc:
             self.messages.append(f"device busy, will retry: {exc}")
             return False
@@ -285,28 +288,6 @@ class FleetAgent:
         self._feedback(aid, ddi.Feedback("downloaded", "none", (
             f"{result.version} written to slot {result.slot}; trial boot next", *delta_note)))
         return self._reboot_into_trial(aid)
-
-    def _try_delta(self, artifact: ddi.Artifact, marks: Callable[[int, int], None], aid: str,
-                   note: list[str], stream: Any) -> InstallResult | None:
-        """Install by delta (agent.device.delta) when the server answers Range; None: it does
-        not, nothing was recorded, and ``stream`` (the full download) reads the answer the
-        server already sent, so a server without Range sees one request, as before."""
-        from agent.adapters.range_fetch import RangeFetcher, RangeUnsupported
-        from agent.device import delta
-
-        fetcher = RangeFetcher(self.client.session, self.client.origin, artifact.url,
-                               size=artifact.size, policy=self.cfg.download,
-                               cancelled=self._cancel_watch(aid))
-        try:
-            result, stats = delta.install(self.up, fetcher, progress=marks, replace_trial=False)
-        except RangeUnsupported as exc:
-            if exc.response is not None:
-                stream.adopt(exc.response)
-            return None
-        note.append(stats.line())  # bytes saved, in the DDI feedback details
-        self.journal.put("fleet.delta.last", {"received": stats.received, "saved": stats.saved,
-                                              "requests": stats.requests, "mode": stats.mode})
-        return result
 
     def _cancel_watch(self, aid: str) -> Callable[[], bool]:
         """Asked between reads of a running download: at most every CANCEL_CHECK seconds, one
