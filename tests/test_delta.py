@@ -325,3 +325,33 @@ def test_the_controllers_file_server_refusing_multi_range_gets_single_ranges(
         loop.close()
     assert stats.mode == "delta" and stats.requests <= delta.BUDGET + 4
     assert _slot(dev, "B") == world["v2"]
+
+
+def test_the_fleet_agent_installs_by_delta_from_the_controller_and_reports_it(
+        world: dict[str, Any]) -> None:
+    from agent.host.simfleet import start_controller
+    from tests.test_controller_agent import agent_cycle
+
+    ctl = start_controller(world["tmp"] / "ctl", keyring=world["pki"].root_crt, tick_interval=3600)
+    try:
+        board = _device(world, "board")
+        token = ctl.api("POST", "/devices", {"id": "d0"})["token"]
+        ctl.api("POST", "/groups", {"name": "g", "devices": ["d0"]})
+        with open(world["bundle"], "rb") as f:
+            bid = ctl.api("POST", "/bundles?filename=v2.bundle", data=f)["id"]
+        rid = ctl.api("POST", "/deployments", {"bundle": bid, "group": "g"})["id"]
+        for _ in range(4):
+            agent_cycle(board, ctl.url, "d0", token)
+        actions = ctl.api("GET", f"/actions?rollout={rid}")["actions"]
+        assert [a["status"] for a in actions] == ["success"]
+    finally:
+        ctl.stop()
+    device = open_device(load(board / "agent.toml"))
+    try:
+        last = device.journal.get("fleet.delta.last")
+        booted = device.runtime.booted_slot()
+    finally:
+        device.close()
+    assert isinstance(last, dict) and last["mode"] == "delta"
+    assert last["saved"] > 0 and last["received"] + last["saved"] == world["bundle"].stat().st_size
+    assert _slot(board, booted) == world["v2"]
