@@ -348,10 +348,48 @@ def test_the_fleet_agent_installs_by_delta_from_the_controller_and_reports_it(
         ctl.stop()
     device = open_device(load(board / "agent.toml"))
     try:
-        last = device.journal.get("fleet.delta.last")
+        last = device.journal.get("delta.last")
         booted = device.runtime.booted_slot()
     finally:
         device.close()
     assert isinstance(last, dict) and last["mode"] == "delta"
     assert last["saved"] > 0 and last["received"] + last["saved"] == world["bundle"].stat().st_size
     assert _slot(board, booted) == world["v2"]
+    pytest.importorskip("prometheus_client", reason="needs the [metrics] extra")
+    from agent.device import metrics
+
+    device = open_device(load(board / "agent.toml"))
+    try:
+        _, text = metrics.render(Updater(device))
+    finally:
+        device.close()
+    assert f"edgeops_delta_last_saved {float(last['saved'])}".encode() in text
+
+
+def test_bundle_create_delta_against_an_older_bundle_installs_by_delta(world: dict[str, Any]) -> None:
+    pki, tmp = world["pki"], world["tmp"]
+    common = ["--key", pki.signer_key, "--cert", pki.signer_crt, "--compatible", "edgeops-sim",
+              "--security-version", "1"]
+    run_cli("bundle", "create", *common, "--version", "1.0", "--payload", f"rootfs={tmp / 'v1.img'}",
+            "-o", tmp / "v1.bundle", check=True)
+    out = run_cli("bundle", "create", *common, "--version", "2.0", "--payload",
+                  f"rootfs={tmp / 'v2.img'}", "--base", tmp / "v1.bundle", "--chunk-size", "16384",
+                  "-o", tmp / "v2d.bundle", check=True)
+    assert "delta-capable" in out.stdout and "base 1.0" in out.stdout
+    dev = _device(world, "dev")
+    state = rangeserver.Served({"/b": tmp / "v2d.bundle"})
+    with rangeserver.serve(state) as url:
+        _, stats = _run(dev, url, (tmp / "v2d.bundle").stat().st_size)
+    assert stats.mode == "delta" and stats.copied > 0
+    assert _slot(dev, "B") == world["v2"]
+
+
+def test_bundle_create_with_a_missing_base_says_so_in_one_line(world: dict[str, Any]) -> None:
+    pki, tmp = world["pki"], world["tmp"]
+    proc = run_cli("bundle", "create", "--key", pki.signer_key, "--cert", pki.signer_crt,
+                   "--compatible", "edgeops-sim", "--security-version", "1", "--version", "2.0",
+                   "--payload", f"rootfs={tmp / 'v2.img'}", "--base", "1.0=" + str(tmp / "nope.img"),
+                   "-o", tmp / "x.bundle")
+    assert proc.returncode == 2, proc.stderr
+    assert "nope.img" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp / "x.bundle").exists()

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 META_KEY = "delta_index_bytes"
 PROGRESS_KEY = "delta.progress"
+LAST_KEY = "delta.last"  # the last delta install's figures (agent.device.metrics)
 GAP = 4096  # ranges closer than this merge: an HTTP part costs ~100 bytes of framing
 BUDGET = 48  # ranges per payload when the server answers one range per request
 BATCH_BYTES = 4 << 20  # bytes per multi-range request
@@ -95,7 +96,10 @@ def install(updater: Updater, fetcher: RangeFetcher, *, progress: Progress | Non
     finally:
         head.close()
         writer.stats.received, writer.stats.requests = fetcher.received, fetcher.requests
-    return result, writer.stats
+    st = writer.stats
+    updater.journal.put(LAST_KEY, {"received": st.received, "saved": st.saved,
+                                   "requests": st.requests, "mode": st.mode})
+    return result, st
 
 
 def for_fleet(updater: Updater, client: DdiClient, artifact: Artifact, stream: ResumableStream,
@@ -106,7 +110,7 @@ def for_fleet(updater: Updater, client: DdiClient, artifact: Artifact, stream: R
     download (a technician's armed trial goes first: ``replace_trial=False``). A server
     without Range support answered the probe with 200: that answer becomes the full
     download, so it sees one request, as before. Bytes saved go to ``note`` (the DDI
-    feedback details) and the journal (``fleet.delta.last``)."""
+    feedback details); ``install`` keeps them in the journal (``delta.last``) for the metrics."""
     fetcher = RangeFetcher(client.session, client.origin, artifact.url, size=artifact.size,
                            policy=client.cfg.download, cancelled=cancelled)
     try:
