@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,8 +45,11 @@ f = RangeFetcher(new_session(), Origin(sys.argv[3]), sys.argv[3], size=int(sys.a
 t = time.perf_counter()
 result, stats = delta.install(up, f)
 dt = time.perf_counter() - t
+# VmHWM: this process's own peak RSS (a forked child's ru_maxrss also counts the parent's
+# pages it was forked from, on Linux)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"slot": result.slot, "decode_s": dt, "line": stats.line(), "mode": stats.mode,
-                  "received": stats.received, "requests": stats.requests}))
+                  "received": stats.received, "requests": stats.requests, "rss": hwm / 1024}))
 """
 
 
@@ -144,19 +146,8 @@ def device_run(old: Path, old_version: str, new: Path, bundle: Path, keydir: Pat
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ROOT), str(dev / "agent.toml"),
                                  url + "/b", str(bundle.stat().st_size)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        box: dict[str, object] = {}
-
-        def wait() -> None:
-            _, status, usage = os.wait4(proc.pid, 0)
-            box["rss"] = usage.ru_maxrss / 1024
-            box["status"] = status
-
-        th = threading.Thread(target=wait)
-        th.start()
-        out = proc.stdout.read() if proc.stdout else ""
-        err = proc.stderr.read() if proc.stderr else ""
-        th.join()
-    if box.get("status") != 0:
+        out, err = proc.communicate()
+    if proc.returncode != 0:
         log(f"device run failed: {err[-800:]}")
         return None
     res = json.loads(out.strip().splitlines()[-1])
@@ -166,7 +157,7 @@ def device_run(old: Path, old_version: str, new: Path, bundle: Path, keydir: Pat
     if _sha(Path(slot), size) != _sha(new):
         log("device slot does NOT match the new image; not reported")
         return None
-    res.update(rss=box["rss"], served=state.body_bytes, server_requests=state.requests)
+    res.update(served=state.body_bytes, server_requests=state.requests)
     shutil.rmtree(dev, ignore_errors=True)
     return res
 
@@ -177,7 +168,22 @@ def main() -> int:
     ap.add_argument("--images", default="ext4,sqfs")
     ap.add_argument("--avg", type=int, default=0, help="average chunk size (default: the writer's)")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--device-only", nargs=4, metavar=("BUNDLE", "OLD", "OLD_VERSION", "NEW"),
+                    help="only the device side, for a bundle built before (signed by --keys)")
+    ap.add_argument("--keys", type=Path, help="with --device-only: the dir holding root/root.crt")
     a = ap.parse_args()
+    if a.device_only:
+        bundle, old, old_version, new = a.device_only
+        work = a.work or Path(tempfile.mkdtemp(prefix="delta-dev-", dir=a.corpus))
+        res = device_run(Path(old), old_version, Path(new), Path(bundle), a.keys, work)
+        if res is None:
+            return 1
+        dt = float(res["decode_s"])  # type: ignore[arg-type]
+        mibs = Path(new).stat().st_size / (1 << 20) / dt
+        print(f"edgeops-delta-device {Path(new).name} {Path(old).name}->{Path(new).name} "
+              f"{res['served']} NA {res['server_requests']} {dt:.2f} {mibs:.0f} {res['rss']:.1f}")
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     from agent.host import delta_writer, keys
 
     img = a.corpus / "img"
