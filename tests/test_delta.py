@@ -393,3 +393,22 @@ def test_bundle_create_with_a_missing_base_says_so_in_one_line(world: dict[str, 
     assert proc.returncode == 2, proc.stderr
     assert "nope.img" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp / "x.bundle").exists()
+
+
+def test_a_signed_but_unusable_index_installs_the_whole_payload(world: dict[str, Any]) -> None:
+    tmp, pki, built = world["tmp"], world["pki"], world["built"]
+    stored = bytearray(built.stored.read_bytes())
+    stored[20] ^= 0xFF  # inside the compressed index body; the skippable frame still frames it
+    (tmp / "odd.stored").write_bytes(bytes(stored))
+    odd = tmp / "odd.bundle"
+    bundle_writer.create(odd, sign=keys.load_signing_key(pki.signer_key).sign,
+                         chain_pem=pki.signer_crt.read_bytes(), compatible="edgeops-sim",
+                         version="2.0", security_version=1, build_time=int(time.time()),
+                         sources=[bundle_writer.PayloadSource(
+                             "rootfs", "rootfs", tmp / "v2.img", stored=tmp / "odd.stored",
+                             installed=(built.size, built.sha256), meta=delta_writer.meta_for(built))])
+    dev = _device(world, "dev")
+    with rangeserver.serve(rangeserver.Served({"/b": odd})) as url:
+        _, stats = _run(dev, url, odd.stat().st_size)
+    assert stats.mode == "full" and stats.notes
+    assert _slot(dev, "B") == world["v2"]

@@ -169,7 +169,7 @@ class DeltaWriter:
         return blocks_off + p.blocks_size + tarstream.padding(p.blocks_size) + tarstream.BLOCK
 
     def _head_of(self, p: Payload, blocks_off: int, data_off: int
-                 ) -> tuple[bytes, dx.DeltaIndex, int]:
+                 ) -> tuple[bytes, dx.DeltaIndex | None, int]:
         """Fetch and verify the block list and the index frame; return the digests, the index
         and the index frame's length."""
         bs = p.block_size
@@ -190,15 +190,18 @@ class DeltaWriter:
             if hashlib.sha256(stored[k:k + bs]).digest() != digests[32 * (k // bs):32 * (k // bs) + 32]:
                 raise HashMismatch(f"payload '{p.name}' block {k // bs} does not match its signed "
                                    "hash; stopped before using it")
-        if dx.index_frame_length(stored[:12]) != ilen:
-            raise dx.DeltaIndexError(f"payload '{p.name}' index frame length disagrees with its meta")
-        try:
-            body = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompress(
-                stored[dx.FRAME_HEADER + 4:ilen], max_output_size=dx.MAX_INDEX_BYTES)
-        except zstandard.ZstdError as exc:
-            raise dx.DeltaIndexError(f"payload '{p.name}' index is not valid zstd: {exc}") from None
-        index = dx.decode(body, size=p.size, data_size=p.stored_size - ilen)
-        return digests, index, ilen
+        try:  # signed, yet unusable (a writer's bug): the whole payload still installs
+            if dx.index_frame_length(stored[:12]) != ilen:
+                raise dx.DeltaIndexError(f"payload '{p.name}' index length disagrees with its meta")
+            try:
+                body = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompress(
+                    stored[dx.FRAME_HEADER + 4:ilen], max_output_size=dx.MAX_INDEX_BYTES)
+            except zstandard.ZstdError as exc:
+                raise dx.DeltaIndexError(f"payload '{p.name}' index is not zstd: {exc}") from None
+            return digests, dx.decode(body, size=p.size, data_size=p.stored_size - ilen), ilen
+        except dx.DeltaIndexError as exc:
+            self.stats.notes.append(exc.one_line())
+            return digests, None, ilen
 
     def _read(self, start: int, end: int) -> bytes:
         """Bytes [start, end), taking what the head window already holds."""
@@ -210,8 +213,8 @@ class DeltaWriter:
     # --- one payload -----------------------------------------------------------------------
     def _payload(self, p: Payload, target: Path, blocks_off: int, data_off: int) -> int:
         digests, index, ilen = self._head_of(p, blocks_off, data_off)
-        base_path, base = self._base(p, index)
-        if base is None:
+        base_path, base = self._base(p, index) if index is not None else (Path("/"), None)
+        if base is None or index is None:
             self.stats.mode = "full"
             self.stats.notes.append(f"payload '{p.name}': no base this device holds")
             return self._whole(p, target, digests, data_off)
