@@ -1,4 +1,4 @@
-"""edgeops bundle: create (host side), info, verify.
+"""edgeops bundle: create (host side, optionally delta-capable), info, verify, delta-info.
 
 The bundle reader, ``trust`` and the host's keys (``cryptography``, ``zstandard``) are
 imported by the handlers, so registering these commands costs nothing."""
@@ -41,7 +41,19 @@ def register(sub: Any) -> None:
     c.add_argument("--build-time", type=int, help="seconds since the epoch (default: now)")
     c.add_argument("--description", default="")
     c.add_argument("-o", "--output", type=Path, required=True)
+    c.add_argument("--delta", action="store_true",
+                   help="make payloads delta-capable: chunk index + zstd per chunk (docs/delta.md)")
+    c.add_argument("--base", action="append", default=[], metavar="BUNDLE|VERSION=IMAGE",
+                   help="an earlier release to carry patches against (implies --delta; repeatable)")
+    c.add_argument("--chunk-size", type=int, default=0, help="average delta chunk bytes (default 64 KiB)")
     c.set_defaults(func=_create)
+
+    di = bs.add_parser("delta-info", help="bytes a device holding IMAGE would download (unverified)")
+    di.add_argument("bundle", type=Path)
+    di.add_argument("--against", type=Path, required=True, metavar="IMAGE",
+                    help="the image the device's active slot holds")
+    di.add_argument("--json", action="store_true")
+    di.set_defaults(func=_delta_info)
 
     i = bs.add_parser("info", help="show a bundle's manifest, health overrides and carried CRL "
                                    "(unverified)",
@@ -107,6 +119,8 @@ def _create(a: argparse.Namespace) -> int:
     for s in sources:
         if not s.path.is_file():
             raise UsageError(f"payload file {s.path} does not exist")
+    if a.delta or a.base:
+        return _create_delta(a, sources, signing_key, chain_pem)
     m = bundle_writer.create(
         a.output, sign=signing_key.sign, chain_pem=chain_pem, compatible=a.compatible,
         version=a.version, security_version=a.security_version,
@@ -117,6 +131,64 @@ def _create(a: argparse.Namespace) -> int:
     size = a.output.stat().st_size
     print(f"{a.output}: version {m.version} for '{m.compatible}', security_version "
           f"{m.security_version}, {len(m.payloads)} payload(s), {size} bytes")
+    return 0
+
+
+def _create_delta(a: argparse.Namespace, sources: list[bundle_writer.PayloadSource],
+                  signing_key: Any, chain_pem: bytes) -> int:
+    """``create --delta``: each payload (but models, whose meta is their own) stored as a delta
+    payload against the ``--base`` releases (agent.host.delta_writer)."""
+    import shutil
+    import tempfile
+
+    from agent.host import bundle_writer, delta_writer
+
+    work = Path(tempfile.mkdtemp(dir=a.output.resolve().parent, prefix=".delta-"))
+    try:
+        bases = [delta_writer.base_from_arg(spec, work) for spec in a.base]
+        lines = []
+        for i, s in enumerate(sources):
+            if s.slot_class == "model":
+                continue
+            built = delta_writer.build(s.path, bases, work / f"stored-{i}",
+                                       avg=a.chunk_size or delta_writer.AVG_CHUNK)
+            s.stored, s.installed = built.stored, (built.size, built.sha256)
+            s.meta = {**s.meta, **delta_writer.meta_for(built)}
+            lines.append(f"  {s.name}: {built.chunks} chunks, index {built.index_bytes} bytes; "
+                         + ", ".join(f"base {v}: {built.copies[v]} copies, {built.patches[v]} "
+                                     f"patches ({built.patch_bytes[v]} bytes)" for v in built.copies))
+        m = bundle_writer.create(
+            a.output, sign=signing_key.sign, chain_pem=chain_pem, compatible=a.compatible,
+            version=a.version, security_version=a.security_version,
+            build_time=a.build_time if a.build_time is not None else int(time.time()),
+            sources=sources, health=_load_health(a.health), description=a.description,
+            crl=a.crl.read_bytes() if a.crl else None,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{a.output}: version {m.version} for '{m.compatible}', security_version "
+          f"{m.security_version}, {len(m.payloads)} payload(s), {a.output.stat().st_size} bytes, "
+          f"delta-capable")
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _delta_info(a: argparse.Namespace) -> int:
+    from agent.host import delta_writer
+
+    for path in (a.bundle, a.against):
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist")
+    info = delta_writer.delta_info(a.bundle, a.against)
+    if a.json:
+        print(json.dumps(info.as_dict()))
+        return 0
+    frac = info.download_bytes / info.bundle_bytes if info.bundle_bytes else 1.0
+    print(f"a device holding {a.against} downloads {info.download_bytes} of {info.bundle_bytes} "
+          f"bytes ({frac:.3f}); base {info.base or 'none (full download)'}; requests "
+          f"{info.requests_multi} (multi-range) or {info.requests_single} (single ranges); "
+          f"chunks {info.chunks}: {info.copied} copied, {info.patched} patched, {info.fetched} fetched")
     return 0
 
 

@@ -25,6 +25,8 @@ MAX_BLOCK_SIZE = 16 * 1024 * 1024
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MAX_BLOCKS = 1 << 20  # the block list (32 bytes a block) stays under 32 MiB
 COMPRESSIONS = ("none", "zstd")
+DELTA_META_KEY = "delta_index_bytes"  # meta of a delta-capable payload (agent.core.delta_index)
+DELTA_MAX_BASES = 8
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _CLASS_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
@@ -175,13 +177,16 @@ def _payload(doc: Any, index: int) -> Payload:
     stored = _int(obj["stored_size"], f"{where}.stored_size", 0, MAX_PAYLOAD_SIZE)
     if compression == "none" and stored != size:
         raise ManifestError(f"{where}: an uncompressed payload must have stored_size == size")
-    if stored > size + size // 64 + 4096:  # zstd never expands more than this
-        raise ManifestError(f"{where}.stored_size is implausibly larger than its size")
-    if -(-stored // block_size) > MAX_BLOCKS:
-        raise ManifestError(f"{where} has more than {MAX_BLOCKS} blocks; use a larger block_size")
     meta = obj.get("meta", {})
     if not isinstance(meta, dict) or len(json.dumps(meta)) > MAX_META_BYTES:
         raise ManifestError(f"{where}.meta must be an object of at most {MAX_META_BYTES} bytes")
+    bound = size + size // 64 + 4096  # zstd never expands more than this
+    if DELTA_META_KEY in meta:  # a delta payload also carries its index and patches for up to
+        bound = bound * (1 + DELTA_MAX_BASES) + (64 << 20)  # 8 bases (docs/delta.md)
+    if stored > bound:
+        raise ManifestError(f"{where}.stored_size is implausibly larger than its size")
+    if -(-stored // block_size) > MAX_BLOCKS:
+        raise ManifestError(f"{where} has more than {MAX_BLOCKS} blocks; use a larger block_size")
     return Payload(
         name=_match(obj["name"], f"{where}.name", _NAME_RE),
         slot_class=_match(obj["class"], f"{where}.class", _CLASS_RE),

@@ -272,9 +272,14 @@ class FleetAgent:
         stream = self.client.open_artifact(artifact, sleep=self.sleep, cancelled=self._cancel_watch(aid))
         marks = _Quartiles(lambda cnt: self._feedback(
             aid, ddi.Feedback("proceeding", "none", ("downloading",), ddi.Progress(cnt, 4))))
+        from agent.device import delta  # by delta where the server allows (zstandard: lazily)
+
+        delta_note: list[str] = []
         try:
-            result = self.up.install(cast(BinaryIO, stream), total=artifact.size, progress=marks,
-                                     replace_trial=False)  # a technician's armed trial goes first
+            result, stream = delta.for_fleet(self.up, self.client, artifact, stream, marks,
+                                             self._cancel_watch(aid), delta_note, sleep=self.sleep)
+            result = result or self.up.install(cast(BinaryIO, stream), total=artifact.size,
+                                               progress=marks, replace_trial=False)
         except StateError as exc:
             self.messages.append(f"device busy, will retry: {exc}")
             return False
@@ -298,7 +303,7 @@ class FleetAgent:
         self._set_action({"id": aid, "stage": "installed", "attempts": attempts,
                           "slot": result.slot, "version": result.version})
         self._feedback(aid, ddi.Feedback("downloaded", "none", (
-            f"{result.version} written to slot {result.slot}; trial boot next",)))
+            f"{result.version} written to slot {result.slot}; trial boot next", *delta_note)))
         return self._reboot_into_trial(aid)
 
     def _cancel_watch(self, aid: str) -> Callable[[], bool]:

@@ -45,6 +45,12 @@ def render(up: Updater, *, link_up: bool | None = None) -> tuple[Any, bytes]:
         events.labels(event).set(n)
     Gauge("edgeops_reports_pending", "Reports queued for the controller (offline-first outbox)",
           registry=reg).set(up.journal.pending_count())
+    last = up.journal.get("delta.last")  # agent.device.delta: what the last update downloaded
+    if isinstance(last, dict):
+        for key, what in (("received", "bytes it downloaded"), ("saved", "bytes it did not need"),
+                          ("requests", "HTTP requests it made")):
+            Gauge(f"edgeops_delta_last_{key}", f"The last delta update: {what}",
+                  registry=reg).set(float(last.get(key) or 0))
     if link_up is not None:
         Gauge("edgeops_fleet_link_up", "1 if the last poll of the controller succeeded",
               registry=reg).set(int(link_up))

@@ -50,6 +50,9 @@ if TYPE_CHECKING:  # imported where used (see above), and only a device that che
     from agent.device.journal_guard import JournalGuard
 
 Progress = Callable[[int, int], None]  # (installed bytes done, installed bytes of the bundle)
+# Writes the payloads of a verified, recorded install (agent.device.delta): (reader, manifest,
+# payload name -> target slot path) -> bytes installed. None: stream them from the reader.
+PayloadWriter = Callable[["BundleReader", "Manifest", dict[str, Path]], int]
 
 
 @runtime_checkable
@@ -172,12 +175,13 @@ class Updater:
 
     # --- install ----------------------------------------------------------------------------
     def install(self, stream: BinaryIO, *, total: int = 0, progress: Progress | None = None,
-                replace_trial: bool = True) -> InstallResult:
+                replace_trial: bool = True, writer: PayloadWriter | None = None) -> InstallResult:
         """Install a bundle into the inactive slot and arm its trial. ``replace_trial=False``
         refuses to overwrite a trial that is armed and waiting for its boot (core.plan).
         ``progress`` is told installed bytes against the manifest's installed total, never
         against ``total`` (the source's length: a download's Content-Length, which for a zstd
-        bundle is far smaller than what gets installed); ``total`` is only that, for callers."""
+        bundle is far smaller than what gets installed); ``total`` is only that, for callers.
+        ``writer`` replaces the streaming write of the payloads (a delta install)."""
         from agent.adapters import slots
         from agent.adapters.bundle import BundleReader
 
@@ -201,7 +205,10 @@ class Updater:
             written = 0
             meter = _Meter(progress, _total(m))  # installed bytes over installed bytes
             try:
-                for pr in reader.payloads(m):
+                if writer is not None:
+                    meter.phase("write")
+                    written = writer(reader, m, dest)
+                for pr in reader.payloads(m) if writer is None else ():
                     path = dest[pr.payload.name]
                     meter.phase("write")
                     written += slots.write_from(

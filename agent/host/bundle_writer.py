@@ -34,6 +34,10 @@ class PayloadSource:
     compress: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
     meta: dict[str, Any] = field(default_factory=dict)
+    # already-stored zstd bytes (a delta-capable payload, agent.host.delta_writer) and what
+    # they install: size and SHA-256 of the image
+    stored: Path | None = None
+    installed: tuple[int, str] | None = None
 
 
 @dataclass
@@ -46,8 +50,12 @@ class _Prepared:
 
 def _prepare(src: PayloadSource, workdir: Path) -> _Prepared:
     size, installed = 0, hashlib.sha256()
-    stored_path, temp = src.path, False
-    if src.compress:
+    stored_path, temp, sha = src.path, False, ""
+    compressed = src.compress or src.stored is not None
+    if src.stored is not None and src.installed is not None:
+        stored_path = src.stored
+        size, sha = src.installed
+    elif src.compress:
         with keys.writing("the bundle's scratch file in", workdir):
             fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".payload-")
         stored_path, temp = Path(tmp), True
@@ -63,12 +71,13 @@ def _prepare(src: PayloadSource, workdir: Path) -> _Prepared:
         while chunk := f.read(src.block_size):
             stored_size += len(chunk)
             blocks += hashlib.sha256(chunk).digest()
-            if not src.compress:
+            if not compressed:
                 size += len(chunk)
                 installed.update(chunk)
     payload = Payload(
-        name=src.name, slot_class=src.slot_class, size=size, sha256=installed.hexdigest(),
-        stored_size=stored_size, compression="zstd" if src.compress else "none",
+        name=src.name, slot_class=src.slot_class, size=size,
+        sha256=sha if src.stored is not None else installed.hexdigest(),
+        stored_size=stored_size, compression="zstd" if compressed else "none",
         block_size=src.block_size, blocks_sha256=hashlib.sha256(blocks).hexdigest(), meta=src.meta,
     )
     return _Prepared(payload, stored_path, bytes(blocks), temp)

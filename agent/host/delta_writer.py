@@ -1,0 +1,373 @@
+"""Make a payload delta-capable (host side): content-defined chunks, zstd per chunk, patches against bases.
+
+The stored payload is ``[index frame][one zstd frame per chunk][patch frames]``
+(docs/delta.md): a full install decompresses it as ordinary zstd (the index and the
+patches are skippable frames), and a device holding one of the base releases fetches
+only the frames and patches it lacks, by HTTP Range. Everything is computed once,
+when the release is built; devices and servers do no per-pair work.
+
+Chunking is FastCDC 2020 (Xia et al., USENIX ATC '16 and its 2020 normalised form, as
+``pyfastcdc`` implements it; casync's chunker follows the same idea). A chunk absent
+from a base gets a patch when zstd, with base bytes that resemble it as its dictionary
+(the idea behind ``zstd --patch-from``), makes it clearly smaller than its plain frame.
+Resemblance is found with small sub-chunks: the base offsets where a chunk's sub-chunks
+also occur vote for an alignment, and the region at the chunk's own offset is a
+candidate too (file-system metadata that changed in place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from agent.adapters import bundle as bundle_mod
+from agent.core import delta_index as dx
+from agent.core import manifest as manifest_mod
+from agent.core import tarstream
+from agent.errors import BundleError, UsageError
+
+AVG_CHUNK = 64 * 1024  # min avg/4, max 4·avg (FastCDC's usual spread)
+SUB_CHUNK = 2048  # sub-chunks that locate a chunk's likeness in a base
+SLACK = 16 * 1024  # base bytes either side of an aligned region
+LEVEL = 19
+PATCH_GAIN = 0.85  # a patch must be at most this fraction of the plain frame
+META_KEY = "delta_index_bytes"
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    version: str
+    path: Path
+
+
+@dataclass
+class Built:
+    stored: Path
+    size: int
+    sha256: str
+    index_bytes: int  # the whole index frame
+    chunks: int
+    frames_bytes: int
+    patch_bytes: dict[str, int] = field(default_factory=dict)
+    copies: dict[str, int] = field(default_factory=dict)
+    patches: dict[str, int] = field(default_factory=dict)
+
+
+def _cut(data: bytes, avg: int) -> list[tuple[int, int]]:
+    from pyfastcdc import FastCDC  # host extra: chunking runs on the build host only
+
+    return [(c.offset, c.length) for c in FastCDC(avg).cut_buf(data)]
+
+
+class _BaseMap:
+    def __init__(self, base: BaseImage, avg: int) -> None:
+        self.version = base.version
+        try:
+            self.data = base.path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read base image {base.path}: {exc.strerror}") from None
+        self.sha256 = hashlib.sha256(self.data).digest()
+        self.chunks: dict[bytes, int] = {}
+        for off, n in _cut(self.data, avg):
+            self.chunks.setdefault(hashlib.sha256(self.data[off:off + n]).digest(), off)
+        self.subs: dict[bytes, int] = {}
+        for off, n in _cut(self.data, SUB_CHUNK):
+            self.subs.setdefault(_key(self.data, off, n), off)
+
+
+def _key(data: bytes, off: int, n: int) -> bytes:
+    return hashlib.blake2b(memoryview(data)[off:off + n], digest_size=12).digest()
+
+
+def _extents(base: _BaseMap, subs: list[tuple[int, int, bytes]], off: int, n: int
+             ) -> list[tuple[int, int]]:
+    votes: Counter[int] = Counter()
+    for soff, slen, key in subs:
+        hit = base.subs.get(key)
+        if hit is not None:
+            votes[hit - soff] += slen
+    size = len(base.data)
+    cands = [d for d, _ in votes.most_common(2)]
+    if 0 not in cands:
+        cands.append(0)
+    regions: list[list[int]] = []
+    for d in cands:
+        a, b = max(0, off + d - SLACK), min(size, off + d + n + SLACK)
+        if a < b:
+            regions.append([a, b])
+    regions.sort()
+    merged: list[list[int]] = []
+    for r in regions:
+        if merged and r[0] <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], r[1])
+        else:
+            merged.append(r)
+    return [(a, b - a) for a, b in merged[:dx.MAX_EXTENTS]]
+
+
+def _patch(data: bytes, base: _BaseMap, extents: list[tuple[int, int]], level: int) -> bytes:
+    dictionary = b"".join(base.data[a:a + n] for a, n in extents)
+    d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(level=level, dict_data=d, write_content_size=True,
+                                    write_checksum=False).compress(data)
+
+
+def build(image: Path, bases: Sequence[BaseImage], out: Path, *, avg: int = AVG_CHUNK,
+          level: int = LEVEL, threads: int = 2) -> Built:
+    """Write the delta-capable stored payload of ``image`` to ``out``."""
+    if len({b.version for b in bases}) != len(bases):
+        raise UsageError("two --base images name the same version")
+    if len(bases) > dx.MAX_BASES:
+        raise UsageError(f"at most {dx.MAX_BASES} bases")
+    try:
+        data = image.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read image {image}: {exc.strerror}") from None
+    cuts = _cut(data, avg)
+    if len(cuts) > dx.MAX_CHUNKS:
+        raise UsageError(f"{len(cuts)} chunks is more than {dx.MAX_CHUNKS}; raise the chunk size")
+    view = memoryview(data)
+    shas = [hashlib.sha256(view[o:o + n]).digest() for o, n in cuts]
+    cctx_level = level
+
+    def compress(i: int) -> bytes:
+        o, n = cuts[i]
+        return zstandard.ZstdCompressor(level=cctx_level, write_content_size=True,
+                                        write_checksum=False).compress(view[o:o + n])
+
+    first: dict[bytes, int] = {}
+    for i, s in enumerate(shas):
+        first.setdefault(s, i)
+    unique = sorted(set(first.values()))
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        made = dict(zip(unique, pool.map(compress, unique), strict=True))
+    frames = [made[first[s]] for s in shas]
+    chunks = tuple(dx.Chunk(n, len(f), s, hashlib.sha256(f).digest())
+                   for (_, n), s, f in zip(cuts, shas, frames, strict=True))
+    frames_end = sum(len(f) for f in frames)
+
+    sub_cuts = _cut(data, SUB_CHUNK)
+    subs_of: list[list[tuple[int, int, bytes]]] = [[] for _ in cuts]
+    ci = 0
+    for soff, slen in sub_cuts:
+        while cuts[ci][0] + cuts[ci][1] <= soff:
+            ci += 1
+        o, n = cuts[ci]
+        if soff + slen <= o + n:
+            subs_of[ci].append((soff, slen, _key(data, soff, slen)))
+
+    built = Built(out, len(data), hashlib.sha256(data).hexdigest(), 0, len(chunks), frames_end)
+    patch_area = bytearray()
+    base_recs = []
+    for b in bases:
+        bm = _BaseMap(b, avg)
+        ops: list[dx.Op] = []
+        npatch = ncopy = 0
+        start = len(patch_area)
+        jobs = []
+        for i, (o, n) in enumerate(cuts):
+            hit = bm.chunks.get(shas[i])
+            if hit is not None:
+                ops.append(dx.Copy(i, hit))
+                ncopy += 1
+            else:
+                ext = _extents(bm, subs_of[i], o, n)
+                if ext:
+                    jobs.append((i, ext))
+                    ops.append(dx.Copy(i, -1))  # placeholder, replaced below
+
+        def run(job: tuple[int, list[tuple[int, int]]], bm: _BaseMap = bm) -> bytes:
+            i, ext = job
+            o, n = cuts[i]
+            return _patch(bytes(view[o:o + n]), bm, ext, level)
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            results = dict(zip((j[0] for j in jobs), zip(pool.map(run, jobs), (j[1] for j in jobs),
+                                                         strict=True), strict=True))
+        final: list[dx.Op] = []
+        for op in ops:
+            if isinstance(op, dx.Copy) and op.offset >= 0:
+                final.append(op)
+                continue
+            p, ext = results[op.chunk]
+            if len(p) + 48 <= PATCH_GAIN * chunks[op.chunk].frame_length:
+                final.append(dx.Patch(op.chunk, frames_end + dx.FRAME_HEADER + len(patch_area), len(p),
+                                      hashlib.sha256(p).digest(), tuple(ext)))
+                patch_area += p
+                npatch += 1
+        base_recs.append(dx.Base(b.version, len(bm.data), bm.sha256, tuple(final)))
+        built.copies[b.version], built.patches[b.version] = ncopy, npatch
+        built.patch_bytes[b.version] = len(patch_area) - start
+    index = dx.DeltaIndex(chunks, tuple(base_recs))
+    body = dx.encode(index)
+    content = dx.MAGIC + zstandard.ZstdCompressor(level=19).compress(body)
+    idx_frame = dx.frame(dx.SKIPPABLE_INDEX, content)
+    # Patches sit in one skippable frame after the chunk frames, so a full install's decoder
+    # passes over them; their offsets (from the data origin) already count its 8-byte header.
+    tail = dx.frame(dx.SKIPPABLE_PATCHES, bytes(patch_area)) if patch_area else b""
+    with open(out, "wb") as f:
+        f.write(idx_frame)
+        for fr in frames:
+            f.write(fr)
+        f.write(tail)
+    built.index_bytes = len(idx_frame)
+    if _decompress_all(out, len(data)) != built.sha256:
+        raise BundleError("internal error: the delta payload does not decompress to the image")
+    return built
+
+
+def _decompress_all(stored: Path, size: int) -> str:
+    h = hashlib.sha256()
+    total = 0
+    dctx = zstandard.ZstdDecompressor(max_window_size=bundle_mod.ZSTD_MAX_WINDOW)
+    with open(stored, "rb") as f, dctx.stream_reader(f) as reader:
+        while chunk := reader.read(1 << 20):
+            total += len(chunk)
+            h.update(chunk)
+    if total != size:
+        raise BundleError("internal error: the delta payload decompresses to the wrong size")
+    return h.hexdigest()
+
+
+# --- bases given as bundles ------------------------------------------------------------------
+def base_from_arg(spec: str, workdir: Path) -> BaseImage:
+    """``VERSION=IMAGE`` or a bundle file (its first payload, decompressed into ``workdir``)."""
+    version, sep, path = spec.partition("=")
+    if sep and version and path and not Path(spec).exists():
+        if not manifest_mod._VERSION_RE.fullmatch(version):
+            raise UsageError(f"--base {spec!r}: {version!r} is not a version")
+        return BaseImage(version, Path(path))
+    return _base_from_bundle(Path(spec), workdir)
+
+
+def _base_from_bundle(path: Path, workdir: Path) -> BaseImage:
+    """Unpack a previous release's rootfs payload; its block hashes are checked as it is read
+    (the build host trusts its own old bundles' signatures; ``bundle verify`` checks them)."""
+    if not path.is_file():
+        raise UsageError(f"cannot read base {path}: not a file")
+    with open(path, "rb") as f:
+        reader = bundle_mod.BundleReader(f)
+        head = reader.read_head()
+        m = manifest_mod.from_bytes(head.manifest_bytes)
+        fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".base-")
+        with os.fdopen(fd, "wb") as out:
+            for pr in reader.payloads(m):
+                for chunk in pr.installed_chunks():
+                    out.write(chunk)
+                break
+    return BaseImage(m.version, Path(tmp))
+
+
+def is_bundle(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            block = f.read(tarstream.BLOCK)
+        return tarstream.parse_header(block) is not None
+    except (OSError, BundleError):
+        return False
+
+
+def meta_for(built: Built) -> dict[str, Any]:
+    return {META_KEY: built.index_bytes}
+
+
+# --- what a device holding an image would download ------------------------------------------
+@dataclass
+class DeltaInfo:
+    bundle_bytes: int
+    download_bytes: int
+    requests_multi: int  # with a server that answers multi-range requests
+    requests_single: int  # with one that answers one range per request
+    base: str | None
+    chunks: int
+    copied: int
+    patched: int
+    fetched: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+PART_OVERHEAD = 100  # bytes of multipart framing per range (boundary, Content-Type, Content-Range)
+
+
+def delta_info(bundle: Path, image: Path) -> DeltaInfo:
+    """Simulate the device side (agent.device.delta) on local files: same plan, same coalescing.
+    The manifest is not verified here (``bundle verify`` does that)."""
+    from agent.core import delta_plan
+    from agent.device import delta as device_delta
+
+    size = bundle.stat().st_size
+    with open(bundle, "rb") as f:
+        reader = bundle_mod.BundleReader(f)
+        head = reader.read_head()
+        m = manifest_mod.from_bytes(head.manifest_bytes)
+        p = m.payloads[0]
+        ilen = device_delta._index_len(p)
+        blocks_off = reader.offset
+        data_off = device_delta.DeltaWriter._payload_start(blocks_off, p)
+        head_bytes = min(size, device_delta.HEAD_FIRST)
+        if not ilen:
+            return DeltaInfo(size, size, 1, 1, None, 0, 0, 0, 0)
+        f.seek(data_off)
+        stored = f.read(ilen)
+        body = zstandard.ZstdDecompressor().decompress(stored[dx.FRAME_HEADER + 4:],
+                                                       max_output_size=dx.MAX_INDEX_BYTES)
+        index = dx.decode(body, size=p.size, data_size=p.stored_size - ilen)
+        origin = data_off + ilen
+        covered = min(p.stored_size, -(-ilen // p.block_size) * p.block_size)
+        meta_bytes = max(head_bytes, data_off + covered)  # the head window, then the rest up to it
+        img = image.read_bytes()
+        sha = hashlib.sha256(img).digest()
+        base = next((b for b in index.bases if b.sha256 == sha), None)
+        if base is None:
+            return DeltaInfo(size, meta_bytes + p.stored_size, 3, 3, None, len(index.chunks), 0, 0,
+                             len(index.chunks))
+        offsets = index.offsets()
+        steps = delta_plan.steps(index, base)
+        forced = set()
+        for s in steps:
+            c = index.chunks[s.chunk]
+            if s.kind == delta_plan.COPY:
+                assert isinstance(s.op, dx.Copy)
+                ok = hashlib.sha256(img[s.op.offset:s.op.offset + c.length]).digest() == c.sha256
+            elif s.kind == delta_plan.PATCH:
+                assert isinstance(s.op, dx.Patch)
+                f.seek(origin + s.op.offset)
+                blob = f.read(s.op.length)
+                dictionary = b"".join(img[a:a + n] for a, n in s.op.extents)
+                out = device_delta._unzstd(blob, c.length, dictionary)
+                ok = out is not None and hashlib.sha256(out).digest() == c.sha256
+            else:
+                ok = True
+            if not ok:
+                forced.add(s.chunk)
+        del offsets
+        first = [s for s in steps if s.kind != delta_plan.HAVE]
+        total = meta_bytes
+        req_multi = req_single = 2  # the head window and the block list + index
+        for round_steps in (first, [s for s in delta_plan.steps(index, None) if s.chunk in forced]):
+            spans = delta_plan.spans(index, round_steps, origin)
+            if not spans:
+                continue
+            ranges = delta_plan.coalesce([(s.start, s.end) for s in spans], gap=device_delta.GAP,
+                                         budget=device_delta.BUDGET)
+            batches = delta_plan.batches(ranges, max_bytes=device_delta.BATCH_BYTES,
+                                         max_parts=device_delta.MAX_PARTS)
+            total += delta_plan.fetched_bytes(ranges) + PART_OVERHEAD * len(ranges)
+            req_multi += len(batches)
+            req_single += len(ranges)
+        kinds = [s.kind for s in steps]
+        return DeltaInfo(size, total, req_multi, req_single, base.version, len(index.chunks),
+                         kinds.count(delta_plan.COPY) - len([s for s in steps if s.chunk in forced
+                                                             and s.kind == delta_plan.COPY]),
+                         kinds.count(delta_plan.PATCH), kinds.count(delta_plan.FETCH) + len(forced))
