@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller import rollout
+from agent.controller.dbexec import call
 from agent.controller.errors import BadRequest, NotFound, RequestTimeout
 from agent.controller.http import (
     FLEET,
@@ -55,20 +56,22 @@ def add_routes(app: web.Application) -> None:
 
 # --- devices and groups -----------------------------------------------------------------------
 async def api_devices(request: web.Request) -> web.Response:
-    return web.json_response({"devices": request.app[FLEET].devices()})
+    return web.json_response({"devices": await call(request.app, request.app[FLEET].devices)})
 
 
 async def api_add_device(request: web.Request) -> web.Response:
     b = await read_json(request)
     did = text(b, "id")
-    token = request.app[FLEET].add_device(did, token=opt_text(b, "token", limit=1024),
-                                          site=text(b, "site"), tags=texts(b, "tags", limit=100))
+    token = await call(request.app, request.app[FLEET].add_device, did,
+                       token=opt_text(b, "token", limit=1024), site=text(b, "site"),
+                       tags=texts(b, "tags", limit=100))
     return web.json_response({"id": did, "token": token}, status=201)
 
 
 async def api_tag_device(request: web.Request) -> web.Response:
     tags = texts(await read_json(request), "tags", limit=100)
-    return web.json_response({"tags": request.app[FLEET].tag_device(request.match_info["id"], tags)})
+    return web.json_response({"tags": await call(request.app, request.app[FLEET].tag_device,
+                                                 request.match_info["id"], tags)})
 
 
 async def api_revoke_device(request: web.Request) -> web.Response:
@@ -83,18 +86,20 @@ async def api_revoke_device(request: web.Request) -> web.Response:
 
 
 async def api_groups(request: web.Request) -> web.Response:
-    return web.json_response({"groups": request.app[FLEET].groups()})
+    return web.json_response({"groups": await call(request.app, request.app[FLEET].groups)})
 
 
 async def api_add_group(request: web.Request) -> web.Response:
     b = await read_json(request)
-    request.app[FLEET].add_to_group(text(b, "name"), texts(b, "devices"))
-    return web.json_response({"groups": request.app[FLEET].groups()}, status=201)
+    await call(request.app, request.app[FLEET].add_to_group, text(b, "name"), texts(b, "devices"))
+    return web.json_response({"groups": await call(request.app, request.app[FLEET].groups)},
+                             status=201)
 
 
 # --- bundles ----------------------------------------------------------------------------------
 async def api_bundles(request: web.Request) -> web.Response:
-    return web.json_response({"bundles": [b.to_dict() for b in request.app[FLEET].bundles()]})
+    found = await call(request.app, request.app[FLEET].bundles)
+    return web.json_response({"bundles": [b.to_dict() for b in found]})
 
 
 async def api_upload(request: web.Request) -> web.Response:
@@ -133,20 +138,22 @@ async def api_deploy(request: web.Request) -> web.Response:
     b = await read_json(request)
     fleet = request.app[FLEET]
     bundle = body_id(b, "bundle")
-    targets = fleet.resolve_targets(device=opt_text(b, "device"), group=opt_text(b, "group"),
-                                    percent=opt_number(b, "percent"))
-    rid = fleet.create_rollout(bundle, targets, rollout.Policy(canary_percent=100), name=text(b, "name"))
-    return web.json_response(fleet.rollout_status(rid), status=201)
+    targets = await call(request.app, fleet.resolve_targets, device=opt_text(b, "device"),
+                         group=opt_text(b, "group"), percent=opt_number(b, "percent"))
+    rid = await call(request.app, fleet.create_rollout, bundle, targets,
+                     rollout.Policy(canary_percent=100), name=text(b, "name"))
+    return web.json_response(await call(request.app, fleet.rollout_status, rid), status=201)
 
 
 async def api_create_rollout(request: web.Request) -> web.Response:
     b = await read_json(request)
     fleet = request.app[FLEET]
     bundle = body_id(b, "bundle")
-    targets = fleet.resolve_targets(group=opt_text(b, "group"), percent=opt_number(b, "percent"))
+    targets = await call(request.app, fleet.resolve_targets, group=opt_text(b, "group"),
+                         percent=opt_number(b, "percent"))
     policy = rollout.Policy.from_dict(opt_object(b, "policy"))
-    rid = fleet.create_rollout(bundle, targets, policy, name=text(b, "name"))
-    return web.json_response(fleet.rollout_status(rid), status=201)
+    rid = await call(request.app, fleet.create_rollout, bundle, targets, policy, name=text(b, "name"))
+    return web.json_response(await call(request.app, fleet.rollout_status, rid), status=201)
 
 
 def _rid(request: web.Request) -> int:
@@ -154,30 +161,33 @@ def _rid(request: web.Request) -> int:
 
 
 async def api_rollouts(request: web.Request) -> web.Response:
-    return web.json_response({"rollouts": request.app[FLEET].rollouts()})
+    return web.json_response({"rollouts": await call(request.app, request.app[FLEET].rollouts)})
 
 
 async def api_rollout(request: web.Request) -> web.Response:
-    return web.json_response(request.app[FLEET].rollout_status(_rid(request)))
+    return web.json_response(await call(request.app, request.app[FLEET].rollout_status, _rid(request)))
 
 
 async def api_rollout_verb(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
-    return web.json_response(fleet.set_rollout_state(_rid(request), request.match_info["verb"]))
+    return web.json_response(await call(request.app, fleet.set_rollout_state, _rid(request),
+                                        request.match_info["verb"]))
 
 
 async def api_halt_all(request: web.Request) -> web.Response:
-    return web.json_response({"halted": request.app[FLEET].halt_all()})
+    return web.json_response({"halted": await call(request.app, request.app[FLEET].halt_all)})
 
 
 async def api_actions(request: web.Request) -> web.Response:
-    return web.json_response({"actions": request.app[FLEET].actions(
-        device=request.query.get("device"), rollout_id=query_id(request, "rollout"))})
+    return web.json_response({"actions": await call(
+        request.app, request.app[FLEET].actions, device=request.query.get("device"),
+        rollout_id=query_id(request, "rollout"))})
 
 
 # --- metrics ----------------------------------------------------------------------------------
 async def api_metrics(request: web.Request) -> web.Response:
     from agent.controller import metrics  # prometheus_client is loaded at the first scrape
 
-    body = metrics.render(request.app[FLEET], request.app[REQUESTS])  # a few COUNTs: as cheap as a poll
+    body = await call(request.app, metrics.render, request.app[FLEET],  # a few COUNTs
+                      request.app[REQUESTS].copy())
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
