@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "tpm": "tpm_cmd",
     "provision": "provision_cmd",
     "journal": "journal_cmd",
+    "fleet-sim": "fleet_sim_cmd",
 }
 GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # in the order 'edgeops --help' lists them
 OWN_COMMANDS = ("help",)  # registered here, no group module
