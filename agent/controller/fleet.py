@@ -9,7 +9,7 @@ the deployment before the gate has passed.
 The decisions live in pure modules beside this one, ``actions`` (what a feedback
 report does to an action) and ``rollout`` (waves and the health gate); ``bundles``
 puts verified bundle files on disk; ``retention`` bounds what devices can make us keep.
-What stays here is the SQL that applies them. Long because it is one class (about 440
+What stays here is the SQL that applies them. Long because it is one class (about 460
 lines), so that every state change and its transaction can be read in one place.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.controller import bundles, rollout, tokens
+from agent.controller import bundles, pacing, rollout, tokens
 from agent.controller import retention as retention_
 from agent.controller.actions import (
     TERMINAL,
@@ -325,6 +325,11 @@ class Fleet:
         return rid
 
     def _start_wave(self, rid: int, bundle_id: int, wave: int, now: float) -> None:
+        if pacing.policy(self, rid).paced:  # actions are released at the rollout's pace
+            self.db.execute("UPDATE rollouts SET current_wave = ?, wave_started = ? WHERE id = ?",
+                            [wave, now, rid])
+            pacing.release(self, rid, bundle_id, wave, now)
+            return
         ids = [r[0] for r in self.db.query("SELECT device_id FROM rollout_targets WHERE rollout_id = ? "
                                            "AND wave = ? ORDER BY device_id", [rid, wave])]
         for d in ids:
@@ -356,6 +361,10 @@ class Fleet:
             outcomes = {d: gate_outcome(s, after, policy.require_commit) for d, s, after in self.db.query(
                 "SELECT device_id, status, success_after FROM actions WHERE rollout_id = ? AND wave = ?",
                 [rid, wave])}
+            if policy.paced:  # members not released yet are pending: the wave passes as a whole
+                unreleased: dict[str, rollout.Outcome] = dict.fromkeys(self.wave_members(rid, wave),
+                                                                       "pending")
+                outcomes = unreleased | outcomes
             decision = rollout.evaluate(outcomes, policy=policy, wave_started=started, now=now,
                                         last_wave=wave + 1 >= waves)
             if decision.verdict == "advance":
@@ -364,6 +373,8 @@ class Fleet:
                 new = "paused" if decision.verdict == "pause" else "finished"
                 self.db.execute("UPDATE rollouts SET status = ?, reason = ? WHERE id = ?",
                                 [new, decision.reason, rid])
+            elif policy.paced:  # wait: release whom the pace allows by now
+                pacing.release(self, rid, bundle_id, wave, now)
 
     def rollout_status(self, rid: int) -> dict[str, Any]:
         rows = self.db.query("SELECT id, bundle_id, name, status, policy, current_wave, waves, reason "
@@ -377,9 +388,11 @@ class Fleet:
             counts.setdefault(str(wave), {})[st] = int(n)
         sizes = {str(w): int(n) for w, n in self.db.query(
             "SELECT wave, COUNT(*) FROM rollout_targets WHERE rollout_id = ? GROUP BY wave", [rid])}
-        return {"id": r[0], "bundle": r[1], "name": r[2], "status": r[3], "policy": json.loads(r[4]),
+        policy = json.loads(r[4])
+        return {"id": r[0], "bundle": r[1], "name": r[2], "status": r[3], "policy": policy,
                 "current_wave": r[5], "waves": r[6], "reason": r[7], "wave_sizes": sizes,
-                "actions": counts}
+                "actions": counts,
+                "pacing": pacing.status(self, rid) if rollout.Policy.from_dict(policy).paced else None}
 
     def rollouts(self) -> list[dict[str, Any]]:
         return [self.rollout_status(int(r[0])) for r in self.db.query("SELECT id FROM rollouts ORDER BY id")]

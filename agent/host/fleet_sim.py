@@ -200,13 +200,19 @@ class Report:
     finished_at: dict[str, float]  # device -> simulated time its release action ended
     central_closed_at: dict[str, float]  # device -> simulated time central saw it closed
     wan_back: float | None  # simulated time the WAN came back (its last cut's end)
+    canary: list[str] = field(default_factory=list)  # the devices of wave 0
 
     def percentile(self, q: float) -> float:
         lat = sorted(self.stats.latencies)
         return lat[min(len(lat) - 1, int(len(lat) * q))] if lat else 0.0
 
-    def steady_poll_rate(self, poll_sleep: float) -> float:
-        return len(self.devices) / poll_sleep * 60  # polls per simulated minute
+    def poll_rates(self, window: float, start: float = 0.0) -> list[int]:
+        """Polls the controller answered in each ``window`` of simulated seconds from ``start``."""
+        counts: dict[int, int] = {}
+        for t in self.stats.poll_times:
+            if t >= start:
+                counts[int((t - start) // window)] = counts.get(int((t - start) // window), 0) + 1
+        return [counts.get(i, 0) for i in range(max(counts, default=-1) + 1)]
 
     def summary(self) -> dict[str, Any]:
         running: dict[str, int] = {}
@@ -218,7 +224,6 @@ class Report:
                     "status", "reason", "current_wave", "waves", "wave_sizes", "pacing")},
                 "polls": len(self.stats.latencies), "poll_p50_ms": round(self.percentile(0.5) * 1000, 1),
                 "poll_p99_ms": round(self.percentile(0.99) * 1000, 1),
-                "max_polls_per_minute": max(self.stats.polls_by_minute.values(), default=0),
                 "throttled": self.stats.throttled, "failed_requests": self.stats.failed,
                 "bytes_in": self.stats.bytes_in, "downloads": self.stats.downloads,
                 "proxies": self.proxies}
@@ -285,8 +290,10 @@ async def _run(sc: Scenario, data: Path, seed: int, db_url: str | None,
         versions = {d["id"]: d["version"] for d in await asyncio.to_thread(ctl.fleet.devices)}
         wan_back = max((b for _, b in sc.wan.partitions), default=None)
         finished = {a.id: t for a in agents for aid, t in a.finished_at.items()}
+        canary = await asyncio.to_thread(ctl.fleet.wave_members, rid, 0) if rid else []
         return Report(sc.name, wall, clock.elapsed(), [a.view() for a in agents], versions, status, stats,
-                      {k: p.stats.__dict__ for k, p in proxies.items()}, finished, central_closed, wan_back)
+                      {k: p.stats.__dict__ for k, p in proxies.items()}, finished, central_closed, wan_back,
+                      canary)
     finally:
         stop.set()
         for session in sessions:

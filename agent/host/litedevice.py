@@ -124,7 +124,7 @@ class Stats:
     """What every device of one run shares: poll latencies and counts, for the report."""
 
     latencies: list[float] = field(default_factory=list)  # seconds, answered polls
-    polls_by_minute: dict[int, int] = field(default_factory=dict)  # simulated minute -> polls answered
+    poll_times: list[float] = field(default_factory=list)  # simulated seconds of each answered poll
     throttled: int = 0
     failed: int = 0
     bytes_in: int = 0
@@ -150,6 +150,7 @@ class SimAgent:
         self.etag: str | None = None
         self.last_sleep = poll_sleep
         self.finished_at: dict[str, float] = {}  # action id -> simulated time of its final report
+        self.downloads: list[tuple[float, float]] = []  # simulated (start, end) of each download
         self.busy = False
 
     # --- HTTP ------------------------------------------------------------------------------
@@ -229,8 +230,7 @@ class SimAgent:
         status, data, hdrs = await self._req("GET", self.root, headers={"If-None-Match": self.etag}
                                              if self.etag else None)
         self.stats.latencies.append(time.perf_counter() - t0)
-        minute = int(self.clock.elapsed() // 60)
-        self.stats.polls_by_minute[minute] = self.stats.polls_by_minute.get(minute, 0) + 1
+        self.stats.poll_times.append(self.clock.elapsed())
         if status == 304:
             return None
         self.etag = hdrs.get("etag")
@@ -271,7 +271,7 @@ class SimAgent:
                 return
             self.board.slots[target].sha256 = digest
             self.board.drive(lifecycle.WriteDone(), self._verdict)
-            self._feedback(aid, "proceeding", "none", f"{version} written to slot {target}; trial boot next")
+            self._feedback(aid, "downloaded", "none", f"{version} written to slot {target}; trial boot next")
             await self.flush()
             await self.clock.sleep(TRIAL_SECONDS)  # the reboot and the health checks
             self.board.drive(lifecycle.RebootIntoTrial(f"trial boot for fleet action {aid}"), self._verdict)
@@ -295,7 +295,7 @@ class SimAgent:
         return lifecycle.HealthPassed("simulated health checks passed")
 
     async def _download(self, art: ddi.Artifact) -> str:
-        h, n = hashlib.sha256(), 0
+        h, n, start = hashlib.sha256(), 0, self.clock.elapsed()
         try:
             async with self.session.get(art.url, headers=self.headers) as r:
                 if r.status == 429:
@@ -314,12 +314,13 @@ class SimAgent:
             raise TransportError(f"artifact cut short at {n} of {art.size} bytes")
         self.stats.bytes_in += n
         self.stats.downloads += 1
+        self.downloads.append((start, self.clock.elapsed()))
         return h.hexdigest()
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "running": self.board.running, "booted": self.board.booted,
                 "phase": str(self.board.state.phase), "received": list(self.received),
-                "pending_reports": len(self.outbox),
+                "pending_reports": len(self.outbox), "downloads": list(self.downloads),
                 "slots": {k: {"state": s.state, "version": s.version} for k, s in self.board.slots.items()}}
 
 
