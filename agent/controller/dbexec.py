@@ -1,9 +1,9 @@
 """Run the controller's blocking database work off the event loop, behind a bounded queue.
 
 Every handler reaches ``Fleet`` (and the regional mirror its tables) through ``call``: the
-work runs on a dedicated thread (SQLite: one, since one connection serialises writers
-anyway) or a small pool (PostgreSQL: one connection per thread, ``db.PostgresDatabase``),
-so a slow query or a transaction waiting for a row lock no longer stalls every other
+work runs on one dedicated thread per process (both ``db`` backends hold one connection
+behind a lock, so more threads would only queue on it; with PostgreSQL, more capacity is
+more controller processes on the same database, docs/scale.md), so a slow query or a transaction waiting for a row lock no longer stalls every other
 request, the long-polls held open, or the TLS handshakes on the same loop.
 
 The queue is bounded: when ``limit`` calls are already waiting or running, the next request
@@ -70,10 +70,9 @@ DBEXEC = web.AppKey("dbexec", DbExecutor)
 
 def for_dialect(dialect: str, *, limit: int = DEFAULT_LIMIT,
                 retry_after: int = DEFAULT_RETRY_AFTER) -> DbExecutor:
-    """One thread for SQLite (one connection; WAL lets readers in other processes run);
-    four for PostgreSQL, each with its own connection."""
-    return DbExecutor(workers=4 if dialect == "postgresql" else 1, limit=limit,
-                      retry_after=retry_after)
+    """One thread: each backend has one connection per process (``dialect`` is for when that
+    changes: a PostgreSQL pool would take more)."""
+    return DbExecutor(workers=1, limit=limit, retry_after=retry_after)
 
 
 async def call(app: web.Application, fn: Callable[..., T], *args: Any, bounded: bool = True,

@@ -179,9 +179,13 @@ def ramp_allowance(policy: Policy, since: float, *, healthy: bool) -> float:
         return math.inf
     g = policy.ramp_growth if healthy else 1.0
     minutes = math.floor(max(0.0, since) / 60) + 1
-    if g == 1:
-        return policy.ramp_rate * minutes
-    return policy.ramp_rate * (g ** min(minutes, 200) - 1) / (g - 1)
+    total, rate = 0.0, policy.ramp_rate
+    for _ in range(min(minutes, 10_000)):
+        total += rate
+        rate *= g
+        if total > 1e12:  # more than any fleet: the ramp no longer limits anything
+            return math.inf
+    return total
 
 
 def site_bandwidth(downloads: Sequence[tuple[float, float | None]], size: int) -> float:
