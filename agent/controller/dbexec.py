@@ -3,8 +3,9 @@
 Every handler reaches ``Fleet`` (and the regional mirror its tables) through ``call``: the
 work runs on one dedicated thread per process (both ``db`` backends hold one connection
 behind a lock, so more threads would only queue on it; with PostgreSQL, more capacity is
-more controller processes on the same database, docs/scale.md), so a slow query or a transaction waiting for a row lock no longer stalls every other
-request, the long-polls held open, or the TLS handshakes on the same loop.
+more controller processes on the same database, docs/scale.md), so a slow query or a
+transaction waiting for a row lock no longer stalls every other request, the long-polls held
+open, or the TLS handshakes on the same loop.
 
 The queue is bounded: when ``limit`` calls are already waiting or running, the next request
 is refused with ``Overloaded`` (429 and a ``Retry-After`` spread over [retry_after,

@@ -135,7 +135,8 @@ class SimAgent:
     def __init__(self, device_id: str, token: str, base_url: str, session: aiohttp.ClientSession,
                  clock: SimClock, stats: Stats, *, version: str = "1.0", poll_sleep: float = 60.0,
                  fails: Callable[[str], bool] = lambda version: False, tenant: str = "DEFAULT",
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, trial_seconds: float = TRIAL_SECONDS) -> None:
+        self.trial_seconds = trial_seconds
         self.id, self.session, self.clock, self.stats = device_id, session, clock, stats
         self.root = f"{base_url}/{tenant}/controller/v1/{device_id}"
         self.headers = {"Authorization": f"TargetToken {token}"}
@@ -273,7 +274,7 @@ class SimAgent:
             self.board.drive(lifecycle.WriteDone(), self._verdict)
             self._feedback(aid, "downloaded", "none", f"{version} written to slot {target}; trial boot next")
             await self.flush()
-            await self.clock.sleep(TRIAL_SECONDS)  # the reboot and the health checks
+            await self.clock.sleep(self.trial_seconds)  # the reboot and the health checks
             self.board.drive(lifecycle.RebootIntoTrial(f"trial boot for fleet action {aid}"), self._verdict)
             ok = (self.board.booted == target and self.board.slots[target].state == "good"
                   and self.board.running == version)
