@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from agent.adapters.ddi_http import DdiClient
 from agent.adapters.ddi_poll import BasePoll
+from agent.controller.shaping import PollShaper
 from agent.core.config import load
 from agent.core.fleet_config import FleetConfig
 from agent.core.outbox import MAX_RETRY_AFTER, Backoff, Report, Sync, retry_after
@@ -56,8 +57,11 @@ class Busy:
         self.waiting.start()
         # the waiting poll has reached the executor once a second one is refused
         for _ in range(200):
-            if _poll(self.ctl, self.token).status_code == 429:
-                break
+            try:  # a probe that got in first waits on the lock too: then the next one is refused
+                if _poll(self.ctl, self.token, timeout=0.5).status_code == 429:
+                    break
+            except requests.Timeout:
+                pass
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -66,8 +70,8 @@ class Busy:
         self.waiting.join(30)
 
 
-def _poll(ctl: LocalController, token: str) -> requests.Response:
-    return requests.get(f"{ctl.url}/DEFAULT/controller/v1/dev1", timeout=30,
+def _poll(ctl: LocalController, token: str, timeout: float = 30) -> requests.Response:
+    return requests.get(f"{ctl.url}/DEFAULT/controller/v1/dev1", timeout=timeout,
                         headers={"Authorization": f"TargetToken {token}"})
 
 
@@ -140,3 +144,24 @@ def test_retry_after_is_a_bounded_number_or_nothing(value: str) -> None:
     if got is not None:
         assert 0 <= got <= MAX_RETRY_AFTER
         assert value.strip().isdigit()
+
+
+# --- config.polling.sleep shaping (controller.shaping) -------------------------------------------
+@given(st.text(min_size=1, max_size=64), st.integers(10, 86400))
+def test_each_device_gets_its_own_stable_sleep_within_ten_percent(device: str, sleep: int) -> None:
+    shaper = PollShaper(sleep)
+    got = shaper.sleep_for(device, 0.0)
+    assert abs(got - sleep) <= 0.1 * sleep + 1
+    assert shaper.sleep_for(device, 1.0) == got  # same device, same answer: its ETag holds
+
+
+def test_a_surge_of_polls_stretches_every_sleep_and_the_stretch_ends_with_it() -> None:
+    shaper = PollShaper(60, devices=600)  # steady: 10 polls/s
+    for i in range(600):  # 60 polls/s over the last 10 s: a whole fleet came back at once
+        shaper.seen(i / 60)
+    assert shaper.sleep_for("d", 10.0) >= 2 * 54  # stretched
+    assert shaper.sleep_for("d", 10.01) >= 4 * 54  # still above 1.5 x the stretched rate: again
+    for i in range(20):  # then 2 polls/s: well under the steady rate
+        shaper.seen(30 + i / 2)
+    shaper.sleep_for("d", 40.0)
+    assert shaper.sleep_for("d", 40.1) <= 66  # back to the plain sleep, one step at a time

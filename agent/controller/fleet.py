@@ -56,6 +56,9 @@ class Fleet:
         self.clock = clock
         # Called with the ids of devices whose pending work changed (long-poll wake-ups).
         self.listeners: list[Callable[[list[str]], None]] = []
+        # Runs the gate after a final report; a served app coalesces these (controller.tasks),
+        # so ten thousand reports a minute do not each re-read their wave.
+        self.tick_soon: Callable[[], None] = self.tick
 
     def _notify(self, device_ids: list[str]) -> None:
         for fn in self.listeners:
@@ -231,7 +234,7 @@ class Fleet:
                 self.db.execute("UPDATE actions SET success_after = ? WHERE id = ?",
                                 [success_signal(attributes), action_id])
         if new in TERMINAL:
-            self.tick()
+            self.tick_soon()
 
     def compact(self, retention: float = retention_.FEEDBACK_RETENTION,
                 batch: int = retention_.COMPACT_BATCH) -> int:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,15 @@ def api(port: int, method: str, path: str, body: Any = None) -> Any:
                                  data=None if body is None else json.dumps(body).encode(),
                                  headers={"Authorization": f"Bearer {TOKEN}",
                                           "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
+    for _ in range(30):
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:  # 429: the controller said when to come back
+            if exc.code != 429:
+                raise
+            time.sleep(float(exc.headers.get("Retry-After", "5")))
+    raise SystemExit(f"{method} {path}: the controller stayed overloaded")
 
 
 class ProcWatch:
