@@ -152,3 +152,12 @@ def test_a_flapping_link_is_down_for_its_share_of_each_period() -> None:
     link = Link(partitions=flapping(60, 20, 0, 600))
     down = sum(link.down(t + 0.5) for t in range(600))
     assert down == 200
+
+
+@pytest.mark.parametrize("field", ["ramp_rate", "site_concurrency", "download_seconds", "ramp_growth"])
+def test_pacing_values_out_of_range_are_a_bad_request(field: str) -> None:
+    from agent.controller.errors import BadRequest
+
+    for value in (-1, 1e300):
+        with pytest.raises(BadRequest, match=field):
+            rollout.Policy.from_dict({field: value})

@@ -72,8 +72,9 @@ class Policy:
             (0 < self.success_threshold <= 1, "success_threshold must be in (0, 1]"),
             (0 < self.error_threshold <= 1, "error_threshold must be in (0, 1]"),
             (self.window > 0, "window must be positive"),
-            (self.ramp_rate >= 0 and self.site_concurrency >= 0 and self.download_seconds >= 0,
-             "ramp_rate, site_concurrency and download_seconds must not be negative"),
+            (0 <= self.ramp_rate <= 1e6 and 0 <= self.site_concurrency <= 1e6
+             and 0 <= self.download_seconds <= 1e7,
+             "ramp_rate and site_concurrency must be from 0 to 1e6, download_seconds from 0 to 1e7"),
             (1 <= self.ramp_growth <= 100, "ramp_growth must be from 1 to 100"),
         ]
         for ok, message in checks:
