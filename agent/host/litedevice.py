@@ -149,6 +149,7 @@ class SimAgent:
         self.received: list[str] = []  # action ids whose artifact this device downloaded
         self.attempts: dict[str, int] = {}
         self.etag: str | None = None
+        self.base: ddi.BaseResource | None = None  # the last full answer (a 304 repeats it)
         self.last_sleep = poll_sleep
         self.finished_at: dict[str, float] = {}  # action id -> simulated time of its final report
         self.downloads: list[tuple[float, float]] = []  # simulated (start, end) of each download
@@ -208,8 +209,11 @@ class SimAgent:
             self.stats.failed += 1
             return self.backoff.next_delay()
         self.backoff.reset()
-        if base is None:
-            return self.last_sleep
+        if base is None:  # 304: nothing changed, but unfinished work (a failed download) stays
+            base = self.base
+            if base is None or (base.deployment is None and base.cancel is None):
+                return self.last_sleep
+        self.base = base
         self.last_sleep = base.sleep if base.sleep is not None else self.poll_sleep
         try:
             if base.config_data is not None:

@@ -150,6 +150,9 @@ async def run(a: argparse.Namespace, port: int, creds: list[tuple[str, str, Any]
         while time.monotonic() - t0 < a.timeout:
             await asyncio.sleep(2.0)
             status = await asyncio.to_thread(api, port, "GET", f"/rollouts/{rid}")
+            if int(time.monotonic() - t0) % 30 < 2:
+                print(f"  {time.monotonic() - t0:5.0f} s: wave {status['current_wave']} "
+                      f"{status['actions']}", flush=True)
             if status["status"] != "running" and all(ag.board.running == "2.0" and not ag.outbox
                                                       for ag in agents):
                 break
