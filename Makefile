@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # Debian packages the tests use as interop oracles or real parts.
 APT_PKGS := openssl zstd libubootenv-tool grub-common fdisk dosfstools e2fsprogs \
             swtpm swtpm-tools libtss2-dev pkg-config u-boot-tools mtools systemd prometheus \
-            chromium chromium-driver
+            chromium chromium-driver postgresql
 EXTRAS  ?= test,host,controller,postgres,tpm,telemetry,udev
 # make image / make e2e (image/README.md): the board, where images go, the cache outside the clone
 BOARD   ?= x86-64-grub
@@ -15,7 +15,7 @@ IMAGE_OUT ?= build/image/$(BOARD)
 EDGEOPS_CACHE ?= /var/cache/edgeops
 E2E_OUT ?= build/e2e
 
-.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup bench-dashboard clean image e2e
+.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup bench-dashboard bench-fleet clean image e2e
 
 help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
@@ -64,6 +64,9 @@ demo-fleet: venv
 
 bench-controller: venv
 	$(BIN)/python tools/bench/controller.py
+
+bench-fleet: venv
+	$(BIN)/python tools/bench/fleet.py
 
 bench-models: venv
 	$(BIN)/python tools/bench/model_swap.py

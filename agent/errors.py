@@ -107,6 +107,17 @@ class SourceNotFound(TransportError):
     hint = "check the URL: the server has no such file; retrying it will not help"
 
 
+class Throttled(TransportError):
+    """The server said it is busy (HTTP 429, or 503 with ``Retry-After``): the agent waits at
+    least ``retry_after`` seconds before it asks again (RFC 9110 section 10.2.3)."""
+
+    hint = "the server is busy; the agent retries after the delay it named"
+
+    def __init__(self, message: str, *, retry_after: float, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+
+
 # --- device identity (mTLS): a refused identity is bad credentials, never retried as is ----
 class IdentityError(TrustError):
     hint = "enrol the device again or ask the operator to check its record"

@@ -30,8 +30,8 @@ from agent.adapters.download import Origin, ResumableStream, new_session, open_u
 from agent.adapters.tls import http_failure, transport_failure
 from agent.core import ddi
 from agent.core.fleet_config import FleetConfig
-from agent.core.outbox import Rejected, Report
-from agent.errors import ConfigError, TransportError
+from agent.core.outbox import Rejected, Report, retry_after
+from agent.errors import ConfigError, Throttled, TransportError
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class DdiClient:
         except (requests.RequestException, OSError) as exc:
             # says so when the controller refused our certificate at the handshake
             raise transport_failure(f"GET {redact(url)}", exc) from None
+        _throttled(f"GET {redact(url)}", code, hdrs)
         if code >= 400:
             raise http_failure(f"GET {redact(url)}", code, body)  # names an mTLS refusal
         return code, body, hdrs
@@ -113,6 +114,7 @@ class DdiClient:
         code = resp.status_code
         if 200 <= code < 300:
             return
+        _throttled(f"{report.method} {report.path}", code, dict(resp.headers))
         if code in (409, 410) and report.path.endswith("/feedback"):
             return  # the action is already closed on the server: nothing left to tell it
         if 400 <= code < 500 and code not in (401, 403, 408, 429):
@@ -124,6 +126,14 @@ class DdiClient:
         return ResumableStream(self.session, self.origin, artifact.url, size=artifact.size,
                                sha256=artifact.sha256, policy=self.cfg.download, sleep=sleep,
                                cancelled=cancelled)
+
+
+def _throttled(what: str, code: int, headers: dict[str, str]) -> None:
+    """429, or 503 with a Retry-After: ``Throttled``, so the caller waits as long as it was told."""
+    delay = retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
+    if code == 429 or (code == 503 and delay is not None):
+        raise Throttled(f"{what} answered HTTP {code} (retry after {delay or 0:g} s)",
+                        retry_after=delay or 0.0)
 
 
 def redact(url: str) -> str:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from agent.core import ddi
 from agent.core.fleet_config import FleetConfig
-from agent.errors import ConfigError, TransportError
+from agent.errors import ConfigError, Throttled, TransportError
 
 MAX_LINE = 8192  # bytes of a status, header or chunk-size line
 MAX_HEADERS = 100
@@ -116,6 +116,10 @@ class BasePoll:
             self.close()
         if resp.status == 304:
             return BaseAnswer(None, etag)
+        delay = _retry_after(resp.headers.get("retry-after"))
+        if resp.status == 429 or (resp.status == 503 and delay is not None):
+            raise Throttled(f"{what} answered HTTP {resp.status} (retry after {delay or 0:g} s)",
+                            retry_after=delay or 0.0)
         if resp.status in (301, 302, 303, 307, 308):
             raise Redirected(f"{what} answered HTTP {resp.status} (redirect)")
         if resp.status != 200:
@@ -245,6 +249,15 @@ def _chunked(f: BinaryIO) -> tuple[bytes, bool]:
         if _line(f):
             raise HttpError("chunk longer than its size")
         body += chunk
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in delay-seconds, bounded (as ``agent.core.outbox.retry_after``, which
+    this module does not import: it keeps the idle agent's imports to the standard library)."""
+    text = (value or "").strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):
+        return None
+    return min(float(int(text)), 3600.0)
 
 
 def _safe(value: str) -> bool:

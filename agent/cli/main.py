@@ -45,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "journal": "journal_cmd",
     "telemetry": "telemetry_cmd",
     "console": "console_cmd",
+    "fleet-sim": "fleet_sim_cmd",
 }
 GROUPS = tuple(dict.fromkeys(COMMANDS.values()))  # in the order 'edgeops --help' lists them
 OWN_COMMANDS = ("help",)  # registered here, no group module

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller import rollout
+from agent.controller.dbexec import call
 from agent.controller.errors import BadRequest, NotFound, RequestTimeout
 from agent.controller.http import (
     FLEET,
@@ -57,20 +58,22 @@ def add_routes(app: web.Application) -> None:
 
 # --- devices and groups -----------------------------------------------------------------------
 async def api_devices(request: web.Request) -> web.Response:
-    return web.json_response({"devices": request.app[FLEET].devices()})
+    return web.json_response({"devices": await call(request.app, request.app[FLEET].devices)})
 
 
 async def api_add_device(request: web.Request) -> web.Response:
     b = await read_json(request)
     did = text(b, "id")
-    token = request.app[FLEET].add_device(did, token=opt_text(b, "token", limit=1024),
-                                          site=text(b, "site"), tags=texts(b, "tags", limit=100))
+    token = await call(request.app, request.app[FLEET].add_device, did,
+                       token=opt_text(b, "token", limit=1024), site=text(b, "site"),
+                       tags=texts(b, "tags", limit=100))
     return web.json_response({"id": did, "token": token}, status=201)
 
 
 async def api_tag_device(request: web.Request) -> web.Response:
     tags = texts(await read_json(request), "tags", limit=100)
-    return web.json_response({"tags": request.app[FLEET].tag_device(request.match_info["id"], tags)})
+    return web.json_response({"tags": await call(request.app, request.app[FLEET].tag_device,
+                                                 request.match_info["id"], tags)})
 
 
 async def api_revoke_device(request: web.Request) -> web.Response:
@@ -85,18 +88,20 @@ async def api_revoke_device(request: web.Request) -> web.Response:
 
 
 async def api_groups(request: web.Request) -> web.Response:
-    return web.json_response({"groups": request.app[FLEET].groups()})
+    return web.json_response({"groups": await call(request.app, request.app[FLEET].groups)})
 
 
 async def api_add_group(request: web.Request) -> web.Response:
     b = await read_json(request)
-    request.app[FLEET].add_to_group(text(b, "name"), texts(b, "devices"))
-    return web.json_response({"groups": request.app[FLEET].groups()}, status=201)
+    await call(request.app, request.app[FLEET].add_to_group, text(b, "name"), texts(b, "devices"))
+    return web.json_response({"groups": await call(request.app, request.app[FLEET].groups)},
+                             status=201)
 
 
 # --- bundles ----------------------------------------------------------------------------------
 async def api_bundles(request: web.Request) -> web.Response:
-    return web.json_response({"bundles": [b.to_dict() for b in request.app[FLEET].bundles()]})
+    found = await call(request.app, request.app[FLEET].bundles)
+    return web.json_response({"bundles": [b.to_dict() for b in found]})
 
 
 async def api_upload(request: web.Request) -> web.Response:
@@ -136,24 +141,35 @@ async def api_deploy(request: web.Request) -> web.Response:
     ``"force": true``), are left out and listed under ``skipped``."""
     b = await read_json(request)
     fleet = request.app[FLEET]
-    targets, skipped = fleet.select_targets(
-        body_id(b, "bundle"), device=opt_text(b, "device"), group=opt_text(b, "group"),
-        percent=opt_number(b, "percent"), everyone=_flag(b, "all"), force=_flag(b, "force"))
-    rid = fleet.create_rollout(body_id(b, "bundle"), targets, rollout.Policy(canary_percent=100),
-                               name=text(b, "name"), who=_who(request), skipped=skipped)
-    return web.json_response({**fleet.rollout_status(rid), "skipped": skipped}, status=201)
+    bundle = body_id(b, "bundle")
+    device, group, percent = opt_text(b, "device"), opt_text(b, "group"), opt_number(b, "percent")
+    everyone, force, name, who = _flag(b, "all"), _flag(b, "force"), text(b, "name"), _who(request)
+
+    def deploy() -> dict[str, Any]:  # one trip to the database thread (controller.dbexec)
+        targets, skipped = fleet.select_targets(bundle, device=device, group=group, percent=percent,
+                                                everyone=everyone, force=force)
+        rid = fleet.create_rollout(bundle, targets, rollout.Policy(canary_percent=100),
+                                   name=name, who=who, skipped=skipped)
+        return {**fleet.rollout_status(rid), "skipped": skipped}
+
+    return web.json_response(await call(request.app, deploy), status=201)
 
 
 async def api_create_rollout(request: web.Request) -> web.Response:
     b = await read_json(request)
     fleet = request.app[FLEET]
     policy = rollout.Policy.from_dict(opt_object(b, "policy"))
-    targets, skipped = fleet.select_targets(
-        body_id(b, "bundle"), group=opt_text(b, "group"), percent=opt_number(b, "percent"),
-        everyone=_flag(b, "all"), force=_flag(b, "force"))
-    rid = fleet.create_rollout(body_id(b, "bundle"), targets, policy, name=text(b, "name"),
-                               who=_who(request), skipped=skipped)
-    return web.json_response({**fleet.rollout_status(rid), "skipped": skipped}, status=201)
+    bundle = body_id(b, "bundle")
+    group, percent = opt_text(b, "group"), opt_number(b, "percent")
+    everyone, force, name, who = _flag(b, "all"), _flag(b, "force"), text(b, "name"), _who(request)
+
+    def create() -> dict[str, Any]:  # one trip to the database thread (controller.dbexec)
+        targets, skipped = fleet.select_targets(bundle, group=group, percent=percent,
+                                                everyone=everyone, force=force)
+        rid = fleet.create_rollout(bundle, targets, policy, name=name, who=who, skipped=skipped)
+        return {**fleet.rollout_status(rid), "skipped": skipped}
+
+    return web.json_response(await call(request.app, create), status=201)
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:
@@ -179,19 +195,24 @@ def _rid(request: web.Request) -> int:
 
 
 async def api_rollouts(request: web.Request) -> web.Response:
-    return web.json_response({"rollouts": request.app[FLEET].rollouts()})
+    return web.json_response({"rollouts": await call(request.app, request.app[FLEET].rollouts)})
 
 
 async def api_rollout(request: web.Request) -> web.Response:
     fleet, rid = request.app[FLEET], _rid(request)
-    return web.json_response({**fleet.rollout_status(rid), "history": fleet.rollout_history(rid)})
+
+    def show() -> dict[str, Any]:
+        return {**fleet.rollout_status(rid), "history": fleet.rollout_history(rid)}
+
+    return web.json_response(await call(request.app, show))
 
 
 async def api_rollout_verb(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
     verb = request.match_info["verb"]
     if verb != "resume":
-        return web.json_response(fleet.set_rollout_state(_rid(request), verb, who=_who(request)))
+        return web.json_response(await call(request.app, fleet.set_rollout_state, _rid(request), verb,
+                                            who=_who(request)))
     # {"choice": "retry" | "skip" | "raise-threshold", "threshold": 0..1}, or no body at all
     raw = await read_body(request)
     b = parse_json(raw) if raw.strip() else {}
@@ -201,22 +222,24 @@ async def api_rollout_verb(request: web.Request) -> web.Response:
     choice = opt_text(b, "choice")
     if choice is not None and choice not in rollout.CHOICES:
         raise BadRequest(f"choice {choice[:40]!r} is not one of {', '.join(rollout.CHOICES)}")
-    return web.json_response(fleet.resume_rollout(_rid(request), choice,  # type: ignore[arg-type]
-                                                  opt_number(b, "threshold"), who=_who(request)))
+    return web.json_response(await call(request.app, fleet.resume_rollout, _rid(request), choice,
+                                        opt_number(b, "threshold"), who=_who(request)))
 
 
 async def api_halt_all(request: web.Request) -> web.Response:
-    return web.json_response({"halted": request.app[FLEET].halt_all()})
+    return web.json_response({"halted": await call(request.app, request.app[FLEET].halt_all)})
 
 
 async def api_actions(request: web.Request) -> web.Response:
-    return web.json_response({"actions": request.app[FLEET].actions(
-        device=request.query.get("device"), rollout_id=query_id(request, "rollout"))})
+    return web.json_response({"actions": await call(
+        request.app, request.app[FLEET].actions, device=request.query.get("device"),
+        rollout_id=query_id(request, "rollout"))})
 
 
 # --- metrics ----------------------------------------------------------------------------------
 async def api_metrics(request: web.Request) -> web.Response:
     from agent.controller import metrics  # prometheus_client is loaded at the first scrape
 
-    body = metrics.render(request.app[FLEET], request.app[REQUESTS])  # a few COUNTs: as cheap as a poll
+    body = await call(request.app, metrics.render, request.app[FLEET],  # a few COUNTs
+                      request.app[REQUESTS].copy())
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})

@@ -11,7 +11,7 @@ import collections
 
 from aiohttp import web
 
-from agent.controller import api_routes, dashboard, ddi_routes, tasks, telemetry_relay
+from agent.controller import api_routes, dashboard, dbexec, ddi_routes, tasks, telemetry_relay
 from agent.controller.connections import ConnectionGuard, file_limit
 from agent.controller.fleet import Fleet
 from agent.controller.http import (
@@ -20,6 +20,7 @@ from agent.controller.http import (
     REQUESTS,
     SEEN,
     SETTINGS,
+    SHAPER,
     WAITERS,
     Settings,
     auth_mw,
@@ -29,6 +30,7 @@ from agent.controller.http import (
     tenant_mw,
 )
 from agent.controller.regional import Regional
+from agent.controller.shaping import PollShaper
 
 
 def build_app(fleet: Fleet, settings: Settings) -> web.Application:
@@ -43,6 +45,10 @@ def build_app(fleet: Fleet, settings: Settings) -> web.Application:
     app[SEEN] = {}
     app[WAITERS] = {}
     app[REQUESTS] = collections.Counter()
+    app[dbexec.DBEXEC] = dbexec.for_dialect(fleet.db.dialect, limit=settings.db_queue,
+                                            retry_after=settings.retry_after)
+    app[SHAPER] = PollShaper(settings.poll_sleep)
+    app.cleanup_ctx.append(dbexec.lifecycle)  # first in, last out: after tasks' final flush
     app.cleanup_ctx.append(tasks.lifecycle)
     app.router.add_get("/_empty", empty)
     if settings.parent:

@@ -16,12 +16,12 @@ page and asks before destructive buttons. Every asset is served from this packag
 A request without a valid session is sent to the login page (303); a POST whose CSRF token
 is missing or wrong gets 403. Malformed input is a 4xx page naming the parameter, never a
 5xx. Each handler makes its database calls in one function run off the event loop
-(``_db``: ``asyncio.to_thread``), so polls keep flowing while a page of 10,000 devices is read.
+(``_db``: the controller's database thread, ``dbexec``), so polls keep flowing while a page
+of 10,000 devices is read.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -34,7 +34,7 @@ from aiohttp import web
 from agent.controller import dashboard_auth as auth
 from agent.controller import dashboard_html as page
 from agent.controller import dashboard_views as views
-from agent.controller import rollout, tokens
+from agent.controller import dbexec, rollout, tokens
 from agent.controller.errors import BadRequest, ControllerError, NotFound
 from agent.controller.fleet import Fleet
 from agent.controller.http import FLEET, SETTINGS, authenticated, read_body
@@ -77,10 +77,9 @@ def add_routes(app: web.Application) -> None:
 
 
 async def _db(request: web.Request, fn: Callable[..., T], *args: Any) -> T:
-    """The one place a dashboard handler touches the database: in a worker thread. (With the
-    controller's database executor, engineer "scale"'s ``dbexec``, this becomes
-    ``dbexec.call(request.app, fn, *args)``.)"""
-    return await asyncio.to_thread(fn, *args)
+    """The one place a dashboard handler touches the database: on the controller's database
+    thread, as every route does (a full queue is a 429, as for the API)."""
+    return await dbexec.call(request.app, fn, *args)
 
 
 def _html(body: str, status: int = 200) -> web.Response:

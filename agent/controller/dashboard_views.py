@@ -2,7 +2,7 @@
 
 Every function here takes the ``Fleet`` (for its database and clock) and returns plain
 dataclasses that ``dashboard_html`` renders; none writes. Each page is one call, so the
-routes (``dashboard``) run it in a worker thread (``asyncio.to_thread``) and the event loop
+routes (``dashboard``) run it on the controller's database thread (``dbexec``) and the event loop
 keeps serving device polls while a page is read. The SQL is in the subset SQLite and
 PostgreSQL both accept (``db``): ``?`` placeholders, no engine-specific functions.
 

@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller.bundles import BundleInfo
+from agent.controller.dbexec import call
 from agent.controller.errors import BadRequest, NotFound
 from agent.controller.fleet import Fleet, PollInfo
 from agent.controller.http import (
@@ -39,6 +40,7 @@ from agent.controller.http import (
     REQUESTS,
     SEEN,
     SETTINGS,
+    SHAPER,
     WAITERS,
     authenticated,
     ddi_root,
@@ -75,7 +77,8 @@ async def ddi_base(request: web.Request) -> web.StreamResponse:
     channel, RFC 7240 ``Prefer: wait=N``: an unchanged poll is held until this device's
     links change or N seconds pass. hawkBit clients that send neither get a plain answer."""
     request.app[REQUESTS]["poll"] += 1
-    body, etag = _base_doc(request)
+    request.app[SHAPER].seen(request.app[FLEET].clock())  # once per poll, not per re-check
+    body, etag = await _base_doc(request)
     if request.headers.get("If-None-Match") != etag:
         return web.json_response(body, headers={"ETag": etag})
     wait = min(_prefer_wait(request.headers.get("Prefer", "")), MAX_WAIT)
@@ -87,7 +90,7 @@ async def ddi_base(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), min(left, RECHECK))
             event.clear()
-            body, etag = _base_doc(request)
+            body, etag = await _base_doc(request)
             if request.headers.get("If-None-Match") != etag:
                 return web.json_response(body, headers={"ETag": etag})
     return web.Response(status=304, headers={"ETag": etag})
@@ -104,11 +107,13 @@ def _prefer_wait(prefer: str) -> float:
     return 0.0
 
 
-def _base_doc(request: web.Request) -> tuple[dict[str, Any], str]:
-    fleet, s = request.app[FLEET], request.app[SETTINGS]
+async def _base_doc(request: web.Request) -> tuple[dict[str, Any], str]:
+    fleet = request.app[FLEET]
     cid = request.match_info["cid"]
-    info = _poll(request, cid)
-    request.app[SEEN][cid] = fleet.clock()
+    info = await _poll(request, cid)
+    now = fleet.clock()
+    request.app[SEEN][cid] = now
+    shaper = request.app[SHAPER]
     root = ddi_root(request)
     links: dict[str, Any] = {}
     if info.action_id is not None:
@@ -120,7 +125,7 @@ def _base_doc(request: web.Request) -> tuple[dict[str, Any], str]:
             links["deploymentBase"] = {"href": f"{root}/deploymentBase/{info.action_id}?c={c}"}
     if info.wants_config:
         links["configData"] = {"href": f"{root}/configData"}
-    body: dict[str, Any] = {"config": {"polling": {"sleep": sleep_text(s.poll_sleep)}}}
+    body: dict[str, Any] = {"config": {"polling": {"sleep": sleep_text(shaper.sleep_for(cid, now))}}}
     if links:
         body["_links"] = links
     tag = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
@@ -138,25 +143,25 @@ def _certified(request: web.Request, cid: str) -> None:
         raise WrongDevice(f"the client certificate is for '{device}', not for '{cid}'")
 
 
-def _poll(request: web.Request, cid: str) -> PollInfo:
+async def _poll(request: web.Request, cid: str) -> PollInfo:
     fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     if ca is None:
-        info = fleet.poll(cid, target_token(request))
+        info = await call(request.app, fleet.poll, cid, target_token(request))
     else:
         _certified(request, cid)
-        info = fleet.poll_certified(cid)
+        info = await call(request.app, fleet.poll_certified, cid)
     authenticated(request)
     return info
 
 
-def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
+async def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
     fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     cid = request.match_info["cid"]
     if ca is None:
-        fleet.authenticate(cid, target_token(request))
+        await call(request.app, fleet.authenticate, cid, target_token(request))
     else:
         _certified(request, cid)
-        fleet.require_device(cid)
+        await call(request.app, fleet.require_device, cid)
     authenticated(request)
     aid = path_id(request, "aid", "action") if "aid" in request.match_info else 0
     return fleet, cid, aid
@@ -175,8 +180,8 @@ def deployment_doc(root: str, aid: int, bundle: BundleInfo, handling: str = "att
 
 async def ddi_deployment(request: web.Request) -> web.Response:
     request.app[REQUESTS]["deployment"] += 1
-    fleet, cid, aid = _ddi_auth(request)
-    status, bundle = fleet.action(cid, aid)
+    fleet, cid, aid = await _ddi_auth(request)
+    status, bundle = await call(request.app, fleet.action, cid, aid)
     if status not in ("open", "running"):
         raise NotFound(f"action {aid} is {status}")
     root = ddi_root(request)
@@ -185,16 +190,16 @@ async def ddi_deployment(request: web.Request) -> web.Response:
 
 async def ddi_feedback(request: web.Request) -> web.Response:
     request.app[REQUESTS]["feedback"] += 1
-    fleet, cid, aid = _ddi_auth(request)
-    fleet.feedback(cid, aid, await read_json(request),
-                   cancel=request.path.split("/")[-3] == "cancelAction",
-                   key=request.headers.get("Idempotency-Key"))
+    fleet, cid, aid = await _ddi_auth(request)
+    await call(request.app, fleet.feedback, cid, aid, await read_json(request),
+               cancel=request.path.split("/")[-3] == "cancelAction",
+               key=request.headers.get("Idempotency-Key"))
     return web.Response(status=200)
 
 
 async def ddi_cancel(request: web.Request) -> web.Response:
-    fleet, cid, aid = _ddi_auth(request)
-    status, _ = fleet.action(cid, aid)
+    fleet, cid, aid = await _ddi_auth(request)
+    status, _ = await call(request.app, fleet.action, cid, aid)
     if status != "canceling":
         raise NotFound(f"action {aid} is not being canceled")
     return web.json_response({"id": str(aid), "cancelAction": {"stopId": str(aid)}})
@@ -202,20 +207,21 @@ async def ddi_cancel(request: web.Request) -> web.Response:
 
 async def ddi_config(request: web.Request) -> web.Response:
     request.app[REQUESTS]["configData"] += 1
-    fleet, cid, _ = _ddi_auth(request)
+    fleet, cid, _ = await _ddi_auth(request)
     body = await read_json(request)
     data = body.get("data")
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise BadRequest("configData needs 'data': an object of strings")
-    fleet.set_attributes(cid, data, text(body, "mode", "merge"))
+    await call(request.app, fleet.set_attributes, cid, data, text(body, "mode", "merge"))
     return web.Response(status=200)
 
 
 async def ddi_artifact(request: web.Request) -> web.StreamResponse:
     request.app[REQUESTS]["artifact"] += 1
-    fleet, cid, _ = _ddi_auth(request)
+    fleet, cid, _ = await _ddi_auth(request)
     # hawkBit answers 404 unless the artifact belongs to an action assigned to this device
-    bundle = fleet.assigned_bundle(cid, path_id(request, "mid", "software module"))
+    mid = path_id(request, "mid", "software module")
+    bundle = await call(request.app, fleet.assigned_bundle, cid, mid)
     if bundle.filename != request.match_info["fn"]:
         raise NotFound(f"module {bundle.id} has no artifact {request.match_info['fn']!r}")
     # FileResponse answers Range requests with 206 and If-Range/ETag; bundles are signed, so
@@ -242,9 +248,9 @@ async def ddi_identity_renew(request: web.Request) -> web.Response:
     enrol: tuple[bytes, str] | None = None
     if request.get(PEER) is not None:
         _certified(request, cid)
-        fleet.require_device(cid)
+        await call(request.app, fleet.require_device, cid)
     else:
-        fleet.authenticate(cid, target_token(request))
+        await call(request.app, fleet.authenticate, cid, target_token(request))
         authenticated(request)
         ak, kind = body.get("ak_public_pem", ""), body.get("kind", "")
         if isinstance(ak, str) and ak and kind in ("tpm", "keystore"):

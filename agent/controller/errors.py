@@ -43,3 +43,16 @@ class DatabaseRefused(DeviceError):
 class TooLarge(ControllerError):
     status = 413
     hint = "send less: see docs/fleet-controller.md for the limits"
+
+
+class Overloaded(ControllerError):
+    """More database work is waiting than the controller will queue: come back later.
+    ``http.errors_mw`` answers 429 with ``Retry-After: retry_after`` (RFC 9110 section 10.2.3,
+    RFC 6585 section 4), which the edgeops agent honours (``agent.errors.Throttled``)."""
+
+    status = 429
+    hint = "the controller is busy; retry after the number of seconds in Retry-After"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.controller import bundles, rollout, tokens
+from agent.controller import bundles, pacing, rollout, tokens
 from agent.controller import retention as retention_
 from agent.controller.actions import (
     TERMINAL,
@@ -61,6 +61,9 @@ class Fleet:
         self.clock = clock
         # Called with the ids of devices whose pending work changed (long-poll wake-ups).
         self.listeners: list[Callable[[list[str]], None]] = []
+        # Runs the gate after a final report; a served app coalesces these (controller.tasks),
+        # so ten thousand reports a minute do not each re-read their wave.
+        self.tick_soon: Callable[[], None] = self.tick
 
     def _notify(self, device_ids: list[str]) -> None:
         for fn in self.listeners:
@@ -238,7 +241,7 @@ class Fleet:
         if new == "failure":
             log.warning("action %d of device %s failed: %s", action_id, device_id, details or "no details")
         if new in TERMINAL:
-            self.tick()
+            self.tick_soon()
 
     def compact(self, retention: float = retention_.FEEDBACK_RETENTION,
                 batch: int = retention_.COMPACT_BATCH) -> int:
@@ -342,6 +345,11 @@ class Fleet:
         return rid
 
     def _start_wave(self, rid: int, bundle_id: int, wave: int, now: float) -> None:
+        if pacing.policy(self, rid).paced:  # actions are released at the rollout's pace
+            self.db.execute("UPDATE rollouts SET current_wave = ?, wave_started = ? WHERE id = ?",
+                            [wave, now, rid])
+            pacing.release(self, rid, bundle_id, wave, now)
+            return
         ids = [r[0] for r in self.db.query("SELECT device_id FROM rollout_targets WHERE rollout_id = ? "
                                            "AND wave = ? ORDER BY device_id", [rid, wave])]
         for d in ids:
@@ -382,6 +390,8 @@ class Fleet:
                 self.db.execute("UPDATE rollouts SET status = ?, reason = ? WHERE id = ?",
                                 [new, decision.reason, rid])
                 self._event(rid, "controller", new, f"wave {wave}: {decision.reason}", now)
+            elif policy.paced:  # wait: release whom the pace allows by now
+                pacing.release(self, rid, bundle_id, wave, now)
 
     def rollout_status(self, rid: int) -> dict[str, Any]:
         rows = self.db.query("SELECT id, bundle_id, name, status, policy, current_wave, waves, reason, "
@@ -397,11 +407,13 @@ class Fleet:
             counts.setdefault(str(wave), {})[st] = int(n)
         sizes = {str(w): int(n) for w, n in self.db.query(
             "SELECT wave, COUNT(*) FROM rollout_targets WHERE rollout_id = ? GROUP BY wave", [rid])}
-        return {"id": r[0], "bundle": r[1], "name": r[2], "status": r[3], "policy": json.loads(r[4]),
+        policy = json.loads(r[4])
+        return {"id": r[0], "bundle": r[1], "name": r[2], "status": r[3], "policy": policy,
                 "current_wave": r[5], "waves": r[6], "reason": r[7], "wave_sizes": sizes,
                 "actions": counts, "created_at": iso(r[8]), "wave_started_at": iso(r[9]),
                 "skipped_devices": [d for (d,) in self.db.query(
-                    "SELECT device_id FROM rollout_skipped WHERE rollout_id = ? ORDER BY device_id", [rid])]}
+                    "SELECT device_id FROM rollout_skipped WHERE rollout_id = ? ORDER BY device_id", [rid])],
+                "pacing": pacing.status(self, rid) if rollout.Policy.from_dict(policy).paced else None}
 
     def rollouts(self) -> list[dict[str, Any]]:
         return [self.rollout_status(int(r[0])) for r in self.db.query("SELECT id FROM rollouts ORDER BY id")]
@@ -498,10 +510,17 @@ class Fleet:
     def _wave_outcomes(self, rid: int, wave: int, policy: rollout.Policy) -> dict[str, rollout.Outcome]:
         """Each device's newest action in the wave as the gate counts it, without the devices an
         operator skipped."""
-        return {d: gate_outcome(s, after, policy.require_commit) for d, s, after in self.db.query(
+        outcomes = {d: gate_outcome(s, after, policy.require_commit) for d, s, after in self.db.query(
             "SELECT device_id, status, success_after FROM actions WHERE rollout_id = ? AND wave = ? "
             "AND device_id NOT IN (SELECT device_id FROM rollout_skipped WHERE rollout_id = ?) "
             "ORDER BY id", [rid, wave, rid])}
+        if policy.paced:  # members not released yet are pending: the wave passes as a whole
+            skipped = {d for (d,) in self.db.query(
+                "SELECT device_id FROM rollout_skipped WHERE rollout_id = ?", [rid])}
+            unreleased: dict[str, rollout.Outcome] = {
+                d: "pending" for d in self.wave_members(rid, wave) if d not in skipped}
+            outcomes = unreleased | outcomes
+        return outcomes
 
     def resume_rollout(self, rid: int, choice: rollout.Choice | None = None,
                        threshold: float | None = None, *, who: str = "operator") -> dict[str, Any]:

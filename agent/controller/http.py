@@ -40,9 +40,18 @@ from aiohttp import web
 from agent.controller import tokens
 from agent.controller.ca import DeviceCA
 from agent.controller.connections import ConnectionGuard
-from agent.controller.errors import BadRequest, ControllerError, NotFound, RequestTimeout, Unauthorized
+from agent.controller.dbexec import DEFAULT_LIMIT, DEFAULT_RETRY_AFTER
+from agent.controller.errors import (
+    BadRequest,
+    ControllerError,
+    NotFound,
+    Overloaded,
+    RequestTimeout,
+    Unauthorized,
+)
 from agent.controller.fleet import Fleet
 from agent.controller.retention import FEEDBACK_RETENTION
+from agent.controller.shaping import PollShaper
 from agent.core.identity import CERT_LIFETIME
 from agent.errors import CertificateRequired, EdgeopsError, IdentityError, TrustError
 
@@ -71,6 +80,8 @@ class Settings:
     max_connections: int | None = None  # None: as many as RLIMIT_NOFILE allows (connections)
     api_token_sha256: str = ""  # what auth_mw compares against (tokens.digest of api_token)
     feedback_retention: float = FEEDBACK_RETENTION  # seconds a closed action keeps all its reports
+    db_queue: int = DEFAULT_LIMIT  # database calls waiting or running before 429 (dbexec)
+    retry_after: int = DEFAULT_RETRY_AFTER  # seconds, the lower end of a 429's Retry-After
 
     def __post_init__(self) -> None:
         if self.api_token and not self.api_token_sha256:
@@ -90,6 +101,7 @@ SEEN = web.AppKey("seen", dict)  # controllerId -> last poll time, flushed in ba
 WAITERS = web.AppKey("waiters", dict)  # controllerId -> asyncio.Event that wakes a held long-poll
 REQUESTS = web.AppKey("requests", collections.Counter)  # DDI requests by kind, for /metrics
 GUARD = web.AppKey("guard", ConnectionGuard)  # counts connections; ``serve`` wires it to the socket
+SHAPER = web.AppKey("shaper", PollShaper)  # config.polling.sleep per device (``shaping``)
 
 
 def sleep_text(seconds: int) -> str:
@@ -283,6 +295,8 @@ def _error(status: int, exc: EdgeopsError) -> web.Response:
                              status=status)
     if status == RequestTimeout.status:
         resp.force_close()  # the rest of that body is not worth waiting for
+    if isinstance(exc, Overloaded):
+        resp.headers["Retry-After"] = str(exc.retry_after)  # RFC 9110 10.2.3: delay-seconds
     return resp
 
 

@@ -24,12 +24,14 @@ import json
 import logging
 import re
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
 from agent.adapters.fsutil import atomic_file
+from agent.controller.dbexec import call
 from agent.controller.errors import ControllerError, NotFound, TooLarge, Unauthorized
 from agent.controller.fleet import Fleet
 from agent.controller.http import (
@@ -48,6 +50,7 @@ MAX_DOC = 1 << 20  # a DDI document from the parent; artifacts are streamed, not
 MAX_QUEUED = 200  # reports one device may have waiting for the parent
 MAX_QUEUED_BODY = 64 << 10  # bytes of one queued report
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+T = TypeVar("T")
 
 
 class ParentDown(ControllerError):
@@ -71,9 +74,11 @@ class Regional:
         self.session: aiohttp.ClientSession | None = None
         self.wan_up = False
         self.wake = asyncio.Event()
+        self.app: web.Application | None = None
 
     # --- wiring ----------------------------------------------------------------------------
     def install(self, app: web.Application) -> None:
+        self.app = app
         r = app.router
         r.add_get(DDI, self.base)
         r.add_get(DDI + "/deploymentBase/{aid}", self.doc)
@@ -105,6 +110,12 @@ class Regional:
             self.wake.clear()
 
     # --- the mirror in the database ---------------------------------------------------------
+    async def _run(self, fn: Callable[..., T], *args: Any, bounded: bool = False) -> T:
+        """Database work on the executor (``dbexec``): bounded for a device's request, not for
+        the mirror's own passes, which a busy controller must not postpone."""
+        assert self.app is not None
+        return await call(self.app, fn, *args, bounded=bounded)
+
     def _get(self, device: str, path: str) -> str | None:
         rows = self.db.query("SELECT body FROM mirror_docs WHERE device_id = ? AND path = ?", [device, path])
         return str(rows[0][0]) if rows else None
@@ -122,14 +133,14 @@ class Regional:
         auth = request.headers.get("Authorization", "")
         if not auth.startswith(("TargetToken ", "GatewayToken ")):
             raise Unauthorized("missing 'Authorization: TargetToken <token>'")
-        known = self._auth_of(cid)
+        known = await self._run(self._auth_of, cid, bounded=True)
         if known is not None and secrets.compare_digest(known.encode(), auth.encode()):
             authenticated(request)
             return auth
         # Unknown device or a new token: only the parent can vouch for it.
         await self._mirror_device(cid, auth)
-        self.db.execute("INSERT INTO mirror_auth (device_id, auth) VALUES (?, ?) ON CONFLICT (device_id) "
-                        "DO UPDATE SET auth = excluded.auth", [cid, auth])
+        await self._run(self.db.execute, "INSERT INTO mirror_auth (device_id, auth) VALUES (?, ?) "
+                        "ON CONFLICT (device_id) DO UPDATE SET auth = excluded.auth", [cid, auth])
         authenticated(request)
         return auth
 
@@ -143,7 +154,7 @@ class Regional:
     async def base(self, request: web.Request) -> web.Response:
         cid = request.match_info["cid"]
         await self._check_device(request, cid)
-        body = self._get(cid, "base")
+        body = await self._run(self._get, cid, "base", bounded=True)
         if body is None:
             doc: dict[str, Any] = {"config": {"polling": {"sleep": sleep_text(self.settings.poll_sleep)}}}
         else:
@@ -151,7 +162,7 @@ class Regional:
             links = doc.get("_links", {})
             dep = links.get("deploymentBase", {}).get("href", "")
             aid = dep.rsplit("/", 1)[-1].split("?")[0] if dep else None
-            if aid and self._get(cid, f"closed/{aid}") is not None:
+            if aid and await self._run(self._get, cid, f"closed/{aid}", bounded=True) is not None:
                 del links["deploymentBase"]  # reported done here; upstream will agree once told
         return web.json_response(doc)
 
@@ -159,7 +170,7 @@ class Regional:
         cid = request.match_info["cid"]
         await self._check_device(request, cid)
         kind = request.path.split("/")[-2]
-        body = self._get(cid, f"{kind}/{request.match_info['aid']}")
+        body = await self._run(self._get, cid, f"{kind}/{request.match_info['aid']}", bounded=True)
         if body is None:
             raise NotFound(f"{kind} {request.match_info['aid']} is not mirrored here")
         return web.json_response(text=self._localise(body, request))
@@ -173,25 +184,29 @@ class Regional:
         doc = parse_json(raw)  # forwarded as it came, but only a well-formed JSON object
         body = raw.decode()
         tail = request.path.split("/controller/v1/", 1)[1].split("/", 1)[1]
+        closes = request.match_info["aid"] if request.method == "POST" and _finishes(doc) else None
+        await self._run(self._enqueue, cid, tail, request.method, body, closes, bounded=True)
+        self.wake.set()
+        return web.Response(status=200)
+
+    def _enqueue(self, cid: str, tail: str, method: str, body: str, closes: str | None) -> None:
         with self.db.tx():
             # the outbox is bounded per device: while the WAN is down, a device's own queue
             # holds the rest (503 means "retry later" to a DDI client)
             if self.db.query("SELECT COUNT(*) FROM outbox WHERE device_id = ?", [cid])[0][0] >= MAX_QUEUED:
                 raise ParentDown(f"{MAX_QUEUED} reports from {cid!r} are already waiting for the parent")
             self.db.insert("INSERT INTO outbox (device_id, path, method, body, created) "
-                           "VALUES (?, ?, ?, ?, ?)", [cid, tail, request.method, body, self.fleet.clock()])
-            if request.method == "POST" and _finishes(doc):
-                self._put(cid, "closed/" + request.match_info["aid"], "1")
-        self.wake.set()
-        return web.Response(status=200)
+                           "VALUES (?, ?, ?, ?, ?)", [cid, tail, method, body, self.fleet.clock()])
+            if closes is not None:
+                self._put(cid, "closed/" + closes, "1")
 
     async def artifact(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["cid"]
         await self._check_device(request, cid)
         mid, fn = request.match_info["mid"], request.match_info["fn"]
-        if not self._offered(cid, f"/softwaremodules/{mid}/artifacts/{fn}"):
+        if not await self._run(self._offered, cid, f"/softwaremodules/{mid}/artifacts/{fn}", bounded=True):
             raise NotFound(f"no software module {mid[:40]!r} is assigned to {cid!r} here")
-        sha = self._get("*", f"artifact/{mid}/{fn}")
+        sha = await self._run(self._get, "*", f"artifact/{mid}/{fn}", bounded=True)
         if sha is None or not (self.cache / sha).exists():
             raise NotFound("artifact is not mirrored here yet")
         return web.FileResponse(self.cache / sha)
@@ -212,13 +227,14 @@ class Regional:
         return False
 
     async def status(self, request: web.Request) -> web.Response:
-        pending = self.db.query("SELECT COUNT(*) FROM outbox")[0][0]
+        pending = (await self._run(self.db.query, "SELECT COUNT(*) FROM outbox", bounded=True))[0][0]
         return web.json_response({"parent": self.parent, "wan_up": self.wan_up, "outbox": pending})
 
     # --- upstream -----------------------------------------------------------------------------
     async def sync_once(self) -> None:
         await self.flush_outbox()
-        for cid, auth in self.db.query("SELECT device_id, auth FROM mirror_auth ORDER BY device_id"):
+        for cid, auth in await self._run(self.db.query, "SELECT device_id, auth FROM mirror_auth "
+                                         "ORDER BY device_id"):
             try:
                 await self._mirror_device(cid, auth)
             except ParentDown:
@@ -226,7 +242,8 @@ class Regional:
             except Unauthorized as exc:
                 # the parent no longer vouches for this token (revoked, deleted device): stop
                 # accepting it here too; the device is served again once the parent says so
-                self.db.execute("DELETE FROM mirror_auth WHERE device_id = ? AND auth = ?", [cid, auth])
+                await self._run(self.db.execute, "DELETE FROM mirror_auth WHERE device_id = ? AND auth = ?",
+                                [cid, auth])
                 log.warning("mirroring %s: %s; its token is no longer accepted here", cid, exc)
             except ControllerError as exc:
                 log.warning("mirroring %s: %s", cid, exc)
@@ -267,11 +284,11 @@ class Regional:
             href = doc.get("_links", {}).get(name, {}).get("href")
             if href:
                 await self._mirror_doc(cid, auth, name, href)
-        self._put(cid, "base", data.decode())
+        await self._run(self._put, cid, "base", data.decode())
 
     async def _mirror_doc(self, cid: str, auth: str, kind: str, href: str) -> None:
         aid = href.rsplit("/", 1)[-1].split("?")[0]
-        if self._get(cid, f"{kind}/{aid}") is not None:
+        if await self._run(self._get, cid, f"{kind}/{aid}") is not None:
             return  # documents of one action do not change
         status, data = await self._fetch(href, auth)
         _check_status(status, href)
@@ -279,7 +296,7 @@ class Regional:
             for chunk in json.loads(data).get("deployment", {}).get("chunks", []):
                 for art in chunk.get("artifacts", []):
                     await self._mirror_artifact(art, auth)
-        self._put(cid, f"{kind}/{aid}", data.decode())
+        await self._run(self._put, cid, f"{kind}/{aid}", data.decode())
 
     async def _mirror_artifact(self, art: dict[str, Any], auth: str) -> None:
         href = art["_links"]["download"]["href"]
@@ -290,7 +307,7 @@ class Regional:
         final = self.cache / sha
         if not final.exists():
             await self._download(href, auth, sha, int(art["size"]))
-        self._put("*", f"artifact/{mid}/{fn}", sha)
+        await self._run(self._put, "*", f"artifact/{mid}/{fn}", sha)
 
     async def _download(self, href: str, auth: str, sha: str, size: int) -> None:
         """Stream an artifact into the cache as ``<sha256>``; on any failure the cache is unchanged."""
@@ -321,8 +338,9 @@ class Regional:
         """Forward queued device reports in order; stop at the first that the parent cannot take."""
         assert self.session is not None
         sent = 0
-        rows = self.db.query("SELECT o.id, o.device_id, o.path, o.method, o.body, a.auth FROM outbox o "
-                             "JOIN mirror_auth a ON a.device_id = o.device_id ORDER BY o.id")
+        rows = await self._run(self.db.query, "SELECT o.id, o.device_id, o.path, o.method, o.body, "
+                               "a.auth FROM outbox o JOIN mirror_auth a ON a.device_id = o.device_id "
+                               "ORDER BY o.id")
         for oid, cid, path, method, body, auth in rows:
             url = f"{self.parent}/{self.settings.tenant}/controller/v1/{cid}/{path}"
             try:
@@ -338,7 +356,7 @@ class Regional:
                 return sent
             if status >= 400:  # the parent will never take it: keep the queue moving
                 log.warning("parent refused %s %s: HTTP %s", method, url, status)
-            self.db.execute("DELETE FROM outbox WHERE id = ?", [oid])
+            await self._run(self.db.execute, "DELETE FROM outbox WHERE id = ?", [oid])
             sent += 1
         return sent
 

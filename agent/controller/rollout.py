@@ -17,6 +17,18 @@ Between waves the gate decides (``evaluate``):
   (``actions.gate_outcome``), so the wave cannot pass on written images alone;
 - ``pause`` when ``window`` seconds pass without reaching the threshold;
 - ``wait`` otherwise.
+
+Pacing (``release``): within the waves, a rollout may release its actions gradually rather
+than a whole wave at once. Three limits, each off by default (0):
+- a rate ramp, as AWS IoT Jobs' exponential rollout rate: ``ramp_rate`` devices in the first
+  minute, times ``ramp_growth`` each further minute while no device of the rollout failed
+  (after a failure the rate stays where it started);
+- ``site_concurrency``: at most this many devices of one site with an action in flight;
+- ``download_seconds``: per site, only as many downloads in flight as the site's measured
+  bandwidth (``site_bandwidth``, from the download times its devices reported) serves within
+  that many seconds each; a site not measured yet gets one download to measure it by.
+A device not yet released counts as ``pending`` at the gate, so a wave never passes on the
+share of it that was released.
 """
 
 from __future__ import annotations
@@ -48,6 +60,10 @@ class Policy:
     error_threshold: float = 0.2  # fraction of a wave failing that pauses the rollout
     window: float = 3600.0  # seconds a wave may take to pass the gate
     require_commit: bool = False  # count only successes reported after a committed trial
+    ramp_rate: float = 0.0  # devices released in the first minute; 0: a whole wave at once
+    ramp_growth: float = 2.0  # the per-minute rate's factor each minute while nothing failed
+    site_concurrency: float = 0.0  # devices of one site with an action in flight; 0: no cap
+    download_seconds: float = 0.0  # pace each site by its measured bandwidth; 0: off
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +72,10 @@ class Policy:
             (0 < self.success_threshold <= 1, "success_threshold must be in (0, 1]"),
             (0 < self.error_threshold <= 1, "error_threshold must be in (0, 1]"),
             (self.window > 0, "window must be positive"),
+            (0 <= self.ramp_rate <= 1e6 and 0 <= self.site_concurrency <= 1e6
+             and 0 <= self.download_seconds <= 1e7,
+             "ramp_rate and site_concurrency must be from 0 to 1e6, download_seconds from 0 to 1e7"),
+            (1 <= self.ramp_growth <= 100, "ramp_growth must be from 1 to 100"),
         ]
         for ok, message in checks:
             if not ok:
@@ -78,6 +98,11 @@ class Policy:
         except (TypeError, ValueError):
             raise BadRequest("rollout policy values must be numbers") from None
         return cls(**numbers, require_commit=flag)  # type: ignore[arg-type]
+
+
+    @property
+    def paced(self) -> bool:
+        return bool(self.ramp_rate or self.site_concurrency or self.download_seconds)
 
 
 @dataclass(frozen=True)
@@ -194,3 +219,63 @@ def resume(outcomes: Mapping[str, Outcome], *, policy: Policy, now: float, last_
 class ResumeRefused(Conflict):
     hint = ("resume with {\"choice\": \"retry\"} (the failed devices try again), \"skip\" (leave "
             "them out and go on) or \"raise-threshold\" with \"threshold\"")
+
+
+# --- pacing -------------------------------------------------------------------------------------
+def ramp_allowance(policy: Policy, since: float, *, healthy: bool) -> float:
+    """Devices the ramp allows to have been released ``since`` seconds after the rollout began:
+    each started minute k adds ``ramp_rate * ramp_growth**k`` (growth 1 once something failed).
+    Unlimited (inf) without a ramp."""
+    if policy.ramp_rate <= 0:
+        return math.inf
+    g = policy.ramp_growth if healthy else 1.0
+    minutes = math.floor(max(0.0, since) / 60) + 1
+    total, rate = 0.0, policy.ramp_rate
+    for _ in range(min(minutes, 10_000)):
+        total += rate
+        rate *= g
+        if total > 1e12:  # more than any fleet: the ramp no longer limits anything
+            return math.inf
+    return total
+
+
+def site_bandwidth(downloads: Sequence[tuple[float, float | None]], size: int) -> float:
+    """A site's measured bandwidth in bytes/s from its downloads' (start, end) times (end None:
+    still running): the best aggregate seen, each finished download's rate times the number of
+    downloads running at its midpoint. 0.0 when none has finished."""
+    best = 0.0
+    for start, end in downloads:
+        if end is None or end <= start:
+            continue
+        mid = (start + end) / 2
+        overlapping = sum(1 for a, b in downloads if a <= mid and (b is None or b >= mid))
+        best = max(best, size / (end - start) * overlapping)
+    return best
+
+
+def site_caps(policy: Policy, bandwidth: Mapping[str, float], size: int) -> dict[str, float]:
+    """Per site, how many devices may have an action in flight (inf: no cap)."""
+    caps: dict[str, float] = {}
+    for site, bw in bandwidth.items():
+        cap = policy.site_concurrency or math.inf
+        if policy.download_seconds > 0 and size > 0:
+            cap = min(cap, max(1.0, math.floor(bw * policy.download_seconds / size)))
+        caps[site] = cap
+    return caps
+
+
+def release(waiting: Sequence[Target], policy: Policy, *, released: int, since: float, healthy: bool,
+            in_flight: Mapping[str, int], caps: Mapping[str, float]) -> list[str]:
+    """Which of the wave's ``waiting`` devices (in wave order) to release now."""
+    budget = ramp_allowance(policy, since, healthy=healthy) - released
+    busy = dict(in_flight)
+    out: list[str] = []
+    for t in waiting:
+        if budget < 1:
+            break
+        if busy.get(t.site, 0) >= caps.get(t.site, math.inf):
+            continue
+        out.append(t.device_id)
+        busy[t.site] = busy.get(t.site, 0) + 1
+        budget -= 1
+    return out

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from agent.controller.http import FLEET, SEEN, SETTINGS, WAITERS
+from agent.controller.dbexec import DBEXEC, call
+from agent.controller.http import FLEET, SEEN, SETTINGS, SHAPER, WAITERS
 from agent.controller.retention import COMPACT_BATCH
 
 log = logging.getLogger("edgeops.controller")
@@ -36,9 +37,34 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop.call_soon_threadsafe(wake, ids)
 
     app[FLEET].listeners.append(listener)
+    fleet, executor = app[FLEET], app[DBEXEC]
+    soon = asyncio.Event()
+
+    def tick_soon() -> None:
+        """After a final report's transaction, on the database thread: the gate runs at once
+        when nothing else waits for the database (the answer the device and the operator see
+        next already has it); in a burst of reports, once after the queue ahead of it, for all
+        of them (a tick reads the whole wave: ten thousand of them a minute would be the load)."""
+        if executor.pending <= 1:
+            fleet.tick()
+        else:
+            loop.call_soon_threadsafe(soon.set)
+
+    async def coalesced() -> None:
+        while True:
+            await soon.wait()
+            soon.clear()
+            await call(app, fleet.tick, bounded=False)
+
+    fleet.tick_soon = tick_soon
+    # The database work runs on the executor (dbexec), never on the loop; unbounded: a
+    # busy controller must still advance its rollouts and write what it saw.
     tasks = [asyncio.create_task(_every(s.flush_interval, lambda: flush_seen(app))),
-             asyncio.create_task(_every(s.tick_interval, app[FLEET].tick)),
-             asyncio.create_task(_every(COMPACT_INTERVAL, lambda: _compact(app)))]
+             asyncio.create_task(_every(s.tick_interval,
+                                        lambda: call(app, app[FLEET].tick, bounded=False))),
+             asyncio.create_task(_every(COMPACT_INTERVAL,
+                                        lambda: call(app, _compact, app, bounded=False))),
+             asyncio.create_task(_every(0, coalesced))]  # restarted should it ever fail
     yield
     for t in tasks:
         t.cancel()
@@ -46,16 +72,22 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await t
     app[FLEET].listeners.remove(listener)
-    flush_seen(app)
+    fleet.tick_soon = fleet.tick
+    if soon.is_set():  # a coalesced tick was still due
+        await call(app, fleet.tick, bounded=False)
+    await flush_seen(app)
 
 
-def flush_seen(app: web.Application) -> None:
-    """Write the poll times gathered since the last flush: one transaction, not one per poll."""
+async def flush_seen(app: web.Application) -> None:
+    """Write the poll times gathered since the last flush: one transaction, not one per poll;
+    and refresh the fleet's size, from which ``shaping`` knows the steady poll rate."""
     seen: dict[str, float] = app[SEEN]
     if seen:
         batch = dict(seen)
         seen.clear()
-        app[FLEET].touch(batch)
+        await call(app, app[FLEET].touch, batch, bounded=False)
+    rows = await call(app, app[FLEET].db.query, "SELECT COUNT(*) FROM devices", bounded=False)
+    app[SHAPER].devices = int(rows[0][0])
 
 
 def _compact(app: web.Application) -> None:
@@ -64,10 +96,10 @@ def _compact(app: web.Application) -> None:
         pass  # a backlog (first run after an upgrade): keep going, one transaction per batch
 
 
-async def _every(interval: float, fn: Callable[[], None]) -> None:
+async def _every(interval: float, fn: Callable[[], Awaitable[object]]) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            fn()
+            await fn()
         except Exception:  # a failing periodic job must not stop the server
             log.exception("periodic job failed")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.errors import TransportError
+from agent.errors import Throttled, TransportError
 
 log = logging.getLogger(__name__)
 KIND = "ddi"
@@ -79,6 +79,21 @@ class Backoff:
         self.failures = 0
 
 
+MAX_RETRY_AFTER = 3600.0  # seconds: a longer Retry-After is taken as this long
+
+
+def retry_after(value: str | None) -> float | None:
+    """An HTTP ``Retry-After`` in delay-seconds (RFC 9110 section 10.2.3), bounded to
+    [0, MAX_RETRY_AFTER]; None when absent or not a number (an HTTP-date needs a clock the
+    device may not trust: the caller's own backoff applies then)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):
+        return None
+    return min(float(int(text)), MAX_RETRY_AFTER)
+
+
 @dataclass
 class FlushResult:
     delivered: int
@@ -115,6 +130,8 @@ class Sync:
                     rejected += 1
                 except TransportError as exc:
                     delay = self.backoff.next_delay()
+                    if isinstance(exc, Throttled):  # the controller named its own delay
+                        delay = max(delay, exc.retry_after)
                     self.not_before = self.clock() + delay
                     log.info("report delivery paused %.1fs: %s", delay, exc.one_line())
                     return FlushResult(delivered, rejected, True, delay)

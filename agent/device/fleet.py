@@ -44,6 +44,7 @@ from agent.errors import (
     DeviceError,
     EdgeopsError,
     StateError,
+    Throttled,
     TransportError,
     TrustError,
 )
@@ -126,6 +127,8 @@ class FleetAgent:
         except TransportError as exc:
             self._offline, self._refused = True, isinstance(exc, CertificateRefused)
             delay = self.poll_backoff.next_delay()
+            if isinstance(exc, Throttled):  # 429: come back no sooner than the controller said
+                delay = max(delay, exc.retry_after)
             return PollOutcome(delay, self.messages, error=exc.one_line())
         self.poll_backoff.reset()
         self._refused = False

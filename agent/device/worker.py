@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.core.outbox import Backoff
-from agent.errors import EdgeopsError, TransportError
+from agent.errors import EdgeopsError, Throttled, TransportError
 
 if TYPE_CHECKING:
     from agent.adapters.ddi_poll import BasePoll
@@ -203,9 +203,12 @@ class IdleAgent:
             answer = self.poll.poll()
         except Redirected:
             return "redirect", Wake(False, 0.0)
-        except TransportError:
+        except TransportError as exc:
             # The worker would fail the same way; it runs once the controller answers again.
-            return None, Wake(False, self.backoff.next_delay(), self.etag)
+            delay = self.backoff.next_delay()
+            if isinstance(exc, Throttled):  # 429: no sooner than the controller said
+                delay = max(delay, exc.retry_after)
+            return None, Wake(False, delay, self.etag)
         self.backoff.reset()
         self.etag = answer.etag
         base = answer.base

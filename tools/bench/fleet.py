@@ -1,0 +1,230 @@
+"""Benchmark: a staged rollout to 10,000 simulated devices served by one controller process.
+
+    python tools/bench/fleet.py [--devices 10000] [--poll-sleep 60] [--steady 60] [--timeout 1500]
+
+Starts ``edgeops controller serve`` (aiohttp + uvloop, SQLite WAL) on 127.0.0.1 with
+--devices devices registered and one synthetic bundle, then runs that many
+``agent.host.litedevice.SimAgent`` devices in this process (asyncio, one keep-alive pool;
+real time, no network shaping), each polling every --poll-sleep seconds as the controller
+tells it (``config.polling.sleep``, spread +-10 % per device). After one poll interval to
+spread them and --steady seconds of steady polling (the baseline), it creates a staged
+rollout to the whole fleet (canary 1 %, then 10 %, then the rest) and waits until every
+device runs the release. It prints, all from this one run: the rollout's wall time, the
+controller's CPU time and peak RSS, poll p50/p99 in the steady phase and during the
+rollout (and their ratio), bytes served, and the final states from both sides.
+Targets: the run completes; poll p99 < 250 ms; controller RSS < 300 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+P99_BAR, RSS_BAR = 0.250, 300 << 20
+TOKEN = "bench-fleet"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare(data: Path, devices: int, poll_sleep: int) -> tuple[list[tuple[str, str, Any]], int]:
+    from agent.controller.db import open_database
+    from agent.controller.fleet import Fleet
+    from agent.host.fleet_sim import Scenario, Site, populate
+
+    sc = Scenario("bench", devices=devices, poll_sleep=poll_sleep, bundle_size=64 << 10,
+                  sites=tuple(Site(f"site{i}") for i in range(10)))
+    fleet = Fleet(open_database(str(data / "c.db")), data / "artifacts-dir")
+    try:
+        return populate(fleet, sc, random.Random(7))
+    finally:
+        fleet.db.close()
+
+
+def start_controller(data: Path, port: int, poll_sleep: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEOPS_CONTROLLER_TOKEN": TOKEN}
+    cmd = [sys.executable, "-m", "agent.cli", "controller", "serve", "--db", str(data / "c.db"),
+           "--data", str(data / "artifacts-dir"), "--listen", f"127.0.0.1:{port}",
+           "--poll-sleep", str(poll_sleep)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("controller did not start")
+
+
+def api(port: int, method: str, path: str, body: Any = None) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {TOKEN}",
+                                          "Content-Type": "application/json"})
+    for _ in range(30):
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:  # 429: the controller said when to come back
+            if exc.code != 429:
+                raise
+            time.sleep(float(exc.headers.get("Retry-After", "5")))
+    raise SystemExit(f"{method} {path}: the controller stayed overloaded")
+
+
+class ProcWatch:
+    """CPU seconds (utime + stime) and peak RSS of one process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_rss = pid, 0
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.tick
+
+    def sample(self) -> None:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                self.peak_rss = max(self.peak_rss, int(line.split()[1]) * 1024)
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(len(v) * q))] if v else 0.0
+
+
+async def run(a: argparse.Namespace, port: int, creds: list[tuple[str, str, Any]], bid: int,
+              watch: ProcWatch) -> dict[str, Any]:
+    import aiohttp
+
+    from agent.host.litedevice import SimAgent, Stats
+    from agent.host.netsim import SimClock
+
+    clock, stats, stop = SimClock(1.0), Stats(), asyncio.Event()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024),
+                                    timeout=aiohttp.ClientTimeout(total=120, sock_connect=30))
+    agents = [SimAgent(did, token, f"http://127.0.0.1:{port}", session, clock, stats,
+                       poll_sleep=a.poll_sleep, rng=random.Random(did)) for did, token, _ in creds]
+    rng = random.Random(1)
+    tasks = [asyncio.create_task(ag.run(stop, rng.uniform(0, a.poll_sleep))) for ag in agents]
+
+    async def sampler() -> None:
+        while True:
+            watch.sample()
+            await asyncio.sleep(1.0)
+
+    samp = asyncio.create_task(sampler())
+    try:
+        await asyncio.sleep(a.poll_sleep)  # every device has polled once: the fleet is spread
+        i0 = len(stats.latencies)
+        await asyncio.sleep(a.steady)
+        steady = stats.latencies[i0:]
+        i1, bytes0 = len(stats.latencies), stats.bytes_in
+        cpu0, t0 = watch.cpu(), time.monotonic()
+        policy = {"canary_percent": 1, "growth": 10, "success_threshold": 0.99, "window": a.timeout}
+        made = await asyncio.to_thread(api, port, "POST", "/rollouts", {"bundle": bid, "policy": policy})
+        rid = made["id"]
+        status: dict[str, Any] = {}
+        while time.monotonic() - t0 < a.timeout:
+            await asyncio.sleep(2.0)
+            status = await asyncio.to_thread(api, port, "GET", f"/rollouts/{rid}")
+            if int(time.monotonic() - t0) % 30 < 2:
+                print(f"  {time.monotonic() - t0:5.0f} s: wave {status['current_wave']} "
+                      f"{status['actions']}", flush=True)
+            if status["status"] != "running" and all(ag.board.running == "2.0" and not ag.outbox
+                                                      for ag in agents):
+                break
+        wall, cpu = time.monotonic() - t0, watch.cpu() - cpu0
+        during = stats.latencies[i1:]
+        served = stats.bytes_in - bytes0
+        devices = await asyncio.to_thread(api, port, "GET", "/devices")
+    finally:
+        stop.set()
+        samp.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+    versions = {d["id"]: d["version"] for d in devices["devices"]}
+    running: dict[str, int] = {}
+    for ag in agents:
+        running[str(ag.board.running)] = running.get(str(ag.board.running), 0) + 1
+    mismatched = sum(1 for ag in agents if versions.get(ag.id) != ag.board.running)
+    return {"wall": wall, "cpu": cpu, "steady": steady, "during": during, "served": served,
+            "status": status, "running": running, "mismatched": mismatched,
+            "throttled": stats.throttled, "failed": stats.failed}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--poll-sleep", type=int, default=60)
+    ap.add_argument("--steady", type=float, default=60.0, help="seconds of steady polling measured first")
+    ap.add_argument("--timeout", type=float, default=1500.0, help="seconds the rollout may take")
+    a = ap.parse_args()
+    a.devices = max(10, min(a.devices, 20_000))
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    with tempfile.TemporaryDirectory(prefix="edgeops-bench-fleet-") as tmp:
+        data = Path(tmp)
+        creds, bid = prepare(data, a.devices, a.poll_sleep)
+        port = free_port()
+        proc = start_controller(data, port, a.poll_sleep)
+        try:
+            watch = ProcWatch(proc.pid)
+            print(f"controller: 1 process, aiohttp + uvloop, SQLite WAL; {a.devices} simulated devices "
+                  f"in this process polling every {a.poll_sleep} s; {os.cpu_count()} CPUs shared", flush=True)
+            r = asyncio.run(run(a, port, creds, bid, watch))
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    st = r["status"]
+    p50s, p99s = pct(r["steady"], 0.5), pct(r["steady"], 0.99)
+    p50, p99 = pct(r["during"], 0.5), pct(r["during"], 0.99)
+    print(f"rollout: {st.get('status')} in {r['wall']:.1f} s wall, waves {st.get('wave_sizes')}, "
+          f"reason: {st.get('reason')}")
+    print(f"controller CPU: {r['cpu']:.1f} s over the rollout "
+          f"({100 * r['cpu'] / r['wall']:.0f} % of one core); "
+          f"peak RSS {watch.peak_rss / 2**20:.1f} MiB (bar {RSS_BAR >> 20} MiB)")
+    print(f"polls, steady phase: {len(r['steady'])} polls, p50 {p50s * 1000:.1f} ms, "
+          f"p99 {p99s * 1000:.1f} ms")
+    print(f"polls, during the rollout: {len(r['during'])} polls, p50 {p50 * 1000:.1f} ms, "
+          f"p99 {p99 * 1000:.1f} ms (bar {P99_BAR * 1000:.0f} ms); "
+          f"ratio p99 rollout/steady {p99 / p99s if p99s else 0:.2f}")
+    print(f"bytes served during the rollout (response bodies): {r['served']:,}; "
+          f"429 answers {r['throttled']}, failed requests {r['failed']}")
+    print(f"final device states: {r['running']}; controller view differs for {r['mismatched']} devices")
+    ok = (st.get("status") == "finished" and r["running"].get("2.0") == a.devices and p99 < P99_BAR
+          and watch.peak_rss < RSS_BAR and r["mismatched"] == 0)
+    print(f"targets (completes, p99 < 250 ms, RSS < 300 MiB, views agree): {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
