@@ -65,7 +65,8 @@ async def _drive(port: int, creds: list[tuple[str, str, Any]], rid_box: list[int
     try:
         policy = {"canary_percent": 10, "growth": 3, "success_threshold": 1.0, "window": 600,
                   "ramp_rate": 20, "ramp_growth": 2, "site_concurrency": 6}
-        made = await asyncio.to_thread(_api, port, "POST", "/rollouts", {"bundle": bid, "policy": policy})
+        made = await asyncio.to_thread(_api, port, "POST", "/rollouts",
+                                       {"bundle": bid, "policy": policy, "all": True})
         rid_box.append(made["id"])
         end = time.monotonic() + 120
         while time.monotonic() < end:

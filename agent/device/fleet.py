@@ -18,6 +18,9 @@ each side effect. After a reboot or power cut:
     if the reboot itself never happened (crash right before it) it is done now.
 Final reports use deterministic idempotency keys (``<action>:closed``) so a report queued
 twice across a crash is still one report to a deduplicating server.
+Long because (a little over 400 lines) the poll, the install with its delta path and
+telemetry marks, the reports and the console's audit forwarding share the one action record
+and its crash rules above; apart, each would re-read them.
 """
 
 from __future__ import annotations

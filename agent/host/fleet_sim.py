@@ -317,7 +317,7 @@ def _failing(devices: list[tuple[str, str, Site]], share: float, seed: int) -> s
 def _create_rollout(fleet: Any, bid: int, sc: Scenario) -> int:
     from agent.controller import rollout
 
-    targets = fleet.resolve_targets()
+    targets = fleet.resolve_targets(everyone=True)  # the whole simulated fleet, named as the API requires
     return int(fleet.create_rollout(bid, targets, rollout.Policy.from_dict(sc.policy), name=sc.name))
 
 

@@ -144,7 +144,8 @@ async def run(a: argparse.Namespace, port: int, creds: list[tuple[str, str, Any]
         i1, bytes0 = len(stats.latencies), stats.bytes_in
         cpu0, t0 = watch.cpu(), time.monotonic()
         policy = {"canary_percent": 1, "growth": 10, "success_threshold": 0.99, "window": a.timeout}
-        made = await asyncio.to_thread(api, port, "POST", "/rollouts", {"bundle": bid, "policy": policy})
+        made = await asyncio.to_thread(api, port, "POST", "/rollouts",
+                                       {"bundle": bid, "policy": policy, "all": True})
         rid = made["id"]
         status: dict[str, Any] = {}
         while time.monotonic() - t0 < a.timeout:
