@@ -192,13 +192,15 @@ def test_every_example_is_a_command_line_of_its_own_command(word: str) -> None:
         assert lines, f"edgeops {name}: no example"
         for line in lines:
             argv = _words(line)[1:]
-            assert argv[:len(name.split())] == name.split(), f"edgeops {name}: example is of another command: {line}"
+            assert argv[:len(name.split())] == name.split(), \
+                f"edgeops {name}: its example is of another command: {line}"
             try:
                 args = top.parse_args(argv)
             except SystemExit:
                 pytest.fail(f"edgeops {name}: its example does not parse: {line}")
             if parser.get_default("func") is not None:
-                assert args.func is parser.get_default("func"), f"edgeops {name}: example runs another command: {line}"
+                assert args.func is parser.get_default("func"), \
+                    f"edgeops {name}: its example runs another command: {line}"
 
 
 def test_controller_help_names_its_environment() -> None:
