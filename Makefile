@@ -77,6 +77,13 @@ bench-dashboard: sysdeps venv
 bench-startup: venv
 	$(BIN)/python tools/bench/startup.py
 
+# needs the corpus: ../shared/anchors/delta/run.sh, then tools/bench/delta_v3.sh (D=/tmp/delta)
+bench-delta: venv
+	$(BIN)/python tools/bench/delta.py
+
+bench-telemetry: venv
+	$(BIN)/python tools/bench/telemetry.py
+
 bench: sysdeps venv
 	$(BIN)/python tools/bench/install.py
 
