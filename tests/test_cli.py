@@ -262,6 +262,22 @@ def test_keys_revoke_then_bundle_carries_the_crl(tmp_path: Path, cfg: Path) -> N
     assert proc.returncode == 11 and "revoked" in one_line_error(proc.stderr)
 
 
+def test_keys_init_root_takes_its_directory_as_a_positional(tmp_path: Path) -> None:
+    run_cli("keys", "init-root", tmp_path / "root", check=True)  # as the quickstart writes it
+    assert (tmp_path / "root" / "root.key").is_file() and (tmp_path / "root" / "root.crt").is_file()
+
+
+def test_keys_init_root_refuses_two_different_directories(tmp_path: Path) -> None:
+    proc = run_cli("keys", "init-root", tmp_path / "a", "--out", tmp_path / "b")
+    assert proc.returncode == 2 and "two directories" in one_line_error(proc.stderr)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_keys_init_root_without_a_directory_says_how_to_name_one() -> None:
+    proc = run_cli("keys", "init-root")
+    assert proc.returncode == 2 and "init-root DIR" in one_line_error(proc.stderr)
+
+
 def test_sim_init_refuses_an_existing_device(device_dir: Path, pki: Keys, tmp_path: Path) -> None:
     img = make_image(tmp_path / "x.img", 1000, "x")
     proc = run_cli("sim", "init", device_dir, "--image", img, "--keyring", pki.root_crt)

@@ -7,25 +7,30 @@ import os
 from pathlib import Path
 from typing import Any
 
+from agent.cli.common import command
 from agent.errors import DeviceError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("board", help="board files: list, show, check the running system")
+    p = command(sub, "board", "board files: list, show, check the running system",
+                "edgeops board list")
     ss = p.add_subparsers(dest="board_command", metavar="ACTION", required=True)
-    ss.add_parser("list", help="the board files installed").set_defaults(func=_list)
-    s = ss.add_parser("show", help="print a board file")
-    s.add_argument("name")
+    command(ss, "list", "the board files installed", "edgeops board list").set_defaults(func=_list)
+    s = command(ss, "show", "print a board file", "edgeops board show rpi4")
+    s.add_argument("name", help="board name (as 'board list' shows it) or .toml path")
     s.set_defaults(func=_show)
-    g = ss.add_parser("config", help="print the agent.toml a device image of this board ships")
+    g = command(ss, "config", "print the agent.toml a device image of this board ships",
+                "edgeops board config rpi4 > rootfs/etc/edgeops/agent.toml")
     g.add_argument("name", help="board name or .toml path")
     g.add_argument("--keyring", default="/etc/edgeops/keyring/root.crt",
                    help="the fleet's root certificates on the device")
-    g.add_argument("--state-dir", default="/var/lib/edgeops")
+    g.add_argument("--state-dir", default="/var/lib/edgeops",
+                   help="the agent's state directory on the device (default /var/lib/edgeops)")
     g.add_argument("--tpm-tcti", help="TCTI of the TPM (default device:/dev/tpmrm0 when the board "
                                       "requires one)")
     g.set_defaults(func=_config)
-    c = ss.add_parser("check", help="validate this system against its board file")
+    c = command(ss, "check", "validate this system against its board file",
+                "edgeops board check --config dev/agent.toml")
     c.add_argument("--board", help="board name or .toml path (default: [device] board of --config)")
     c.add_argument("--config", help="agent config to cross-check (default $EDGEOPS_CONFIG)")
     c.add_argument("--root", type=Path, default=None,

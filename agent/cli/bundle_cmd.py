@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from agent.cli.common import command
 from agent.core.manifest import DEFAULT_BLOCK_SIZE
 from agent.errors import ConfigError, UsageError
 
@@ -20,14 +21,19 @@ if TYPE_CHECKING:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("bundle", help="create, inspect and verify bundles")
+    p = command(sub, "bundle", "create, inspect and verify bundles",
+                "edgeops bundle verify update.bundle --keyring pki/root/root.crt")
     bs = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
 
-    c = bs.add_parser("create", help="build and sign a bundle")
-    c.add_argument("--key", type=Path, required=True, help="signer.key")
-    c.add_argument("--cert", type=Path, required=True, help="signer.crt (and any intermediates)")
-    c.add_argument("--compatible", required=True, help="board family string the bundle is for")
-    c.add_argument("--version", required=True)
+    c = command(bs, "create", "build and sign a bundle",
+                "edgeops bundle create --key pki/signer/signer.key --cert pki/signer/signer.crt \\\n"
+                "    --compatible gateway-v1 --version 2.1 --security-version 3 \\\n"
+                "    --payload rootfs=rootfs.img --compress zstd -o gateway-2.1.bundle")
+    c.add_argument("--key", type=Path, required=True, help="the signing key (signer.key)")
+    c.add_argument("--cert", type=Path, required=True,
+                   help="its certificate (signer.crt, and any intermediates)")
+    c.add_argument("--compatible", required=True, help="the board family string the bundle is for")
+    c.add_argument("--version", required=True, help="the release's version, e.g. 2.1")
     c.add_argument("--security-version", type=int, required=True,
                    help="anti-rollback level: devices refuse bundles below their floor")
     c.add_argument("--payload", action="append", required=True, metavar="CLASS=FILE",
@@ -39,8 +45,8 @@ def register(sub: Any) -> None:
     c.add_argument("--health", type=Path, help="TOML or JSON health-check overrides ([health] form)")
     c.add_argument("--crl", type=Path, help="root-signed revocation list to carry to devices")
     c.add_argument("--build-time", type=int, help="seconds since the epoch (default: now)")
-    c.add_argument("--description", default="")
-    c.add_argument("-o", "--output", type=Path, required=True)
+    c.add_argument("--description", default="", help="free text stored in the manifest")
+    c.add_argument("-o", "--output", type=Path, required=True, help="the bundle file to write")
     c.add_argument("--delta", action="store_true",
                    help="make payloads delta-capable: chunk index + zstd per chunk (docs/delta.md)")
     c.add_argument("--base", action="append", default=[], metavar="BUNDLE|VERSION=IMAGE",
@@ -48,28 +54,26 @@ def register(sub: Any) -> None:
     c.add_argument("--chunk-size", type=int, default=0, help="average delta chunk bytes (default 64 KiB)")
     c.set_defaults(func=_create)
 
-    di = bs.add_parser("delta-info", help="bytes a device holding IMAGE would download (unverified)")
-    di.add_argument("bundle", type=Path)
+    di = command(bs, "delta-info", "bytes a device holding IMAGE would download (unverified)",
+                 "edgeops bundle delta-info gateway-2.1.bundle --against rootfs-2.0.img")
+    di.add_argument("bundle", type=Path, help="a delta-capable bundle ('bundle create --delta')")
     di.add_argument("--against", type=Path, required=True, metavar="IMAGE",
                     help="the image the device's active slot holds")
-    di.add_argument("--json", action="store_true")
+    di.add_argument("--json", action="store_true", help="machine-readable output")
     di.set_defaults(func=_delta_info)
 
-    i = bs.add_parser("info", help="show a bundle's manifest, health overrides and carried CRL "
-                                   "(unverified)",
-                      description="Show a bundle's manifest, signer, health overrides and carried "
-                                  "revocation list, without verifying anything.",
-                      epilog="example:\n  edgeops bundle info update.bundle",
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    i = command(bs, "info", "show a bundle's manifest, health overrides and carried CRL "
+                            "(unverified)", "edgeops bundle info update.bundle",
+                description="Show a bundle's manifest, signer, health overrides and carried "
+                            "revocation list, without verifying anything.")
     i.add_argument("bundle", help="the bundle file, or '-' for stdin")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=_info)
 
-    v = bs.add_parser("verify", help="verify signature, chain and every payload block; writes nothing",
-                      description="Verify a bundle as a device would: signature, signer chain, "
-                                  "revocation and every payload block. Writes nothing.",
-                      epilog="example:\n  edgeops bundle verify update.bundle --keyring root/root.crt",
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    v = command(bs, "verify", "verify signature, chain and every payload block; writes nothing",
+                "edgeops bundle verify update.bundle --keyring root/root.crt",
+                description="Verify a bundle as a device would: signature, signer chain, "
+                            "revocation and every payload block. Writes nothing.")
     v.add_argument("bundle", help="the bundle file, or '-' for stdin")
     v.add_argument("--keyring", type=Path, required=True, help="trusted root certificate(s), PEM")
     v.add_argument("--compatible", help="also require this compatible string")

@@ -15,33 +15,39 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 from agent.errors import UsageError
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser(
-        "console", help="the technician console (serial port or terminal), its PIN and challenges",
+    p = command(
+        sub, "console", "the technician console (serial port or terminal), its PIN and challenges",
+        "edgeops console --config /etc/edgeops/agent.toml",
         description="Without a subcommand: run the technician console on this terminal "
                     "(docs/console.md).")
     add_config_option(p)
     p.set_defaults(func=_run)
     cs = p.add_subparsers(dest="console_command", metavar="SUBCOMMAND")
-    s = cs.add_parser("set-pin", help="store the technician PIN as a slow hash (0600)")
+    s = command(cs, "set-pin", "store the technician PIN as a slow hash (0600)",
+                "edgeops console set-pin")
     add_config_option(s)
     s.add_argument("--pin-stdin", action="store_true",
                    help="read the PIN from one line of stdin (provisioning) instead of asking twice")
     s.set_defaults(func=_set_pin)
-    w = cs.add_parser("watch-usb", help="watch for USB sticks and offer or install their bundles "
-                                        "by the [console] usb policy (needs the udev extra)")
+    w = command(cs, "watch-usb", "watch for USB sticks and offer or install their bundles "
+                                 "by the [console] usb policy (needs the udev extra)",
+                "edgeops console watch-usb")
     add_config_option(w)
     w.set_defaults(func=_watch_usb)
-    a = cs.add_parser("answer", help="sign a console challenge with a technician key (host)")
+    a = command(cs, "answer", "sign a console challenge with a technician key (host)",
+                "edgeops console answer 'edgeops-console-v1 gw-0042 6b1f… 1796400300' \\\n"
+                "    --key tech/technician.key --cert tech/technician.crt")
     a.add_argument("challenge", help="the whole 'edgeops-console-v1 ...' line the device shows")
     a.add_argument("--key", type=Path, required=True, help="technician.key")
     a.add_argument("--cert", type=Path, required=True, help="technician.crt")
     a.set_defaults(func=_answer)
-    t = cs.add_parser("issue-technician", help="certify a technician key with the root (host)")
+    t = command(cs, "issue-technician", "certify a technician key with the root (host)",
+                "edgeops console issue-technician --root pki/root --out tech --name 'Alice Example'")
     t.add_argument("--root", type=Path, required=True, help="the root directory (keys init-root)")
     t.add_argument("--out", type=Path, required=True, help="empty directory for the key and cert")
     t.add_argument("--name", required=True, help="the technician's name (certificate subject)")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import controller_views as views
+from agent.cli.common import command
 from agent.errors import TransportError, UsageError
 
 ENV_HELP = ("The management commands reach the controller at --url (default "
@@ -41,10 +42,7 @@ Render = Callable[[Any], None]
 
 
 def _parser(parent: Any, name: str, helptext: str, example: str) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = parent.add_parser(
-        name, help=helptext, description=helptext[:1].upper() + helptext[1:] + ".",
-        epilog=f"{ENV_HELP}\n\nexample:\n  {example}", formatter_class=_Formatter)
-    return p
+    return command(parent, name, helptext, example, notes=ENV_HELP, formatter_class=_Formatter)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -59,12 +57,12 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("controller", help="the fleet controller (hawkBit DDI server) and its API",
-                       description="The fleet controller (a hawkBit DDI server) and the commands "
-                                   "that manage a fleet through its REST API.",
-                       epilog=f"{ENV_HELP}\n\nexample:\n  export EDGEOPS_CONTROLLER_URL="
-                              "http://127.0.0.1:8080 EDGEOPS_CONTROLLER_TOKEN=...\n"
-                              "  edgeops controller rollout status", formatter_class=_Formatter)
+    p = command(sub, "controller", "the fleet controller (hawkBit DDI server) and its API",
+                "export EDGEOPS_CONTROLLER_URL=http://127.0.0.1:8080 EDGEOPS_CONTROLLER_TOKEN=...\n"
+                "edgeops controller rollout status",
+                description="The fleet controller (a hawkBit DDI server) and the commands that "
+                            "manage a fleet through its REST API.",
+                notes=ENV_HELP, formatter_class=_Formatter)
     cs = p.add_subparsers(dest="controller_command", metavar="ACTION", required=True)
 
     s = _parser(cs, "serve", "run the controller",
@@ -116,9 +114,9 @@ def register(sub: Any) -> None:
         c.set_defaults(func=fn)
         return c
 
-    dev = cs.add_parser("device", help="list, register, tag or revoke devices",
-                        description="List, register, tag or revoke devices.").add_subparsers(
-        dest="a", metavar="ACTION", required=True)
+    dev = _parser(cs, "device", "list, register, tag or revoke devices",
+                  "edgeops controller device list").add_subparsers(dest="a", metavar="ACTION",
+                                                                   required=True)
     api_cmd(dev, "list", "list devices with their version, site and last contact",
             lambda a: _call(a, "GET", "/devices", render=views.devices_table),
             "edgeops controller device list")
@@ -143,9 +141,9 @@ def register(sub: Any) -> None:
                  "edgeops controller device revoke store-17")
     rv.add_argument("id", help="the device")
 
-    grp = cs.add_parser("group", help="list groups or add devices to one",
-                        description="List groups or add devices to one.").add_subparsers(
-        dest="a", metavar="ACTION", required=True)
+    grp = _parser(cs, "group", "list groups or add devices to one",
+                  "edgeops controller group list").add_subparsers(dest="a", metavar="ACTION",
+                                                                  required=True)
     api_cmd(grp, "list", "list groups and their devices",
             lambda a: _call(a, "GET", "/groups", render=views.groups_table), "edgeops controller group list")
     g = api_cmd(grp, "add", "add devices to a group (created on first use)",
@@ -156,9 +154,9 @@ def register(sub: Any) -> None:
     g.add_argument("name", help="the group")
     g.add_argument("devices", nargs="+", help="devices to add")
 
-    bun = cs.add_parser("bundle", help="list or upload bundles",
-                        description="List or upload bundles.").add_subparsers(
-        dest="a", metavar="ACTION", required=True)
+    bun = _parser(cs, "bundle", "list or upload bundles",
+                  "edgeops controller bundle list").add_subparsers(dest="a", metavar="ACTION",
+                                                                   required=True)
     api_cmd(bun, "list", "list uploaded bundles",
             lambda a: _call(a, "GET", "/bundles", render=views.bundles_table),
             "edgeops controller bundle list")
@@ -171,10 +169,11 @@ def register(sub: Any) -> None:
     dep.add_argument("bundle", type=int, help="the bundle's id ('controller bundle list')")
     _target_options(dep, device=True)
 
-    ro = cs.add_parser("rollout", help="gated rollouts: create, watch, pause, resume, halt, cancel",
-                       description="Gated rollouts: a canary wave, then growing waves behind a "
-                                   "health gate.").add_subparsers(dest="a", metavar="ACTION",
-                                                                  required=True)
+    ro = command(cs, "rollout", "gated rollouts: create, watch, pause, resume, halt, cancel",
+                 "edgeops controller rollout status 7 --watch",
+                 description="Gated rollouts: a canary wave, then growing waves behind a health "
+                             "gate.", notes=ENV_HELP, formatter_class=_Formatter).add_subparsers(
+        dest="a", metavar="ACTION", required=True)
     c = api_cmd(ro, "create", "create a rollout: a canary wave, then growing waves behind a health gate",
                 _rollout_create, "edgeops controller rollout create 3 --group stores --canary-percent 5")
     c.add_argument("bundle", type=int, help="the bundle's id ('controller bundle list')")

@@ -6,14 +6,15 @@ import argparse
 import json
 from typing import Any
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 from agent.errors import UsageError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "decommission",
-        help="erase the identity key, tokens, journal, models, buffers and edgeops's TPM indices",
+    p = command(
+        sub, "decommission",
+        "erase the identity key, tokens, journal, models, buffers and edgeops's TPM indices",
+        "systemctl stop edgeops-agent.service\nedgeops decommission --yes",
         description="Run on the device as it leaves the fleet, with the agent stopped; the "
                     "controller side is 'edgeops controller device revoke ID'. Afterwards the "
                     "slots keep their OS and the next boot provisions the device as a factory "

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 from agent.errors import HealthCheckFailed, StateError, UsageError
 
 if TYPE_CHECKING:
@@ -38,9 +38,7 @@ EXAMPLES = {
 def register(sub: Any) -> None:
     def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int],
             json_flag: bool = False) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(
-            name, help=helptext, description=helptext[:1].upper() + helptext[1:] + ".",
-            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = command(sub, name, helptext, EXAMPLES[name])
         add_config_option(p)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -14,26 +14,29 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 from agent.core import config as config_mod
 
 
 def register(sub: Any) -> None:
-    fleet = sub.add_parser("fleet", help="poll a hawkBit DDI controller, install, report")
+    fleet = command(sub, "fleet", "poll a hawkBit DDI controller, install, report",
+                    "edgeops fleet poll --once")
     fsub = fleet.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND", required=True)
 
-    def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int]
+    def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int], example: str
             ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = fsub.add_parser(name, help=helptext)
+        p = command(fsub, name, helptext, example)
         add_config_option(p, "; [fleet] in it or in fleet.toml beside it")
         p.set_defaults(func=fn)
         return p
 
-    p = cmd("poll", "run the fleet loop: boot/trial work, poll, install, report", _poll)
+    p = cmd("poll", "run the fleet loop: boot/trial work, poll, install, report", _poll,
+            "edgeops fleet poll --once")
     p.add_argument("--once", action="store_true", help="one poll, then exit")
-    s = cmd("status", "show the fleet action in flight and queued reports", _status)
+    s = cmd("status", "show the fleet action in flight and queued reports", _status,
+            "edgeops fleet status --json")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    cmd("flush", "deliver queued reports now", _flush)
+    cmd("flush", "deliver queued reports now", _flush, "edgeops fleet flush")
 
 
 @contextmanager

@@ -6,20 +6,23 @@ import argparse
 import json
 from typing import Any
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("journal", help="the journal and its witness: status, recover")
+    p = command(sub, "journal", "the journal and its witness: status, recover",
+                "edgeops journal status")
     js = p.add_subparsers(dest="journal_command", metavar="ACTION", required=True)
 
-    s = js.add_parser("status", help="say whether the journal is the one its witness knows")
+    s = command(js, "status", "say whether the journal is the one its witness knows",
+                "edgeops journal status --json")
     add_config_option(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_status)
 
-    r = js.add_parser("recover", help="rebuild a lost, emptied or replaced journal from its witness "
-                                      "(never lowers the security floor; keeps the old file)")
+    r = command(js, "recover", "rebuild a lost, emptied or replaced journal from its witness "
+                               "(never lowers the security floor; keeps the old file)",
+                "edgeops journal recover")
     add_config_option(r)
     r.set_defaults(func=_recover)
 

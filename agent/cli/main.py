@@ -147,8 +147,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in groups_for(argv):
         group(name).register(sub)
-    h = sub.add_parser("help", help="show help on a topic (exit-codes)")
-    h.add_argument("topic", choices=["exit-codes"])
+    h = sub.add_parser("help", help="show help on a topic (exit-codes)",
+                       description="Show help on a topic.", epilog="example:\n  edgeops help exit-codes",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    h.add_argument("topic", choices=["exit-codes"],
+                   help="exit-codes: what each exit status of edgeops means")
     h.set_defaults(func=lambda a: print(__doc__.split("Exit codes", 1)[1].strip()) or 0)
     return parser
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 
 # LiteRT's C++ core prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on the
 # first interpreter of a process, straight to fd 2, and no setting of its Python API turns it
@@ -42,13 +42,26 @@ def _quiet_runtime(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpars
                 sys.stderr.flush()
     return run
 
+# The example that ends each command's --help.
+EXAMPLES = {
+    "install": "edgeops model install detector-7.bundle",
+    "list": "edgeops model list --json",
+    "status": "edgeops model status",
+    "rollback": "edgeops model rollback detector",
+    "pack": "edgeops model pack --key signer.key --cert signer.crt --compatible my-board \\\n"
+            "    --name detector --version 7 --model detector.tflite --validation detector-val.npz \\\n"
+            "    --atol 1e-4 --max-latency-ms 30 -o detector-7.bundle",
+}
+
+
 def register(sub: Any) -> None:
-    p = sub.add_parser("model", help="install, list, inspect and roll back TFLite models")
+    p = command(sub, "model", "install, list, inspect and roll back TFLite models",
+                "edgeops model status")
     ms = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
     def cmd(name: str, helptext: str, fn: Callable[[argparse.Namespace], int],
             json_flag: bool = False) -> argparse.ArgumentParser:
-        c: argparse.ArgumentParser = ms.add_parser(name, help=helptext)
+        c = command(ms, name, helptext, EXAMPLES[name])
         add_config_option(c)
         if json_flag:
             c.add_argument("--json", action="store_true", help="machine-readable output")
@@ -62,19 +75,26 @@ def register(sub: Any) -> None:
     r = cmd("rollback", "make the last-known-good version current again", _rollback)
     r.add_argument("name", help="model name")
 
-    k = ms.add_parser("pack", help="build a signed model bundle (host side)")
-    k.add_argument("--key", type=Path, required=True, help="signer.key")
-    k.add_argument("--cert", type=Path, required=True, help="signer.crt (and any intermediates)")
-    k.add_argument("--compatible", required=True)
+    k = command(ms, "pack", "build a signed model bundle (host side)", EXAMPLES["pack"])
+    k.add_argument("--key", type=Path, required=True, help="the signing key (signer.key)")
+    k.add_argument("--cert", type=Path, required=True,
+                   help="its certificate (signer.crt, and any intermediates)")
+    k.add_argument("--compatible", required=True, help="the board family string the bundle is for")
     k.add_argument("--name", required=True, help="model name (payload name)")
-    k.add_argument("--version", required=True)
-    k.add_argument("--security-version", type=int, default=0)
+    k.add_argument("--version", required=True, help="the model's version")
+    k.add_argument("--security-version", type=int, default=0,
+                   help="anti-rollback level: devices refuse versions of this model below its "
+                        "floor (default 0)")
     k.add_argument("--model", type=Path, required=True, help=".tflite file")
-    k.add_argument("--validation", type=Path, required=True, help=".npz validation set")
-    k.add_argument("--atol", type=float, default=1e-5)
-    k.add_argument("--rtol", type=float, default=0.0)
-    k.add_argument("--max-latency-ms", type=float, default=100.0)
-    k.add_argument("-o", "--output", type=Path, required=True)
+    k.add_argument("--validation", type=Path, required=True,
+                   help=".npz validation set (input_<i> and output_<j> arrays, docs/models.md)")
+    k.add_argument("--atol", type=float, default=1e-5,
+                   help="absolute tolerance of a validation output (default 1e-5)")
+    k.add_argument("--rtol", type=float, default=0.0,
+                   help="relative tolerance of a validation output (default 0)")
+    k.add_argument("--max-latency-ms", type=float, default=100.0,
+                   help="ceiling for the median invoke time on the device, ms (default 100)")
+    k.add_argument("-o", "--output", type=Path, required=True, help="the bundle file to write")
     k.set_defaults(func=_quiet_runtime(_pack))
 
 

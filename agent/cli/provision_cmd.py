@@ -7,16 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 from agent.errors import UsageError
 
 DEFAULT_RELEASE = Path("/etc/edgeops/release.toml")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "provision",
-        help="record the factory slot as committed and good, with its version and floor",
+    p = command(
+        sub, "provision",
+        "record the factory slot as committed and good, with its version and floor",
+        "edgeops provision --root build/rootfs --slot A --config build/rootfs/etc/edgeops/agent.toml",
         description="Run once as a device leaves the factory: at image build time with --root "
                     "(the image's tree) and --slot, or on the first boot (the running slot). "
                     "A second run changes nothing.")

@@ -6,26 +6,30 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import config_path
+from agent.cli.common import command, config_path
 from agent.errors import ConfigError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("sim", help="a simulated A/B board made of files")
+    p = command(sub, "sim", "a simulated A/B board made of files",
+                "edgeops sim init dev --image rootfs-v1.ext4 --keyring pki/root/root.crt")
     ss = p.add_subparsers(dest="sim_command", metavar="ACTION", required=True)
 
-    i = ss.add_parser("init", help="create a device booted and committed on slot A")
-    i.add_argument("dir", type=Path)
+    i = command(ss, "init", "create a device booted and committed on slot A",
+                "edgeops sim init dev --image rootfs-v1.ext4 --keyring pki/root/root.crt "
+                "--slot-size 512M")
+    i.add_argument("dir", type=Path, help="a new directory for the device (its agent.toml, slots, env)")
     i.add_argument("--image", type=Path, required=True, help="rootfs image for slot A")
     i.add_argument("--keyring", type=Path, required=True, help="trusted root certificate")
-    i.add_argument("--compatible", default="edgeops-sim")
-    i.add_argument("--version", default="1.0")
+    i.add_argument("--compatible", default="edgeops-sim",
+                   help="the device's compatible string (default edgeops-sim)")
+    i.add_argument("--version", default="1.0", help="the version slot A holds (default 1.0)")
     i.add_argument("--slot-size", help="bytes per slot, K/M/G suffixes (default 2x the image)")
     i.set_defaults(func=_init)
 
     for name, helptext, fn in (("reboot", "clean reboot: agents get SIGTERM", _reboot),
                                ("power-cut", "power loss: agents are killed mid-step", _cut)):
-        r = ss.add_parser(name, help=helptext)
+        r = command(ss, name, helptext, f"edgeops sim {name} --config dev/agent.toml")
         r.add_argument("--config", help="agent.toml of the sim device")
         r.set_defaults(func=fn)
 

@@ -7,7 +7,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 from agent.errors import ConfigError, TransportError
 
 if TYPE_CHECKING:
@@ -15,13 +15,15 @@ if TYPE_CHECKING:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("telemetry", help="the telemetry buffer: status, flush")
+    p = command(sub, "telemetry", "the telemetry buffer: status, flush", "edgeops telemetry status")
     ts = p.add_subparsers(dest="telemetry_command", metavar="ACTION", required=True)
-    s = ts.add_parser("status", help="buffer fill, oldest sample, last successful send, drops")
+    s = command(ts, "status", "buffer fill, oldest sample, last successful send, drops",
+                "edgeops telemetry status --json")
     add_config_option(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_status)
-    f = ts.add_parser("flush", help="send what is buffered now, ignoring the retry backoff")
+    f = command(ts, "flush", "send what is buffered now, ignoring the retry backoff",
+                "edgeops telemetry flush")
     add_config_option(f)
     f.set_defaults(func=_flush)
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.common import add_config_option, config_path
+from agent.cli.common import add_config_option, command, config_path
 from agent.errors import UsageError
 
 if TYPE_CHECKING:
@@ -18,31 +18,37 @@ if TYPE_CHECKING:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("tpm", help="TPM root of trust: anchored keyring, rollback counter, attestation")
+    p = command(sub, "tpm", "TPM root of trust: anchored keyring, rollback counter, attestation",
+                "edgeops tpm status")
     ts = p.add_subparsers(dest="tpm_command", metavar="ACTION", required=True)
 
-    v = ts.add_parser("provision", help="anchor the keyring, create the counter and the identity key")
+    v = command(ts, "provision", "anchor the keyring, create the counter and the identity key",
+                "edgeops tpm provision --device-id gw-0042")
     add_config_option(v)
     v.add_argument("--device-id", default=None, help="device ID for enrolment (default: host name)")
     v.set_defaults(func=_provision)
 
-    s = ts.add_parser("status", help="explain what is anchored, the floor, the certificate's life")
+    s = command(ts, "status", "explain what is anchored, the floor, the certificate's life",
+                "edgeops tpm status --json")
     add_config_option(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_status)
 
-    q = ts.add_parser("quote", help="quote the measurement PCR for the controller's nonce")
+    q = command(ts, "quote", "quote the measurement PCR for the controller's nonce",
+                "edgeops tpm quote --nonce 6b1f0c9e2d4a8b7f6b1f0c9e2d4a8b7f")
     add_config_option(q)
     q.add_argument("--nonce", required=True, help="hex, 8 to 64 bytes, fresh from the controller")
     q.set_defaults(func=_quote)
 
-    r = ts.add_parser("rotate", help="re-anchor to a new root set signed by a current root")
+    r = command(ts, "rotate", "re-anchor to a new root set signed by a current root",
+                "edgeops tpm rotate --keyring new-roots.pem --signature new-roots.sig")
     add_config_option(r)
     r.add_argument("--keyring", type=Path, required=True, help="the new root certificates (PEM)")
     r.add_argument("--signature", type=Path, required=True, help="rotation signature by a current root")
     r.set_defaults(func=_rotate)
 
-    n = ts.add_parser("renew", help="fetch a new identity certificate from the fleet controller now")
+    n = command(ts, "renew", "fetch a new identity certificate from the fleet controller now",
+                "edgeops tpm renew")
     add_config_option(n)
     n.set_defaults(func=_renew)
 
