@@ -8,17 +8,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from agent.cli.common import command
 from agent.errors import UsageError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("fleet-sim", help="simulate a fleet (sites, links, a rollout) against a "
-                       "real controller on 127.0.0.1")
+    p = command(sub, "fleet-sim", "simulate a fleet (sites, links, a rollout) against a real "
+                "controller on 127.0.0.1", "edgeops fleet-sim canary-bad-release --devices 200")
     p.add_argument("scenario", nargs="?", help="a scenario name (tools/fleet_sim/scenarios) or a .toml file")
     p.add_argument("--list", action="store_true", help="list the bundled scenarios")
     p.add_argument("--devices", type=int, help="override the scenario's device count")
     p.add_argument("--time-scale", type=float, help="simulated seconds per real second")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the simulation's random choices (default 1)")
     p.add_argument("--db", help="controller database URL (default: a SQLite file in --data)")
     p.add_argument("--data", type=Path,
                    help="keep the controller's files here (default: a temporary directory)")
