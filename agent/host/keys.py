@@ -58,15 +58,24 @@ def load_root(root_dir: Path) -> tuple[ed25519.Ed25519PrivateKey, x509.Certifica
 
 def issue_signer(root_dir: Path, out: Path, *, days: int = SIGNER_DAYS,
                  name: str = "edgeops signer", not_before: dt.datetime | None = None) -> KeyPair:
+    return issue_leaf(root_dir, out, stem="signer", what="a signer", name=name, days=days,
+                      usage=ExtendedKeyUsageOID.CODE_SIGNING, not_before=not_before)
+
+
+def issue_leaf(root_dir: Path, out: Path, *, stem: str, what: str, name: str, days: int,
+               usage: x509.ObjectIdentifier, not_before: dt.datetime | None = None) -> KeyPair:
+    """A new Ed25519 key in ``out/STEM.key`` (0600) and its certificate from the root, for one
+    purpose (``usage``: code signing for bundle signers, the technician purpose for console
+    logins), so that neither can stand in for the other."""
     root_key, root_cert = load_root(root_dir)
     start = not_before or (_utcnow() - CLOCK_SKEW)
     end = start + dt.timedelta(days=days)
     if end > root_cert.not_valid_after_utc:
-        # A device checks the whole chain at the best-known time: the signer would die with the root.
-        raise ConfigError(f"a signer valid {days} days would outlive its root "
+        # A device checks the whole chain at the best-known time: the leaf would die with the root.
+        raise ConfigError(f"{what} valid {days} days would outlive its root "
                           f"(the root expires {root_cert.not_valid_after_utc:%Y-%m-%d})",
                           hint="issue it for fewer --days, or make a new root first")
-    key_path, cert_path = out / "signer.key", out / "signer.crt"
+    key_path, cert_path = out / f"{stem}.key", out / f"{stem}.crt"
     if key_path.exists():
         raise ConfigError(f"{key_path} exists", hint="choose an empty --out directory")
     key = ed25519.Ed25519PrivateKey.generate()
@@ -87,14 +96,14 @@ def issue_signer(root_dir: Path, out: Path, *, days: int = SIGNER_DAYS,
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(root_cert.public_key()),  # type: ignore[arg-type]
             critical=False,
         )
         .sign(root_key, None)
     )
-    with writing("the signer in", out):
+    with writing(f"the {stem} key in", out):
         out.mkdir(parents=True, exist_ok=True)
         ca_store.write_private_key(key_path, key)
         fsutil.atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))

@@ -15,52 +15,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent.adapters import ca_store, fsutil
 from agent.core import console_challenge as cc
-from agent.core import pki
-from agent.errors import ConfigError, UsageError
-from agent.host.keys import KeyPair, load_root, load_signing_key, writing
+from agent.errors import UsageError
+from agent.host.keys import KeyPair, issue_leaf, load_signing_key
 
 TECHNICIAN_DAYS = 90
 
 
 def issue_technician(root_dir: Path, out: Path, *, name: str, days: int = TECHNICIAN_DAYS,
                      not_before: dt.datetime | None = None) -> KeyPair:
-    root_key, root_cert = load_root(root_dir)
-    start = not_before or (dt.datetime.now(dt.UTC) - pki.CLOCK_SKEW)
-    end = start + dt.timedelta(days=days)
-    if end > root_cert.not_valid_after_utc:
-        raise ConfigError(f"a technician certificate valid {days} days would outlive its root",
-                          hint="issue it for fewer --days")
-    key_path, cert_path = out / "technician.key", out / "technician.crt"
-    if key_path.exists():
-        raise ConfigError(f"{key_path} exists", hint="choose an empty --out directory")
-    key = ed25519.Ed25519PrivateKey.generate()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(pki.name(name))
-        .issuer_name(root_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                          crl_sign=False, encipher_only=False, decipher_only=False),
-            critical=True)
-        .add_extension(x509.ExtendedKeyUsage([cc.TECHNICIAN_OID]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_cert.public_key()),  # type: ignore[arg-type]
-            critical=False)
-        .sign(root_key, None)
-    )
-    with writing("the technician key in", out):
-        out.mkdir(parents=True, exist_ok=True)
-        ca_store.write_private_key(key_path, key)
-        fsutil.atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return KeyPair(key_path, cert_path)
+    return issue_leaf(root_dir, out, stem="technician", what="a technician certificate",
+                      name=name, days=days, usage=cc.TECHNICIAN_OID, not_before=not_before)
 
 
 def answer(challenge_text: str, key_path: Path, cert_path: Path) -> str:
