@@ -300,6 +300,10 @@ class FleetAgent:
             return False
         finally:
             stream.close()
+        if not delta_note:  # a whole download: its bytes, where a delta install puts its own
+            self.journal.put(delta.LAST_KEY, {"received": int(getattr(stream, "pos", artifact.size)),
+                                              "saved": 0, "requests": 1 + int(getattr(stream, "resumes", 0)),
+                                              "mode": "full"})
         self._set_action({"id": aid, "stage": "installed", "attempts": attempts,
                           "slot": result.slot, "version": result.version})
         self._feedback(aid, ddi.Feedback("downloaded", "none", (

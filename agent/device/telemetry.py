@@ -73,6 +73,14 @@ def transition(cfg: AgentConfig, before: str, after: str, *, version: str | None
         _with_buffer(cfg, lambda b: b.mark_span(span, _ns(now), attrs))
 
 
+def health(cfg: AgentConfig, results: Iterable[tuple[str, bool, float]]) -> None:
+    """A health round's results, (probe, passed, seconds) each: the last round is a series."""
+    if not enabled(cfg):
+        return
+    rows = list(results)
+    _with_buffer(cfg, lambda b: b.note_health(rows))
+
+
 def _ns(now: float | None) -> int:
     return int((time.time() if now is None else now) * 1e9)
 
@@ -146,6 +154,7 @@ class Collector:
 
     cfg: AgentConfig
     extra: Callable[[], Iterable[tuple[Labels, float, str]]] | None = None  # tests, the bench
+    buffer: TelemetryBuffer | None = None  # the durations and health rounds noted in it
 
     def __call__(self) -> list[tuple[Labels, float, str]]:
         out = self.system() + self.agent() + self.qoe()
@@ -216,6 +225,7 @@ class Collector:
                 raw = db.execute("SELECT value FROM kv WHERE key = 'state'").fetchone()
                 slots = db.execute("SELECT name, state, version FROM slots").fetchall()
                 pending = db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NULL").fetchone()[0]
+                dl = db.execute("SELECT value FROM kv WHERE key = 'delta.last'").fetchone()
             finally:
                 db.close()
         except sqlite3.Error as exc:
@@ -229,7 +239,18 @@ class Collector:
         for name, st, version in slots:
             out.append(((("__name__", "edgeops_slot_info"), ("slot", str(name)), ("state", str(st)),
                          ("version", str(version or ""))), 1.0, "gauge"))
+        out.extend(self.recorded(json.loads(dl[0]) if dl else None))
         return out
+
+    def recorded(self, last_download: Any) -> list[tuple[Labels, float, str]]:
+        """Durations and health rounds from the buffer (the trace hooks note them), the last
+        download's bytes (``delta.last``), and the models with ModelHost's counts."""
+        from agent.core.telemetry_policy import agent_series
+
+        b = self.buffer
+        return agent_series(b.durations() if b else {}, b.health() if b else [],
+                            last_download if isinstance(last_download, dict) else None,
+                            model_records(self.cfg))
 
     def qoe(self) -> list[tuple[Labels, float, str]]:
         t = self.cfg.telemetry
@@ -248,6 +269,36 @@ class Collector:
                 out.append(((("__name__", "edgeops_qoe_latency_seconds"), lb), p.latency, "gauge"))
                 out.append(((("__name__", "edgeops_qoe_jitter_seconds"), lb), p.jitter, "gauge"))
         return out
+
+
+def model_records(cfg: AgentConfig) -> list[Any]:
+    """Each installed model's current version and state, and the counts its ModelHost last
+    wrote (``.host-stats.json``): files only, the runtime stays out of the agent."""
+    import json
+
+    from agent.core.telemetry_policy import ModelRecord
+
+    d = cfg.models.get("dir")
+    root = cfg.base / d if isinstance(d, str) else cfg.state_dir / "models"
+    out: list[Any] = []
+    try:
+        names = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return out
+    for d in names[:64]:
+        try:
+            version = os.readlink(d / "current")
+            state = str(json.loads((d / version / "info.json").read_text()).get("state", ""))
+        except (OSError, ValueError, AttributeError):
+            continue
+        served, requests, errors = None, 0, 0
+        try:
+            st = json.loads((d / ".host-stats.json").read_text())
+            served, requests, errors = str(st["version"]), int(st["requests"]), int(st["errors"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        out.append(ModelRecord(d.name, version, state, served, requests, errors))
+    return out
 
 
 def _read(path: str) -> str:
@@ -329,8 +380,8 @@ class Telemetry:
         t = cfg.telemetry
         assert t is not None
         self.cfg, self.t, self.clock = cfg, t, clock
-        self.collect = collector or Collector(cfg)
         self.buffer = open_buffer(cfg)
+        self.collect = collector or Collector(cfg, buffer=self.buffer)
         self.ship = ship or shipper(cfg, self.buffer, clock=clock)
         self.salt = _salt(cfg) if any(r.hash for r in t.rules) else b""
         self.latest: dict[Labels, tuple[float, str]] = {}  # for the local endpoint, local ones too
