@@ -131,6 +131,12 @@ def for_fleet(updater: Updater, client: DdiClient, artifact: Artifact, stream: R
     return result, stream
 
 
+def note_whole(updater: Updater, stream: ResumableStream) -> None:
+    """A whole download's figures in ``delta.last``, so it never shows the update before."""
+    updater.journal.put(LAST_KEY, {"received": stream.pos, "saved": 0,
+                                   "requests": 1 + stream.resumes, "mode": "full"})
+
+
 class DeltaWriter:
     """The payload writer ``Updater.install`` calls once the head is verified and the
     install recorded: returns the bytes installed."""

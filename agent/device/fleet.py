@@ -18,6 +18,9 @@ each side effect. After a reboot or power cut:
     if the reboot itself never happened (crash right before it) it is done now.
 Final reports use deterministic idempotency keys (``<action>:closed``) so a report queued
 twice across a crash is still one report to a deduplicating server.
+
+Long because the poll, the install with its crash stages and the reconcile of a trial's end
+share the action record; split, each would have to re-read the others' stage rules.
 """
 
 from __future__ import annotations
@@ -300,10 +303,8 @@ class FleetAgent:
             return False
         finally:
             stream.close()
-        if not delta_note:  # a whole download: its bytes, where a delta install puts its own
-            self.journal.put(delta.LAST_KEY, {"received": int(getattr(stream, "pos", artifact.size)),
-                                              "saved": 0, "requests": 1 + int(getattr(stream, "resumes", 0)),
-                                              "mode": "full"})
+        if not delta_note:  # a whole download (no Range): its bytes, as a delta install notes its own
+            delta.note_whole(self.up, stream)
         self._set_action({"id": aid, "stage": "installed", "attempts": attempts,
                           "slot": result.slot, "version": result.version})
         self._feedback(aid, ddi.Feedback("downloaded", "none", (
