@@ -49,3 +49,13 @@ def test_the_hosts_request_and_error_counts_become_an_error_rate(
     assert named(series, "edgeops_model_requests_total") == {MODEL: 8.0}
     assert named(series, "edgeops_model_errors_total") == {MODEL: 2.0}
     assert named(series, "edgeops_model_error_ratio") == {MODEL: 0.25}
+
+
+def test_the_host_rewrites_its_counts_only_when_they_changed(manager: ModelManager,
+                                                             make_model_bundle: Any) -> None:
+    install(manager, make_model_bundle("1.0"))
+    with ModelHost(manager.settings.root, "tiny", stats_interval=3600) as host:
+        written = [host.write_stats(), host.write_stats()]
+        host.predict([X])
+        written.append(host.write_stats())
+    assert written == [True, False, True]  # an idle application writes nothing to the SD card

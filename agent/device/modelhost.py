@@ -127,6 +127,7 @@ class ModelHost:
             raise ModelStateError(f"no model named {self.name} is installed in {self.store.root}")
         self._active = self._load(version)
         self._trial = self._is_trial(version)
+        self._stats_at = time.monotonic()  # the first counts are written one interval from now
         self._thread = threading.Thread(target=self._watch, name=f"modelhost-{self.name}",
                                         daemon=True)
         self._thread.start()
