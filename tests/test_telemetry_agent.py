@@ -219,3 +219,24 @@ def test_a_failing_probe_shows_as_down(device_dir: Path, make_bundle: BundleFact
     run_cli("sim", "reboot", "--config", cfg_path, check=True)
     run_cli("agent", "--once", "--config", cfg_path)
     assert named(collect(load(cfg_path)), "edgeops_health_probe_up")[(("probe", "app port"),)] == 0.0
+
+
+def test_a_model_link_out_of_the_store_or_an_oversized_counts_file_is_skipped(device_dir: Path) -> None:
+    import json
+    import os
+
+    from agent.device.telemetry import model_records
+
+    cfg = load(with_telemetry(device_dir))
+    root = cfg.state_dir / "models"
+    outside = device_dir / "elsewhere"
+    (outside / "info.json").parent.mkdir(parents=True)
+    (outside / "info.json").write_text(json.dumps({"state": "good"}))
+    (root / "evil").mkdir(parents=True)
+    os.symlink("../../elsewhere", root / "evil" / "current")
+    (root / "big" / "1.0").mkdir(parents=True)
+    (root / "big" / "1.0" / "info.json").write_text(json.dumps({"state": "good"}))
+    os.symlink("1.0", root / "big" / "current")
+    (root / "big" / ".host-stats.json").write_text(json.dumps(
+        {"version": "1.0", "requests": 9, "errors": 1, "pad": "x" * 70000}))
+    assert [(m.name, m.version, m.served) for m in model_records(cfg)] == [("big", "1.0", None)]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from agent.adapters.telemetry_buffer import Point, TelemetryBuffer
     from agent.adapters.telemetry_ship import FlushReport, Shipper
     from agent.core.config import AgentConfig, TelemetrySettings
+    from agent.core.telemetry_policy import ModelRecord
 
 log = logging.getLogger("edgeops.telemetry")
 Labels = tuple[tuple[str, str], ...]
@@ -239,7 +240,11 @@ class Collector:
         for name, st, version in slots:
             out.append(((("__name__", "edgeops_slot_info"), ("slot", str(name)), ("state", str(st)),
                          ("version", str(version or ""))), 1.0, "gauge"))
-        out.extend(self.recorded(json.loads(dl[0]) if dl else None))
+        try:
+            last_download = json.loads(dl[0]) if dl else None
+        except ValueError:
+            last_download = None
+        out.extend(self.recorded(last_download))
         return out
 
     def recorded(self, last_download: Any) -> list[tuple[Labels, float, str]]:
@@ -271,34 +276,45 @@ class Collector:
         return out
 
 
-def model_records(cfg: AgentConfig) -> list[Any]:
+def model_records(cfg: AgentConfig) -> list[ModelRecord]:
     """Each installed model's current version and state, and the counts its ModelHost last
-    wrote (``.host-stats.json``): files only, the runtime stays out of the agent."""
-    import json
-
+    wrote (``.host-stats.json``): files only, the runtime stays out of the agent. A ``current``
+    that names no plain version, or a file that is too big or not JSON, is skipped."""
     from agent.core.telemetry_policy import ModelRecord
 
-    d = cfg.models.get("dir")
-    root = cfg.base / d if isinstance(d, str) else cfg.state_dir / "models"
-    out: list[Any] = []
+    where = cfg.models.get("dir")
+    root = cfg.base / where if isinstance(where, str) else cfg.state_dir / "models"
+    out: list[ModelRecord] = []
     try:
-        names = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return out
-    for d in names[:64]:
+    for d in dirs[:64]:
         try:
             version = os.readlink(d / "current")
-            state = str(json.loads((d / version / "info.json").read_text()).get("state", ""))
+            if "/" in version or version.startswith("."):
+                continue  # not one of the store's versions: nothing to read beyond it
+            state = str(_small_json(d / version / "info.json").get("state", ""))
         except (OSError, ValueError, AttributeError):
             continue
         served, requests, errors = None, 0, 0
         try:
-            st = json.loads((d / ".host-stats.json").read_text())
+            st = _small_json(d / ".host-stats.json")
             served, requests, errors = str(st["version"]), int(st["requests"]), int(st["errors"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
         out.append(ModelRecord(d.name, version, state, served, requests, errors))
     return out
+
+
+def _small_json(path: Path, limit: int = 65536) -> Any:
+    import json
+
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"{path} is over {limit} bytes")
+    return json.loads(raw)
 
 
 def _read(path: str) -> str:
