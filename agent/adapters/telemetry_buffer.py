@@ -222,6 +222,7 @@ class TelemetryBuffer:
                                 (trace_id, root, now_ns, json.dumps(attrs or {})))
             else:
                 trace_id, root = cur["trace_id"], cur["root"]
+                self._note_durations("id = ?", (cur["row"],), now_ns)
                 self.db.execute("UPDATE spans SET end_ns = ? WHERE id = ?", (now_ns, cur["row"]))
                 if attrs:
                     self._merge_attrs(trace_id, root, attrs)
@@ -252,6 +253,7 @@ class TelemetryBuffer:
         cur = self._open_trace()
         if cur is None:
             return
+        self._note_durations("trace_id = ? AND end_ns IS NULL", (cur["trace_id"],), now_ns)
         self.db.execute("UPDATE spans SET end_ns = ? WHERE trace_id = ? AND end_ns IS NULL",
                         (now_ns, cur["trace_id"]))
         if not ok:
@@ -262,6 +264,32 @@ class TelemetryBuffer:
         self.db.execute("UPDATE spans SET done = 1 WHERE trace_id = ?", (cur["trace_id"],))
         self._set_meta("trace", "{}")
         self._trim_spans()
+
+    def _note_durations(self, where: str, args: tuple[Any, ...], end_ns: int) -> None:
+        """The spans about to end here, as the last duration of each span name (``update`` is
+        the whole update): the one source of the agent's duration series, kept after the
+        spans themselves are sent and deleted."""
+        rows = self.db.execute(f"SELECT name, start_ns FROM spans WHERE {where}", args).fetchall()
+        if rows:
+            last = self.durations()
+            last.update({str(n): max(0, end_ns - int(s)) / 1e9 for n, s in rows})
+            self._set_meta("durations", json.dumps(last, sort_keys=True))
+
+    def durations(self) -> dict[str, float]:
+        """Seconds the last finished span of each name took (``update``: the whole update)."""
+        raw = self._meta("durations")
+        doc = json.loads(raw) if raw else {}
+        return {str(k): float(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+    def note_health(self, results: Iterable[tuple[str, bool, float]]) -> None:
+        """The last health round: (probe, passed, seconds) per probe."""
+        with self.tx():
+            self._set_meta("health", json.dumps([[n, bool(ok), float(d)] for n, ok, d in results]))
+
+    def health(self) -> list[tuple[str, bool, float]]:
+        raw = self._meta("health")
+        doc = json.loads(raw) if raw else []
+        return [(str(n), bool(ok), float(d)) for n, ok, d in doc] if isinstance(doc, list) else []
 
     def _trim_spans(self) -> None:
         n = int(self.db.execute("SELECT COUNT(*) FROM spans WHERE done = 1").fetchone()[0])

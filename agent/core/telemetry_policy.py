@@ -262,6 +262,58 @@ class RateLimit:
         self.not_before = max(self.not_before, now) + n / max(1, self.bytes_per_second)
 
 
+# --- agent series from what the device recorded -----------------------------------------------
+Sample = tuple[tuple[tuple[str, str], ...], float, str]  # (labels with __name__, value, kind)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One model as its store and its host left it on disk (``ModelHost`` writes the counts)."""
+
+    name: str
+    version: str  # what ``current`` names
+    state: str  # trial, good or bad
+    served: str | None = None  # the version the counts are of (the host may lag ``current``)
+    requests: int = 0
+    errors: int = 0
+
+
+def agent_series(durations: Mapping[str, float], health: Iterable[tuple[str, bool, float]],
+                 last_download: Mapping[str, object] | None,
+                 models: Iterable[ModelRecord]) -> list[Sample]:
+    """The agent's update, health and model series. ``durations``: seconds of the last span of
+    each name (``update`` is the whole update, the rest its phases); ``health``: the last
+    health round; ``last_download``: the journal's ``delta.last``."""
+    out: list[Sample] = []
+
+    def g(name: str, value: float, kind: str = "gauge", **labels: str) -> None:
+        out.append((tuple(sorted({"__name__": name, **labels}.items())), float(value), kind))
+
+    for span, secs in sorted(durations.items()):
+        if span == "update":
+            g("edgeops_update_seconds", secs)
+        elif span in SPANS:
+            g("edgeops_update_phase_seconds", secs, phase=span)
+    for probe, ok, secs in health:
+        g("edgeops_health_probe_up", 1.0 if ok else 0.0, probe=probe)
+        g("edgeops_health_probe_seconds", secs, probe=probe)
+    if last_download:
+        mode = str(last_download.get("mode") or "delta")
+        for key, name in (("received", "edgeops_update_downloaded_bytes"),
+                          ("saved", "edgeops_update_delta_saved_bytes")):
+            v = last_download.get(key)
+            if isinstance(v, int | float):
+                g(name, v, mode=mode)
+    for m in models:
+        g("edgeops_model_info", 1.0, model=m.name, version=m.version, state=m.state)
+        if m.served is not None:
+            g("edgeops_model_requests_total", m.requests, "counter", model=m.name, version=m.served)
+            g("edgeops_model_errors_total", m.errors, "counter", model=m.name, version=m.served)
+            g("edgeops_model_error_ratio", m.errors / m.requests if m.requests else 0.0,
+              model=m.name, version=m.served)
+    return out
+
+
 # --- update traces: which phase change opens which span --------------------------------------
 SPANS = ("download", "verify", "write", "reboot", "health", "commit", "revert")
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 META_KEY = "delta_index_bytes"
 PROGRESS_KEY = "delta.progress"
-LAST_KEY = "delta.last"  # the last delta install's figures (agent.device.metrics)
+LAST_KEY = "delta.last"  # the last download's figures (fleet.py writes a whole one's, mode "full")
 GAP = 4096  # ranges closer than this merge: an HTTP part costs ~100 bytes of framing
 BUDGET = 48  # ranges per payload when the server answers one range per request
 BATCH_BYTES = 4 << 20  # bytes per multi-range request
@@ -129,6 +129,12 @@ def for_fleet(updater: Updater, client: DdiClient, artifact: Artifact, stream: R
     updater.journal.put("fleet.delta.last", {"received": stats.received, "saved": stats.saved,
                                              "requests": stats.requests, "mode": stats.mode})
     return result, stream
+
+
+def note_whole(updater: Updater, stream: ResumableStream) -> None:
+    """A whole download's figures in ``delta.last``, so it never shows the update before."""
+    updater.journal.put(LAST_KEY, {"received": stream.pos, "saved": 0,
+                                   "requests": 1 + stream.resumes, "mode": "full"})
 
 
 class DeltaWriter:

@@ -306,6 +306,8 @@ class FleetAgent:
             return False
         finally:
             stream.close()
+        if not delta_note:  # a whole download (no Range): its bytes, as a delta install notes its own
+            delta.note_whole(self.up, stream)
         self._set_action({"id": aid, "stage": "installed", "attempts": attempts,
                           "slot": result.slot, "version": result.version})
         self._feedback(aid, ddi.Feedback("downloaded", "none", (

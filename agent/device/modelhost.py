@@ -15,7 +15,9 @@ ones, warms them with one inference, and only then replaces the one reference
 already running finish on the old interpreters; no request waits for a load.
 The same thread judges the new model's health (agent.core.model_health) and, on
 failure, reverts ``current`` to the last-known-good model, which it then swaps
-back in the same way.
+back in the same way. Every ``stats_interval`` seconds, when they changed, it writes the
+served version's request and error counts to ``<root>/<name>/.host-stats.json`` (the agent's
+telemetry reads them there: it runs in another process and never loads the runtime).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from agent.errors import EdgeopsError, ModelStateError
 log = logging.getLogger("edgeops.modelhost")
 LATENCY_SAMPLES = 4096  # per model: enough for a stable p95, bounded memory
 OUTPUT_SAMPLES = 64  # recent outputs handed to the application's health check
+STATS_FILE = ".host-stats.json"  # a dot name: never a version (the store refuses those)
 
 
 @dataclass
@@ -90,7 +93,7 @@ class ModelHost:
                  num_threads: int = 1, settings: ModelSettings | None = None,
                  journal_path: Path | None = None, app_check: AppCheck | None = None,
                  on_swap: Callable[[str, str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, stats_interval: float = 30.0) -> None:
         """``settings`` enables the health window and automatic revert; without it the host
         only serves and swaps. ``pool_size`` interpreters per model serve that many threads
         at once (an interpreter must not be invoked from two threads at the same time)."""
@@ -104,6 +107,9 @@ class ModelHost:
         self.app_check = app_check
         self.on_swap = on_swap
         self.clock = clock
+        self.stats_interval = stats_interval
+        self._stats_written: tuple[str, int, int] | None = None
+        self._stats_at = 0.0
         self.swaps = 0
         self.last_error: str | None = None
         self._active: _Loaded | None = None
@@ -121,6 +127,7 @@ class ModelHost:
             raise ModelStateError(f"no model named {self.name} is installed in {self.store.root}")
         self._active = self._load(version)
         self._trial = self._is_trial(version)
+        self._stats_at = time.monotonic()  # the first counts are written one interval from now
         self._thread = threading.Thread(target=self._watch, name=f"modelhost-{self.name}",
                                         daemon=True)
         self._thread.start()
@@ -172,7 +179,10 @@ class ModelHost:
                 except Exception as exc:  # the watcher must outlive any one bad poll
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     log.exception("model host poll failed")
+                if time.monotonic() - self._stats_at >= self.stats_interval:
+                    self.write_stats()
         finally:
+            self.write_stats()
             if self._manager is not None and self._manager.journal is not None:
                 self._manager.journal.close()
 
@@ -188,6 +198,30 @@ class ModelHost:
             self._swap_to(target, active)
         elif self._trial:
             self._judge()
+
+    def write_stats(self) -> bool:
+        """The served version's counts, for the agent's telemetry, if they changed; never raises
+        (a full disk costs the figures, not the serving). True if written."""
+        self._stats_at = time.monotonic()
+        active = self._active
+        if active is None:
+            return False
+        snap = active.stats.snapshot()
+        now = (active.version, snap.requests, snap.errors)
+        if now == self._stats_written:
+            return False
+        import json
+
+        from agent.adapters.fsutil import atomic_write
+
+        try:
+            atomic_write(self.store.dir(self.name) / STATS_FILE, json.dumps(
+                {"version": now[0], "requests": now[1], "errors": now[2], "at": time.time()}))
+        except OSError as exc:
+            log.warning("cannot write the model's counts: %s", exc)
+            return False
+        self._stats_written = now
+        return True
 
     def _swap_to(self, version: str, old: _Loaded) -> None:
         try:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from agent.adapters.telemetry_buffer import Point, TelemetryBuffer
     from agent.adapters.telemetry_ship import FlushReport, Shipper
     from agent.core.config import AgentConfig, TelemetrySettings
+    from agent.core.telemetry_policy import ModelRecord
 
 log = logging.getLogger("edgeops.telemetry")
 Labels = tuple[tuple[str, str], ...]
@@ -71,6 +72,14 @@ def transition(cfg: AgentConfig, before: str, after: str, *, version: str | None
     else:
         attrs = {"edgeops.version": version} if version else {}
         _with_buffer(cfg, lambda b: b.mark_span(span, _ns(now), attrs))
+
+
+def health(cfg: AgentConfig, results: Iterable[tuple[str, bool, float]]) -> None:
+    """A health round's results, (probe, passed, seconds) each: the last round is a series."""
+    if not enabled(cfg):
+        return
+    rows = list(results)
+    _with_buffer(cfg, lambda b: b.note_health(rows))
 
 
 def _ns(now: float | None) -> int:
@@ -146,6 +155,7 @@ class Collector:
 
     cfg: AgentConfig
     extra: Callable[[], Iterable[tuple[Labels, float, str]]] | None = None  # tests, the bench
+    buffer: TelemetryBuffer | None = None  # the durations and health rounds noted in it
 
     def __call__(self) -> list[tuple[Labels, float, str]]:
         out = self.system() + self.agent() + self.qoe()
@@ -216,6 +226,7 @@ class Collector:
                 raw = db.execute("SELECT value FROM kv WHERE key = 'state'").fetchone()
                 slots = db.execute("SELECT name, state, version FROM slots").fetchall()
                 pending = db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NULL").fetchone()[0]
+                dl = db.execute("SELECT value FROM kv WHERE key = 'delta.last'").fetchone()
             finally:
                 db.close()
         except sqlite3.Error as exc:
@@ -229,7 +240,22 @@ class Collector:
         for name, st, version in slots:
             out.append(((("__name__", "edgeops_slot_info"), ("slot", str(name)), ("state", str(st)),
                          ("version", str(version or ""))), 1.0, "gauge"))
+        try:
+            last_download = json.loads(dl[0]) if dl else None
+        except ValueError:
+            last_download = None
+        out.extend(self.recorded(last_download))
         return out
+
+    def recorded(self, last_download: Any) -> list[tuple[Labels, float, str]]:
+        """Durations and health rounds from the buffer (the trace hooks note them), the last
+        download's bytes (``delta.last``), and the models with ModelHost's counts."""
+        from agent.core.telemetry_policy import agent_series
+
+        b = self.buffer
+        return agent_series(b.durations() if b else {}, b.health() if b else [],
+                            last_download if isinstance(last_download, dict) else None,
+                            model_records(self.cfg))
 
     def qoe(self) -> list[tuple[Labels, float, str]]:
         t = self.cfg.telemetry
@@ -248,6 +274,47 @@ class Collector:
                 out.append(((("__name__", "edgeops_qoe_latency_seconds"), lb), p.latency, "gauge"))
                 out.append(((("__name__", "edgeops_qoe_jitter_seconds"), lb), p.jitter, "gauge"))
         return out
+
+
+def model_records(cfg: AgentConfig) -> list[ModelRecord]:
+    """Each installed model's current version and state, and the counts its ModelHost last
+    wrote (``.host-stats.json``): files only, the runtime stays out of the agent. A ``current``
+    that names no plain version, or a file that is too big or not JSON, is skipped."""
+    from agent.core.telemetry_policy import ModelRecord
+
+    where = cfg.models.get("dir")
+    root = cfg.base / where if isinstance(where, str) else cfg.state_dir / "models"
+    out: list[ModelRecord] = []
+    try:
+        dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return out
+    for d in dirs[:64]:
+        try:
+            version = os.readlink(d / "current")
+            if "/" in version or version.startswith("."):
+                continue  # not one of the store's versions: nothing to read beyond it
+            state = str(_small_json(d / version / "info.json").get("state", ""))
+        except (OSError, ValueError, AttributeError):
+            continue
+        served, requests, errors = None, 0, 0
+        try:
+            st = _small_json(d / ".host-stats.json")
+            served, requests, errors = str(st["version"]), int(st["requests"]), int(st["errors"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        out.append(ModelRecord(d.name, version, state, served, requests, errors))
+    return out
+
+
+def _small_json(path: Path, limit: int = 65536) -> Any:
+    import json
+
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"{path} is over {limit} bytes")
+    return json.loads(raw)
 
 
 def _read(path: str) -> str:
@@ -329,8 +396,8 @@ class Telemetry:
         t = cfg.telemetry
         assert t is not None
         self.cfg, self.t, self.clock = cfg, t, clock
-        self.collect = collector or Collector(cfg)
         self.buffer = open_buffer(cfg)
+        self.collect = collector or Collector(cfg, buffer=self.buffer)
         self.ship = ship or shipper(cfg, self.buffer, clock=clock)
         self.salt = _salt(cfg) if any(r.hash for r in t.rules) else b""
         self.latest: dict[Labels, tuple[float, str]] = {}  # for the local endpoint, local ones too

@@ -374,7 +374,9 @@ class Updater:
         trial_log = logging.getLogger("edgeops.trial")
         rounds = 0
         while True:
-            results += probes.run_all(policy.probes)
+            round_ = probes.run_all(policy.probes)
+            results += round_
+            telemetry.health(self.cfg, ((r.name, r.ok, r.duration) for r in round_))
             rounds += 1
             decision = health.decide(policy, results, started=started, now=time.monotonic())
             if decision.verdict == "commit":
