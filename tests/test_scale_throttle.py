@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class Busy:
             f"{self.ctl.url}/DEFAULT/controller/v1/dev1", timeout=30,
             headers={"Authorization": f"TargetToken {self.token}"}).status_code))
         self.waiting.start()
+        # Give the waiting poll a head start to the one slot: a probe that got there first would
+        # hold it instead, and the waiting poll would be the one refused (seen once on a loaded CI).
+        time.sleep(1.0)
         # the waiting poll has reached the executor once a second one is refused
         for _ in range(200):
             try:  # a probe that got in first waits on the lock too: then the next one is refused
