@@ -293,3 +293,22 @@ def test_generated_operator_token_goes_to_a_0600_file_not_the_log(tmp_path: Path
     assert tokens[0] == tokens[1] and len(tokens[0]) >= 24
     assert all(tokens[0] not in log and "operator.token" in log for log in logs), logs
     assert (tmp_path / "controller-data" / "operator.token").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_revoked_device_token_is_refused_from_the_next_request(ctl: LocalController) -> None:
+    token = ctl.api("POST", "/devices", {"id": "dev1"})["token"]
+    other = ctl.api("POST", "/devices", {"id": "dev2"})["token"]
+    assert ddi(ctl, "dev1", token).status_code == 200
+    # No device CA on this controller: revoking still ends the token (decommission's other end).
+    assert ctl.api("POST", "/devices/dev1/revoke")["token"] == "revoked"
+    r = ddi(ctl, "dev1", token)  # its holder learns why; a stranger's guess is only 401
+    assert r.status_code == 403 and r.json()["error"] == "DeviceRevoked", r.text
+    assert ddi(ctl, "dev1", "a-guess").status_code == 401
+    assert ddi(ctl, "dev2", other).status_code == 200  # only that device
+    assert "dev1" in [d["id"] for d in ctl.api("GET", "/devices")["devices"]]  # its record stays
+
+
+def test_revoking_an_unknown_device_is_404(ctl: LocalController) -> None:
+    r = requests.post(f"{ctl.url}/api/v1/devices/nosuch/revoke", timeout=10,
+                      headers={"Authorization": f"Bearer {ctl.token}"})
+    assert r.status_code == 404 and "nosuch" in r.json()["message"]

@@ -135,7 +135,8 @@ def register(sub: Any) -> None:
                 "edgeops controller device tag store-17 kiosk beta")
     t.add_argument("id", help="the device")
     t.add_argument("tags", nargs="+", help="tags to add")
-    rv = api_cmd(dev, "revoke", "revoke a device's identity: its certificates are refused (mTLS)",
+    rv = api_cmd(dev, "revoke", "revoke a device: its TargetToken stops working; with a device CA, its "
+                 "certificates are refused too",
                  lambda a: _call(a, "POST", f"/devices/{a.id}/revoke",
                                  render=lambda r: print(f"{a.id}: revoked")),
                  "edgeops controller device revoke store-17")

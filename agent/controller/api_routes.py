@@ -14,7 +14,7 @@ from aiohttp import web
 
 from agent.controller import rollout
 from agent.controller.dbexec import call
-from agent.controller.errors import BadRequest, NotFound, RequestTimeout
+from agent.controller.errors import BadRequest, RequestTimeout
 from agent.controller.http import (
     FLEET,
     REQUESTS,
@@ -77,14 +77,16 @@ async def api_tag_device(request: web.Request) -> web.Response:
 
 
 async def api_revoke_device(request: web.Request) -> web.Response:
-    """Revoke a device's identity: no new certificate, and its certificates refused from the next
-    request on (``http.mtls_mw`` reads the registry and the CRL; the TLS layer leaves both to it)."""
+    """Revoke a device: its TargetToken stops working at once, and where the controller has a
+    device CA, no new certificate and its certificates refused from the next request on
+    (``http.mtls_mw`` reads the registry and the CRL; the TLS layer leaves both to it)."""
     s = request.app[SETTINGS]
-    if s.device_ca is None:
-        raise NotFound("this controller has no device CA (start it with --device-ca)")
     did = request.match_info["id"]
-    await asyncio.to_thread(s.device_ca.revoke, did)
-    return web.json_response({"id": did, "revoked": True})
+    if s.device_ca is not None:
+        await asyncio.to_thread(s.device_ca.revoke, did)
+    await call(request.app, request.app[FLEET].revoke_token, did)
+    return web.json_response({"id": did, "revoked": True, "token": "revoked",
+                              "certificates": "revoked" if s.device_ca is not None else "none"})
 
 
 async def api_groups(request: web.Request) -> web.Response:

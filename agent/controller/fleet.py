@@ -38,6 +38,7 @@ from agent.controller.actions import (
 from agent.controller.bundles import BundleInfo
 from agent.controller.db import Database
 from agent.controller.errors import BadRequest, Conflict, NotFound, Unauthorized
+from agent.errors import DeviceRevoked
 
 # One line per rollout transition and per failed action (serve turns it up to INFO).
 log = logging.getLogger("edgeops.controller.rollouts")
@@ -48,6 +49,17 @@ class PollInfo:
     action_id: int | None
     action_status: str | None
     wants_config: bool
+
+
+
+REVOKED = "revoked:"  # prefix of a revoked device's stored token digest (Fleet.revoke_token)
+
+
+def _check_token(device_id: str, token: str, stored: str | None) -> None:
+    if stored is not None and stored.startswith(REVOKED) and tokens.matches(token, stored[len(REVOKED):]):
+        raise DeviceRevoked(f"device {device_id!r} is revoked: its TargetToken no longer works")
+    if stored is None or not tokens.matches(token, stored):
+        raise Unauthorized("unknown controller id or wrong TargetToken")
 
 
 class Fleet:
@@ -128,10 +140,20 @@ class Fleet:
             raise NotFound(f"no group {group!r} (or it has no devices)")
         return members
 
+    def revoke_token(self, device_id: str) -> None:
+        """End the device's TargetToken (decommission's controller side). The stored digest gets
+        a ``revoked:`` prefix, which no token's digest matches; whoever still holds the old token
+        is told the device is revoked (403), anyone else only 401. A regional controller stops
+        serving the token at its next check upstream. The record and history stay."""
+        with self.db.tx():
+            stored = str(self._device_row(device_id)[1])
+            if not stored.startswith(REVOKED):
+                self.db.execute("UPDATE devices SET token = ? WHERE id = ?",
+                                [REVOKED + stored, device_id])
+
     def authenticate(self, device_id: str, token: str) -> None:
         rows = self.db.query("SELECT token FROM devices WHERE id = ?", [device_id])
-        if not rows or not tokens.matches(token, rows[0][0]):
-            raise Unauthorized("unknown controller id or wrong TargetToken")
+        _check_token(device_id, token, rows[0][0] if rows else None)
 
     def touch(self, seen: dict[str, float]) -> None:
         """Write batched last-seen times: one transaction per flush, not one per poll."""
@@ -171,8 +193,7 @@ class Fleet:
     # --- DDI --------------------------------------------------------------------------------
     def poll(self, device_id: str, token: str) -> PollInfo:
         rows = self._poll_rows(device_id)
-        if not rows or not tokens.matches(token, rows[0][0]):
-            raise Unauthorized("unknown controller id or wrong TargetToken")
+        _check_token(device_id, token, rows[0][0] if rows else None)
         r = rows[0]
         return PollInfo(r[2], r[3], r[1] == "{}")
 
