@@ -3,7 +3,8 @@
 ``plan_install`` takes a manifest that ``agent.core.trust`` already accepted plus the facts
 the shell read (the journal's phase, the booted and the bootloader's primary slot, the
 board's slots, the device's health policy) and returns the ``InstallPlan`` — target slot,
-one write per payload, the fix-ups of the slot's boot files — or raises the refusal a person can act on. Nothing is touched
+one write per payload, the fix-ups of the slot's boot files — or raises the refusal a
+person can act on. Nothing is touched
 before it returns, as RAUC's ``do_install_bundle`` checks everything before it writes.
 Whether each payload fits its slot needs the slot's size, so the shell checks that
 against ``plan.writes`` before the first byte. ``plan_rollback`` decides a technician's
