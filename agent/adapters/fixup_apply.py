@@ -99,7 +99,13 @@ class MtoolsFs:
             for name in files:
                 local = work / name
                 local.parent.mkdir(parents=True, exist_ok=True)
-                self.run(["mcopy", "-n", "-i", str(device), f"::/{name}", str(local)])
+                try:
+                    self.run(["mcopy", "-n", "-i", str(device), f"::/{name}", str(local)])
+                except SlotError as exc:
+                    if "not found" not in str(exc):
+                        raise
+                    raise SlotError(f"{name} is missing from the written slot",
+                                    hint="the payload must carry the file its fix-up edits") from None
                 before[name] = local.read_bytes()
             yield work
             changed = [n for n in files if (work / n).read_bytes() != before[n]]
@@ -177,12 +183,14 @@ def apply(fix: fixups.SlotFixup, fs: SlotFs | None = None) -> bool:
     """Open the slot's filesystem, apply ``fix``, close it durably; True if the file changed."""
     device = Path(fix.device)
     opener = fs if fs is not None else slot_fs(fix.fixup.access, device)
+    what = f"fix-up of {fix.fixup.payload}:{fix.fixup.file} for slot {fix.slot} ({device})"
     try:
         with opener.opened(device, (fix.fixup.file,)) as top:
             return apply_in(top, fix)
+    except SlotError as exc:
+        raise SlotError(f"{what}: {exc}", hint=exc.hint or None) from None
     except OSError as exc:
-        raise SlotError(f"cannot apply the fix-up of {fix.fixup.file} to slot {fix.slot} "
-                        f"({device}): {exc.strerror or exc}") from None
+        raise SlotError(f"{what}: {exc.strerror or exc}") from None
 
 
 # --- reading back (board check) ----------------------------------------------------------------
