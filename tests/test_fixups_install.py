@@ -150,12 +150,14 @@ def test_a_power_cut_at_any_step_boots_a_committed_slot_and_a_rerun_reapplies(
     # every step from the end of the boot payload's write on: the fix-up, its journal entry,
     # WRITTEN, the trial's arming (earlier cuts are test_powerloss's, with no fix-up near)
     first = total - 16
-    outcomes = set()
+    outcomes, fixed_at_cut = set(), set()
     for n in range(first, total + 1):
         dev = fresh(world, tmp_path_factory.mktemp(f"cut{n}"))
         cfg = dev / "agent.toml"
         proc = run_with_kill(n, "install", world["v2.0"], "--config", cfg)
         assert killed(proc), f"step {n}: {proc.stderr}"
+        b = dev / "boot-b.img"
+        fixed_at_cut.add(not fixup_apply.blank(b) and b"edgeops.slot=B" in line(dev, "B"))
         device = open_device(load(cfg))
         try:  # the invariant: a trial is armed only once its boot files name it
             if device.bootloader.trial() == "B":
@@ -180,6 +182,7 @@ def test_a_power_cut_at_any_step_boots_a_committed_slot_and_a_rerun_reapplies(
             settle(cfg)
             assert sim.SimFirmware(dev).reboot() == "B"
     assert outcomes == {"1.0", "2.0"}  # cuts before the arming keep A; after it, B commits
+    assert fixed_at_cut == {False, True}  # the window holds cuts before and after the fix-up
 
 
 def test_board_check_reports_a_slot_whose_cmdline_names_the_other(tmp_path: Path) -> None:
