@@ -251,3 +251,19 @@ def test_the_plan_keeps_the_fixups_of_the_classes_the_bundle_writes(tmp_path: Pa
 def test_an_error_from_the_edits_is_one_of_ours() -> None:
     with pytest.raises(EdgeopsError):
         fixups.apply("cmdline", b"\x00\xff", PAIRS_B, "c")
+
+
+def test_board_check_reports_an_agent_toml_without_the_boards_fixups(tmp_path: Path) -> None:
+    from agent.device.boardcheck import check
+    from agent.host.boardconfig import agent_toml
+
+    board = boardfile.parse((ROOT / "boards" / "rpi4.toml").read_text(), "rpi4")
+    text = agent_toml(board)
+    stale = config.parse(text.split("[[fixups]]")[0], tmp_path / "agent.toml")
+    fresh = config.parse(text, tmp_path / "agent.toml")
+
+    def about_fixups(cfg: config.AgentConfig) -> list[str]:
+        return [p.what for p in check(board, tmp_path, config=cfg) if "[[fixups]]" in p.what]
+
+    assert about_fixups(fresh) == []
+    assert len(about_fixups(stale)) == 1

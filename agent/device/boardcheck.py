@@ -32,6 +32,10 @@ def check(board: Board, root: Path = Path("/"), *, agent_compatible: str | None 
         problems.append(Problem(f"agent.toml compatible '{agent_compatible}' differs from the board's "
                                 f"'{board.compatible}'",
                                 "set [device] compatible in agent.toml to the board's string"))
+    if config is not None and config.fixups != board.fixups:
+        problems.append(Problem("agent.toml's [[fixups]] differ from the board file's, so an install "
+                                "would leave the slot's boot files as the board does not want them",
+                                "regenerate agent.toml with 'edgeops board config' (it copies them)"))
     if agent_backend is not None and agent_backend != board.backend:
         problems.append(Problem(f"agent.toml uses bootloader '{agent_backend}', the board needs "
                                 f"'{board.backend}'", "set [bootloader] backend in agent.toml"))
