@@ -205,3 +205,61 @@ def test_board_check_reports_a_slot_whose_cmdline_names_the_other(tmp_path: Path
     lines = [ln for ln in proc.stdout.splitlines() + proc.stderr.splitlines() if "name slot" in ln]
     assert len(lines) == 1, proc.stdout + proc.stderr
     assert "slot B boot:cmdline.txt" in lines[0] and "root=/dev/mmcblk0p6 edgeops.slot=B" in lines[0]
+
+
+def _can_mount(tmp: Path) -> bool:
+    """Whether this machine lets a test mount an ext4 image (root, loop devices, no seccomp)."""
+    if shutil.which("mount") is None or shutil.which("mkfs.ext4") is None:
+        return False
+    img, mnt = tmp / "probe.ext4", tmp / "probe"
+    mnt.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", str(img), "1M"], check=True, capture_output=True)
+    if subprocess.run(["mount", str(img), str(mnt)], capture_output=True).returncode != 0:
+        return False
+    subprocess.run(["umount", str(mnt)], check=True)
+    return True
+
+
+def test_a_mounted_ext4_rootfs_gets_its_slots_fstab_through_mount(
+        tmp_path: Path, pki: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """access = "mount": the real mount(8) and umount(8) on the written slot (a loop device)."""
+    if not _can_mount(tmp_path):
+        pytest.skip("mounting an ext4 image needs root and loop devices (Debian: mount, e2fsprogs)")
+    images = {}
+    for v in ("1.0", "2.0"):
+        tree = tmp_path / f"tree-{v}"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc/fstab").write_text("proc /proc proc defaults 0 0\n"
+                                        "/dev/simbootA /boot/firmware vfat defaults 0 2\n")
+        (tree / "etc/version").write_text(v)
+        images[v] = tmp_path / f"rootfs-{v}.ext4"
+        subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(images[v]), "2M"], check=True,
+                       capture_output=True)
+    dev = tmp_path / "dev"
+    sim.init_device(dev, image=images["1.0"], keyring=pki.root_crt, slot_size=4 << 20)
+    cfg = dev / "agent.toml"
+    cfg.write_text(cfg.read_text() + """
+[[fixups]]
+payload = "rootfs"
+file = "etc/fstab"
+format = "fstab"
+set.A = { "/boot/firmware" = "/dev/simbootA" }
+set.B = { "/boot/firmware" = "/dev/simbootB" }
+""")
+    bundle = tmp_path / "v2.bundle"
+    run_cli("bundle", "create", "--key", pki.signer_key, "--cert", pki.signer_crt,
+            "--compatible", "edgeops-sim", "--version", "2.0", "--security-version", "1",
+            "--payload", f"rootfs={images['2.0']}", "-o", bundle, check=True)
+    monkeypatch.setattr(fixup_apply, "RUN_DIR", tmp_path / "run-edgeops")
+    device = open_device(load(cfg))
+    try:
+        with open(bundle, "rb") as f:
+            Updater(device, sleep=lambda s: None).install(f)
+    finally:
+        device.close()
+    fstab = fixup_apply.read(dev / "slot-b.img", "etc/fstab")
+    assert b"/dev/simbootB /boot/firmware vfat defaults 0 2\n" in fstab
+    assert fixup_apply.read(dev / "slot-b.img", "etc/version") == b"2.0"
+    assert list((tmp_path / "run-edgeops").iterdir()) == []  # unmounted, mount point removed
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(tmp_path) not in mounts

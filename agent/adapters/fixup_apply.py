@@ -67,8 +67,8 @@ class SlotFs(Protocol):
 class MountFs:
     """mount(8) the device on a private directory; umount on the way out."""
 
-    def __init__(self, run: Runner = _run, under: Path = RUN_DIR) -> None:
-        self.run, self.under = run, under
+    def __init__(self, run: Runner = _run, under: Path | None = None) -> None:
+        self.run, self.under = run, under if under is not None else RUN_DIR
 
     @contextlib.contextmanager
     def opened(self, device: Path, files: tuple[str, ...]) -> Iterator[Path]:
