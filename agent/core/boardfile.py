@@ -4,7 +4,8 @@ A board file names the bootloader backend and its settings, the slots (each
 payload class by PARTLABEL, PARTUUID or path, with a minimum size), the boot
 partition, the persistent data partition ([data]: where the agent's state lives,
 never on a slot), the watchdog device, default health checks, the compatible string,
-whether a TPM is required and the serial console's port. Finding board files on disk is
+whether a TPM is required, the serial console's port and the per-slot fix-ups of boot
+files ([[fixups]], agent.core.fixups). Finding board files on disk is
 agent.adapters.boardfiles; checking a running system against one is
 agent.device.boardcheck; the agent.toml an image ships is agent.host.boardconfig.
 """
@@ -18,11 +19,12 @@ from typing import Any
 
 from agent.core.config import toml_doc
 from agent.core.console_policy import check_tty
+from agent.core.fixups import Fixup, parse_fixups
 from agent.errors import ConfigError
 
 # [bootloader] settings that are paths on the device, rooted by --root
 PATH_SETTINGS = ("env", "fw_env_config", "boot_dir", "grubenv", "proc", "reboot_param")
-_SECTIONS = {"board", "bootloader", "slots", "boot", "health", "data"}
+_SECTIONS = {"board", "bootloader", "slots", "boot", "health", "data", "fixups"}
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -74,6 +76,7 @@ class Board:
     cmdline: str = "/proc/cmdline"  # where the running kernel's command line is read
     console: str | None = None  # the serial port the technician console runs on (ttyS0, ttyAMA0)
     data: DataSpec | None = None  # the persistent data partition, if the board names one
+    fixups: tuple[Fixup, ...] = ()  # per-slot boot-file fix-ups (agent.core.fixups)
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -146,6 +149,8 @@ def parse(text: str, source: str) -> Board:
             console=(check_tty(meta["console"], f"{source}: [board] console")
                      if "console" in meta else None),
             data=_data(doc["data"], source) if "data" in doc else None,
+            fixups=parse_fixups(doc.get("fixups"), source, slots=sorted(names),
+                                classes=(s.cls for s in slots)),
         )
     except KeyError as exc:
         raise ConfigError(f"{source}: missing {exc.args[0]!r} ([board] name and compatible, "

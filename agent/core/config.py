@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.core.console_policy import ConsoleSettings, parse_console
+from agent.core.fixups import Fixup, parse_fixups
 from agent.core.fleet_config import FleetConfig, parse_fleet
 from agent.core.health import HealthPolicy, parse_policy
 from agent.errors import ConfigError
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # parsed only where [telemetry] exists: status and the idle a
 
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
-             "fleet", "telemetry", "console"}
+             "fleet", "telemetry", "console", "fixups"}
 # [models] is kept raw for agent.device.models; [fleet] is parsed here (agent.core.fleet_config), its
 # token_file and a fleet.toml beside the file are read by agent.device.fleet_files
 
@@ -90,6 +91,7 @@ class AgentConfig:
     witness: Path | None = None
     telemetry: TelemetrySettings | None = None  # [telemetry]; None: nothing collected or written
     console: ConsoleSettings = field(default_factory=ConsoleSettings)  # [console] (agent.core.console_policy)
+    fixups: tuple[Fixup, ...] = ()  # [[fixups]]: per-slot boot-file fix-ups (agent.core.fixups)
     # [health] parsed once, here: a bad table fails at load, and no health run parses it again
     health_policy: HealthPolicy = field(init=False, repr=False, compare=False)
 
@@ -191,6 +193,8 @@ def parse(text: str, path: Path) -> AgentConfig:
             witness=rel(dev["witness"], "device.witness") if "witness" in dev else None,
             telemetry=_telemetry(doc, path),
             console=parse_console(doc.get("console"), str(path)),
+            fixups=parse_fixups(doc.get("fixups"), str(path), slots=sorted(slots),
+                                classes=next(iter(classes))),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -3,7 +3,8 @@
 ``plan_install`` takes a manifest that ``agent.core.trust`` already accepted plus the facts
 the shell read (the journal's phase, the booted and the bootloader's primary slot, the
 board's slots, the device's health policy) and returns the ``InstallPlan`` — target slot,
-one write per payload — or raises the refusal a person can act on. Nothing is touched
+one write per payload, the fix-ups of the slot's boot files — or raises the refusal a
+person can act on. Nothing is touched
 before it returns, as RAUC's ``do_install_bundle`` checks everything before it writes.
 Whether each payload fits its slot needs the slot's size, so the shell checks that
 against ``plan.writes`` before the first byte. ``plan_rollback`` decides a technician's
@@ -12,12 +13,13 @@ rollback the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from agent.core import health, lifecycle
+from agent.core.fixups import Fixup, SlotFixup, for_install
 from agent.core.manifest import Manifest, Payload
 from agent.errors import ConfigError, IncompatibleBundle, RollbackRefused, StateError
 
@@ -36,6 +38,8 @@ class InstallPlan:
     previous: str  # the running, committed slot: the fallback of the trial
     writes: tuple[Write, ...]
     health: health.HealthPolicy  # the trial's checks: the device's plus the bundle's
+    # applied after the payloads are written and verified, before the trial is armed
+    fixups: tuple[SlotFixup, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def pending_trial(state: lifecycle.State, armed: str | None) -> Trial | None:
 def plan_install(manifest: Manifest, *, phase: lifecycle.Phase, booted: str, primary: str,
                  slots: Mapping[str, Mapping[str, Path]],
                  device_health: health.HealthPolicy, pending: Trial | None = None,
-                 replace_trial: bool = True) -> InstallPlan:
+                 replace_trial: bool = True, fixups: Iterable[Fixup] = ()) -> InstallPlan:
     """The install of ``manifest``, or the first reason it must not happen (checked in this order:
     the life cycle's phase, the slot the bootloader boots next, a pending trial, the bundle's
     health checks, the payloads' slot classes).
@@ -65,7 +69,8 @@ def plan_install(manifest: Manifest, *, phase: lifecycle.Phase, booted: str, pri
     ``pending``: the trial armed for the next boot, if any. Installing disarms it and
     overwrites its slot — even if the new bundle is then refused half-way — so with
     ``replace_trial=False`` (the command line's default; ``--replace-trial`` says it) that is
-    refused instead, naming the trial."""
+    refused instead, naming the trial.
+    ``fixups``: the board's per-slot fix-ups; the plan keeps those of the classes it writes."""
     if not lifecycle.can_install(phase):
         raise StateError(f"cannot install while the device is {phase}",
                          hint="let the trial finish ('edgeops agent --once') first")
@@ -98,7 +103,8 @@ def plan_install(manifest: Manifest, *, phase: lifecycle.Phase, booted: str, pri
             raise IncompatibleBundle(f"payload '{p.name}' targets class '{p.slot_class}', "
                                      f"which this board has no slot for")
         writes.append(Write(p, dest))
-    return InstallPlan(target, booted, tuple(writes), policy)
+    return InstallPlan(target, booted, tuple(writes), policy,
+                       for_install(fixups, target, {w.payload.slot_class: w.dest for w in writes}))
 
 
 class Held(Protocol):

@@ -27,11 +27,15 @@ class Problem:
 def check(board: Board, root: Path = Path("/"), *, agent_compatible: str | None = None,
           agent_backend: str | None = None, config: AgentConfig | None = None) -> list[Problem]:
     problems = _check_slots(board, root) + _check_boot(board, root) + _check_env_place(board, root)
-    problems += _check_data(board, root, config)
+    problems += _check_data(board, root, config) + _check_fixups(board, root)
     if agent_compatible is not None and agent_compatible != board.compatible:
         problems.append(Problem(f"agent.toml compatible '{agent_compatible}' differs from the board's "
                                 f"'{board.compatible}'",
                                 "set [device] compatible in agent.toml to the board's string"))
+    if config is not None and config.fixups != board.fixups:
+        problems.append(Problem("agent.toml's [[fixups]] differ from the board file's, so an install "
+                                "would leave the slot's boot files as the board does not want them",
+                                "regenerate agent.toml with 'edgeops board config' (it copies them)"))
     if agent_backend is not None and agent_backend != board.backend:
         problems.append(Problem(f"agent.toml uses bootloader '{agent_backend}', the board needs "
                                 f"'{board.backend}'", "set [bootloader] backend in agent.toml"))
@@ -92,6 +96,35 @@ def _check_data(board: Board, root: Path, cfg: AgentConfig | None) -> list[Probl
         for what, path, where in datapart.off_data(board, cfg, root):
             out.append(Problem(f"{what} {path} is on {where}",
                                f"keep it under {board.data.mount} (agent.toml [device] state_dir)"))
+    return out
+
+
+def _check_fixups(board: Board, root: Path) -> list[Problem]:
+    """Each slot's files carry what the board's fix-ups set for that slot (agent.core.fixups):
+    a slot whose cmdline.txt or fstab names the other slot would boot the wrong root. A slot
+    that holds no filesystem yet (never written) has nothing to check."""
+    from agent.adapters import fixup_apply
+    from agent.core import fixups
+
+    out = []
+    for fix in board.fixups:
+        for spec in (s for s in board.slots if s.cls == fix.payload):
+            device = spec.device.resolve(root)
+            if not device.exists() or fixup_apply.blank(device):
+                continue
+            where = f"slot {spec.slot} {fix.payload}:{fix.file}"
+            try:
+                wrong = fixups.mismatches(fix.format, fixup_apply.read(device, fix.file),
+                                          fix.pairs(spec.slot), where)
+            except EdgeopsError as exc:
+                out.append(Problem(f"{where} cannot be checked: {exc}",
+                                   exc.hint or "check the slot's filesystem (fsck) or install again"))
+                continue
+            if wrong:
+                out.append(Problem(f"{where} does not name slot {spec.slot}: it needs "
+                                   f"{' '.join(wrong)}",
+                                   "install an update again (the agent applies the board's "
+                                   "fix-ups), or edit the file on that partition"))
     return out
 
 

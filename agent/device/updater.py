@@ -6,13 +6,14 @@ reads the facts they need, makes each transition durable in the journal *before*
 actions, and performs them. Every public method takes the device lock.
 An install: signed head → trust store and ``trust`` → ``plan_install`` → WRITING → the
 target slot marked bad → payloads stream through ``bundle`` (verified block by block)
-into ``slots`` → fsync → WRITTEN → trial set → TRIAL_PENDING. After the reboot ``cycle``
-feeds ``Booted``, and the health checks decide commit or revert.
+into ``slots`` → fsync → the slot's fix-ups (``fixup_apply``) → WRITTEN → trial set →
+TRIAL_PENDING. After the reboot ``cycle`` feeds ``Booted``, and the health checks decide
+commit or revert.
 
 What only an install, a health run or a TPM needs (the bundle reader and zstandard, the
 trust store and cryptography, slots, probes, the root of trust) is imported where it is
 used: ``edgeops status`` and the idle agent never load it.
-Long because (about 480 lines, on purpose) one module shows every command's sequence
+Long because (about 540 lines, on purpose) one module shows every command's sequence
 against the journal, the bootloader and the slots; what has a job of its own already lives beside it (the
 journal's witness in ``journal_guard``, recovery in ``recovery``, a trial's second look at
 its signer in ``adapters.truststore``).
@@ -222,8 +223,28 @@ class Updater:
             if (root := self.root()) is not None:
                 for p in m.payloads:  # measured once written and fsynced, before the trial is set
                     root.measure(f"install:{p.name}:{plan.target}", bytes.fromhex(p.sha256))
+            self._fix_up(plan, m.version)  # verified and synced; the trial is not armed yet
             self._drive(lifecycle.WriteDone())
             return InstallResult(m.version, plan.target, written, [p.name for p in m.payloads])
+
+    def _fix_up(self, plan: InstallPlan, version: str) -> None:
+        """Make the written slot's boot files name it (agent.core.fixups), one journal entry per
+        fix-up once it is durable. A failure is a failed write: the trial is never armed, the
+        old slot boots, and installing again re-applies them (each edit is idempotent)."""
+        if not plan.fixups:
+            return
+        from agent.adapters import fixup_apply
+
+        try:
+            for fix in plan.fixups:
+                changed = fixup_apply.apply(fix)
+                what = f"{fix.fixup.describe(fix.slot)}{'' if changed else ' (already so)'}"
+                self.journal.record([lifecycle.History("fixup", fix.slot, version, what)],
+                                    now=self.clock())
+                self.messages.append(f"fixup: slot {fix.slot} {what}")
+        except Exception as exc:  # as for the payload write: the journal must not stay WRITING
+            self._note_failure(lifecycle.WriteFailed(f"fix-up: {_why(exc)}"))
+            raise
 
     def _note_failure(self, what: lifecycle.History | lifecycle.WriteFailed) -> None:
         """Record why an install stopped, if the journal can still be written. On a full disk it
@@ -259,7 +280,8 @@ class Updater:
         plan = plan_install(verdict.manifest, phase=state.phase,
                             booted=self.dev.runtime.booted_slot(), primary=bl.primary(),
                             slots=self.cfg.slots, device_health=self.cfg.health_policy,
-                            pending=pending_trial(state, bl.trial()), replace_trial=replace_trial)
+                            pending=pending_trial(state, bl.trial()), replace_trial=replace_trial,
+                            fixups=self.cfg.fixups)
         for w in plan.writes:
             slots.check_fits(w.dest, w.payload.size, w.payload.name)
         store.accept(verdict)

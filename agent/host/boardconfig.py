@@ -35,6 +35,10 @@ def agent_toml(board: Board, *, keyring: str = "/etc/edgeops/keyring/root.crt",
                            "slots": slots}
     if board.health:
         doc["health"] = board.health
+    if board.fixups:  # the device applies them at install time (agent.core.fixups)
+        from agent.core.fixups import to_toml
+
+        doc["fixups"] = to_toml(board.fixups)
     if board.console:
         doc["console"] = {"device": board.console}  # the technician console (docs/console.md)
     if board.tpm_required or tpm_tcti:
