@@ -42,6 +42,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -670,15 +671,15 @@ dtparam=watchdog=on
 """
 
 
-def rpi_cmdline(board_doc: dict[str, object], slot: str, console: str) -> str:
+def rpi_cmdline(board_doc: dict[str, Any], slot: str, console: str) -> str:
     """cmdline.txt of SLOT: the board file's fix-up values when it declares them (h-fixups:
     [[fixups]] payload = "boot", file = "cmdline.txt"), else its rootfs path."""
     values: dict[str, str] = {}
-    for fx in board_doc.get("fixups", []) or []:  # type: ignore[attr-defined]
+    for fx in board_doc.get("fixups", []) or []:
         if fx.get("file") == "cmdline.txt":
             values = {str(k): str(v) for k, v in fx.get("set", {}).get(slot, {}).items()}
-    slots = board_doc["slots"]  # type: ignore[index]
-    root = values.pop("root", slots[slot]["rootfs"]["path"])  # type: ignore[index]
+    slots = board_doc["slots"]
+    root = values.pop("root", slots[slot]["rootfs"]["path"])
     rest = " ".join(f"{k}={v}" for k, v in values.items() if k != "edgeops.slot")
     return (f"console={console},115200 root={root} rootfstype=ext4 rootwait ro "
             f"edgeops.slot={slot}{' ' + rest if rest else ''}\n")

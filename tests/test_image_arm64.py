@@ -35,7 +35,8 @@ def _load(name: str, path: Path) -> ModuleType:
 
 build = _load("image_build_arm64", ROOT / "image/build.py")
 rpi_check = _load("rpi_check", ROOT / "tools/e2e/rpi_check.py")
-needs_sfdisk = pytest.mark.skipif(shutil.which("sfdisk") is None, reason="sfdisk missing (Debian package fdisk)")
+needs_sfdisk = pytest.mark.skipif(shutil.which("sfdisk") is None,
+                                  reason="sfdisk missing (Debian package fdisk)")
 
 
 def staged_uboot_tree(tmp_path: Path) -> Path:

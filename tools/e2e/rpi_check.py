@@ -32,6 +32,7 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 AUTOBOOT = {"all": {"tryboot_a_b": "1", "boot_partition": "2"}, "tryboot": {"boot_partition": "3"}}
@@ -46,9 +47,9 @@ def ok(what: str) -> None:
     print(f"image-check: ok: {what}", flush=True)
 
 
-def sh(argv: list[str], **kw: object) -> str:
+def sh(argv: list[str], **kw: Any) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                          env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, **kw)  # type: ignore[call-overload]
+                          env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, **kw)
     if proc.returncode != 0:
         raise CheckFailure(f"{' '.join(argv[:3])}: {proc.stderr.strip()[-500:]}")
     return str(proc.stdout)
@@ -60,14 +61,14 @@ def parse_size(text: str) -> int:
     return int(float(t[:-1]) * units[t[-1]]) if t[-1] in units else int(t)
 
 
-def partitions(disk: Path) -> list[dict[str, object]]:
+def partitions(disk: Path) -> list[dict[str, Any]]:
     table = json.loads(sh(["sfdisk", "--json", str(disk)]))["partitiontable"]
     if table.get("label") != "dos":
         raise CheckFailure(f"partition table is {table.get('label')}, the Pi's boot ROM reads MBR (dos)")
     return list(table["partitions"])
 
 
-def check_partitions(disk: Path, board: dict[str, object]) -> dict[int, tuple[int, int]]:
+def check_partitions(disk: Path, board: dict[str, Any]) -> dict[int, tuple[int, int]]:
     rows = partitions(disk)
     got = {int(re.sub(r".*?(\d+)$", r"\1", str(r["node"]))):
            (int(r["start"]) * 512, int(r["size"]) * 512, str(r["type"])) for r in rows}
@@ -75,10 +76,10 @@ def check_partitions(disk: Path, board: dict[str, object]) -> dict[int, tuple[in
     if {n: t for n, (_, _, t) in got.items()} != want:
         found = sorted((n, t) for n, (_, _, t) in got.items())
         raise CheckFailure(f"partitions {found}, want {sorted(want.items())}")
-    slots = board["slots"]  # type: ignore[index]
+    slots = board["slots"]
     for slot in ("A", "B"):
         for cls in ("boot", "rootfs"):
-            spec = slots[slot][cls]  # type: ignore[index]
+            spec = slots[slot][cls]
             n = int(str(spec["path"]).rsplit("p", 1)[1])
             if got[n][1] < parse_size(str(spec["min_size"])):
                 raise CheckFailure(f"slot {slot} {cls} (p{n}) holds {got[n][1]} bytes, the board needs "
@@ -123,15 +124,15 @@ def check_autoboot(disk: Path, parts: dict[int, tuple[int, int]]) -> bytes:
     return raw
 
 
-def cmdline_want(board: dict[str, object], slot: str) -> dict[str, str]:
-    want = {"root": str(board["slots"][slot]["rootfs"]["path"]), "edgeops.slot": slot}  # type: ignore[index]
-    for fx in board.get("fixups", []) or []:  # type: ignore[attr-defined]
+def cmdline_want(board: dict[str, Any], slot: str) -> dict[str, str]:
+    want = {"root": str(board["slots"][slot]["rootfs"]["path"]), "edgeops.slot": slot}
+    for fx in board.get("fixups", []) or []:
         if fx.get("file") == "cmdline.txt":
             want.update({str(k): str(v) for k, v in fx.get("set", {}).get(slot, {}).items()})
     return want
 
 
-def check_boot_partitions(disk: Path, parts: dict[int, tuple[int, int]], board: dict[str, object]
+def check_boot_partitions(disk: Path, parts: dict[int, tuple[int, int]], board: dict[str, Any]
                           ) -> dict[str, str]:
     cmdlines = {}
     for slot, n in (("A", 2), ("B", 3)):
