@@ -133,6 +133,7 @@ class Build:
     edgeops: str
     version: str
     security_version: int
+    tpm_optional: bool = False  # --tpm-optional: [tpm] required = false (a smoke boot without one)
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, object] = field(default_factory=dict)
 
@@ -476,6 +477,11 @@ FSTABS = {"grub": FSTAB, "uboot": FSTAB_UBOOT, "rpi": FSTAB_RPI}
 
 def stage_board(b: Build, tree: Path) -> None:
     """What only this board's image has: U-Boot's fw_env.config (and agent.toml naming it)."""
+    cfg = tree / "etc/edgeops/agent.toml"
+    if b.tpm_optional:  # said in build.json: this image is not the board's as shipped
+        cfg.write_text(re.sub(r"^required = true$", "required = false  # image/build.py --tpm-optional",
+                              cfg.read_text(), flags=re.M))
+        b.facts["tpm_required"] = False
     if b.target.boot != "uboot":
         return
     # QEMU virt's disk is /dev/vda, the board file's eMMC is /dev/mmcblk0: same offsets, and
@@ -847,6 +853,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--version", default="1.0", help="the factory release's version")
     p.add_argument("--security-version", type=int, default=1)
     p.add_argument("--fleet", type=Path, help="fleet.toml for the device (0600 in the image)")
+    p.add_argument("--tpm-optional", action="store_true",
+                   help="agent.toml [tpm] required = false, for a boot test without a TPM")
     p.add_argument("--overlay", type=Path, action="append", default=[],
                    help="a directory tree copied over the rootfs as it is (symlinks kept)")
     a = p.parse_args(argv)
@@ -858,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     b = Build(a.board, TARGETS[a.board], a.out.resolve(), a.cache, a.edgeops, a.version,
-              a.security_version)
+              a.security_version, tpm_optional=a.tpm_optional)
     try:
         build(b, fleet=a.fleet, overlays=a.overlay, pip=a.pip)
     except BuildError as exc:
