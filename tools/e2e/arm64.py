@@ -191,11 +191,12 @@ def smoke(args: argparse.Namespace) -> dict[str, object]:
         result["passed"] = True
     finally:
         m.power_off()
-    result["timings_s"] = {name: round(s, 1) for name, s in rows}
-    (out / "timings.md").write_text("| step | s |\n|---|---|\n" + "".join(
-        f"| {name} | {s:.1f} |\n" for name, s in rows))
-    for name, s in rows:
-        print(f"e2e-arm64: {s:7.1f} s  {name}", flush=True)
+        # the steps that were reached, also when one failed
+        result["timings_s"] = {name: round(s, 1) for name, s in rows}
+        (out / "timings.md").write_text("| step | s |\n|---|---|\n" + "".join(
+            f"| {name} | {s:.1f} |\n" for name, s in rows))
+        for name, s in rows:
+            print(f"e2e-arm64: {s:7.1f} s  {name}", flush=True)
     return result
 
 
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if not UBOOT_BIN.exists():
         print(f"e2e-arm64: {UBOOT_BIN} missing; apt-get install u-boot-qemu", file=sys.stderr)
         return 2
+    a.out = a.out.resolve()  # fw_env.config names the disk by an absolute path
     a.out.mkdir(parents=True, exist_ok=True)
     try:
         result = smoke(a)
