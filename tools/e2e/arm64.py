@@ -136,9 +136,11 @@ def smoke(args: argparse.Namespace) -> dict[str, object]:
     result: dict[str, object] = {"board": "uboot-arm64"}
     rows: list[tuple[str, float]] = []
     t = time.monotonic()
-    image = args.image or build_image(out / "image", args.cache)
-    rows.append(("image build (make image BOARD=uboot-arm64, with tools/e2e/arm64-guest)",
-                 time.monotonic() - t))
+    image = args.image
+    if image is None:
+        image = build_image(out / "image", args.cache)
+        rows.append(("image build (make image BOARD=uboot-arm64, with tools/e2e/arm64-guest)",
+                     time.monotonic() - t))
     disk = work / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
     cfg = fw_env_config(disk, work)
@@ -164,8 +166,13 @@ def smoke(args: argparse.Namespace) -> dict[str, object]:
         rows.append(("power-on -> 'edgeops status' answered", t_status))
         lines = [ln.split("| ", 1)[1] for ln in m.markers.read_text(errors="replace").splitlines()
                  if ln.startswith("EDGEOPS-ARM64 status| ")]
+        guest_env = dict(ln.split("| ", 1)[1].split("=", 1) for ln in
+                         m.markers.read_text(errors="replace").splitlines()
+                         if ln.startswith("EDGEOPS-ARM64 fw_printenv| ") and "=" in ln)
         result.update(booted_slot=booted.group(1), agent=agent.group(1),
-                      status_rc=int(status.group(1)), status=lines)
+                      status_rc=int(status.group(1)), status=lines, guest_fw_printenv=guest_env)
+        if guest_env.get("EO_SLOT") != "A":
+            raise SmokeFailure(f"fw_printenv on the device read {guest_env}, not the factory env")
         if agent.group(1) != "active" or status.group(1) != "0":
             raise SmokeFailure(f"agent {agent.group(1)}, 'edgeops status' exit {status.group(1)}:\n"
                                + "\n".join(lines))
