@@ -39,14 +39,23 @@ needs_sfdisk = pytest.mark.skipif(shutil.which("sfdisk") is None,
                                   reason="sfdisk missing (Debian package fdisk)")
 
 
-def staged_uboot_tree(tmp_path: Path) -> Path:
+def staged_uboot_tree(tmp_path: Path, *, tpm_optional: bool = False) -> Path:
     tree = tmp_path / "rootfs"
     (tree / "etc/edgeops").mkdir(parents=True)
     (tree / "etc/edgeops/agent.toml").write_text(
         run_cli("board", "config", "uboot-arm64", check=True).stdout)
-    b = build.Build("uboot-arm64", build.TARGETS["uboot-arm64"], tmp_path, tmp_path, "edgeops", "1.0", 1)
+    b = build.Build("uboot-arm64", build.TARGETS["uboot-arm64"], tmp_path, tmp_path, "edgeops", "1.0", 1,
+                    tpm_optional=tpm_optional)
     build.stage_board(b, tree)
     return tree
+
+
+@pytest.mark.parametrize("optional", [False, True])
+def test_tpm_optional_is_the_only_way_the_image_drops_the_boards_tpm_requirement(
+        tmp_path: Path, optional: bool) -> None:
+    tree = staged_uboot_tree(tmp_path, tpm_optional=optional)
+    cfg = config.parse((tree / "etc/edgeops/agent.toml").read_text(), tree / "etc/edgeops/agent.toml")
+    assert cfg.tpm.required is (not optional)
 
 
 def test_the_uboot_image_points_the_agent_at_its_fw_env_config(tmp_path: Path) -> None:
