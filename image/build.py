@@ -24,6 +24,16 @@ the one wheel Debian lacks). Steps, each timed:
 
 Outputs in OUT: disk.img (sparse), rootfs.ext4 (the slot payload for bundles), pki/ (the
 test PKI: root and signer), build.json (what was built, offsets, sizes and timings).
+
+The arm64 boards (TARGETS) share one base tree (image/arm64/, built under qemu-user) and differ
+in the disk: uboot-arm64 (QEMU virt) a GPT from 4 MiB with boot.scr on p1
+(boards/uboot/boot-virt.cmd) and the U-Boot environment raw below it, written by
+libubootenv's fw_setenv; rpi4/rpi5/cm4 an MBR with autoboot.txt and per-slot FAT boot
+partitions (cmdline.txt per slot), checked by tools/e2e/rpi_check.py. docs/boards.md,
+"arm64 and Raspberry Pi images".
+
+Long because it is one build script for every board a newcomer runs by hand, standard
+library only, so it runs with the build host's python3 before any venv exists.
 """
 
 from __future__ import annotations
