@@ -33,7 +33,7 @@ partitions (cmdline.txt per slot), checked by tools/e2e/rpi_check.py. docs/board
 "arm64 and Raspberry Pi images".
 
 Long because it is one build script for every board a newcomer runs by hand, standard
-library only, so it runs with the build host's python3 before any venv exists.
+library only, so it runs with the build host's python3 (make image: $(PY)).
 """
 
 from __future__ import annotations
