@@ -15,7 +15,7 @@ IMAGE_OUT ?= build/image/$(BOARD)
 EDGEOPS_CACHE ?= /var/cache/edgeops
 E2E_OUT ?= build/e2e
 
-.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup bench-dashboard bench-fleet clean image e2e
+.PHONY: help venv sysdeps test test-fast lint demo demo-fleet bench bench-controller bench-models bench-idle bench-startup bench-dashboard bench-fleet clean image e2e image-check
 
 help:
 	@echo "make demo    - narrated A/B update life cycle on a simulated board"
@@ -25,6 +25,8 @@ help:
 	@echo "make bench   - install benchmarks against the machine's limit and RAUC"
 	@echo "make image   - a bootable A/B disk image for BOARD (x86-64-grub) from Debian packages"
 	@echo "make e2e     - the image booted in QEMU: updates from a controller on 127.0.0.1"
+	@echo "make e2e BOARD=uboot-arm64 - the arm64 image booted in QEMU virt with U-Boot (smoke)"
+	@echo "make image-check BOARD=rpi4 - a Raspberry Pi image checked structurally"
 
 $(STAMP): setup.cfg pyproject.toml | sysdeps
 	$(PY) -m venv $(VENV)
@@ -93,8 +95,18 @@ bench: sysdeps venv
 image: venv
 	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) image/build.py --board $(BOARD) --out $(IMAGE_OUT)
 
+ifeq ($(BOARD),uboot-arm64)
+# the arm64 smoke boot (QEMU virt, Debian's U-Boot): not in make test or .ci/run (minutes per boot)
+e2e: venv
+	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(BIN)/python tools/e2e/arm64.py --out build/e2e-arm64 --fallback
+else
 e2e: venv
 	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) tools/e2e/run.py --out $(E2E_OUT) $(if $(SCENARIOS),--only $(SCENARIOS))
+endif
+
+# the Raspberry Pi images checked structurally (they cannot boot here): make image BOARD=rpi4 first
+image-check: venv
+	$(BIN)/python tools/e2e/rpi_check.py --board $(BOARD) --image $(IMAGE_OUT)/disk.img
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

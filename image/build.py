@@ -24,6 +24,16 @@ the one wheel Debian lacks). Steps, each timed:
 
 Outputs in OUT: disk.img (sparse), rootfs.ext4 (the slot payload for bundles), pki/ (the
 test PKI: root and signer), build.json (what was built, offsets, sizes and timings).
+
+The arm64 boards (TARGETS) share one base tree (image/arm64/, built under qemu-user) and differ
+in the disk: uboot-arm64 (QEMU virt) a GPT from 4 MiB with boot.scr on p1
+(boards/uboot/boot-virt.cmd) and the U-Boot environment raw below it, written by
+libubootenv's fw_setenv; rpi4/rpi5/cm4 an MBR with autoboot.txt and per-slot FAT boot
+partitions (cmdline.txt per slot), checked by tools/e2e/rpi_check.py. docs/boards.md,
+"arm64 and Raspberry Pi images".
+
+Long because it is one build script for every board a newcomer runs by hand, standard
+library only, so it runs with the build host's python3 (make image: $(PY)).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +52,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -60,6 +72,18 @@ HOST_TOOLS = {  # command -> Debian package
 }
 HOST_FILES = {"/usr/lib/grub/x86_64-efi/part_gpt.mod": "grub-efi-amd64-bin",
               "/usr/share/OVMF/OVMF_CODE_4M.fd": "ovmf"}
+# the arm64 boards: the tree is built under qemu-user (binfmt_misc, checked with arch-test);
+# uboot-arm64 also boots it (QEMU virt + Debian's U-Boot) and writes its boot.scr and env
+HOST_TOOLS_ARM64 = {"mmdebstrap": "mmdebstrap", "mkfs.vfat": "dosfstools", "mcopy": "mtools",
+                    "mkfs.ext4": "e2fsprogs", "sfdisk": "fdisk", "arch-test": "arch-test",
+                    "update-binfmts": "binfmt-support", "mkimage": "u-boot-tools",
+                    "fw_printenv": "libubootenv-tool", "qemu-system-aarch64": "qemu-system-arm"}
+HOST_FILES_ARM64 = {"/usr/libexec/qemu-binfmt/aarch64-binfmt-P": "qemu-user-static",
+                    "/usr/lib/u-boot/qemu_arm64/u-boot.bin": "u-boot-qemu"}
+# pip's platform tags for a foreign architecture's wheels (bookworm: glibc 2.36, CPython 3.11)
+PIP_PLATFORM = {"arm64": ["--platform", "manylinux_2_34_aarch64", "--platform",
+                          "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64",
+                          "--python-version", "3.11", "--implementation", "cp"]}
 # GRUB modules in BOOTX64.EFI: grub.cfg's commands, GPT, FAT (ESP) and ext2 (the slots)
 GRUB_MODULES = ("part_gpt fat ext2 normal configfile loadenv search search_label search_fs_file "
                 "regexp linux test echo boot reboot halt cat ls serial terminal terminfo sleep")
@@ -75,6 +99,27 @@ DATA_MIB = 256
 ALIGN_MIB = 1
 TYPE_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 TYPE_LINUX = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+TYPE_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"  # a FAT partition that is no ESP
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a board's image is made of: the Debian architecture, the base tree's inputs, and
+    how it boots (grub: ESP + GRUB EFI; uboot: U-Boot's boot.scr and a raw environment;
+    rpi: autoboot.txt and per-slot FAT boot partitions)."""
+    arch: str  # Debian's name
+    arch_dir: Path  # packages.txt, trim.sh, initramfs.* (the cache key)
+    triplet: str  # the multiarch directory under /usr/lib
+    boot: str
+
+
+TARGETS = {
+    "x86-64-grub": Target("amd64", HERE / "x86-64", "x86_64-linux-gnu", "grub"),
+    "uboot-arm64": Target("arm64", HERE / "arm64", "aarch64-linux-gnu", "uboot"),
+    "rpi4": Target("arm64", HERE / "arm64", "aarch64-linux-gnu", "rpi"),
+    "rpi5": Target("arm64", HERE / "arm64", "aarch64-linux-gnu", "rpi"),
+    "cm4": Target("arm64", HERE / "arm64", "aarch64-linux-gnu", "rpi"),
+}
 
 
 class BuildError(Exception):
@@ -92,11 +137,13 @@ class Partition:
 @dataclass
 class Build:
     board: str
+    target: Target
     out: Path
     cache: Path
     edgeops: str
     version: str
     security_version: int
+    tpm_optional: bool = False  # --tpm-optional: [tpm] required = false (a smoke boot without one)
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, object] = field(default_factory=dict)
 
@@ -149,10 +196,14 @@ def read_list(path: Path) -> list[str]:
 
 
 # --- host tools ---------------------------------------------------------------------------------
-def host_tools() -> None:
-    missing = sorted({pkg for cmd, pkg in HOST_TOOLS.items() if shutil.which(cmd) is None}
-                     | {pkg for path, pkg in HOST_FILES.items() if not Path(path).exists()})
+def host_tools(target: Target | None = None) -> None:
+    foreign = target is not None and target.arch != "amd64"
+    tools, files = (HOST_TOOLS_ARM64, HOST_FILES_ARM64) if foreign else (HOST_TOOLS, HOST_FILES)
+    missing = sorted({pkg for cmd, pkg in tools.items() if shutil.which(cmd) is None}
+                     | {pkg for path, pkg in files.items() if not Path(path).exists()})
     if not missing:
+        if foreign:
+            foreign_exec(target.arch)  # type: ignore[union-attr]
         return
     if os.geteuid() != 0:
         raise BuildError(f"missing Debian packages: {' '.join(missing)} (run as root to "
@@ -161,6 +212,23 @@ def host_tools() -> None:
     run(["apt-get", "update", "-qq"])
     run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
         env={"DEBIAN_FRONTEND": "noninteractive"})
+    if foreign:
+        foreign_exec(target.arch)  # type: ignore[union-attr]
+
+
+def foreign_exec(arch: str) -> None:
+    """binfmt_misc with qemu-user for ARCH, so mmdebstrap can run the tree's maintainer
+    scripts: mounted (a container may not have it) and the qemu entry enabled."""
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    if not (binfmt / "register").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", binfmt])
+    qemu = {"arm64": "qemu-aarch64"}[arch]
+    if not (binfmt / qemu).exists():
+        run(["update-binfmts", "--enable", qemu])
+    out = subprocess.run(["arch-test", arch], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise BuildError(f"this host cannot run {arch} programs ({(out.stdout + out.stderr).strip()});"
+                         f" install qemu-user-static and binfmt-support, and allow binfmt_misc")
 
 
 # --- the base tree ------------------------------------------------------------------------------
@@ -169,18 +237,22 @@ def base_inputs(arch_dir: Path) -> list[Path]:
             arch_dir / "initramfs.modules"]
 
 
-def cache_key(arch_dir: Path) -> str:
+def cache_key(arch_dir: Path, arch: str = "amd64") -> str:
     """Everything that shapes the base tree: packages, trim, initramfs settings, mirrors, options."""
     h = hashlib.sha256()
+    if arch != "amd64":  # (amd64's key stays what it was: its cached trees stay valid)
+        h.update(f"arch={arch}\0".encode())
     for p in base_inputs(arch_dir):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update("\n".join((SUITE, *MIRRORS, *PATH_EXCLUDES)).encode())
     return h.hexdigest()[:16]
 
 
-def mmdebstrap_argv(arch_dir: Path, debs: Path, tar: Path) -> list[str]:
+def mmdebstrap_argv(arch_dir: Path, debs: Path, tar: Path, arch: str = "amd64") -> list[str]:
     pkgs = ",".join(read_list(arch_dir / "packages.txt"))
+    # a foreign architecture's maintainer scripts run under qemu-user (binfmt_misc)
     argv = ["mmdebstrap", "--mode=root", "--variant=essential", "--format=tar",
+            f"--architectures={arch}",
             f"--include={pkgs}", "--skip=download/empty", "--skip=cleanup/apt/cache"]
     for pattern in PATH_EXCLUDES:
         argv.append(f"--dpkgopt=path-exclude={pattern}")
@@ -204,7 +276,8 @@ def mmdebstrap_argv(arch_dir: Path, debs: Path, tar: Path) -> list[str]:
 
 
 def base_tree(b: Build, arch_dir: Path) -> Path:
-    key = cache_key(arch_dir)
+    arch = b.target.arch
+    key = cache_key(arch_dir, arch)
     where = b.cache / key
     tar = where / "base.tar"
     b.facts["base_cache"] = str(tar)
@@ -213,11 +286,11 @@ def base_tree(b: Build, arch_dir: Path) -> Path:
         b.facts["base_cached"] = True
         return tar
     b.facts["base_cached"] = False
-    debs = b.cache / f"debs-{SUITE}-amd64"
+    debs = b.cache / f"debs-{SUITE}-{arch}"
     debs.mkdir(parents=True, exist_ok=True)
     where.mkdir(parents=True, exist_ok=True)
     part = where / "base.tar.part"
-    run(mmdebstrap_argv(arch_dir, debs, part))
+    run(mmdebstrap_argv(arch_dir, debs, part, arch))
     part.rename(tar)
     (where / "packages.txt").write_text((arch_dir / "packages.txt").read_text())
     return tar
@@ -238,6 +311,8 @@ def clean_copy(dest: Path) -> None:
 
 
 def build_wheels(b: Build, work: Path, pip: str) -> tuple[Path, list[Path]]:
+    if b.target.arch != "amd64":
+        return build_wheels_foreign(b, work, pip)
     wheels = work / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
@@ -264,6 +339,31 @@ def build_wheels(b: Build, work: Path, pip: str) -> tuple[Path, list[Path]]:
     return own, out
 
 
+def build_wheels_foreign(b: Build, work: Path, pip: str) -> tuple[Path, list[Path]]:
+    """The same wheels for another architecture: edgeops and the pure ones as they are,
+    cryptography's manylinux wheel for that architecture. Not tpm2-pytss: PyPI has no binary
+    wheel of it and building it needs the architecture's compiler (left out, with a note)."""
+    wheels = work / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="edgeops-src-") as tmp:
+        clean_copy(Path(tmp))
+        run([pip, "wheel", "-q", "--no-deps", "-w", wheels, tmp])
+    own = next(wheels.glob("edgeops-*.whl"))
+    vendor = b.cache / f"wheels-{b.target.arch}"
+    vendor.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, version in WHEELS.items():
+        have = sorted(vendor.glob(f"{name}-{version}-*.whl"))
+        if not have:
+            run([pip, "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", vendor,
+                 *PIP_PLATFORM[b.target.arch], f"{name}=={version}"])
+            have = sorted(vendor.glob(f"{name}-{version}-*.whl"))
+        out.append(have[-1])
+    b.facts["left_out"] = ["tpm2-pytss (no binary wheel for this architecture on PyPI)"]
+    return own, out
+
+
 CONSOLE_SCRIPT = """#!/usr/bin/python3
 # installed by image/build.py from the edgeops wheel (console_scripts: edgeops)
 import sys
@@ -272,11 +372,13 @@ sys.exit(run())
 """
 
 
-def install_wheel(wheel: Path, tree: Path, site: str, *, scripts: bool, pip: str) -> None:
+def install_wheel(wheel: Path, tree: Path, site: str, *, scripts: bool, pip: str,
+                  arch: str = "amd64") -> None:
     """Unpack a wheel into TREE with pip --target, then move its parts where Debian's python3
     looks: the packages into SITE, console scripts to /usr/bin, data files to /usr/share."""
+    foreign = ["--only-binary", ":all:", *PIP_PLATFORM[arch]] if arch in PIP_PLATFORM else []
     with tempfile.TemporaryDirectory(prefix="edgeops-wheel-") as tmp:
-        run([pip, "install", "-q", "--no-deps", "--no-compile", "--target", tmp, wheel])
+        run([pip, "install", "-q", "--no-deps", "--no-compile", *foreign, "--target", tmp, wheel])
         t = Path(tmp)
         dest = tree / site.lstrip("/")
         dest.mkdir(parents=True, exist_ok=True)
@@ -302,6 +404,13 @@ from importlib.metadata import version
 print(" ".join(f"{m}={version(m)}" for m in ("cryptography", "requests", "urllib3", "zstandard",
                                                 "psutil", "tpm2-pytss")))
 """
+IMPORT_CHECK_NO_TPM = """
+import agent.device.updater, agent.device.fleet, agent.device.provision, agent.adapters.rot.tpm
+import cryptography, requests, urllib3, zstandard, psutil
+from importlib.metadata import version
+print(" ".join(f"{m}={version(m)}" for m in ("cryptography", "requests", "urllib3", "zstandard",
+                                                "psutil")))
+"""
 
 # What a headless appliance without D-Bus never runs, masked (a link to /dev/null), each a
 # few seconds of a boot under TCG and of every boot on slow hardware. Not the serial getty,
@@ -319,21 +428,21 @@ MASKED_UNITS = (
 # hashed and written by each update. The full perl (perl-base stays: it is Essential),
 # udev's hwdb (device names for desktops), iconv's charset modules, apt's caches, Python's
 # own tests and tools. dpkg's database still lists them: nobody runs dpkg on a slot.
-SLIM_PATHS = (
-    "usr/share/perl", "usr/lib/x86_64-linux-gnu/perl", "usr/bin/perl5.*",
-    "usr/lib/x86_64-linux-gnu/libperl.so.*",
+SLIM_PATHS = (  # TRIPLET: the architecture's multiarch directory
+    "usr/share/perl", "usr/lib/TRIPLET/perl", "usr/bin/perl5.*",
+    "usr/lib/TRIPLET/libperl.so.*",
     "usr/lib/udev/hwdb.bin", "usr/lib/udev/hwdb.d", "etc/udev/hwdb.bin",
-    "usr/lib/x86_64-linux-gnu/gconv", "var/cache/apt/*.bin", "var/cache/debconf/*-old",
+    "usr/lib/TRIPLET/gconv", "var/cache/apt/*.bin", "var/cache/debconf/*-old",
     "usr/lib/python3.11/test", "usr/lib/python3.11/ensurepip", "usr/lib/python3.11/idlelib",
     "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/pydoc_data", "usr/lib/python3.11/turtledemo",
 )
 
 
-def slim(tree: Path) -> int:
+def slim(tree: Path, triplet: str = "x86_64-linux-gnu") -> int:
     """Remove SLIM_PATHS from TREE; returns the bytes removed."""
     gone = 0
     for pattern in SLIM_PATHS:
-        for path in tree.glob(pattern):
+        for path in tree.glob(pattern.replace("TRIPLET", triplet)):
             if path.is_dir() and not path.is_symlink():
                 gone += sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
                 shutil.rmtree(path)
@@ -354,20 +463,65 @@ PARTLABEL=esp    /boot/efi         vfat  umask=0077,flush,x-systemd.before=edgeo
 """
 
 
+FSTAB_UBOOT = """\
+# edgeops uboot-arm64 image. The slot's root is mounted by the initramfs from root=PARTLABEL=...
+# (boot.scr's bootargs), so this file is the same in both slots.
+/dev/root        /                 ext4  rw,errors=remount-ro  0 1
+# the persistent data partition: the agent's journal, keys and buffers survive every update
+PARTLABEL=data   /var/lib/edgeops  ext4  rw,nosuid,nodev,noexec,x-systemd.before=edgeops-agent.service  0 2
+# the U-Boot environment is raw on the disk (/etc/fw_env.config); p1 holds only boot.scr
+"""
+FSTAB_RPI = """\
+# edgeops Raspberry Pi image. The slot's root comes from its boot partition's cmdline.txt
+# (root=/dev/mmcblk0p5 or p6); the /boot/firmware line is the board file's per-slot fix-up
+# (p2 in slot A, p3 in slot B), rewritten by the agent after an install into the other slot.
+/dev/root        /                 ext4  rw,errors=remount-ro  0 1
+# the persistent data partition (p7): the agent's journal, keys and buffers
+/dev/mmcblk0p7   /var/lib/edgeops  ext4  rw,nosuid,nodev,noexec,x-systemd.before=edgeops-agent.service  0 2
+# autoboot.txt's partition (p1): the rpi_tryboot backend's boot_dir
+/dev/mmcblk0p1   /boot/autoboot    vfat  umask=0077,flush,x-systemd.before=edgeops-agent.service  0 2
+/dev/mmcblk0p2   /boot/firmware    vfat  umask=0077,flush  0 2
+"""
+FSTABS = {"grub": FSTAB, "uboot": FSTAB_UBOOT, "rpi": FSTAB_RPI}
+
+
+def stage_board(b: Build, tree: Path) -> None:
+    """What only this board's image has: U-Boot's fw_env.config (and agent.toml naming it)."""
+    cfg = tree / "etc/edgeops/agent.toml"
+    if b.tpm_optional:  # said in build.json: this image is not the board's as shipped
+        cfg.write_text(re.sub(r"^required = true$", "required = false  # image/build.py --tpm-optional",
+                              cfg.read_text(), flags=re.M))
+        b.facts["tpm_required"] = False
+    if b.target.boot != "uboot":
+        return
+    # QEMU virt's disk is /dev/vda, the board file's eMMC is /dev/mmcblk0: same offsets, and
+    # the agent reads the machine's file, as fw_printenv does (agent/adapters/bootloader/fwenv.py)
+    shutil.copy2(HERE / "uboot-arm64/fw_env.config", tree / "etc/fw_env.config")
+    cfg = tree / "etc/edgeops/agent.toml"
+    text = re.sub(r"^env(_size|_offsets)? = (\[[^\]]*\]|.*)\n", "", cfg.read_text(), flags=re.M)
+    text = text.replace('backend = "uboot"\n', 'backend = "uboot"\nfw_env_config = '
+                        '"/etc/fw_env.config"  # image/uboot-arm64/fw_env.config\n', 1)
+    cfg.write_text(text)
+
+
 def stage_rootfs(b: Build, tree: Path, pki: Path, fleet: Path | None, overlays: Sequence[Path],
                  own_wheel: Path, vendored: Sequence[Path], pip: str) -> None:
+    arch = b.target.arch
     install_wheel(own_wheel, tree, "/usr/lib/python3/dist-packages", scripts=True, pip=pip)
     for wheel in vendored:
-        install_wheel(wheel, tree, "/usr/lib/edgeops/vendor", scripts=False, pip=pip)
+        install_wheel(wheel, tree, "/usr/lib/edgeops/vendor", scripts=False, pip=pip, arch=arch)
     (tree / "usr/lib/python3/dist-packages/edgeops-vendor.pth").write_text("/usr/lib/edgeops/vendor\n")
     argv = [HERE / "stage-rootfs.sh", "--rootfs", tree, "--board", b.board,
             "--keyring", pki / "root" / "root.crt", "--edgeops", b.edgeops]
     if fleet is not None:
         argv += ["--fleet", fleet]
     run(argv)
-    (tree / "etc/fstab").write_text(FSTAB)
+    (tree / "etc/fstab").write_text(FSTABS[b.target.boot])
     (tree / "var/lib/edgeops").mkdir(parents=True, exist_ok=True)
-    (tree / "boot/efi").mkdir(parents=True, exist_ok=True)
+    for mnt in {"grub": ("boot/efi",), "rpi": ("boot/autoboot", "boot/firmware"), "uboot": ()}[
+            b.target.boot]:
+        (tree / mnt).mkdir(parents=True, exist_ok=True)
+    stage_board(b, tree)
     (tree / "etc/hostname").write_text("edgeops\n")
     (tree / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 edgeops\n")
     # the factory release of this image, for 'edgeops provision' on a first boot
@@ -384,14 +538,15 @@ def stage_rootfs(b: Build, tree: Path, pki: Path, fleet: Path | None, overlays: 
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
     (tree / "etc/systemd/system/getty.target.wants/getty@tty1.service").unlink(missing_ok=True)
-    b.facts["slimmed_bytes"] = slim(tree)
+    b.facts["slimmed_bytes"] = slim(tree, b.target.triplet)
     # Python's bytecode now, not at the device's first start (the CLI is slow under TCG)
     run(["chroot", tree, "python3", "-m", "compileall", "-q", "-j", "0",
          "/usr/lib/python3/dist-packages/agent", "/usr/lib/edgeops/vendor"])
     run(["mount", "-t", "proc", "proc", tree / "proc"])  # psutil reads /proc at import
     try:
         b.facts["edgeops_in_image"] = run(["chroot", tree, "edgeops", "--version"]).strip()
-        b.facts["python_packages"] = run(["chroot", tree, "python3", "-c", IMPORT_CHECK]).strip()
+        check = IMPORT_CHECK if arch == "amd64" else IMPORT_CHECK_NO_TPM
+        b.facts["python_packages"] = run(["chroot", tree, "python3", "-c", check]).strip()
     finally:
         run(["umount", tree / "proc"])
 
@@ -451,18 +606,19 @@ def layout(slot_mib: int) -> list[Partition]:
             Partition("rootfs_B", slot_mib, TYPE_LINUX), Partition("data", DATA_MIB, TYPE_LINUX)]
 
 
-def sfdisk_script(parts: Sequence[Partition]) -> str:
-    lines = ["label: gpt", "first-lba: 2048"]
+def sfdisk_script(parts: Sequence[Partition], first_mib: int = ALIGN_MIB) -> str:
+    lines = ["label: gpt", f"first-lba: {first_mib * 2048}"]
     lines += [f'size={p.size_mib}MiB, type={p.type_uuid}, name="{p.name}"' for p in parts]
     return "\n".join(lines) + "\n"
 
 
-def make_disk(disk: Path, parts: list[Partition], images: dict[str, Path | None]) -> None:
-    total = ALIGN_MIB + sum(p.size_mib for p in parts) + 1  # + the backup GPT
+def make_disk(disk: Path, parts: list[Partition], images: dict[str, Path | None], *,
+              first_mib: int = ALIGN_MIB) -> None:
+    total = first_mib + sum(p.size_mib for p in parts) + 1  # + the backup GPT
     disk.unlink(missing_ok=True)
     with open(disk, "wb") as f:
         f.truncate(mib(total))
-    proc = subprocess.run(["sfdisk", "-q", str(disk)], input=sfdisk_script(parts), text=True,
+    proc = subprocess.run(["sfdisk", "-q", str(disk)], input=sfdisk_script(parts, first_mib), text=True,
                           capture_output=True, check=False)
     if proc.returncode != 0:
         raise BuildError(f"sfdisk failed: {proc.stderr.strip()}")
@@ -477,15 +633,145 @@ def make_disk(disk: Path, parts: list[Partition], images: dict[str, Path | None]
 
 
 # --- the whole build ----------------------------------------------------------------------------
+# --- U-Boot on QEMU virt (uboot-arm64) ---------------------------------------------------------
+UBOOT_BOOT_MIB = 16  # p1: FAT with boot.scr only (U-Boot's distro boot finds it there)
+UBOOT_FIRST_MIB = 4  # the environment's two copies lie just below 4 MiB (the board file)
+ENV_COPIES = (0x3F8000, 0x3FC000)
+ENV_SIZE = 0x4000
+
+
+def uboot_layout(slot_mib: int) -> list[Partition]:
+    return [Partition("boot", UBOOT_BOOT_MIB, TYPE_BASIC_DATA), Partition("rootfs_A", slot_mib, TYPE_LINUX),
+            Partition("rootfs_B", slot_mib, TYPE_LINUX), Partition("data", DATA_MIB, TYPE_LINUX)]
+
+
+def make_uboot_boot(img: Path, work: Path) -> None:
+    scr = work / "boot.scr"
+    run(["mkimage", "-A", "arm64", "-O", "linux", "-T", "script", "-C", "none", "-n", "edgeops",
+         "-d", REPO / "boards/uboot/boot-virt.cmd", scr])
+    img.unlink(missing_ok=True)
+    run(["mkfs.vfat", "-n", "BOOT", "-C", img, str(UBOOT_BOOT_MIB * 1024)])
+    run(["mcopy", "-i", img, scr, "::/boot.scr"], env={"MTOOLS_SKIP_CHECK": "1"})
+
+
+def uboot_initial_env(disk: Path, work: Path) -> str:
+    """The factory environment, written by libubootenv's own fw_setenv into the disk at the
+    offsets of image/uboot-arm64/fw_env.config (the same file with the disk's path), and read
+    back with fw_printenv: what the agent's uboot backend reads on the device."""
+    cfg = work / "fw_env.config"
+    cfg.write_text("".join(f"{disk} {hex(o)} {hex(ENV_SIZE)}\n" for o in ENV_COPIES))
+    # agent.adapters.bootloader.uboot.initial_env("A")
+    initial = {"EO_SLOT": "A", "EO_ALT": "A", "upgrade_available": "0", "bootcount": "0",
+               "bootlimit": "1"}
+    script, defaults = work / "fw_env.initial", work / "fw_env.default"
+    script.write_text("".join(f"{k} {v}\n" for k, v in initial.items()))
+    defaults.write_text("".join(f"{k}={v}\n" for k, v in initial.items()))
+    # both copies blank: libubootenv starts from the defaults file (-f), then writes copy 2
+    run(["fw_setenv", "-c", cfg, "-f", defaults, "-s", script])
+    return run(["fw_printenv", "-c", cfg])
+
+
+# --- Raspberry Pi (rpi4, rpi5, cm4): structural only, they cannot boot here ----------------------
+RPI_AUTOBOOT_MIB = 32
+RPI_DISK_ID = "0xed6e0a5b"  # MBR disk identifier (PARTUUIDs would be ed6e0a5b-0N)
+RPI_DTBS = {"rpi4": ("bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb"), "cm4": ("bcm2711-rpi-cm4.dtb",),
+            "rpi5": ("bcm2712-rpi-5-b.dtb",)}
+AUTOBOOT_TXT = "[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n"  # docs/boards.md
+RPI_CONFIG_TXT = """\
+# edgeops {board} boot partition (slot {slot}); https://www.raspberrypi.com/documentation/computers/config_txt.html
+arm_64bit=1
+kernel=kernel8.img
+initramfs initrd.img followkernel
+enable_uart=1
+dtparam=watchdog=on
+"""
+
+
+def rpi_cmdline(board_doc: dict[str, Any], slot: str, console: str) -> str:
+    """cmdline.txt of SLOT: the board file's fix-up values when it declares them (h-fixups:
+    [[fixups]] payload = "boot", file = "cmdline.txt"), else its rootfs path."""
+    values: dict[str, str] = {}
+    for fx in board_doc.get("fixups", []) or []:
+        if fx.get("file") == "cmdline.txt":
+            values = {str(k): str(v) for k, v in fx.get("set", {}).get(slot, {}).items()}
+    slots = board_doc["slots"]
+    root = values.pop("root", slots[slot]["rootfs"]["path"])
+    rest = " ".join(f"{k}={v}" for k, v in values.items() if k != "edgeops.slot")
+    return (f"console={console},115200 root={root} rootfstype=ext4 rootwait ro "
+            f"edgeops.slot={slot}{' ' + rest if rest else ''}\n")
+
+
+def make_rpi_boot(b: Build, img: Path, tree: Path, work: Path, slot: str, boot_mib: int) -> None:
+    doc = tomllib.loads((REPO / "boards" / f"{b.board}.toml").read_text())
+    console = "serial0" if b.board != "rpi5" else str(doc["board"].get("console", "ttyAMA10"))
+    kver = next(p.name for p in (tree / "lib/modules").iterdir())
+    d = work / f"boot_{slot}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    shutil.copy2(tree / "boot/Image", d / "kernel8.img")
+    shutil.copy2(tree / "boot/initrd.img", d / "initrd.img")
+    dtbs = []
+    for name in RPI_DTBS[b.board]:
+        src = tree / f"usr/lib/linux-image-{kver}/broadcom" / name
+        if src.exists():  # bookworm's 6.1 has no Pi 5 tree (bcm2712)
+            shutil.copy2(src, d / name)
+            dtbs.append(name)
+    b.facts.setdefault("rpi_dtbs", dtbs)
+    (d / "config.txt").write_text(RPI_CONFIG_TXT.format(board=b.board, slot=slot))
+    (d / "cmdline.txt").write_text(rpi_cmdline(doc, slot, console))
+    img.unlink(missing_ok=True)
+    run(["mkfs.vfat", "-n", f"BOOT_{slot}", "-C", img, str(boot_mib * 1024)])
+    run(["mcopy", "-s", "-i", img, *sorted(d.iterdir()), "::/"], env={"MTOOLS_SKIP_CHECK": "1"})
+
+
+def make_rpi_autoboot(img: Path, work: Path) -> None:
+    txt = work / "autoboot.txt"
+    txt.write_text(AUTOBOOT_TXT)
+    img.unlink(missing_ok=True)
+    run(["mkfs.vfat", "-n", "AUTOBOOT", "-C", img, str(RPI_AUTOBOOT_MIB * 1024)])
+    run(["mcopy", "-i", img, txt, "::/autoboot.txt"], env={"MTOOLS_SKIP_CHECK": "1"})
+
+
+def make_rpi_disk(disk: Path, sizes: dict[str, int], images: dict[str, Path | None]) -> list[Partition]:
+    """MBR as the board files say: p1 autoboot, p2/p3 boot A/B, p4 extended with p5/p6
+    rootfs A/B and p7 data (sfdisk; each logical partition 1 MiB after its EBR)."""
+    parts = [Partition("autoboot", RPI_AUTOBOOT_MIB, "c"), Partition("boot_A", sizes["boot"], "c"),
+             Partition("boot_B", sizes["boot"], "c"), Partition("rootfs_A", sizes["rootfs"], "83"),
+             Partition("rootfs_B", sizes["rootfs"], "83"), Partition("data", DATA_MIB, "83")]
+    script = ["label: dos", f"label-id: {RPI_DISK_ID}"]
+    at = 4  # MiB; explicit starts, else sfdisk fills the gap below p1 with the extended one
+    for p in parts[:3]:
+        script.append(f"start={at}MiB, size={p.size_mib}MiB, type={p.type_uuid}")
+        at += p.size_mib
+    script.append(f"start={at}MiB, type=5")
+    script += [f"size={p.size_mib}MiB, type={p.type_uuid}" for p in parts[3:]]
+    total = 4 + sum(p.size_mib for p in parts) + 8  # + an EBR (aligned: 1 MiB) per logical
+    disk.unlink(missing_ok=True)
+    with open(disk, "wb") as f:
+        f.truncate(mib(total))
+    proc = subprocess.run(["sfdisk", "-q", str(disk)], input="\n".join(script) + "\n", text=True,
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise BuildError(f"sfdisk failed: {proc.stderr.strip()}")
+    table = json.loads(run(["sfdisk", "--json", disk]))["partitiontable"]
+    rows = [r for r in table["partitions"] if r["type"] != "5"]
+    for p, row in zip(parts, rows, strict=True):
+        p.start = int(row["start"]) * 512
+        src = images.get(p.name)
+        if src is not None:
+            run(["dd", f"if={src}", f"of={disk}", "bs=1M", f"seek={p.start}", "oflag=seek_bytes",
+                 "conv=notrunc,sparse", "status=none"])
+    return parts
+
+
+# --- the whole build ----------------------------------------------------------------------------
 def build(b: Build, *, fleet: Path | None, overlays: Sequence[Path], pip: str) -> None:
     t0 = time.monotonic()
-    if b.board != "x86-64-grub":
-        raise BuildError(f"board {b.board}: only x86-64-grub is built so far (see image/README.md)")
-    arch_dir = HERE / "x86-64"
+    arch_dir = b.target.arch_dir
     work = b.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     with step(b, "host tools"):
-        host_tools()
+        host_tools(b.target)
     with step(b, "base tree"):
         tar = base_tree(b, arch_dir)
     with step(b, "test PKI"):
@@ -517,13 +803,35 @@ def build(b: Build, *, fleet: Path | None, overlays: Sequence[Path], pip: str) -
         mkfs_ext4(rootfs, tree, fs_mib, "edgeops-root")
         data = work / "data.ext4"
         mkfs_ext4(data, factory / "var/lib/edgeops", DATA_MIB, "edgeops-data")
-        esp = work / "esp.vfat"
-        make_esp(b, esp, work)
         b.facts.update(tree_mib=used, rootfs_fs_mib=fs_mib, slot_mib=slot_mib)
-    parts = layout(slot_mib)
+        boot_imgs: dict[str, Path | None] = {}
+        if b.target.boot == "grub":
+            boot_imgs["esp"] = work / "esp.vfat"
+            make_esp(b, work / "esp.vfat", work)
+        elif b.target.boot == "uboot":
+            boot_imgs["boot"] = work / "boot.vfat"
+            make_uboot_boot(work / "boot.vfat", work)
+        else:
+            doc = tomllib.loads((REPO / "boards" / f"{b.board}.toml").read_text())
+            boot_mib = parse_size_mib(str(doc["slots"]["A"]["boot"]["min_size"]))
+            make_rpi_autoboot(work / "autoboot.vfat", work)
+            boot_imgs["autoboot"] = work / "autoboot.vfat"
+            for s in ("A", "B"):  # B's boot partition already names B (the payload is boot.vfat)
+                make_rpi_boot(b, work / f"boot_{s}.vfat", tree, work, s, boot_mib)
+                boot_imgs[f"boot_{s}"] = work / f"boot_{s}.vfat"
+            shutil.copy2(work / "boot_A.vfat", b.out / "boot.vfat")  # the boot payload
     disk = b.out / "disk.img"
     with step(b, "disk"):
-        make_disk(disk, parts, {"esp": esp, "rootfs_A": rootfs, "rootfs_B": None, "data": data})
+        images = {**boot_imgs, "rootfs_A": rootfs, "rootfs_B": None, "data": data}
+        if b.target.boot == "grub":
+            parts = layout(slot_mib)
+            make_disk(disk, parts, images)
+        elif b.target.boot == "uboot":
+            parts = uboot_layout(slot_mib)
+            make_disk(disk, parts, images, first_mib=UBOOT_FIRST_MIB)
+            b.facts["uboot_env"] = uboot_initial_env(disk, work).split()
+        else:
+            parts = make_rpi_disk(disk, {"boot": boot_mib, "rootfs": slot_mib}, images)
     b.timings["total"] = round(time.monotonic() - t0, 1)
     st = disk.stat()
     b.facts.update(
@@ -555,13 +863,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--version", default="1.0", help="the factory release's version")
     p.add_argument("--security-version", type=int, default=1)
     p.add_argument("--fleet", type=Path, help="fleet.toml for the device (0600 in the image)")
+    p.add_argument("--tpm-optional", action="store_true",
+                   help="agent.toml [tpm] required = false, for a boot test without a TPM")
     p.add_argument("--overlay", type=Path, action="append", default=[],
                    help="a directory tree copied over the rootfs as it is (symlinks kept)")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("image: must run as root (mmdebstrap --mode=root, a root-owned tree)", file=sys.stderr)
         return 2
-    b = Build(a.board, a.out.resolve(), a.cache, a.edgeops, a.version, a.security_version)
+    if a.board not in TARGETS:
+        print(f"image: board {a.board!r} has no image recipe; one of: {', '.join(TARGETS)}",
+              file=sys.stderr)
+        return 2
+    b = Build(a.board, TARGETS[a.board], a.out.resolve(), a.cache, a.edgeops, a.version,
+              a.security_version, tpm_optional=a.tpm_optional)
     try:
         build(b, fleet=a.fleet, overlays=a.overlay, pip=a.pip)
     except BuildError as exc:

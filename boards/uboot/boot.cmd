@@ -37,7 +37,16 @@ fi
 
 setenv bootargs "${bootargs} root=PARTLABEL=rootfs_${EO_SLOT} rootwait ro edgeops.slot=${EO_SLOT}"
 load ${devtype} ${devnum}:${eo_part} ${kernel_addr_r} /boot/Image
-load ${devtype} ${devnum}:${eo_part} ${fdt_addr_r} /boot/${fdtfile}
-booti ${kernel_addr_r} - ${fdt_addr_r}
+# Debian's arm64 kernel finds its root with modules (virtio, mmc, ext4): the initrd is needed
+load ${devtype} ${devnum}:${eo_part} ${ramdisk_addr_r} /boot/initrd.img
+setenv eo_initrd ${ramdisk_addr_r}:${filesize}
+# the slot's device tree when U-Boot names one (fdtfile), else the one U-Boot itself runs on
+# (QEMU virt and boards whose firmware hands U-Boot the tree have no file to load)
+if test -n "${fdtfile}" && load ${devtype} ${devnum}:${eo_part} ${fdt_addr_r} /boot/${fdtfile}; then
+    setenv eo_fdt ${fdt_addr_r}
+else
+    setenv eo_fdt ${fdtcontroladdr}
+fi
+booti ${kernel_addr_r} ${eo_initrd} ${eo_fdt}
 # Only reached when the kernel failed to load: let the bootcount fallback decide.
 reset
