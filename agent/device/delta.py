@@ -51,6 +51,8 @@ PROGRESS_KEY = "delta.progress"
 LAST_KEY = "delta.last"  # the last download's figures (fleet.py writes a whole one's, mode "full")
 GAP = 4096  # ranges closer than this merge: an HTTP part costs ~100 bytes of framing
 BUDGET = 48  # ranges per payload when the server answers one range per request
+MULTI_BUDGET = 2048  # ranges per payload while the server answers multi-range requests
+PROBE = 2  # ranges of the first request while the server's multi-range support is unknown
 BATCH_BYTES = 4 << 20  # bytes per multi-range request
 CHECKPOINT = 64 << 20  # bytes written between fsync + journal progress
 HEAD_FIRST = 16 * 1024
@@ -328,8 +330,7 @@ class DeltaWriter:
         remote = sorted(delta_plan.spans(index, todo, origin), key=lambda sp: sp.start)
         by_chunk = {s.chunk: s for s in todo}
         todo = [s for s in todo if s.kind == delta_plan.COPY] + [by_chunk[sp.chunk] for sp in remote]
-        ranges = delta_plan.coalesce([(s.start, s.end) for s in remote], gap=GAP, budget=BUDGET)
-        parts = self._parts(delta_plan.batches(ranges, max_bytes=BATCH_BYTES, max_parts=MAX_PARTS))
+        parts = self._parts([(s.start, s.end) for s in remote])
         part: Part | None = None
         spans = iter(remote)
         last: tuple[bytes, bytes] | None = None  # (sha256, bytes) of the last verified copy
@@ -372,8 +373,24 @@ class DeltaWriter:
                                        "signed hash")
                 yield s, plain
 
-    def _parts(self, batches: list[list[tuple[int, int]]]) -> Iterator[Part]:
-        for batch in batches:
+    def _parts(self, wanted: list[tuple[int, int]]) -> Iterator[Part]:
+        """The wanted ranges' parts, in order. Coalescing to ``BUDGET`` ranges costs bytes
+        between them (ext4 v1 -> v3: a fifth more), which only a single-range server needs:
+        while the server's support is unknown the first request asks for ``PROBE`` ranges,
+        and the rest are coalesced for what it answered (``ranges_for``)."""
+        rest = wanted
+        if self.fetcher.multi is None:
+            ranges = ranges_for(rest, multi=True)
+            if len(ranges) <= BUDGET:  # as few ranges as a single-range server allows
+                rest = []
+                for batch in delta_plan.batches(ranges, max_bytes=BATCH_BYTES, max_parts=MAX_PARTS):
+                    yield from self.fetcher.fetch(batch)
+            else:
+                yield from self.fetcher.fetch(ranges[:PROBE])
+                end = ranges[PROBE - 1][1]
+                rest = [r for r in rest if r[0] >= end]
+        ranges = ranges_for(rest, multi=self.fetcher.multi is not False)
+        for batch in delta_plan.batches(ranges, max_bytes=BATCH_BYTES, max_parts=MAX_PARTS):
             yield from self.fetcher.fetch(batch)
 
     # --- resuming ----------------------------------------------------------------------------
@@ -407,6 +424,12 @@ class DeltaWriter:
         self.stats.resumed += len(have)
         self._tick(sum(index.chunks[i].length for i in have))
         return have
+
+
+def ranges_for(wanted: list[tuple[int, int]], *, multi: bool) -> list[tuple[int, int]]:
+    """The requests' ranges for the wanted spans: few for a single-range server (each range is
+    a request), nearly exact for a multi-range one (each range is ~100 bytes of framing)."""
+    return delta_plan.coalesce(wanted, gap=GAP, budget=MULTI_BUDGET if multi else BUDGET)
 
 
 def _index_len(p: Payload) -> int:
@@ -474,4 +497,4 @@ def _unzstd(blob: bytes, size: int, dictionary: bytes | None) -> bytes | None:
     return out if len(out) == size else None
 
 
-__all__ = ["BUDGET", "GAP", "HEAD_FIRST", "MAX_PARTS", "DeltaStats", "DeltaWriter", "install"]
+__all__ = ["BUDGET", "GAP", "HEAD_FIRST", "MAX_PARTS", "MULTI_BUDGET", "PROBE", "DeltaStats", "DeltaWriter", "install"]

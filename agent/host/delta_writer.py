@@ -292,6 +292,7 @@ class DeltaInfo:
     copied: int
     patched: int
     fetched: int
+    download_bytes_single: int = 0  # from a server that answers one range per request
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -353,21 +354,26 @@ def delta_info(bundle: Path, image: Path) -> DeltaInfo:
                 forced.add(s.chunk)
         del offsets
         first = [s for s in steps if s.kind != delta_plan.HAVE]
-        total = meta_bytes
+        total = total_single = meta_bytes
         req_multi = req_single = 2  # the head window and the block list + index
         for round_steps in (first, [s for s in delta_plan.steps(index, None) if s.chunk in forced]):
-            spans = delta_plan.spans(index, round_steps, origin)
-            if not spans:
+            wanted = [(s.start, s.end) for s in delta_plan.spans(index, round_steps, origin)]
+            if not wanted:
                 continue
-            ranges = delta_plan.coalesce([(s.start, s.end) for s in spans], gap=device_delta.GAP,
-                                         budget=device_delta.BUDGET)
-            batches = delta_plan.batches(ranges, max_bytes=device_delta.BATCH_BYTES,
-                                         max_parts=device_delta.MAX_PARTS)
-            total += delta_plan.fetched_bytes(ranges) + PART_OVERHEAD * len(ranges)
-            req_multi += len(batches)
-            req_single += len(ranges)
+            multi = device_delta.ranges_for(wanted, multi=True)
+            single = device_delta.ranges_for(wanted, multi=False)
+            if len(multi) > device_delta.BUDGET and req_single == 2:  # the device's probe
+                probe = multi[:device_delta.PROBE]
+                single = probe + device_delta.ranges_for(
+                    [r for r in wanted if r[0] >= probe[-1][1]], multi=False)
+            total += delta_plan.fetched_bytes(multi) + PART_OVERHEAD * len(multi)
+            total_single += delta_plan.fetched_bytes(single)
+            req_multi += len(delta_plan.batches(multi, max_bytes=device_delta.BATCH_BYTES,
+                                                max_parts=device_delta.MAX_PARTS))
+            req_single += len(single)
         kinds = [s.kind for s in steps]
         return DeltaInfo(size, total, req_multi, req_single, base.version, len(index.chunks),
                          kinds.count(delta_plan.COPY) - len([s for s in steps if s.chunk in forced
                                                              and s.kind == delta_plan.COPY]),
-                         kinds.count(delta_plan.PATCH), kinds.count(delta_plan.FETCH) + len(forced))
+                         kinds.count(delta_plan.PATCH), kinds.count(delta_plan.FETCH) + len(forced),
+                         total_single)
