@@ -324,48 +324,58 @@ class DeltaWriter:
 
     def _sources(self, index: dx.DeltaIndex, todo: list[delta_plan.Step], origin: int, bfd: int
                  ) -> Iterator[tuple[delta_plan.Step, bytes | None]]:
-        """Each step's verified bytes, in chunk order (None: a local source failed its hash)."""
-        # local copies first, then the remote steps in bundle order (patches sit after the
-        # frames), so the answer is read front to back; pwrite does not care about the order
+        """Each step's verified bytes (None: a local source failed its hash): local copies
+        first, then the remote spans in bundle order (patches sit after the frames), so the
+        answer is read front to back; pwrite does not care about the order."""
         remote = sorted(delta_plan.spans(index, todo, origin), key=lambda sp: sp.start)
-        by_chunk = {s.chunk: s for s in todo}
-        todo = [s for s in todo if s.kind == delta_plan.COPY] + [by_chunk[sp.chunk] for sp in remote]
+        served = delta_plan.steps_of(todo)
         parts = self._parts([(s.start, s.end) for s in remote])
-        part: Part | None = None
-        spans = iter(remote)
+        offsets = index.offsets()
         last: tuple[bytes, bytes] | None = None  # (sha256, bytes) of the last verified copy
         for s in todo:
-            c = index.chunks[s.chunk]
-            if s.kind == delta_plan.COPY:
-                assert isinstance(s.op, dx.Copy)
-                data = _pread(bfd, c.length, s.op.offset)
-                # the same chunk again (runs of zeros): equal to bytes that hashed to this very
-                # sha256, so it does too; comparing is ten times cheaper than hashing
-                if last is not None and last[0] == c.sha256 and last[1] == data:
-                    yield s, data
-                    continue
-                ok = hashlib.sha256(data).digest() == c.sha256
-                if ok:
-                    last = (c.sha256, data)
-                yield s, data if ok else None
+            if s.kind != delta_plan.COPY:
                 continue
-            span = next(spans)
+            c = index.chunks[s.chunk]
+            assert isinstance(s.op, dx.Copy)
+            data = _pread(bfd, c.length, s.op.offset)
+            # the same chunk again (runs of zeros): equal to bytes that hashed to this very
+            # sha256, so it does too; comparing is ten times cheaper than hashing
+            if last is not None and last[0] == c.sha256 and last[1] == data:
+                yield s, data
+                continue
+            ok = hashlib.sha256(data).digest() == c.sha256
+            if ok:
+                last = (c.sha256, data)
+            yield s, data if ok else None
+        part: Part | None = None
+        for span in remote:
             while part is None or span.start >= part.end:
                 part = next(parts)
             part.skip_to(span.start)
             blob = part.read(span.end - span.start)
+            group = served[span.chunk]
+            s = group[0]
+            c = index.chunks[s.chunk]
             if s.kind == delta_plan.PATCH:
-                assert isinstance(s.op, dx.Patch)
-                if hashlib.sha256(blob).digest() != s.op.sha256:
-                    raise HashMismatch(f"patch for chunk {s.chunk} does not match the signed index; "
-                                       "stopped before using it")
-                dictionary = b"".join(_pread(bfd, n, off) for off, n in s.op.extents)
-                data_or_none = _unzstd(blob, c.length, dictionary)
-                ok = data_or_none is not None and hashlib.sha256(data_or_none).digest() == c.sha256
-                yield s, data_or_none if ok else None
+                op = s.op
+                assert isinstance(op, dx.Patch)
+                if hashlib.sha256(blob).digest() != op.sha256:
+                    raise HashMismatch(f"patch for chunk {op.chunk} does not match the signed "
+                                       "index; stopped before using it")
+                dictionary = b"".join(_pread(bfd, n, off) for off, n in op.extents)
+                size = offsets[op.last + 1] - offsets[op.chunk]
+                out = _unzstd(blob, size, dictionary)
+                del blob, dictionary
+                for t in group:  # a run patch: every chunk of it the plan wants, each verified
+                    k = t.chunk
+                    n = index.chunks[k].length
+                    piece = None if out is None else \
+                        out[offsets[k] - offsets[op.chunk]:offsets[k] - offsets[op.chunk] + n]
+                    ok = piece is not None and hashlib.sha256(piece).digest() == index.chunks[k].sha256
+                    yield t, piece if ok else None
             else:
                 if hashlib.sha256(blob).digest() != c.frame_sha256:
-                    raise HashMismatch(f"chunk {s.chunk} (image bytes {index.offsets()[s.chunk]}..) "
+                    raise HashMismatch(f"chunk {s.chunk} (image bytes {offsets[s.chunk]}..) "
                                        "does not match the signed index; stopped before using it")
                 plain = _unzstd(blob, c.length, None)
                 if plain is None or hashlib.sha256(plain).digest() != c.sha256:
@@ -497,4 +507,5 @@ def _unzstd(blob: bytes, size: int, dictionary: bytes | None) -> bytes | None:
     return out if len(out) == size else None
 
 
-__all__ = ["BUDGET", "GAP", "HEAD_FIRST", "MAX_PARTS", "MULTI_BUDGET", "PROBE", "DeltaStats", "DeltaWriter", "install"]
+__all__ = ["BUDGET", "GAP", "HEAD_FIRST", "MAX_PARTS", "MULTI_BUDGET", "PROBE", "DeltaStats",
+           "DeltaWriter", "install"]
