@@ -489,9 +489,16 @@ def test_a_signed_but_unusable_index_installs_the_whole_payload(world: dict[str,
                          version="2.0", security_version=1, build_time=int(time.time()),
                          sources=[bundle_writer.PayloadSource(
                              "rootfs", "rootfs", tmp / "v2.img", stored=tmp / "odd.stored",
-                             installed=(built.size, built.sha256), meta=delta_writer.meta_for(built))])
+                             installed=(built.size, built.sha256),
+                             meta={**delta_writer.meta_for(built), delta_writer.META_SHA:
+                                   hashlib.sha256(stored[:built.index_bytes]).hexdigest()})])
     dev = _device(world, "dev")
     with rangeserver.serve(rangeserver.Served({"/b": odd})) as url:
         _, stats = _run(dev, url, odd.stat().st_size)
     assert stats.mode == "full" and stats.notes
     assert _slot(dev, "B") == world["v2"]
+
+
+def test_an_index_that_differs_from_its_signed_hash_is_refused_before_anything_is_written(
+        world: dict[str, Any], tmp_path: Path) -> None:
+    _tamper_refused(world, tmp_path, 0, -world["built"].index_bytes + 40, "delta index of payload")

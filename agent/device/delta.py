@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 META_KEY = "delta_index_bytes"
+META_SHA = "delta_index_sha256"
 PROGRESS_KEY = "delta.progress"
 LAST_KEY = "delta.last"  # the last download's figures (fleet.py writes a whole one's, mode "full")
 GAP = 4096  # ranges closer than this merge: an HTTP part costs ~100 bytes of framing
@@ -55,7 +56,7 @@ MULTI_BUDGET = 2048  # ranges per payload while the server answers multi-range r
 PROBE = 2  # ranges of the first request while the server's multi-range support is unknown
 BATCH_BYTES = 4 << 20  # bytes per multi-range request
 CHECKPOINT = 64 << 20  # bytes written between fsync + journal progress
-HEAD_FIRST = 16 * 1024
+HEAD_FIRST = 8 * 1024  # the signed head of the bench's bundles is 4 KiB; more comes if needed
 
 
 @dataclass
@@ -177,27 +178,38 @@ class DeltaWriter:
         return blocks_off + p.blocks_size + tarstream.padding(p.blocks_size) + tarstream.BLOCK
 
     def _head_of(self, p: Payload, blocks_off: int, data_off: int
-                 ) -> tuple[bytes, dx.DeltaIndex | None, int]:
-        """Fetch and verify the block list and the index frame; return the digests, the index
-        and the index frame's length."""
+                 ) -> tuple[bytes | None, dx.DeltaIndex | None, int]:
+        """Fetch and verify the index frame; return the block list (if it was fetched), the
+        index and the index frame's length. With ``delta_index_sha256`` in the signed meta the
+        index alone is fetched and checked against it; without (bundles before it), the block
+        list and the whole blocks holding the index, checked against the block list."""
         bs = p.block_size
         ilen = _index_len(p)
         if ilen > p.stored_size:
             raise dx.DeltaIndexError(f"payload '{p.name}' declares an index larger than itself")
-        covered = min(p.stored_size, -(-ilen // bs) * bs)
-        raw = self._read(blocks_off, data_off + covered)
-        digests = raw[:p.blocks_size]
-        if hashlib.sha256(digests).hexdigest() != p.blocks_sha256:
-            raise HashMismatch(f"block list of payload '{p.name}' does not match the manifest")
-        hdr = raw[data_off - blocks_off - tarstream.BLOCK:data_off - blocks_off]
+        pinned = _index_sha(p)
+        digests: bytes | None = None
+        if pinned:
+            raw = self._read(data_off - tarstream.BLOCK, data_off + ilen)
+            hdr, stored = raw[:tarstream.BLOCK], raw[tarstream.BLOCK:]
+            if hashlib.sha256(stored).hexdigest() != pinned:
+                raise HashMismatch(f"delta index of payload '{p.name}' does not match the "
+                                   "manifest; stopped before using it")
+        else:
+            covered = min(p.stored_size, -(-ilen // bs) * bs)
+            raw = self._read(blocks_off, data_off + covered)
+            digests = raw[:p.blocks_size]
+            if hashlib.sha256(digests).hexdigest() != p.blocks_sha256:
+                raise HashMismatch(f"block list of payload '{p.name}' does not match the manifest")
+            hdr = raw[data_off - blocks_off - tarstream.BLOCK:data_off - blocks_off]
+            stored = raw[data_off - blocks_off:]
+            for k in range(0, covered, bs):
+                if hashlib.sha256(stored[k:k + bs]).digest() != digests[32 * (k // bs):32 * (k // bs) + 32]:
+                    raise HashMismatch(f"payload '{p.name}' block {k // bs} does not match its "
+                                       "signed hash; stopped before using it")
         member = tarstream.parse_header(hdr)
         if member is None or member.name != p.name or member.size != p.stored_size:
             raise BundleError(f"bundle member for payload '{p.name}' is not where the manifest puts it")
-        stored = raw[data_off - blocks_off:]
-        for k in range(0, covered, bs):
-            if hashlib.sha256(stored[k:k + bs]).digest() != digests[32 * (k // bs):32 * (k // bs) + 32]:
-                raise HashMismatch(f"payload '{p.name}' block {k // bs} does not match its signed "
-                                   "hash; stopped before using it")
         try:  # signed, yet unusable (a writer's bug): the whole payload still installs
             if dx.index_frame_length(stored[:12]) != ilen:
                 raise dx.DeltaIndexError(f"payload '{p.name}' index length disagrees with its meta")
@@ -225,7 +237,7 @@ class DeltaWriter:
         if base is None or index is None:
             self.stats.mode = "full"
             self.stats.notes.append(f"payload '{p.name}': no base this device holds")
-            return self._whole(p, target, digests, data_off)
+            return self._whole(p, target, digests, blocks_off, data_off)
         return self._apply(p, target, base_path, base, index, data_off + ilen)
 
     def _base(self, p: Payload, index: dx.DeltaIndex) -> tuple[Path, dx.Base | None]:
@@ -237,7 +249,12 @@ class DeltaWriter:
         version = info.version if info is not None else None
         return path, (index.base(str(version)) if version else None)
 
-    def _whole(self, p: Payload, target: Path, digests: bytes, data_off: int) -> int:
+    def _whole(self, p: Payload, target: Path, digests: bytes | None, blocks_off: int,
+               data_off: int) -> int:
+        if digests is None:  # the index was pinned by the manifest: the block list comes now
+            digests = self._read(blocks_off, blocks_off + p.blocks_size)
+            if hashlib.sha256(digests).hexdigest() != p.blocks_sha256:
+                raise HashMismatch(f"block list of payload '{p.name}' does not match the manifest")
         stream = self.fetcher.stream_from(data_off)
         try:
             pr = PayloadReader(tarstream.TarReader(cast(BinaryIO, stream)), p, digests)
@@ -440,6 +457,13 @@ def ranges_for(wanted: list[tuple[int, int]], *, multi: bool) -> list[tuple[int,
     """The requests' ranges for the wanted spans: few for a single-range server (each range is
     a request), nearly exact for a multi-range one (each range is ~100 bytes of framing)."""
     return delta_plan.coalesce(wanted, gap=GAP, budget=MULTI_BUDGET if multi else BUDGET)
+
+
+def _index_sha(p: Payload) -> str:
+    """The index frame's SHA-256 from the signed meta (hex), or "" (bundles before it)."""
+    v = p.meta.get(META_SHA) if isinstance(p.meta, dict) else None
+    return v if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) \
+        else ""
 
 
 def _index_len(p: Payload) -> int:

@@ -35,7 +35,7 @@ from agent.core import manifest as manifest_mod
 from agent.core import tarstream
 from agent.errors import BundleError, UsageError
 
-AVG_CHUNK = 64 * 1024  # min avg/4, max 4·avg (FastCDC's usual spread)
+AVG_CHUNK = 128 * 1024  # min avg/4, max 4·avg (FastCDC's usual spread); 64 KiB: docs/delta.md
 SUB_CHUNK = 2048  # sub-chunks that locate a chunk's likeness in a base
 SLACK = 16 * 1024  # base bytes either side of an aligned region
 LEVEL = 19
@@ -44,6 +44,7 @@ RUN_BYTES = 2 << 20  # image bytes one run patch rebuilds at most (device: dx.MA
 RUN_DICT = 4 << 20  # base bytes one run patch refers to at most (device: dx.MAX_DICT)
 RUN_GAIN = 0.97  # a run patch must be at most this fraction of its chunks' own downloads
 META_KEY = "delta_index_bytes"
+META_SHA = "delta_index_sha256"  # of the whole index frame: the signed manifest pins the index
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Built:
     copies: dict[str, int] = field(default_factory=dict)
     patches: dict[str, int] = field(default_factory=dict)
     runs: dict[str, int] = field(default_factory=dict)  # run patches (several chunks each)
+    index_sha256: str = ""
 
 
 def _cut(data: bytes, avg: int) -> list[tuple[int, int]]:
@@ -315,6 +317,7 @@ def build(image: Path, bases: Sequence[BaseImage], out: Path, *, avg: int = AVG_
             f.write(fr)
         f.write(tail)
     built.index_bytes = len(idx_frame)
+    built.index_sha256 = hashlib.sha256(idx_frame).hexdigest()
     if _decompress_all(out, len(data)) != built.sha256:
         raise BundleError("internal error: the delta payload does not decompress to the image")
     return built
@@ -372,7 +375,7 @@ def is_bundle(path: Path) -> bool:
 
 
 def meta_for(built: Built) -> dict[str, Any]:
-    return {META_KEY: built.index_bytes}
+    return {META_KEY: built.index_bytes, META_SHA: built.index_sha256}
 
 
 # --- what a device holding an image would download ------------------------------------------
@@ -420,8 +423,11 @@ def delta_info(bundle: Path, image: Path) -> DeltaInfo:
                                                        max_output_size=dx.MAX_INDEX_BYTES)
         index = dx.decode(body, size=p.size, data_size=p.stored_size - ilen)
         origin = data_off + ilen
-        covered = min(p.stored_size, -(-ilen // p.block_size) * p.block_size)
-        meta_bytes = max(head_bytes, data_off + covered)  # the head window, then the rest up to it
+        if device_delta._index_sha(p):  # the index alone, after the payload's tar header
+            meta_bytes = head_bytes + max(0, data_off + ilen - max(head_bytes, data_off - 512))
+        else:  # the block list and the whole blocks holding the index
+            covered = min(p.stored_size, -(-ilen // p.block_size) * p.block_size)
+            meta_bytes = max(head_bytes, data_off + covered)
         img = image.read_bytes()
         sha = hashlib.sha256(img).digest()
         base = next((b for b in index.bases if b.sha256 == sha), None)
