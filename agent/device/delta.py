@@ -11,7 +11,7 @@ outside edgeops) is fetched instead; a fetched byte that fails is a ``HashMismat
 bundle is bad. Progress (the chunks written and fsynced) is kept in the journal, so a dropped
 link or a reboot resumes without fetching them again. Whenever the delta cannot be used (no
 index, no matching base, a server without Range support) the payload is installed whole.
-Long because (about 410 lines) the whole device procedure reads top to bottom in one place:
+Long because (about 530 lines) the whole device procedure reads top to bottom in one place:
 fetch and verify the index, plan, write, resume, and the fleet agent's entry point.
 """
 

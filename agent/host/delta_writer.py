@@ -12,7 +12,10 @@ from a base gets a patch when zstd, with base bytes that resemble it as its dict
 (the idea behind ``zstd --patch-from``), makes it clearly smaller than its plain frame.
 Resemblance is found with small sub-chunks: the base offsets where a chunk's sub-chunks
 also occur vote for an alignment, and the region at the chunk's own offset is a
-candidate too (file-system metadata that changed in place).
+candidate too (file-system metadata that changed in place). Consecutive chunks a base
+lacks may instead share one *run patch*: one frame, so they keep each other's context.
+Long because (about 480 lines) building, the bases given as bundles and ``delta-info`` (which
+replays the device's plan on local files) share the format's details in one place.
 """
 
 from __future__ import annotations
