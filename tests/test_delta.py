@@ -45,14 +45,15 @@ def _v2(v1: bytes) -> bytes:
     return bytes(b[:SIZE])
 
 
-@pytest.fixture
-def world(pki: Keys, tmp_path: Path) -> dict[str, Any]:
-    v1, v2 = _image(1), None
+def _world(pki: Keys, tmp_path: Path, *, runs: bool = True) -> dict[str, Any]:
+    tmp_path = tmp_path / ("w2" if runs else "w1")  # both fixtures in one test stay apart
+    tmp_path.mkdir()
+    v1 = _image(1)
     v2 = _v2(v1)
     (tmp_path / "v1.img").write_bytes(v1)
     (tmp_path / "v2.img").write_bytes(v2)
     built = delta_writer.build(tmp_path / "v2.img", [delta_writer.BaseImage("1.0", tmp_path / "v1.img")],
-                               tmp_path / "stored", avg=16384)
+                               tmp_path / "stored", avg=16384, runs=runs)
     bundle = tmp_path / "v2.bundle"
     bundle_writer.create(bundle, sign=keys.load_signing_key(pki.signer_key).sign,
                          chain_pem=pki.signer_crt.read_bytes(), compatible="edgeops-sim",
@@ -61,6 +62,18 @@ def world(pki: Keys, tmp_path: Path) -> dict[str, Any]:
                              "rootfs", "rootfs", tmp_path / "v2.img", stored=built.stored,
                              installed=(built.size, built.sha256), meta=delta_writer.meta_for(built))])
     return {"v1": v1, "v2": v2, "bundle": bundle, "built": built, "tmp": tmp_path, "pki": pki}
+
+
+@pytest.fixture
+def world(pki: Keys, tmp_path: Path) -> dict[str, Any]:
+    """v2 against v1 as ``bundle create`` makes it: index format 2, with run patches."""
+    return _world(pki, tmp_path)
+
+
+@pytest.fixture
+def world_v1(pki: Keys, tmp_path: Path) -> dict[str, Any]:
+    """The same release with an index of format 1 (one chunk per patch, plain frames fetched)."""
+    return _world(pki, tmp_path, runs=False)
 
 
 def _device(world: dict[str, Any], name: str) -> Path:
@@ -119,29 +132,99 @@ def test_a_server_answering_one_range_per_request_still_gets_few_requests(world:
     assert state.requests <= delta.BUDGET + 4 and stats.requests == state.requests
 
 
-def test_a_tampered_fetched_chunk_is_refused_before_it_is_written(world: dict[str, Any],
-                                                                 tmp_path: Path) -> None:
+def _covered(op: dx.Op) -> range:
+    return range(op.chunk, op.last + 1) if isinstance(op, dx.Patch) else range(op.chunk, op.chunk + 1)
+
+
+def _tamper_refused(world: dict[str, Any], tmp_path: Path, chunk: int, at: int, match: str) -> None:
+    """Flip a byte ``at`` bytes after the data origin; the install stops with ``match`` and
+    chunk ``chunk``'s bytes in the target slot are what they were."""
     index = _index(world)
-    base = index.bases[0]
-    local = {op.chunk for op in base.ops}
-    fetched = next(i for i in range(len(index.chunks)) if i not in local)
     raw = bytearray(world["bundle"].read_bytes())
     stored = world["built"].stored.read_bytes()
     data_at = raw.find(stored[:4096])
-    pos = data_at + dx.index_frame_length(stored[:12]) + index.frame_offsets()[fetched] + 3
-    raw[pos] ^= 0xFF
+    raw[data_at + dx.index_frame_length(stored[:12]) + at] ^= 0xFF
     bad = tmp_path / "bad.bundle"
     bad.write_bytes(bytes(raw))
     dev = _device(world, "dev")
     before = _slot(dev, "B", 2 << 20)
     with rangeserver.serve(rangeserver.Served({"/b": bad})) as url, \
-            pytest.raises(HashMismatch, match=f"chunk {fetched} "):
+            pytest.raises(HashMismatch, match=match):
         _run(dev, url, bad.stat().st_size)
     after = _slot(dev, "B", 2 << 20)
-    a, n = index.offsets()[fetched], index.chunks[fetched].length
+    a, n = index.offsets()[chunk], index.chunks[chunk].length
     assert after[a:a + n] == before[a:a + n]
     status = _status(dev)
     assert status["slots"]["B"]["state"] != "trial" and status["booted_slot"] == "A"
+
+
+def test_a_tampered_fetched_chunk_is_refused_before_it_is_written(world_v1: dict[str, Any],
+                                                                 tmp_path: Path) -> None:
+    index = _index(world_v1)
+    local = {k for op in index.bases[0].ops for k in _covered(op)}
+    fetched = next(i for i in range(len(index.chunks)) if i not in local)
+    _tamper_refused(world_v1, tmp_path, fetched, index.frame_offsets()[fetched] + 3,
+                    f"chunk {fetched} ")
+
+
+def test_a_tampered_run_patch_is_refused_before_any_of_its_chunks_is_written(
+        world: dict[str, Any], tmp_path: Path) -> None:
+    index = _index(world)
+    run = next(op for op in index.bases[0].ops if isinstance(op, dx.Patch) and op.count > 1)
+    _tamper_refused(world, tmp_path, run.last, run.offset + run.length // 2,
+                    f"patch for chunk {run.chunk} ")
+
+
+def test_an_index_of_format_1_still_installs_by_delta(world_v1: dict[str, Any]) -> None:
+    stored = world_v1["built"].stored.read_bytes()
+    assert stored[8:12] == dx.MAGIC
+    dev = _device(world_v1, "dev")
+    with rangeserver.serve(_serve(world_v1)) as url:
+        _, stats = _run(dev, url, world_v1["bundle"].stat().st_size)
+    assert stats.mode == "delta" and stats.fetched > 0
+    assert _slot(dev, "B") == world_v1["v2"]
+
+
+def test_run_patches_download_less_than_one_frame_per_chunk(world: dict[str, Any],
+                                                            world_v1: dict[str, Any]) -> None:
+    assert world["built"].stored.read_bytes()[8:12] == dx.MAGIC2 and world["built"].runs["1.0"]
+    got = []
+    for w in (world, world_v1):
+        dev = _device(w, "dev-" + w["bundle"].parent.name)
+        state = _serve(w)
+        with rangeserver.serve(state) as url:
+            _run(dev, url, w["bundle"].stat().st_size)
+        assert _slot(dev, "B") == w["v2"]
+        got.append(state.body_bytes)
+    assert got[0] < got[1]
+
+
+def test_only_a_single_range_server_gets_ranges_coalesced_to_the_budget(
+        world_v1: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(delta, "BUDGET", 2)  # fewer than the world's spans
+    monkeypatch.setattr(delta, "GAP", 0)
+    got = {}
+    for multi in (True, False):
+        dev = _device(world_v1, f"dev-{multi}")
+        state = _serve(world_v1, multi=multi)
+        with rangeserver.serve(state) as url:
+            _run(dev, url, world_v1["bundle"].stat().st_size)
+        assert _slot(dev, "B") == world_v1["v2"]
+        got[multi] = (state.body_bytes, state.requests)
+    assert got[True][0] < got[False][0]  # no gap filler for the multi-range server
+    assert got[False][1] <= 2 + delta.PROBE + 2  # head, index, probe, the budget
+
+
+def test_many_tiny_ranges_come_back_exact_from_one_multi_range_request(tmp_path: Path) -> None:
+    blob = random.Random(5).randbytes(5000)
+    (tmp_path / "f").write_bytes(blob)
+    wanted = [(i, i + 1 + i % 3) for i in range(0, 4000, 37)] + [(4999, 5000)]
+    state = rangeserver.Served({"/f": tmp_path / "f"})
+    with rangeserver.serve(state) as url:
+        f = RangeFetcher(new_session(), Origin(url), url + "/f", size=len(blob))
+        got = [p.read(p.end - p.start) for p in f.fetch(wanted[:100])]
+        got += [p.read(p.end - p.start) for p in f.fetch(wanted[100:])]
+    assert got == [blob[a:b] for a, b in wanted] and f.multi is True and state.requests == 2
 
 
 def _status(dev: Path) -> dict[str, Any]:
@@ -406,9 +489,16 @@ def test_a_signed_but_unusable_index_installs_the_whole_payload(world: dict[str,
                          version="2.0", security_version=1, build_time=int(time.time()),
                          sources=[bundle_writer.PayloadSource(
                              "rootfs", "rootfs", tmp / "v2.img", stored=tmp / "odd.stored",
-                             installed=(built.size, built.sha256), meta=delta_writer.meta_for(built))])
+                             installed=(built.size, built.sha256),
+                             meta={**delta_writer.meta_for(built), delta_writer.META_SHA:
+                                   hashlib.sha256(stored[:built.index_bytes]).hexdigest()})])
     dev = _device(world, "dev")
     with rangeserver.serve(rangeserver.Served({"/b": odd})) as url:
         _, stats = _run(dev, url, odd.stat().st_size)
     assert stats.mode == "full" and stats.notes
     assert _slot(dev, "B") == world["v2"]
+
+
+def test_an_index_that_differs_from_its_signed_hash_is_refused_before_anything_is_written(
+        world: dict[str, Any], tmp_path: Path) -> None:
+    _tamper_refused(world, tmp_path, 0, -world["built"].index_bytes + 40, "delta index of payload")

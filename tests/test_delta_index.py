@@ -31,10 +31,19 @@ def indexes(draw: st.DrawFn) -> tuple[dx.DeltaIndex, int, int]:
     for k in range(draw(st.integers(0, 3))):
         bsize = draw(st.integers(1 << 16, 1 << 20))
         ops: list[dx.Op] = []
+        free = -1  # the first chunk not yet covered by an op is free + 1
         for i in sorted(draw(st.sets(st.integers(0, len(chunks) - 1)))):
-            if chunks[i].length > bsize:
+            if chunks[i].length > bsize or i <= free:
                 continue
-            if draw(st.booleans()):
+            count = draw(st.integers(1, 3))
+            if count > 1 and i + count <= len(chunks):  # a run patch (format 2)
+                plen = draw(st.integers(1, 500))
+                ext = tuple((draw(st.integers(0, bsize - 1)), 1)
+                            for _ in range(draw(st.integers(0, 6))))
+                ops.append(dx.Patch(i, patch_pos, plen, _sha(2000 + i), ext, count))
+                patch_pos += plen
+                free = i + count - 1
+            elif draw(st.booleans()):
                 ops.append(dx.Copy(i, draw(st.integers(0, bsize - chunks[i].length))))
             else:
                 plen = draw(st.integers(1, 500))
@@ -72,6 +81,41 @@ def test_a_damaged_index_parses_or_raises_only_its_own_error(case: tuple[dx.Delt
 def test_random_bytes_parse_or_raise_only_the_index_error(blob: bytes) -> None:
     with contextlib.suppress(dx.DeltaIndexError):
         dx.decode(dx.MAGIC + blob, size=1000, data_size=1 << 20)
+
+
+@given(indexes())
+@settings(max_examples=100, deadline=None)
+def test_an_index_is_format_2_exactly_when_it_has_a_run_patch(case: tuple[dx.DeltaIndex, int, int]
+                                                              ) -> None:
+    index = case[0]
+    runs = any(isinstance(op, dx.Patch) and op.count > 1 for b in index.bases for op in b.ops)
+    assert dx.encode(index)[:4] == (dx.MAGIC2 if runs else dx.MAGIC)
+
+
+def test_a_run_patch_in_a_format_1_index_is_refused() -> None:
+    chunks = (dx.Chunk(10, 5, _sha(0), _sha(1)), dx.Chunk(10, 5, _sha(2), _sha(3)))
+    base = dx.Base("1.0", 100, _sha(4), (dx.Patch(0, 20, 5, _sha(5), ((0, 10),), 2),))
+    body = dx.encode(dx.DeltaIndex(chunks, (base,)))
+    assert dx.decode(body, size=20, data_size=100).bases[0].ops[0].last == 1  # type: ignore[union-attr]
+    with pytest.raises(dx.DeltaIndexError, match="op kind 3"):
+        dx.decode(dx.MAGIC + body[4:], size=20, data_size=100)
+
+
+def test_a_run_patch_past_the_last_chunk_is_refused() -> None:
+    chunks = (dx.Chunk(10, 5, _sha(0), _sha(1)), dx.Chunk(10, 5, _sha(2), _sha(3)))
+    base = dx.Base("1.0", 100, _sha(4), (dx.Patch(1, 20, 5, _sha(5), (), 2),))
+    with pytest.raises(dx.DeltaIndexError, match="does not fit 2 chunks"):
+        dx.decode(dx.encode(dx.DeltaIndex(chunks, (base,))), size=20, data_size=100)
+
+
+def test_a_run_plan_fetches_its_patch_once_for_all_its_chunks() -> None:
+    chunks = tuple(dx.Chunk(10, 5, _sha(i), _sha(-i)) for i in range(4))
+    run = dx.Patch(1, 20, 7, _sha(9), ((0, 10),), 3)
+    index = dx.DeltaIndex(chunks, (dx.Base("1.0", 100, _sha(8), (run,)),))
+    plan = delta_plan.steps(index, index.bases[0], have=frozenset({2}))
+    spans = delta_plan.spans(index, plan, 1000)
+    assert [(s.start, s.end) for s in spans] == [(1000, 1005), (1020, 1027)]
+    assert [t.chunk for t in delta_plan.steps_of(plan)[1]] == [1, 3]
 
 
 def test_chunks_that_do_not_tile_the_payload_are_refused() -> None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from agent.errors import BundleError
 
-MAGIC = b"EDX1"
+MAGIC = b"EDX1"  # version 1: one chunk per patch
+MAGIC2 = b"EDX2"  # version 2: also run patches (one frame for several consecutive chunks)
+MAGICS = (MAGIC, MAGIC2)
 SKIPPABLE_INDEX = 0x184D2A5E  # zstd skippable frame carrying the index
 SKIPPABLE_PATCHES = 0x184D2A5F  # zstd skippable frame carrying patches
 FRAME_HEADER = 8  # magic (u32 LE) + content length (u32 LE)
@@ -28,9 +30,11 @@ MAX_CHUNK = 16 << 20
 MAX_BASES = 8
 MAX_OPS = MAX_CHUNKS
 MAX_EXTENTS = 4
+MAX_RUN_EXTENTS = 64  # extents of a run patch
+MAX_RUN = 4 << 20  # bytes of image content one run patch rebuilds
 MAX_DICT = 8 << 20  # bytes of base data one patch may refer to
 MAX_IMAGE = 1 << 44
-COPY, PATCH = 1, 2
+COPY, PATCH, RUN = 1, 2, 3
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
 
 
@@ -61,6 +65,11 @@ class Patch:
     length: int
     sha256: bytes  # of the patch bytes
     extents: tuple[tuple[int, int], ...]  # (offset, length) in the base: the dictionary, in order
+    count: int = 1  # consecutive chunks it rebuilds, from ``chunk`` on (> 1: a run patch, EDX2)
+
+    @property
+    def last(self) -> int:
+        return self.chunk + self.count - 1
 
 
 Op = Copy | Patch
@@ -114,7 +123,7 @@ def index_frame_length(head: bytes) -> int:
     if len(head) < FRAME_HEADER + len(MAGIC):
         raise DeltaIndexError("stored payload is too short to start with a delta index")
     magic, n = (int(x) for x in struct.unpack_from("<II", head))
-    if magic != SKIPPABLE_INDEX or head[FRAME_HEADER:FRAME_HEADER + 4] != MAGIC:
+    if magic != SKIPPABLE_INDEX or head[FRAME_HEADER:FRAME_HEADER + 4] not in MAGICS:
         raise DeltaIndexError("stored payload does not start with a delta index frame")
     if n > MAX_INDEX_BYTES:
         raise DeltaIndexError(f"delta index frame of {n} bytes is over {MAX_INDEX_BYTES}")
@@ -132,8 +141,11 @@ def _varint(n: int, out: bytearray) -> None:
 
 
 def encode(index: DeltaIndex) -> bytes:
-    """The index body (what follows MAGIC in the frame, before compression)."""
-    out = bytearray(MAGIC)
+    """The index body (what follows the magic in the frame, before compression): version 1
+    (``EDX1``) unless a run patch needs version 2 (``EDX2``), so older readers keep reading
+    what they can."""
+    runs = any(isinstance(op, Patch) and op.count > 1 for b in index.bases for op in b.ops)
+    out = bytearray(MAGIC2 if runs else MAGIC)
     _varint(len(index.chunks), out)
     _varint(len(index.bases), out)
     for c in index.chunks:
@@ -151,12 +163,17 @@ def encode(index: DeltaIndex) -> bytes:
         prev = -1
         for op in b.ops:
             _varint(op.chunk - prev - 1, out)
-            prev = op.chunk
             if isinstance(op, Copy):
+                prev = op.chunk
                 out.append(COPY)
                 _varint(op.offset, out)
             else:
-                out.append(PATCH)
+                prev = op.last
+                if op.count > 1:
+                    out.append(RUN)
+                    _varint(op.count, out)
+                else:
+                    out.append(PATCH)
                 _varint(op.offset, out)
                 _varint(op.length, out)
                 out += op.sha256
@@ -207,8 +224,9 @@ def decode(body: bytes, *, size: int, data_size: int) -> DeltaIndex:
     if len(body) > MAX_INDEX_BYTES:
         raise DeltaIndexError(f"delta index is {len(body)} bytes, more than {MAX_INDEX_BYTES}")
     cur = _Cursor(body)
-    if cur.take(4, "the magic") != MAGIC:
-        raise DeltaIndexError("delta index has the wrong magic")
+    magic = cur.take(4, "the magic")
+    if magic not in MAGICS:
+        raise DeltaIndexError("delta index has the wrong magic (a newer format?)")
     n_chunks = cur.varint("chunk count", MAX_CHUNKS)
     n_bases = cur.varint("base count", MAX_BASES)
     chunks = []
@@ -244,6 +262,18 @@ def decode(body: bytes, *, size: int, data_size: int) -> DeltaIndex:
             prev = chunk
             length = chunks[chunk].length
             kind = cur.byte("an op kind")
+            count, max_ext = 1, MAX_EXTENTS
+            if kind == RUN and magic == MAGIC2:
+                count = cur.varint("a run's chunk count", n_chunks)
+                if count < 2 or chunk + count > n_chunks:
+                    raise DeltaIndexError(f"delta index run at chunk {chunk} of {count} chunks "
+                                          f"does not fit {n_chunks} chunks")
+                prev = chunk + count - 1
+                length = sum(c.length for c in chunks[chunk:chunk + count])
+                if length > MAX_RUN:
+                    raise DeltaIndexError(f"delta index run at chunk {chunk} rebuilds {length} "
+                                          f"bytes, more than {MAX_RUN}")
+                kind, max_ext = PATCH, MAX_RUN_EXTENTS
             if kind == COPY:
                 off = cur.varint("a copy offset", MAX_IMAGE)
                 if off + length > bsize:
@@ -251,13 +281,13 @@ def decode(body: bytes, *, size: int, data_size: int) -> DeltaIndex:
                 ops.append(Copy(chunk, off))
             elif kind == PATCH:
                 poff = cur.varint("a patch offset", data_size)
-                plen = cur.varint("a patch length", MAX_CHUNK + MAX_CHUNK // 64 + 4096)
+                plen = cur.varint("a patch length", max(length, MAX_CHUNK) + MAX_CHUNK // 64 + 4096)
                 if plen == 0 or poff < frames or poff + plen > data_size:
                     raise DeltaIndexError(f"delta index patch for chunk {chunk} lies outside "
                                           "the patch area")
                 psha = cur.take(32, "a patch hash")
                 n_ext = cur.byte("an extent count")
-                if not 1 <= n_ext <= MAX_EXTENTS:
+                if not (count > 1 or n_ext >= 1) or n_ext > max_ext:
                     raise DeltaIndexError(f"delta index patch for chunk {chunk} has {n_ext} extents")
                 extents = []
                 dict_bytes = 0
@@ -273,7 +303,7 @@ def decode(body: bytes, *, size: int, data_size: int) -> DeltaIndex:
                     raise DeltaIndexError(f"delta index patch for chunk {chunk} refers to "
                                           f"{dict_bytes} base bytes, more than {MAX_DICT}")
                 patches.append((poff, plen))
-                ops.append(Patch(chunk, poff, plen, psha, tuple(extents)))
+                ops.append(Patch(chunk, poff, plen, psha, tuple(extents), count))
             else:
                 raise DeltaIndexError(f"delta index op kind {kind} is unknown")
         bases.append(Base(version, bsize, bsha, tuple(ops)))

@@ -36,7 +36,10 @@ def steps(index: DeltaIndex, base: Base | None, *, have: frozenset[int] = frozen
           fetch: frozenset[int] = frozenset(), start: int = 0) -> list[Step]:
     """One step per chunk from ``start`` on. ``fetch`` forces fetching (a local source failed its
     hash), ``have`` marks chunks verified in the target slot already."""
-    ops: dict[int, Copy | Patch] = {op.chunk: op for op in base.ops} if base is not None else {}
+    ops: dict[int, Copy | Patch] = {}
+    for op in base.ops if base is not None else ():
+        for k in range(op.chunk, op.last + 1 if isinstance(op, Patch) else op.chunk + 1):
+            ops[k] = op  # a run patch serves each of its chunks
     out = []
     for i in range(start, len(index.chunks)):
         if i in have:
@@ -51,15 +54,31 @@ def steps(index: DeltaIndex, base: Base | None, *, have: frozenset[int] = frozen
 
 def spans(index: DeltaIndex, plan: list[Step], origin: int) -> list[Span]:
     """The remote bytes the steps need, in chunk order; ``origin`` is the absolute offset of
-    the data origin (the first chunk frame) in the bundle."""
+    the data origin (the first chunk frame) in the bundle. A run patch is one span, named by
+    the first of its chunks the plan asks for (``steps_of`` lists the others)."""
     frames = index.frame_offsets()
     out = []
+    seen: set[int] = set()
     for s in plan:
         if s.kind == FETCH:
             out.append(Span(s.chunk, origin + frames[s.chunk], origin + frames[s.chunk + 1]))
         elif s.kind == PATCH:
             assert isinstance(s.op, Patch)
-            out.append(Span(s.chunk, origin + s.op.offset, origin + s.op.offset + s.op.length))
+            if s.op.offset not in seen:
+                seen.add(s.op.offset)
+                out.append(Span(s.chunk, origin + s.op.offset, origin + s.op.offset + s.op.length))
+    return out
+
+
+def steps_of(plan: list[Step]) -> dict[int, list[Step]]:
+    """The steps each span serves, by the span's chunk: one, or a run patch's planned chunks."""
+    out: dict[int, list[Step]] = {}
+    first: dict[int, int] = {}  # run patch offset -> the chunk its span is named by
+    for s in plan:
+        if s.kind == PATCH and isinstance(s.op, Patch) and s.op.count > 1:
+            out.setdefault(first.setdefault(s.op.offset, s.chunk), []).append(s)
+        elif s.kind in (FETCH, PATCH):
+            out[s.chunk] = [s]
     return out
 
 

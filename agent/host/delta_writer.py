@@ -12,7 +12,10 @@ from a base gets a patch when zstd, with base bytes that resemble it as its dict
 (the idea behind ``zstd --patch-from``), makes it clearly smaller than its plain frame.
 Resemblance is found with small sub-chunks: the base offsets where a chunk's sub-chunks
 also occur vote for an alignment, and the region at the chunk's own offset is a
-candidate too (file-system metadata that changed in place).
+candidate too (file-system metadata that changed in place). Consecutive chunks a base
+lacks may instead share one *run patch*: one frame, so they keep each other's context.
+Long because (about 480 lines) building, the bases given as bundles and ``delta-info`` (which
+replays the device's plan on local files) share the format's details in one place.
 """
 
 from __future__ import annotations
@@ -35,12 +38,16 @@ from agent.core import manifest as manifest_mod
 from agent.core import tarstream
 from agent.errors import BundleError, UsageError
 
-AVG_CHUNK = 64 * 1024  # min avg/4, max 4·avg (FastCDC's usual spread)
+AVG_CHUNK = 128 * 1024  # min avg/4, max 4·avg (FastCDC's usual spread); 64 KiB: docs/delta.md
 SUB_CHUNK = 2048  # sub-chunks that locate a chunk's likeness in a base
 SLACK = 16 * 1024  # base bytes either side of an aligned region
 LEVEL = 19
 PATCH_GAIN = 0.85  # a patch must be at most this fraction of the plain frame
+RUN_BYTES = 2 << 20  # image bytes one run patch rebuilds at most (device: dx.MAX_RUN)
+RUN_DICT = 4 << 20  # base bytes one run patch refers to at most (device: dx.MAX_DICT)
+RUN_GAIN = 0.97  # a run patch must be at most this fraction of its chunks' own downloads
 META_KEY = "delta_index_bytes"
+META_SHA = "delta_index_sha256"  # of the whole index frame: the signed manifest pins the index
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class Built:
     patch_bytes: dict[str, int] = field(default_factory=dict)
     copies: dict[str, int] = field(default_factory=dict)
     patches: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)  # run patches (several chunks each)
+    index_sha256: str = ""
 
 
 def _cut(data: bytes, avg: int) -> list[tuple[int, int]]:
@@ -114,16 +123,69 @@ def _extents(base: _BaseMap, subs: list[tuple[int, int, bytes]], off: int, n: in
     return [(a, b - a) for a, b in merged[:dx.MAX_EXTENTS]]
 
 
-def _patch(data: bytes, base: _BaseMap, extents: list[tuple[int, int]], level: int) -> bytes:
+def _patch(data: bytes, base: _BaseMap, extents: list[tuple[int, int]], level: int, *,
+           check: bool = False) -> bytes:
+    """zstd of ``data`` with the base extents as a raw-content dictionary (no extents: plain).
+    ``check``: decode it as the device will, b"" if that does not give ``data`` back."""
+    from agent.device.delta import _unzstd
+
     dictionary = b"".join(base.data[a:a + n] for a, n in extents)
-    d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    return zstandard.ZstdCompressor(level=level, dict_data=d, write_content_size=True,
+    d = (zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+         if dictionary else None)
+    blob = zstandard.ZstdCompressor(level=level, dict_data=d, write_content_size=True,
                                     write_checksum=False).compress(data)
+    if check and _unzstd(blob, len(data), dictionary or None) != data:
+        return b""
+    return blob
+
+
+def _runs(cuts: list[tuple[int, int]], single: dict[int, tuple[dx.Op | None, bytes, int]]
+          ) -> list[range]:
+    """Runs of two or more consecutive chunks a device holding the base cannot copy, each
+    rebuilding at most ``RUN_BYTES``: candidates for one frame instead of one per chunk."""
+    out: list[range] = []
+    cur: list[int] = []
+    size = 0
+    for i, (_, n) in enumerate(cuts):
+        local = i in single and isinstance(single[i][0], dx.Copy)
+        if local or (cur and size + n > RUN_BYTES):
+            if len(cur) > 1:
+                out.append(range(cur[0], cur[-1] + 1))
+            cur, size = [], 0
+        if not local and n <= RUN_BYTES:
+            cur.append(i)
+            size += n
+    if len(cur) > 1:
+        out.append(range(cur[0], cur[-1] + 1))
+    return out
+
+
+def _run_extents(per_chunk: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """The base regions of a run's chunks, merged, in base order; chunks are taken in order
+    until ``RUN_DICT`` bytes or ``dx.MAX_RUN_EXTENTS`` regions would be exceeded."""
+    kept: list[tuple[int, int]] = []
+    for ext in per_chunk:
+        merged = _merge(kept + ext)
+        if len(merged) > dx.MAX_RUN_EXTENTS or sum(n for _, n in merged) > RUN_DICT:
+            break
+        kept = merged
+    return kept
+
+
+def _merge(ext: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, n in sorted(ext):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], a + n)
+        else:
+            out.append([a, a + n])
+    return [(a, b - a) for a, b in out]
 
 
 def build(image: Path, bases: Sequence[BaseImage], out: Path, *, avg: int = AVG_CHUNK,
-          level: int = LEVEL, threads: int = 2) -> Built:
-    """Write the delta-capable stored payload of ``image`` to ``out``."""
+          level: int = LEVEL, threads: int = 2, runs: bool = True) -> Built:
+    """Write the delta-capable stored payload of ``image`` to ``out``. ``runs=False``: no run
+    patches, so the index stays version 1 (``EDX1``) for agents that read only that."""
     if len({b.version for b in bases}) != len(bases):
         raise UsageError("two --base images name the same version")
     if len(bases) > dx.MAX_BASES:
@@ -193,23 +255,61 @@ def build(image: Path, bases: Sequence[BaseImage], out: Path, *, avg: int = AVG_
         with ThreadPoolExecutor(max(1, threads)) as pool:
             results = dict(zip((j[0] for j in jobs), zip(pool.map(run, jobs), (j[1] for j in jobs),
                                                          strict=True), strict=True))
-        final: list[dx.Op] = []
+        # per chunk: its op and what a device holding this base downloads for it
+        single: dict[int, tuple[dx.Op | None, bytes, int]] = {}
         for op in ops:
             if isinstance(op, dx.Copy) and op.offset >= 0:
-                final.append(op)
+                single[op.chunk] = (op, b"", 0)
                 continue
             p, ext = results[op.chunk]
             if len(p) + 48 <= PATCH_GAIN * chunks[op.chunk].frame_length:
-                final.append(dx.Patch(op.chunk, frames_end + dx.FRAME_HEADER + len(patch_area), len(p),
-                                      hashlib.sha256(p).digest(), tuple(ext)))
-                patch_area += p
-                npatch += 1
+                single[op.chunk] = (dx.Patch(op.chunk, 0, len(p), hashlib.sha256(p).digest(),
+                                             tuple(ext)), p, len(p) + 48)
+        runs_of = _runs(cuts, single) if runs else []
+        exts = {i: e for i, (_, e) in results.items()}
+
+        def run_patch(r: range, bm: _BaseMap = bm, exts: dict[int, list[tuple[int, int]]] = exts
+                      ) -> tuple[bytes, list[tuple[int, int]]]:
+            ext = _run_extents([exts.get(i, []) for i in r])
+            o, n = cuts[r[0]][0], sum(cuts[i][1] for i in r)
+            return _patch(bytes(view[o:o + n]), bm, ext, level, check=True), ext
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            run_made = dict(zip((r.start for r in runs_of), pool.map(run_patch, runs_of), strict=True))
+        final: list[dx.Op] = []
+        i = 0
+        nrun = 0
+        by_start = {r.start: r for r in runs_of}
+        while i < len(cuts):
+            r = by_start.get(i)
+            if r is not None:
+                blob, ext = run_made[i]
+                cost = sum(single[k][2] if k in single else chunks[k].frame_length for k in r)
+                if blob and len(blob) + 48 <= RUN_GAIN * cost:
+                    final.append(dx.Patch(i, frames_end + dx.FRAME_HEADER + len(patch_area),
+                                          len(blob), hashlib.sha256(blob).digest(), tuple(ext),
+                                          len(r)))
+                    patch_area += blob
+                    nrun += 1
+                    i = r.stop
+                    continue
+            if i in single:
+                op1, p, _ = single[i]
+                if isinstance(op1, dx.Patch):
+                    op1 = dx.Patch(i, frames_end + dx.FRAME_HEADER + len(patch_area), op1.length,
+                                   op1.sha256, op1.extents)
+                    patch_area += p
+                    npatch += 1
+                assert op1 is not None
+                final.append(op1)
+            i += 1
+        built.runs[b.version] = nrun
         base_recs.append(dx.Base(b.version, len(bm.data), bm.sha256, tuple(final)))
         built.copies[b.version], built.patches[b.version] = ncopy, npatch
         built.patch_bytes[b.version] = len(patch_area) - start
     index = dx.DeltaIndex(chunks, tuple(base_recs))
     body = dx.encode(index)
-    content = dx.MAGIC + zstandard.ZstdCompressor(level=19).compress(body)
+    content = body[:4] + zstandard.ZstdCompressor(level=19).compress(body)  # magic, then the body
     idx_frame = dx.frame(dx.SKIPPABLE_INDEX, content)
     # Patches sit in one skippable frame after the chunk frames, so a full install's decoder
     # passes over them; their offsets (from the data origin) already count its 8-byte header.
@@ -220,6 +320,7 @@ def build(image: Path, bases: Sequence[BaseImage], out: Path, *, avg: int = AVG_
             f.write(fr)
         f.write(tail)
     built.index_bytes = len(idx_frame)
+    built.index_sha256 = hashlib.sha256(idx_frame).hexdigest()
     if _decompress_all(out, len(data)) != built.sha256:
         raise BundleError("internal error: the delta payload does not decompress to the image")
     return built
@@ -277,7 +378,7 @@ def is_bundle(path: Path) -> bool:
 
 
 def meta_for(built: Built) -> dict[str, Any]:
-    return {META_KEY: built.index_bytes}
+    return {META_KEY: built.index_bytes, META_SHA: built.index_sha256}
 
 
 # --- what a device holding an image would download ------------------------------------------
@@ -292,6 +393,7 @@ class DeltaInfo:
     copied: int
     patched: int
     fetched: int
+    download_bytes_single: int = 0  # from a server that answers one range per request
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -324,8 +426,11 @@ def delta_info(bundle: Path, image: Path) -> DeltaInfo:
                                                        max_output_size=dx.MAX_INDEX_BYTES)
         index = dx.decode(body, size=p.size, data_size=p.stored_size - ilen)
         origin = data_off + ilen
-        covered = min(p.stored_size, -(-ilen // p.block_size) * p.block_size)
-        meta_bytes = max(head_bytes, data_off + covered)  # the head window, then the rest up to it
+        if device_delta._index_sha(p):  # the index alone, after the payload's tar header
+            meta_bytes = head_bytes + max(0, data_off + ilen - max(head_bytes, data_off - 512))
+        else:  # the block list and the whole blocks holding the index
+            covered = min(p.stored_size, -(-ilen // p.block_size) * p.block_size)
+            meta_bytes = max(head_bytes, data_off + covered)
         img = image.read_bytes()
         sha = hashlib.sha256(img).digest()
         base = next((b for b in index.bases if b.sha256 == sha), None)
@@ -339,35 +444,43 @@ def delta_info(bundle: Path, image: Path) -> DeltaInfo:
             c = index.chunks[s.chunk]
             if s.kind == delta_plan.COPY:
                 assert isinstance(s.op, dx.Copy)
-                ok = hashlib.sha256(img[s.op.offset:s.op.offset + c.length]).digest() == c.sha256
-            elif s.kind == delta_plan.PATCH:
-                assert isinstance(s.op, dx.Patch)
-                f.seek(origin + s.op.offset)
-                blob = f.read(s.op.length)
-                dictionary = b"".join(img[a:a + n] for a, n in s.op.extents)
-                out = device_delta._unzstd(blob, c.length, dictionary)
-                ok = out is not None and hashlib.sha256(out).digest() == c.sha256
-            else:
-                ok = True
-            if not ok:
-                forced.add(s.chunk)
+                if hashlib.sha256(img[s.op.offset:s.op.offset + c.length]).digest() != c.sha256:
+                    forced.add(s.chunk)
+        for group in delta_plan.steps_of(steps).values():
+            op = group[0].op
+            if not isinstance(op, dx.Patch):
+                continue
+            f.seek(origin + op.offset)
+            blob = f.read(op.length)
+            dictionary = b"".join(img[a:a + n] for a, n in op.extents)
+            out = device_delta._unzstd(blob, offsets[op.last + 1] - offsets[op.chunk], dictionary)
+            for t in group:
+                k, c = t.chunk, index.chunks[t.chunk]
+                rel = offsets[k] - offsets[op.chunk]
+                if out is None or hashlib.sha256(out[rel:rel + c.length]).digest() != c.sha256:
+                    forced.add(k)
         del offsets
         first = [s for s in steps if s.kind != delta_plan.HAVE]
-        total = meta_bytes
+        total = total_single = meta_bytes
         req_multi = req_single = 2  # the head window and the block list + index
         for round_steps in (first, [s for s in delta_plan.steps(index, None) if s.chunk in forced]):
-            spans = delta_plan.spans(index, round_steps, origin)
-            if not spans:
+            wanted = [(s.start, s.end) for s in delta_plan.spans(index, round_steps, origin)]
+            if not wanted:
                 continue
-            ranges = delta_plan.coalesce([(s.start, s.end) for s in spans], gap=device_delta.GAP,
-                                         budget=device_delta.BUDGET)
-            batches = delta_plan.batches(ranges, max_bytes=device_delta.BATCH_BYTES,
-                                         max_parts=device_delta.MAX_PARTS)
-            total += delta_plan.fetched_bytes(ranges) + PART_OVERHEAD * len(ranges)
-            req_multi += len(batches)
-            req_single += len(ranges)
+            multi = device_delta.ranges_for(wanted, multi=True)
+            single = device_delta.ranges_for(wanted, multi=False)
+            if len(multi) > device_delta.BUDGET and req_single == 2:  # the device's probe
+                probe = multi[:device_delta.PROBE]
+                single = probe + device_delta.ranges_for(
+                    [r for r in wanted if r[0] >= probe[-1][1]], multi=False)
+            total += delta_plan.fetched_bytes(multi) + PART_OVERHEAD * len(multi)
+            total_single += delta_plan.fetched_bytes(single)
+            req_multi += len(delta_plan.batches(multi, max_bytes=device_delta.BATCH_BYTES,
+                                                max_parts=device_delta.MAX_PARTS))
+            req_single += len(single)
         kinds = [s.kind for s in steps]
         return DeltaInfo(size, total, req_multi, req_single, base.version, len(index.chunks),
                          kinds.count(delta_plan.COPY) - len([s for s in steps if s.chunk in forced
                                                              and s.kind == delta_plan.COPY]),
-                         kinds.count(delta_plan.PATCH), kinds.count(delta_plan.FETCH) + len(forced))
+                         kinds.count(delta_plan.PATCH), kinds.count(delta_plan.FETCH) + len(forced),
+                         total_single)

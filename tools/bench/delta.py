@@ -126,7 +126,7 @@ def build(new: Path, version: str, bases: list[tuple[str, Path]], out: Path, key
     out.with_suffix(".stored").unlink()
     dt = time.perf_counter() - t
     log(f"built {out.name}: {out.stat().st_size} bytes, {built.chunks} chunks, index "
-        f"{built.index_bytes} B, copies {built.copies}, patches {built.patches} "
+        f"{built.index_bytes} B, copies {built.copies}, patches {built.patches}, runs {built.runs} "
         f"({built.patch_bytes} B), {dt:.1f} s")
     return dt
 
@@ -236,8 +236,10 @@ def main() -> int:
                 dt = float(res["decode_s"])  # type: ignore[arg-type]
                 emit("edgeops-delta", kind, pair, int(res["served"]), full,  # type: ignore[call-overload]
                      res["server_requests"], f"{dt:.2f}", f"{size_mib / dt:.0f}", f"{res['rss']:.1f}")
-                log(f"  {pair}: {res['line']}; single-range server: {info.requests_single} requests "
-                    f"(delta-info predicted {info.download_bytes} B); encode {enc:.1f} s for the bundle")
+                emit("edgeops-delta-single-range(delta-info)", kind, pair, info.download_bytes_single,
+                     full, info.requests_single)
+                log(f"  {pair}: {res['line']}; delta-info predicted {info.download_bytes} B; "
+                    f"encode {enc:.1f} s for the bundle")
     log(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     shutil.rmtree(work, ignore_errors=True)
     return 0
