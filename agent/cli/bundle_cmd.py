@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
                    help="make payloads delta-capable: chunk index + zstd per chunk (docs/delta.md)")
     c.add_argument("--base", action="append", default=[], metavar="BUNDLE|VERSION=IMAGE",
                    help="an earlier release to carry patches against (implies --delta; repeatable)")
-    c.add_argument("--chunk-size", type=int, default=0, help="average delta chunk bytes (default 64 KiB)")
+    c.add_argument("--chunk-size", type=int, default=0, help="average delta chunk bytes (default 128 KiB)")
     c.set_defaults(func=_create)
 
     di = command(bs, "delta-info", "bytes a device holding IMAGE would download (unverified)",
