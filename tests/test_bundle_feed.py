@@ -56,8 +56,18 @@ def _stored_offset(data: bytes, name: str) -> int:
     raise AssertionError(f"no member {name}")
 
 
+_OLDER: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _older_feeds() -> None:
+    """Feed threads another test left ending are not this test's."""
+    _OLDER.clear()
+    _OLDER.update(t for t in threading.enumerate() if t.name == "bundle-verify")
+
+
 def _feed_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "bundle-verify"]
+    return [t for t in threading.enumerate() if t.name == "bundle-verify" and t not in _OLDER]
 
 
 def _read_all(pr: PayloadReader) -> bytes:
@@ -102,6 +112,19 @@ def test_a_consumer_that_stops_early_leaves_no_feed_thread(tmp_path: Path, pki: 
     next(payloads).readinto(memoryview(bytearray(BLOCK)))
     assert _feed_threads()
     payloads.close()  # what a consumer's error does to the generator (GeneratorExit)
+    deadline = time.monotonic() + 5
+    while _feed_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _feed_threads()
+
+
+def test_a_chunk_consumer_that_stops_early_leaves_no_feed_thread(tmp_path: Path, pki: Keys) -> None:
+    image = make_image(tmp_path / "img", 4 << 20, "chunks")
+    _, pr = _payload(io.BytesIO(_create(tmp_path, pki, image).read_bytes()))
+    chunks = pr.installed_chunks()
+    next(chunks)
+    assert _feed_threads()
+    chunks.close()  # a slot write that failed drops its chunk iterator (agent.device.delta)
     deadline = time.monotonic() + 5
     while _feed_threads() and time.monotonic() < deadline:
         time.sleep(0.01)

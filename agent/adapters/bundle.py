@@ -210,14 +210,17 @@ class PayloadReader:
         and (see ``whole_hash_check``) SHA-256 of the whole are checked at the end."""
         size = max(self.payload.block_size, read_size // self.payload.block_size * self.payload.block_size)
         check = self.whole_hash_check(whole_hash)
-        while True:
-            buf = memoryview(bytearray(size))
-            n = self.readinto(buf)
-            if not n:
-                return
-            if check is not None:
-                check(buf[:n])
-            yield buf[:n]
+        try:
+            while True:
+                buf = memoryview(bytearray(size))
+                n = self.readinto(buf)
+                if not n:
+                    return
+                if check is not None:
+                    check(buf[:n])
+                yield buf[:n]
+        finally:  # a consumer that stops early (GeneratorExit) stops the read-ahead too
+            self.close()
 
     def _stored_into(self, buf: memoryview) -> int:
         """Read the next whole blocks of stored bytes into ``buf`` and verify each in place."""
