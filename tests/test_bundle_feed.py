@@ -152,3 +152,11 @@ def test_a_zstd_frame_asking_for_a_window_above_the_bound_is_refused(tmp_path: P
     _, pr = _payload(io.BytesIO(_create(tmp_path, pki, image, stored=stored).read_bytes()))
     with pytest.raises(BundleError, match=r"'rootfs' is not valid zstd: .*memory"):
         _read_all(pr)
+
+
+def test_a_written_zstd_payload_asks_for_no_more_than_the_writers_window(tmp_path: Path, pki: Keys) -> None:
+    image = make_image(tmp_path / "img", 6 << 20, "writer")  # larger than level 3's own window
+    data = _create(tmp_path, pki, image).read_bytes()
+    frame = zstandard.get_frame_parameters(data[_stored_offset(data, "rootfs"):][:64])
+    assert frame.window_size <= 1 << bundle_mod.ZSTD_WINDOW_LOG
+    assert frame.has_checksum
