@@ -17,8 +17,15 @@ from typing import Any
 
 import zstandard
 
-from agent.adapters.bundle import (CHAIN_NAME, CRL_NAME, MANIFEST_NAME, READ_SIZE, SIG_NAME, ZSTD_LEVEL,
-                                   ZSTD_WINDOW_LOG)
+from agent.adapters.bundle import (
+    CHAIN_NAME,
+    CRL_NAME,
+    MANIFEST_NAME,
+    READ_SIZE,
+    SIG_NAME,
+    ZSTD_LEVEL,
+    ZSTD_WINDOW_LOG,
+)
 from agent.adapters.fsutil import atomic_file
 from agent.core import manifest as manifest_mod
 from agent.core import tarstream
