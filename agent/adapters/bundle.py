@@ -18,6 +18,9 @@ decompressor. Writing bundles is host work: agent.host.bundle_writer.
 from __future__ import annotations
 
 import hashlib
+import mmap
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -31,8 +34,17 @@ CHAIN_NAME, SIG_NAME, MANIFEST_NAME, CRL_NAME = "signer.pem", "manifest.sig", "m
 HEAD_LIMITS = {CHAIN_NAME: 16 * 1024, SIG_NAME: 64, MANIFEST_NAME: manifest_mod.MAX_MANIFEST_BYTES,
                CRL_NAME: 256 * 1024}
 ZSTD_LEVEL = 3
-ZSTD_MAX_WINDOW = 1 << 23  # bounds the decompressor's memory on the device
+# The window bundles are written with (agent.host.bundle_writer): level 3 alone picks 2 MiB
+# for a large image; 1 MiB costs nothing measurable in size on a rootfs image and takes
+# 1 MiB off the decoder's resident memory (ZstdDecompressor.memory_size(): 2.6 -> 1.5 MB).
+ZSTD_WINDOW_LOG = 20
+ZSTD_MAX_WINDOW = 1 << 23  # bounds the decompressor's memory on the device (other tools' bundles)
 READ_SIZE = 1 << 20  # bytes pulled from the stream at once: a whole number of blocks
+# A zstd payload's stored blocks are read and verified on their own thread, this many
+# buffers of this size ahead of the decompressor (docs/performance.md, "zstd"): four small
+# buffers keep both cores busy and take the memory one 1 MiB scratch buffer took before.
+FEED_BUFFERS = 4
+FEED_BUFFER = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,11 @@ class BundleReader:
                 raise HashMismatch(f"block list of payload '{p.name}' does not match the manifest")
             self._expect(p.name, p.stored_size)
             reader = PayloadReader(self._tar, p, digests)
-            yield reader
+            try:
+                yield reader
+            except BaseException:  # the consumer gave up (GeneratorExit): stop reading ahead
+                reader.close()
+                raise
             reader.drain()
             self._tar.skip_padding(p.stored_size)
         end = self._tar.next_member()
@@ -131,8 +147,10 @@ class PayloadReader:
     The hot path is ``readinto(buf)``: stored bytes are read straight into the caller's
     buffer (a slot writer's ring, agent.adapters.slots) and each block is hashed there, so
     a raw payload costs one copy and one SHA-256 pass per byte. A zstd payload's stored
-    blocks are read and verified in one reused buffer, which the decompressor reads in
-    place; it decompresses straight into the caller's buffer.
+    blocks are read and verified by a feed thread (``_Feed``) a few small buffers ahead of
+    the decompressor, which reads them in place and decompresses straight into the caller's
+    buffer: reading + hashing the stored bytes, decompressing, and the slot writer's own
+    stages (agent.adapters.slots) overlap, since each releases the GIL.
     """
 
     def __init__(self, tar: tarstream.TarReader, payload: Payload, digests: bytes) -> None:
@@ -143,7 +161,8 @@ class PayloadReader:
         self._left = payload.stored_size
         self.stored_read = 0
         self.installed = 0
-        self._scratch: memoryview | None = None  # verified stored bytes, for zstd and drain()
+        self._scratch: memoryview | None = None  # verified stored bytes, for drain()
+        self._feed: _Feed | None = None  # zstd: verified stored bytes, read ahead
         self._z: Any = None
 
     @property
@@ -195,14 +214,17 @@ class PayloadReader:
         and (see ``whole_hash_check``) SHA-256 of the whole are checked at the end."""
         size = max(self.payload.block_size, read_size // self.payload.block_size * self.payload.block_size)
         check = self.whole_hash_check(whole_hash)
-        while True:
-            buf = memoryview(bytearray(size))
-            n = self.readinto(buf)
-            if not n:
-                return
-            if check is not None:
-                check(buf[:n])
-            yield buf[:n]
+        try:
+            while True:
+                buf = memoryview(bytearray(size))
+                n = self.readinto(buf)
+                if not n:
+                    return
+                if check is not None:
+                    check(buf[:n])
+                yield buf[:n]
+        finally:  # a consumer that stops early (GeneratorExit) stops the read-ahead too
+            self.close()
 
     def _stored_into(self, buf: memoryview) -> int:
         """Read the next whole blocks of stored bytes into ``buf`` and verify each in place."""
@@ -229,9 +251,7 @@ class PayloadReader:
         return n
 
     def _verified_read(self, size: int = -1) -> memoryview:
-        """The decompressor's source: the next verified stored bytes, in one reused buffer.
-        python-zstandard reads a new input only once it consumed the last one
-        (c-ext/decompressionreader.c, read_decompressor_input), so reusing it is safe."""
+        """The next verified stored bytes, in one reused buffer (``drain``)."""
         if self._scratch is None:
             self._scratch = memoryview(bytearray(self.buffer_size))
         return self._scratch[:self._stored_into(self._scratch)]
@@ -241,9 +261,13 @@ class PayloadReader:
 
         try:
             if self._z is None:
+                bs = self.payload.block_size
+                size = max(bs, FEED_BUFFER // bs * bs)
+                self._feed = _Feed(self._stored_into, size, max(2, FEED_BUFFERS * FEED_BUFFER // size))
+                # max_window_size bounds the decoder's memory: a frame that asks for a larger
+                # window is refused ("Frame requires too much memory"), not obeyed
                 dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-                self._z = dctx.stream_reader(_Source(self._verified_read),  # type: ignore[arg-type]
-                                             read_size=self.buffer_size,
+                self._z = dctx.stream_reader(self._feed, read_size=size,  # type: ignore[arg-type]
                                              closefd=False)
             got = 0
             while got < len(buf):  # fill it: a full buffer is an aligned, large write
@@ -257,12 +281,75 @@ class PayloadReader:
 
     def drain(self) -> None:
         """Consume what the consumer left unread, still verifying it."""
+        if self._feed is not None:
+            self._feed.finish()
         while self._left:
             self._verified_read()
 
+    def close(self) -> None:
+        """Stop reading ahead (the consumer stopped before the end); idempotent."""
+        if self._feed is not None:
+            self._feed.stop()
 
-class _Source:
-    """A file-like ``read`` over verified stored bytes, as zstandard's stream_reader wants."""
 
-    def __init__(self, read: Callable[[int], memoryview]) -> None:
-        self.read = read
+class _Feed:
+    """Verified stored bytes for the decompressor, read on a thread of their own.
+
+    The thread fills free buffers with ``fill`` (which reads whole stored blocks and checks
+    each against the signed list) and queues them; ``read`` (zstandard's ``stream_reader``
+    source) hands out one filled buffer at a time and recycles the one it handed out before:
+    python-zstandard asks for new input only once it consumed the last and dropped its
+    reference to it (c-ext/decompressionreader.c: ``read_decompressor_input`` runs only
+    when ``input.pos == input.size``, and ``decompress_input`` clears ``readResult`` then).
+    Memory is bounded by the buffers made here; nothing unverified is ever queued; an error
+    in ``fill`` (a block that fails its hash, a truncated stream) is raised by the next
+    ``read``, after every buffer verified before it. The thread alone touches the stream
+    until ``finish`` has joined it."""
+
+    def __init__(self, fill: Callable[[memoryview], int], size: int, count: int) -> None:
+        self._fill = fill
+        self._free: queue.Queue[memoryview | None] = queue.Queue()
+        for _ in range(count):
+            self._free.put(memoryview(mmap.mmap(-1, size)))  # page-aligned, never zero-filled
+        self._ready: queue.Queue[tuple[memoryview, int] | BaseException] = queue.Queue()
+        self._held: memoryview | None = None
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, name="bundle-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (buf := self._free.get()) is not None:
+                n = self._fill(buf)
+                self._ready.put((buf, n))
+                if not n:
+                    return
+        except BaseException as exc:  # raised by the consumer's next read
+            self._ready.put(exc)
+
+    def read(self, size: int = -1) -> memoryview:
+        if self._held is not None:
+            self._free.put(self._held)
+            self._held = None
+        if self._ended:
+            return memoryview(b"")
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        buf, n = item
+        if not n:
+            self._ended = True
+            return memoryview(b"")
+        self._held = buf
+        return buf[:n]
+
+    def finish(self) -> None:
+        """Read (and so verify) to the end of the payload, and join the thread."""
+        while not self._ended:
+            self.read()
+        self._thread.join()
+
+    def stop(self) -> None:
+        self._ended = True
+        self._free.put(None)  # the thread ends at its next free buffer

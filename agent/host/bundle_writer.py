@@ -17,7 +17,15 @@ from typing import Any
 
 import zstandard
 
-from agent.adapters.bundle import CHAIN_NAME, CRL_NAME, MANIFEST_NAME, READ_SIZE, SIG_NAME, ZSTD_LEVEL
+from agent.adapters.bundle import (
+    CHAIN_NAME,
+    CRL_NAME,
+    MANIFEST_NAME,
+    READ_SIZE,
+    SIG_NAME,
+    ZSTD_LEVEL,
+    ZSTD_WINDOW_LOG,
+)
 from agent.adapters.fsutil import atomic_file
 from agent.core import manifest as manifest_mod
 from agent.core import tarstream
@@ -59,7 +67,9 @@ def _prepare(src: PayloadSource, workdir: Path) -> _Prepared:
         with keys.writing("the bundle's scratch file in", workdir):
             fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".payload-")
         stored_path, temp = Path(tmp), True
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+        params = zstandard.ZstdCompressionParameters.from_level(
+            ZSTD_LEVEL, window_log=ZSTD_WINDOW_LOG, write_checksum=1)
+        cctx = zstandard.ZstdCompressor(compression_params=params)
         with open(src.path, "rb") as fin, os.fdopen(fd, "wb") as fout, \
                 cctx.stream_writer(fout, closefd=False) as z:
             while chunk := fin.read(READ_SIZE):
