@@ -76,6 +76,7 @@ class Session:
         self.opener = opener or usb_updates.default_opener(cfg.state_dir)
         self.id = device_id(cfg)
         self.refusals = 0  # refused commands audited this session (bounded: see one())
+        self.offer_shown: tuple[str, tuple[str, ...], float] | None = None  # the last one noted
 
     # --- the device, opened per session, an Updater per command ---------------------------------
     @contextmanager
@@ -110,8 +111,10 @@ class Session:
             self.term.write(f"edgeops console on {self.id} ({self.cfg.board}); 'help' lists commands")
             if not self.cfg.console.open_read_only:
                 self.term.write("log in first: 'login' (PIN) or 'login key' (signed challenge)")
-            self._offer_note()
             while not self.hung_up:
+                # a stick put in during the session is announced at the next prompt (the
+                # technician logs in first, then plugs it in)
+                self._offer_note()
                 try:
                     line = self.term.read(self._prompt())
                     if not self.one(line):
@@ -465,7 +468,12 @@ class Session:
         return offer if offer is not None and os.path.exists(offer.devnode) else None
 
     def _offer_note(self) -> None:
+        """Say what the offered stick holds, once per stick (a new offer is a new stick)."""
         offer = self._offer()
+        seen = None if offer is None else (offer.devnode, offer.bundles, offer.at)
+        if seen == self.offer_shown:
+            return
+        self.offer_shown = seen
         if offer is not None and offer.bundles:
             self.term.write(f"USB stick {offer.devnode}: {', '.join(offer.bundles)} "
                             f"('install usb' after login)")
