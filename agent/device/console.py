@@ -57,7 +57,8 @@ def set_pin(cfg: AgentConfig, pin: str) -> Path:
 
 def device_id(cfg: AgentConfig) -> str:
     """The name a challenge carries: the fleet's controller id, else the host name."""
-    raw = cfg.fleet.controller_id if cfg.fleet is not None else socket.gethostname()
+    fleet = views.fleet_of(cfg)
+    raw = fleet.controller_id if fleet is not None else socket.gethostname()
     clean = "".join(ch for ch in raw if ch.isalnum() or ch in "._:-")[:64]
     return clean or "edgeops-device"
 
