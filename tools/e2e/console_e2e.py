@@ -291,7 +291,8 @@ def _scenario(run_: Any, m: Machine, rep: Any, con: SerialConsole, tech: Technic
     con.expect(r"reboot the device now\? type 'yes' to go on: ", 60, "the reboot's question")
     con.send("yes\r")
     con.expect(r"^rebooting", 60, "the reboot")
-    b = m.wait_booted(run_.boot_timeout, f"{r.version}: trial boot after the console's reboot")
+    # a shutdown, the firmware and a whole boot: as long as run.py allows a reboot with work in it
+    b = m.wait_booted(run_.boot_timeout * 2, f"{r.version}: trial boot after the console's reboot")
     if b.slot != other:
         raise E2EFailure(f"(g) the console's reboot booted slot {b.slot}, not the trial {other}")
     m.wait_for(rf"committed: slot {other} {re.escape(r.version)}", 300, f"{r.version}: commit")
