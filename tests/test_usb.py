@@ -421,3 +421,11 @@ def test_a_stick_put_in_during_a_session_is_announced_once_at_the_next_prompt(
     note = f"USB stick {stick}: edgeops/v2.eob ('install usb' after login)"
     assert text.count(note) == 1, text
     assert text.index(note) > text.index("> "), "announced before the stick went in"
+
+
+def test_only_block_devices_on_a_usb_bus_are_taken_for_sticks() -> None:
+    # seen on the QEMU guest: the watcher offered the device's own slot partitions
+    own = [usb.BlockEvent("add", "/dev/vda2", "partition", "ext4"),
+           usb.BlockEvent("add", "/dev/sdb1", "partition", "ext4", "ata")]
+    stick = usb.BlockEvent("add", "/dev/sda", "disk", "ext4", "usb")
+    assert list(usb_updates.sticks([*own, stick, *own])) == [stick]

@@ -127,16 +127,22 @@ class Technician:
         self.prompt = rf"^{re.escape(device)}([>#]) "
 
     def ready(self, timeout: float) -> str:
-        return self.con.expect(self.prompt, timeout, "the console's prompt", poke=5)[1]
+        """A prompt, and then quiet: the Enters sent while waiting (or typed into a console
+        still starting) each give a prompt of their own, and none of them is a command's end."""
+        kind = self.con.expect(self.prompt, timeout, "the console's prompt", poke=5)[1]
+        seen = -1
+        while seen != len(self.con.text()):
+            seen = len(self.con.text())
+            time.sleep(1.5)
+        self.con.cursor = seen
+        return kind
 
     def run(self, line: str, timeout: float = 180) -> str:
-        """Type ``line``; what it printed until the next prompt (its echo dropped)."""
-        start = self.con.cursor
+        """Type ``line``; what it printed (after its echo) until the next prompt."""
         self.con.send(line + "\r")
+        echo = self.con.expect(re.escape(line) + r"\n", 30, f"the echo of {line!r}")
         m = self.con.expect(self.prompt, timeout, line)
-        out = self.con.text()[start:m.start()]
-        echo = out.find(line)
-        return out[echo + len(line):] if echo >= 0 else out
+        return self.con.text()[echo.end():m.start()]
 
     def login(self) -> str:
         self.con.send("login key\r")
