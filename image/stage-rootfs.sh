@@ -15,6 +15,8 @@
 #                                            boot), both enabled for multi-user.target
 #   etc/systemd/system.conf.d/edgeops-watchdog.conf  RuntimeWatchdogSec: PID 1 feeds /dev/watchdog
 #   etc/systemd/system/edgeops-controller.service when --controller (enabled too)
+#   etc/systemd/system/edgeops-console@.service, enabled for the board's console tty (its
+#                                            serial-getty@ masked), and edgeops-usb.service
 # The Python package itself is installed by the image builder's own Python packaging
 # (pip wheel, a Yocto/Buildroot python package, or dh-python): /usr/bin/edgeops must exist.
 set -eu
@@ -59,5 +61,17 @@ ln -sf ../edgeops-provision.service "$units/multi-user.target.wants/edgeops-prov
 if [ "$controller" = 1 ]; then
     install -m 0644 "$here/systemd/edgeops-controller.service" "$units/"
     ln -sf ../edgeops-controller.service "$units/multi-user.target.wants/edgeops-controller.service"
+fi
+# The technician console on the board's serial port ([board] console, copied into agent.toml
+# as [console] device), in place of the login getty there: systemd's getty generator would
+# start serial-getty@ on the kernel's console port, so that instance is masked. And the USB
+# stick watcher (the [console] usb policy decides whether it offers, installs or ignores).
+tty=$(sed -n '/^\[console\]/,/^\[/ s/^device *= *"\(tty[A-Za-z0-9]*\)".*/\1/p' "$etc/agent.toml")
+install -m 0644 "$here/systemd/edgeops-console@.service" "$here/systemd/edgeops-usb.service" "$units/"
+ln -sf ../edgeops-usb.service "$units/multi-user.target.wants/edgeops-usb.service"
+if [ -n "$tty" ]; then
+    install -d -m 0755 "$units/getty.target.wants"
+    ln -sf ../edgeops-console@.service "$units/getty.target.wants/edgeops-console@$tty.service"
+    ln -sf /dev/null "$units/serial-getty@$tty.service"
 fi
 echo "staged edgeops for board $board into $rootfs"

@@ -79,3 +79,18 @@ def test_a_bug_in_a_command_is_one_line_and_the_console_goes_on(device_dir: Path
     text = out.getvalue()
     assert "internal error (please report it): KeyError" in text and "Traceback" not in text
     assert "phase     idle" in text
+
+
+def test_the_challenge_names_the_controller_id_of_a_fleet_toml_beside_agent_toml(
+        device_dir: Path) -> None:
+    # how the image ships a site's settings (image/stage-rootfs.sh --fleet): not in agent.toml
+    (device_dir / "fleet.toml").write_text(
+        '[fleet]\nurl = "http://10.0.2.100:8080"\ncontroller_id = "gw-0042"\n'
+        'auth = "target"\ntoken = "0123456789abcdef0123456789abcdef"\n')
+    (device_dir / "fleet.toml").chmod(0o600)
+    cfg = load(device_dir / "agent.toml")
+    assert cfg.fleet is None
+    session, out = _session(device_dir, "login key\n\nexit\n")
+    session.run()
+    assert session.id == "gw-0042"
+    assert "edgeops-console-v1 gw-0042 " in out.getvalue()

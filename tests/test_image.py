@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import stat
 import subprocess
@@ -103,6 +104,23 @@ def test_stage_rootfs_writes_a_config_the_agent_reads(tmp_path: Path, pki: Keys)
     conf = configparser.ConfigParser()
     conf.read(rootfs / "etc/systemd/system.conf.d/edgeops-watchdog.conf")
     assert conf["Manager"]["RuntimeWatchdogSec"]  # a hung system is reset by hardware
+
+
+@pytest.mark.parametrize("board, tty", [("x86-64-grub", "ttyS0"), ("rpi5", "ttyAMA10")])
+def test_stage_rootfs_puts_the_console_on_the_boards_port_instead_of_its_getty(
+        tmp_path: Path, pki: Keys, board: str, tty: str) -> None:
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    proc = stage(tmp_path, "--rootfs", rootfs, "--board", board, "--keyring", pki.root_crt)
+    assert proc.returncode == 0, proc.stderr
+    units = rootfs / "etc/systemd/system"
+    assert config.load(rootfs / "etc/edgeops/agent.toml").console.device == tty
+    console = units / f"getty.target.wants/edgeops-console@{tty}.service"
+    assert console.resolve() == (units / "edgeops-console@.service").resolve()
+    assert console.resolve().is_file()
+    # systemd's getty generator would start a login on the kernel's console port: masked
+    assert os.readlink(units / f"serial-getty@{tty}.service") == "/dev/null"
+    assert (units / "multi-user.target.wants/edgeops-usb.service").resolve().is_file()
 
 
 @pytest.mark.parametrize("args, says", [

@@ -391,3 +391,41 @@ def test_a_path_that_climbs_out_is_refused(tmp_path: Path, path: str) -> None:
     (tmp_path / "outside.eob").write_bytes(b"x")
     with pytest.raises(usb.MediumError):
         usb.DirectoryMedium(tmp_path / "stick").open(path)
+
+
+
+class _PlugsAStickIn(io.StringIO):
+    """Terminal input that puts a stick in while the technician types the first line."""
+
+    def __init__(self, text: str, plug: Any) -> None:
+        super().__init__(text)
+        self.plug, self.lines = plug, 0
+
+    def readline(self, size: int | None = -1) -> str:
+        self.lines += 1
+        if self.lines == 1:
+            self.plug()
+        return super().readline(size)
+
+
+def test_a_stick_put_in_during_a_session_is_announced_once_at_the_next_prompt(
+        device_dir: Path, tmp_path: Path) -> None:
+    cfg = load(device_dir / "agent.toml")
+    stick = tmp_path / "sda"
+    stick.write_bytes(b"")  # the offer's device node must exist
+    inp = _PlugsAStickIn("help\nhelp\nhelp\nexit\n",
+                         lambda: _offer(cfg, str(stick), "ext4", ("edgeops/v2.eob",)))
+    out = io.StringIO()
+    console.Session(cfg, console.Terminal(inp, out)).run()
+    text = out.getvalue()
+    note = f"USB stick {stick}: edgeops/v2.eob ('install usb' after login)"
+    assert text.count(note) == 1, text
+    assert text.index(note) > text.index("> "), "announced before the stick went in"
+
+
+def test_only_block_devices_on_a_usb_bus_are_taken_for_sticks() -> None:
+    # seen on the QEMU guest: the watcher offered the device's own slot partitions
+    own = [usb.BlockEvent("add", "/dev/vda2", "partition", "ext4"),
+           usb.BlockEvent("add", "/dev/sdb1", "partition", "ext4", "ata")]
+    stick = usb.BlockEvent("add", "/dev/sda", "disk", "ext4", "usb")
+    assert list(usb_updates.sticks([*own, stick, *own])) == [stick]

@@ -110,8 +110,9 @@ def event_of(dev: Any, action: str) -> BlockEvent | None:
     fs = props.get("ID_FS_TYPE") or None
     if fs is None and action in ("add", "change"):
         fs = probe_fs_type(str(node))
-    return BlockEvent(action, str(node), str(dev.device_type or "disk"), fs,
-                      props.get("ID_BUS") or None)
+    # ID_BUS is udev's; a kernel-source event has none, and sysfs still shows a USB parent
+    bus = props.get("ID_BUS") or ("usb" if dev.find_parent("usb") is not None else None)
+    return BlockEvent(action, str(node), str(dev.device_type or "disk"), fs, bus)
 
 
 def probe_fs_type(devnode: str) -> str | None:

@@ -103,9 +103,9 @@ def _watch_usb(a: argparse.Namespace) -> int:
 
     watcher = usb_updates.UsbWatcher(updater, cfg.state_dir, cfg.console.usb)
     monitor = usb.UdevMonitor()
-    for event in monitor.present():  # a stick inserted before the start
+    for event in usb_updates.sticks(monitor.present()):  # a stick inserted before the start
         watcher.handle(event)
-    for event in monitor:
+    for event in usb_updates.sticks(monitor):
         watcher.handle(event)
         for line in watcher.messages:
             print(line, flush=True)

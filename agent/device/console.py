@@ -57,7 +57,8 @@ def set_pin(cfg: AgentConfig, pin: str) -> Path:
 
 def device_id(cfg: AgentConfig) -> str:
     """The name a challenge carries: the fleet's controller id, else the host name."""
-    raw = cfg.fleet.controller_id if cfg.fleet is not None else socket.gethostname()
+    fleet = views.fleet_of(cfg)
+    raw = fleet.controller_id if fleet is not None else socket.gethostname()
     clean = "".join(ch for ch in raw if ch.isalnum() or ch in "._:-")[:64]
     return clean or "edgeops-device"
 
@@ -76,6 +77,7 @@ class Session:
         self.opener = opener or usb_updates.default_opener(cfg.state_dir)
         self.id = device_id(cfg)
         self.refusals = 0  # refused commands audited this session (bounded: see one())
+        self.offer_shown: tuple[str, tuple[str, ...], float] | None = None  # the last one noted
 
     # --- the device, opened per session, an Updater per command ---------------------------------
     @contextmanager
@@ -110,8 +112,10 @@ class Session:
             self.term.write(f"edgeops console on {self.id} ({self.cfg.board}); 'help' lists commands")
             if not self.cfg.console.open_read_only:
                 self.term.write("log in first: 'login' (PIN) or 'login key' (signed challenge)")
-            self._offer_note()
             while not self.hung_up:
+                # a stick put in during the session is announced at the next prompt (the
+                # technician logs in first, then plugs it in)
+                self._offer_note()
                 try:
                     line = self.term.read(self._prompt())
                     if not self.one(line):
@@ -465,7 +469,12 @@ class Session:
         return offer if offer is not None and os.path.exists(offer.devnode) else None
 
     def _offer_note(self) -> None:
+        """Say what the offered stick holds, once per stick (a new offer is a new stick)."""
         offer = self._offer()
+        seen = None if offer is None else (offer.devnode, offer.bundles, offer.at)
+        if seen == self.offer_shown:
+            return
+        self.offer_shown = seen
         if offer is not None and offer.bundles:
             self.term.write(f"USB stick {offer.devnode}: {', '.join(offer.bundles)} "
                             f"('install usb' after login)")

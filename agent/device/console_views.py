@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 from agent import __version__
 
 if TYPE_CHECKING:
+    from agent.core.config import AgentConfig
+    from agent.core.fleet_config import FleetConfig
     from agent.device.updater import Updater
 
 CONNECT_TIMEOUT = 3.0
@@ -84,6 +86,20 @@ def log_lines(up: Updater, n: int) -> list[str]:
     return out
 
 
+def fleet_of(cfg: AgentConfig) -> FleetConfig | None:
+    """agent.toml's [fleet], else the fleet.toml beside it (how an image ships a site's
+    settings: image/stage-rootfs.sh --fleet); None when neither is there or readable."""
+    from agent.device import fleet_files
+    from agent.errors import EdgeopsError
+
+    if cfg.fleet is not None:
+        return cfg.fleet
+    try:
+        return fleet_files.find_fleet(cfg)
+    except EdgeopsError:
+        return None
+
+
 def network_lines(up: Updater) -> list[str]:
     out = ["interfaces:"]
     net = Path("/sys/class/net")
@@ -93,7 +109,7 @@ def network_lines(up: Updater) -> list[str]:
         state = _read(net / name / "operstate") or "?"
         mac = _read(net / name / "address") or "-"
         out.append(f"  {name:<12} {state:<8} {mac:<17} {' '.join(addrs.get(name, []))}"[:200])
-    fleet = up.cfg.fleet
+    fleet = fleet_of(up.cfg)
     if fleet is None:
         out.append("controller: none configured (offline device)")
     else:

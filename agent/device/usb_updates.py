@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,6 +202,13 @@ def open_bundle(medium: usb.Medium, path: str) -> BinaryIO:
 
 
 # --- the agent's watcher ----------------------------------------------------------------------
+def sticks(events: Iterable[usb.BlockEvent]) -> Iterator[usb.BlockEvent]:
+    """Only block devices on a USB bus: the device's own disk (its slots, its data partition,
+    virtio/SATA/eMMC) has filesystems too, and is never a stick to mount and offer."""
+    return (ev for ev in events if ev.bus == "usb")
+
+
+
 class UsbWatcher:
     """Turns block events into offers (or installs) by the board's policy."""
 

@@ -5,7 +5,10 @@
 set -eu
 kver=$(ls /lib/modules)
 keep="virtio_pci virtio_blk virtio_net virtio_rng virtio_console ext4 vfat nls_cp437 nls_ascii
-      nls_utf8 nls_iso8859_1 autofs4 efivarfs tpm_crb tpm_tis i6300esb iTCO_wdt"
+      nls_utf8 nls_iso8859_1 autofs4 efivarfs tpm_crb tpm_tis i6300esb iTCO_wdt
+      xhci_pci usb_storage uas sd_mod"
+# (the second line: USB sticks for the technician console, edgeops-usb.service -- the xHCI
+# controller, USB mass storage and SCSI disks; usbcore and scsi_mod come as their dependencies)
 list=/tmp/keep-modules
 : > "$list"
 for m in $keep; do

@@ -7,7 +7,10 @@ inside it, as on hardware), and a power cut is killing that process. What QEMU g
   firmware   OVMF: the code pflash read-only, a copy of the VARS pflash per device
   accel      KVM when /dev/kvm really runs OVMF here (tried once), otherwise TCG; never required
   disk       virtio-blk, raw, cache=unsafe (the host is not the device: its flushes are moot)
-  serial     ttyS0 (kernel, getty) and ttyS1 (markers, tools/e2e/guest) written to files
+  serial     ttyS0 (kernel, the technician console) and ttyS1 (markers, tools/e2e/guest)
+             written to files; ttyS0 is also a unix socket (WORK/ttyS0.sock) to type on
+  usb        a qemu-xhci controller (bus xhci.0) from boot, for sticks hot-plugged over QMP
+             (``qmp``: blockdev-add, device_add usb-storage)
   network    none, or user-mode with restrict=on and one guestfwd: the guest reaches
              10.0.2.100:8080 and nothing else; each connection runs tools/e2e/relay.py,
              which connects to one port on the host's 127.0.0.1
@@ -113,6 +116,7 @@ class Machine:
     tpm: bool = True
     watchdog: bool = True
     memory_mib: int = 1024
+    xhci: bool = True  # a USB controller present from boot (bus "xhci.0")
     transcript: Path | None = None
     power_ons: int = 0
     qemu: subprocess.Popen[bytes] | None = None
@@ -137,6 +141,8 @@ class Machine:
         self.power_ons += 1
         n = self.power_ons
         self.console, self.markers = self.work / f"console-{n}.log", self.work / f"markers-{n}.log"
+        self.console_sock = self.work / "ttyS0.sock"
+        self.console_sock.unlink(missing_ok=True)
         argv = ["qemu-system-x86_64", "-name", self.name, "-machine", "q35",
                 "-accel", "kvm" if self.accel == "kvm" else "tcg,thread=multi",
                 "-cpu", "host" if self.accel == "kvm" else "max",
@@ -145,7 +151,12 @@ class Machine:
                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
                 "-drive", f"file={self.disk},format=raw,if=virtio,cache=unsafe",
-                "-serial", f"file:{self.console}", "-serial", f"file:{self.markers}",
+                # ttyS0 is logged to the same file as before, and a socket one can type on
+                # (qemu-options: -chardev socket,...,logfile=); with no client its output is
+                # only logged
+                "-chardev", f"socket,id=ttyS0,path={self.console_sock},server=on,wait=off,"
+                            f"logfile={self.console}",
+                "-serial", "chardev:ttyS0", "-serial", f"file:{self.markers}",
                 "-device", "virtio-rng-pci"]
         if self.controller_port is not None:
             host, port = GUEST_CONTROLLER.split(":")
@@ -160,9 +171,13 @@ class Machine:
             argv += self._start_swtpm()
         if self.watchdog:
             argv += ["-device", "i6300esb", "-action", "watchdog=reset"]
+        if self.xhci:
+            argv += ["-device", "qemu-xhci,id=xhci"]
         qmp = self.work / "qmp.sock"
         qmp.unlink(missing_ok=True)
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+        (self.work / "qmp-cmd.sock").unlink(missing_ok=True)  # a second monitor, for ``qmp``
+        argv += ["-qmp", f"unix:{self.work / 'qmp-cmd.sock'},server=on,wait=off"]
         self.lines, self.events, self.cursor, self._pos, self._partial = [], [], 0, 0, ""
         self.stages, self._cpos = [], 0
         self.t0 = time.monotonic()
@@ -192,6 +207,27 @@ class Machine:
                     continue
                 if "event" in msg:
                     self.events.append(Event(self.now(), str(msg["event"]), dict(msg.get("data", {}))))
+
+    def qmp(self, command: str, arguments: dict[str, object] | None = None,
+            timeout: float = 30) -> object:
+        """One QMP command on the second monitor (the first one follows events); its
+        "return", or E2EFailure with QEMU's error (docs: qemu-qmp-ref)."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.work / "qmp-cmd.sock"))
+            with sock.makefile("rwb") as f:
+                f.readline()  # the greeting
+                for msg in ({"execute": "qmp_capabilities"},
+                            {"execute": command, "arguments": arguments or {}}):
+                    f.write(json.dumps(msg).encode() + b"\n")
+                    f.flush()
+                    while True:
+                        reply = json.loads(f.readline())
+                        if "error" in reply:
+                            raise E2EFailure(f"QMP {command}: {reply['error'].get('desc')}")
+                        if "return" in reply:
+                            break
+                return reply["return"]
 
     def _start_swtpm(self) -> list[str]:
         state = self.work / "tpm"

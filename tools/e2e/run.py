@@ -20,6 +20,7 @@ boots as the scenarios allow, in this order:
             grubenv copy on the disk says the trial slot is committed; the next boot must
             run a committed slot, and the commit be finished (or undone and installed again)
   (d)       alone (without a and e): a power cut during the slot write of its own release
+  (g)       the technician console on ttyS0: login, status, health, a USB stick install (console_e2e.py)
 
 The guest reaches only 10.0.2.100:8080 (QEMU user networking, restrict=on, one guestfwd),
 which is tools/e2e/relay.py -> this script's counting proxy -> the controller, all on
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import console_e2e
 from qemu import E2EFailure, Machine, kvm_works
 
 REPO = Path(__file__).resolve().parents[2]
@@ -316,7 +318,7 @@ RELEASES = [
 ]
 
 
-ALL = ["a", "f", "c", "b", "e", "d"]  # the scenarios, in the order they run
+ALL = ["a", "f", "c", "b", "e", "d", "g"]  # the scenarios, in the order they run
 
 
 def make_bundles(out: Path, edgeops: str, image: Path, which: list[str]) -> list[Release]:
@@ -553,6 +555,8 @@ def scenarios(run_: Run, which: list[str]) -> None:
     if "d" in which and "a" not in which:
         power_cut_then_install(run_, rel["after-power-cut"], current, other)
         current, other = other, current
+    if "g" in which:
+        console_e2e.scenario(run_, current)
     m.power_cut()
 
 
