@@ -21,9 +21,8 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agent.adapters.fsutil import fsync_dir
 from agent.core import witness
@@ -65,16 +64,16 @@ class JournalCorrupt(JournalError):
     hint = RECOVER_HINT
 
 
-@dataclass(frozen=True)
-class SlotInfo:
+# Rows as NamedTuples, not dataclasses: 'edgeops status' reads them, and Python 3.11 compiles
+# each dataclass's methods at import (tools/bench/startup.py).
+class SlotInfo(NamedTuple):
     name: str
     state: str
     version: str | None
     security_version: int | None
 
 
-@dataclass(frozen=True)
-class HistoryRow:
+class HistoryRow(NamedTuple):
     id: int
     ts: float
     event: str

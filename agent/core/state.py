@@ -9,8 +9,7 @@ records (about a third of ``status``'s start-up on a slow core).
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_TRIAL_BOOTS = 3
 
@@ -25,8 +24,9 @@ class Phase(enum.StrEnum):
     REVERTING = "reverting"
 
 
-@dataclass(frozen=True)
-class State:
+# NamedTuples, not dataclasses: 'edgeops status' reads these, and Python 3.11 compiles each
+# dataclass's methods at import (tools/bench/startup.py); ``_replace`` is ``dataclasses.replace``.
+class State(NamedTuple):
     phase: Phase = Phase.IDLE
     target: str | None = None  # slot being installed or tried
     previous: str | None = None  # the committed slot to fall back to
@@ -37,7 +37,7 @@ class State:
     health: dict[str, Any] | None = None  # per-bundle health overrides
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self._asdict()
         d["phase"] = str(self.phase)
         return d
 
@@ -47,8 +47,7 @@ class State:
 
 
 # --- what a transition records in the journal, in the same transaction as its state ------
-@dataclass(frozen=True)
-class SlotRecord:
+class SlotRecord(NamedTuple):
     """Journal: what a slot now holds."""
 
     slot: str
@@ -57,13 +56,11 @@ class SlotRecord:
     security_version: int | None = None
 
 
-@dataclass(frozen=True)
-class RaiseFloor:
+class RaiseFloor(NamedTuple):
     security_version: int
 
 
-@dataclass(frozen=True)
-class History:
+class History(NamedTuple):
     event: str  # installing, installed, trial, committed, reverted, failed, interrupted
     slot: str | None
     version: str | None
