@@ -159,7 +159,7 @@ def _history(a: argparse.Namespace) -> int:
     with _updater(a) as up:
         rows = up.journal.history(a.n)
     if a.json:
-        print(json.dumps([r._asdict() for r in rows], indent=2))
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
         return 0
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.ts))

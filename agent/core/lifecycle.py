@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # re-exported: the life cycle's vocabulary, as every caller has imported it from here
+from agent.core.records import History as History
+from agent.core.records import RaiseFloor as RaiseFloor
+from agent.core.records import Record as Record
+from agent.core.records import SlotRecord as SlotRecord
 from agent.core.state import MAX_TRIAL_BOOTS as MAX_TRIAL_BOOTS
-from agent.core.state import History as History
 from agent.core.state import Phase as Phase
-from agent.core.state import RaiseFloor as RaiseFloor
-from agent.core.state import Record as Record
-from agent.core.state import SlotRecord as SlotRecord
 from agent.core.state import State as State
 from agent.errors import StateError
 

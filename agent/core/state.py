@@ -1,9 +1,10 @@
-"""The life-cycle state and the records a transition leaves in the journal. Pure.
+"""The life-cycle state and how it is written down. Pure.
 
 ``agent.core.lifecycle`` moves it from one state to the next; this module only says what a
-state is and how it is written down, so that what merely reads it (the journal, the witness,
-``edgeops status``) need not build the transition table with its two dozen event and action
-records (about a third of ``status``'s start-up on a slow core).
+state is, so that what merely reads it (the journal, the witness, ``edgeops status``) need
+not build the transition table with its two dozen event and action records (about a third
+of ``status``'s start-up on a slow core), nor the records a transition leaves in the
+journal (``agent.core.records``), which only a writer needs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Phase(enum.StrEnum):
     REVERTING = "reverting"
 
 
-# NamedTuples, not dataclasses: 'edgeops status' reads these, and Python 3.11 compiles each
+# A NamedTuple, not a dataclass: 'edgeops status' reads it, and Python 3.11 compiles each
 # dataclass's methods at import (tools/bench/startup.py); ``_replace`` is ``dataclasses.replace``.
 class State(NamedTuple):
     phase: Phase = Phase.IDLE
@@ -44,27 +45,3 @@ class State(NamedTuple):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> State:
         return cls(**{**d, "phase": Phase(d["phase"])})
-
-
-# --- what a transition records in the journal, in the same transaction as its state ------
-class SlotRecord(NamedTuple):
-    """Journal: what a slot now holds."""
-
-    slot: str
-    state: str  # good | bad | trial | empty | written
-    version: str | None = None
-    security_version: int | None = None
-
-
-class RaiseFloor(NamedTuple):
-    security_version: int
-
-
-class History(NamedTuple):
-    event: str  # installing, installed, trial, committed, reverted, failed, interrupted
-    slot: str | None
-    version: str | None
-    detail: str = ""
-
-
-Record = SlotRecord | RaiseFloor | History

@@ -197,7 +197,7 @@ def diag_bundle(up: Updater, device_id: str) -> tuple[str, bytes]:
     name = f"edgeops-diag-{device_id}-{stamp}.tar.gz"
     files: dict[str, bytes] = {
         "status.json": json.dumps(up.status(), indent=2).encode(),
-        "history.json": json.dumps([r._asdict() for r in up.journal.history(500)], indent=2).encode(),
+        "history.json": json.dumps([r.__dict__ for r in up.journal.history(500)], indent=2).encode(),
         "logs.txt": "\n".join(log_lines(up, 200)).encode(),
         "board-check.txt": "\n".join(board_check_lines(up)).encode(),
         "about.json": json.dumps(_about(up, device_id), indent=2).encode(),
