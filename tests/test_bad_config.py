@@ -75,6 +75,19 @@ def test_health_that_cannot_work_is_refused_before_the_install(
     assert allocated_blocks(device_dir / "slot-b.img") == 0
 
 
+def test_status_still_reports_a_device_whose_health_table_cannot_work(device_dir: Path) -> None:
+    """status shows no health checks, so it does not parse them (config.load(lazy=True)): a
+    technician still sees the slots of a device whose [health] the agent and install refuse."""
+    cfg = device_dir / "agent.toml"
+    edit(cfg, "deadline = 60", 'deadline = "soon"')
+    proc = run_cli("status", "--config", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "booted slot" in proc.stdout
+    refused = run_cli("agent", "--once", "--config", cfg)
+    assert refused.returncode == 3
+    assert "health.deadline must be a number" in one_line_error(refused.stderr)
+
+
 @pytest.mark.parametrize("override, words", [
     ({"deadline": "soon"}, "deadline must be a number"),
     ({"retries": -1}, "retries must be a whole number"),

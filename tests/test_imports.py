@@ -86,3 +86,11 @@ def test_version_loads_no_typing() -> None:
     mods = loaded_after("from agent.cli import main\ntry:\n    main.main(['--version'])\n"
                         "except SystemExit:\n    pass") - loaded_after("pass")
     assert "typing" not in mods
+
+
+def test_status_loads_no_logging_and_no_dataclasses(device_dir: Path) -> None:
+    """status sets up no logging (nothing it loads logs) and builds no dataclass: each costs a
+    slow core start-up time (tools/bench/startup.py)."""
+    mods = loaded_after("from agent.cli import main\n"
+                        f"main.main(['status', '--config', {str(device_dir / 'agent.toml')!r}])")
+    assert not {"logging", "dataclasses"} & mods

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +15,7 @@ INSTALL = lc.Install(target="B", previous="A", version="2.0", security_version=3
 
 def at(phase: Phase, **kw: object) -> State:
     base = State(phase, "B", "A", "2.0", 3, BOOT0)
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return base._replace(**kw)  # type: ignore[arg-type]
 
 
 def kinds(items: list[object]) -> list[str]:

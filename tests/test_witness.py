@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -32,8 +31,8 @@ def test_a_record_round_trips(key: bytes | None) -> None:
     (w.encode(J, KEY), b"x" * 32, "MAC does not verify"),
     (w.encode(J, None).replace(b'"security_floor": 3', b'"security_floor": 0'), None,
      "MAC does not verify"),
-    (w.encode(replace(J, security_floor=-1), None), None, "malformed"),
-    (w.encode(replace(J, state={"phase": "dancing"}), None), None, "malformed"),
+    (w.encode(J._replace(security_floor=-1), None), None, "malformed"),
+    (w.encode(J._replace(state={"phase": "dancing"}), None), None, "malformed"),
     (b" " * (w.MAX_BYTES + 1), None, "more than a witness record holds"),
 ])
 def test_damage_is_refused(blob: bytes, key: bytes | None, words: str) -> None:
@@ -54,23 +53,23 @@ def test_the_mac_covers_whether_it_is_keyed() -> None:
 
 
 # --- judge: every case, as a table ----------------------------------------------------------
-OLDER = replace(J, generation=5, security_floor=0)
-TESTING = replace(J, generation=9, state=State(Phase.TESTING, "A", "B", "4.0", 4, "b1", 1).to_dict())
+OLDER = J._replace(generation=5, security_floor=0)
+TESTING = J._replace(generation=9, state=State(Phase.TESTING, "A", "B", "4.0", 4, "b1", 1).to_dict())
 
 
 @pytest.mark.parametrize("journal, kw, verdict, words", [
     (J, {"witness": J}, "ok", "matches"),
     (TESTING, {"witness": J}, "refresh", "catches up"),  # a power cut between the two writes
-    (replace(J, generation=20), {"witness": J}, "refresh", "catches up"),  # a model raised the time
+    (J._replace(generation=20), {"witness": J}, "refresh", "catches up"),  # a model raised the time
     (J, {"witness": J, "keyed": False, "root_key": True}, "refresh", "keyed by the root of trust"),
     (J, {"witness": None}, "refresh", "first witness"),  # an older agent's journal
-    (replace(J, generation=0), {"witness": None, "fresh": True}, "refresh", "first witness"),  # new device
-    (replace(J, journal_id="bbbb", generation=0, security_floor=0), {"witness": J, "fresh": True},
+    (J._replace(generation=0), {"witness": None, "fresh": True}, "refresh", "first witness"),  # new device
+    (J._replace(journal_id="bbbb", generation=0, security_floor=0), {"witness": J, "fresh": True},
      "lost", "lost or emptied"),
-    (replace(J, journal_id="bbbb"), {"witness": J}, "lost", "re-created or replaced"),
+    (J._replace(journal_id="bbbb"), {"witness": J}, "lost", "re-created or replaced"),
     (OLDER, {"witness": J}, "lost", "older copy of itself"),
-    (replace(J, generation=9, security_floor=2), {"witness": J}, "lost", "below its witness"),
-    (replace(J, generation=9, trusted_time=5), {"witness": J}, "lost", "below its witness"),
+    (J._replace(generation=9, security_floor=2), {"witness": J}, "lost", "below its witness"),
+    (J._replace(generation=9, trusted_time=5), {"witness": J}, "lost", "below its witness"),
     (J, {"witness": None, "damaged": "its MAC does not verify"}, "lost", "witness is damaged"),
 ])
 def test_judge(journal: w.Record, kw: dict[str, object], verdict: str, words: str) -> None:
@@ -80,7 +79,7 @@ def test_judge(journal: w.Record, kw: dict[str, object], verdict: str, words: st
 
 
 def test_a_lost_journal_is_named_with_what_the_witness_knows() -> None:
-    f = w.judge(replace(J, journal_id="bbbb", generation=0), fresh=True, witness=J)
+    f = w.judge(J._replace(journal_id="bbbb", generation=0), fresh=True, witness=J)
     assert "journal aaaa1111 at generation 8 with floor 3" in f.reason
 
 
@@ -90,14 +89,14 @@ FALLBACK = w.Record("cccc", 0, 0, 0, State().to_dict(), {"B": {"state": "good", 
 
 
 def test_recovery_takes_slots_and_state_from_the_witness() -> None:
-    rec = w.recovered(TESTING, journal=replace(J, journal_id="x", security_floor=0), root_floor=None,
+    rec = w.recovered(TESTING, journal=J._replace(journal_id="x", security_floor=0), root_floor=None,
                       fallback=FALLBACK)
     assert rec.state == TESTING.state and rec.slots == TESTING.slots and rec.security_floor == 3
 
 
 def test_recovery_without_a_witness_uses_the_old_journal_then_the_bootloader() -> None:
     assert w.recovered(None, journal=J, root_floor=None, fallback=FALLBACK).slots == J.slots
-    assert w.recovered(None, journal=None, root_floor=7, fallback=FALLBACK) == replace(FALLBACK,
+    assert w.recovered(None, journal=None, root_floor=7, fallback=FALLBACK) == FALLBACK._replace(
                                                                                       security_floor=7)
 
 

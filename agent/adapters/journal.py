@@ -21,17 +21,17 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agent.adapters.fsutil import fsync_dir
 from agent.core import witness
-from agent.core.state import History, RaiseFloor, Record, SlotRecord, State
+from agent.core.state import State
 from agent.errors import ConfigError, DeviceError
 
 if TYPE_CHECKING:  # the table itself is not needed to store its output
     from agent.core.lifecycle import Transition
+    from agent.core.records import HistoryRow, Record
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -65,22 +65,14 @@ class JournalCorrupt(JournalError):
     hint = RECOVER_HINT
 
 
-@dataclass(frozen=True)
-class SlotInfo:
+# A NamedTuple, not a dataclass: 'edgeops status' reads it, and Python 3.11 compiles each
+# dataclass's methods at import (tools/bench/startup.py). So the records written and the
+# history read back (agent.core.records) are imported where they are used.
+class SlotInfo(NamedTuple):
     name: str
     state: str
     version: str | None
     security_version: int | None
-
-
-@dataclass(frozen=True)
-class HistoryRow:
-    id: int
-    ts: float
-    event: str
-    slot: str | None
-    version: str | None
-    detail: str
 
 
 class Journal:
@@ -184,6 +176,8 @@ class Journal:
 
     def restore(self, rec: witness.Record, detail: str, *, now: float | None = None) -> None:
         """Write recovered facts over this (new) journal in one transaction, noting it in the history."""
+        from agent.core.records import History
+
         now = time.time() if now is None else now
         with self._tx():
             self._db.execute("DELETE FROM slots")
@@ -210,6 +204,8 @@ class Journal:
         self._notify(True)
 
     def record(self, records: Iterable[Record], *, now: float | None = None) -> None:
+        from agent.core.records import History
+
         now = time.time() if now is None else now
         records = list(records)
         with self._tx():
@@ -220,6 +216,8 @@ class Journal:
         self._notify(bumped)
 
     def _record(self, r: Record, now: float) -> None:
+        from agent.core.records import History, RaiseFloor, SlotRecord
+
         match r:
             case SlotRecord():
                 self._db.execute("INSERT OR REPLACE INTO slots VALUES (?,?,?,?,?)",
@@ -246,6 +244,8 @@ class Journal:
         return dict(self._query("SELECT event, COUNT(*) FROM history GROUP BY event"))
 
     def history(self, limit: int = 50) -> list[HistoryRow]:
+        from agent.core.records import HistoryRow
+
         rows = self._query(
             "SELECT id, ts, event, slot, version, detail FROM history ORDER BY id DESC LIMIT ?",
             (limit,))

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
-import uuid
 from pathlib import Path
 
 from agent.adapters.bootloader.envfile import EnvStore, Location
@@ -59,11 +57,15 @@ class SimFirmware:
             self.env.write(env)
         slot = env["EO_SLOT"]
         self.run.mkdir(exist_ok=True)
+        import uuid  # here, as signal below: 'edgeops status' opens only SimRuntime
+
         atomic_write(self.run / "boot_id", f"{uuid.uuid4()}\n")
         atomic_write(self.run / "cmdline", f"root=/dev/sim{slot} ro edgeops.slot={slot}\n")
         return slot
 
     def _stop_agents(self, sig: int) -> None:
+        import signal
+
         pids = self.run / "pids"
         if not pids.is_dir():
             return
@@ -75,10 +77,14 @@ class SimFirmware:
             time.sleep(0.05)
 
     def reboot(self) -> str:
+        import signal
+
         self._stop_agents(signal.SIGTERM)
         return self.boot()
 
     def power_cut(self) -> str:
+        import signal
+
         self._stop_agents(signal.SIGKILL)
         return self.boot()
 

@@ -52,7 +52,8 @@ def register(sub: Any) -> None:
                         "terminal, plain periodic lines elsewhere, e.g. journald) or never")
     i.add_argument("--replace-trial", action="store_true",
                    help="overwrite a trial that is armed and waiting for its boot (refused otherwise)")
-    cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
+    st = cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
+    st.set_defaults(logs=False)  # nothing it loads logs (tests/test_imports.py): no logging setup
     h = cmd("history", "show the install and health history", _history, json_flag=True)
     h.add_argument("-n", type=int, default=30, help="rows (default 30)")
     cmd("rollback", "make the other known-good slot primary and reboot into it (at once)", _rollback)
@@ -125,7 +126,8 @@ def _status(a: argparse.Namespace) -> int:
     from agent.core import config as config_mod
     from agent.device import status
 
-    st = status.read(config_mod.load(config_path(a.config)))  # no updater, no lock: it only reads
+    # no updater, no lock: it only reads; lazy: the sections it does not show are not parsed
+    st = status.read(config_mod.load(config_path(a.config), lazy=True))
     if a.json:
         print(json.dumps(st, indent=2))
         return 0

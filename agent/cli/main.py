@@ -165,7 +165,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)  # --version and --help exit here
-    log_to_stderr(verbose=args.verbose)
+    if getattr(args, "logs", True):  # a command that loads no logger (status) skips loading logging
+        log_to_stderr(verbose=args.verbose)
     return guarded(lambda: args.func(args), json_errors=getattr(args, "json", False))
 
 

@@ -1,25 +1,33 @@
-"""Agent configuration: ``agent.toml`` text in, frozen dataclasses out. Only ``load`` reads (the file).
+"""Agent configuration: ``agent.toml`` text in, records out. Only ``load`` reads (the file).
 
 Paths in the file are relative to the file's own directory, so a device
 folder (the sim board's, or an image staging tree) can be moved as a whole.
+
+Every section is parsed here, once. ``load`` parses them all (a bad table fails there);
+``load(path, lazy=True)`` leaves ``[health]``, ``[fleet]``, ``[console]`` and ``[telemetry]``
+to their first use, for a command that shows none of them: ``edgeops status`` then loads
+neither their parsers nor ``dataclasses`` (tools/bench/startup.py).
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from agent.core.console_policy import ConsoleSettings, parse_console
-from agent.core.fixups import Fixup, parse_fixups
-from agent.core.fleet_config import FleetConfig, parse_fleet
-from agent.core.health import HealthPolicy, parse_policy
 from agent.errors import ConfigError
 
-if TYPE_CHECKING:  # parsed only where [telemetry] exists: status and the idle agent skip it
-    from agent.core.telemetry_policy import SeriesRule
+if TYPE_CHECKING:  # each parsed on first use (see the docstring)
+    from collections.abc import Callable
 
+    from agent.core.console_policy import ConsoleSettings
+    from agent.core.fixups import Fixup
+    from agent.core.fleet_config import FleetConfig
+    from agent.core.health import HealthPolicy
+    from agent.core.telemetry_config import TelemetrySettings
+
+T = TypeVar("T")
 DEFAULT_CONFIG = Path("/etc/edgeops/agent.toml")
 _SECTIONS = {"device", "bootloader", "slots", "health", "runtime", "agent", "tpm", "models",
              "fleet", "telemetry", "console", "fixups"}
@@ -33,8 +41,9 @@ COUNTER_INDEX = 0x01000E01  # NV counter behind the rollback floor
 DEFAULT_PCR = 15
 
 
-@dataclass(frozen=True)
-class TpmSettings:
+# A NamedTuple, and AgentConfig a plain class, not dataclasses: 'edgeops status' reads both,
+# and Python 3.11 compiles each dataclass's methods at import (tools/bench/startup.py).
+class TpmSettings(NamedTuple):
     """The [tpm] section: where the TPM is and whether the board may run without one."""
 
     tcti: str | None = None  # None: no TPM, the software keystore if anything
@@ -44,59 +53,119 @@ class TpmSettings:
     counter_index: int = COUNTER_INDEX
 
 
-@dataclass(frozen=True)
-class TelemetrySettings:
-    """The [telemetry] section (docs/telemetry.md): what is collected, buffered and sent where."""
-
-    enabled: bool = True
-    interval: float = 10.0  # seconds between collections
-    buffer: Path | None = None  # default STATE/telemetry.db
-    budget_bytes: int = 16 << 20
-    full_resolution: float = 3600.0  # seconds kept at full resolution under budget pressure
-    downsample_step: float = 60.0
-    remote_write_url: str | None = None
-    otlp_url: str | None = None  # OTLP/HTTP base (…/v1/traces is added)
-    credentials_file: Path | None = None  # a bearer token, read when sending; never logged
-    bytes_per_second: int = 64 << 10
-    batch_samples: int = 2000
-    targets: tuple[str, ...] = ()  # QoE: "host:port" (TCP connect) or "http(s)://…" (HTTP timing)
-    probe_count: int = 5
-    probe_timeout: float = 2.0
-    listen: str | None = None  # "127.0.0.1:9108": the local Prometheus endpoint, off by default
-    rules: tuple[SeriesRule, ...] = ()
-    traces: str = "upstream"  # update traces' scope: upstream, regional (the site's controller) or local
+NO_TPM = TpmSettings()
+_LAZY = ("fleet", "telemetry", "console", "fixups", "health_policy")  # parsed on first use, in this order
 
 
-@dataclass(frozen=True)
 class AgentConfig:
-    path: Path
-    board: str
-    compatible: str
-    state_dir: Path
-    keyring: Path
-    crl_dir: Path | None
-    bootloader: str
-    bootloader_settings: dict[str, Any]
-    slots: dict[str, dict[str, Path]]  # slot name -> payload class -> device or file
-    health: dict[str, Any] = field(default_factory=dict)
-    runtime: str = "linux"  # "linux" (/proc, systemctl) or "sim"
-    runtime_dir: Path | None = None
-    poll_interval: float = 60.0
-    metrics_file: Path | None = None  # Prometheus node_exporter textfile (needs the [metrics] extra)
-    tpm: TpmSettings = TpmSettings()
-    fleet: FleetConfig | None = None  # this file's [fleet], token_file not read yet
-    models: dict[str, Any] = field(default_factory=dict)  # [models], read by agent.device.models
-    # the journal's witness (agent.core.witness); on another partition it survives the loss
-    # of the whole state directory. Default: STATE/witness.json
-    witness: Path | None = None
-    telemetry: TelemetrySettings | None = None  # [telemetry]; None: nothing collected or written
-    console: ConsoleSettings = field(default_factory=ConsoleSettings)  # [console] (agent.core.console_policy)
-    fixups: tuple[Fixup, ...] = ()  # [[fixups]]: per-slot boot-file fix-ups (agent.core.fixups)
-    # [health] parsed once, here: a bad table fails at load, and no health run parses it again
-    health_policy: HealthPolicy = field(init=False, repr=False, compare=False)
+    """The parsed agent.toml. Built by ``parse`` or directly (then ``fleet``, ``telemetry`` and
+    ``console`` are given parsed, and ``health_policy`` is parsed from ``health`` on first use)."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "health_policy", parse_policy(self.health))
+    def __init__(self, path: Path, board: str, compatible: str, state_dir: Path, keyring: Path,
+                 crl_dir: Path | None, bootloader: str, bootloader_settings: dict[str, Any],
+                 slots: dict[str, dict[str, Path]], health: dict[str, Any] | None = None,
+                 runtime: str = "linux", runtime_dir: Path | None = None,
+                 poll_interval: float = 60.0, metrics_file: Path | None = None,
+                 tpm: TpmSettings = NO_TPM, fleet: FleetConfig | None = None,
+                 models: dict[str, Any] | None = None, witness: Path | None = None,
+                 telemetry: TelemetrySettings | None = None, console: ConsoleSettings | None = None,
+                 *, tables: dict[str, Any] | None = None) -> None:
+        self.path = path
+        self.board = board
+        self.compatible = compatible
+        self.state_dir = state_dir
+        self.keyring = keyring
+        self.crl_dir = crl_dir
+        self.bootloader = bootloader
+        self.bootloader_settings = bootloader_settings
+        self.slots = slots  # slot name -> payload class -> device or file
+        self.health = {} if health is None else health
+        self.runtime = runtime  # "linux" (/proc, systemctl) or "sim"
+        self.runtime_dir = runtime_dir
+        self.poll_interval = poll_interval
+        self.metrics_file = metrics_file  # Prometheus node_exporter textfile (needs the [metrics] extra)
+        self.tpm = tpm
+        self.models = {} if models is None else models  # [models], read by agent.device.models
+        # the journal's witness (agent.core.witness); on another partition it survives the loss
+        # of the whole state directory. Default: STATE/witness.json
+        self.witness = witness
+        # ``tables``: the document's [fleet], [telemetry] and [console], parsed on first use;
+        # without it these are the values given (cached_property reads the instance first).
+        self._tables = tables
+        if tables is None:
+            self.fleet, self.telemetry = fleet, telemetry
+            if console is not None:
+                self.console = console
+
+    def __repr__(self) -> str:
+        return f"AgentConfig({str(self.path)!r}, board={self.board!r})"
+
+    @cached_property
+    def health_policy(self) -> HealthPolicy:
+        """[health], parsed once: no health run parses it again."""
+        from agent.core.health import parse_policy
+
+        return self._parsed(lambda: parse_policy(self.health))
+
+    @cached_property
+    def fleet(self) -> FleetConfig | None:
+        """This file's [fleet], token_file not read yet (agent.core.fleet_config). Not a table:
+        as before, the device may still be managed through a fleet.toml beside it."""
+        table = (self._tables or {}).get("fleet")
+        if not isinstance(table, dict):
+            return None
+        from agent.core.fleet_config import parse_fleet
+
+        return self._parsed(lambda: parse_fleet(table, self.base, f"{self.path} [fleet]"))
+
+    @cached_property
+    def console(self) -> ConsoleSettings:
+        """[console] (agent.core.console_policy); its defaults without one."""
+        from agent.core.console_policy import parse_console
+
+        return self._parsed(lambda: parse_console((self._tables or {}).get("console"), str(self.path)))
+
+    @cached_property
+    def telemetry(self) -> TelemetrySettings | None:
+        """[telemetry]; None: nothing collected or written."""
+        table = (self._tables or {}).get("telemetry")
+        if table is None:
+            return None
+        from agent.core.telemetry_config import parse_telemetry
+
+        return self._parsed(lambda: parse_telemetry(table, self.path))
+
+    @cached_property
+    def fixups(self) -> tuple[Fixup, ...]:
+        """[[fixups]]: per-slot boot-file fix-ups (agent.core.fixups); none without the array."""
+        table = (self._tables or {}).get("fixups")
+        if table is None:
+            return ()
+        from agent.core.fixups import parse_fixups
+
+        classes = sorted(next(iter(self.slots.values()), {}))
+        return self._parsed(lambda: parse_fixups(table, str(self.path), slots=sorted(self.slots),
+                                                 classes=classes))
+
+    def _parsed(self, parse: Callable[[], T]) -> T:
+        try:
+            return parse()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.path}: {exc}") from None
+
+    def parse_all(self) -> AgentConfig:
+        """Parse every section now, so that a bad one fails here."""
+        for name in _LAZY:
+            getattr(self, name)
+        return self
+
+    def replace(self, **changes: Any) -> AgentConfig:
+        """A copy with ``changes`` (as ``dataclasses.replace``)."""
+        new = object.__new__(AgentConfig)
+        new.__dict__.update(self.__dict__, **changes)
+        if "health" in changes:
+            new.__dict__.pop("health_policy", None)
+        return new
 
     @property
     def base(self) -> Path:
@@ -135,7 +204,8 @@ def toml_doc(text: str, where: object, sections: set[str] | None = None) -> dict
     return doc
 
 
-def parse(text: str, path: Path) -> AgentConfig:
+def parse(text: str, path: Path, *, lazy: bool = False) -> AgentConfig:
+    """``lazy``: leave the sections a reader does not show to their first use (the docstring)."""
     doc = toml_doc(text, path, _SECTIONS)
     base = path.parent
     dev = _table(doc, "device", path)
@@ -171,7 +241,7 @@ def parse(text: str, path: Path) -> AgentConfig:
     if kind not in ("linux", "sim"):
         raise ConfigError(f"{path}: runtime.kind must be 'linux' or 'sim'")
     try:
-        return AgentConfig(
+        cfg = AgentConfig(
             path=path,
             board=str(dev.get("board", "generic")),
             compatible=_str(dev, "compatible", path),
@@ -188,16 +258,13 @@ def parse(text: str, path: Path) -> AgentConfig:
             metrics_file=(rel(agent["metrics_file"], "agent.metrics_file")
                           if "metrics_file" in agent else None),
             tpm=_tpm(doc, path),
-            fleet=_fleet(doc, path),
             models=models,
             witness=rel(dev["witness"], "device.witness") if "witness" in dev else None,
-            telemetry=_telemetry(doc, path),
-            console=parse_console(doc.get("console"), str(path)),
-            fixups=parse_fixups(doc.get("fixups"), str(path), slots=sorted(slots),
-                                classes=next(iter(classes))),
+            tables={name: doc.get(name) for name in ("fleet", "telemetry", "console", "fixups")},
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return cfg if lazy else cfg.parse_all()
 
 
 def tpm_settings_from_toml(text: str, path: Path) -> TpmSettings:
@@ -229,81 +296,6 @@ def _tpm(doc: dict[str, Any], path: Path) -> TpmSettings:
     return TpmSettings(tcti=tcti or None, required=required, pcr=pcr, **indices)
 
 
-_TELEMETRY_KEYS = {"enabled", "interval", "buffer", "budget_bytes", "full_resolution",
-                   "downsample_step", "remote_write_url", "otlp_url", "credentials_file",
-                   "bytes_per_second", "batch_samples", "targets", "probe_count", "probe_timeout",
-                   "listen", "policy", "traces"}
-
-
-def _telemetry(doc: dict[str, Any], path: Path) -> TelemetrySettings | None:
-    t = doc.get("telemetry")
-    if t is None:
-        return None
-    where = f"{path} [telemetry]"
-    from agent.core.telemetry_policy import SCOPES, parse_rules
-
-    if not isinstance(t, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = set(t) - _TELEMETRY_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
-
-    def num(key: str, default: float, lo: float, hi: float) -> float:
-        v = t.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-            raise ConfigError(f"{where}: {key} must be a number from {_num(lo)} to {_num(hi)}")
-        return float(v)
-
-    def url(key: str) -> str | None:
-        v = t.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, str) or not v.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}: {key} must be an http:// or https:// URL")
-        return v
-
-    targets = t.get("targets", [])
-    if not isinstance(targets, list) or not all(isinstance(x, str) and x for x in targets):
-        raise ConfigError(f"{where}: targets must be a list of 'host:port' or URLs")
-    listen = t.get("listen")
-    if listen is not None and (not isinstance(listen, str) or ":" not in listen):
-        raise ConfigError(f"{where}: listen must be 'ADDRESS:PORT' such as '127.0.0.1:9108'")
-    traces = t.get("traces", "upstream")
-    if traces not in SCOPES:
-        raise ConfigError(f"{where}: traces must be one of {', '.join(SCOPES)}")
-    enabled = t.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{where}: enabled must be true or false")
-    paths = {}
-    for key in ("buffer", "credentials_file"):
-        v = t.get(key)
-        if v is not None and (not isinstance(v, str) or not v):
-            raise ConfigError(f"{where}: {key} must be a path")
-        paths[key] = path.parent / v if v else None
-    return TelemetrySettings(
-        enabled=enabled, interval=num("interval", 10.0, 1.0, 86400.0), buffer=paths["buffer"],
-        budget_bytes=int(num("budget_bytes", 16 << 20, 4096, 1 << 40)),
-        full_resolution=num("full_resolution", 3600.0, 0.0, 30 * 86400.0),
-        downsample_step=num("downsample_step", 60.0, 1.0, 86400.0),
-        remote_write_url=url("remote_write_url"), otlp_url=url("otlp_url"),
-        credentials_file=paths["credentials_file"],
-        bytes_per_second=int(num("bytes_per_second", 64 << 10, 256, 1 << 32)),
-        batch_samples=int(num("batch_samples", 2000, 1, 100_000)), targets=tuple(targets),
-        probe_count=int(num("probe_count", 5, 1, 100)),
-        probe_timeout=num("probe_timeout", 2.0, 0.05, 60.0), listen=listen,
-        rules=parse_rules(t.get("policy"), where), traces=traces)
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if x == int(x) else str(x)
-
-
-def _fleet(doc: dict[str, Any], path: Path) -> FleetConfig | None:
-    # Not a table: as before, the device may still be managed through a fleet.toml beside it.
-    table = doc.get("fleet")
-    return parse_fleet(table, path.parent, f"{path} [fleet]") if isinstance(table, dict) else None
-
-
 def _table(doc: dict[str, Any], name: str, path: Path, *, required: bool = True) -> dict[str, Any]:
     value = doc.get(name)
     if value is None and not required:
@@ -320,13 +312,13 @@ def _str(table: dict[str, Any], key: str, path: Path) -> str:
     return value
 
 
-def load(path: Path) -> AgentConfig:
+def load(path: Path, *, lazy: bool = False) -> AgentConfig:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}",
                           hint="pass --config FILE (a sim device has DIR/agent.toml)") from None
-    return parse(decode(raw, path), path.resolve())
+    return parse(decode(raw, path), path.resolve(), lazy=lazy)
 
 
 def decode(raw: bytes, path: Path) -> str:

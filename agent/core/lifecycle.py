@@ -22,16 +22,16 @@ Mender's daemon state machine (failure edges written out, a cap on trial boots).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 # re-exported: the life cycle's vocabulary, as every caller has imported it from here
+from agent.core.records import History as History
+from agent.core.records import RaiseFloor as RaiseFloor
+from agent.core.records import Record as Record
+from agent.core.records import SlotRecord as SlotRecord
 from agent.core.state import MAX_TRIAL_BOOTS as MAX_TRIAL_BOOTS
-from agent.core.state import History as History
 from agent.core.state import Phase as Phase
-from agent.core.state import RaiseFloor as RaiseFloor
-from agent.core.state import Record as Record
-from agent.core.state import SlotRecord as SlotRecord
 from agent.core.state import State as State
 from agent.errors import StateError
 
@@ -186,7 +186,7 @@ def _install(s: State, ev: Install) -> Transition:
 
 def _write_done(s: State, ev: WriteDone) -> Transition:
     return Transition(
-        replace(s, phase=Phase.WRITTEN),
+        s._replace(phase=Phase.WRITTEN),
         [SlotRecord(_t(s), "written", s.version, s.security_version)],
         [BootSetTrial(_t(s))],
         TrialSet(),
@@ -199,7 +199,7 @@ def _write_failed(s: State, ev: WriteFailed) -> Transition:
 
 
 def _trial_set(s: State, ev: TrialSet) -> Transition:
-    return Transition(replace(s, phase=Phase.TRIAL_PENDING),
+    return Transition(s._replace(phase=Phase.TRIAL_PENDING),
                       [History("installed", s.target, s.version, "reboot to try it once")])
 
 
@@ -267,7 +267,7 @@ def _booted(s: State, ev: Booted) -> Transition:
 
 def _start_trial(s: State, ev: Booted) -> Transition:
     return Transition(
-        replace(s, phase=Phase.TESTING, install_boot_id=ev.boot_id, trial_boots=s.trial_boots + 1),
+        s._replace(phase=Phase.TESTING, install_boot_id=ev.boot_id, trial_boots=s.trial_boots + 1),
         [SlotRecord(_t(s), "trial", s.version, s.security_version),
          History("trial", s.target, s.version, f"trial boot {s.trial_boots + 1}")],
         [RunHealth()],
@@ -275,14 +275,14 @@ def _start_trial(s: State, ev: Booted) -> Transition:
 
 
 def _health_passed(s: State, ev: HealthPassed) -> Transition:
-    return Transition(replace(s, phase=Phase.COMMITTING),
+    return Transition(s._replace(phase=Phase.COMMITTING),
                       [History("health-passed", s.target, s.version, ev.detail)], [BootCommit(_t(s))],
                       CommitDone())
 
 
 def _health_failed(s: State, ev: HealthFailed) -> Transition:
     return Transition(
-        replace(s, phase=Phase.REVERTING),
+        s._replace(phase=Phase.REVERTING),
         [SlotRecord(_t(s), "bad", s.version, s.security_version),
          History("health-failed", s.target, s.version, ev.reason)],
         [BootMarkBad(_t(s)), Reboot(f"trial rejected: {ev.reason}")],
@@ -292,7 +292,7 @@ def _health_failed(s: State, ev: HealthFailed) -> Transition:
 def _signer_distrusted(s: State, ev: SignerDistrusted) -> Transition:
     # as a failed health check: the slot is rejected and the device returns to the old slot
     return Transition(
-        replace(s, phase=Phase.REVERTING),
+        s._replace(phase=Phase.REVERTING),
         [SlotRecord(_t(s), "bad", s.version, s.security_version),
          History("distrusted", s.target, s.version, ev.reason)],
         [BootMarkBad(_t(s)), Reboot(f"trial rejected: {ev.reason}")],
@@ -388,7 +388,7 @@ def _samples(phase: Phase, kind: type) -> list[tuple[str, State, Any]]:
            ("into the target slot", state, Booted("B", "b1")),
            ("into the other slot", state, Booted("A", "b1"))]
     if phase is Phase.TESTING:
-        capped = replace(state, trial_boots=MAX_TRIAL_BOOTS)
+        capped = state._replace(trial_boots=MAX_TRIAL_BOOTS)
         out.append((f"into the target slot after {MAX_TRIAL_BOOTS} trial boots", capped,
                     Booted("B", "b1")))
     return out

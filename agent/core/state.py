@@ -1,16 +1,16 @@
-"""The life-cycle state and the records a transition leaves in the journal. Pure.
+"""The life-cycle state and how it is written down. Pure.
 
 ``agent.core.lifecycle`` moves it from one state to the next; this module only says what a
-state is and how it is written down, so that what merely reads it (the journal, the witness,
-``edgeops status``) need not build the transition table with its two dozen event and action
-records (about a third of ``status``'s start-up on a slow core).
+state is, so that what merely reads it (the journal, the witness, ``edgeops status``) need
+not build the transition table with its two dozen event and action records (about a third
+of ``status``'s start-up on a slow core), nor the records a transition leaves in the
+journal (``agent.core.records``), which only a writer needs.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_TRIAL_BOOTS = 3
 
@@ -25,8 +25,9 @@ class Phase(enum.StrEnum):
     REVERTING = "reverting"
 
 
-@dataclass(frozen=True)
-class State:
+# A NamedTuple, not a dataclass: 'edgeops status' reads it, and Python 3.11 compiles each
+# dataclass's methods at import (tools/bench/startup.py); ``_replace`` is ``dataclasses.replace``.
+class State(NamedTuple):
     phase: Phase = Phase.IDLE
     target: str | None = None  # slot being installed or tried
     previous: str | None = None  # the committed slot to fall back to
@@ -37,37 +38,10 @@ class State:
     health: dict[str, Any] | None = None  # per-bundle health overrides
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self._asdict()
         d["phase"] = str(self.phase)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> State:
         return cls(**{**d, "phase": Phase(d["phase"])})
-
-
-# --- what a transition records in the journal, in the same transaction as its state ------
-@dataclass(frozen=True)
-class SlotRecord:
-    """Journal: what a slot now holds."""
-
-    slot: str
-    state: str  # good | bad | trial | empty | written
-    version: str | None = None
-    security_version: int | None = None
-
-
-@dataclass(frozen=True)
-class RaiseFloor:
-    security_version: int
-
-
-@dataclass(frozen=True)
-class History:
-    event: str  # installing, installed, trial, committed, reverted, failed, interrupted
-    slot: str | None
-    version: str | None
-    detail: str = ""
-
-
-Record = SlotRecord | RaiseFloor | History

@@ -21,8 +21,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from agent.core.state import State
 
@@ -35,20 +34,21 @@ class WitnessDamaged(ValueError):
     """The bytes are not a witness record this device wrote (torn, edited or foreign)."""
 
 
-@dataclass(frozen=True)
-class Record:
+# A NamedTuple, not a dataclass: 'edgeops status' judges one, and Python 3.11 compiles each
+# dataclass's methods at import (tools/bench/startup.py).
+class Record(NamedTuple):
     journal_id: str
     generation: int
     security_floor: int
     trusted_time: int
-    state: dict[str, Any] = field(default_factory=lambda: State().to_dict())
-    slots: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> state, version, sv
+    state: dict[str, Any]  # State.to_dict()
+    slots: dict[str, dict[str, Any]]  # name -> state, version, sv
 
 
 # --- the file format ----------------------------------------------------------------------------
 def encode(rec: Record, key: bytes | None) -> bytes:
     """The record as canonical JSON with its MAC; ``key`` None: the device has no root of trust."""
-    body = {"format": FORMAT, "keyed": key is not None, "record": asdict(rec)}
+    body = {"format": FORMAT, "keyed": key is not None, "record": rec._asdict()}
     return json.dumps({**body, "mac": _mac(body, key)}, sort_keys=True, indent=1).encode() + b"\n"
 
 
@@ -103,8 +103,7 @@ def _int(v: Any) -> int:
 Verdict = Literal["ok", "refresh", "lost"]
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):  # a NamedTuple for the reason Record is one
     verdict: Verdict  # ok: they agree; refresh: write the witness from the journal; lost: refuse
     reason: str
 

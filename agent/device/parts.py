@@ -6,22 +6,20 @@ them, ``agent.device.status`` only reads them (so ``edgeops status`` loads no up
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from agent.adapters import bootloader as bootloader_mod
 from agent.adapters.journal import Journal
 from agent.adapters.runtime import LinuxRuntime, Runtime
 from agent.core.config import AgentConfig
 
 
-@dataclass
 class Device:
     """What ``open_device`` opened; ``close`` releases the journal."""
 
-    config: AgentConfig
-    journal: Journal
-    bootloader: bootloader_mod.Bootloader
-    runtime: Runtime
+    # A plain class, not a dataclass: 'edgeops status' opens one, and Python 3.11 compiles
+    # each dataclass's methods at import (tools/bench/startup.py).
+    def __init__(self, config: AgentConfig, journal: Journal, bootloader: bootloader_mod.Bootloader,
+                 runtime: Runtime) -> None:
+        self.config, self.journal, self.bootloader, self.runtime = config, journal, bootloader, runtime
 
     def close(self) -> None:
         self.journal.close()

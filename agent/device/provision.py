@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.adapters import bootloader as bootloader_mod
@@ -84,7 +84,7 @@ def rooted(cfg: AgentConfig, root: Path | None) -> AgentConfig:
     """The config as seen from an image tree: its absolute state_dir below ``root``."""
     if root is None:
         return cfg
-    return replace(cfg, state_dir=root / cfg.state_dir.relative_to(cfg.state_dir.anchor))
+    return cfg.replace(state_dir=root / cfg.state_dir.relative_to(cfg.state_dir.anchor))
 
 
 def _recorded(journal: Journal) -> Factory | None:

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from agent.adapters.telemetry_buffer import Point, TelemetryBuffer
     from agent.adapters.telemetry_ship import FlushReport, Shipper
-    from agent.core.config import AgentConfig, TelemetrySettings
+    from agent.core.config import AgentConfig
+    from agent.core.telemetry_config import TelemetrySettings
     from agent.core.telemetry_policy import ModelRecord
 
 log = logging.getLogger("edgeops.telemetry")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from agent.core.uboot_env import MAX_ENV_SIZE, EnvError, check, decode_data, encode, newer
 
 
-@dataclass(frozen=True)
-class Location:
+# A NamedTuple, not a dataclass: 'edgeops status' reads the env, and Python 3.11 compiles each
+# dataclass's methods at import (tools/bench/startup.py).
+class Location(NamedTuple):
     path: Path
     offset: int
 

@@ -10,24 +10,48 @@ configured), as ``agent.adapters.bootloader`` loads its backends.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from agent.adapters.rot.base import (
-    KeyringMismatch,
-    NotProvisioned,
-    Quote,
-    RootOfTrust,
-    RootStatus,
-    TpmError,
-    TpmRequired,
-    TpmUnavailable,
-    keystore_provisioned,
-)
 from agent.core.config import TpmSettings, tpm_settings_from_toml
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.adapters.rot.base import (
+        KeyringMismatch,
+        NotProvisioned,
+        Quote,
+        RootOfTrust,
+        RootStatus,
+        TpmError,
+        TpmRequired,
+        TpmUnavailable,
+    )
+
+# The interface's names, imported from rot.base on first use (PEP 562): a board that never
+# opted in answers root_for_updater without it, and 'edgeops status' loads no records it
+# would not use (tools/bench/startup.py).
+_FROM_BASE = {"KeyringMismatch", "NotProvisioned", "Quote", "RootOfTrust", "RootStatus", "TpmError",
+              "TpmRequired", "TpmUnavailable"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        from agent.adapters.rot import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def keystore_provisioned(state_dir: Path) -> bool:
+    """Whether a software keystore was provisioned under ``state_dir`` (a board without a TPM
+    opts in so). Here, not in the keystore module, so asking costs no cryptography import."""
+    return (state_dir / "keystore" / "state.json").exists()
 
 
 def open_root(settings: TpmSettings, state_dir: Path) -> RootOfTrust:
     """The TPM if configured and reachable; otherwise the keystore, unless a TPM is required."""
+    from agent.adapters.rot.base import TpmRequired, TpmUnavailable
+
     if settings.tcti is not None:
         from agent.adapters.rot.tpm import TpmRoot
 
@@ -74,4 +98,5 @@ def load_settings(config_path: Path) -> TpmSettings:
 
 
 __all__ = ["KeyringMismatch", "NotProvisioned", "Quote", "RootOfTrust", "RootStatus", "TpmError",
-           "TpmRequired", "TpmUnavailable", "load_settings", "open_root", "root_for_updater"]
+           "TpmRequired", "TpmUnavailable", "keystore_provisioned", "load_settings", "open_root",
+           "root_for_updater"]

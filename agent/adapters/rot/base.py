@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from agent.core.attest import Event, QuoteRefused
@@ -128,11 +127,5 @@ class RootOfTrust(Protocol):
         """What is anchored, the floor and the number of measurements, for ``edgeops tpm status``."""
 
 
-def keystore_provisioned(state_dir: Path) -> bool:
-    """Whether a software keystore was provisioned under ``state_dir`` (a board without a TPM
-    opts in so). Here, not in the keystore module, so asking costs no cryptography import."""
-    return (state_dir / "keystore" / "state.json").exists()
-
-
 __all__ = ["KeyringMismatch", "NotProvisioned", "Quote", "RootOfTrust", "RootStatus", "TpmError",
-           "TpmRequired", "TpmUnavailable", "keystore_provisioned"]
+           "TpmRequired", "TpmUnavailable"]

@@ -18,13 +18,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.adapters import fsutil
+from agent.adapters.rot import keystore_provisioned
 from agent.adapters.rot.base import (
     KeyringMismatch,
     NotProvisioned,
     Quote,
     RootOfTrust,
     RootStatus,
-    keystore_provisioned,
 )
 from agent.adapters.rot.eventlog import EventLog
 from agent.core import attest
