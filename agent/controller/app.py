@@ -45,8 +45,8 @@ def build_app(fleet: Fleet, settings: Settings) -> web.Application:
     app[SEEN] = {}
     app[WAITERS] = {}
     app[REQUESTS] = collections.Counter()
-    app[dbexec.DBEXEC] = dbexec.for_dialect(fleet.db.dialect, limit=settings.db_queue,
-                                            retry_after=settings.retry_after)
+    app[dbexec.DBEXEC] = dbexec.for_database(fleet.db, limit=settings.db_queue,
+                                             retry_after=settings.retry_after)
     app[SHAPER] = PollShaper(settings.poll_sleep)
     app.cleanup_ctx.append(dbexec.lifecycle)  # first in, last out: after tasks' final flush
     app.cleanup_ctx.append(tasks.lifecycle)

@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller.bundles import BundleInfo
-from agent.controller.dbexec import call
+from agent.controller.dbexec import read, write
 from agent.controller.errors import BadRequest, NotFound
 from agent.controller.fleet import Fleet, PollInfo
 from agent.controller.http import (
@@ -146,10 +146,10 @@ def _certified(request: web.Request, cid: str) -> None:
 async def _poll(request: web.Request, cid: str) -> PollInfo:
     fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     if ca is None:
-        info = await call(request.app, fleet.poll, cid, target_token(request))
+        info = await read(request.app, fleet.poll, cid, target_token(request))
     else:
         _certified(request, cid)
-        info = await call(request.app, fleet.poll_certified, cid)
+        info = await read(request.app, fleet.poll_certified, cid)
     authenticated(request)
     return info
 
@@ -158,10 +158,10 @@ async def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
     fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     cid = request.match_info["cid"]
     if ca is None:
-        await call(request.app, fleet.authenticate, cid, target_token(request))
+        await read(request.app, fleet.authenticate, cid, target_token(request))
     else:
         _certified(request, cid)
-        await call(request.app, fleet.require_device, cid)
+        await read(request.app, fleet.require_device, cid)
     authenticated(request)
     aid = path_id(request, "aid", "action") if "aid" in request.match_info else 0
     return fleet, cid, aid
@@ -181,7 +181,7 @@ def deployment_doc(root: str, aid: int, bundle: BundleInfo, handling: str = "att
 async def ddi_deployment(request: web.Request) -> web.Response:
     request.app[REQUESTS]["deployment"] += 1
     fleet, cid, aid = await _ddi_auth(request)
-    status, bundle = await call(request.app, fleet.action, cid, aid)
+    status, bundle = await read(request.app, fleet.action, cid, aid)
     if status not in ("open", "running"):
         raise NotFound(f"action {aid} is {status}")
     root = ddi_root(request)
@@ -191,15 +191,17 @@ async def ddi_deployment(request: web.Request) -> web.Response:
 async def ddi_feedback(request: web.Request) -> web.Response:
     request.app[REQUESTS]["feedback"] += 1
     fleet, cid, aid = await _ddi_auth(request)
-    await call(request.app, fleet.feedback, cid, aid, await read_json(request),
-               cancel=request.path.split("/")[-3] == "cancelAction",
-               key=request.headers.get("Idempotency-Key"))
+    # Group-committed (dbexec.write): the 200 goes out only after the batch holding this
+    # report has committed, so an acknowledged report is never lost (docs/scale.md).
+    await write(request.app, fleet.feedback, cid, aid, await read_json(request),
+                cancel=request.path.split("/")[-3] == "cancelAction",
+                key=request.headers.get("Idempotency-Key"))
     return web.Response(status=200)
 
 
 async def ddi_cancel(request: web.Request) -> web.Response:
     fleet, cid, aid = await _ddi_auth(request)
-    status, _ = await call(request.app, fleet.action, cid, aid)
+    status, _ = await read(request.app, fleet.action, cid, aid)
     if status != "canceling":
         raise NotFound(f"action {aid} is not being canceled")
     return web.json_response({"id": str(aid), "cancelAction": {"stopId": str(aid)}})
@@ -212,7 +214,7 @@ async def ddi_config(request: web.Request) -> web.Response:
     data = body.get("data")
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise BadRequest("configData needs 'data': an object of strings")
-    await call(request.app, fleet.set_attributes, cid, data, text(body, "mode", "merge"))
+    await write(request.app, fleet.set_attributes, cid, data, text(body, "mode", "merge"))
     return web.Response(status=200)
 
 
@@ -221,7 +223,7 @@ async def ddi_artifact(request: web.Request) -> web.StreamResponse:
     fleet, cid, _ = await _ddi_auth(request)
     # hawkBit answers 404 unless the artifact belongs to an action assigned to this device
     mid = path_id(request, "mid", "software module")
-    bundle = await call(request.app, fleet.assigned_bundle, cid, mid)
+    bundle = await read(request.app, fleet.assigned_bundle, cid, mid)
     if bundle.filename != request.match_info["fn"]:
         raise NotFound(f"module {bundle.id} has no artifact {request.match_info['fn']!r}")
     # FileResponse answers Range requests with 206 and If-Range/ETag; bundles are signed, so
@@ -248,9 +250,9 @@ async def ddi_identity_renew(request: web.Request) -> web.Response:
     enrol: tuple[bytes, str] | None = None
     if request.get(PEER) is not None:
         _certified(request, cid)
-        await call(request.app, fleet.require_device, cid)
+        await read(request.app, fleet.require_device, cid)
     else:
-        await call(request.app, fleet.authenticate, cid, target_token(request))
+        await read(request.app, fleet.authenticate, cid, target_token(request))
         authenticated(request)
         ak, kind = body.get("ak_public_pem", ""), body.get("kind", "")
         if isinstance(ak, str) and ak and kind in ("tpm", "keystore"):

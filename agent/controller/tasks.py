@@ -42,10 +42,16 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     def tick_soon() -> None:
         """After a final report's transaction, on the database thread: the gate runs at once
-        when nothing else waits for the database (the answer the device and the operator see
-        next already has it); in a burst of reports, once after the queue ahead of it, for all
+        when nothing else waits for the database (for a group-committed report, right after
+        its batch commits and before the batch is answered), so the answer the device and the
+        operator see next already has it; in a burst of reports, once after the queue ahead of it, for all
         of them (a tick reads the whole wave: ten thousand of them a minute would be the load)."""
-        if executor.pending <= 1:
+        if executor.grouping:  # inside a group commit: after it commits, or coalesced
+            if executor.pending <= executor.grouping:
+                executor.after_commit(fleet.tick)
+            else:
+                loop.call_soon_threadsafe(soon.set)
+        elif executor.pending <= 1:
             fleet.tick()
         else:
             loop.call_soon_threadsafe(soon.set)
