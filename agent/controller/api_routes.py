@@ -7,6 +7,7 @@ in docs/fleet-controller.md. Handlers parse and answer; the work is ``Fleet``'s.
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 from typing import Any
 
@@ -17,6 +18,7 @@ from agent.controller.dbexec import call
 from agent.controller.errors import BadRequest, NotFound, RequestTimeout
 from agent.controller.http import (
     FLEET,
+    POLL_TIMES,
     REQUESTS,
     SETTINGS,
     body_id,
@@ -241,5 +243,5 @@ async def api_metrics(request: web.Request) -> web.Response:
     from agent.controller import metrics  # prometheus_client is loaded at the first scrape
 
     body = await call(request.app, metrics.render, request.app[FLEET],  # a few COUNTs
-                      request.app[REQUESTS].copy())
+                      request.app[REQUESTS].copy(), copy.deepcopy(request.app[POLL_TIMES]))
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})

@@ -349,7 +349,12 @@ class SqliteDatabase:
                 self._db.execute("ROLLBACK")
                 raise
             else:
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:  # e.g. a deferred constraint: SQLite leaves the tx open
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
             finally:
                 self._depth = 0
 

@@ -37,6 +37,7 @@ from agent.controller.http import (
     DDI,
     FLEET,
     PEER,
+    POLL_TIMES,
     REQUESTS,
     SEEN,
     SETTINGS,
@@ -78,12 +79,15 @@ async def ddi_base(request: web.Request) -> web.StreamResponse:
     links change or N seconds pass. hawkBit clients that send neither get a plain answer."""
     request.app[REQUESTS]["poll"] += 1
     request.app[SHAPER].seen(request.app[FLEET].clock())  # once per poll, not per re-check
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
     body, etag = await _base_doc(request)
+    wait = min(_prefer_wait(request.headers.get("Prefer", "")), MAX_WAIT)
+    if request.headers.get("If-None-Match") != etag or wait <= 0:  # answered now: timed
+        request.app[POLL_TIMES].observe(loop.time() - t0)
     if request.headers.get("If-None-Match") != etag:
         return web.json_response(body, headers={"ETag": etag})
-    wait = min(_prefer_wait(request.headers.get("Prefer", "")), MAX_WAIT)
     if wait > 0:
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         event = request.app[WAITERS].setdefault(request.match_info["cid"], asyncio.Event())
         while (left := deadline - loop.time()) > 0:

@@ -15,17 +15,24 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from agent.controller.fleet import Fleet
+from agent.controller.http import PollTimes
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class FleetCollector:
-    def __init__(self, fleet: Fleet, requests: Counter[str]) -> None:
+    def __init__(self, fleet: Fleet, requests: Counter[str], polls: PollTimes | None = None) -> None:
         self.fleet = fleet
         self.requests = requests  # DDI requests by kind, counted by the app in this process
+        self.polls = polls  # base-poll answer times in this process
 
     def collect(self) -> Iterator[Metric]:
         db = self.fleet.db
@@ -52,6 +59,15 @@ class FleetCollector:
         for kind, n in sorted(self.requests.items()):
             served.add_metric([kind], n)
         yield served
+        if self.polls is not None:
+            h = HistogramMetricFamily("edgeops_controller_poll_seconds", "Time this process took "
+                                      "to answer base polls (held long-polls not counted)")
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(str, self.polls.bounds), "+Inf"], self.polls.counts, strict=True):
+                cumulative += n
+                buckets.append((bound, float(cumulative)))
+            h.add_metric([], buckets, self.polls.total)
+            yield h
 
 
 def _gauge(name: str, doc: str, labels: list[str], rows: Any) -> GaugeMetricFamily:
@@ -64,7 +80,7 @@ def _gauge(name: str, doc: str, labels: list[str], rows: Any) -> GaugeMetricFami
     return g
 
 
-def render(fleet: Fleet, requests: Counter[str]) -> bytes:
+def render(fleet: Fleet, requests: Counter[str], polls: PollTimes | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(fleet, requests))  # type: ignore[arg-type]
+    registry.register(FleetCollector(fleet, requests, polls))  # type: ignore[arg-type]
     return generate_latest(registry)

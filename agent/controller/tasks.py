@@ -33,11 +33,26 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
             if d in waiters:
                 waiters[d].set()
 
+    fleet, executor = app[FLEET], app[DBEXEC]
+    wakers: set[asyncio.Task[None]] = set()
+
+    async def wake_committed(ids: list[str]) -> None:
+        # Fleet notifies inside its transaction, and the held polls re-read over the reader
+        # connection (dbexec.read), which sees only what is committed: wake them once a no-op
+        # queued behind the notifying writer job has run, i.e. once that job has committed.
+        await executor.run(lambda: None, bounded=False)
+        wake(ids)
+
+    def start_wake(ids: list[str]) -> None:
+        t = asyncio.ensure_future(wake_committed(ids))
+        wakers.add(t)
+        t.add_done_callback(wakers.discard)
+
     def listener(ids: list[str]) -> None:  # may be called from a worker thread
-        loop.call_soon_threadsafe(wake, ids)
+        if any(d in waiters for d in ids):
+            loop.call_soon_threadsafe(start_wake, ids)
 
     app[FLEET].listeners.append(listener)
-    fleet, executor = app[FLEET], app[DBEXEC]
     soon = asyncio.Event()
 
     def tick_soon() -> None:

@@ -124,6 +124,7 @@ class Stats:
     """What every device of one run shares: poll latencies and counts, for the report."""
 
     latencies: list[float] = field(default_factory=list)  # seconds, answered polls
+    stamps: list[float] = field(default_factory=list)  # time.monotonic() each answered poll ended
     poll_times: list[float] = field(default_factory=list)  # simulated seconds of each answered poll
     throttled: int = 0
     failed: int = 0
@@ -235,6 +236,7 @@ class SimAgent:
         status, data, hdrs = await self._req("GET", self.root, headers={"If-None-Match": self.etag}
                                              if self.etag else None)
         self.stats.latencies.append(time.perf_counter() - t0)
+        self.stats.stamps.append(time.monotonic())  # CLOCK_MONOTONIC: one clock for all processes
         self.stats.poll_times.append(self.clock.elapsed())
         if status == 304:
             return None
