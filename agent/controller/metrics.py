@@ -29,10 +29,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class FleetCollector:
-    def __init__(self, fleet: Fleet, requests: Counter[str], polls: PollTimes | None = None) -> None:
+    def __init__(self, fleet: Fleet, requests: Counter[str], polls: PollTimes | None = None,
+                 db: dict[str, int] | None = None) -> None:
         self.fleet = fleet
         self.requests = requests  # DDI requests by kind, counted by the app in this process
         self.polls = polls  # base-poll answer times in this process
+        self.db = db or {}  # this process's database executor: group commits, writes, refusals
 
     def collect(self) -> Iterator[Metric]:
         db = self.fleet.db
@@ -68,6 +70,13 @@ class FleetCollector:
                 buckets.append((bound, float(cumulative)))
             h.add_metric([], buckets, self.polls.total)
             yield h
+        for key, doc in (("commits", "Group commits of device writes (controller.dbexec)"),
+                         ("grouped", "Device writes those group commits carried"),
+                         ("refused", "Requests refused with 429 because the database queue was full")):
+            if key in self.db:
+                c = CounterMetricFamily(f"edgeops_controller_db_{key}", doc)
+                c.add_metric([], float(self.db[key]))
+                yield c
 
 
 def _gauge(name: str, doc: str, labels: list[str], rows: Any) -> GaugeMetricFamily:
@@ -80,7 +89,8 @@ def _gauge(name: str, doc: str, labels: list[str], rows: Any) -> GaugeMetricFami
     return g
 
 
-def render(fleet: Fleet, requests: Counter[str], polls: PollTimes | None = None) -> bytes:
+def render(fleet: Fleet, requests: Counter[str], polls: PollTimes | None = None,
+           db: dict[str, int] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(fleet, requests, polls))  # type: ignore[arg-type]
+    registry.register(FleetCollector(fleet, requests, polls, db))  # type: ignore[arg-type]
     return generate_latest(registry)

@@ -119,7 +119,8 @@ def pct(values: list[float], q: float) -> float:
 
 def scrape_polls(port: int) -> list[tuple[float, float]]:
     """The controller's own base-poll histogram (``edgeops_controller_poll_seconds``): cumulative
-    (upper bound, count) pairs from /api/v1/metrics."""
+    (upper bound, count) pairs from /api/v1/metrics; then its database executor's counters
+    (group commits, the writes they carried, 429s) as (-1, n), (-2, n), (-3, n)."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/metrics",
                                  headers={"Authorization": f"Bearer {TOKEN}"})
     for _ in range(30):
@@ -138,6 +139,10 @@ def scrape_polls(port: int) -> list[tuple[float, float]]:
         if line.startswith("edgeops_controller_poll_seconds_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    for i, name in enumerate(("commits", "grouped", "refused"), 1):
+        for line in text.splitlines():
+            if line.startswith(f"edgeops_controller_db_{name}_total "):
+                out.append((-float(i), float(line.rsplit(" ", 1)[1])))
     return out
 
 
@@ -145,7 +150,7 @@ def hist_quantile(scrapes: tuple[list[tuple[float, float]], list[tuple[float, fl
                   q: float) -> tuple[float, int]:
     """(the upper bound of the bucket holding quantile q, polls) between two scrapes."""
     before, after = scrapes
-    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True) if le >= 0]
     total = counts[-1][1] if counts else 0
     for le, c in counts:
         if total and c >= q * total:
@@ -250,6 +255,11 @@ def main() -> int:
           f"p99 {p99 * 1000:.1f} ms (bar {P99_BAR * 1000:.0f} ms); controller side: {nd} polls, "
           f"p50 <= {c50 * 1000:g} ms, p99 <= {c99 * 1000:g} ms; "
           f"ratio p99 rollout/steady {p99 / p99s if p99s else 0:.2f}")
+    b, a = r["ctl_during"]
+    d = {int(-le): a_n - b_n for (le, a_n), (_, b_n) in zip(a, b, strict=True) if le < 0}
+    if d.get(1):
+        print(f"database during the rollout: {d.get(2, 0):.0f} device writes in {d[1]:.0f} group commits "
+              f"({d.get(2, 0) / d[1]:.1f} per commit); {d.get(3, 0):.0f} requests refused (429)")
     print(f"bytes served during the rollout (response bodies): {r['served']:,}; "
           f"429 answers {r['throttled']}, failed requests {r['failed']}")
     print(f"final device states: {r['running']}; controller view differs for {r['mismatched']} devices")
