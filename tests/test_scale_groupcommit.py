@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from agent.controller.db import SqliteDatabase
 from agent.controller.dbexec import DbExecutor
+from agent.controller.errors import ReaderBusy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,8 +104,9 @@ def test_a_failed_commit_acknowledges_none_of_its_batch(db: SqliteDatabase) -> N
         gate = threading.Event()
         held = asyncio.ensure_future(ex.run(gate.wait, 30))
         await asyncio.sleep(0.05)
-        writes = [asyncio.ensure_future(ex.write(_put, db, f"k{i}")) for i in range(5)]
-        writes.append(asyncio.ensure_future(ex.write(lambda: _deferred_fk(db))))
+        writes: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(ex.write(_put, db, f"k{i}")) for i in range(5)]
+        writes.append(asyncio.ensure_future(ex.write(_deferred_fk, db)))
         await asyncio.sleep(0.05)
         gate.set()
         await held
@@ -127,19 +129,54 @@ def _deferred_fk(db: SqliteDatabase) -> None:
 
 
 def test_a_read_answers_while_the_writer_holds_the_database(db: SqliteDatabase) -> None:
+    """The writer's connection inside a long transaction (its lock held by another thread, as
+    the writer thread holds it during a batch): a poll's read still answers at once."""
     db.execute("INSERT INTO t (k, n) VALUES ('seen', 1)")
     ex = DbExecutor(db=db)
 
     async def go() -> list[Any]:
         return await asyncio.wait_for(ex.read(db.query, "SELECT k FROM t"), 5)
 
-    db._lock.acquire()  # a long transaction on the writer's connection
+    started, release = threading.Event(), threading.Event()
+
+    def long_transaction() -> None:
+        with db.tx():
+            db.execute("INSERT INTO t (k, n) VALUES ('uncommitted', 1)")
+            started.set()
+            release.wait(30)
+
+    th = threading.Thread(target=long_transaction)
+    th.start()
+    started.wait(10)
     try:
         got = asyncio.run(go())
     finally:
-        db._lock.release()
+        release.set()
+        th.join(30)
+        ex.close()
+    assert got == [("seen",)]  # the last commit, not the writer's open transaction
+
+
+def test_a_read_that_finds_the_database_busy_goes_to_the_writer_thread(db: SqliteDatabase) -> None:
+    """The reader connection busy (as during WAL recovery; injected here: the reader raises
+    ReaderBusy): the read neither fails nor holds the loop; the writer thread answers it."""
+    db.execute("INSERT INTO t (k, n) VALUES ('seen', 1)")
+    ex = DbExecutor(db=db)
+    ran_on: list[str] = []
+
+    def look() -> list[Any]:
+        if getattr(db._local, "reading", False):
+            raise ReaderBusy("database is locked (injected)")
+        ran_on.append(threading.current_thread().name)
+        return db.query("SELECT k FROM t")
+
+    try:
+        got = asyncio.run(ex.read(look))
+    finally:
         ex.close()
     assert got == [("seen",)]
+    assert ex.fallbacks == 1
+    assert ran_on and ran_on[0].startswith("edgeops-db")
 
 
 def test_the_read_path_refuses_to_write(db: SqliteDatabase) -> None:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from agent.adapters.fsutil import fsync_dir
 from agent.controller import tokens
-from agent.controller.errors import BadRequest, DatabaseRefused
+from agent.controller.errors import BadRequest, DatabaseRefused, ReaderBusy
 from agent.errors import TransportError
 
 Row = tuple[Any, ...]
@@ -174,6 +174,7 @@ def _private(path: Path) -> None:
 
 
 SQLITE_PK = "INTEGER PRIMARY KEY AUTOINCREMENT"
+READER_WAIT_MS = 50  # the reader connection's busy timeout (it may run on the event loop)
 
 
 @dataclass
@@ -290,7 +291,8 @@ class SqliteDatabase:
     def _reader(self) -> sqlite3.Connection:
         if self._rdb is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=5000")
+            # Reads may run on the event loop (dbexec.read): wait briefly, then say so.
+            conn.execute(f"PRAGMA busy_timeout={READER_WAIT_MS}")
             conn.execute("PRAGMA query_only=ON")
             self._rdb = conn
         return self._rdb
@@ -302,7 +304,12 @@ class SqliteDatabase:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         if getattr(self._local, "reading", False):
             with self._rlock:
-                return self._reader().execute(sql, tuple(params)).fetchall()
+                try:
+                    return self._reader().execute(sql, tuple(params)).fetchall()
+                except sqlite3.OperationalError as exc:
+                    if "locked" in str(exc) or "busy" in str(exc):
+                        raise ReaderBusy(str(exc)) from None
+                    raise
         with self._lock:
             return self._db.execute(sql, tuple(params)).fetchall()
 
