@@ -35,7 +35,7 @@ class WorkerSpec:
     poll_sleep: float
     release: str
     seed: int
-    connections: int = 256  # keep-alive pool of this worker
+    connections: int = 256  # keep-alive pool of this worker (and a quarter as many for polls)
     nice: int = 0  # added to the worker's niceness (the controller keeps the CPU it needs)
 
 
@@ -80,10 +80,14 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
     from agent.host.netsim import SimClock
 
     clock, stats, stop = SimClock(1.0), Stats(), asyncio.Event()
+    timeout = aiohttp.ClientTimeout(total=120, sock_connect=30)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=spec.connections),
-                                    timeout=aiohttp.ClientTimeout(total=120, sock_connect=30))
+                                    timeout=timeout)
+    # polls on their own pool (a quarter of the connections): not queued behind downloads
+    polls = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(8, spec.connections // 4)),
+                                  timeout=timeout)
     agents = [SimAgent(did, token, spec.base_url, session, clock, stats, poll_sleep=spec.poll_sleep,
-                       rng=random.Random(did)) for did, token in spec.creds]
+                       rng=random.Random(did), poll_session=polls) for did, token in spec.creds]
     rng = random.Random(spec.seed)
     tasks = [asyncio.create_task(ag.run(stop, rng.uniform(0, spec.poll_sleep))) for ag in agents]
     conn.send(("started", len(agents)))
@@ -100,6 +104,7 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
+        await polls.close()
     result = PoolResult(stats.stamps, stats.latencies, {ag.id: ag.board.running for ag in agents},
                         stats.throttled, stats.failed, stats.bytes_in, stats.downloads)
     with contextlib.suppress(OSError):

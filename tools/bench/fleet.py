@@ -255,8 +255,8 @@ def main() -> int:
           f"p99 {p99 * 1000:.1f} ms (bar {P99_BAR * 1000:.0f} ms); controller side: {nd} polls, "
           f"p50 <= {c50 * 1000:g} ms, p99 <= {c99 * 1000:g} ms; "
           f"ratio p99 rollout/steady {p99 / p99s if p99s else 0:.2f}")
-    b, a = r["ctl_during"]
-    d = {int(-le): a_n - b_n for (le, a_n), (_, b_n) in zip(a, b, strict=True) if le < 0}
+    h_before, h_after = r["ctl_during"]
+    d = {int(-le): n1 - n0 for (le, n1), (_, n0) in zip(h_after, h_before, strict=True) if le < 0}
     if d.get(1):
         print(f"database during the rollout: {d.get(2, 0):.0f} device writes in {d[1]:.0f} group commits "
               f"({d.get(2, 0) / d[1]:.1f} per commit); {d.get(3, 0):.0f} requests refused (429)")
