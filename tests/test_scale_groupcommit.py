@@ -176,7 +176,7 @@ def test_a_read_that_finds_the_database_busy_goes_to_the_writer_thread(db: Sqlit
         ex.close()
     assert got == [("seen",)]
     assert ex.fallbacks == 1
-    assert ran_on and ran_on[0].startswith("edgeops-db")
+    assert ran_on and ran_on[0].startswith("edgeops-db_")  # the writer, not edgeops-db-read
 
 
 def test_the_read_path_refuses_to_write(db: SqliteDatabase) -> None:

@@ -222,6 +222,8 @@ class SqliteDatabase:
             if had == 1:  # old plaintext tokens: rewrite the file without them, and empty the WAL
                 self._db.execute("VACUUM")
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not self._building:  # opened now, not under load (its descriptors, its WAL map)
+                self._reader()
         except sqlite3.DatabaseError as exc:  # not SQLite, truncated, or damaged pages
             self._db.close()
             raise DatabaseRefused(f"the database {self.path} cannot be read: {exc}") from None

@@ -20,14 +20,13 @@ handshakes on the same loop. Three ways in:
   A batch's turn comes after the writer jobs queued before it, so a write waits for at most
   those plus one batch (``batch`` savepoints, about 0.1 ms each of SQLite here).
 * ``read(app, fn, ...)``: a read-only call (the base poll, authentication, deployment and
-  artifact look-ups). With SQLite it runs **inline on the event loop** over the reader
-  connection (``db.reading``): in WAL mode a reader sees the last commit and never waits for
-  the writer, and one indexed look-up (tens of microseconds) costs less than the two thread
-  hand-offs it would take to run it elsewhere -- on a loaded machine each hand-off is a
-  scheduler wake-up, and those were the poll's tail. Polls so never queue behind feedback
-  transactions. Should the reader ever find the database busy (WAL recovery after a crash),
-  the call falls back to the writer thread rather than hold the loop. A database without a
-  reader connection (PostgreSQL: one connection per process) runs reads on the writer thread.
+  artifact look-ups) on the **reader** thread, over its own connection when the database has
+  one (SQLite WAL, ``db.reading``): a reader sees the last commit and never waits for the
+  writer, so polls never queue behind feedback transactions. Should the reader find the
+  database busy (WAL recovery after a crash) within 50 ms, the call goes to the writer
+  thread. A database without a reader connection (PostgreSQL: one connection per process)
+  runs reads on the writer thread. (Reading inline on the event loop measured a shorter
+  controller-side tail, but dropped a SYN in the connection-flood test: docs/scale.md.)
 
 The queue is bounded: when ``limit`` calls are already waiting or running (reads and writes
 together), the next request is refused with ``Overloaded`` (429 and a ``Retry-After``
@@ -97,12 +96,15 @@ class DbExecutor:
     _draining: bool = field(default=False, repr=False)
     _after: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _writer: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _reader: ThreadPoolExecutor | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if self.limit < 1 or self.batch < 1:
             raise ValueError("a database executor needs a limit and a batch of at least one")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="edgeops-db")
+        if self.db is not None and self.db.has_reader:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="edgeops-db-read")
 
     def _admit(self, bounded: bool) -> None:
         if bounded and self.pending >= self.limit:
@@ -121,18 +123,25 @@ class DbExecutor:
             self.pending -= 1
 
     async def read(self, fn: Callable[..., T], *args: Any, bounded: bool = True, **kw: Any) -> T:
-        """``fn`` now, on this thread, over the reader connection (or on the writer thread for a
+        """``fn`` on the reader thread over the reader connection (on the writer thread for a
         database without one, or when the reader finds the database busy)."""
         db = self.db
-        if db is None or not db.has_reader:
+        if db is None or not db.has_reader or self._reader is None:
             return await self.run(fn, *args, bounded=bounded, **kw)
         self._admit(bounded)  # an overloaded controller turns polls away too
-        try:
+
+        def reading() -> T:
             with db.reading():
                 return fn(*args, **kw)
+
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, reading)
         except ReaderBusy:
             self.fallbacks += 1
             return await self.run(fn, *args, bounded=False, **kw)
+        finally:
+            self.pending -= 1
 
     async def write(self, fn: Callable[..., T], *args: Any, bounded: bool = True, **kw: Any) -> T:
         """``fn`` in the next group commit; returns (or raises) once that batch has committed."""
@@ -202,9 +211,10 @@ class DbExecutor:
                 self._drain(loop)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
+        for pool in (self._reader, self._writer):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._reader = self._writer = None
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -221,7 +231,7 @@ DBEXEC = web.AppKey("dbexec", DbExecutor)
 
 def for_database(db: GroupDb | None, *, limit: int = DEFAULT_LIMIT,
                  retry_after: int = DEFAULT_RETRY_AFTER, batch: int = DEFAULT_BATCH) -> DbExecutor:
-    """The executor for ``db``: a writer thread with group commit, and inline reads when the
+    """The executor for ``db``: a writer thread with group commit, and a reader thread when the
     database has a reader connection (SQLite WAL)."""
     return DbExecutor(db=db, limit=limit, retry_after=retry_after, batch=batch)
 
