@@ -20,6 +20,10 @@ touched. (Starting an empty fleet over a damaged one would turn every device awa
 and the ``-wal``/``-shm`` files SQLite makes beside it (which take the main file's mode)
 are private to the controller's user: the file is created 0600, and tightened to 0600 if
 an older controller left it readable.
+
+Long because it holds both backends side by side (about 470 lines), with the schema and its
+migrations, so that what each engine does differently (the reader connection, savepoints,
+commit failure) can be read in one place.
 """
 
 from __future__ import annotations
