@@ -381,7 +381,9 @@ class SqliteDatabase:
 
 
 class PostgresDatabase:
-    """psycopg 3, one connection per process; autocommit outside ``tx()``."""
+    """psycopg 3: one writing connection per process (autocommit outside ``tx()``), and a
+    second one for the reader thread (``reading``: autocommit, so each poll sees the last
+    commit of every process, and never waits behind this process's open transaction)."""
 
     dialect = "postgresql"
     for_update = " FOR UPDATE"
@@ -399,6 +401,10 @@ class PostgresDatabase:
             raise TransportError(f"cannot reach the database {_redacted(url)}: {first}") from None
         self._lock = threading.RLock()
         self._depth = 0
+        self._url = url
+        self._local = threading.local()
+        self._rconn: Any = None  # opened on the first read on the reader thread
+        self._rlock = threading.Lock()
         # None of our tables: a fresh database (prepare locks against a concurrent start). Some
         # but not all of the ones every version had: damaged, or someone else's.
         tables = {r[0] for r in self.query("SELECT table_name FROM information_schema.tables "
@@ -416,14 +422,27 @@ class PostgresDatabase:
         return sql.replace("?", "%s")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        if getattr(self._local, "reading", False):
+            with self._rlock:
+                if self._rconn is None or self._rconn.closed:
+                    import psycopg
+
+                    self._rconn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+                return list(self._rconn.execute(self._sql(sql), tuple(params)).fetchall())
         with self._lock:
             return list(self._conn.execute(self._sql(sql), tuple(params)).fetchall())
 
+    def _writing(self) -> None:
+        if getattr(self._local, "reading", False):
+            raise RuntimeError("a database write on the read-only path (dbexec.read)")
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._writing()
         with self._lock:
             return int(self._conn.execute(self._sql(sql), tuple(params)).rowcount)
 
     def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._writing()
         with self._lock:
             row = self._conn.execute(self._sql(sql + " RETURNING id"), tuple(params)).fetchone()
             assert row is not None
@@ -431,6 +450,7 @@ class PostgresDatabase:
 
     @contextmanager
     def tx(self) -> Iterator[None]:
+        self._writing()
         with self._lock:
             if self._depth:
                 self._depth += 1
@@ -452,13 +472,22 @@ class PostgresDatabase:
         with self._lock, self._conn.transaction():
             yield
 
-    has_reader = False  # one connection per process: reads share the writer's thread
+    has_reader = True
 
     @contextmanager
     def reading(self) -> Iterator[None]:
-        yield
+        """On this thread, ``query`` uses the reader connection; writing is refused."""
+        self._local.reading = True
+        try:
+            yield
+        finally:
+            self._local.reading = False
 
     def close(self) -> None:
+        with self._rlock:
+            if self._rconn is not None:
+                self._rconn.close()
+                self._rconn = None
         with self._lock:
             self._conn.close()
 

@@ -21,11 +21,10 @@ handshakes on the same loop. Three ways in:
   those plus one batch (``batch`` savepoints, about 0.1 ms each of SQLite here).
 * ``read(app, fn, ...)``: a read-only call (the base poll, authentication, deployment and
   artifact look-ups) on the **reader** thread, over its own connection when the database has
-  one (SQLite WAL, ``db.reading``): a reader sees the last commit and never waits for the
-  writer, so polls never queue behind feedback transactions. Should the reader find the
+  one (SQLite WAL or a second PostgreSQL connection, ``db.reading``): a reader sees the last
+  commit and never waits for the writer, so polls never queue behind feedback transactions. Should the reader find the
   database busy (WAL recovery after a crash) within 50 ms, the call goes to the writer
-  thread. A database without a reader connection (PostgreSQL: one connection per process)
-  runs reads on the writer thread. (Reading inline on the event loop measured a shorter
+  thread. A database without a reader connection runs reads on the writer thread. (Reading inline on the event loop measured a shorter
   controller-side tail, but dropped a SYN in the connection-flood test: docs/scale.md.)
 
 The queue is bounded: when ``limit`` calls are already waiting or running (reads and writes

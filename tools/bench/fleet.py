@@ -25,6 +25,7 @@ import json
 import os
 import random
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -63,11 +64,14 @@ def prepare(data: Path, devices: int, poll_sleep: int) -> tuple[list[tuple[str, 
 
 
 def start_controller(data: Path, port: int, poll_sleep: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEOPS_CONTROLLER_TOKEN": TOKEN}
+    # PYTHONFAULTHANDLER: a controller that stops answering is sent SIGABRT (main) and writes
+    # every thread's stack to its log, which the benchmark prints.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEOPS_CONTROLLER_TOKEN": TOKEN,
+           "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "agent.cli", "controller", "serve", "--db", str(data / "c.db"),
            "--data", str(data / "artifacts-dir"), "--listen", f"127.0.0.1:{port}",
            "--poll-sleep", str(poll_sleep)]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stderr=(data / "controller.log").open("wb"))
     end = time.monotonic() + 30
     while time.monotonic() < end:
         try:
@@ -233,9 +237,16 @@ def main() -> int:
                   f"{a.devices} simulated devices in {a.workers} worker processes polling every "
                   f"{a.poll_sleep} s; {os.cpu_count()} CPUs shared", flush=True)
             r = run(a, port, creds, bid, watch)
+        except BaseException:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGABRT)  # faulthandler: the threads' stacks to the log
+                proc.wait(20)
+            print((data / "controller.log").read_text(errors="replace")[-6000:], file=sys.stderr)
+            raise
         finally:
-            proc.terminate()
-            proc.wait(20)
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(20)
     st = r["status"]
     p50s, p99s = pct(r["steady"], 0.5), pct(r["steady"], 0.99)
     p50, p99 = pct(r["during"], 0.5), pct(r["during"], 0.99)
