@@ -22,10 +22,11 @@ handshakes on the same loop. Three ways in:
 * ``read(app, fn, ...)``: a read-only call (the base poll, authentication, deployment and
   artifact look-ups) on the **reader** thread, over its own connection when the database has
   one (SQLite WAL or a second PostgreSQL connection, ``db.reading``): a reader sees the last
-  commit and never waits for the writer, so polls never queue behind feedback transactions. Should the reader find the
-  database busy (WAL recovery after a crash) within 50 ms, the call goes to the writer
-  thread. A database without a reader connection runs reads on the writer thread. (Reading inline on the event loop measured a shorter
-  controller-side tail, but dropped a SYN in the connection-flood test: docs/scale.md.)
+  commit and never waits for the writer, so polls never queue behind feedback transactions.
+  Should the reader find the database busy (WAL recovery after a crash) within 50 ms, the call
+  goes to the writer thread. A database without a reader connection runs reads on the writer
+  thread. (Reading inline on the event loop measured a shorter controller-side tail, but
+  dropped a SYN in the connection-flood test: docs/scale.md.)
 
 The queue is bounded: when ``limit`` calls are already waiting or running (reads and writes
 together), the next request is refused with ``Overloaded`` (429 and a ``Retry-After``
@@ -160,6 +161,11 @@ class DbExecutor:
             return await fut
         finally:
             self.pending -= 1
+
+    @property
+    def queued(self) -> int:
+        """Device writes waiting for the next group commit."""
+        return len(self._queue)
 
     def after_commit(self, fn: Callable[[], None]) -> None:
         """On the writer thread, during a batch: run ``fn`` once the batch has committed and
