@@ -83,6 +83,24 @@ def test_a_paced_rollout_keeps_each_site_under_its_cap_and_converges(tmp_path: P
         assert most <= sc.policy["site_concurrency"]
 
 
+def test_a_flapping_link_cuts_transfers_yet_every_device_converges_once(tmp_path: Path) -> None:
+    """A link down 20 s of every minute through the whole rollout: requests are cut and
+    retried, yet every device ends on the release, the controller agrees (one successful
+    action per device, nothing else), and no report is left queued on any device."""
+    sc = scenario("flapping-link", devices=30)
+    rep = fleet_sim.run(sc, tmp_path, until="converged")
+    assert rep.proxies["flappy"]["refused"] > 0  # the link really did drop
+    assert rep.stats.failed > 0  # and the devices saw it
+    assert all(d["running"] == "2.0" for d in rep.devices)
+    assert all(rep.controller_versions[d["id"]] == "2.0" for d in rep.devices)
+    assert all(d["pending_reports"] == 0 for d in rep.devices)
+    assert rep.rollout["status"] == "finished"
+    assert {st for w in rep.rollout["actions"].values() for st in w} == {"success"}
+    assert sum(w["success"] for w in rep.rollout["actions"].values()) == sc.devices
+    flappy = [d for d in rep.devices if d["id"].startswith("flappy")]
+    assert flappy and all(len(set(d["received"])) == 1 for d in flappy)  # one action each
+
+
 def test_a_scenario_with_a_bad_value_is_refused_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\ndevices = "many"\n')

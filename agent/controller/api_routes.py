@@ -7,16 +7,18 @@ in docs/fleet-controller.md. Handlers parse and answer; the work is ``Fleet``'s.
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 from typing import Any
 
 from aiohttp import web
 
 from agent.controller import rollout
-from agent.controller.dbexec import call
+from agent.controller.dbexec import DBEXEC, call
 from agent.controller.errors import BadRequest, RequestTimeout
 from agent.controller.http import (
     FLEET,
+    POLL_TIMES,
     REQUESTS,
     SETTINGS,
     body_id,
@@ -242,6 +244,8 @@ async def api_actions(request: web.Request) -> web.Response:
 async def api_metrics(request: web.Request) -> web.Response:
     from agent.controller import metrics  # prometheus_client is loaded at the first scrape
 
+    ex = request.app[DBEXEC]
+    db = {"commits": ex.commits, "grouped": ex.grouped, "refused": ex.refused}
     body = await call(request.app, metrics.render, request.app[FLEET],  # a few COUNTs
-                      request.app[REQUESTS].copy())
+                      request.app[REQUESTS].copy(), copy.deepcopy(request.app[POLL_TIMES]), db)
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})

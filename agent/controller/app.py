@@ -17,11 +17,13 @@ from agent.controller.fleet import Fleet
 from agent.controller.http import (
     FLEET,
     GUARD,
+    POLL_TIMES,
     REQUESTS,
     SEEN,
     SETTINGS,
     SHAPER,
     WAITERS,
+    PollTimes,
     Settings,
     auth_mw,
     connection_mw,
@@ -45,8 +47,9 @@ def build_app(fleet: Fleet, settings: Settings) -> web.Application:
     app[SEEN] = {}
     app[WAITERS] = {}
     app[REQUESTS] = collections.Counter()
-    app[dbexec.DBEXEC] = dbexec.for_dialect(fleet.db.dialect, limit=settings.db_queue,
-                                            retry_after=settings.retry_after)
+    app[POLL_TIMES] = PollTimes()
+    app[dbexec.DBEXEC] = dbexec.for_database(fleet.db, limit=settings.db_queue,
+                                             retry_after=settings.retry_after)
     app[SHAPER] = PollShaper(settings.poll_sleep)
     app.cleanup_ctx.append(dbexec.lifecycle)  # first in, last out: after tasks' final flush
     app.cleanup_ctx.append(tasks.lifecycle)

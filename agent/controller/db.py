@@ -20,6 +20,10 @@ touched. (Starting an empty fleet over a damaged one would turn every device awa
 and the ``-wal``/``-shm`` files SQLite makes beside it (which take the main file's mode)
 are private to the controller's user: the file is created 0600, and tightened to 0600 if
 an older controller left it readable.
+
+Long because it holds both backends side by side (about 470 lines), with the schema and its
+migrations, so that what each engine does differently (the reader connection, savepoints,
+commit failure) can be read in one place.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any, Protocol
 
 from agent.adapters.fsutil import fsync_dir
 from agent.controller import tokens
-from agent.controller.errors import BadRequest, DatabaseRefused
+from agent.controller.errors import BadRequest, DatabaseRefused, ReaderBusy
 from agent.errors import TransportError
 
 Row = tuple[Any, ...]
@@ -103,6 +107,10 @@ class Database(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def insert(self, sql: str, params: Sequence[Any] = ()) -> int: ...
     def tx(self) -> Any: ...
+    def savepoint(self) -> Any: ...
+    def reading(self) -> Any: ...
+    @property
+    def has_reader(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -170,6 +178,7 @@ def _private(path: Path) -> None:
 
 
 SQLITE_PK = "INTEGER PRIMARY KEY AUTOINCREMENT"
+READER_WAIT_MS = 50  # the reader connection's busy timeout (it may run on the event loop)
 
 
 @dataclass
@@ -199,19 +208,26 @@ class SqliteDatabase:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
         self._depth = 0
+        self._local = threading.local()  # .reading: this thread's queries go to the reader
+        self._rdb: sqlite3.Connection | None = None  # opened on the first read (``reading``)
+        self._rlock = threading.Lock()
         try:
             self._db.execute("PRAGMA busy_timeout=5000")
             if not fresh:  # read only, before anything (even the journal mode) is written
                 fresh = self._check()
             self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a power cut loses at most the last commits, never corrupts.
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # WAL + FULL: a commit is on disk when COMMIT returns (the WAL is fsynced), so a
+            # report acknowledged after it survives a power cut as well as a SIGKILL. Device
+            # writes are group-committed (dbexec), so that is one fsync per batch (0.8 ms here).
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA secure_delete=ON")  # a migration must leave no plaintext behind
             had = prepare(self, SQLITE_PK, fresh=fresh)
             self._db.execute("PRAGMA secure_delete=OFF")
             if had == 1:  # old plaintext tokens: rewrite the file without them, and empty the WAL
                 self._db.execute("VACUUM")
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not self._building:  # opened now, not under load (its descriptors, its WAL map)
+                self._reader()
         except sqlite3.DatabaseError as exc:  # not SQLite, truncated, or damaged pages
             self._db.close()
             raise DatabaseRefused(f"the database {self.path} cannot be read: {exc}") from None
@@ -265,21 +281,71 @@ class SqliteDatabase:
             if not self.path.exists():
                 os.rename(tmp, self.path)
 
+    # --- the reader connection (WAL: sees the last commit, never waits for the writer) -----
+    has_reader = True
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """On this thread, ``query`` uses the reader connection; writing is refused (a read
+        path that writes is a bug, and would race the writer's transactions)."""
+        self._local.reading = True
+        try:
+            yield
+        finally:
+            self._local.reading = False
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._rdb is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # Reads may run on the event loop (dbexec.read): wait briefly, then say so.
+            conn.execute(f"PRAGMA busy_timeout={READER_WAIT_MS}")
+            conn.execute("PRAGMA query_only=ON")
+            self._rdb = conn
+        return self._rdb
+
+    def _writing(self) -> None:
+        if getattr(self._local, "reading", False):
+            raise RuntimeError("a database write on the read-only path (dbexec.read)")
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        if getattr(self._local, "reading", False):
+            with self._rlock:
+                try:
+                    return self._reader().execute(sql, tuple(params)).fetchall()
+                except sqlite3.OperationalError as exc:
+                    if "locked" in str(exc) or "busy" in str(exc):
+                        raise ReaderBusy(str(exc)) from None
+                    raise
         with self._lock:
             return self._db.execute(sql, tuple(params)).fetchall()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._writing()
         with self._lock:
             return self._db.execute(sql, tuple(params)).rowcount
 
     def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._writing()
         with self._lock:
             row = self._db.execute(sql + " RETURNING id", tuple(params)).fetchone()
             return int(row[0])
 
     @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside ``tx``: what the block wrote is undone alone if it raises (group commit)."""
+        with self._lock:
+            self._db.execute("SAVEPOINT edgeops_one")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK TO SAVEPOINT edgeops_one")
+                self._db.execute("RELEASE SAVEPOINT edgeops_one")
+                raise
+            self._db.execute("RELEASE SAVEPOINT edgeops_one")
+
+    @contextmanager
     def tx(self) -> Iterator[None]:
+        self._writing()
         with self._lock:
             if self._depth:  # nested: the outer transaction commits
                 self._depth += 1
@@ -296,17 +362,28 @@ class SqliteDatabase:
                 self._db.execute("ROLLBACK")
                 raise
             else:
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:  # e.g. a deferred constraint: SQLite leaves the tx open
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
             finally:
                 self._depth = 0
 
     def close(self) -> None:
+        with self._rlock:
+            if self._rdb is not None:
+                self._rdb.close()
+                self._rdb = None
         with self._lock:
             self._db.close()
 
 
 class PostgresDatabase:
-    """psycopg 3, one connection per process; autocommit outside ``tx()``."""
+    """psycopg 3: one writing connection per process (autocommit outside ``tx()``), and a
+    second one for the reader thread (``reading``: autocommit, so each poll sees the last
+    commit of every process, and never waits behind this process's open transaction)."""
 
     dialect = "postgresql"
     for_update = " FOR UPDATE"
@@ -324,6 +401,10 @@ class PostgresDatabase:
             raise TransportError(f"cannot reach the database {_redacted(url)}: {first}") from None
         self._lock = threading.RLock()
         self._depth = 0
+        self._url = url
+        self._local = threading.local()
+        self._rconn: Any = None  # opened on the first read on the reader thread
+        self._rlock = threading.Lock()
         # None of our tables: a fresh database (prepare locks against a concurrent start). Some
         # but not all of the ones every version had: damaged, or someone else's.
         tables = {r[0] for r in self.query("SELECT table_name FROM information_schema.tables "
@@ -341,14 +422,27 @@ class PostgresDatabase:
         return sql.replace("?", "%s")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        if getattr(self._local, "reading", False):
+            with self._rlock:
+                if self._rconn is None or self._rconn.closed:
+                    import psycopg
+
+                    self._rconn = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+                return list(self._rconn.execute(self._sql(sql), tuple(params)).fetchall())
         with self._lock:
             return list(self._conn.execute(self._sql(sql), tuple(params)).fetchall())
 
+    def _writing(self) -> None:
+        if getattr(self._local, "reading", False):
+            raise RuntimeError("a database write on the read-only path (dbexec.read)")
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._writing()
         with self._lock:
             return int(self._conn.execute(self._sql(sql), tuple(params)).rowcount)
 
     def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._writing()
         with self._lock:
             row = self._conn.execute(self._sql(sql + " RETURNING id"), tuple(params)).fetchone()
             assert row is not None
@@ -356,6 +450,7 @@ class PostgresDatabase:
 
     @contextmanager
     def tx(self) -> Iterator[None]:
+        self._writing()
         with self._lock:
             if self._depth:
                 self._depth += 1
@@ -371,7 +466,28 @@ class PostgresDatabase:
             finally:
                 self._depth = 0
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside ``tx``: a nested psycopg transaction block is a SAVEPOINT, undone alone."""
+        with self._lock, self._conn.transaction():
+            yield
+
+    has_reader = True
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """On this thread, ``query`` uses the reader connection; writing is refused."""
+        self._local.reading = True
+        try:
+            yield
+        finally:
+            self._local.reading = False
+
     def close(self) -> None:
+        with self._rlock:
+            if self._rconn is not None:
+                self._rconn.close()
+                self._rconn = None
         with self._lock:
             self._conn.close()
 

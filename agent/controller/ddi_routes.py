@@ -30,13 +30,14 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller.bundles import BundleInfo
-from agent.controller.dbexec import call
+from agent.controller.dbexec import read, write
 from agent.controller.errors import BadRequest, NotFound
 from agent.controller.fleet import Fleet, PollInfo
 from agent.controller.http import (
     DDI,
     FLEET,
     PEER,
+    POLL_TIMES,
     REQUESTS,
     SEEN,
     SETTINGS,
@@ -78,12 +79,15 @@ async def ddi_base(request: web.Request) -> web.StreamResponse:
     links change or N seconds pass. hawkBit clients that send neither get a plain answer."""
     request.app[REQUESTS]["poll"] += 1
     request.app[SHAPER].seen(request.app[FLEET].clock())  # once per poll, not per re-check
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
     body, etag = await _base_doc(request)
+    wait = min(_prefer_wait(request.headers.get("Prefer", "")), MAX_WAIT)
+    if request.headers.get("If-None-Match") != etag or wait <= 0:  # answered now: timed
+        request.app[POLL_TIMES].observe(loop.time() - t0)
     if request.headers.get("If-None-Match") != etag:
         return web.json_response(body, headers={"ETag": etag})
-    wait = min(_prefer_wait(request.headers.get("Prefer", "")), MAX_WAIT)
     if wait > 0:
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         event = request.app[WAITERS].setdefault(request.match_info["cid"], asyncio.Event())
         while (left := deadline - loop.time()) > 0:
@@ -146,10 +150,10 @@ def _certified(request: web.Request, cid: str) -> None:
 async def _poll(request: web.Request, cid: str) -> PollInfo:
     fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     if ca is None:
-        info = await call(request.app, fleet.poll, cid, target_token(request))
+        info = await read(request.app, fleet.poll, cid, target_token(request))
     else:
         _certified(request, cid)
-        info = await call(request.app, fleet.poll_certified, cid)
+        info = await read(request.app, fleet.poll_certified, cid)
     authenticated(request)
     return info
 
@@ -158,10 +162,10 @@ async def _ddi_auth(request: web.Request) -> tuple[Fleet, str, int]:
     fleet, ca = request.app[FLEET], request.app[SETTINGS].device_ca
     cid = request.match_info["cid"]
     if ca is None:
-        await call(request.app, fleet.authenticate, cid, target_token(request))
+        await read(request.app, fleet.authenticate, cid, target_token(request))
     else:
         _certified(request, cid)
-        await call(request.app, fleet.require_device, cid)
+        await read(request.app, fleet.require_device, cid)
     authenticated(request)
     aid = path_id(request, "aid", "action") if "aid" in request.match_info else 0
     return fleet, cid, aid
@@ -181,7 +185,7 @@ def deployment_doc(root: str, aid: int, bundle: BundleInfo, handling: str = "att
 async def ddi_deployment(request: web.Request) -> web.Response:
     request.app[REQUESTS]["deployment"] += 1
     fleet, cid, aid = await _ddi_auth(request)
-    status, bundle = await call(request.app, fleet.action, cid, aid)
+    status, bundle = await read(request.app, fleet.action, cid, aid)
     if status not in ("open", "running"):
         raise NotFound(f"action {aid} is {status}")
     root = ddi_root(request)
@@ -191,15 +195,17 @@ async def ddi_deployment(request: web.Request) -> web.Response:
 async def ddi_feedback(request: web.Request) -> web.Response:
     request.app[REQUESTS]["feedback"] += 1
     fleet, cid, aid = await _ddi_auth(request)
-    await call(request.app, fleet.feedback, cid, aid, await read_json(request),
-               cancel=request.path.split("/")[-3] == "cancelAction",
-               key=request.headers.get("Idempotency-Key"))
+    # Group-committed (dbexec.write): the 200 goes out only after the batch holding this
+    # report has committed, so an acknowledged report is never lost (docs/scale.md).
+    await write(request.app, fleet.feedback, cid, aid, await read_json(request),
+                cancel=request.path.split("/")[-3] == "cancelAction",
+                key=request.headers.get("Idempotency-Key"))
     return web.Response(status=200)
 
 
 async def ddi_cancel(request: web.Request) -> web.Response:
     fleet, cid, aid = await _ddi_auth(request)
-    status, _ = await call(request.app, fleet.action, cid, aid)
+    status, _ = await read(request.app, fleet.action, cid, aid)
     if status != "canceling":
         raise NotFound(f"action {aid} is not being canceled")
     return web.json_response({"id": str(aid), "cancelAction": {"stopId": str(aid)}})
@@ -212,7 +218,7 @@ async def ddi_config(request: web.Request) -> web.Response:
     data = body.get("data")
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise BadRequest("configData needs 'data': an object of strings")
-    await call(request.app, fleet.set_attributes, cid, data, text(body, "mode", "merge"))
+    await write(request.app, fleet.set_attributes, cid, data, text(body, "mode", "merge"))
     return web.Response(status=200)
 
 
@@ -221,7 +227,7 @@ async def ddi_artifact(request: web.Request) -> web.StreamResponse:
     fleet, cid, _ = await _ddi_auth(request)
     # hawkBit answers 404 unless the artifact belongs to an action assigned to this device
     mid = path_id(request, "mid", "software module")
-    bundle = await call(request.app, fleet.assigned_bundle, cid, mid)
+    bundle = await read(request.app, fleet.assigned_bundle, cid, mid)
     if bundle.filename != request.match_info["fn"]:
         raise NotFound(f"module {bundle.id} has no artifact {request.match_info['fn']!r}")
     # FileResponse answers Range requests with 206 and If-Range/ETag; bundles are signed, so
@@ -248,9 +254,9 @@ async def ddi_identity_renew(request: web.Request) -> web.Response:
     enrol: tuple[bytes, str] | None = None
     if request.get(PEER) is not None:
         _certified(request, cid)
-        await call(request.app, fleet.require_device, cid)
+        await read(request.app, fleet.require_device, cid)
     else:
-        await call(request.app, fleet.authenticate, cid, target_token(request))
+        await read(request.app, fleet.authenticate, cid, target_token(request))
         authenticated(request)
         ak, kind = body.get("ak_public_pem", ""), body.get("kind", "")
         if isinstance(ak, str) and ak and kind in ("tpm", "keystore"):

@@ -56,3 +56,8 @@ class Overloaded(ControllerError):
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ReaderBusy(Exception):
+    """The reader connection found the database busy (``db.reading``): the read goes to the
+    writer thread instead of holding the event loop (``dbexec.read``). Never reaches a client."""

@@ -25,6 +25,7 @@ headroom that a flood of anonymous sockets cannot take.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import json
 import logging
@@ -32,7 +33,7 @@ import math
 import re
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -94,6 +95,21 @@ TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TENANT_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
+@dataclass
+class PollTimes:
+    """How long this process took to answer base polls (not held long-polls), from the handler's
+    start to its answer: a Prometheus histogram's cumulative-to-be buckets, for /metrics."""
+
+    bounds: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                                 2.5, 5.0, 10.0)
+    counts: list[int] = field(default_factory=lambda: [0] * 14)  # per bucket, the last is +Inf
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+
 PEER = web.RequestKey("device", str)  # the device a checked client certificate names
 FLEET = web.AppKey("fleet", Fleet)
 SETTINGS = web.AppKey("settings", Settings)
@@ -102,6 +118,7 @@ WAITERS = web.AppKey("waiters", dict)  # controllerId -> asyncio.Event that wake
 REQUESTS = web.AppKey("requests", collections.Counter)  # DDI requests by kind, for /metrics
 GUARD = web.AppKey("guard", ConnectionGuard)  # counts connections; ``serve`` wires it to the socket
 SHAPER = web.AppKey("shaper", PollShaper)  # config.polling.sleep per device (``shaping``)
+POLL_TIMES = web.AppKey("poll_times", PollTimes)  # base-poll answer times, for /metrics
 
 
 def sleep_text(seconds: int) -> str:

@@ -15,17 +15,26 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from agent.controller.fleet import Fleet
+from agent.controller.http import PollTimes
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class FleetCollector:
-    def __init__(self, fleet: Fleet, requests: Counter[str]) -> None:
+    def __init__(self, fleet: Fleet, requests: Counter[str], polls: PollTimes | None = None,
+                 db: dict[str, int] | None = None) -> None:
         self.fleet = fleet
         self.requests = requests  # DDI requests by kind, counted by the app in this process
+        self.polls = polls  # base-poll answer times in this process
+        self.db = db or {}  # this process's database executor: group commits, writes, refusals
 
     def collect(self) -> Iterator[Metric]:
         db = self.fleet.db
@@ -52,6 +61,22 @@ class FleetCollector:
         for kind, n in sorted(self.requests.items()):
             served.add_metric([kind], n)
         yield served
+        if self.polls is not None:
+            h = HistogramMetricFamily("edgeops_controller_poll_seconds", "Time this process took "
+                                      "to answer base polls (held long-polls not counted)")
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(str, self.polls.bounds), "+Inf"], self.polls.counts, strict=True):
+                cumulative += n
+                buckets.append((bound, float(cumulative)))
+            h.add_metric([], buckets, self.polls.total)
+            yield h
+        for key, doc in (("commits", "Group commits of device writes (controller.dbexec)"),
+                         ("grouped", "Device writes those group commits carried"),
+                         ("refused", "Requests refused with 429 because the database queue was full")):
+            if key in self.db:
+                c = CounterMetricFamily(f"edgeops_controller_db_{key}", doc)
+                c.add_metric([], float(self.db[key]))
+                yield c
 
 
 def _gauge(name: str, doc: str, labels: list[str], rows: Any) -> GaugeMetricFamily:
@@ -64,7 +89,8 @@ def _gauge(name: str, doc: str, labels: list[str], rows: Any) -> GaugeMetricFami
     return g
 
 
-def render(fleet: Fleet, requests: Counter[str]) -> bytes:
+def render(fleet: Fleet, requests: Counter[str], polls: PollTimes | None = None,
+           db: dict[str, int] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(fleet, requests))  # type: ignore[arg-type]
+    registry.register(FleetCollector(fleet, requests, polls, db))  # type: ignore[arg-type]
     return generate_latest(registry)

@@ -124,6 +124,7 @@ class Stats:
     """What every device of one run shares: poll latencies and counts, for the report."""
 
     latencies: list[float] = field(default_factory=list)  # seconds, answered polls
+    stamps: list[float] = field(default_factory=list)  # time.monotonic() each answered poll ended
     poll_times: list[float] = field(default_factory=list)  # simulated seconds of each answered poll
     throttled: int = 0
     failed: int = 0
@@ -135,8 +136,13 @@ class SimAgent:
     def __init__(self, device_id: str, token: str, base_url: str, session: aiohttp.ClientSession,
                  clock: SimClock, stats: Stats, *, version: str = "1.0", poll_sleep: float = 60.0,
                  fails: Callable[[str], bool] = lambda version: False, tenant: str = "DEFAULT",
-                 rng: random.Random | None = None, trial_seconds: float = TRIAL_SECONDS) -> None:
+                 rng: random.Random | None = None, trial_seconds: float = TRIAL_SECONDS,
+                 poll_session: aiohttp.ClientSession | None = None) -> None:
         self.trial_seconds = trial_seconds
+        # Polls may have their own connection pool: a real device polls on its own connection,
+        # so a poll's latency must not include waiting for a pooled connection held by another
+        # device's download (simpool gives each worker one pool for polls, one for the rest).
+        self.poll_session = poll_session or session
         self.id, self.session, self.clock, self.stats = device_id, session, clock, stats
         self.root = f"{base_url}/{tenant}/controller/v1/{device_id}"
         self.headers = {"Authorization": f"TargetToken {token}"}
@@ -156,10 +162,10 @@ class SimAgent:
         self.busy = False
 
     # --- HTTP ------------------------------------------------------------------------------
-    async def _req(self, method: str, url: str, body: Any = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+    async def _req(self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+                   session: aiohttp.ClientSession | None = None) -> tuple[int, bytes, dict[str, str]]:
         try:
-            async with self.session.request(method, url, json=body,
+            async with (session or self.session).request(method, url, json=body,
                                             headers={**self.headers, **(headers or {})}) as r:
                 data = await r.read()
                 status, hdrs = r.status, {k.lower(): v for k, v in r.headers.items()}
@@ -233,8 +239,9 @@ class SimAgent:
     async def _poll(self) -> ddi.BaseResource | None:
         t0 = time.perf_counter()
         status, data, hdrs = await self._req("GET", self.root, headers={"If-None-Match": self.etag}
-                                             if self.etag else None)
+                                             if self.etag else None, session=self.poll_session)
         self.stats.latencies.append(time.perf_counter() - t0)
+        self.stats.stamps.append(time.monotonic())  # CLOCK_MONOTONIC: one clock for all processes
         self.stats.poll_times.append(self.clock.elapsed())
         if status == 304:
             return None
