@@ -474,8 +474,10 @@ class Run:
             time.sleep(0.2)
         raise E2EFailure(f"{what}: the agent never polled the controller\n{self.machine.tail()}")
 
-    def expect_boot(self, slot: str, what: str) -> float:
-        b = self.machine.wait_booted(self.boot_timeout, what)
+    def expect_boot(self, slot: str, what: str, *, install: bool = False) -> float:
+        """The next boot, into ``slot``; ``install``: the download and the slot write come
+        first (under TCG on a shared 2-core machine, as long again as a boot)."""
+        b = self.machine.wait_booted(self.boot_timeout * (2 if install else 1), what)
         if b.slot != slot:
             raise E2EFailure(f"{what}: booted slot {b.slot}, expected {slot}\n{self.machine.tail()}")
         return b.at
@@ -484,7 +486,7 @@ class Run:
         """Deploy r; follow the trial boot into slot ``to`` (and ``back`` after a revert)."""
         t0 = time.monotonic()
         action = self.deploy(r)
-        self.expect_boot(to, f"{r.version}: trial boot")
+        self.expect_boot(to, f"{r.version}: trial boot", install=True)
         t_commit_line = None
         if expect == "success":
             self.machine.wait_for(rf"committed: slot {to} {re.escape(r.version)}", 300,
@@ -639,6 +641,11 @@ CHAINS: tuple[tuple[str, ...], ...] = (
 ALL = [s for chain in CHAINS for s in chain if s != "baseline"]
 
 
+def chains_for(which: list[str]) -> list[list[str]]:
+    """Each chain's part of a selection, in the chain's order; [] for a chain that stays off."""
+    return [[s for s in chain if s in which] for chain in CHAINS]
+
+
 def run_chain(run_: Run, steps: list[str]) -> None:
     """One device's chain, from power-on to the last scenario; a failure ends this chain only
     (``run_.error``), the other device goes on."""
@@ -684,7 +691,7 @@ def hang(run_: Run, r: Release, current: str, other: str) -> None:
     m, rep = run_.machine, run_.report
     t0 = time.monotonic()
     action = run_.deploy(r)
-    run_.expect_boot(other, f"{r.version}: trial boot")
+    run_.expect_boot(other, f"{r.version}: trial boot", install=True)
     m.wait_for(r"EDGEOPS-E2E hang agent", 300, f"{r.version}: the hang probe")
     t_stop = m.now()
     m.wait_for(r"edgeops-agent\.service: Watchdog timeout", 120,
@@ -757,7 +764,7 @@ def commit_cut(run_: Run, r: Release, current: str, other: str) -> str:
     m, rep = run_.machine, run_.report
     t0 = time.monotonic()
     action = run_.deploy(r)
-    run_.expect_boot(other, f"{r.version}: trial boot")
+    run_.expect_boot(other, f"{r.version}: trial boot", install=True)
     offsets = env_offsets(m.disk, run_.esp_offset, run_.esp_bytes)  # now, as the guest left them
     deadline = time.monotonic() + 300
     seen: list[bool] = []
@@ -854,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(which) - {*ALL, "baseline"}
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from baseline,{','.join(ALL)}")
-    chains = [[s for s in chain if s in which] for chain in CHAINS]
+    chains = chains_for(which)
     report, t_start = Report(), time.monotonic()
     for old in out.glob("transcript*.log"):
         old.unlink()
