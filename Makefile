@@ -94,7 +94,7 @@ image: venv
 	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) image/build.py --board $(BOARD) --out $(IMAGE_OUT)
 
 e2e: venv
-	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) tools/e2e/run.py --out $(E2E_OUT) $(if $(SCENARIOS),--only $(SCENARIOS))
+	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) tools/e2e/run.py --out $(E2E_OUT) $(if $(SCENARIOS),--only $(SCENARIOS)) $(if $(E2E_SMP),--smp $(E2E_SMP))
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

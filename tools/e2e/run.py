@@ -474,10 +474,11 @@ class Run:
             time.sleep(0.2)
         raise E2EFailure(f"{what}: the agent never polled the controller\n{self.machine.tail()}")
 
-    def expect_boot(self, slot: str, what: str, *, install: bool = False) -> float:
-        """The next boot, into ``slot``; ``install``: the download and the slot write come
-        first (under TCG on a shared 2-core machine, as long again as a boot)."""
-        b = self.machine.wait_booted(self.boot_timeout * (2 if install else 1), what)
+    def expect_boot(self, slot: str, what: str, *, after: bool = False) -> float:
+        """The next boot, into ``slot``; ``after``: something long comes first (the download
+        and the slot write before a trial boot, the health window before a revert: under TCG
+        with two VMs on a shared 2-core machine, as long again as a boot)."""
+        b = self.machine.wait_booted(self.boot_timeout * (2 if after else 1), what)
         if b.slot != slot:
             raise E2EFailure(f"{what}: booted slot {b.slot}, expected {slot}\n{self.machine.tail()}")
         return b.at
@@ -486,14 +487,14 @@ class Run:
         """Deploy r; follow the trial boot into slot ``to`` (and ``back`` after a revert)."""
         t0 = time.monotonic()
         action = self.deploy(r)
-        self.expect_boot(to, f"{r.version}: trial boot", install=True)
+        self.expect_boot(to, f"{r.version}: trial boot", after=True)
         t_commit_line = None
         if expect == "success":
             self.machine.wait_for(rf"committed: slot {to} {re.escape(r.version)}", 300,
                                   f"{r.version}: commit")
             t_commit_line = time.monotonic()
         if back is not None:
-            self.expect_boot(back, f"{r.version}: revert boot")
+            self.expect_boot(back, f"{r.version}: revert boot", after=True)
         a = self.ctl.wait_action(action, 300, self.machine, f"{r.version}")
         t_report = time.monotonic()
         if a["status"] != expect:
@@ -691,7 +692,7 @@ def hang(run_: Run, r: Release, current: str, other: str) -> None:
     m, rep = run_.machine, run_.report
     t0 = time.monotonic()
     action = run_.deploy(r)
-    run_.expect_boot(other, f"{r.version}: trial boot", install=True)
+    run_.expect_boot(other, f"{r.version}: trial boot", after=True)
     m.wait_for(r"EDGEOPS-E2E hang agent", 300, f"{r.version}: the hang probe")
     t_stop = m.now()
     m.wait_for(r"edgeops-agent\.service: Watchdog timeout", 120,
@@ -764,7 +765,7 @@ def commit_cut(run_: Run, r: Release, current: str, other: str) -> str:
     m, rep = run_.machine, run_.report
     t0 = time.monotonic()
     action = run_.deploy(r)
-    run_.expect_boot(other, f"{r.version}: trial boot", install=True)
+    run_.expect_boot(other, f"{r.version}: trial boot", after=True)
     offsets = env_offsets(m.disk, run_.esp_offset, run_.esp_bytes)  # now, as the guest left them
     deadline = time.monotonic() + 300
     seen: list[bool] = []
