@@ -73,7 +73,10 @@ MASK = "systemd.mask=edgeops-agent.service systemd.mask=edgeops-provision.servic
 # mitigations, useless against an emulated CPU, cost the guest dearly. Hardware, and a
 # KVM run, keep the board's command line as it is.
 TCG_CMDLINE = "mitigations=off"
-SMP = 2  # vCPUs per VM (measured: tools/e2e/run.py --smp; the README's e2e section)
+# vCPUs per VM. Two VMs of -smp 2 on 2 host cores (thread=multi) are 4 vCPU threads for 2
+# cores: in both such runs on the loaded machine qemu-2's reboot into its trial did not come
+# back (once silent after "reboot: Restarting system" for 600 s); the -smp 1 run passed it.
+SMP = 1
 REQUEST = re.compile(rb"(GET|POST|PUT|DELETE) (\S+) HTTP/1\.[01]\r\n")
 
 
