@@ -101,7 +101,7 @@ e2e: venv
 	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(BIN)/python tools/e2e/arm64.py --out build/e2e-arm64 --fallback
 else
 e2e: venv
-	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) tools/e2e/run.py --out $(E2E_OUT) $(if $(SCENARIOS),--only $(SCENARIOS))
+	EDGEOPS_CACHE=$(EDGEOPS_CACHE) $(PY) tools/e2e/run.py --out $(E2E_OUT) $(if $(SCENARIOS),--only $(SCENARIOS)) $(if $(E2E_SMP),--smp $(E2E_SMP))
 endif
 
 # the Raspberry Pi images checked structurally (they cannot boot here): make image BOARD=rpi4 first

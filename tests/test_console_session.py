@@ -94,3 +94,17 @@ def test_the_challenge_names_the_controller_id_of_a_fleet_toml_beside_agent_toml
     session.run()
     assert session.id == "gw-0042"
     assert "edgeops-console-v1 gw-0042 " in out.getvalue()
+
+
+def test_the_challenge_names_the_id_read_from_the_boards_serial(device_dir: Path) -> None:
+    # one image, many devices: the id comes from the hardware (controller_id_file)
+    serial = device_dir / "product_serial"
+    serial.write_text("qemu-7\n")
+    (device_dir / "fleet.toml").write_text(
+        f'[fleet]\nurl = "http://10.0.2.100:8080"\ncontroller_id_file = "{serial}"\n'
+        'auth = "target"\ntoken = "0123456789abcdef0123456789abcdef"\n')
+    (device_dir / "fleet.toml").chmod(0o600)
+    session, out = _session(device_dir, "login key\n\nexit\n")
+    session.run()
+    assert session.id == "qemu-7"
+    assert "edgeops-console-v1 qemu-7 " in out.getvalue()

@@ -98,3 +98,34 @@ def test_slim_removes_only_what_it_lists(tmp_path: Path) -> None:
         f.write_bytes(b"x" * 100)
     assert build.slim(tmp_path) == 200
     assert keep.exists() and not gone.exists() and not hwdb.exists()
+
+
+def test_every_scenario_runs_once_and_the_dependent_ones_share_a_chain() -> None:
+    names = [s for chain in e2e.CHAINS for s in chain if s != "baseline"]
+    assert sorted(names) == sorted(set(names)) == sorted(e2e.SCENARIOS)
+    # (e) needs (a)'s committed A->B, and (d)'s two power cuts ride on (a) and (e)
+    chain_of = {s: i for i, chain in enumerate(e2e.CHAINS) for s in chain}
+    assert chain_of["a"] == chain_of["e"] == chain_of["d"]
+
+
+def test_a_subset_runs_in_chain_order_and_leaves_an_unchosen_chain_off() -> None:
+    picked = e2e.chains_for(["e", "b", "a"])
+    assert [s for chain in picked for s in chain] == [s for chain in e2e.CHAINS for s in chain
+                                                      if s in ("a", "e", "b")]
+    only_d = e2e.chains_for(["d"])
+    assert sum(1 for chain in only_d if chain) == 1 and ["d"] in only_d
+
+
+def test_fleet_toml_keeps_its_token_and_takes_the_id_from_the_serial(tmp_path: Path) -> None:
+    from agent.device.fleet_files import find_fleet
+
+    old = tmp_path / "fleet.toml"
+    old.write_text('[fleet]\nurl = "http://10.0.2.100:8080"\ncontroller_id = "qemu-1"\n'
+                   'auth = "target"\ntoken = "00ff"\n')
+    path, token = e2e.fleet_toml(old)
+    assert token == "00ff" and (path.stat().st_mode & 0o777) == 0o600
+    serial = tmp_path / "serial"
+    serial.write_text("qemu-7\n")
+    path.write_text(path.read_text().replace(e2e.SERIAL_FILE, str(serial)))
+    cfg = find_fleet(tmp_path / "agent.toml")
+    assert cfg is not None and cfg.controller_id == "qemu-7" and cfg.token == "00ff"

@@ -3,13 +3,16 @@
 Pure: a TOML table in, ``FleetConfig`` out. The one thing the section names that is not in it,
 ``token_file``, is read by the caller (``agent.device.fleet_files``: file I/O stays out of the
 core) and handed to ``FleetConfig.with_token``; until then ``token`` is empty and ``token_file``
-says where it is.
+says where it is. Likewise ``controller_id_file`` (the device's id read from the hardware, e.g.
+the board's serial in ``/sys/class/dmi/id/product_serial``, so one image serves every device):
+``FleetConfig.with_controller_id`` checks what was read; until then ``controller_id`` is empty.
 Paths are relative to the directory of the file the table came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,10 @@ from agent.errors import ConfigError
 MAX_CONFIG_ATTRIBUTES = 16  # [fleet] attributes; with ours and the model reports' within ddi's 64
 AUTH_KINDS = ("none", "target", "gateway")  # no credential, TargetToken, GatewayToken
 PUSH_KINDS = ("longpoll", "none")
+
+
+MAX_CONTROLLER_ID = 64  # characters; hawkBit's controllerId is at most 256, a serial far less
+CONTROLLER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")  # one URL path segment, no escaping
 
 
 DEFAULT_MIN_RATE = 1024.0  # bytes/s: 3.6 MB an hour; a 1 byte/s trickle is given up within a window
@@ -75,6 +82,7 @@ class FleetConfig:
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
     attributes: dict[str, str] = field(default_factory=dict)
     token_file: Path | None = None  # where the token is, when it is not in the table itself
+    controller_id_file: Path | None = None  # where the id is (hardware serial), when not in the table
 
     @property
     def base_url(self) -> str:
@@ -87,6 +95,18 @@ class FleetConfig:
         if self.auth != "none" and not token:
             raise ConfigError(f"{where}: auth = {self.auth!r} needs token or token_file")
         return dataclasses.replace(self, token=token)
+
+    def with_controller_id(self, text: str, where: str = "[fleet]") -> FleetConfig:
+        """This configuration with the controller id read from ``controller_id_file`` (surrounding
+        whitespace and NULs dropped, as sysfs and device-tree files end). Refused unless it is
+        one URL path segment of at most MAX_CONTROLLER_ID characters: a serial the firmware
+        left empty or unset ("To Be Filled By O.E.M.") must not become a shared identity."""
+        cid = text.strip().strip("\0").strip()
+        if not CONTROLLER_ID.fullmatch(cid) or len(cid) > MAX_CONTROLLER_ID:
+            raise ConfigError(f"{where}: controller_id_file {self.controller_id_file} holds "
+                              f"{cid[:40]!r}, not a device id (letters, digits, . _ : -; at most "
+                              f"{MAX_CONTROLLER_ID}); set the board's serial or controller_id")
+        return dataclasses.replace(self, controller_id=cid)
 
 
 def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> FleetConfig:
@@ -104,6 +124,9 @@ def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> Fl
             raise ConfigError(f"{where}: auth must be none, target or gateway")
         token = str(table.get("token", ""))
         token_file = path("token_file")
+        id_file = path("controller_id_file")
+        if ("controller_id" in table) == (id_file is not None):
+            raise ConfigError(f"{where}: give exactly one of controller_id and controller_id_file")
         if auth != "none" and not token and token_file is None:
             raise ConfigError(f"{where}: auth = {auth!r} needs token or token_file")
         push = str(table.get("push", "longpoll"))
@@ -116,7 +139,7 @@ def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> Fl
             raise ConfigError(f"{where}: identity = true needs ca_cert and no client_cert/client_key "
                               "(the key is the device's sealed identity key; docs/tpm.md)")
         return FleetConfig(
-            url=url, controller_id=str(table["controller_id"]),
+            url=url, controller_id="" if id_file is not None else str(table["controller_id"]),
             tenant=str(table.get("tenant", "DEFAULT")), auth=auth,
             token="" if token_file is not None else token,
             client_cert=path("client_cert"), client_key=path("client_key"),
@@ -126,7 +149,8 @@ def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> Fl
             max_sleep=float(table.get("max_sleep", 86400)),
             push=push, longpoll_wait=float(table.get("longpoll_wait", 60)),
             max_attempts=int(table.get("max_attempts", 5)), download=_download(table),
-            attributes=_attributes(table, where), token_file=token_file)
+            attributes=_attributes(table, where), token_file=token_file,
+            controller_id_file=id_file)
     except KeyError as exc:
         raise ConfigError(f"{where}: missing key {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
@@ -153,5 +177,6 @@ def _attributes(table: dict[str, Any], where: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in attrs.items()}
 
 
-__all__ = ["AUTH_KINDS", "DEFAULT_MIN_RATE", "DEFAULT_STALL_TIMEOUT", "MAX_CONFIG_ATTRIBUTES",
+__all__ = ["AUTH_KINDS", "CONTROLLER_ID", "DEFAULT_MIN_RATE", "DEFAULT_STALL_TIMEOUT",
+           "MAX_CONFIG_ATTRIBUTES", "MAX_CONTROLLER_ID",
            "PUSH_KINDS", "DownloadPolicy", "FleetConfig", "parse_fleet"]

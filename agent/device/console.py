@@ -56,9 +56,19 @@ def set_pin(cfg: AgentConfig, pin: str) -> Path:
 
 
 def device_id(cfg: AgentConfig) -> str:
-    """The name a challenge carries: the fleet's controller id, else the host name."""
+    """The name a challenge carries: the fleet's controller id (from its ``controller_id_file``
+    too, the board's serial), else the host name."""
+    from agent.device import fleet_files
+    from agent.errors import EdgeopsError
+
     fleet = views.fleet_of(cfg)
-    raw = fleet.controller_id if fleet is not None else socket.gethostname()
+    raw = ""
+    if fleet is not None:
+        try:
+            raw = fleet_files.read_controller_id(fleet).controller_id
+        except EdgeopsError:  # an unreadable serial: the console still answers, by host name
+            raw = ""
+    raw = raw or socket.gethostname()
     clean = "".join(ch for ch in raw if ch.isalnum() or ch in "._:-")[:64]
     return clean or "edgeops-device"
 

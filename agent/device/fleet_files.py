@@ -49,8 +49,13 @@ def load_fleet(agent_toml: Path | AgentConfig) -> FleetConfig:
     return cfg
 
 
+MAX_ID_FILE = 4096  # bytes read from controller_id_file: a serial, not a document
+
+
 def read_token(cfg: FleetConfig, where: str = "[fleet]") -> FleetConfig:
-    """``cfg`` with the token from its ``token_file`` (when it names one)."""
+    """``cfg`` with the token from its ``token_file`` and the controller id from its
+    ``controller_id_file`` (each when it names one)."""
+    cfg = read_controller_id(cfg, where)
     if cfg.token_file is None:
         return cfg
     try:
@@ -58,6 +63,23 @@ def read_token(cfg: FleetConfig, where: str = "[fleet]") -> FleetConfig:
     except OSError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return cfg.with_token(text, where)
+
+
+def read_controller_id(cfg: FleetConfig, where: str = "[fleet]") -> FleetConfig:
+    """``cfg`` with the controller id from its ``controller_id_file``, when it names one."""
+    if cfg.controller_id_file is not None:
+        try:
+            with open(cfg.controller_id_file, "rb") as f:
+                raw = f.read(MAX_ID_FILE + 1)
+        except OSError as exc:
+            raise ConfigError(f"{where}: controller_id_file: {exc}",
+                              hint="the device's id is read from there (its hardware serial); "
+                                   "run as root, or set controller_id") from None
+        if len(raw) > MAX_ID_FILE:
+            raise ConfigError(f"{where}: controller_id_file {cfg.controller_id_file} is over "
+                              f"{MAX_ID_FILE} bytes: not a serial")
+        cfg = cfg.with_controller_id(raw.decode(errors="replace"), where)
+    return cfg
 
 
 def _from_file(candidate: Path) -> FleetConfig | None:

@@ -207,7 +207,7 @@ def scenario(run_: Any, current: str) -> None:
     """(g), on the running device whose committed slot ``current`` is booted."""
     m: Machine = run_.machine
     rep = run_.report
-    image = run_.out / "image"
+    image: Path = run_.image
     other = "B" if current == "A" else "A"
     t0 = time.monotonic()
     r = UsbRelease()
@@ -227,7 +227,7 @@ def scenario(run_: Any, current: str) -> None:
 
 def _scenario(run_: Any, m: Machine, rep: Any, con: SerialConsole, tech: Technician,
               r: UsbRelease, stick: Path, current: str, other: str) -> None:
-    image = run_.out / "image"
+    image: Path = run_.image
     name = r.path.name if r.path else ""
     t0 = time.monotonic()
     tech.ready(180)

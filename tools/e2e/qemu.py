@@ -6,6 +6,9 @@ inside it, as on hardware), and a power cut is killing that process. What QEMU g
 
   firmware   OVMF: the code pflash read-only, a copy of the VARS pflash per device
   accel      KVM when /dev/kvm really runs OVMF here (tried once), otherwise TCG; never required
+  identity   the board's serial number in SMBIOS type 1 (``-smbios type=1,serial=``), which the
+             guest reads from /sys/class/dmi/id/product_serial: its fleet id (fleet.toml's
+             controller_id_file), so one image serves every device, as from a factory line
   disk       virtio-blk, raw, cache=unsafe (the host is not the device: its flushes are moot)
   serial     ttyS0 (kernel, the technician console) and ttyS1 (markers, tools/e2e/guest)
              written to files; ttyS0 is also a unix socket (WORK/ttyS0.sock) to type on
@@ -117,6 +120,9 @@ class Machine:
     watchdog: bool = True
     memory_mib: int = 1024
     xhci: bool = True  # a USB controller present from boot (bus "xhci.0")
+    serial: str = ""  # SMBIOS system serial number: the device's identity; "" for none
+    smp: int = 2  # virtual CPUs (under TCG with thread=multi, one host thread each)
+    tcg_thread: str = "multi"  # TCG: one host thread per vCPU ("multi") or one for all ("single")
     transcript: Path | None = None
     power_ons: int = 0
     qemu: subprocess.Popen[bytes] | None = None
@@ -129,9 +135,23 @@ class Machine:
     cursor: int = 0
     _pos: int = 0
     _partial: str = ""
+    halted: bool = False  # set by halt(): no power-on after it (the run is being stopped)
+    _power: threading.Lock = field(default_factory=threading.Lock)
 
     # --- power -------------------------------------------------------------------------------
     def power_on(self) -> None:
+        with self._power:
+            self._power_on()
+
+    def halt(self) -> None:
+        """Power off for good, from any thread: a run being stopped leaves no QEMU behind."""
+        with self._power:
+            self.halted = True
+            self._power_cut()
+
+    def _power_on(self) -> None:
+        if self.halted:
+            raise E2EFailure(f"{self.name}: the run is being stopped")
         if self.qemu is not None:
             raise RuntimeError("already powered on")
         self.work.mkdir(parents=True, exist_ok=True)
@@ -144,9 +164,9 @@ class Machine:
         self.console_sock = self.work / "ttyS0.sock"
         self.console_sock.unlink(missing_ok=True)
         argv = ["qemu-system-x86_64", "-name", self.name, "-machine", "q35",
-                "-accel", "kvm" if self.accel == "kvm" else "tcg,thread=multi",
+                "-accel", "kvm" if self.accel == "kvm" else f"tcg,thread={self.tcg_thread}",
                 "-cpu", "host" if self.accel == "kvm" else "max",
-                "-smp", "2", "-m", str(self.memory_mib),
+                "-smp", str(self.smp), "-m", str(self.memory_mib),
                 "-nodefaults", "-display", "none", "-no-user-config",
                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
@@ -158,6 +178,10 @@ class Machine:
                             f"logfile={self.console}",
                 "-serial", "chardev:ttyS0", "-serial", f"file:{self.markers}",
                 "-device", "virtio-rng-pci"]
+        if self.serial:
+            if not re.fullmatch(r"[A-Za-z0-9._:-]+", self.serial):
+                raise E2EFailure(f"serial {self.serial!r}: letters, digits and . _ : - only")
+            argv += ["-smbios", f"type=1,serial={self.serial}"]  # docs: qemu(1), -smbios
         if self.controller_port is not None:
             host, port = GUEST_CONTROLLER.split(":")
             cmd = shlex.join([sys.executable, str(RELAY), "127.0.0.1", str(self.controller_port)])
@@ -248,6 +272,12 @@ class Machine:
 
     def power_cut(self) -> None:
         """Pull the plug: SIGKILL, whatever the guest was doing."""
+        with self._power:
+            self._power_cut()
+
+    def _power_cut(self) -> None:
+        if self.qemu is None and self.swtpm is None:
+            return  # off already: its transcript is saved
         if self.qemu is not None:
             self.qemu.send_signal(signal.SIGKILL)
             self.qemu.wait()

@@ -1,20 +1,19 @@
 #!/usr/bin/env python3
 """make e2e: the x86-64 image booted in QEMU, updated from a controller on the host's loopback.
 
-Standard library only (it drives ``edgeops`` and QEMU as subprocesses). One device, as few
-boots as the scenarios allow, in this order:
+Standard library only (it drives ``edgeops`` and QEMU as subprocesses). Two devices at once,
+the fleet case: two VMs of the one image, each with its own sparse disk copy, swtpm, OVMF
+variables, consoles and transcript, and its own identity (its board serial in SMBIOS, which
+the agent takes as its controller id), both polling the one controller, which deploys to each
+device. Each device runs one chain of scenarios (CHAINS), as few boots as they allow:
 
+  device qemu-1, chain 1
   baseline  the same image booted with edgeops' units masked (systemd.mask= through the
             grubenv's EO_CMDLINE), for boot-to-ready without the agent: one boot
   (a)       a good release A->B from the controller: download, trial boot, health, commit,
             success reported only after the commit. With (d): the power is cut at 40 % of
             its slot write, the next boot runs A, and the same deployment, retried, is (a)
   (f)       a bundle below the floor, refused on the booted system, failure reported
-  (c)       a trial whose system hangs (tools/e2e/guest/usr/local/bin/edgeops-e2e-hang):
-            first the agent (SIGSTOP; its service watchdog fires, systemd restarts it),
-            then the kernel (panic; PID 1 stops feeding the i6300esb, which resets the
-            machine); GRUB falls back to the committed slot by itself, failure reported
-  (b)       a release whose health check fails: trial, revert, failure reported
   (e)       back to the first slot with the same rootfs payload (slots are chosen by
             partition, not by label). With (d): the power is cut the moment the first
             grubenv copy on the disk says the trial slot is committed; the next boot must
@@ -22,11 +21,20 @@ boots as the scenarios allow, in this order:
   (d)       alone (without a and e): a power cut during the slot write of its own release
   (g)       the technician console on ttyS0: login, status, health, a USB stick install (console_e2e.py)
 
-The guest reaches only 10.0.2.100:8080 (QEMU user networking, restrict=on, one guestfwd),
-which is tools/e2e/relay.py -> this script's counting proxy -> the controller, all on
-127.0.0.1. ``--only d`` (make e2e SCENARIOS=d) runs a subset, in the same order, and signs
-only the bundles it deploys. Writes OUT/transcript.log (both serial consoles of every power-on),
-OUT/timings.md (the table it prints) and OUT/result.json. Exit 0 only if every scenario passed.
+  device qemu-2, chain 2, from the factory image
+  (c)       a trial whose system hangs (tools/e2e/guest/usr/local/bin/edgeops-e2e-hang):
+            first the agent (SIGSTOP; its service watchdog fires, systemd restarts it),
+            then the kernel (panic; PID 1 stops feeding the i6300esb, which resets the
+            machine); GRUB falls back to the committed slot by itself, failure reported
+  (b)       a release whose health check fails: trial, revert, failure reported
+
+Each guest reaches only 10.0.2.100:8080 (QEMU user networking, restrict=on, one guestfwd),
+which is tools/e2e/relay.py -> this script's counting proxy (one per device) -> the
+controller, all on 127.0.0.1. ``--only d`` (make e2e SCENARIOS=d) runs a subset, each chain
+its part in its order; a chain with nothing chosen does not boot; only the bundles deployed
+are signed. Writes OUT/transcript-qemu-N.log (both serial consoles of each power-on of device
+N), OUT/timings.md (the tables it prints: the run's, then one per device) and OUT/result.json.
+Exit 0 only if every chosen scenario passed.
 """
 
 from __future__ import annotations
@@ -57,7 +65,9 @@ import console_e2e
 from qemu import E2EFailure, Machine, kvm_works
 
 REPO = Path(__file__).resolve().parents[2]
-DEVICE_ID = "qemu-1"
+# Each VM's identity is its board serial (qemu.py: -smbios type=1,serial=), read by the agent
+# from the DMI table (fleet.toml's controller_id_file): one image, one fleet.toml, many devices.
+SERIAL_FILE = "/sys/class/dmi/id/product_serial"
 COMPATIBLE = "edgeops-x86-64"
 MASK = "systemd.mask=edgeops-agent.service systemd.mask=edgeops-provision.service"
 # Under TCG only, on every boot (the grubenv's EO_CMDLINE): QEMU's software MMU pays for
@@ -65,6 +75,10 @@ MASK = "systemd.mask=edgeops-agent.service systemd.mask=edgeops-provision.servic
 # mitigations, useless against an emulated CPU, cost the guest dearly. Hardware, and a
 # KVM run, keep the board's command line as it is.
 TCG_CMDLINE = "mitigations=off"
+# vCPUs per VM. Two VMs of -smp 2 on 2 host cores (thread=multi) are 4 vCPU threads for 2
+# cores: in both such runs on the loaded machine qemu-2's reboot into its trial did not come
+# back (once silent after "reboot: Restarting system" for 600 s); the -smp 1 run passed it.
+SMP = 1
 REQUEST = re.compile(rb"(GET|POST|PUT|DELETE) (\S+) HTTP/1\.[01]\r\n")
 
 
@@ -171,8 +185,8 @@ class Controller:
         except urllib.error.HTTPError as exc:
             raise E2EFailure(f"controller: {method} {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
 
-    def action(self, action_id: int) -> dict[str, Any]:
-        for a in self.api("GET", f"/actions?device={DEVICE_ID}")["actions"]:
+    def action(self, device: str, action_id: int) -> dict[str, Any]:
+        for a in self.api("GET", f"/actions?device={device}")["actions"]:
             if a["id"] == action_id:
                 return dict(a)
         raise E2EFailure(f"controller has no action {action_id}")
@@ -180,7 +194,7 @@ class Controller:
     def wait_action(self, action_id: int, timeout: float, machine: Machine, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            a = self.action(action_id)
+            a = self.action(machine.name, action_id)
             if a["status"] in ("success", "failure", "canceled"):
                 return a
             if time.monotonic() > deadline:
@@ -219,17 +233,17 @@ def start_controller(out: Path, edgeops: str, keyring: Path) -> Controller:
 
 # --- the image and the bundles ----------------------------------------------------------------------
 def fleet_toml(path: Path) -> tuple[Path, str]:
-    """The e2e device's fleet.toml, kept beside the cached image (its token is in the image)."""
+    """The e2e devices' fleet.toml, kept beside the cached image (its token is in the image).
+    Every device of the image has the same one: its controller id is its board serial. The
+    target token is the fleet's here, registered for each device id (a production fleet gives
+    each device its own credential: the TPM-sealed identity of docs/tpm.md, identity = true)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        found = re.search(r'token = "([0-9a-f]+)"', path.read_text())
-        if found:
-            return path, found[1]
-    token = secrets.token_hex(16)
-    path.write_text(f"""# e2e device's fleet config (tools/e2e/run.py); the guest's only route is this URL
+    found = re.search(r'token = "([0-9a-f]+)"', path.read_text()) if path.exists() else None
+    token = found[1] if found else secrets.token_hex(16)
+    text = f"""# e2e devices' fleet config (tools/e2e/run.py); the guest's only route is this URL
 [fleet]
 url = "http://10.0.2.100:8080"
-controller_id = "{DEVICE_ID}"
+controller_id_file = "{SERIAL_FILE}"
 auth = "target"
 token = "{token}"
 poll_interval = 5
@@ -238,7 +252,9 @@ max_sleep = 10
 push = "longpoll"
 longpoll_wait = 30
 read_timeout = 60
-""")
+"""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
     path.chmod(0o600)
     return path, token
 
@@ -318,9 +334,6 @@ RELEASES = [
 ]
 
 
-ALL = ["a", "f", "c", "b", "e", "d", "g"]  # the scenarios, in the order they run
-
-
 def make_bundles(out: Path, edgeops: str, image: Path, which: list[str]) -> list[Release]:
     """Sign only the releases the chosen scenarios deploy, two at a time."""
     d = out / "bundles"
@@ -395,15 +408,19 @@ def grubenv(disk: Path, esp_offset: int, work: Path) -> str:
 # --- the timing table --------------------------------------------------------------------------------
 @dataclass
 class Report:
+    name: str = ""  # the device's id; "" for the run's own rows (image, bundles, total)
     rows: list[tuple[str, str, str]] = field(default_factory=list)
     results: dict[str, str] = field(default_factory=dict)
     baseline: float | None = None  # power-on to multi-user with edgeops masked, when measured
 
     def row(self, what: str, seconds: float | None, note: str = "") -> None:
         self.rows.append((what, "" if seconds is None else f"{seconds:.1f}", note))
-        print(f"e2e: {what}: {'' if seconds is None else f'{seconds:.1f} s'} {note}".rstrip(), flush=True)
+        who = f"e2e[{self.name}]" if self.name else "e2e"
+        print(f"{who}: {what}: {'' if seconds is None else f'{seconds:.1f} s'} {note}".rstrip(), flush=True)
 
     def table(self) -> str:
+        if not self.rows:
+            return ""
         w = max(len(r[0]) for r in self.rows)
         lines = [f"| {'step':<{w}} | seconds | note |", f"|{'-' * (w + 2)}|---------|------|"]
         lines += [f"| {a:<{w}} | {b:>7} | {c} |" for a, b, c in self.rows]
@@ -413,7 +430,10 @@ class Report:
 # --- the scenarios ------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    out: Path
+    """One device's run: its machine, its proxy to the shared controller, its report, and the
+    slot it runs now (``current``) as its chain's scenarios move it."""
+
+    out: Path  # this device's directory (its QEMU files, disk, scratch grubenv copies)
     machine: Machine
     ctl: Controller
     proxy: Proxy
@@ -422,6 +442,22 @@ class Run:
     esp_bytes: int
     boot_timeout: float
     sign_bundle: Callable[[Release], None]
+    which: list[str] = field(default_factory=list)  # this chain's selected scenarios
+    current: str = "A"  # the committed slot the device runs
+    error: str = ""  # why the chain stopped, when it did
+
+    @property
+    def device(self) -> str:
+        return self.machine.name
+
+    @property
+    def image(self) -> Path:
+        """The run's image directory (OUT/image; ``out`` is this device's OUT/NAME)."""
+        return self.out.parent / "image"
+
+    @property
+    def other(self) -> str:
+        return "B" if self.current == "A" else "A"
 
     def add_bundle(self, r: Release) -> None:
         """Sign ``r`` now (a release only some outcomes need) and give it to the controller."""
@@ -431,8 +467,8 @@ class Run:
         self.report.row(f"bundle {r.version} signed and uploaded", time.monotonic() - t0)
 
     def deploy(self, r: Release) -> int:
-        res = self.ctl.api("POST", "/deployments", {"bundle": r.bundle_id, "device": DEVICE_ID})
-        ids = [a["id"] for a in self.ctl.api("GET", f"/actions?device={DEVICE_ID}")["actions"]
+        res = self.ctl.api("POST", "/deployments", {"bundle": r.bundle_id, "device": self.device})
+        ids = [a["id"] for a in self.ctl.api("GET", f"/actions?device={self.device}")["actions"]
                if a["bundle"] == r.bundle_id]
         if not ids:
             raise E2EFailure(f"deploy {r.version}: no action created ({res})")
@@ -448,8 +484,11 @@ class Run:
             time.sleep(0.2)
         raise E2EFailure(f"{what}: the agent never polled the controller\n{self.machine.tail()}")
 
-    def expect_boot(self, slot: str, what: str) -> float:
-        b = self.machine.wait_booted(self.boot_timeout, what)
+    def expect_boot(self, slot: str, what: str, *, after: bool = False) -> float:
+        """The next boot, into ``slot``; ``after``: something long comes first (the download
+        and the slot write before a trial boot, the health window before a revert: under TCG
+        with two VMs on a shared 2-core machine, as long again as a boot)."""
+        b = self.machine.wait_booted(self.boot_timeout * (2 if after else 1), what)
         if b.slot != slot:
             raise E2EFailure(f"{what}: booted slot {b.slot}, expected {slot}\n{self.machine.tail()}")
         return b.at
@@ -458,14 +497,14 @@ class Run:
         """Deploy r; follow the trial boot into slot ``to`` (and ``back`` after a revert)."""
         t0 = time.monotonic()
         action = self.deploy(r)
-        self.expect_boot(to, f"{r.version}: trial boot")
+        self.expect_boot(to, f"{r.version}: trial boot", after=True)
         t_commit_line = None
         if expect == "success":
             self.machine.wait_for(rf"committed: slot {to} {re.escape(r.version)}", 300,
                                   f"{r.version}: commit")
             t_commit_line = time.monotonic()
         if back is not None:
-            self.expect_boot(back, f"{r.version}: revert boot")
+            self.expect_boot(back, f"{r.version}: revert boot", after=True)
         a = self.ctl.wait_action(action, 300, self.machine, f"{r.version}")
         t_report = time.monotonic()
         if a["status"] != expect:
@@ -476,22 +515,31 @@ class Run:
         return time.monotonic() - t0
 
 
-def scenarios(run_: Run, which: list[str]) -> None:
-    m, rep = run_.machine, run_.report
-    rel = {r.name: r for r in RELEASES}
-    extra = TCG_CMDLINE if m.accel == "tcg" else ""
-    if "baseline" in which:
-        set_cmdline(m.disk, run_.esp_offset, f"{MASK} {extra}".strip(), run_.out)
-        m.power_on()
-        b = m.wait_booted(run_.boot_timeout, "baseline boot (edgeops masked)")
-        if b.agent == "active":
-            raise E2EFailure("baseline: the agent ran although masked")
-        rep.baseline = b.at
-        rep.row("boot to multi-user, edgeops masked", b.at, f"{m.split(b.at, b.uptime)}"
-                f"{boot_split(m)}")
-        m.power_cut()
-    set_cmdline(m.disk, run_.esp_offset, extra, run_.out)
+REL = {r.name: r for r in RELEASES}
 
+
+def baseline(run_: Run) -> None:
+    """The image booted with edgeops' units masked: boot-to-multi-user without the agent."""
+    m, rep = run_.machine, run_.report
+    set_cmdline(m.disk, run_.esp_offset, f"{MASK} {tcg_extra(m)}".strip(), run_.out)
+    m.power_on()
+    b = m.wait_booted(run_.boot_timeout, "baseline boot (edgeops masked)")
+    if b.agent == "active":
+        raise E2EFailure("baseline: the agent ran although masked")
+    rep.baseline = b.at
+    rep.row("boot to multi-user, edgeops masked", b.at, f"{m.split(b.at, b.uptime)}{boot_split(m)}")
+    m.power_cut()
+
+
+def tcg_extra(m: Machine) -> str:
+    return TCG_CMDLINE if m.accel == "tcg" else ""
+
+
+def first_boot(run_: Run) -> None:
+    """Every chain's first power-on with the agent: the factory slot A, TPM provisioning, the
+    first poll (the device's id is its board serial: the controller must know it)."""
+    m, rep = run_.machine, run_.report
+    set_cmdline(m.disk, run_.esp_offset, tcg_extra(m), run_.out)
     m.power_on()
     t_power = m.t0
     b = m.wait_booted(run_.boot_timeout, "first boot")
@@ -503,61 +551,144 @@ def scenarios(run_: Run, which: list[str]) -> None:
     rep.row("boot to agent ready (first poll)", ready,
             f"the same boot without the agent: {rep.baseline:.1f} s to multi-user (baseline, "
             f"this run); ratio {ready / rep.baseline:.2f}x"
-            if rep.baseline is not None else "without the agent: make e2e SCENARIOS=baseline,...")
-    current = "A"
-    if "a" in which:
-        if "d" in which:
-            # one boot fewer: the power cut hits (a)'s download, and the retry of that same
-            # deployment is (a) (trial boot into B, health, commit, success after the commit)
-            power_cut_then_install(run_, rel["good-ab"], "A", "B")
-        else:
-            took = run_.update(rel["good-ab"], to="B", expect="success")
-            rep.row("(a) 2.0: good-ab", took, "A/B -> B, committed, success reported")
-        rep.results["a"] = "passed"
-        current = "B"
-    other = "B" if current == "A" else "A"
-    if "f" in which:
-        t0 = time.monotonic()
-        boots = len(m.seen("EDGEOPS-E2E booted"))
-        action = run_.deploy(rel["below-floor"])
-        a = run_.ctl.wait_action(action, 180, m, "below-floor")
-        if a["status"] != "failure" or len(m.seen("EDGEOPS-E2E booted")) != boots:
-            raise E2EFailure(f"below-floor: action {a['status']} ({a['detail']}), "
-                             f"{len(m.seen('EDGEOPS-E2E booted')) - boots} reboots")
-        if "floor" not in (a.get("detail") or "") and not m.seen("floor|RollbackRefused|refused"):
-            raise E2EFailure(f"below-floor: failure without the floor as reason: {a['detail']}")
-        rep.results["f"] = "passed"
-        rep.row("(f) 1.5 below the floor", time.monotonic() - t0,
-                f"refused on the device: {a['detail'][:60]}")
-    if "c" in which:
-        hang(run_, rel["hang"], current, other)
-    if "b" in which:
-        took = run_.update(rel["failing-health"], to=other, back=current, expect="failure")
-        rep.results["b"] = "passed"
-        rep.row("(b) 4.0 failing health check", took,
-                f"trial on {other}, reverted to {current}, failure reported")
-    if "e" in which:
-        r = rel["same-payload-ba"]
-        if "d" in which:
-            landed = commit_cut(run_, r, current, other)
-            if landed != other:  # the cut came before the bootloader heard: install again
-                retry = rel["same-payload-retry"]
-                run_.add_bundle(retry)
-                took = run_.update(retry, to=other, expect="success")
-                rep.row(f"(e) {retry.version}: the same payload again", took,
-                        f"{current} -> {other}, committed, success reported")
-        else:
-            took = run_.update(r, to=other, expect="success")
-            rep.row(f"(e) {r.version}: same-payload", took,
+            if rep.baseline is not None else "without the agent: the baseline row, if run")
+    own = f"/controller/v1/{m.name}"  # DDI's base: /{tenant}/controller/v1/{controllerId}
+    deadline = time.monotonic() + 30
+    while not any(own in r.path for r in run_.proxy.since(t_power)):
+        if time.monotonic() > deadline:
+            paths = sorted({r.path for r in run_.proxy.since(t_power)})[:3]
+            raise E2EFailure(f"first boot: the agent did not poll as {m.name} (its board serial, "
+                             f"{SERIAL_FILE}) but {paths}\n{m.tail()}")
+        time.sleep(0.2)
+
+
+def scenario_a(run_: Run) -> None:
+    if "d" in run_.which:
+        # one boot fewer: the power cut hits (a)'s download, and the retry of that same
+        # deployment is (a) (trial boot into B, health, commit, success after the commit)
+        power_cut_then_install(run_, REL["good-ab"], run_.current, run_.other)
+    else:
+        took = run_.update(REL["good-ab"], to=run_.other, expect="success")
+        run_.report.row("(a) 2.0: good-ab", took, f"{run_.current} -> {run_.other}, committed, "
+                        "success reported")
+    run_.report.results["a"] = "passed"
+    run_.current = run_.other
+
+
+def scenario_f(run_: Run) -> None:
+    m, rep = run_.machine, run_.report
+    t0 = time.monotonic()
+    boots = len(m.seen("EDGEOPS-E2E booted"))
+    action = run_.deploy(REL["below-floor"])
+    a = run_.ctl.wait_action(action, 180, m, "below-floor")
+    if a["status"] != "failure" or len(m.seen("EDGEOPS-E2E booted")) != boots:
+        raise E2EFailure(f"below-floor: action {a['status']} ({a['detail']}), "
+                         f"{len(m.seen('EDGEOPS-E2E booted')) - boots} reboots")
+    if "floor" not in (a.get("detail") or "") and not m.seen("floor|RollbackRefused|refused"):
+        raise E2EFailure(f"below-floor: failure without the floor as reason: {a['detail']}")
+    rep.results["f"] = "passed"
+    rep.row("(f) 1.5 below the floor", time.monotonic() - t0,
+            f"refused on the device: {a['detail'][:60]}")
+
+
+def scenario_c(run_: Run) -> None:
+    hang(run_, REL["hang"], run_.current, run_.other)
+
+
+def scenario_b(run_: Run) -> None:
+    current, other = run_.current, run_.other
+    took = run_.update(REL["failing-health"], to=other, back=current, expect="failure")
+    run_.report.results["b"] = "passed"
+    run_.report.row("(b) 4.0 failing health check", took,
+                    f"trial on {other}, reverted to {current}, failure reported")
+
+
+def scenario_e(run_: Run) -> None:
+    r, rep, current, other = REL["same-payload-ba"], run_.report, run_.current, run_.other
+    if "d" in run_.which:
+        landed = commit_cut(run_, r, current, other)
+        if landed != other:  # the cut came before the bootloader heard: install again
+            retry = REL["same-payload-retry"]
+            run_.add_bundle(retry)
+            took = run_.update(retry, to=other, expect="success")
+            rep.row(f"(e) {retry.version}: the same payload again", took,
                     f"{current} -> {other}, committed, success reported")
-        rep.results["e"] = "passed"
-        current, other = other, current
-    if "d" in which and "a" not in which:
-        power_cut_then_install(run_, rel["after-power-cut"], current, other)
-        current, other = other, current
-    if "g" in which:
-        console_e2e.scenario(run_, current)
-    m.power_cut()
+    else:
+        took = run_.update(r, to=other, expect="success")
+        rep.row(f"(e) {r.version}: same-payload", took,
+                f"{current} -> {other}, committed, success reported")
+    rep.results["e"] = "passed"
+    run_.current = other
+
+
+def scenario_d(run_: Run) -> None:
+    """(d) alone: with (a) in its chain it is (a)'s power cut, with (e) also (e)'s commit cut."""
+    if "a" in run_.which:
+        return
+    power_cut_then_install(run_, REL["after-power-cut"], run_.current, run_.other)
+    run_.current = run_.other
+
+
+def scenario_g(run_: Run) -> None:
+    """(g) the technician at the device (console_e2e.py): it ends committed on the other slot."""
+    console_e2e.scenario(run_, run_.current)
+    run_.current = run_.other
+
+
+# --- the chains: which device runs which scenarios, in which order ----------------------------------
+# A scenario is a function of one device's Run, called after that device's first boot (the
+# factory slot A, committed, polling the controller) with ``run_.current`` the slot it runs;
+# it leaves the device powered on, on a committed slot, and sets ``run_.current`` if it moved
+# it. "baseline" alone runs before the first boot. To add one (e.g. 'g', the technician's
+# console and USB stick of tools/e2e/console_e2e.py): a function here or there, one entry in
+# SCENARIOS and its name in the shorter chain below (see the timing table), and its release,
+# if it deploys one, in RELEASES.
+SCENARIOS: dict[str, Callable[[Run], None]] = {
+    "a": scenario_a, "f": scenario_f, "c": scenario_c, "b": scenario_b, "e": scenario_e,
+    "d": scenario_d, "g": scenario_g,
+}
+# Two devices at once, each its own chain on its own VM, against the one controller. (e)
+# needs a committed A->B first ((a)'s), and (d)'s power cuts ride on (a) and (e), so they
+# share chain 1; (c) and (b) (each a trial that ends back on A) run from the factory image.
+# Balanced on the idle machine's figures: chain 1 about 330 s, chain 2 about 400 s; (g) (two
+# boots, about 120 s idle) goes on chain 1, the shorter.
+CHAINS: tuple[tuple[str, ...], ...] = (
+    ("baseline", "a", "f", "e", "d", "g"),
+    ("c", "b"),
+)
+ALL = [s for chain in CHAINS for s in chain if s != "baseline"]
+
+
+def chains_for(which: list[str]) -> list[list[str]]:
+    """Each chain's part of a selection, in the chain's order; [] for a chain that stays off."""
+    return [[s for s in chain if s in which] for chain in CHAINS]
+
+
+def run_chain(run_: Run, steps: list[str]) -> None:
+    """One device's chain, from power-on to the last scenario; a failure ends this chain only
+    (``run_.error``), the other device goes on."""
+    m, rep = run_.machine, run_.report
+    t0 = time.monotonic()
+    try:
+        if "baseline" in steps:
+            baseline(run_)
+        first_boot(run_)
+        for name in steps:
+            if name != "baseline":
+                SCENARIOS[name](run_)
+        m.power_cut()
+        up = [b.uptime for b in m.boots]
+        rep.row(f"{len(up)} boots in {m.power_ons} power-ons", sum(up),
+                f"kernel -> multi-user: mean {sum(up) / len(up):.1f} s, "
+                f"min {min(up):.1f} s, max {max(up):.1f} s (guest clock)")
+        rep.row("grubenv at the end", None, grubenv(m.disk, run_.esp_offset, run_.out))
+    except Exception as exc:  # any failure is this chain's, reported in its table
+        run_.error = str(exc) if isinstance(exc, E2EFailure) else f"{type(exc).__name__}: {exc}"
+        print(f"e2e[{m.name}]: FAILED: {run_.error}", file=sys.stderr, flush=True)
+        rep.row("FAILED", None, run_.error.splitlines()[0][:120] if run_.error else "")
+    finally:
+        m.power_cut()
+        rep.row(f"chain {'/'.join(steps)}", time.monotonic() - t0, "this device's wall time")
 
 
 def boot_split(m: Machine) -> str:
@@ -578,7 +709,7 @@ def hang(run_: Run, r: Release, current: str, other: str) -> None:
     m, rep = run_.machine, run_.report
     t0 = time.monotonic()
     action = run_.deploy(r)
-    run_.expect_boot(other, f"{r.version}: trial boot")
+    run_.expect_boot(other, f"{r.version}: trial boot", after=True)
     m.wait_for(r"EDGEOPS-E2E hang agent", 300, f"{r.version}: the hang probe")
     t_stop = m.now()
     m.wait_for(r"edgeops-agent\.service: Watchdog timeout", 120,
@@ -651,7 +782,7 @@ def commit_cut(run_: Run, r: Release, current: str, other: str) -> str:
     m, rep = run_.machine, run_.report
     t0 = time.monotonic()
     action = run_.deploy(r)
-    run_.expect_boot(other, f"{r.version}: trial boot")
+    run_.expect_boot(other, f"{r.version}: trial boot", after=True)
     offsets = env_offsets(m.disk, run_.esp_offset, run_.esp_bytes)  # now, as the guest left them
     deadline = time.monotonic() + 300
     seen: list[bool] = []
@@ -718,6 +849,10 @@ def power_cut_then_install(run_: Run, r: Release, current: str, other: str) -> N
             f"booted {current}, then trial {other} committed, success reported")
 
 
+def device_name(n: int) -> str:
+    return f"qemu-{n}"  # the VM's board serial, so its fleet id (SERIAL_FILE)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--out", type=Path, default=REPO / "build/e2e")
@@ -727,9 +862,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "/var/cache/edgeops")) / "e2e",
                    help="where the last image is kept, keyed on its inputs ('' for none)")
     p.add_argument("--scenarios", "--only", default=",".join(["baseline", *ALL]),
-                   help="comma-separated, run in the fixed order above (default: all, with "
+                   help="comma-separated subset; each chain runs its own in its fixed order, "
+                        "and a chain with none chosen does not boot (default: all, with "
                         "'baseline', the boot without the agent, for the timing table)")
     p.add_argument("--boot-timeout", type=float, default=300)
+    p.add_argument("--smp", type=int, default=SMP, help=f"vCPUs per VM (default {SMP})")
+    p.add_argument("--tcg-thread", choices=("multi", "single"), default="multi",
+                   help="TCG: a host thread per vCPU, or one for all (default multi)")
     a = p.parse_args(argv)
     # a stopped run must not leave QEMU, swtpm or the controller behind: SIGTERM unwinds too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -740,10 +879,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(which) - {*ALL, "baseline"}
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from baseline,{','.join(ALL)}")
+    chains = chains_for(which)
     report, t_start = Report(), time.monotonic()
-    (out / "transcript.log").write_text("")
+    for old in out.glob("transcript*.log"):
+        old.unlink()
     ctl: Controller | None = None
-    machine: Machine | None = None
+    runs: list[Run] = []
     ok = False
     try:
         fleet, token = fleet_toml(cache / "fleet.toml" if cache is not None else out / "fleet.toml")
@@ -758,50 +899,65 @@ def main(argv: list[str] | None = None) -> int:
         report.row(f"{len(wanted)} bundles signed", time.monotonic() - t0,
                    f"{first.stat().st_size >> 20 if first else 0} MiB each")
         ctl = start_controller(out, a.edgeops, image / "pki/root/root.crt")
-        ctl.api("POST", "/devices", {"id": DEVICE_ID, "token": token})
-        for r in wanted:
-            upload(ctl, r)
-        proxy = Proxy(int(ctl.url.rsplit(":", 1)[1]))
-        port = proxy.start()
+        for rel in wanted:
+            upload(ctl, rel)
         kvm, why = kvm_works(out / "kvm-probe")
-        report.row("accelerator", None, f"{'kvm' if kvm else 'tcg'} ({why})")
-        disk = out / "disk.img"
-        subprocess.run(["cp", "--sparse=always", str(image / "disk.img"), str(disk)], check=True)
-        dev = out / "device"
-        shutil.rmtree(dev, ignore_errors=True)
-        machine = Machine(DEVICE_ID, dev, disk, accel="kvm" if kvm else "tcg",
-                          controller_port=port, transcript=out / "transcript.log")
+        report.row("accelerator", None, f"{'kvm' if kvm else 'tcg'} ({why}); "
+                   f"{sum(1 for c in chains if c)} VMs at once, -smp {a.smp}"
+                   f"{'' if kvm else f', thread={a.tcg_thread}'}")
         esp_part = next(pt for pt in build["partitions"] if pt["name"] == "esp")
         esp = int(esp_part["start"])
-        run_ = Run(out, machine, ctl, proxy, report, esp, int(esp_part["size_mib"]) << 20,
-                   a.boot_timeout, lambda r: sign(a.edgeops, image, out / "bundles", r))
-        scenarios(run_, which)
-        up = [b.uptime for b in machine.boots]
-        report.row(f"{len(up)} boots in {machine.power_ons} power-ons", sum(up),
-                   f"kernel -> multi-user: mean {sum(up) / len(up):.1f} s, "
-                   f"min {min(up):.1f} s, max {max(up):.1f} s (guest clock)")
-        report.row("grubenv at the end", None, grubenv(disk, esp, out))
-        ok = True
+        for n, steps in enumerate(chains, 1):
+            if not steps:
+                continue  # nothing chosen for this chain: its device does not boot
+            name = device_name(n)
+            ctl.api("POST", "/devices", {"id": name, "token": token})
+            dev = out / name
+            shutil.rmtree(dev, ignore_errors=True)
+            dev.mkdir(parents=True)
+            disk = dev / "disk.img"  # each device its own sparse copy of the image
+            subprocess.run(["cp", "--sparse=always", str(image / "disk.img"), str(disk)], check=True)
+            proxy = Proxy(int(ctl.url.rsplit(":", 1)[1]))  # per device: its requests, its cuts
+            machine = Machine(name, dev, disk, accel="kvm" if kvm else "tcg",
+                              controller_port=proxy.start(), serial=name, smp=a.smp,
+                              tcg_thread=a.tcg_thread, transcript=out / f"transcript-{name}.log")
+            runs.append(Run(dev, machine, ctl, proxy, Report(name), esp,
+                            int(esp_part["size_mib"]) << 20, a.boot_timeout,
+                            lambda r: sign(a.edgeops, image, out / "bundles", r), which=steps))
+        threads = [threading.Thread(target=run_chain, args=(r, r.which), name=r.device, daemon=True)
+                   for r in runs]
+        for th in threads:
+            th.start()
+        for th in threads:
+            while th.is_alive():  # a timed join: SIGTERM's handler runs in this thread
+                th.join(1)
+        ok = not any(r.error for r in runs)
     except E2EFailure as exc:
         print(f"e2e: FAILED: {exc}", file=sys.stderr)
         report.row("FAILED", None, str(exc).splitlines()[0][:120])
     finally:
-        if machine is not None and machine.qemu is not None:
-            machine.power_cut()
+        for r in runs:
+            r.machine.halt()
         if ctl is not None:
             ctl.proc.terminate()
             ctl.proc.wait(10)
-        report.row("total", time.monotonic() - t_start)
-        table = report.table()
-        (out / "timings.md").write_text(table + "\n")
-        (out / "result.json").write_text(json.dumps({"ok": ok, "scenarios": report.results,
-                                                     "rows": report.rows}, indent=1) + "\n")
-        print(table)
-        print(f"e2e: transcript {out / 'transcript.log'}, timings {out / 'timings.md'}")
+        report.row("total", time.monotonic() - t_start, f"wall, {len(runs)} devices at once")
+        results = {k: v for r in runs for k, v in r.report.results.items()}
+        tables = [report.table()] + [f"\n{r.device} (chain {','.join(r.which)}):\n{r.report.table()}"
+                                     for r in runs]
+        (out / "timings.md").write_text("\n".join(tables) + "\n")
+        (out / "result.json").write_text(json.dumps({
+            "ok": ok, "scenarios": results, "rows": report.rows,
+            "devices": {r.device: {"chain": r.which, "scenarios": r.report.results,
+                                   "error": r.error, "rows": r.report.rows} for r in runs},
+        }, indent=1) + "\n")
+        print("\n".join(tables))
+        print(f"e2e: transcripts {', '.join(str(r.machine.transcript) for r in runs)}; "
+              f"timings {out / 'timings.md'}")
         chosen = [w for w in which if w in ALL]
-        passed = sum(1 for w in chosen if report.results.get(w) == "passed")
+        passed = sum(1 for w in chosen if results.get(w) == "passed")
         print(f"e2e: {passed} passed, {len(chosen) - passed} failed")  # CI reads this last line
-    return 0 if ok else 1
+    return 0 if ok and passed == len(chosen) else 1
 
 
 if __name__ == "__main__":
