@@ -56,6 +56,9 @@ def central(tmp_path_factory: pytest.TempPathFactory, pki: Keys) -> Iterator[Tar
     ctl = start_controller(tmp / "central", keyring=pki.root_crt, tick_interval=3600, body_timeout=2.0)
     token = ctl.api("POST", "/devices", {"id": "dev1", "site": "a"})["token"]
     ctl.api("POST", "/groups", {"name": "g", "devices": ["dev1"]})
+    # the operator routes' {id}: a device of its own, so that a generated revoke or tag lands on
+    # a real record without ending the token the DDI routes (and _still_serving) go on using
+    ctl.api("POST", "/devices", {"id": "dev2", "site": "a"})
     yield Target(ctl, _routes(ctl, None), token, 0, 0, set())
     ctl.stop()
 
@@ -131,7 +134,7 @@ BODY = st.one_of(
 
 def _param(name: str, t: Target, draw: Any) -> str:
     real = {"tenant": "DEFAULT", "cid": "dev1", "aid": str(t.aid), "mid": str(t.bid), "fn": "b.bundle",
-            "id": "dev1", "rid": "1", "verb": "pause"}
+            "id": "dev2", "rid": "1", "verb": "pause"}
     choice = draw(st.integers(0, 3))
     if choice == 0:
         return real.get(name, "x")
@@ -200,14 +203,14 @@ def _fixed(t: Target) -> None:
     for method, pattern in t.routes:
         for value in ("99999999999999999999", "9223372036854775808", "-1", "abc"):
             path = re.sub(r"\{(aid|mid|rid)\}", value, pattern)
-            path = re.sub(r"\{(\w+)\}", lambda m: {"tenant": "DEFAULT", "cid": "dev1", "id": "dev1",
+            path = re.sub(r"\{(\w+)\}", lambda m: {"tenant": "DEFAULT", "cid": "dev1", "id": "dev2",
                                                    "fn": "b.bundle", "verb": "pause"}.get(m.group(1), "x"),
                           path)
             for auth in (f"TargetToken {t.token}", f"Bearer {t.ctl.token}"):
                 _check(t, method, path, {"Authorization": auth},
                        b"{}" if method in ("POST", "PUT") else None)
         if method in ("POST", "PUT"):
-            path = re.sub(r"\{(\w+)\}", lambda m: {"tenant": "DEFAULT", "cid": "dev1", "id": "dev1",
+            path = re.sub(r"\{(\w+)\}", lambda m: {"tenant": "DEFAULT", "cid": "dev1", "id": "dev2",
                                                    "aid": str(t.aid), "mid": str(t.bid), "rid": "1",
                                                    "fn": "b.bundle", "verb": "pause"}.get(m.group(1), "x"),
                           pattern)
