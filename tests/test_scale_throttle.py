@@ -31,7 +31,9 @@ RETRY = 7
 
 @pytest.fixture
 def ctl(tmp_path: Path) -> Iterator[LocalController]:
-    c = start_controller(tmp_path / "ctl", db_queue=1, retry_after=RETRY, poll_sleep=1)
+    # no timed gate tick: one could take the single queue slot before the test's write does
+    c = start_controller(tmp_path / "ctl", db_queue=1, retry_after=RETRY, poll_sleep=1,
+                         tick_interval=3600)
     yield c
     c.stop()
 
@@ -59,6 +61,7 @@ class Busy:
             json={"data": {"k": "v"}},
             headers={"Authorization": f"TargetToken {self.token}"}).status_code))
         self.waiting.start()
+        time.sleep(0.3)  # a head start: the write, not a poll's fallback, takes the one slot
         # the waiting write has reached the executor once a poll is refused
         for _ in range(200):
             if _poll(self.ctl, self.token, timeout=5).status_code == 429:
