@@ -311,8 +311,11 @@ def clean_copy(dest: Path) -> None:
 
 
 def build_wheels(b: Build, work: Path, pip: str) -> tuple[Path, list[Path]]:
-    if b.target.arch != "amd64":
-        return build_wheels_foreign(b, work, pip)
+    """edgeops's own wheel from a clean copy of the source, and the pinned wheels Debian lacks
+    (WHEELS), downloaded once into the cache per architecture. For another architecture:
+    cryptography's manylinux wheel for it, and not tpm2-pytss: PyPI has no binary wheel of it
+    and building one needs that architecture's compiler (left out, with a note)."""
+    arch = b.target.arch
     wheels = work / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
@@ -320,47 +323,26 @@ def build_wheels(b: Build, work: Path, pip: str) -> tuple[Path, list[Path]]:
         clean_copy(Path(tmp))
         run([pip, "wheel", "-q", "--no-deps", "-w", wheels, tmp])
     own = next(wheels.glob("edgeops-*.whl"))
-    vendor = b.cache / "wheels"
+    vendor = b.cache / ("wheels" if arch == "amd64" else f"wheels-{arch}")
     vendor.mkdir(parents=True, exist_ok=True)
-    tpm = sorted(vendor.glob(f"tpm2_pytss-{TPM2_PYTSS}-*.whl"))
-    if not tpm:
-        # built against the build host's libtss2 for its python3: the image's are the same
-        # Debian release's (bookworm: python 3.11, tpm2-tss 3.2.1)
-        run([pip, "wheel", "-q", "--no-deps", "-w", vendor, f"tpm2-pytss=={TPM2_PYTSS}"])
+    out = []
+    if arch == "amd64":
         tpm = sorted(vendor.glob(f"tpm2_pytss-{TPM2_PYTSS}-*.whl"))
-    out = [tpm[-1]]
+        if not tpm:
+            # built against the build host's libtss2 for its python3: the image's are the same
+            # Debian release's (bookworm: python 3.11, tpm2-tss 3.2.1)
+            run([pip, "wheel", "-q", "--no-deps", "-w", vendor, f"tpm2-pytss=={TPM2_PYTSS}"])
+            tpm = sorted(vendor.glob(f"tpm2_pytss-{TPM2_PYTSS}-*.whl"))
+        out.append(tpm[-1])
+    else:
+        b.facts["left_out"] = ["tpm2-pytss (no binary wheel for this architecture on PyPI)"]
     for name, version in WHEELS.items():
         have = sorted(vendor.glob(f"{name}-{version}-*.whl"))
         if not have:  # cryptography's is manylinux (abi3, glibc 2.34: bookworm has 2.36)
             run([pip, "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", vendor,
-                 f"{name}=={version}"])
+                 *PIP_PLATFORM.get(arch, []), f"{name}=={version}"])
             have = sorted(vendor.glob(f"{name}-{version}-*.whl"))
         out.append(have[-1])
-    return own, out
-
-
-def build_wheels_foreign(b: Build, work: Path, pip: str) -> tuple[Path, list[Path]]:
-    """The same wheels for another architecture: edgeops and the pure ones as they are,
-    cryptography's manylinux wheel for that architecture. Not tpm2-pytss: PyPI has no binary
-    wheel of it and building it needs the architecture's compiler (left out, with a note)."""
-    wheels = work / "wheels"
-    shutil.rmtree(wheels, ignore_errors=True)
-    wheels.mkdir(parents=True)
-    with tempfile.TemporaryDirectory(prefix="edgeops-src-") as tmp:
-        clean_copy(Path(tmp))
-        run([pip, "wheel", "-q", "--no-deps", "-w", wheels, tmp])
-    own = next(wheels.glob("edgeops-*.whl"))
-    vendor = b.cache / f"wheels-{b.target.arch}"
-    vendor.mkdir(parents=True, exist_ok=True)
-    out = []
-    for name, version in WHEELS.items():
-        have = sorted(vendor.glob(f"{name}-{version}-*.whl"))
-        if not have:
-            run([pip, "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", vendor,
-                 *PIP_PLATFORM[b.target.arch], f"{name}=={version}"])
-            have = sorted(vendor.glob(f"{name}-{version}-*.whl"))
-        out.append(have[-1])
-    b.facts["left_out"] = ["tpm2-pytss (no binary wheel for this architecture on PyPI)"]
     return own, out
 
 

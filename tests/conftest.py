@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -97,6 +99,17 @@ def device(device_dir: Path) -> Device:
 @pytest.fixture
 def updater(device: Device) -> Updater:
     return Updater(device, sleep=lambda s: None)
+
+
+def load_script(name: str, path: Path) -> ModuleType:
+    """A script that is not a package module (image/build.py, tools/...), imported by path and
+    registered as NAME (its dataclasses look their module up in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run_cli(*args: str | os.PathLike[str], input: bytes | None = None,

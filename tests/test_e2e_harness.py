@@ -4,31 +4,20 @@ slimmed slot of image/build.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from agent.adapters.bootloader import grub
 from agent.core import grubenv
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 sys.path.insert(0, str(ROOT / "tools/e2e"))
-e2e = _load("e2e_run", ROOT / "tools/e2e/run.py")
-build = _load("image_build_slim", ROOT / "image/build.py")
+e2e = load_script("e2e_run", ROOT / "tools/e2e/run.py")
+build = load_script("image_build_slim", ROOT / "image/build.py")
 
 
 def envs_of_an_update(tmp_path: Path) -> list[tuple[str, bytes]]:

@@ -6,12 +6,9 @@ make e2e BOARD=uboot-arm64, make image-check BOARD=rpi4); these tests need neith
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -19,22 +16,13 @@ from agent.adapters import boardfiles
 from agent.adapters.bootloader import fwenv, uboot
 from agent.core import config
 from agent.device import boardcheck
-from tests.conftest import run_cli
+from tests.conftest import load_script, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build = _load("image_build_arm64", ROOT / "image/build.py")
-rpi_check = _load("rpi_check", ROOT / "tools/e2e/rpi_check.py")
+build = load_script("image_build_arm64", ROOT / "image/build.py")
+rpi_check = load_script("rpi_check", ROOT / "tools/e2e/rpi_check.py")
 needs_sfdisk = pytest.mark.skipif(shutil.which("sfdisk") is None,
                                   reason="sfdisk missing (Debian package fdisk)")
 

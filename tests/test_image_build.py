@@ -5,34 +5,22 @@ The build itself needs root and mmdebstrap (make image, make e2e); these tests n
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from agent.adapters.bootloader import grub
 from agent.core import config, grubenv
-from tests.conftest import run_cli
+from tests.conftest import load_script, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GRUB_CFG = ROOT / "boards/grub/grub.cfg"
 
 
-def _load_build() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("image_build", ROOT / "image/build.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["image_build"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build = _load_build()
+build = load_script("image_build", ROOT / "image/build.py")
 
 
 def menu_entries(text: str) -> dict[str, str]:

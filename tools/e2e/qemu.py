@@ -362,8 +362,28 @@ class Machine:
             if self.qemu is not None and self.qemu.poll() is not None:
                 raise E2EFailure(f"{what}: QEMU exited ({self.qemu.returncode})\n{self.tail()}")
             if time.monotonic() > deadline:
-                raise E2EFailure(f"{what}: not seen within {timeout:.0f} s\n{self.tail()}")
+                raise E2EFailure(f"{what}: not seen within {timeout:.0f} s\n{self.tail()}"
+                                 f"\n{self.diagnose()}")
             time.sleep(0.2)
+
+    def diagnose(self) -> str:
+        """What QEMU says of a guest that went quiet: run state, where the vCPU is (twice, 2 s
+        apart: a CPU that moves is running something; one that stays is stuck), the TPM and the
+        last QMP events. Best effort: a QEMU that does not answer says so."""
+        if self.qemu is None or self.qemu.poll() is not None:
+            return "--- QEMU is not running ---"
+        out = ["--- QEMU's view ---"]
+        for cmd in ("info status", "info registers", "info tpm", "info registers"):
+            try:
+                text = str(self.qmp("human-monitor-command", {"command-line": cmd}, timeout=10))
+            except (OSError, ValueError, E2EFailure) as exc:
+                text = f"no answer ({exc})"
+            if cmd == "info registers":  # the instruction pointer and mode are what tell
+                text = " ".join(w for w in text.split() if w.startswith(("RIP=", "CR0=", "HLT=")))
+                time.sleep(2)
+            out.append(f"{cmd}: {text.strip()}")
+        out.append("events: " + ", ".join(f"{e.at:.0f}s {e.name}" for e in list(self.events)[-12:]))
+        return "\n".join(out)
 
     def wait_booted(self, timeout: float, what: str) -> Booted:
         m = self.wait_for(BOOTED, timeout, what)
