@@ -45,9 +45,11 @@ def slot_from_cmdline(cmdline: str, slots: tuple[str, ...]) -> str:
 
 
 class LinuxRuntime:
-    def __init__(self, slots: tuple[str, ...], proc: Path = Path("/proc")) -> None:
+    def __init__(self, slots: tuple[str, ...], proc: Path = Path("/proc"),
+                 systemctl: str = "systemctl") -> None:
         self.slots = slots
         self.proc = proc
+        self.systemctl = systemctl
 
     def booted_slot(self) -> str:
         return slot_from_cmdline((self.proc / "cmdline").read_text(), self.slots)
@@ -58,4 +60,21 @@ class LinuxRuntime:
     def reboot(self, reason: str) -> None:
         import subprocess  # here: only a reboot needs it, and every status would pay for it
 
-        subprocess.run(["systemctl", "reboot", f"--message={reason}"], check=False)
+        # systemctl asks logind first; on an image without D-Bus (mmdebstrap's essential
+        # variant) it prints "Failed to connect to bus", then asks PID 1 over its private
+        # socket and the reboot goes ahead (systemd 252, systemctl-start-special.c). So its
+        # stderr is kept and shown only when the reboot was refused: a refusal is an error,
+        # never a reboot that silently did not happen.
+        try:
+            proc = subprocess.run([self.systemctl, "reboot", f"--message={reason}"],
+                                  check=False, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DeviceError(f"reboot: cannot run {self.systemctl}: {exc}",
+                              hint="reboot the device by hand") from None
+        if proc.returncode != 0:
+            said = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise DeviceError(f"reboot refused by {self.systemctl} (exit {proc.returncode})"
+                              f"{': ' + said[-1][:200] if said else ''}",
+                              hint="reboot the device by hand")
