@@ -41,6 +41,8 @@ from agent.device.updater import Updater, open_device
 from agent.errors import DeviceBusy, EdgeopsError, StateError, UsageError
 
 MAX_REFUSALS_AUDITED = 10
+# seconds a console command waits for the device lock an agent cycle holds (a poll, a report)
+LOCK_WAIT = 30.0
 
 
 def pin_path(cfg: AgentConfig) -> Path:
@@ -96,7 +98,12 @@ class Session:
         journal handle (a journal replaced by 'edgeops journal recover' is simply used next)."""
         dev = open_device(self.cfg)
         try:
-            yield Updater(dev)
+            up = Updater(dev)
+            # an agent cycle holds the lock for seconds: wait it out rather than answer "busy"
+            up.lock_wait = LOCK_WAIT
+            up.on_lock_wait = lambda s: self.term.write(
+                f"the agent is busy (its cycle holds the device): waiting up to {s:.0f} s")
+            yield up
         finally:
             dev.close()
 
@@ -458,6 +465,7 @@ class Session:
 
     def _verdict(self, *, good: bool) -> str:
         with self.updater() as up:
+            up.lock_wait = 0.0  # a held lock is the running health loop: the verdict goes to it
             up.mark_good() if good else up.mark_bad()
             self._lines(up.messages)
         return "ok"

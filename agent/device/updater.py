@@ -96,6 +96,10 @@ class Updater:
         self._override: tuple[dict[str, Any], health.HealthPolicy] | None = None
         self.verdicts = VerdictBox(self.cfg.state_dir)
         self._guard: JournalGuard | None = None
+        # how long a state change waits for the device lock (0: refuse at once, as the agent
+        # and scripts want); the console waits out an agent cycle instead of saying "busy"
+        self.lock_wait = 0.0
+        self.on_lock_wait: Callable[[float], None] | None = None
 
     # --- locking ----------------------------------------------------------------------------
     @contextmanager
@@ -103,13 +107,28 @@ class Updater:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.cfg.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DeviceBusy("another edgeops process holds the device lock") from None
+            self._take_lock(fd)
             yield
         finally:
             os.close(fd)
+
+    def _take_lock(self, fd: int) -> None:
+        """flock without blocking, polled for up to ``lock_wait`` seconds: a blocking flock
+        could not be bounded, and a SIGHUP must still end the console while it waits."""
+        deadline = time.monotonic() + max(0.0, self.lock_wait)
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    waited = f" (waited {self.lock_wait:.0f} s)" if self.lock_wait > 0 else ""
+                    raise DeviceBusy(f"another edgeops process holds the device lock{waited}") from None
+            if not told and self.on_lock_wait is not None:
+                self.on_lock_wait(self.lock_wait)
+                told = True
+            time.sleep(0.2)
 
     # --- the state machine's shell -----------------------------------------------------------
     def _drive(self, event: lifecycle.Event, *, run_health: bool = True) -> None:
