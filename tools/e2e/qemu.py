@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,7 @@ class Machine:
     smp: int = 2  # virtual CPUs (under TCG with thread=multi, one host thread each)
     tcg_thread: str = "multi"  # TCG: one host thread per vCPU ("multi") or one for all ("single")
     transcript: Path | None = None
+    trace: Path | None = None  # QEMU's TPM trace of the current power-on
     power_ons: int = 0
     qemu: subprocess.Popen[bytes] | None = None
     swtpm: subprocess.Popen[bytes] | None = None
@@ -197,6 +199,13 @@ class Machine:
             argv += ["-device", "i6300esb", "-action", "watchdog=reset"]
         if self.xhci:
             argv += ["-device", "qemu-xhci,id=xhci"]
+        # QEMU's own trace of the TPM path (commands to swtpm, the CRB's start and locality
+        # writes; not its polled reads): few lines a boot, and what a quiet firmware was
+        # waiting for (qemu(1) -trace; the event names: qemu-system-x86_64 -trace help)
+        events = self.work / "trace-events"
+        events.write_text("tpm_emulator_*\ntpm_crb_mmio_write\ntpm_util_get_buffer_size\n")
+        self.trace = self.work / f"qemu-trace-{n}.log"
+        argv += ["-trace", f"events={events},file={self.trace}"]
         qmp = self.work / "qmp.sock"
         qmp.unlink(missing_ok=True)
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
@@ -383,6 +392,16 @@ class Machine:
                 time.sleep(2)
             out.append(f"{cmd}: {text.strip()}")
         out.append("events: " + ", ".join(f"{e.at:.0f}s {e.name}" for e in list(self.events)[-12:]))
+        if self.swtpm is not None:
+            alive = self.swtpm.poll() is None
+            cpu = ""
+            with suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{self.swtpm.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu = f", {(int(stat[11]) + int(stat[12])) / os.sysconf('SC_CLK_TCK'):.1f} s CPU"
+            out.append(f"swtpm: {'running' if alive else f'exited {self.swtpm.returncode}'}{cpu}")
+        with suppress(OSError, AttributeError):
+            lines = self.trace.read_text(errors="replace").splitlines()
+            out.append(f"QEMU's TPM trace, last 12 of {len(lines)} lines:\n" + "\n".join(lines[-12:]))
         return "\n".join(out)
 
     def wait_booted(self, timeout: float, what: str) -> Booted:
