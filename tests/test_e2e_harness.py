@@ -5,7 +5,10 @@ slimmed slot of image/build.py."""
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +121,48 @@ def test_fleet_toml_keeps_its_token_and_takes_the_id_from_the_serial(tmp_path: P
     path.write_text(path.read_text().replace(e2e.SERIAL_FILE, str(serial)))
     cfg = find_fleet(tmp_path / "agent.toml")
     assert cfg is not None and cfg.controller_id == "qemu-7" and cfg.token == "00ff"
+
+
+class Running:
+    """A QEMU process stand-in that runs until stopped (only poll() is used)."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def poll(self) -> int | None:
+        return 0 if self.stopped else None
+
+
+def watched_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, console: bytes) -> tuple[Any, Running]:
+    qemu = sys.modules["qemu"]
+    monkeypatch.setattr(qemu, "FIRMWARE_SILENCE", 0.3)
+    monkeypatch.setattr(qemu, "WATCH_POLL", 0.05)
+    m = qemu.Machine("qemu-t", tmp_path, tmp_path / "disk.img")
+    m.console = tmp_path / "console-1.log"
+    m.console.write_bytes(console)
+    return m, Running()
+
+
+def test_a_firmware_silent_after_a_guest_reset_gets_the_reset_button_once_per_silence(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, proc = watched_machine(tmp_path, monkeypatch,
+                              b"BdsDxe: loading Boot0001\n...\n[ 169.9] reboot: Restarting system\n")
+    t = threading.Thread(target=m._watch_resets, args=(proc, 1))
+    t.start()
+    t.join(10)  # two presses end the watch
+    assert not t.is_alive()
+    assert len(m.firmware_resets) == 2
+    assert (tmp_path / "firmware-hang-1-1.txt").read_text().startswith("qemu-t: no firmware output")
+
+
+def test_a_firmware_that_answers_after_the_reset_is_left_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, proc = watched_machine(tmp_path, monkeypatch, b"[ 169.9] reboot: Restarting system\n")
+    t = threading.Thread(target=m._watch_resets, args=(proc, 1))
+    t.start()
+    with open(m.console, "ab") as f:  # OVMF's boot manager, well inside the silence allowed
+        f.write(b"BdsDxe: loading Boot0001 \"UEFI Misc Device\"\n")
+    time.sleep(1.0)
+    proc.stopped = True
+    t.join(5)
+    assert m.firmware_resets == []

@@ -48,6 +48,11 @@ RELAY = Path(__file__).resolve().parent / "relay.py"
 ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[()][A-Z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
 # firmware and loader milestones on ttyS0, for where a boot's time goes (``stages``)
 STAGES = (("firmware", re.compile(rb"BdsDxe: loading")), ("grub", re.compile(rb"Welcome to GRUB")))
+RESTART = re.compile(rb"reboot: Restarting system")
+# seconds without OVMF's boot manager line after a guest reset before the harness presses
+# reset (idle: 7-10 s from reset to that line; 20-25 s at load 5 with two VMs)
+FIRMWARE_SILENCE = 150.0
+WATCH_POLL = 2.0
 BOOTED = re.compile(r"EDGEOPS-E2E booted slot=(\w*) uptime=([\d.]+) agent=(\S*) boot_id=(\S+)")
 
 
@@ -126,6 +131,7 @@ class Machine:
     tcg_thread: str = "multi"  # TCG: one host thread per vCPU ("multi") or one for all ("single")
     transcript: Path | None = None
     trace: Path | None = None  # QEMU's TPM trace of the current power-on
+    firmware_resets: list[str] = field(default_factory=list)  # harness resets (_watch_resets)
     power_ons: int = 0
     qemu: subprocess.Popen[bytes] | None = None
     swtpm: subprocess.Popen[bytes] | None = None
@@ -217,6 +223,53 @@ class Machine:
         self.qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                      stderr=open(self.work / f"qemu-{n}.err", "wb"))  # noqa: SIM115
         threading.Thread(target=self._follow_qmp, args=(qmp, self.qemu), daemon=True).start()
+        threading.Thread(target=self._watch_resets, args=(self.qemu, n), daemon=True).start()
+
+    def _watch_resets(self, proc: subprocess.Popen[bytes], n: int) -> None:
+        """Press QEMU's reset button for a firmware that hangs after a guest reset.
+
+        Seen on this 2-core machine with two TCG VMs at once (1 of 2 full runs): after the
+        kernel's "reboot: Restarting system" QEMU reset the machine (QMP RESET), OVMF ran on in
+        DXE (RIP moving near the top of RAM) and printed nothing for the 600 s the harness
+        waited; never with one VM, never in 30 reboots of a reboot loop. It is the emulated
+        firmware, before GRUB: no edgeops code runs there, and a reset before GRUB leaves the
+        boot state as it was (GRUB counts a trial when it runs). So after FIRMWARE_SILENCE s
+        without OVMF's boot manager line the harness writes QEMU's view to
+        WORK/firmware-hang-N.txt, presses reset (QMP system_reset), and the run reports
+        each press in its table (``firmware_resets``); at most two per power-on."""
+        pos, last_restart, last_firmware, presses = 0, -1, -1, 0
+        since: float | None = None
+        while proc.poll() is None and presses < 2:
+            time.sleep(WATCH_POLL)
+            try:
+                with open(self.console, "rb") as f:
+                    base = max(0, pos - 64)  # a line may straddle two reads
+                    f.seek(base)
+                    data = f.read()
+            except OSError:
+                continue
+            for m in RESTART.finditer(data):
+                if base + m.end() > pos:
+                    last_restart = base + m.end()
+            for m in STAGES[0][1].finditer(data):
+                if base + m.end() > pos:
+                    last_firmware = base + m.end()
+            pos = base + len(data)
+            if last_restart <= last_firmware:
+                since = None
+                continue
+            since = since or time.monotonic()
+            if time.monotonic() - since > FIRMWARE_SILENCE:
+                presses += 1
+                took = time.monotonic() - since
+                (self.work / f"firmware-hang-{n}-{presses}.txt").write_text(
+                    f"{self.name}: no firmware output {took:.0f} s after a guest reset\n"
+                    f"{self.diagnose()}\n")
+                with suppress(OSError, ValueError, E2EFailure):
+                    self.qmp("system_reset", timeout=10)
+                self.firmware_resets.append(f"{self.now():.0f} s: firmware silent {took:.0f} s "
+                                            "after a guest reset; QEMU reset pressed")
+                since = time.monotonic()  # the pressed reset must reach the firmware too
 
     def _follow_qmp(self, path: Path, proc: subprocess.Popen[bytes]) -> None:
         """Collect QEMU's QMP events of this power-on (docs: qemu-qmp-ref, "Events")."""

@@ -682,6 +682,8 @@ def run_chain(run_: Run, steps: list[str]) -> None:
                 f"kernel -> multi-user: mean {sum(up) / len(up):.1f} s, "
                 f"min {min(up):.1f} s, max {max(up):.1f} s (guest clock)")
         rep.row("grubenv at the end", None, grubenv(m.disk, run_.esp_offset, run_.out))
+        for press in m.firmware_resets:  # tools/e2e/qemu.py _watch_resets: the emulator's
+            rep.row("firmware hang after a guest reset (OVMF under TCG)", None, press)
     except Exception as exc:  # any failure is this chain's, reported in its table
         run_.error = str(exc) if isinstance(exc, E2EFailure) else f"{type(exc).__name__}: {exc}"
         print(f"e2e[{m.name}]: FAILED: {run_.error}", file=sys.stderr, flush=True)
