@@ -11,7 +11,13 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
+from agent.adapters import journal as journal_mod
+from agent.adapters.journal import Journal, JournalError
+from agent.adapters.truststore import TRIAL_SIGNER
 from agent.cli import main as cli_main
+from agent.device.updater import Updater
 from tests.conftest import BundleFactory, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +57,75 @@ def test_installed_line_reaches_a_pipe_with_the_quick_exit(make_bundle: BundleFa
                    "--progress", "never")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("installed 2.0 into slot B")
+
+
+# --- Journal.batch: the install's verdict in one commit -----------------------------------------
+
+def _journal(tmp_path: Path) -> Journal:
+    return Journal(tmp_path / "state" / "journal.db")
+
+
+def test_a_batch_notifies_its_follower_once_for_two_witnessed_writes(tmp_path: Path) -> None:
+    j, seen = _journal(tmp_path), []
+    j.follow(seen.append)
+    with j.batch():
+        j.raise_trusted_time(100)
+        j.put("security_floor", 3)
+    assert [(r.trusted_time, r.security_floor) for r in seen] == [(100, 3)]
+
+
+def test_a_batch_that_raises_leaves_nothing_and_tells_no_follower(tmp_path: Path) -> None:
+    j, seen = _journal(tmp_path), []
+    j.follow(seen.append)
+    with pytest.raises(RuntimeError), j.batch():
+        j.raise_trusted_time(100)
+        j.put("trial_signer", {"x": 1})
+        raise RuntimeError("refused")
+    assert (j.trusted_time, j.get("trial_signer"), seen) == (0, None, [])
+
+
+def test_a_batch_inside_a_batch_commits_with_the_outer_one(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    other = _journal(tmp_path)
+    with j.batch():
+        with j.batch():
+            j.put("trial_signer", {"x": 1})
+        assert other.get("trial_signer") is None  # not committed yet
+    assert other.get("trial_signer") == {"x": 1}
+
+
+def test_a_batch_takes_the_write_lock_only_at_its_first_write(tmp_path: Path) -> None:
+    j, other = _journal(tmp_path), _journal(tmp_path)
+    other._db.execute("PRAGMA busy_timeout=0")  # a held lock fails at once instead of waiting
+    with j.batch():
+        j.get("trusted_time")
+        other.put("note", 1)  # another writer is not held off by the batch's reads
+        j.put("trial_signer", {"x": 1})
+        with pytest.raises(JournalError):
+            other.put("note", 2)
+
+
+def test_a_failed_write_in_a_batch_is_a_journal_error(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    with pytest.raises(JournalError), j.batch(), j._tx():
+        j._db.execute("INSERT INTO no_such_table VALUES (1)")  # as a full disk fails a write
+    j.put("after", 1)  # and the batch rolled back: the journal takes writes again
+    assert j.get("after") == 1
+
+
+def test_install_commits_the_trusted_time_and_the_trial_signer_together(
+        make_bundle: BundleFactory, updater: Updater, monkeypatch: pytest.MonkeyPatch) -> None:
+    commits: list[tuple[int, object]] = []
+    real = journal_mod._Batch.commit
+
+    def spy(batch: journal_mod._Batch) -> None:
+        real(batch)
+        commits.append((updater.journal.trusted_time, updater.journal.get(TRIAL_SIGNER)))
+
+    monkeypatch.setattr(journal_mod._Batch, "commit", spy)
+    build_time = updater.journal.trusted_time + 3600  # later than anything the device knows
+    with open(make_bundle("2.0", build_time=build_time), "rb") as f:
+        updater.install(f)
+    assert len(commits) == 1
+    trusted, signer = commits[0]
+    assert trusted == build_time and isinstance(signer, dict) and signer["version"] == "2.0"

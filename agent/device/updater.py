@@ -303,8 +303,13 @@ class Updater:
                             fixups=self.cfg.fixups)
         for w in plan.writes:
             slots.check_fits(w.dest, w.payload.size, w.payload.name)
-        store.accept(verdict)
-        store.remember_trial(head, plan.target, verdict.manifest.version)  # for _vet, at its commit
+        # One journal commit, one WAL sync (and one witness update when the time rises) for
+        # what the verdict taught: the trusted time and the trial's signer. Nothing acts on the
+        # device between the two, and a power cut before the commit leaves neither, as a cut
+        # before the first of them did when each had its own (docs/performance.md, "syncs").
+        with self.journal.batch():
+            store.accept(verdict)  # a newer CRL goes to its own file, durably, as before
+            store.remember_trial(head, plan.target, verdict.manifest.version)  # for _vet
         return verdict.manifest, plan
 
     # --- boot, health, commit ----------------------------------------------------------------
