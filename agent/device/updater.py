@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
@@ -36,6 +35,7 @@ from agent.adapters.journal import Journal
 from agent.adapters.runtime import RegistersProcess
 from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
+from agent.core.frozen import Frozen, field
 from agent.device import telemetry
 from agent.device.parts import Device
 from agent.device.parts import open_device as open_device  # where callers have found it
@@ -66,16 +66,14 @@ class PhasedProgress(Protocol):
     def phase(self, name: str) -> None: ...
 
 
-@dataclass
-class InstallResult:
+class InstallResult(Frozen, frozen=False):
     version: str
     slot: str
     bytes_written: int
     payloads: list[str] = field(default_factory=list)
 
 
-@dataclass
-class CycleResult:
+class CycleResult(Frozen, frozen=False):
     phase: str
     messages: list[str]
     rebooted: bool = False
