@@ -236,21 +236,15 @@ class Journal:
                 self._db.execute("DELETE FROM history WHERE id <= "
                                  "(SELECT MAX(id) FROM history) - ?", (MAX_HISTORY,))
 
-    def _tx(self) -> _Tx | _Joined:
-        if self._batch is not None:
-            return self._batch.join()
-        return _Tx(self._db, self.path)
+    def _tx(self) -> _Tx:
+        return self._batch.join() if self._batch is not None else _Tx(self._db, self.path)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Make the transactions inside the block one: one commit, one sync of the WAL, one
-        witness update, or (on any exception) nothing at all.
-
-        For writes with no side effect between them, where a power cut between two of them
-        leaves a state nothing needs: the updater's install records what the verdict taught
-        (trusted time, the trial's signer) and the WRITING state in one (docs/performance.md).
-        The write lock is taken at the first write, not at the block's start, so reads and
-        verification before it do not hold other writers off. Nested: joins the outer one."""
+        """The transactions inside are one: one commit, one WAL sync, one witness update, or
+        (on any exception) nothing. For writes with no side effect between them: the install
+        records the trusted time and the trial's signer so (docs/performance.md). The write
+        lock is taken at the first write, so reads before it hold no writer off. Nested: joins."""
         if self._batch is not None:
             yield
             return
@@ -258,11 +252,11 @@ class Journal:
         try:
             yield
         except BaseException:
-            self._batch = None
-            batch.rollback()
+            batch.end(ok=False)
             raise
-        self._batch = None
-        batch.commit()
+        finally:
+            self._batch = None
+        batch.end(ok=True)
         self._notify(batch.bumped)
 
     # --- reads -----------------------------------------------------------------------------
@@ -377,41 +371,30 @@ class _Tx:
         return JournalError(f"journal {self._path} cannot be written: {exc}")
 
 
-class _Joined:
-    """A transaction inside a batch: it commits with the batch. SQLite errors still become
-    ``JournalError``; the batch rolls back when the exception leaves it."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
+class _Joined(_Tx):
+    """A transaction inside a batch, committed with it; a SQLite error is still a JournalError."""
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if isinstance(exc, sqlite3.Error):
-            raise JournalError(f"journal {self._path} cannot be written: {exc}") from None
+            raise self._failed(exc) from None
 
 
 class _Batch:
-    """The one ``BEGIN IMMEDIATE`` … ``COMMIT`` of ``Journal.batch``, begun at its first write."""
+    """``Journal.batch``'s one ``BEGIN IMMEDIATE`` … ``COMMIT``, begun at its first write."""
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
-        self._tx = _Tx(db, path)
-        self._begun = False
-        self._path = path
-        self.bumped = False
+        self._db, self._path, self._tx, self._begun, self.bumped = db, path, _Tx(db, path), False, False
 
     def join(self) -> _Joined:
         if not self._begun:
             self._tx.__enter__()
             self._begun = True
-        return _Joined(self._path)
+        return _Joined(self._db, self._path)
 
-    def commit(self) -> None:
-        if self._begun:
-            self._tx.__exit__(None, None, None)
-
-    def rollback(self) -> None:
-        if self._begun:
-            with contextlib.suppress(JournalError):
-                self._tx.__exit__(RuntimeError, RuntimeError("batch abandoned"), None)
+    def end(self, *, ok: bool) -> None:
+        if self._begun:  # commit, or roll back (a failed COMMIT rolls back and raises: _Tx)
+            self._tx.__exit__(None if ok else RuntimeError, None, None)
