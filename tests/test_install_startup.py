@@ -129,3 +129,13 @@ def test_install_commits_the_trusted_time_and_the_trial_signer_together(
     assert len(commits) == 1
     ok, trusted, signer = commits[0]
     assert ok and trusted == build_time and isinstance(signer, dict) and signer["version"] == "2.0"
+
+
+def test_an_idle_agent_cycle_loads_no_trust_store_or_cryptography(device_dir: Path) -> None:
+    code = ("import sys\nfrom agent.cli.main import main\n"
+            f"main(['agent', '--once', '--config', {str(device_dir / 'agent.toml')!r}])\n"
+            "print(sorted(m for m in ('cryptography.x509', 'agent.adapters.truststore') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -150,13 +150,13 @@ class Updater:
     def _vet(self, event: lifecycle.Event) -> lifecycle.Event:
         """A trial's commit, whoever asks for it (health checks or a technician), waits on one more
         fact: its signer is not revoked by a CRL that came since, nor expired at the best-known time."""
+        if not (isinstance(event, lifecycle.HealthPassed)
+                and self.journal.state().phase is lifecycle.Phase.TESTING):
+            return event  # every other event: no trust store, so an idle cycle loads no cryptography
         from agent.adapters.truststore import TrustStore
 
-        if (isinstance(event, lifecycle.HealthPassed)
-                and self.journal.state().phase is lifecycle.Phase.TESTING
-                and (why := TrustStore(self.cfg, self.journal, self.root()).distrust_trial(self.clock()))):
-            return lifecycle.SignerDistrusted(why)
-        return event
+        why = TrustStore(self.cfg, self.journal, self.root()).distrust_trial(self.clock())
+        return lifecycle.SignerDistrusted(why) if why else event
 
     def _apply(self, event: lifecycle.Event) -> lifecycle.Transition:
         before = self.journal.state()
