@@ -22,11 +22,11 @@ import mmap
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from agent.core import manifest as manifest_mod
 from agent.core import tarstream
+from agent.core.frozen import Frozen
 from agent.core.manifest import Manifest, Payload
 from agent.errors import BundleError, HashMismatch, UnsafeMember
 
@@ -47,8 +47,7 @@ FEED_BUFFERS = 4
 FEED_BUFFER = 1 << 18
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(Frozen):
     chain_pem: bytes
     signature: bytes
     manifest_bytes: bytes

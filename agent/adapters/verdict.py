@@ -14,18 +14,17 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from agent.adapters.fsutil import atomic_write
+from agent.core.frozen import Frozen
 
 FILE = "operator-verdict"
 POLL = 0.1  # how often the posting command looks whether its verdict was taken
 TAKE_POLL = 0.5  # how often the health loop looks for a verdict while it waits
 
 
-@dataclass(frozen=True)
-class VerdictBox:
+class VerdictBox(Frozen):
     state_dir: Path
 
     @property

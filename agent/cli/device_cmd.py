@@ -19,6 +19,7 @@ from agent.cli.common import add_config_option, command, config_path
 from agent.errors import HealthCheckFailed, StateError, UsageError
 
 if TYPE_CHECKING:
+    from agent.cli.progress import Display
     from agent.device.updater import Updater
 
 
@@ -52,6 +53,7 @@ def register(sub: Any) -> None:
                         "terminal, plain periodic lines elsewhere, e.g. journald) or never")
     i.add_argument("--replace-trial", action="store_true",
                    help="overwrite a trial that is armed and waiting for its boot (refused otherwise)")
+    i.set_defaults(quick_exit=True)  # it closes the journal and fsyncs the slot itself (cli.main)
     st = cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
     st.set_defaults(logs=False)  # nothing it loads logs (tests/test_imports.py): no logging setup
     h = cmd("history", "show the install and health history", _history, json_flag=True)
@@ -106,11 +108,13 @@ def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
 
 
 def _install(a: argparse.Namespace) -> int:
-    from agent.cli.progress import Display
-
     tty = sys.stdout.isatty()
     show = a.progress == "always" or (a.progress == "auto" and tty)
-    display = Display(sys.stdout, tty=tty) if show else None
+    display: Display | None = None
+    if show:  # imported only for a bar: 'never' and a pipe skip the module (docs/performance.md)
+        from agent.cli.progress import Display
+
+        display = Display(sys.stdout, tty=tty)
     try:
         with _updater(a) as up, _source(a.source) as (stream, total):
             result = up.install(stream, total=total, progress=display, replace_trial=a.replace_trial)

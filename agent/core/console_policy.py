@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from agent.core.frozen import Frozen
 from agent.errors import ConfigError
 
 USB_POLICIES = ("offer", "install", "off")
@@ -22,8 +22,7 @@ _KEYS = {"device", "open_read_only", "usb", "pin_file", "idle_logout"}
 _TTY = re.compile(r"tty[A-Za-z0-9]{1,16}")
 
 
-@dataclass(frozen=True)
-class ConsoleSettings:
+class ConsoleSettings(Frozen):
     device: str | None = None
     open_read_only: bool = False
     usb: str = "offer"

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from agent.core.frozen import Frozen
 from agent.errors import ConfigError, SlotError
 
 FORMATS = ("cmdline", "fstab")
@@ -47,8 +47,7 @@ _VALUE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no blank, no quote (bel
 _PART = re.compile(r"[A-Za-z0-9_.\-+]+")  # one component of ``file``
 
 
-@dataclass(frozen=True)
-class Fixup:
+class Fixup(Frozen):
     """One file of one payload class, and per slot the (key, value) pairs it must carry."""
 
     payload: str
@@ -65,8 +64,7 @@ class Fixup:
         return f"{self.payload}:{self.file} " + " ".join(f"{k}={v}" for k, v in self.pairs(slot))
 
 
-@dataclass(frozen=True)
-class SlotFixup:
+class SlotFixup(Frozen):
     """A fix-up to apply to one written slot (core.plan puts these into an InstallPlan)."""
 
     fixup: Fixup

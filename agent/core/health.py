@@ -9,9 +9,9 @@ plain numbers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
+from agent.core.frozen import Frozen
 from agent.core.probe_spec import ProbeResult, ProbeSpec, bounded_float, bounded_int, one_line
 from agent.errors import ConfigError
 
@@ -23,16 +23,14 @@ _KEYS = ("deadline", "interval", "retries", "probe")
 Verdict = Literal["commit", "revert", "wait"]
 
 
-@dataclass(frozen=True)
-class HealthPolicy:
+class HealthPolicy(Frozen):
     deadline: float = 120.0  # seconds from trial start the checks may take
     interval: float = 2.0  # seconds between attempts
     retries: int = 3  # consecutive failures of one probe that revert
     probes: tuple[ProbeSpec, ...] = ()
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(Frozen):
     verdict: Verdict
     reason: str  # one line
 

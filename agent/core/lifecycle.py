@@ -22,10 +22,10 @@ Mender's daemon state machine (failure edges written out, a cap on trial boots).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 # re-exported: the life cycle's vocabulary, as every caller has imported it from here
+from agent.core.frozen import Frozen, field
 from agent.core.records import History as History
 from agent.core.records import RaiseFloor as RaiseFloor
 from agent.core.records import Record as Record
@@ -37,8 +37,7 @@ from agent.errors import StateError
 
 
 # --- events ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Install:
+class Install(Frozen):
     target: str
     previous: str
     version: str
@@ -47,59 +46,49 @@ class Install:
     health: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
-class WriteDone:
+class WriteDone(Frozen):
     pass
 
 
-@dataclass(frozen=True)
-class WriteFailed:
+class WriteFailed(Frozen):
     reason: str
 
 
-@dataclass(frozen=True)
-class TrialSet:
+class TrialSet(Frozen):
     pass
 
 
-@dataclass(frozen=True)
-class Booted:
+class Booted(Frozen):
     slot: str
     boot_id: str
 
 
-@dataclass(frozen=True)
-class HealthPassed:
+class HealthPassed(Frozen):
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class HealthFailed:
+class HealthFailed(Frozen):
     reason: str
 
 
-@dataclass(frozen=True)
-class SignerDistrusted:
+class SignerDistrusted(Frozen):
     """Health passed, but the trial's signer is revoked or expired now: it must not commit."""
 
     reason: str
 
 
-@dataclass(frozen=True)
-class CommitDone:
+class CommitDone(Frozen):
     pass
 
 
-@dataclass(frozen=True)
-class Rollback:
+class Rollback(Frozen):
     """A person asks to boot the other, known-good slot again."""
 
     to: str
     version: str | None
 
 
-@dataclass(frozen=True)
-class RebootIntoTrial:
+class RebootIntoTrial(Frozen):
     """Whoever installed (the fleet agent) wants the armed trial to start now."""
 
     reason: str
@@ -110,36 +99,30 @@ Event = (Install | WriteDone | WriteFailed | TrialSet | Booted | HealthPassed | 
 
 
 # --- outputs --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BootMarkBad:
+class BootMarkBad(Frozen):
     slot: str
 
 
-@dataclass(frozen=True)
-class BootSetTrial:
+class BootSetTrial(Frozen):
     slot: str
 
 
-@dataclass(frozen=True)
-class BootCommit:
+class BootCommit(Frozen):
     slot: str
 
 
-@dataclass(frozen=True)
-class RunHealth:
+class RunHealth(Frozen):
     pass
 
 
-@dataclass(frozen=True)
-class Reboot:
+class Reboot(Frozen):
     reason: str
 
 
 Action = BootMarkBad | BootSetTrial | BootCommit | RunHealth | Reboot
 
 
-@dataclass(frozen=True)
-class Transition:
+class Transition(Frozen):
     state: State
     records: list[Record] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
@@ -340,8 +323,7 @@ _TABLE: dict[tuple[Phase, type], Handler] = {
 
 
 # --- the table as a graph, for docs/lifecycle.md ----------------------------------------------
-@dataclass(frozen=True)
-class Edge:
+class Edge(Frozen):
     """One way through the table: ``event`` (in the case ``when``) takes ``source`` to ``target``."""
 
     source: Phase

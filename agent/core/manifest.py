@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
+from agent.core.frozen import Frozen, field
 from agent.errors import ManifestError
 
 FORMAT_VERSION = 1
@@ -35,8 +35,7 @@ _COMPATIBLE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:/-]{0,127}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass(frozen=True)
-class Payload:
+class Payload(Frozen):
     name: str
     slot_class: str
     size: int  # bytes as installed (after decompression)
@@ -56,8 +55,7 @@ class Payload:
         return self.block_count * 32
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(Frozen):
     compatible: str
     version: str
     security_version: int

@@ -14,26 +14,24 @@ rollback the same way.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from agent.core import health, lifecycle
 from agent.core.fixups import Fixup, SlotFixup, for_install
+from agent.core.frozen import Frozen
 from agent.core.manifest import Manifest, Payload
 from agent.errors import ConfigError, IncompatibleBundle, RollbackRefused, StateError
 
 MODEL_CLASS = "model"  # a model bundle's payload class (agent.core.model_spec.MODEL_CLASS)
 
 
-@dataclass(frozen=True)
-class Write:
+class Write(Frozen):
     payload: Payload
     dest: Path  # the target slot's device (or file) for the payload's class
 
 
-@dataclass(frozen=True)
-class InstallPlan:
+class InstallPlan(Frozen):
     target: str  # the inactive slot, written and then tried once
     previous: str  # the running, committed slot: the fallback of the trial
     writes: tuple[Write, ...]
@@ -42,8 +40,7 @@ class InstallPlan:
     fixups: tuple[SlotFixup, ...] = ()
 
 
-@dataclass(frozen=True)
-class Trial:
+class Trial(Frozen):
     """A trial waiting for its boot: what the journal (or only the bootloader) knows of it."""
 
     slot: str

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.core.frozen import Frozen
 from agent.errors import ConfigError
 
 KINDS = ("command", "systemd", "http", "tcp", "process", "disk")
@@ -22,8 +22,7 @@ MAX_ARGV = 64
 MAX_TIMEOUT = 600.0
 
 
-@dataclass(frozen=True)
-class ProbeSpec:
+class ProbeSpec(Frozen):
     kind: str
     name: str = ""  # empty: a readable default such as "http http://127.0.0.1:8080/health"
     timeout: float = 5.0
@@ -162,8 +161,7 @@ def one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@dataclass(frozen=True)
-class ProbeResult:
+class ProbeResult(Frozen):
     name: str
     ok: bool
     detail: str  # one line: exit code and last stderr line, HTTP status, free MB, ...

@@ -7,11 +7,10 @@ the state and never builds these (tools/bench/startup.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from agent.core.frozen import Frozen
 
 
-@dataclass(frozen=True)
-class SlotRecord:
+class SlotRecord(Frozen):
     """Journal: what a slot now holds."""
 
     slot: str
@@ -20,13 +19,11 @@ class SlotRecord:
     security_version: int | None = None
 
 
-@dataclass(frozen=True)
-class RaiseFloor:
+class RaiseFloor(Frozen):
     security_version: int
 
 
-@dataclass(frozen=True)
-class History:
+class History(Frozen):
     event: str  # installing, installed, trial, committed, reverted, failed, interrupted
     slot: str | None
     version: str | None
@@ -36,8 +33,7 @@ class History:
 Record = SlotRecord | RaiseFloor | History
 
 
-@dataclass(frozen=True)
-class HistoryRow:
+class HistoryRow(Frozen):
     """A ``History`` as the journal gives it back: its row id and when it was written."""
 
     id: int

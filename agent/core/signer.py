@@ -13,14 +13,13 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from agent.core import trust
+from agent.core.frozen import Frozen
 
 
-@dataclass(frozen=True)
-class SignerRecord:
+class SignerRecord(Frozen):
     subject: str  # the signer's subject, for the reason a person reads
     path: tuple[tuple[str, int], ...]  # (issuer, serial) of each certificate below the root
     not_after: int  # the earliest expiry of any certificate of the path, root included

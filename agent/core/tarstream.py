@@ -11,9 +11,9 @@ with GNU's base-256 size field for members of 8 GiB and more.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
 from typing import BinaryIO
 
+from agent.core.frozen import Frozen
 from agent.errors import BundleError, TruncatedBundle, UnsafeMember
 
 BLOCK = 512
@@ -27,8 +27,7 @@ _KINDS = {
 }
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(Frozen):
     name: str
     size: int
 

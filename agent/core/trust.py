@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -32,6 +31,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.core import manifest as manifest_mod
+from agent.core.frozen import Frozen
 from agent.core.manifest import Manifest
 from agent.errors import (
     IncompatibleBundle,
@@ -48,8 +48,7 @@ MAX_CHAIN_BYTES = 16 * 1024
 MAX_CRL_BYTES = 256 * 1024
 
 
-@dataclass(frozen=True)
-class Keyring:
+class Keyring(Frozen):
     roots: tuple[x509.Certificate, ...]
 
     @classmethod
@@ -62,15 +61,13 @@ class Keyring:
         return cls(certs)
 
 
-@dataclass(frozen=True)
-class DeviceFacts:
+class DeviceFacts(Frozen):
     compatible: str | None  # None: any (for offline 'bundle verify')
     security_floor: int
     best_known_time: int  # seconds since the epoch
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(Frozen):
     manifest: Manifest
     signer_subject: str
     signer_serial: int
@@ -197,8 +194,7 @@ def _cn(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string()
 
 
-@dataclass(frozen=True)
-class KeptCrl:
+class KeptCrl(Frozen):
     """A root-verified CRL worth keeping: ``root_id`` names the root that signed it."""
 
     root_id: str  # SHA-256 prefix of the root's public key: names can repeat, keys do not

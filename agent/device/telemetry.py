@@ -27,9 +27,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from agent.core.frozen import Frozen
 
 if TYPE_CHECKING:
     from agent.adapters.telemetry_buffer import Point, TelemetryBuffer
@@ -109,8 +110,7 @@ def open_buffer(cfg: AgentConfig) -> TelemetryBuffer:
 
 
 # --- collection ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Probe:
+class Probe(Frozen):
     """Latency, jitter and loss of ``count`` TCP connects (or HTTP requests) to one target."""
 
     target: str
@@ -150,8 +150,7 @@ def probe(target: str, *, count: int, timeout: float,
     return Probe(target, sum(times) / len(times), jitter, 1 - len(times) / count)
 
 
-@dataclass
-class Collector:
+class Collector(Frozen, frozen=False):
     """One collection: (labels, value, kind) triples with the metric name in ``__name__``."""
 
     cfg: AgentConfig

@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
@@ -36,6 +35,7 @@ from agent.adapters.journal import Journal
 from agent.adapters.runtime import RegistersProcess
 from agent.adapters.verdict import VerdictBox
 from agent.core import health, lifecycle
+from agent.core.frozen import Frozen, field
 from agent.device import telemetry
 from agent.device.parts import Device
 from agent.device.parts import open_device as open_device  # where callers have found it
@@ -66,16 +66,14 @@ class PhasedProgress(Protocol):
     def phase(self, name: str) -> None: ...
 
 
-@dataclass
-class InstallResult:
+class InstallResult(Frozen, frozen=False):
     version: str
     slot: str
     bytes_written: int
     payloads: list[str] = field(default_factory=list)
 
 
-@dataclass
-class CycleResult:
+class CycleResult(Frozen, frozen=False):
     phase: str
     messages: list[str]
     rebooted: bool = False
@@ -152,13 +150,13 @@ class Updater:
     def _vet(self, event: lifecycle.Event) -> lifecycle.Event:
         """A trial's commit, whoever asks for it (health checks or a technician), waits on one more
         fact: its signer is not revoked by a CRL that came since, nor expired at the best-known time."""
+        if not (isinstance(event, lifecycle.HealthPassed)
+                and self.journal.state().phase is lifecycle.Phase.TESTING):
+            return event  # every other event: no trust store, so an idle cycle loads no cryptography
         from agent.adapters.truststore import TrustStore
 
-        if (isinstance(event, lifecycle.HealthPassed)
-                and self.journal.state().phase is lifecycle.Phase.TESTING
-                and (why := TrustStore(self.cfg, self.journal, self.root()).distrust_trial(self.clock()))):
-            return lifecycle.SignerDistrusted(why)
-        return event
+        why = TrustStore(self.cfg, self.journal, self.root()).distrust_trial(self.clock())
+        return lifecycle.SignerDistrusted(why) if why else event
 
     def _apply(self, event: lifecycle.Event) -> lifecycle.Transition:
         before = self.journal.state()
@@ -303,8 +301,13 @@ class Updater:
                             fixups=self.cfg.fixups)
         for w in plan.writes:
             slots.check_fits(w.dest, w.payload.size, w.payload.name)
-        store.accept(verdict)
-        store.remember_trial(head, plan.target, verdict.manifest.version)  # for _vet, at its commit
+        # One journal commit, one WAL sync (and one witness update when the time rises) for
+        # what the verdict taught: the trusted time and the trial's signer. Nothing acts on the
+        # device between the two, and a power cut before the commit leaves neither, as a cut
+        # before the first of them did when each had its own (docs/performance.md, "syncs").
+        with self.journal.batch():
+            store.accept(verdict)  # a newer CRL goes to its own file, durably, as before
+            store.remember_trial(head, plan.target, verdict.manifest.version)  # for _vet
         return verdict.manifest, plan
 
     # --- boot, health, commit ----------------------------------------------------------------

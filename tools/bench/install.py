@@ -217,6 +217,8 @@ def main() -> int:
             lines += [("rauc_256M_ratio_to_limit", lim.wall / rw, "x"),
                       ("edgeops_raw_anchor256M_ratio_to_limit", lim.wall / ours.wall, "x")]
     print(f"# RAUC ratio to the limit (256 MiB anchor image): {rauc}; {why}")
+    # the load while measuring, not only before: a neighbour that started meanwhile shows here
+    print(f"# load at the end {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
     print()
     for name, value, unit in lines:
         print(f"{name} {value:.3f} {unit}")
