@@ -23,7 +23,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
@@ -57,6 +58,8 @@ PROBE = 2  # ranges of the first request while the server's multi-range support 
 BATCH_BYTES = 4 << 20  # bytes per multi-range request
 CHECKPOINT = 64 << 20  # bytes written between fsync + journal progress
 HEAD_FIRST = 8 * 1024  # the signed head of the bench's bundles is 4 KiB; more comes if needed
+AHEAD_BYTES = 2 << 20  # fetched bytes the reading thread may hold before they are decoded
+Buf = bytes | memoryview  # a chunk's bytes; a run patch's chunks are views of its one output
 
 
 @dataclass
@@ -151,6 +154,7 @@ class DeltaWriter:
         self.sleep = sleep
         self.stats = DeltaStats(fetcher.size)
         self._done_bytes = 0
+        self._recorded = False  # the journal holds a delta.progress record (ours or an earlier one)
 
     def __call__(self, reader: BundleReader, m: Manifest, dest: dict[str, Path]) -> int:
         if not all(_index_len(p) for p in m.payloads):
@@ -299,8 +303,9 @@ class DeltaWriter:
                 todo = [s for s in plan if s.kind != delta_plan.HAVE]
                 if not todo:
                     break
+                sources = self._sources(index, todo, origin, bfd)
                 try:
-                    for s, data in self._sources(index, todo, origin, bfd):
+                    for s, data in sources:
                         if data is None:
                             forced.add(s.chunk)  # a local source failed: fetch it next round
                             st.repaired += 1
@@ -327,6 +332,8 @@ class DeltaWriter:
                     writer.flush()
                     self._checkpoint(p, target, tfd, done)
                     self.sleep(min(5.0, self.fetcher.policy.backoff * 2 ** (resumes - 1)))
+                finally:
+                    sources.close()  # its reading thread ends before anything else happens
             writer.flush()
             os.fsync(tfd)
         except OSError as exc:
@@ -336,18 +343,34 @@ class DeltaWriter:
             os.close(tfd)
             if bfd >= 0:
                 os.close(bfd)
-        self.up.journal.put(PROGRESS_KEY, None)
+        if self._recorded:  # no record, no commit: each one is an fsync (synchronous=FULL)
+            self.up.journal.put(PROGRESS_KEY, None)
+            self._recorded = False
         return p.size
 
     def _sources(self, index: dx.DeltaIndex, todo: list[delta_plan.Step], origin: int, bfd: int
-                 ) -> Iterator[tuple[delta_plan.Step, bytes | None]]:
+                 ) -> Generator[tuple[delta_plan.Step, Buf | None], None, None]:
         """Each step's verified bytes (None: a local source failed its hash): local copies
         first, then the remote spans in bundle order (patches sit after the frames), so the
-        answer is read front to back; pwrite does not care about the order."""
+        answer is read front to back; pwrite does not care about the order. The remote bytes
+        are read from the socket by a thread (``_Ahead``) while this one verifies the copies
+        and decodes what came before: recv, SHA-256, zstd and pwrite all release the GIL, so on
+        two cores the download no longer waits for the decoding, nor the decoding for it."""
         remote = sorted(delta_plan.spans(index, todo, origin), key=lambda sp: sp.start)
         served = delta_plan.steps_of(todo)
-        parts = self._parts([(s.start, s.end) for s in remote])
-        offsets = index.offsets()
+        ahead = _Ahead(self._parts([(s.start, s.end) for s in remote]), remote, AHEAD_BYTES)
+        try:
+            yield from self._copies(index, todo, bfd)
+            offsets = index.offsets()
+            while (item := ahead.get()) is not None:
+                span, blob = item
+                yield from self._decoded(index, offsets, served[span.chunk], blob, bfd)
+                del item, blob
+        finally:
+            ahead.stop()
+
+    def _copies(self, index: dx.DeltaIndex, todo: list[delta_plan.Step], bfd: int
+                ) -> Iterator[tuple[delta_plan.Step, Buf | None]]:
         last: tuple[bytes, bytes] | None = None  # (sha256, bytes) of the last verified copy
         for s in todo:
             if s.kind != delta_plan.COPY:
@@ -364,41 +387,38 @@ class DeltaWriter:
             if ok:
                 last = (c.sha256, data)
             yield s, data if ok else None
-        part: Part | None = None
-        for span in remote:
-            while part is None or span.start >= part.end:
-                part = next(parts)
-            part.skip_to(span.start)
-            blob = part.read(span.end - span.start)
-            group = served[span.chunk]
-            s = group[0]
-            c = index.chunks[s.chunk]
-            if s.kind == delta_plan.PATCH:
-                op = s.op
-                assert isinstance(op, dx.Patch)
-                if hashlib.sha256(blob).digest() != op.sha256:
-                    raise HashMismatch(f"patch for chunk {op.chunk} does not match the signed "
-                                       "index; stopped before using it")
-                dictionary = b"".join(_pread(bfd, n, off) for off, n in op.extents)
-                size = offsets[op.last + 1] - offsets[op.chunk]
-                out = _unzstd(blob, size, dictionary)
-                del blob, dictionary
-                for t in group:  # a run patch: every chunk of it the plan wants, each verified
-                    k = t.chunk
-                    n = index.chunks[k].length
-                    piece = None if out is None else \
-                        out[offsets[k] - offsets[op.chunk]:offsets[k] - offsets[op.chunk] + n]
-                    ok = piece is not None and hashlib.sha256(piece).digest() == index.chunks[k].sha256
-                    yield t, piece if ok else None
-            else:
-                if hashlib.sha256(blob).digest() != c.frame_sha256:
-                    raise HashMismatch(f"chunk {s.chunk} (image bytes {offsets[s.chunk]}..) "
-                                       "does not match the signed index; stopped before using it")
-                plain = _unzstd(blob, c.length, None)
-                if plain is None or hashlib.sha256(plain).digest() != c.sha256:
-                    raise HashMismatch(f"chunk {s.chunk} decompresses to other bytes than its "
-                                       "signed hash")
-                yield s, plain
+
+    @staticmethod
+    def _decoded(index: dx.DeltaIndex, offsets: list[int], group: list[delta_plan.Step],
+                 blob: bytes, bfd: int) -> Iterator[tuple[delta_plan.Step, Buf | None]]:
+        """The chunks one fetched span rebuilds: its hash is checked before it is decoded, and
+        each chunk's bytes against the chunk's own hash before they are handed on."""
+        s = group[0]
+        c = index.chunks[s.chunk]
+        if s.kind == delta_plan.PATCH:
+            op = s.op
+            assert isinstance(op, dx.Patch)
+            if hashlib.sha256(blob).digest() != op.sha256:
+                raise HashMismatch(f"patch for chunk {op.chunk} does not match the signed "
+                                   "index; stopped before using it")
+            size = offsets[op.last + 1] - offsets[op.chunk]
+            out = _unzstd(blob, size, _dictionary(bfd, op.extents))
+            view = memoryview(out) if out is not None else None
+            for t in group:  # a run patch: every chunk of it the plan wants, each verified
+                k = t.chunk
+                rel = offsets[k] - offsets[op.chunk]
+                piece = None if view is None else view[rel:rel + index.chunks[k].length]
+                ok = piece is not None and hashlib.sha256(piece).digest() == index.chunks[k].sha256
+                yield t, piece if ok else None
+            return
+        if hashlib.sha256(blob).digest() != c.frame_sha256:
+            raise HashMismatch(f"chunk {s.chunk} (image bytes {offsets[s.chunk]}..) "
+                               "does not match the signed index; stopped before using it")
+        plain = _unzstd(blob, c.length, None)
+        if plain is None or hashlib.sha256(plain).digest() != c.sha256:
+            raise HashMismatch(f"chunk {s.chunk} decompresses to other bytes than its "
+                               "signed hash")
+        yield s, plain
 
     def _parts(self, wanted: list[tuple[int, int]]) -> Iterator[Part]:
         """The wanted ranges' parts, in order. Coalescing to ``BUDGET`` ranges costs bytes
@@ -430,11 +450,13 @@ class DeltaWriter:
             else:
                 runs.append([i, i + 1])
         self.up.journal.put(PROGRESS_KEY, {"sha256": p.sha256, "slot": str(target), "done": runs})
+        self._recorded = True
 
     def _resumed(self, p: Payload, target: Path, tfd: int, index: dx.DeltaIndex,
                  offsets: list[int]) -> set[int]:
         """Chunks an interrupted attempt at this same payload wrote, re-verified in the slot."""
         rec = self.up.journal.get(PROGRESS_KEY)
+        self._recorded = self._recorded or rec is not None
         if not (isinstance(rec, dict) and rec.get("sha256") == p.sha256
                 and rec.get("slot") == str(target) and isinstance(rec.get("done"), list)):
             return set()
@@ -480,13 +502,84 @@ def _pread(fd: int, n: int, off: int) -> bytes:
         return b""
 
 
+def _dictionary(fd: int, extents: tuple[tuple[int, int], ...]) -> bytes:
+    """A patch's raw-content dictionary: its base extents, concatenated in order."""
+    return b"".join(_pread(fd, n, off) for off, n in extents)
+
+
+class _Ahead:
+    """The remote spans' bytes, read from their parts in a thread and held, at most ``limit``
+    bytes (or one span) ahead, until the verifying thread takes them in order. Nothing read
+    here is used before that thread checked its hash. A failure of the download (a dropped
+    link, a cancel) is handed over in its place, after the spans read before it; ``stop``
+    ends the thread early (the consumer failed), waiting at most for the read under way."""
+
+    def __init__(self, parts: Iterator[Part], spans: list[delta_plan.Span], limit: int) -> None:
+        self.parts, self.spans, self.limit = parts, spans, limit
+        self.cv = threading.Condition()
+        self.items: deque[tuple[delta_plan.Span, bytes] | BaseException | None] = deque()
+        self.held = 0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="delta-fetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            part: Part | None = None
+            for span in self.spans:
+                while part is None or span.start >= part.end:
+                    part = next(self.parts)
+                part.skip_to(span.start)
+                blob = part.read(span.end - span.start)
+                if not self._put((span, blob), len(blob)):
+                    return
+            self._put(None, 0)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(exc, 0)
+        finally:
+            close = getattr(self.parts, "close", None)
+            if close is not None:
+                close()  # the generator's open answer, from the thread that iterated it
+
+    def _put(self, item: tuple[delta_plan.Span, bytes] | BaseException | None, n: int) -> bool:
+        with self.cv:
+            while self.items and self.held + n > self.limit and not self.stopped:
+                self.cv.wait()
+            if self.stopped:
+                return False
+            self.items.append(item)
+            self.held += n
+            self.cv.notify_all()
+            return True
+
+    def get(self) -> tuple[delta_plan.Span, bytes] | None:
+        """The next span and its bytes, None after the last; raises what stopped the reading."""
+        with self.cv:
+            while not self.items:
+                self.cv.wait()
+            item = self.items.popleft()
+            if isinstance(item, tuple):
+                self.held -= len(item[1])
+            self.cv.notify_all()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.items.clear()
+            self.cv.notify_all()
+        self.thread.join()
+
+
 class _SlotWriter:
     """pwrite in a thread while the caller reads and hashes the next chunk (both release the
     GIL, as in adapters.slots.write); ``flush`` waits for every queued write, raising its error."""
 
     def __init__(self, fd: int, depth: int = 8) -> None:
         self.fd = fd
-        self.q: queue.Queue[tuple[bytes, int] | None] = queue.Queue(maxsize=depth)
+        self.q: queue.Queue[tuple[Buf, int] | None] = queue.Queue(maxsize=depth)
         self.failed: list[OSError] = []
         self.thread = threading.Thread(target=self._run, name="delta-writer", daemon=True)
         self.thread.start()
@@ -505,7 +598,7 @@ class _SlotWriter:
                 self.q.task_done()
         self.q.task_done()
 
-    def put(self, data: bytes, off: int) -> None:
+    def put(self, data: Buf, off: int) -> None:
         if self.failed:
             raise self.failed[0]
         self.q.put((data, off))
