@@ -4,6 +4,7 @@ slimmed slot of image/build.py."""
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
@@ -123,46 +124,82 @@ def test_fleet_toml_keeps_its_token_and_takes_the_id_from_the_serial(tmp_path: P
     assert cfg is not None and cfg.controller_id == "qemu-7" and cfg.token == "00ff"
 
 
-class Running:
-    """A QEMU process stand-in that runs until stopped (only poll() is used)."""
+class Ended:
+    """A QEMU process stand-in that has exited (only poll() and wait() are used)."""
 
-    def __init__(self) -> None:
-        self.stopped = False
+    returncode = 0
 
-    def poll(self) -> int | None:
-        return 0 if self.stopped else None
+    def poll(self) -> int:
+        return 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
 
 
-def watched_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, console: bytes) -> tuple[Any, Running]:
+def ended_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  reason: str) -> tuple[Any, list[bool]]:
+    """A machine whose QEMU just exited after sending SHUTDOWN with ``reason``, one marker
+    line written before it left; starting QEMU again is recorded, not done."""
     qemu = sys.modules["qemu"]
-    monkeypatch.setattr(qemu, "FIRMWARE_SILENCE", 0.3)
-    monkeypatch.setattr(qemu, "WATCH_POLL", 0.05)
     m = qemu.Machine("qemu-t", tmp_path, tmp_path / "disk.img")
-    m.console = tmp_path / "console-1.log"
-    m.console.write_bytes(console)
-    return m, Running()
+    m.console, m.markers = tmp_path / "console-1.log", tmp_path / "markers-1.log"
+    m.console.write_bytes(b"")
+    m.markers.write_text("EDGEOPS-E2E hang system\n")
+    m.t0 = time.monotonic()
+    m.events.append(qemu.Event(1.0, "SHUTDOWN", {"guest": True, "reason": reason}))
+    m.qemu = Ended()
+    starts: list[bool] = []
+    monkeypatch.setattr(m, "_power_on", lambda after_reset=False: starts.append(after_reset))
+    return m, starts
 
 
-def test_a_firmware_silent_after_a_guest_reset_gets_the_reset_button_once_per_silence(
+def test_a_guest_reset_starts_qemu_again_in_the_same_power_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    m, proc = watched_machine(tmp_path, monkeypatch,
-                              b"BdsDxe: loading Boot0001\n...\n[ 169.9] reboot: Restarting system\n")
-    t = threading.Thread(target=m._watch_resets, args=(proc, 1))
-    t.start()
-    t.join(10)  # two presses end the watch
-    assert not t.is_alive()
-    assert len(m.firmware_resets) == 2
-    assert (tmp_path / "firmware-hang-1-1.txt").read_text().startswith("qemu-t: no firmware output")
+    m, starts = ended_machine(tmp_path, monkeypatch, "guest-reset")
+    m._after_exit(m.qemu)
+    assert starts == [True]
+    assert len(m.resets) == 1 and "guest-reset" in m.resets[0]
+    assert [ln.text for ln in m.lines] == ["EDGEOPS-E2E hang system"]  # read before the switch
 
 
-def test_a_firmware_that_answers_after_the_reset_is_left_alone(
+def test_a_guest_power_off_leaves_qemu_off_and_the_wait_says_so(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    m, proc = watched_machine(tmp_path, monkeypatch, b"[ 169.9] reboot: Restarting system\n")
-    t = threading.Thread(target=m._watch_resets, args=(proc, 1))
-    t.start()
-    with open(m.console, "ab") as f:  # OVMF's boot manager, well inside the silence allowed
-        f.write(b"BdsDxe: loading Boot0001 \"UEFI Misc Device\"\n")
-    time.sleep(1.0)
-    proc.stopped = True
-    t.join(5)
-    assert m.firmware_resets == []
+    m, starts = ended_machine(tmp_path, monkeypatch, "guest-shutdown")
+    with pytest.raises(sys.modules["qemu"].E2EFailure, match="QEMU exited"):
+        m.wait_for(r"never printed", 5, "a marker")
+    assert starts == [] and m.resets == []
+
+
+def test_a_qemu_the_harness_cut_is_not_started_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, starts = ended_machine(tmp_path, monkeypatch, "guest-reset")
+    proc, m.qemu = m.qemu, None  # what _power_cut does before it kills QEMU
+    m._after_exit(proc)
+    assert starts == [] and m.resets == []
+
+
+def test_the_technician_console_follows_qemu_across_a_power_cycle(tmp_path: Path) -> None:
+    console_e2e = sys.modules["console_e2e"]  # imported by run.py
+    path = tmp_path / "ttyS0.sock"
+
+    def serve(text: bytes) -> None:
+        with socket.socket(socket.AF_UNIX) as srv:
+            srv.bind(str(path))
+            srv.listen(1)
+            conn, _ = srv.accept()
+            with conn:
+                conn.sendall(text)
+        path.unlink()
+
+    first = threading.Thread(target=serve, args=(b"before the reset\n",))
+    first.start()
+    con = console_e2e.SerialConsole(path, timeout=10)
+    first.join(10)
+    second = threading.Thread(target=serve, args=(b"edgeops-qemu> \n",))
+    second.start()
+    try:
+        con.expect(r"edgeops-qemu> ", 10, "the prompt of the next QEMU")
+        assert "before the reset" in con.text()
+    finally:
+        second.join(10)
+        con.close()

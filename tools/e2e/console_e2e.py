@@ -61,32 +61,47 @@ class SerialConsole:
     terminal escapes), and ``expect`` searches the cleaned text after the last match."""
 
     def __init__(self, path: Path, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise E2EFailure(f"console: cannot connect to {path}") from None
-                time.sleep(0.2)
+        self.path = path
+        self.sock = self._connect(timeout)
         self.raw = bytearray()
         self.lock = threading.Lock()
         self.cursor = 0  # in the cleaned text
+        self.closed = False
         threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
+    def _connect(self, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout
         while True:
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(str(self.path))
+                return sock
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline or getattr(self, "closed", False):
+                    raise E2EFailure(f"console: cannot connect to {self.path}") from None
+                time.sleep(0.2)
+
+    def _read(self) -> None:
+        """Keep what the console prints; when QEMU ends (a guest reset is a power cycle,
+        tools/e2e/qemu.py) connect to the next one's socket, as a serial cable stays plugged."""
+        while not self.closed:
             try:
                 data = self.sock.recv(65536)
             except OSError:
+                data = b""
+            if data:
+                with self.lock:
+                    self.raw += data
+                continue
+            if self.closed:
                 return
-            if not data:
+            try:
+                sock = self._connect(600)
+            except E2EFailure:
                 return
-            with self.lock:
-                self.raw += data
+            self.sock.close()
+            self.sock = sock
 
     def text(self) -> str:
         with self.lock:
@@ -116,6 +131,7 @@ class SerialConsole:
             time.sleep(0.1)
 
     def close(self) -> None:
+        self.closed = True
         self.sock.close()
 
 
