@@ -284,7 +284,7 @@ class Machine:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     return
                 time.sleep(0.1)
-        with sock, sock.makefile("rwb") as f:
+        with sock, sock.makefile("rwb") as f, suppress(OSError):  # QEMU gone: the events end
             f.write(b'{"execute": "qmp_capabilities"}\n')
             f.flush()
             for raw in f:
