@@ -203,3 +203,44 @@ def test_the_technician_console_follows_qemu_across_a_power_cycle(tmp_path: Path
     finally:
         second.join(10)
         con.close()
+
+
+def test_a_guest_command_is_sent_by_name_and_its_lines_and_exit_code_read_back(tmp_path: Path) -> None:
+    qemu = sys.modules["qemu"]
+    m = qemu.Machine("qemu-t", tmp_path, tmp_path / "disk.img")
+    m.console, m.markers = tmp_path / "console-1.log", tmp_path / "markers-1.log"
+    m.console.write_bytes(b"")
+    m.markers.write_text("EDGEOPS-E2E exec status | slot A, before this command\n")
+    m._read()
+    m.cursor = len(m.lines)  # what came before is consumed, as after earlier waits
+    m.t0 = time.monotonic()
+    got: list[bytes] = []
+    closed: list[bool] = []
+
+    def guest() -> None:  # what edgeops-e2e-exec does with one line from ttyS1
+        with socket.socket(socket.AF_UNIX) as srv:
+            srv.bind(str(tmp_path / "ttyS1.sock"))
+            srv.listen(1)
+            conn, _ = srv.accept()
+            with conn:
+                got.append(conn.recv(100))
+                conn.sendall(b"ttyS1's output, also sent to a connected client\n")
+                with open(m.markers, "a") as f:
+                    f.write("EDGEOPS-E2E exec tpm-status | Nothing is anchored in the TPM yet\n"
+                            "EDGEOPS-E2E booted slot=A uptime=1 agent=active boot_id=x\n"
+                            "EDGEOPS-E2E exec tpm-status rc=0\n")
+                closed.append(conn.recv(100) == b"")  # the harness stays until the answer
+
+    t = threading.Thread(target=guest)
+    t.start()
+    time.sleep(0.2)
+    rc, out = m.guest_run("tpm-status", 10)
+    t.join(5)
+    assert got == [b"tpm-status\n"] and closed == [True]
+    assert (rc, out) == (0, ["Nothing is anchored in the TPM yet"])
+
+
+def test_a_guest_command_name_with_arguments_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    m = sys.modules["qemu"].Machine("qemu-t", tmp_path, tmp_path / "disk.img")
+    with pytest.raises(sys.modules["qemu"].E2EFailure, match="lower-case letters"):
+        m.guest_run("status; reboot", 1)

@@ -27,6 +27,7 @@ Writes OUT/console-g.log: the console session as the technician saw it (escapes 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
@@ -132,6 +133,8 @@ class SerialConsole:
 
     def close(self) -> None:
         self.closed = True
+        with contextlib.suppress(OSError):  # ends the reader's recv; close alone would not
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 

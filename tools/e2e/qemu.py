@@ -13,7 +13,8 @@ and the same power-on goes on in a new QEMU process, with the same disk, vars an
              controller_id_file), so one image serves every device, as from a factory line
   disk       virtio-blk, raw, cache=unsafe (the host is not the device: its flushes are moot)
   serial     ttyS0 (kernel, the technician console) and ttyS1 (markers, tools/e2e/guest)
-             written to files; ttyS0 is also a unix socket (WORK/ttyS0.sock) to type on
+             written to files; each is also a unix socket (WORK/ttyS0.sock to type on,
+             WORK/ttyS1.sock for ``guest_run``'s fixed commands)
   usb        a qemu-xhci controller (bus xhci.0) from boot, for sticks hot-plugged over QMP
              (``qmp``: blockdev-add, device_add usb-storage)
   network    none, or user-mode with restrict=on and one guestfwd: the guest reaches
@@ -182,6 +183,7 @@ class Machine:
             self._pos, self._partial, self._cpos = 0, "", 0
         self.console_sock = self.work / "ttyS0.sock"
         self.console_sock.unlink(missing_ok=True)
+        (self.work / "ttyS1.sock").unlink(missing_ok=True)
         argv = ["qemu-system-x86_64", "-name", self.name, "-machine", "q35",
                 "-accel", "kvm" if self.accel == "kvm" else f"tcg,thread={self.tcg_thread}",
                 "-cpu", "host" if self.accel == "kvm" else "max",
@@ -197,7 +199,11 @@ class Machine:
                 # only logged
                 "-chardev", f"socket,id=ttyS0,path={self.console_sock},server=on,wait=off,"
                             f"logfile={self.console}",
-                "-serial", "chardev:ttyS0", "-serial", f"file:{self.markers}",
+                "-serial", "chardev:ttyS0",
+                # ttyS1 the same way: markers logged, and a socket for guest_run's commands
+                "-chardev", f"socket,id=ttyS1,path={self.work / 'ttyS1.sock'},server=on,"
+                            f"wait=off,logfile={self.markers}",
+                "-serial", "chardev:ttyS1",
                 "-device", "virtio-rng-pci"]
         if self.serial:
             if not re.fullmatch(r"[A-Za-z0-9._:-]+", self.serial):
@@ -472,6 +478,31 @@ class Machine:
             out.append(f"QEMU's TPM trace, last 12 of {len(lines)} lines:\n" + "\n".join(lines[-12:]))
         return "\n".join(out)
 
+    def guest_run(self, name: str, timeout: float) -> tuple[int, list[str]]:
+        """One of the guest's fixed e2e commands (tools/e2e/guest/usr/local/bin/edgeops-e2e-exec:
+        a name, no arguments), sent on ttyS1: its exit code and the lines it printed."""
+        if not re.fullmatch(r"[a-z-]+", name):
+            raise E2EFailure(f"guest command {name!r}: lower-case letters and '-' only")
+        start = self.cursor
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.work / "ttyS1.sock"))
+            # connected until the answer: QEMU drops what it has not yet fed the UART when the
+            # client leaves (seen: 8 of 13 bytes arrived), and ttyS1's output, sent to this
+            # socket meanwhile, is read and dropped (the log file keeps it)
+            threading.Thread(target=_drain, args=(sock,), daemon=True).start()
+            try:
+                sock.sendall(name.encode() + b"\n")
+                m = self.wait_for(rf"^EDGEOPS-E2E exec {name} rc=(\d+)", timeout,
+                                  f"guest command {name}")
+            finally:  # shutdown, not only close: it ends the drain's recv and tells QEMU at once
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        prefix = f"EDGEOPS-E2E exec {name} | "
+        out = [ln.text[len(prefix):] for ln in self.lines[start:self.cursor]
+               if ln.text.startswith(prefix)]
+        return int(m[1]), out
+
     def wait_booted(self, timeout: float, what: str) -> Booted:
         m = self.wait_for(BOOTED, timeout, what)
         b = Booted(m[1], float(m[2]), m[3], m[4], self.last_at)
@@ -498,6 +529,12 @@ class Machine:
             lines = [ln for ln in text.splitlines() if ln.strip()][-n:]
             out.append(f"--- last {len(lines)} lines of {label} ({path}) ---\n" + "\n".join(lines))
         return "\n".join(out)
+
+
+def _drain(sock: socket.socket) -> None:
+    with suppress(OSError):
+        while sock.recv(65536):
+            pass
 
 
 def clean(text: str) -> str:

@@ -443,6 +443,7 @@ class Run:
     boot_timeout: float
     sign_bundle: Callable[[Release], None]
     which: list[str] = field(default_factory=list)  # this chain's selected scenarios
+    token: str = ""  # the device's TargetToken (fleet.toml's), for (h)
     current: str = "A"  # the committed slot the device runs
     error: str = ""  # why the chain stopped, when it did
 
@@ -629,6 +630,48 @@ def scenario_d(run_: Run) -> None:
     run_.current = run_.other
 
 
+def ddi_answer(ctl: Controller, device: str, token: str) -> int:
+    """The HTTP status the controller gives a device's poll with ``token`` (DDI's base GET)."""
+    req = urllib.request.Request(f"{ctl.url}/DEFAULT/controller/v1/{device}",
+                                 headers={"Authorization": f"TargetToken {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def scenario_h(run_: Run) -> None:
+    """(h) secure decommission of the booted device: the controller revokes it (its token is
+    refused from then on), and on the device, with the agent stopped, ``edgeops decommission``
+    erases the identity, the fleet credentials, edgeops's TPM NV indices and the state on the
+    data partition; the TPM then holds no anchor (docs/boards.md, "Decommission")."""
+    m, rep = run_.machine, run_.report
+    t0 = time.monotonic()
+    before = ddi_answer(run_.ctl, m.name, run_.token)
+    run_.ctl.api("POST", f"/devices/{m.name}/revoke", {})
+    after = ddi_answer(run_.ctl, m.name, run_.token)
+    if before != 200 or after not in (401, 403):
+        raise E2EFailure(f"(h) the device's token: HTTP {before} before the revoke, {after} after "
+                         "(expected 200, then 401 or 403)")
+    rep.row("(h) controller: device revoked", time.monotonic() - t0,
+            f"its poll answered {before} before, {after} after")
+    t1 = time.monotonic()
+    rc, out = m.guest_run("decommission", 180)
+    erased = [ln for ln in out if ln.startswith("erased: ")]
+    wanted = ("fleet settings and token", "TPM NV index", "journal")
+    missing = [w for w in wanted if not any(w in ln for ln in erased)]
+    if rc != 0 or missing:
+        raise E2EFailure(f"(h) decommission on the device: exit {rc}, nothing erased of {missing}:"
+                         "\n" + "\n".join(out[-15:]))
+    rc, tpm = m.guest_run("tpm-status", 120)
+    if not any("Nothing is anchored" in ln for ln in tpm):
+        raise E2EFailure("(h) after decommission the TPM still holds an anchor:\n" + "\n".join(tpm))
+    rep.results["h"] = "passed"
+    rep.row("(h) device: decommissioned", time.monotonic() - t1,
+            f"{len(erased)} things erased; edgeops tpm status: {tpm[0][:60] if tpm else ''}")
+
+
 def scenario_g(run_: Run) -> None:
     """(g) the technician at the device (console_e2e.py): it ends committed on the other slot."""
     console_e2e.scenario(run_, run_.current)
@@ -645,7 +688,7 @@ def scenario_g(run_: Run) -> None:
 # if it deploys one, in RELEASES.
 SCENARIOS: dict[str, Callable[[Run], None]] = {
     "a": scenario_a, "f": scenario_f, "c": scenario_c, "b": scenario_b, "e": scenario_e,
-    "d": scenario_d, "g": scenario_g,
+    "d": scenario_d, "g": scenario_g, "h": scenario_h,
 }
 # Two devices at once, each its own chain on its own VM, against the one controller. (e)
 # needs a committed A->B first ((a)'s), and (d)'s power cuts ride on (a) and (e), so they
@@ -654,7 +697,7 @@ SCENARIOS: dict[str, Callable[[Run], None]] = {
 # baseline boot (about 55 s with its cut) chain 1 took 583 s and chain 2 502 s, so the
 # baseline runs on chain 2.
 CHAINS: tuple[tuple[str, ...], ...] = (
-    ("a", "f", "e", "d", "g"),
+    ("a", "f", "e", "d", "g", "h"),
     ("baseline", "c", "b"),
 )
 ALL = [s for chain in CHAINS for s in chain if s != "baseline"]
@@ -925,7 +968,8 @@ def main(argv: list[str] | None = None) -> int:
                               tcg_thread=a.tcg_thread, transcript=out / f"transcript-{name}.log")
             runs.append(Run(dev, machine, ctl, proxy, Report(name), esp,
                             int(esp_part["size_mib"]) << 20, a.boot_timeout,
-                            lambda r: sign(a.edgeops, image, out / "bundles", r), which=steps))
+                            lambda r: sign(a.edgeops, image, out / "bundles", r), which=steps,
+                            token=token))
         threads = [threading.Thread(target=run_chain, args=(r, r.which), name=r.device, daemon=True)
                    for r in runs]
         for th in threads:
