@@ -44,10 +44,13 @@ class Run:
     rss_mib: float
 
 
-def run_measured(cmd: list[str]) -> Run:
+def run_measured(cmd: list[str], tree: Path = ROOT, out: int | None = subprocess.DEVNULL) -> Run:
+    """Run ``cmd`` from ``tree`` (on its PYTHONPATH) and measure it: wall, the child's CPU
+    (user + sys, os.wait4) and its peak RSS; it must succeed. tools/bench/install_fixed.py
+    measures the same way."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, cwd=tree,
+                            env={**os.environ, "PYTHONPATH": str(tree)})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode() if proc.stderr else ""

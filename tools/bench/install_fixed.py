@@ -19,31 +19,16 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Run(NamedTuple):
-    wall: float
-    cpu: float
-    rss_mib: float
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from install import Run, run_measured  # noqa: E402 (the sibling bench's one way to measure a child)
 
 
 def edgeops(tree: Path, *args: str | Path, out: int | None = subprocess.DEVNULL) -> Run:
     """Run ``edgeops ARGS`` from ``tree`` and measure it (it must succeed)."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *map(str, args)], cwd=tree, env=env,
-                            stdout=out, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"edgeops {' '.join(map(str, args))} failed in {tree}:\n{err}")
-    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+    return run_measured([sys.executable, "-m", "agent.cli", *map(str, args)], tree, out)
 
 
 def prepare(work: Path) -> Path:
