@@ -62,12 +62,11 @@ class SerialConsole:
     terminal escapes), and ``expect`` searches the cleaned text after the last match."""
 
     def __init__(self, path: Path, timeout: float = 30) -> None:
-        self.path = path
+        self.path, self.closed = path, False
         self.sock = self._connect(timeout)
         self.raw = bytearray()
         self.lock = threading.Lock()
         self.cursor = 0  # in the cleaned text
-        self.closed = False
         threading.Thread(target=self._read, daemon=True).start()
 
     def _connect(self, timeout: float) -> socket.socket:
@@ -79,7 +78,7 @@ class SerialConsole:
                 return sock
             except OSError:
                 sock.close()
-                if time.monotonic() > deadline or getattr(self, "closed", False):
+                if time.monotonic() > deadline or self.closed:
                     raise E2EFailure(f"console: cannot connect to {self.path}") from None
                 time.sleep(0.2)
 

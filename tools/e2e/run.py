@@ -644,8 +644,9 @@ def ddi_answer(ctl: Controller, device: str, token: str) -> int:
 def scenario_h(run_: Run) -> None:
     """(h) secure decommission of the booted device: the controller revokes it (its token is
     refused from then on), and on the device, with the agent stopped, ``edgeops decommission``
-    erases the identity, the fleet credentials, edgeops's TPM NV indices and the state on the
-    data partition; the TPM then holds no anchor (docs/boards.md, "Decommission")."""
+    erases the identity (none here: the e2e fleet uses TargetTokens), the fleet credentials,
+    edgeops's TPM NV indices and the state on the data partition; the TPM then holds no
+    anchor (docs/boards.md, "Decommission")."""
     m, rep = run_.machine, run_.report
     t0 = time.monotonic()
     before = ddi_answer(run_.ctl, m.name, run_.token)
@@ -695,7 +696,7 @@ SCENARIOS: dict[str, Callable[[Run], None]] = {
 # share chain 1; (c) and (b) (each a trial that ends back on A) run from the factory image.
 # Balanced on the idle machine's figures (2026-12-02, guest resets as power cycles): with the
 # baseline boot (about 55 s with its cut) chain 1 took 583 s and chain 2 502 s, so the
-# baseline runs on chain 2.
+# baseline runs on chain 2; (h) (no boot, about 10 s) ends chain 1, as it ends a device's life.
 CHAINS: tuple[tuple[str, ...], ...] = (
     ("a", "f", "e", "d", "g", "h"),
     ("baseline", "c", "b"),
