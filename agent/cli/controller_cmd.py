@@ -89,6 +89,8 @@ def register(sub: Any) -> None:
                         "devices must use client certificates from it (mTLS); needs --tls-cert")
     s.add_argument("--cert-lifetime", type=int, default=24 * 3600,
                    help="seconds a device certificate issued by identity/renew lives (default 86400)")
+    s.add_argument("--attest-pcr", type=int, default=15,
+                   help="the PCR device quotes must cover: the devices' [tpm] pcr (default 15)")
     s.add_argument("--init", action="store_true",
                    help="make a new database in an existing empty --db file (a missing file is "
                         "always created; an existing damaged or empty one is otherwise refused)")
@@ -384,7 +386,8 @@ def _serve(a: argparse.Namespace) -> int:
         digest, said = stored.digest, stored.said
     settings = Settings(api_token=a.token or "", api_token_sha256=digest, tenant=a.tenant,
                         poll_sleep=a.poll_sleep, parent=a.parent, device_ca=ca, ssl_context=ctx,
-                        cert_lifetime=a.cert_lifetime, max_connections=a.max_connections)
+                        cert_lifetime=a.cert_lifetime, max_connections=a.max_connections,
+                        attest_pcr=a.attest_pcr)
     raise_file_limit()  # before build_app: the connection cap is derived from the file limit
     import logging
 
@@ -421,6 +424,8 @@ def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
                          "TargetTokens: it cannot require device certificates (--device-ca)")
     if not 300 <= a.cert_lifetime <= 30 * 86400:
         raise UsageError("--cert-lifetime must be 300 to 2592000 seconds")
+    if not 0 <= a.attest_pcr <= 23 or a.attest_pcr == 16:
+        raise UsageError("--attest-pcr must be a PCR the device cannot reset: 0-15 or 17-23")
     if a.tls_cert is None:
         return None, None
     for f in (a.tls_cert, a.tls_key):

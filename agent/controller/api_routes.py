@@ -15,8 +15,9 @@ from aiohttp import web
 
 from agent.controller import rollout
 from agent.controller.dbexec import DBEXEC, call
-from agent.controller.errors import BadRequest, RequestTimeout
+from agent.controller.errors import BadRequest, NotFound, RequestTimeout
 from agent.controller.http import (
+    ATTEST,
     FLEET,
     POLL_TIMES,
     REQUESTS,
@@ -44,6 +45,8 @@ def add_routes(app: web.Application) -> None:
     r.add_post(API + "/devices", api_add_device)
     r.add_post(API + "/devices/{id}/tags", api_tag_device)
     r.add_post(API + "/devices/{id}/revoke", api_revoke_device)
+    r.add_get(API + "/devices/{id}/attestation", api_attestation)
+    r.add_delete(API + "/devices/{id}/attestation", api_forget_attestation)
     r.add_get(API + "/groups", api_groups)
     r.add_post(API + "/groups", api_add_group)
     r.add_get(API + "/bundles", api_bundles)
@@ -89,6 +92,24 @@ async def api_revoke_device(request: web.Request) -> web.Response:
     await call(request.app, request.app[FLEET].revoke_token, did)
     return web.json_response({"id": did, "revoked": True, "token": "revoked",
                               "certificates": "revoked" if s.device_ca is not None else "none"})
+
+
+async def api_attestation(request: web.Request) -> web.Response:
+    """The device's last attestation: bound key, verdict, booted slot, the verified event log."""
+    did = request.match_info["id"]
+    record = await call(request.app, request.app[ATTEST].record, did)
+    if record is None:
+        raise NotFound(f"device {did!r} has no attestation on record (unknown, or it has not "
+                       "quoted yet)")
+    return web.json_response(record)
+
+
+async def api_forget_attestation(request: web.Request) -> web.Response:
+    """Forget the device's bound attestation key (after its TPM was replaced): its next quote
+    binds one again."""
+    did = request.match_info["id"]
+    await call(request.app, request.app[ATTEST].forget, did)
+    return web.json_response({"id": did, "attestation": "forgotten"})
 
 
 async def api_groups(request: web.Request) -> web.Response:

@@ -12,9 +12,12 @@ import collections
 from aiohttp import web
 
 from agent.controller import api_routes, dashboard, dbexec, ddi_routes, tasks, telemetry_relay
+from agent.controller.attestation import Attestations, Enrolled
+from agent.controller.ca import DeviceCA
 from agent.controller.connections import ConnectionGuard, file_limit
 from agent.controller.fleet import Fleet
 from agent.controller.http import (
+    ATTEST,
     FLEET,
     GUARD,
     POLL_TIMES,
@@ -33,6 +36,7 @@ from agent.controller.http import (
 )
 from agent.controller.regional import Regional
 from agent.controller.shaping import PollShaper
+from agent.errors import IdentityError
 
 
 def build_app(fleet: Fleet, settings: Settings) -> web.Application:
@@ -51,6 +55,8 @@ def build_app(fleet: Fleet, settings: Settings) -> web.Application:
     app[dbexec.DBEXEC] = dbexec.for_database(fleet.db, limit=settings.db_queue,
                                              retry_after=settings.retry_after)
     app[SHAPER] = PollShaper(settings.poll_sleep)
+    app[ATTEST] = Attestations(fleet.db, pcr=settings.attest_pcr, clock=fleet.clock,
+                               enrolled=_enrolled_ak(settings.device_ca))
     app.cleanup_ctx.append(dbexec.lifecycle)  # first in, last out: after tasks' final flush
     app.cleanup_ctx.append(tasks.lifecycle)
     app.router.add_get("/_empty", empty)
@@ -62,6 +68,20 @@ def build_app(fleet: Fleet, settings: Settings) -> web.Application:
     dashboard.add_routes(app)
     telemetry_relay.install(app, fleet, settings)  # only with DATA/telemetry-relay.toml
     return app
+
+
+def _enrolled_ak(ca: DeviceCA | None) -> Enrolled | None:
+    """Where a device CA enrols devices, a quote must verify under the AK it enrolled."""
+    if ca is None:
+        return None
+
+    def enrolled(device_id: str) -> tuple[bytes, str] | None:
+        try:
+            e = ca.enrolment(device_id)
+        except IdentityError:  # not enrolled (yet): its first quote binds the key
+            return None
+        return e.ak_public_pem.encode(), e.kind
+    return enrolled
 
 
 async def empty(request: web.Request) -> web.Response:

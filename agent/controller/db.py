@@ -45,7 +45,7 @@ from agent.controller.errors import BadRequest, DatabaseRefused, ReaderBusy
 from agent.errors import TransportError
 
 Row = tuple[Any, ...]
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 REQUIRED = ("devices", "actions", "kv")  # tables every controller database has had since version 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -93,6 +93,14 @@ CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id,
 CREATE TABLE IF NOT EXISTS rollout_skipped (
     rollout_id BIGINT NOT NULL, device_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (rollout_id, device_id));
+CREATE TABLE IF NOT EXISTS attest_nonces (
+    device_id TEXT PRIMARY KEY, nonce TEXT NOT NULL, issued DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS attestations (
+    device_id TEXT PRIMARY KEY, ak TEXT NOT NULL, kind TEXT NOT NULL,
+    bound DOUBLE PRECISION NOT NULL, result TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
+    checked DOUBLE PRECISION NOT NULL, verified DOUBLE PRECISION, boot_slot TEXT,
+    events TEXT NOT NULL DEFAULT '[]', resets BIGINT, restarts BIGINT,
+    quotes BIGINT NOT NULL DEFAULT 0, refusals BIGINT NOT NULL DEFAULT 0);
 """
 
 
@@ -136,9 +144,14 @@ def _v4_rollout_history(db: Database) -> None:
     after the migrations (IF NOT EXISTS); older rollouts simply have no history before it."""
 
 
+def _v5_attestation(db: Database) -> None:
+    """Remote attestation (controller.attestation): the nonces issued (attest_nonces) and each
+    device's bound attestation key and last verdict (attestations); new tables, as in v4."""
+
+
 # MIGRATIONS[n] takes a database from version n + 1 to n + 2 (version 1 had no 'schema' row).
 MIGRATIONS: list[Callable[[Database], None]] = [_v2_token_digests, _v3_success_after,
-                                                 _v4_rollout_history]
+                                                 _v4_rollout_history, _v5_attestation]
 assert len(MIGRATIONS) == SCHEMA_VERSION - 1
 
 

@@ -13,6 +13,8 @@ eclipse/hawkbit ``hawkbit-ddi-api`` ``DdiDeploymentBase``/``DdiControllerBase``)
     GET  /{tenant}/controller/v1/{controllerId}/softwaremodules/{moduleId}/artifacts/{fileName}
 
     POST /{tenant}/controller/v1/{controllerId}/identity/renew                  (edgeops: mTLS)
+    POST /{tenant}/controller/v1/{controllerId}/attestation/challenge           (edgeops: quotes)
+    POST /{tenant}/controller/v1/{controllerId}/attestation/quote
 
 Authentication (TargetToken, or a client certificate under mTLS) is described in ``http``.
 A regional controller serves the same paths from its mirror instead (``regional``).
@@ -30,10 +32,11 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller.bundles import BundleInfo
-from agent.controller.dbexec import read, write
+from agent.controller.dbexec import call, read, write
 from agent.controller.errors import BadRequest, NotFound
 from agent.controller.fleet import Fleet, PollInfo
 from agent.controller.http import (
+    ATTEST,
     DDI,
     FLEET,
     PEER,
@@ -51,6 +54,7 @@ from agent.controller.http import (
     target_token,
     text,
 )
+from agent.core import evidence
 from agent.core.identity import RENEW_PATH, CertTimes
 from agent.errors import CertificateRequired, WrongDevice
 
@@ -70,6 +74,8 @@ def add_routes(app: web.Application) -> None:
     r.add_put(DDI + "/configData", ddi_config)
     r.add_get(DDI + "/softwaremodules/{mid}/artifacts/{fn}", ddi_artifact)
     r.add_post(DDI + "/" + RENEW_PATH, ddi_identity_renew)
+    r.add_post(DDI + "/" + evidence.CHALLENGE_PATH, ddi_attest_challenge)
+    r.add_post(DDI + "/" + evidence.QUOTE_PATH, ddi_attest_quote)
 
 
 # --- the base poll ----------------------------------------------------------------------------
@@ -273,3 +279,26 @@ async def ddi_identity_renew(request: web.Request) -> web.Response:
     log.info("issued a device certificate to %s until %d", cid, times.not_after)
     return web.json_response({"certificate": pem.decode(), "not_before": times.not_before,
                               "not_after": times.not_after})
+
+
+# --- edgeops: remote attestation (agent.core.evidence) ---------------------------------------
+async def ddi_attest_challenge(request: web.Request) -> web.Response:
+    """A fresh nonce for this device's next quote (it replaces any earlier one), and the PCR
+    this controller judges quotes by."""
+    _, cid, _ = await _ddi_auth(request)
+    nonce = await call(request.app, request.app[ATTEST].challenge, cid)
+    return web.json_response({"nonce": nonce.hex(), "pcrs": [request.app[SETTINGS].attest_pcr],
+                              "expires_in": evidence.NONCE_LIFETIME})
+
+
+async def ddi_attest_quote(request: web.Request) -> web.Response:
+    """Judge a quote against the nonce issued (consumed either way) and the device's bound AK:
+    200 with the device's attestation record, or 422 ``QuoteRefused`` saying why."""
+    _, cid, _ = await _ddi_auth(request)
+    answer = await call(request.app, request.app[ATTEST].answer, cid, await read_json(request))
+    if answer.refused is not None:
+        log.warning("attestation of %s refused: %s", cid, answer.refused)
+        raise answer.refused
+    log.info("attestation of %s verified: boot slot %s, %d event(s)", cid,
+             answer.record["boot_slot"], len(answer.record["events"]))
+    return web.json_response(answer.record)

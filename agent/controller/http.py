@@ -39,6 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.controller import tokens
+from agent.controller.attestation import Attestations
 from agent.controller.ca import DeviceCA
 from agent.controller.connections import ConnectionGuard
 from agent.controller.dbexec import DEFAULT_LIMIT, DEFAULT_RETRY_AFTER
@@ -53,6 +54,7 @@ from agent.controller.errors import (
 from agent.controller.fleet import Fleet
 from agent.controller.retention import FEEDBACK_RETENTION
 from agent.controller.shaping import PollShaper
+from agent.core.config import DEFAULT_PCR
 from agent.core.identity import CERT_LIFETIME
 from agent.errors import CertificateRequired, EdgeopsError, IdentityError, TrustError
 
@@ -83,6 +85,7 @@ class Settings:
     feedback_retention: float = FEEDBACK_RETENTION  # seconds a closed action keeps all its reports
     db_queue: int = DEFAULT_LIMIT  # database calls waiting or running before 429 (dbexec)
     retry_after: int = DEFAULT_RETRY_AFTER  # seconds, the lower end of a 429's Retry-After
+    attest_pcr: int = DEFAULT_PCR  # the PCR quotes must cover: the devices' [tpm] pcr
 
     def __post_init__(self) -> None:
         if self.api_token and not self.api_token_sha256:
@@ -119,6 +122,7 @@ REQUESTS = web.AppKey("requests", collections.Counter)  # DDI requests by kind, 
 GUARD = web.AppKey("guard", ConnectionGuard)  # counts connections; ``serve`` wires it to the socket
 SHAPER = web.AppKey("shaper", PollShaper)  # config.polling.sleep per device (``shaping``)
 POLL_TIMES = web.AppKey("poll_times", PollTimes)  # base-poll answer times, for /metrics
+ATTEST = web.AppKey("attest", Attestations)  # nonces and quotes (``attestation``)
 
 
 def sleep_text(seconds: int) -> str:
