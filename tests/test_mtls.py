@@ -28,15 +28,18 @@ from cryptography.hazmat.primitives import serialization
 from agent import errors
 from agent.adapters.ddi_http import DdiClient
 from agent.adapters.rot import tpm
+from agent.adapters.rot.keystore import KeystoreRoot
 from agent.adapters.tls import mount_context
 from agent.controller.ca import DeviceCA
 from agent.controller.db import open_database
 from agent.controller.fleet import Fleet
 from agent.controller.http import Settings
 from agent.controller.serve import serve_in_thread
+from agent.core import evidence
 from agent.core.config import load
 from agent.core.fleet_config import FleetConfig
 from agent.core.identity import CERT_LIFETIME, CertTimes
+from agent.device import attestation
 from agent.device.fleet import FleetAgent
 from agent.device.identity import DeviceIdentity, FleetIdentity
 from agent.device.updater import Updater, open_device
@@ -310,3 +313,23 @@ def test_configuration_errors_are_clear(tmp_path: Path) -> None:
     bad_cli = run_cli("controller", "serve", "--db", tmp_path / "c.db", "--device-ca", tmp_path)
     assert bad_cli.returncode != 0 and "--device-ca (mTLS) needs HTTPS" in bad_cli.stderr
     assert not (tmp_path / "c.db").exists()  # refused before anything was created
+
+
+def test_agent_attests_under_the_key_its_enrolment_bound(ctl: Controller, board: Updater,
+                                                         tmp_path: Path) -> None:
+    agent, _ = _enrolled_agent(ctl, board)  # its first poll renewed, then quoted over mTLS
+    rec = ctl.api("GET", "/devices/gw-1/attestation")
+    enrolled = ctl.ca.enrolment("gw-1").ak_public_pem.encode()
+    assert rec["result"] == "verified" and rec["kind"] == "tpm", rec
+    assert rec["ak_sha256"] == evidence.key_digest(enrolled)
+    # The registry's key is the one quotes must verify under: enrolled with another AK, the
+    # same TPM's quote is refused (a device whose TPM is not the one it enrolled with).
+    registry = ctl.ca.dir / "devices.json"
+    reg = json.loads(registry.read_text())
+    reg["gw-1"]["ak"] = KeystoreRoot(tmp_path / "elsewhere", reason="test").ak_public_pem().decode()
+    registry.write_text(json.dumps(reg))
+    agent.journal.put(attestation.KEY, None)  # due again now
+    out = agent.poll_once()
+    assert any("attestation refused by the controller (HTTP 422)" in m
+               and "another attestation key" in m for m in out.messages), out.messages
+    assert ctl.api("GET", "/devices/gw-1/attestation")["result"] == "refused"

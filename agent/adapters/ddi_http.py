@@ -14,15 +14,18 @@ standard-library poller for an idle agent, say) can stand in for it:
   ``poll(etag=, wait=)``         the base resource (``PollAnswer``; ``base`` None on 304)
   ``deployment(href)``, ``cancel(href)``   the documents the base resource links to
   ``send(report)``               deliver one outbox ``Report`` (raises ``Rejected`` / ``TransportError``)
+  ``post_json(path, body)``      an edgeops exchange (attestation): ``(status, JSON object)``
   ``open_artifact(artifact)``    a ``ResumableStream`` the updater reads the bundle from
   ``session``                    the requests session, for ``FleetIdentity.attach`` (mTLS)
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 
@@ -120,6 +123,30 @@ class DdiClient:
         if 400 <= code < 500 and code not in (401, 403, 408, 429):
             raise Rejected(f"{report.method} {report.path} answered HTTP {code}")
         raise TransportError(f"{report.method} {report.path} answered HTTP {code}")
+
+    def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST a JSON object under the device's DDI base; the answer's status and JSON object
+        (``{}`` if it is not one). 2xx and 4xx other than auth, 408 and 429 come back; the rest
+        raise ``TransportError`` (``Throttled`` for 429)."""
+        url = self.url(path)
+        kw = self.origin.request_kwargs(url)
+        try:
+            resp = self.session.post(url, json=body, headers=kw["headers"], cert=kw["cert"],
+                                     verify=kw["verify"], timeout=self.timeout, allow_redirects=False,
+                                     stream=True)  # the answer is read bounded, below
+            with resp:
+                data = resp.raw.read(ddi.MAX_DOCUMENT + 1, decode_content=True) or b""
+                code, hdrs = resp.status_code, dict(resp.headers)
+        except (requests.RequestException, OSError) as exc:
+            raise transport_failure(f"POST {path}", exc) from None
+        _throttled(f"POST {path}", code, hdrs)
+        if code >= 500 or code in (401, 403, 408):
+            raise http_failure(f"POST {path}", code, data)
+        try:
+            doc = json.loads(data[:ddi.MAX_DOCUMENT])
+        except ValueError:
+            doc = None
+        return code, doc if isinstance(doc, dict) else {}
 
     def open_artifact(self, artifact: ddi.Artifact, *, sleep: Callable[[float], None] = time.sleep,
                       cancelled: Callable[[], bool] | None = None) -> ResumableStream:

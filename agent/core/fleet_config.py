@@ -73,6 +73,9 @@ class FleetConfig:
     client_key: Path | None = None
     ca_cert: Path | None = None
     identity: bool = False  # mTLS with the device identity (TPM-sealed key), renewed by the agent
+    # Quote the measurements to the controller (agent.device.attestation) every this many
+    # seconds and at the agent's first poll; 0: never. Only where the device has a root of trust.
+    attest_interval: float = 21600.0
     poll_interval: float = 300.0  # used when the server gives no config.polling.sleep
     min_sleep: float = 1.0
     max_sleep: float = 86400.0
@@ -138,12 +141,16 @@ def parse_fleet(table: dict[str, Any], base: Path, where: str = "[fleet]") -> Fl
         if identity and (not table.get("ca_cert") or table.get("client_cert")):
             raise ConfigError(f"{where}: identity = true needs ca_cert and no client_cert/client_key "
                               "(the key is the device's sealed identity key; docs/tpm.md)")
+        attest = table.get("attest_interval", 21600)
+        if isinstance(attest, bool) or not isinstance(attest, (int, float)) or \
+                not (attest == 0 or 60 <= attest <= 30 * 86400):
+            raise ConfigError(f"{where}: attest_interval must be 0 (never) or 60 to 2592000 seconds")
         return FleetConfig(
             url=url, controller_id="" if id_file is not None else str(table["controller_id"]),
             tenant=str(table.get("tenant", "DEFAULT")), auth=auth,
             token="" if token_file is not None else token,
             client_cert=path("client_cert"), client_key=path("client_key"),
-            ca_cert=path("ca_cert"), identity=identity,
+            ca_cert=path("ca_cert"), identity=identity, attest_interval=float(attest),
             poll_interval=float(table.get("poll_interval", 300)),
             min_sleep=float(table.get("min_sleep", 1)),
             max_sleep=float(table.get("max_sleep", 86400)),

@@ -38,6 +38,7 @@ from agent.core.fleet_config import FleetConfig
 from agent.core.outbox import KIND, MODEL_KIND, Backoff, Report, Sync
 from agent.core.trust import best_known_time
 from agent.device import telemetry
+from agent.device.attestation import Attestor
 from agent.device.fleet_files import find_fleet, load_fleet
 from agent.device.identity import FleetIdentity
 from agent.device.push import next_poll
@@ -87,6 +88,8 @@ class FleetAgent:
         if identity is not None:
             identity.attach(client.session)
         self._offline = False  # the last poll failed: renew once connectivity returns
+        self.attestor = Attestor(updater.root, client, self.journal, updater.dev.runtime.boot_id,
+                                 interval=self.cfg.attest_interval, clock=clock)
         self._refused = False  # the controller refused our certificate (403 with a reason, TLS alert)
 
     # --- journal-backed action record ------------------------------------------------------
@@ -138,6 +141,8 @@ class FleetAgent:
         if self._offline:
             self._offline = False
             self._renew(connectivity_returned=True)
+        if (said := self.attestor.maybe_attest()) is not None:
+            self.messages.append(said)
         self.etag = answer.etag
         base = answer.base
         rebooted = False

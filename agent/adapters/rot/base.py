@@ -51,13 +51,17 @@ class Quote:
     pcrs: tuple[int, ...]
     events: tuple[Event, ...]
 
-    def to_json(self) -> str:
-        return json.dumps({
+    def to_dict(self) -> dict[str, Any]:
+        """The quote document (``agent.core.evidence.parse_evidence`` reads it)."""
+        return {
             "kind": self.kind, "attest": base64.b64encode(self.attest).decode(),
             "signature": base64.b64encode(self.signature).decode(),
             "ak_public_pem": self.ak_public_pem.decode(), "pcrs": list(self.pcrs),
             "events": [{"pcr": e.pcr, "label": e.label, "digest": e.digest.hex()} for e in self.events],
-        }, indent=1)
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Quote:
