@@ -15,6 +15,7 @@ import base64
 import copy
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,3 +331,21 @@ def test_any_flipped_bit_of_a_quote_is_refused(keystore: KeystoreRoot, field: st
     ev = evidence.parse_evidence(json.loads(json.dumps(bad)))
     with pytest.raises(QuoteRefused):
         evidence.judge(ev, bound_ak_pem=keystore.ak_public_pem(), nonce=nonce, pcr=keystore.pcr)
+
+
+def test_dashboard_device_page_shows_the_verdict(ctl: Controller, board: Updater) -> None:
+    agent = _agent(ctl, board)
+    s = requests.Session()
+    r = s.post(ctl.url + "/login", data={"token": "op", "next": "/"}, allow_redirects=False, timeout=10)
+    assert r.status_code == 303, r.text
+    assert "attestation: none on record" in s.get(ctl.url + "/devices/gw-1", timeout=10).text
+    agent.poll_once()
+    html = s.get(ctl.url + "/devices/gw-1", timeout=10).text
+    slot = board.dev.runtime.booted_slot()
+    assert re.search(r'<p id="attestation">attestation <span class="status verified">verified</span> '
+                     rf"\(tpm quote, boot slot {slot}, \d+ s ago\)</p>", html), html
+    doc = _quote_doc(ctl, "gw-1", _token(agent), _root(board))
+    doc["events"] = []
+    ctl.ddi("gw-1", _token(agent), evidence.QUOTE_PATH, doc)
+    html = s.get(ctl.url + "/devices/gw-1", timeout=10).text
+    assert 'class="status refused">refused</span>' in html and "differ from the expected" in html

@@ -224,6 +224,16 @@ def _rollout_link(rid: int | None) -> str:
     return "" if rid is None else f'<a href="/rollouts/{rid}">#{rid}</a>'
 
 
+def _attestation(p: DevicePage) -> str:
+    if p.attestation is None:
+        return '<p id="attestation">attestation: none on record</p>'
+    result, kind, checked, slot, detail = p.attestation
+    what = f"{kind} quote, boot slot {slot}" if slot else f"{kind} quote"
+    why = f": {e(detail)}" if result == "refused" and detail else ""
+    return (f'<p id="attestation">attestation <span class="status {e(result)}">{e(result)}</span>'
+            f" ({e(what)}, {e(ago(checked, p.now))}){why}</p>")
+
+
 def device(p: DevicePage, csrf: str) -> str:
     d = p.device
     attrs = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in sorted(p.attributes.items()))
@@ -237,7 +247,7 @@ def device(p: DevicePage, csrf: str) -> str:
         f"<p>site <b>{e(d.site or '(none)')}</b> · version <b>{e(d.version or '(unknown)')}</b> · "
         f'<span class="{state.split()[0]}">{state}</span> (last seen {e(iso(d.last_seen))}, '
         f"{e(ago(d.last_seen, p.now))}) · tags {e(', '.join(d.tags) or '(none)')} · "
-        f"groups {e(', '.join(p.groups) or '(none)')}</p></section>"
+        f"groups {e(', '.join(p.groups) or '(none)')}</p>{_attestation(p)}</section>"
         f'<section class="card"><h3>Action history</h3><table id="history"><thead><tr><th>action</th>'
         f"<th>rollout</th><th>version</th><th>status</th><th>updated</th><th>detail</th></tr></thead>"
         f"<tbody>{actions}</tbody></table></section>"

@@ -143,6 +143,8 @@ class DevicePage:
     # (action id, rollout id, version, status, detail, updated), newest first
     actions: list[tuple[int, int | None, str, str, str, float]]
     now: float
+    # the last attestation (controller.attestation): result, kind, checked, boot slot, detail
+    attestation: tuple[str, str, float, str | None, str] | None = None
 
 
 def _where(f: Filters, now: float) -> tuple[str, list[Any]]:
@@ -302,4 +304,8 @@ def device_page(fleet: Fleet, device_id: str) -> DevicePage:
     latest = (actions[0][3], actions[0][4]) if actions else ("", "")
     groups = [str(g) for (g,) in fleet.db.query(
         "SELECT grp FROM group_members WHERE device_id = ? ORDER BY grp", [device_id])]
-    return DevicePage(_device_row(rows[0], latest, now), json.loads(rows[0][5]), groups, actions, now)
+    att = [(str(r), str(k), float(c), None if b is None else str(b), str(det)) for r, k, c, b, det in
+           fleet.db.query("SELECT result, kind, checked, boot_slot, detail FROM attestations "
+                          "WHERE device_id = ?", [device_id])]
+    return DevicePage(_device_row(rows[0], latest, now), json.loads(rows[0][5]), groups, actions, now,
+                      att[0] if att else None)
