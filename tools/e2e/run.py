@@ -564,6 +564,7 @@ def first_boot(run_: Run) -> None:
 
 
 def scenario_a(run_: Run) -> None:
+    since = time.time()  # the controller's clock is this machine's
     if "d" in run_.which:
         # one boot fewer: the power cut hits (a)'s download, and the retry of that same
         # deployment is (a) (trial boot into B, health, commit, success after the commit)
@@ -572,8 +573,33 @@ def scenario_a(run_: Run) -> None:
         took = run_.update(REL["good-ab"], to=run_.other, expect="success")
         run_.report.row("(a) 2.0: good-ab", took, f"{run_.current} -> {run_.other}, committed, "
                         "success reported")
+    attested(run_, run_.other, since, "(a)")
     run_.report.results["a"] = "passed"
     run_.current = run_.other
+
+
+def attested(run_: Run, slot: str, since: float, what: str) -> None:
+    """The controller verified a quote of the guest's TPM (swtpm) made in the boot of ``slot``:
+    the agent quotes once per boot (agent.device.attestation), the controller judges it under
+    the key bound by the device's first quote and its own nonce (agent.core.evidence)."""
+    m, t0 = run_.machine, time.monotonic()
+    rec: Any = None
+    while time.monotonic() - t0 < 60:
+        try:
+            rec = run_.ctl.api("GET", f"/devices/{m.name}/attestation")
+        except E2EFailure:  # 404 until the first quote
+            rec = None
+        if (rec and rec["result"] == "verified" and str(rec["boot_slot"]).upper() == slot
+                and rec["verified"] >= since):
+            break
+        time.sleep(1)
+    else:
+        raise E2EFailure(f"{what}: no verified quote of the boot of slot {slot} on the controller: "
+                         f"{json.dumps(rec)[:400]}\n{m.tail()}")
+    run_.report.results["attest"] = "passed"
+    run_.report.row(f"{what} TPM quote verified by the controller", time.monotonic() - t0,
+                    f"{rec['kind']} quote of PCR {rec['pcr']}, boot slot {rec['boot_slot']}, "
+                    f"{len(rec['events'])} event(s), {rec['quotes']} quote(s) since bound")
 
 
 def scenario_f(run_: Run) -> None:
