@@ -291,6 +291,9 @@ def test_cli_serve_with_device_ca_and_tpm_renew(tmp_path: Path, sw: SwTpm, devic
         poll = run_cli("fleet", "poll", "--once", "--config", toml)
         assert poll.returncode == 0 and "poll failed" not in poll.stdout, poll.stdout + poll.stderr
         assert ca.enrolment("gw-1").kind == "tpm"
+        assert "attestation verified by the controller: tpm quote" in poll.stdout, poll.stdout
+        said = run_cli("controller", "device", "attestation", "gw-1", check=True).stdout
+        assert said.startswith("gw-1: verified (tpm quote of PCR 15"), said
         run_cli("controller", "device", "revoke", "gw-1", check=True)
         poll = run_cli("fleet", "poll", "--once", "--config", toml)
         assert "DeviceRevoked" in poll.stdout, poll.stdout + poll.stderr

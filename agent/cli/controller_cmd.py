@@ -3,7 +3,7 @@
     edgeops controller serve [--db URL] [--listen 127.0.0.1:PORT] [--parent URL] [--keyring ROOT.crt]
                              [--tls-cert F --tls-key F [--device-ca DIR [--cert-lifetime S]]]
                              [--init] [--reuse-port] [--max-connections N]
-    edgeops controller device list|add|tag|revoke     edgeops controller group list|add
+    edgeops controller device list|add|tag|revoke|attestation    edgeops controller group list|add
     edgeops controller bundle list|upload
     edgeops controller deploy BUNDLE (--device D | --group G | --percent P | --all) [--force]
     edgeops controller rollout create|status [--watch]|pause|resume|halt|cancel
@@ -143,6 +143,15 @@ def register(sub: Any) -> None:
                                  render=lambda r: print(f"{a.id}: revoked")),
                  "edgeops controller device revoke store-17")
     rv.add_argument("id", help="the device")
+    at = api_cmd(dev, "attestation", "the device's last TPM quote: verified or refused, booted slot, "
+                 "event log; --forget drops its bound attestation key (after a TPM replacement)",
+                 lambda a: _call(a, "DELETE" if a.forget else "GET", f"/devices/{a.id}/attestation",
+                                 render=(lambda r: print(f"{a.id}: attestation key forgotten"))
+                                 if a.forget else views.attestation_text),
+                 "edgeops controller device attestation store-17")
+    at.add_argument("id", help="the device")
+    at.add_argument("--forget", action="store_true",
+                    help="forget the bound attestation key: the device's next quote binds one")
 
     grp = _parser(cs, "group", "list groups or add devices to one",
                   "edgeops controller group list").add_subparsers(dest="a", metavar="ACTION",

@@ -32,6 +32,17 @@ def devices_table(r: Any) -> None:
                   ",".join(d["tags"])) for d in r["devices"]]))
 
 
+def attestation_text(r: Any) -> None:
+    """``controller device attestation``: the verdict, then the verified event log."""
+    slot = f", boot slot {r['boot_slot']}" if r.get("boot_slot") else ""
+    why = f": {r['detail']}" if r["result"] == "refused" and r.get("detail") else ""
+    print(f"{r['device']}: {r['result']} ({r['kind']} quote of PCR {r['pcr']}{slot}) at "
+          f"{iso(r['checked'])}{why}")
+    print(f"last verified {iso(r['verified'])}; {r['quotes']} quote(s) verified, {r['refusals']} "
+          f"refused since the key was bound {iso(r['bound'])}; AK SHA-256 {r['ak_sha256'][:16]}…")
+    print(table(("EVENT", "DIGEST"), [(e["label"], e["digest"]) for e in r["events"]]))
+
+
 def groups_table(r: Any) -> None:
     print(table(("GROUP", "DEVICES", "MEMBERS"),
                 [(g, len(m), ", ".join(m[:8]) + (", ..." if len(m) > 8 else ""))
