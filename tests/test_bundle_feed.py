@@ -160,3 +160,67 @@ def test_a_written_zstd_payload_asks_for_no_more_than_the_writers_window(tmp_pat
     frame = zstandard.get_frame_parameters(data[_stored_offset(data, "rootfs"):][:64])
     assert frame.window_size <= 1 << bundle_mod.ZSTD_WINDOW_LOG
     assert frame.has_checksum
+
+
+# --- the whole-payload hash of an install -----------------------------------------------------
+def _installed_with_check(pr: PayloadReader, whole_hash: bool | None = None) -> int:
+    """Read the payload as the updater does: every buffer, once decoded, through the check."""
+    check = pr.whole_hash_check(whole_hash)
+    buf, total = memoryview(bytearray(pr.buffer_size)), 0
+    while n := pr.readinto(buf):
+        if check is not None:
+            check(buf[:n])
+        total += n
+    return total
+
+
+def _zstd_file(path: Path, data: bytes, *, checksum: bool) -> Path:
+    params = zstandard.ZstdCompressionParameters.from_level(3, write_checksum=int(checksum))
+    path.write_bytes(zstandard.ZstdCompressor(compression_params=params).compress(data))
+    return path
+
+
+def _misdeclared(tmp_path: Path, pki: Keys, *, checksum: bool) -> bytes:
+    """A signed bundle whose manifest declares another SHA-256 than its zstd payload decodes
+    to (a creator's inconsistent manifest; every stored block is signed as it is)."""
+    image = make_image(tmp_path / "img", 2 << 20, "declared")
+    stored = _zstd_file(tmp_path / "stored.zst", image.read_bytes(), checksum=checksum)
+    out = tmp_path / "b.bundle"
+    bundle_writer.create(out, sign=keys.load_signing_key(pki.signer_key).sign,
+                         chain_pem=pki.signer_crt.read_bytes(), compatible="edgeops-sim",
+                         version="2.0", security_version=1, build_time=1_800_000_000,
+                         sources=[bundle_writer.PayloadSource(
+                             "rootfs", "rootfs", image, True, BLOCK, stored=stored,
+                             installed=(image.stat().st_size, "ab" * 32))])
+    return out.read_bytes()
+
+
+def test_a_zstd_frame_without_its_checksum_is_hashed_whole_at_install(tmp_path: Path, pki: Keys) -> None:
+    _, pr = _payload(io.BytesIO(_misdeclared(tmp_path, pki, checksum=False)))
+    with pytest.raises(HashMismatch, match="'rootfs' SHA-256 does not match the manifest"):
+        _installed_with_check(pr)
+    assert pr.frame_checksum is False
+
+
+def test_a_checksummed_zstd_frame_is_not_hashed_again_but_bundle_verify_still_is(
+        tmp_path: Path, pki: Keys) -> None:
+    data = _misdeclared(tmp_path, pki, checksum=True)
+    _, pr = _payload(io.BytesIO(data))
+    assert _installed_with_check(pr) == 2 << 20  # every stored block verified, the frame's XXH64 too
+    assert pr.frame_checksum is True
+    _, pr = _payload(io.BytesIO(data))
+    with pytest.raises(HashMismatch, match="does not match the manifest"):  # as 'bundle verify' reads
+        _installed_with_check(pr, whole_hash=True)
+
+
+def test_decoded_bytes_that_disagree_with_the_frame_checksum_are_refused(tmp_path: Path, pki: Keys) -> None:
+    """What stands in for the whole hash: a decoder whose output is not what was compressed
+    (here, a frame whose XXH64 says other content) stops with the decoder's error."""
+    image = make_image(tmp_path / "img", 1 << 20, "xxh")
+    stored = _zstd_file(tmp_path / "stored.zst", image.read_bytes(), checksum=True)
+    raw = bytearray(stored.read_bytes())
+    raw[-1] ^= 0xFF  # the frame's Content_Checksum: the last four bytes
+    stored.write_bytes(bytes(raw))
+    _, pr = _payload(io.BytesIO(_create(tmp_path, pki, image, stored=stored).read_bytes()))
+    with pytest.raises(BundleError, match=r"'rootfs' is not valid zstd: .*checksum"):
+        _installed_with_check(pr)
