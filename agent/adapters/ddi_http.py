@@ -69,10 +69,8 @@ class DdiClient:
     def _get_json(self, url: str, headers: dict[str, str] | None = None,
                   timeout: tuple[float, float] | None = None) -> tuple[int, bytes, dict[str, str]]:
         try:
-            resp = open_url(self.session, self.origin, url, headers or {}, timeout or self.timeout)
-            with resp:
-                body = resp.raw.read(ddi.MAX_DOCUMENT + 1, decode_content=True) or b""
-                code, hdrs = resp.status_code, dict(resp.headers)
+            code, body, hdrs = _answer(open_url(self.session, self.origin, url, headers or {},
+                                                timeout or self.timeout))
         except (requests.RequestException, OSError) as exc:
             # says so when the controller refused our certificate at the handshake
             raise transport_failure(f"GET {redact(url)}", exc) from None
@@ -131,12 +129,9 @@ class DdiClient:
         url = self.url(path)
         kw = self.origin.request_kwargs(url)
         try:
-            resp = self.session.post(url, json=body, headers=kw["headers"], cert=kw["cert"],
-                                     verify=kw["verify"], timeout=self.timeout, allow_redirects=False,
-                                     stream=True)  # the answer is read bounded, below
-            with resp:
-                data = resp.raw.read(ddi.MAX_DOCUMENT + 1, decode_content=True) or b""
-                code, hdrs = resp.status_code, dict(resp.headers)
+            code, data, hdrs = _answer(self.session.post(
+                url, json=body, headers=kw["headers"], cert=kw["cert"], verify=kw["verify"],
+                timeout=self.timeout, allow_redirects=False, stream=True))
         except (requests.RequestException, OSError) as exc:
             raise transport_failure(f"POST {path}", exc) from None
         _throttled(f"POST {path}", code, hdrs)
@@ -153,6 +148,14 @@ class DdiClient:
         return ResumableStream(self.session, self.origin, artifact.url, size=artifact.size,
                                sha256=artifact.sha256, policy=self.cfg.download, sleep=sleep,
                                cancelled=cancelled)
+
+
+def _answer(resp: requests.Response) -> tuple[int, bytes, dict[str, str]]:
+    """A streamed response's status, body (at most one document and a byte: the parser refuses
+    more) and headers; the connection goes back to the pool."""
+    with resp:
+        body = resp.raw.read(ddi.MAX_DOCUMENT + 1, decode_content=True) or b""
+        return resp.status_code, body, dict(resp.headers)
 
 
 def _throttled(what: str, code: int, headers: dict[str, str]) -> None:
