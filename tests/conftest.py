@@ -7,7 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +18,7 @@ import pytest
 from agent.core.config import load
 from agent.device.updater import Device, Updater, open_device
 from agent.host import bundle_writer, keys, sim
+from tests.swtpm import SwTpm, require_swtpm
 
 EDGEOPS = [sys.executable, "-m", "agent.cli"]
 COMPATIBLE = "edgeops-sim"
@@ -99,6 +100,29 @@ def device(device_dir: Path) -> Device:
 @pytest.fixture
 def updater(device: Device) -> Updater:
     return Updater(device, sleep=lambda s: None)
+
+
+@pytest.fixture
+def sw(tmp_path: Path) -> Iterator[SwTpm]:
+    """A real swtpm on 127.0.0.1 for one test (skips where swtpm or tpm2-pytss is missing)."""
+    require_swtpm()
+    s = SwTpm(tmp_path / "tpmstate").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def tpm_board(device_dir: Path, sw: SwTpm, pki: Keys) -> Iterator[Updater]:
+    """A sim board whose agent.toml points at the swtpm, provisioned like 'edgeops tpm provision'."""
+    from agent.adapters.rot import tpm
+
+    toml = device_dir / "agent.toml"
+    toml.write_text(toml.read_text() + f'\n[tpm]\ntcti = "{sw.tcti}"\n')
+    cfg = load(toml)
+    tpm.TpmRoot(tpm.TpmSettings(sw.tcti), cfg.state_dir).provision(pki.root_crt.read_bytes())
+    dev = open_device(cfg)
+    yield Updater(dev, sleep=lambda s: None)
+    dev.close()
 
 
 def load_script(name: str, path: Path) -> ModuleType:

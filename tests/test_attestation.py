@@ -35,14 +35,13 @@ from agent.controller.http import Settings
 from agent.controller.serve import serve_in_thread
 from agent.core import evidence
 from agent.core.attest import QuoteRefused
-from agent.core.config import load
 from agent.core.fleet_config import FleetConfig
 from agent.device import attestation
 from agent.device.fleet import FleetAgent
-from agent.device.updater import Updater, open_device
+from agent.device.updater import Updater
 from tests.conftest import Keys
 from tests.fakeddi import FakeDdi
-from tests.swtpm import SwTpm, require_swtpm
+from tests.swtpm import SwTpm
 
 
 @dataclass
@@ -75,25 +74,9 @@ def ctl(tmp_path: Path) -> Iterator[Controller]:
 
 
 @pytest.fixture
-def sw(tmp_path: Path) -> Iterator[SwTpm]:
-    require_swtpm()
-    s = SwTpm(tmp_path / "tpmstate").start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def board(device_dir: Path, sw: SwTpm, pki: Keys) -> Iterator[Updater]:
-    """A sim board whose agent.toml points at the swtpm, provisioned like 'edgeops provision'."""
-    toml = device_dir / "agent.toml"
-    toml.write_text(toml.read_text() + f'\n[tpm]\ntcti = "{sw.tcti}"\n')
-    cfg = load(toml)
-    tpm.TpmRoot(tpm.TpmSettings(sw.tcti), cfg.state_dir).provision(pki.root_crt.read_bytes())
-    dev = open_device(cfg)
-    up = Updater(dev, sleep=lambda s: None)
-    up.cycle()  # the agent's first cycle of the boot: measures the booted slot
-    yield up
-    dev.close()
+def board(tpm_board: Updater) -> Updater:
+    tpm_board.cycle()  # the agent's first cycle of the boot: measures the booted slot
+    return tpm_board
 
 
 def _agent(ctl: Controller, up: Updater, did: str = "gw-1", **kw: Any) -> FleetAgent:

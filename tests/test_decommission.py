@@ -5,7 +5,6 @@ finished after a power cut, and the device can be provisioned again as a factory
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,7 @@ from agent.device import decommission, provision
 from agent.device.identity import DeviceIdentity
 from agent.errors import DeviceBusy
 from tests.conftest import Keys, run_cli
-from tests.swtpm import SwTpm, require_swtpm
-
-
-@pytest.fixture
-def sw(tmp_path: Path) -> Iterator[SwTpm]:
-    require_swtpm()
-    s = SwTpm(tmp_path / "tpmstate").start()
-    yield s
-    s.stop()
+from tests.swtpm import SwTpm
 
 
 def member(device_dir: Path, sw: SwTpm, pki: Keys, tmp_path: Path) -> Path:

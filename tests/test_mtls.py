@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives import serialization
 
 from agent import errors
 from agent.adapters.ddi_http import DdiClient
-from agent.adapters.rot import tpm
 from agent.adapters.rot.keystore import KeystoreRoot
 from agent.adapters.tls import mount_context
 from agent.controller.ca import DeviceCA
@@ -36,16 +35,15 @@ from agent.controller.fleet import Fleet
 from agent.controller.http import Settings
 from agent.controller.serve import serve_in_thread
 from agent.core import evidence
-from agent.core.config import load
 from agent.core.fleet_config import FleetConfig
 from agent.core.identity import CERT_LIFETIME, CertTimes
 from agent.device import attestation
 from agent.device.fleet import FleetAgent
 from agent.device.identity import DeviceIdentity, FleetIdentity
-from agent.device.updater import Updater, open_device
+from agent.device.updater import Updater
 from agent.errors import CertificateRefused
 from tests.conftest import Keys, run_cli
-from tests.swtpm import SwTpm, require_swtpm
+from tests.swtpm import SwTpm
 
 DAY = 86400
 
@@ -89,23 +87,8 @@ def ctl(tmp_path: Path) -> Iterator[Controller]:
 
 
 @pytest.fixture
-def sw(tmp_path: Path) -> Iterator[SwTpm]:
-    require_swtpm()
-    s = SwTpm(tmp_path / "tpmstate").start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def board(device_dir: Path, sw: SwTpm, pki: Keys) -> Iterator[Updater]:
-    """A sim board whose agent.toml points at the swtpm, provisioned like 'edgeops tpm provision'."""
-    toml = device_dir / "agent.toml"
-    toml.write_text(toml.read_text() + f'\n[tpm]\ntcti = "{sw.tcti}"\n')
-    cfg = load(toml)
-    tpm.TpmRoot(tpm.TpmSettings(sw.tcti), cfg.state_dir).provision(pki.root_crt.read_bytes())
-    dev = open_device(cfg)
-    yield Updater(dev, sleep=lambda s: None)
-    dev.close()
+def board(tpm_board: Updater) -> Updater:
+    return tpm_board
 
 
 def _config(ctl: Controller, did: str, token: str, **kw: Any) -> FleetConfig:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,12 @@ from agent.core.config import ANCHOR_INDEX, COUNTER_INDEX, DEFAULT_PCR, DEVICE_T
 from agent.errors import ConfigError, UntrustedSigner
 from agent.host import keys
 from tests.conftest import BundleFactory, Keys, run_cli
-from tests.swtpm import SwTpm, require_swtpm
+from tests.swtpm import SwTpm
 
 
 @pytest.fixture
-def swtpm_dev(tmp_path: Path) -> Iterator[SwTpm]:
-    require_swtpm()
-    sw = SwTpm(tmp_path / "tpmstate").start()
-    yield sw
-    sw.stop()
+def swtpm_dev(sw: SwTpm) -> SwTpm:
+    return sw  # conftest's swtpm, under the name these tests were written with
 
 
 def _root(sw: SwTpm, state: Path) -> tpm.TpmRoot:
