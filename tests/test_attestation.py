@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from tests.swtpm import SwTpm
 class Controller:
     url: str
     fleet: Fleet
+    tokens: dict[str, str] = field(default_factory=dict)  # device id -> TargetToken
 
     def api(self, method: str, path: str, body: Any = None) -> requests.Response:
         return requests.request(method, f"{self.url}/api/v1{path}", json=body, timeout=10,
@@ -61,7 +62,8 @@ class Controller:
     def device(self, did: str) -> str:
         r = self.api("POST", "/devices", {"id": did})
         assert r.status_code == 201, r.text
-        return str(r.json()["token"])
+        self.tokens[did] = str(r.json()["token"])
+        return self.tokens[did]
 
 
 @pytest.fixture
@@ -332,3 +334,17 @@ def test_dashboard_device_page_shows_the_verdict(ctl: Controller, board: Updater
     ctl.ddi("gw-1", _token(agent), evidence.QUOTE_PATH, doc)
     html = s.get(ctl.url + "/devices/gw-1", timeout=10).text
     assert 'class="status refused">refused</span>' in html and "differ from the expected" in html
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.dictionaries(st.sampled_from(["kind", "attest", "signature", "ak_public_pem",
+                                             "events", "pcrs"]), _json, max_size=6))
+def test_quote_route_answers_any_document_without_a_5xx(ctl: Controller, junk: dict[str, Any]) -> None:
+    if not ctl.fleet.devices(["gw-1"]):
+        ctl.device("gw-1")
+    token = "t" * 8  # not the device's: the route must still answer 401, never a 5xx
+    assert ctl.ddi("gw-1", token, evidence.QUOTE_PATH, junk).status_code == 401
+    r = ctl.ddi("gw-1", ctl.tokens["gw-1"], evidence.CHALLENGE_PATH, {})
+    assert r.status_code == 200
+    r = ctl.ddi("gw-1", ctl.tokens["gw-1"], evidence.QUOTE_PATH, junk)
+    assert r.status_code == 422 and r.json()["error"] == "QuoteRefused", r.text
