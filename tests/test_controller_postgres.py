@@ -159,3 +159,28 @@ def test_postgres_damage_is_refused_and_an_unreachable_server_is_one_line(pg_url
                 "--data", "/nonexistent-unused")
     assert r.returncode == 40 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "secret" not in r.stderr and "***" in r.stderr
+
+
+def test_postgres_binds_a_devices_attestation_key_and_spends_each_nonce(pg_url: str, tmp_path: Path,
+                                                                         pki: Keys) -> None:
+    from agent.adapters.rot.keystore import KeystoreRoot
+    from agent.controller.attestation import Attestations
+    from agent.controller.db import open_database
+
+    db = open_database(_fresh_database(pg_url, "attest"))
+    root = KeystoreRoot(tmp_path / "ks", reason="test")
+    root.provision(pki.root_crt.read_bytes())
+    root.measure("boot:slot", b"a")
+    try:
+        att = Attestations(db, pcr=root.pcr)
+        doc = root.quote(att.challenge("gw-1")).to_dict()
+        first = att.answer("gw-1", doc)
+        assert first.refused is None and first.record["boot_slot"] == "a"
+        assert att.answer("gw-1", doc).refused is not None  # the nonce was spent
+        other = KeystoreRoot(tmp_path / "other", reason="test")
+        refused = att.answer("gw-1", other.quote(att.challenge("gw-1")).to_dict()).refused
+        assert refused is not None and "another attestation key" in str(refused)
+        rec = att.record("gw-1")
+        assert rec is not None and rec["quotes"] == 1 and rec["refusals"] == 2
+    finally:
+        db.close()
