@@ -1,0 +1,314 @@
+"""The install path's own X.509 reader and Ed25519 check agree with ``cryptography``.
+
+``agent.core.certs`` reads the certificates and CRLs of a trust chain without
+``cryptography`` (docs/performance.md section 7). Here ``cryptography`` builds them — random
+names, serials, dates and extensions — and is the oracle for what each field says; damaged
+DER must never parse into a certificate its issuer's key verifies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.core import certs, der, trust
+from agent.core import ed25519 as ed
+from agent.core.der import DerError
+
+ROOT_KEY = ed25519.Ed25519PrivateKey.generate()
+LEAF_KEY = ed25519.Ed25519PrivateKey.generate()
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+KU_FIELDS = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+             "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+ATTRS = (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME,
+         NameOID.COUNTRY_NAME, NameOID.EMAIL_ADDRESS, NameOID.SERIAL_NUMBER)
+PURPOSES = (ExtendedKeyUsageOID.CODE_SIGNING, ExtendedKeyUsageOID.CLIENT_AUTH,
+            x509.ObjectIdentifier("2.25.147612934"))
+
+
+def der_of(c: x509.Certificate) -> bytes:
+    return c.public_bytes(serialization.Encoding.DER)
+
+
+def name_of(parts: list[tuple[x509.ObjectIdentifier, str]]) -> x509.Name:
+    return x509.Name([x509.NameAttribute(oid, v) for oid, v in parts])
+
+
+# cryptography writes these as UTF8String, but country and serial as PrintableString and an
+# e-mail address as IA5String (RFC 5280 appendix A), so those draw from their alphabets
+PRINTABLE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
+text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=20)
+attribute = st.one_of(
+    st.tuples(st.sampled_from(ATTRS[:3]), text),
+    st.tuples(st.just(NameOID.COUNTRY_NAME), st.text(PRINTABLE, min_size=2, max_size=2)),
+    st.tuples(st.just(NameOID.SERIAL_NUMBER), st.text(PRINTABLE, min_size=1, max_size=20)),
+    st.tuples(st.just(NameOID.EMAIL_ADDRESS), st.text(st.characters(min_codepoint=32, max_codepoint=126),
+                                                      min_size=1, max_size=20)))
+names = st.lists(attribute, min_size=1, max_size=4).map(name_of)
+times = st.integers(0, 2 ** 34).map(lambda s: EPOCH + dt.timedelta(seconds=s))
+
+
+@st.composite
+def certificates(draw: st.DrawFn) -> x509.Certificate:
+    start = draw(times)
+    b = (x509.CertificateBuilder().subject_name(draw(names)).issuer_name(draw(names))
+         .public_key(LEAF_KEY.public_key())
+         .serial_number(draw(st.integers(1, 2 ** 159 - 1)))
+         .not_valid_before(start)
+         .not_valid_after(start + dt.timedelta(seconds=draw(st.integers(0, 2 ** 32)))))
+    if draw(st.booleans()):
+        ca = draw(st.booleans())
+        path = draw(st.none() | st.integers(0, 5)) if ca else None
+        b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=path), critical=draw(st.booleans()))
+    if draw(st.booleans()):
+        bits = {f: draw(st.booleans()) for f in KU_FIELDS}
+        if not bits["key_agreement"]:
+            bits["encipher_only"] = bits["decipher_only"] = False
+        b = b.add_extension(x509.KeyUsage(**bits), critical=draw(st.booleans()))
+    if draw(st.booleans()):
+        eku = draw(st.lists(st.sampled_from(PURPOSES), min_size=1, max_size=3, unique=True))
+        b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=draw(st.booleans()))
+    if draw(st.booleans()):
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(LEAF_KEY.public_key()),
+                            critical=False)
+    return b.sign(ROOT_KEY, None)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(certificates())
+def test_every_field_reads_as_cryptography_reads_it(c: x509.Certificate) -> None:
+    got = certs.load_cert(der_of(c))
+    assert got.subject.text == c.subject.rfc4514_string()
+    assert got.issuer.text == c.issuer.rfc4514_string()
+    assert got.serial_number == c.serial_number
+    assert got.not_before == int(c.not_valid_before_utc.timestamp())
+    assert got.not_after == int(c.not_valid_after_utc.timestamp())
+    assert got.ed25519_key == LEAF_KEY.public_key().public_bytes_raw()
+    assert got.spki == LEAF_KEY.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    exts = {e.oid: e.value for e in c.extensions}
+    bc = exts.get(x509.BasicConstraints.oid)
+    assert (got.ca, got.path_length) == ((None, None) if bc is None else (bc.ca, bc.path_length))
+    ku = exts.get(x509.KeyUsage.oid)
+    want_ku = None if ku is None else sum(
+        1 << i for i, f in enumerate(KU_FIELDS)
+        if (getattr(ku, f) if f not in ("encipher_only", "decipher_only") or ku.key_agreement else False))
+    assert got.key_usage == want_ku
+    eku = exts.get(x509.ExtendedKeyUsage.oid)
+    assert got.ext_key_usage == (None if eku is None else tuple(o.dotted_string for o in eku))
+
+
+@settings(max_examples=60, deadline=None)
+@given(certificates())
+def test_a_certificate_verifies_under_its_issuer_key_only(c: x509.Certificate) -> None:
+    root = certs.load_cert(der_of(x509.CertificateBuilder().subject_name(c.issuer)
+                                  .issuer_name(c.issuer).public_key(ROOT_KEY.public_key())
+                                  .serial_number(1).not_valid_before(EPOCH)
+                                  .not_valid_after(EPOCH + dt.timedelta(days=1)).sign(ROOT_KEY, None)))
+    got = certs.load_cert(der_of(c))
+    assert got.issued_by(root)
+    assert not got.issued_by(got)  # signed by the root's key, not the leaf's own
+
+
+def sample_chain() -> tuple[x509.Certificate, bytes]:
+    root = (x509.CertificateBuilder().subject_name(name_of([(NameOID.COMMON_NAME, "root")]))
+            .issuer_name(name_of([(NameOID.COMMON_NAME, "root")])).public_key(ROOT_KEY.public_key())
+            .serial_number(7).not_valid_before(EPOCH).not_valid_after(EPOCH + dt.timedelta(days=9999))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(ROOT_KEY, None))
+    leaf = (x509.CertificateBuilder().subject_name(name_of([(NameOID.COMMON_NAME, "leaf")]))
+            .issuer_name(root.subject).public_key(LEAF_KEY.public_key()).serial_number(8)
+            .not_valid_before(EPOCH).not_valid_after(EPOCH + dt.timedelta(days=99))
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+            .sign(ROOT_KEY, None))
+    return root, der_of(leaf)
+
+
+def test_no_damaged_byte_yields_a_certificate_its_issuer_verifies() -> None:
+    """Every byte of a signer certificate, changed three ways: the reader refuses it or reads
+    a certificate the root's key does not verify; and whatever it reads, cryptography reads too."""
+    root_c, leaf = sample_chain()
+    root = certs.load_cert(der_of(root_c))
+    assert certs.load_cert(leaf).issued_by(root)
+    for pos in range(len(leaf)):
+        for mutate in (lambda b: b ^ 0x01, lambda b: b ^ 0x80, lambda b: (b + 1) & 0xFF):
+            data = leaf[:pos] + bytes([mutate(leaf[pos])]) + leaf[pos + 1:]
+            try:
+                got = certs.load_cert(data)
+            except DerError:
+                continue
+            assert not got.issued_by(root), f"byte {pos} changed still verifies"
+            parsed = x509.load_der_x509_certificate(data)  # raises if we read what it cannot
+            assert parsed.subject.rfc4514_string() == got.subject.text
+            assert parsed.serial_number == got.serial_number
+
+
+def test_a_truncated_certificate_is_refused_at_every_length() -> None:
+    _, leaf = sample_chain()
+    for n in range(len(leaf)):
+        with pytest.raises(DerError):
+            certs.load_cert(leaf[:n])
+
+
+def test_bytes_after_the_certificate_are_refused() -> None:
+    _, leaf = sample_chain()
+    with pytest.raises(DerError, match="unexpected bytes"):
+        certs.load_cert(leaf + b"\x00")
+
+
+@pytest.mark.parametrize(("blob", "why"), [
+    (b"\x30\x80\x00\x00", "indefinite length"),
+    (b"\x30\x81\x05\x02\x01\x01\x02\x00", "shortest form"),
+    (b"\x30\x82\x00\x03\x02\x01\x01", "shortest form"),
+    (b"\x3f\x01\x00", "multi-byte tags"),
+    (b"\x30\x05\x02\x01", "run past the end"),
+    (b"\x30\x85\x01\x00\x00\x00\x00", "length of 5 bytes"),
+])
+def test_non_der_lengths_and_tags_are_refused(blob: bytes, why: str) -> None:
+    with pytest.raises(DerError, match=why):
+        der.Reader(blob).inner(der.SEQUENCE, "x")
+
+
+@pytest.mark.parametrize(("blob", "read", "why"), [
+    (b"\x02\x02\x00\x01", "integer", "shortest form"),
+    (b"\x02\x02\xff\x80", "integer", "shortest form"),
+    (b"\x02\x00", "integer", "empty INTEGER"),
+    (b"\x01\x01\x01", "boolean", "neither 00 nor FF"),
+    (b"\x03\x02\x03\x01", "bit_string", "malformed BIT STRING"),
+    (b"\x03\x01\x01", "bit_string", "malformed BIT STRING"),
+    (b"\x03\x02\x08\x00", "bit_string", "malformed BIT STRING"),
+    (b"\x06\x02\x80\x01", "oid", "malformed OBJECT IDENTIFIER"),
+    (b"\x06\x01\x81", "oid", "malformed OBJECT IDENTIFIER"),
+])
+def test_non_der_values_are_refused(blob: bytes, read: str, why: str) -> None:
+    with pytest.raises(DerError, match=why):
+        getattr(der.Reader(blob), read)("x")
+
+
+@pytest.mark.parametrize(("tag", "value", "want"), [
+    (der.UTC_TIME, b"491231235959Z", "2049-12-31T23:59:59"),
+    (der.UTC_TIME, b"500101000000Z", "1950-01-01T00:00:00"),
+    (der.GENERALIZED_TIME, b"99991231235959Z", "9999-12-31T23:59:59"),
+    (der.GENERALIZED_TIME, b"20240229120000Z", "2024-02-29T12:00:00"),
+])
+def test_times_read_as_rfc_5280_says(tag: int, value: bytes, want: str) -> None:
+    got = der.time(tag, value, "t")
+    assert dt.datetime.fromtimestamp(got, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S") == want
+
+
+@pytest.mark.parametrize(("tag", "value"), [
+    (der.UTC_TIME, b"490101000000+0100"), (der.UTC_TIME, b"4901010000Z"),
+    (der.GENERALIZED_TIME, b"20230229120000Z"), (der.GENERALIZED_TIME, b"20231301120000Z"),
+    (der.GENERALIZED_TIME, b"20230101120000.5Z"), (der.UTC_TIME, b"49010100000 Z"),
+    (der.GENERALIZED_TIME, b"00000101000000Z"), (der.OCTET_STRING, b"20230101120000Z"),
+])
+def test_times_in_other_forms_are_refused(tag: int, value: bytes) -> None:
+    with pytest.raises(DerError):
+        der.time(tag, value, "t")
+
+
+@given(st.lists(st.integers(0, 2 ** 64), min_size=1, max_size=8))
+def test_oids_round_trip(arcs: list[int]) -> None:
+    dotted = ".".join(str(a) for a in [1, 3, *arcs])
+    assert der.oid_text(der.oid_bytes(dotted)) == dotted
+
+
+def with_extension(ext: x509.ExtensionType, critical: bool) -> bytes:
+    return der_of(x509.CertificateBuilder().subject_name(name_of([(NameOID.COMMON_NAME, "x")]))
+                  .issuer_name(name_of([(NameOID.COMMON_NAME, "x")])).public_key(LEAF_KEY.public_key())
+                  .serial_number(3).not_valid_before(EPOCH).not_valid_after(EPOCH + dt.timedelta(days=1))
+                  .add_extension(ext, critical=critical).sign(ROOT_KEY, None))
+
+
+def test_a_critical_extension_not_understood_makes_the_certificate_unusable() -> None:
+    ext = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00")
+    assert certs.load_cert(with_extension(ext, False)).serial_number == 3
+    with pytest.raises(DerError, match="critical extension 1.3.6.1.4.1.99999.1 is not understood"):
+        certs.load_cert(with_extension(ext, True))
+
+
+def test_name_constraints_on_a_ca_are_refused_not_ignored() -> None:
+    nc = x509.NameConstraints(permitted_subtrees=[x509.DNSName("example.com")], excluded_subtrees=None)
+    with pytest.raises(DerError, match="2.5.29.30 is not understood"):
+        certs.load_cert(with_extension(nc, True))
+
+
+def test_a_chain_with_a_non_ed25519_key_reads_but_signs_nothing() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    c = (x509.CertificateBuilder().subject_name(name_of([(NameOID.COMMON_NAME, "ec")]))
+         .issuer_name(name_of([(NameOID.COMMON_NAME, "ec")])).public_key(key.public_key())
+         .serial_number(5).not_valid_before(EPOCH).not_valid_after(EPOCH + dt.timedelta(days=1))
+         .sign(key, __import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()))
+    got = certs.load_cert(der_of(c))
+    assert got.key_algorithm == "1.2.840.10045.2.1" and got.ed25519_key is None
+    assert not got.ed25519_signed and not got.issued_by(got)
+    with pytest.raises(trust.UntrustedSigner, match="not Ed25519"):
+        trust.check_signer_usage(got)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 2 ** 159 - 1), max_size=6, unique=True), st.integers(0, 2 ** 40),
+       times, st.booleans())
+def test_crls_read_as_cryptography_reads_them(serials: list[int], number: int, when: dt.datetime,
+                                              pem: bool) -> None:
+    issuer = name_of([(NameOID.ORGANIZATION_NAME, "edgeops"), (NameOID.COMMON_NAME, "r")])
+    b = (x509.CertificateRevocationListBuilder().issuer_name(issuer).last_update(when)
+         .next_update(when + dt.timedelta(days=1)).add_extension(x509.CRLNumber(number), critical=False))
+    for s in serials:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(s)
+                                      .revocation_date(when).build())
+    crl = b.sign(ROOT_KEY, None)
+    blob = crl.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER)
+    got = trust._load_crl(blob)
+    assert got is not None
+    assert (got.issuer.text, got.number, got.this_update, got.revoked) == (
+        crl.issuer.rfc4514_string(), number, int(when.timestamp()), tuple(r.serial_number for r in crl))
+    assert got.signed_by(certs.load_cert(der_of(sample_chain()[0])))  # the root's key signed it
+    assert not got.signed_by(certs.load_cert(sample_chain()[1]))  # the leaf's did not
+
+
+messages = st.binary(max_size=300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages, st.integers(0, 63 * 8 + 7), st.booleans(), st.binary(min_size=32, max_size=32))
+def test_libcrypto_and_cryptography_agree_on_every_signature(msg: bytes, flip: int, damage: bool,
+                                                             other_key: bytes) -> None:
+    pub = LEAF_KEY.public_key().public_bytes_raw()
+    sig = bytearray(LEAF_KEY.sign(msg))
+    if damage:
+        sig[flip // 8] ^= 1 << (flip % 8)
+    for key in (pub, other_key):
+        want = ed.verify_with_cryptography(key, bytes(sig), msg)
+        assert ed.verify(key, bytes(sig), msg) is want
+    assert ed.verify(pub, bytes(sig), msg) is (not damage)
+
+
+def test_the_install_check_uses_the_libcrypto_hashlib_already_loaded() -> None:
+    assert ed.backend() == "libcrypto"
+
+
+def test_without_libcrypto_cryptography_checks_the_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ed, "_lib", None)
+    monkeypatch.setattr(ed, "_loaded", True)
+    msg = os.urandom(40)
+    sig = LEAF_KEY.sign(msg)
+    pub = LEAF_KEY.public_key().public_bytes_raw()
+    assert ed.backend() == "cryptography"
+    assert ed.verify(pub, sig, msg) and not ed.verify(pub, sig, msg + b"!")
+
+
+@pytest.mark.parametrize(("key", "sig"), [(b"\x00" * 31, b"\x00" * 64), (b"\x00" * 32, b"\x00" * 63),
+                                          (b"\x00" * 33, b"\x00" * 64), (b"", b"")])
+def test_keys_and_signatures_of_the_wrong_size_never_verify(key: bytes, sig: bytes) -> None:
+    assert not ed.verify(key, sig, b"m")
