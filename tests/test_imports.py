@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import BundleFactory
+
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = ("pytest", "hypothesis", "flask", "starlette", "uvicorn", "aiohttp", "fastapi",
              "prometheus_client", "tpm2_pytss", "ai_edge_litert", "tflite_runtime", "numpy",
@@ -94,3 +98,17 @@ def test_status_loads_no_logging_and_no_dataclasses(device_dir: Path) -> None:
     mods = loaded_after("from agent.cli import main\n"
                         f"main.main(['status', '--config', {str(device_dir / 'agent.toml')!r}])")
     assert not {"logging", "dataclasses"} & mods
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_an_install_loads_no_cryptography(device_dir: Path, make_bundle: BundleFactory,
+                                          compress: bool) -> None:
+    """The install judges its chain with agent.core.certs and the libcrypto hashlib has
+    loaded; cryptography's ~10 MiB and ~30 ms stay out (docs/performance.md section 7)."""
+    bundle = make_bundle(compress=compress)
+    mods = loaded_after("from agent.cli import main\ntry:\n"
+                        f"    main.main(['install', {str(bundle)!r}, '--config', "
+                        f"{str(device_dir / 'agent.toml')!r}, '--progress', 'never'])\n"
+                        "except SystemExit as e:\n    assert not e.code, e.code")
+    assert "agent.core.trust" in mods and "agent.core.ed25519" in mods  # it did judge the head
+    assert not {m for m in mods if m.split(".")[0] == "cryptography"}

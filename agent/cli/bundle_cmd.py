@@ -213,6 +213,8 @@ def _open(path: str) -> BinaryIO:
 
 
 def _info(a: argparse.Namespace) -> int:
+    import datetime as dt
+
     from agent.adapters import bundle
     from agent.core import manifest, trust
 
@@ -221,9 +223,9 @@ def _info(a: argparse.Namespace) -> int:
     m = manifest.from_bytes(head.manifest_bytes)
     chain = trust.parse_chain(head.chain_pem)
     doc = json.loads(head.manifest_bytes)
-    doc["signer"] = {"subject": chain[0].subject.rfc4514_string(),
+    doc["signer"] = {"subject": chain[0].subject.text,
                      "serial": openssl_serial(chain[0].serial_number),
-                     "not_after": chain[0].not_valid_after_utc.isoformat()}
+                     "not_after": dt.datetime.fromtimestamp(chain[0].not_after, dt.UTC).isoformat()}
     doc["crl"] = _crl_summary(head.crl) if head.crl else None
     doc["verified"] = False
     if a.json:

@@ -24,18 +24,14 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
-from agent.core import trust
+from agent.core import ed25519, trust
+from agent.core.certs import Cert, utc_day
 from agent.errors import SignatureError, SignerExpired, SignerRevoked, TrustError, UntrustedSigner
 
 PREFIX = "edgeops-console-v1"
 # The technician purpose: an OID under 2.25 (ITU-T X.667, a UUID as an OID: no registry
 # needed, no clash with anyone's arc). UUID 6f1e4b8e-0c35-4f5e-9a57-3c1d2b9e8a41.
-TECHNICIAN_OID = x509.ObjectIdentifier(
-    "2.25." + str(int("6f1e4b8e0c354f5e9a573c1d2b9e8a41", 16)))
+TECHNICIAN_OID = "2.25." + str(int("6f1e4b8e0c354f5e9a573c1d2b9e8a41", 16))
 MAX_ANSWER = 8192  # characters: a leaf and two intermediates in base64 fit easily
 MAX_CERTS = trust.MAX_CHAIN
 CHALLENGE_TTL = 300  # seconds a challenge stays answerable
@@ -92,7 +88,7 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def decode_answer(answer: str) -> tuple[list[x509.Certificate], bytes]:
+def decode_answer(answer: str) -> tuple[list[Cert], bytes]:
     answer = answer.strip()
     if len(answer) > MAX_ANSWER:
         raise TrustError(f"answer is {len(answer)} characters, at most {MAX_ANSWER}",
@@ -102,29 +98,22 @@ def decode_answer(answer: str) -> tuple[list[x509.Certificate], bytes]:
         raise TrustError("not a console answer",
                          hint="paste the line 'edgeops console answer' printed (it starts 'v1.')")
     try:
-        certs = [x509.load_der_x509_certificate(_unb64(p)) for p in parts[1:-1]]
+        blobs = [_unb64(p) for p in parts[1:-1]]
         sig = _unb64(parts[-1])
     except (binascii.Error, ValueError):
         raise TrustError("the answer is damaged (not base64url DER)",
                          hint="paste the whole line again, without line breaks") from None
-    return certs, sig
+    return [trust.parse_certificate(b, i) for i, b in enumerate(blobs)], sig
 
 
-def check_technician_usage(leaf: x509.Certificate) -> None:
-    if not isinstance(leaf.public_key(), ed25519.Ed25519PublicKey):
+def check_technician_usage(leaf: Cert) -> None:
+    if leaf.ed25519_key is None:
         raise UntrustedSigner("technician key is not Ed25519")
-    try:
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
-    if eku is None or TECHNICIAN_OID not in eku:
+    if leaf.ext_key_usage is None or TECHNICIAN_OID not in leaf.ext_key_usage:
         raise UntrustedSigner("that certificate is not a technician certificate",
                               hint="issue one with 'edgeops console issue-technician'")
-    try:
-        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise UntrustedSigner("a CA certificate cannot log in; use a technician certificate")
-    except x509.ExtensionNotFound:
-        pass
+    if leaf.ca:
+        raise UntrustedSigner("a CA certificate cannot log in; use a technician certificate")
 
 
 def verify_answer(challenge: Challenge, answer: str, *, keyring: trust.Keyring,
@@ -139,21 +128,17 @@ def verify_answer(challenge: Challenge, answer: str, *, keyring: trust.Keyring,
     check_technician_usage(leaf)
     revoked, _ = trust.revoked_serials(crls, keyring.roots)
     for cert, issuer in itertools.pairwise(path):
-        if (issuer.subject.rfc4514_string(), cert.serial_number) in revoked:
-            raise SignerRevoked(f"technician certificate '{cert.subject.rfc4514_string()}' "
+        if (issuer.subject.text, cert.serial_number) in revoked:
+            raise SignerRevoked(f"technician certificate '{cert.subject}' "
                                 f"(serial {cert.serial_number:x}) is revoked")
     for cert in path:
-        if not (cert.not_valid_before_utc.timestamp() <= best_known_time
-                <= cert.not_valid_after_utc.timestamp()):
-            raise SignerExpired(f"certificate '{cert.subject.rfc4514_string()}' is not valid "
-                                f"now (valid until {cert.not_valid_after_utc:%Y-%m-%d})")
+        if not cert.not_before <= best_known_time <= cert.not_after:
+            raise SignerExpired(f"certificate '{cert.subject}' is not valid "
+                                f"now (valid until {utc_day(cert.not_after)})")
     if len(sig) != 64:
         raise SignatureError(f"signature is {len(sig)} bytes, an Ed25519 signature is 64")
-    key = leaf.public_key()
-    assert isinstance(key, ed25519.Ed25519PublicKey)
-    try:
-        key.verify(sig, challenge.text().encode())
-    except InvalidSignature:
+    assert leaf.ed25519_key is not None  # check_technician_usage
+    if not ed25519.verify(leaf.ed25519_key, sig, challenge.text().encode()):
         raise SignatureError("the answer's signature does not match this challenge",
-                             hint="sign the challenge shown now, not an older one") from None
-    return Technician(leaf.subject.rfc4514_string(), leaf.serial_number)
+                             hint="sign the challenge shown now, not an older one")
+    return Technician(leaf.subject.text, leaf.serial_number)

@@ -37,10 +37,9 @@ class SignerRecord(Frozen):
 def record_of(chain_pem: bytes, keyring: trust.Keyring) -> SignerRecord:
     """The record of a chain ``verify_head`` accepted (raises as it does for any other)."""
     path = trust.build_path(trust.parse_chain(chain_pem), keyring)
-    ids = tuple((issuer.subject.rfc4514_string(), cert.serial_number)
+    ids = tuple((issuer.subject.text, cert.serial_number)
                 for cert, issuer in itertools.pairwise(path))
-    return SignerRecord(path[0].subject.rfc4514_string(), ids,
-                        min(int(c.not_valid_after_utc.timestamp()) for c in path))
+    return SignerRecord(path[0].subject.text, ids, min(c.not_after for c in path))
 
 
 def distrust(rec: SignerRecord, *, crls: Iterable[bytes], keyring: trust.Keyring,

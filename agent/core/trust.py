@@ -18,19 +18,25 @@ one bundle cannot push a device's idea of time past what its root allowed.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import itertools
-import warnings
 from collections.abc import Iterable, Sequence
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.oid import ExtendedKeyUsageOID
-
+from agent.core import ed25519
 from agent.core import manifest as manifest_mod
+from agent.core.certs import (
+    CODE_SIGNING,
+    DIGITAL_SIGNATURE,
+    KEY_CERT_SIGN,
+    Cert,
+    Crl,
+    DerError,
+    load_cert,
+    load_crl,
+    load_pem_certs,
+    pem_blocks,
+    utc_day,
+)
 from agent.core.frozen import Frozen
 from agent.core.manifest import Manifest
 from agent.errors import (
@@ -49,13 +55,13 @@ MAX_CRL_BYTES = 256 * 1024
 
 
 class Keyring(Frozen):
-    roots: tuple[x509.Certificate, ...]
+    roots: tuple[Cert, ...]
 
     @classmethod
     def from_pem(cls, data: bytes) -> Keyring:
         try:
-            certs = tuple(x509.load_pem_x509_certificates(data))
-        except ValueError as exc:
+            certs = tuple(load_pem_certs(data))
+        except DerError as exc:
             raise UntrustedSigner(f"keyring is not PEM certificates: {exc}",
                                   hint="pass the root.crt made by 'edgeops keys init-root'") from None
         return cls(certs)
@@ -79,98 +85,52 @@ def best_known_time(system_now: float, journal_trusted: int) -> int:
     return max(int(system_now), journal_trusted)
 
 
-def _ts(d: dt.datetime) -> int:
-    return int(d.timestamp())
-
-
-def parse_chain(chain_pem: bytes) -> list[x509.Certificate]:
+def parse_chain(chain_pem: bytes) -> list[Cert]:
+    """The certificates of a signer chain, each read whole (``agent.core.certs``), or a refusal."""
     if len(chain_pem) > MAX_CHAIN_BYTES:
         raise UntrustedSigner(f"signer chain is {len(chain_pem)} bytes, more than {MAX_CHAIN_BYTES}")
     try:
-        with warnings.catch_warnings():  # a non-positive serial warns; it is refused below
-            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-            certs = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as exc:
+        blocks = pem_blocks(chain_pem, "CERTIFICATE")
+    except DerError as exc:
         raise UntrustedSigner(f"signer chain is not PEM certificates: {exc}") from None
-    if not 1 <= len(certs) <= MAX_CHAIN:
-        raise UntrustedSigner(f"signer chain holds {len(certs)} certificates, expected 1 to {MAX_CHAIN}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        for i, cert in enumerate(certs):
-            _decode_all(cert, i)
-    return certs
+    if not 1 <= len(blocks) <= MAX_CHAIN:
+        raise UntrustedSigner(f"signer chain holds {len(blocks)} certificates, expected 1 to {MAX_CHAIN}")
+    return [parse_certificate(b, i) for i, b in enumerate(blocks)]
 
 
-def _decode_all(cert: x509.Certificate, index: int) -> None:
-    """Touch every field we later read: cryptography decodes names, extensions and keys on
-    first use, so a damaged certificate would otherwise fail deep inside path building with
-    ValueError, InvalidVersion or UnsupportedAlgorithm instead of a refusal."""
+def parse_certificate(blob: bytes, index: int) -> Cert:
+    """One certificate of a chain, DER; a damaged one or one with a non-positive serial is refused."""
     try:
-        cert.subject.rfc4514_string()
-        cert.issuer.rfc4514_string()
-        list(cert.extensions)
-        cert.public_key()
-        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.version)
-        serial = cert.serial_number
-    except Exception as exc:  # any decoding failure of unsigned input is a refusal
-        raise UntrustedSigner(f"signer chain certificate {index} is malformed: "
-                              f"{type(exc).__name__}") from None
-    if serial <= 0:
+        cert = load_cert(blob, f"certificate {index}")
+    except DerError as exc:
+        raise UntrustedSigner(f"signer chain certificate {index} is malformed: {exc}") from None
+    if cert.serial_number <= 0:
         raise UntrustedSigner(f"signer chain certificate {index} has a non-positive serial "
                               f"(RFC 5280 §4.1.2.2)")
+    return cert
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _may_issue(ca: x509.Certificate, below: int) -> bool:
+def _may_issue(ca: Cert, below: int) -> bool:
     """``ca`` may certify a chain with ``below`` intermediate CAs under it (RFC 5280 §4.2.1.9
     pathLenConstraint, §4.2.1.3 keyCertSign)."""
-    try:
-        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
+    if not ca.ca or (ca.path_length is not None and below > ca.path_length):
         return False
-    if not bc.ca or (bc.path_length is not None and below > bc.path_length):
-        return False
-    try:
-        return bool(ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
-    except x509.ExtensionNotFound:
-        return True
+    return ca.allows(KEY_CERT_SIGN)
 
 
-def check_signer_usage(leaf: x509.Certificate) -> None:
+def check_signer_usage(leaf: Cert) -> None:
     """Refuse a leaf no device would accept as a bundle signer (also used by 'bundle create')."""
-    if not isinstance(leaf.public_key(), ed25519.Ed25519PublicKey):
+    if leaf.ed25519_key is None:
         raise UntrustedSigner("signer key is not Ed25519")
-    if _is_ca(leaf):
+    if leaf.ca:
         raise UntrustedSigner("signer certificate is a CA certificate; sign with an issued signer")
-    try:
-        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-        if not ku.digital_signature:
-            raise UntrustedSigner("signer certificate does not allow digital signatures")
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if ExtendedKeyUsageOID.CODE_SIGNING not in eku:
-            raise UntrustedSigner("signer certificate is not for code signing")
-    except x509.ExtensionNotFound:
-        pass
+    if not leaf.allows(DIGITAL_SIGNATURE):
+        raise UntrustedSigner("signer certificate does not allow digital signatures")
+    if leaf.ext_key_usage is not None and CODE_SIGNING not in leaf.ext_key_usage:
+        raise UntrustedSigner("signer certificate is not for code signing")
 
 
-def build_path(chain: Sequence[x509.Certificate], keyring: Keyring) -> list[x509.Certificate]:
+def build_path(chain: Sequence[Cert], keyring: Keyring) -> list[Cert]:
     """Return [leaf, intermediates..., root], each signed by the next, or raise UntrustedSigner."""
     path = [chain[0]]
     pool = list(chain[1:])
@@ -178,10 +138,10 @@ def build_path(chain: Sequence[x509.Certificate], keyring: Keyring) -> list[x509
         current = path[-1]
         below = len(path) - 1  # intermediate CAs already in the path
         for root in keyring.roots:
-            if current.issuer == root.subject and _may_issue(root, below) and _issued_by(current, root):
+            if current.issuer == root.subject and _may_issue(root, below) and current.issued_by(root):
                 return [*path, root]
         step = next((c for c in pool if c.subject == current.issuer
-                     and _may_issue(c, below) and _issued_by(current, c)), None)
+                     and _may_issue(c, below) and current.issued_by(c)), None)
         if step is None:
             break
         pool.remove(step)
@@ -190,8 +150,8 @@ def build_path(chain: Sequence[x509.Certificate], keyring: Keyring) -> list[x509
                           hint="sign with a signer issued by a root in the device keyring")
 
 
-def _cn(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
+def _cn(cert: Cert) -> str:
+    return cert.subject.text
 
 
 class KeptCrl(Frozen):
@@ -202,7 +162,7 @@ class KeptCrl(Frozen):
     blob: bytes
 
 
-def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate]
+def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[Cert]
                     ) -> tuple[set[tuple[str, int]], tuple[KeptCrl, ...]]:
     """Serials revoked by CRLs that a trusted root signed; forged or foreign CRLs are ignored.
 
@@ -217,12 +177,12 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[x509.Certificate
         crl = _load_crl(blob)
         if crl is None:
             continue
-        issuer = next((r for r in roots if r.subject == crl.issuer
-                       and crl.is_signature_valid(r.public_key())), None)  # type: ignore[arg-type]
+        issuer = next((r for r in roots if r.subject == crl.issuer and crl.signed_by(r)), None)
         if issuer is None:
             continue
-        revoked.update((crl.issuer.rfc4514_string(), r.serial_number) for r in crl)
-        kept = KeptCrl(root_id(issuer), (_crl_number(crl), crl.last_update_utc.timestamp()), blob)
+        revoked.update((crl.issuer.text, serial) for serial in crl.revoked)
+        number = -1 if crl.number is None else crl.number
+        kept = KeptCrl(root_id(issuer), (number, float(crl.this_update)), blob)
         if kept.root_id not in newest or kept.rank > newest[kept.root_id].rank:
             newest[kept.root_id] = kept
     return revoked, tuple(newest.values())
@@ -232,30 +192,23 @@ def parses_as_crl(blob: bytes) -> bool:
     return _load_crl(blob) is not None
 
 
-def _load_crl(blob: bytes) -> x509.CertificateRevocationList | None:
+def _load_crl(blob: bytes) -> Crl | None:
     """A CRL in PEM or DER of at most MAX_CRL_BYTES, or None."""
     if not blob or len(blob) > MAX_CRL_BYTES:
         return None
     try:
-        return (x509.load_pem_x509_crl(blob) if blob.lstrip().startswith(b"-----")
-                else x509.load_der_x509_crl(blob))
-    except ValueError:
+        if blob.lstrip().startswith(b"-----"):
+            blocks = pem_blocks(blob, "X509 CRL")
+            if len(blocks) != 1:
+                return None
+            blob = blocks[0]
+        return load_crl(blob)
+    except DerError:
         return None
 
 
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
-    try:
-        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    except x509.ExtensionNotFound:
-        return -1
-
-
-def root_id(root: x509.Certificate) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    spki = root.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(spki).hexdigest()[:16]
+def root_id(root: Cert) -> str:
+    return hashlib.sha256(root.spki).hexdigest()[:16]
 
 
 def verify_head(
@@ -274,32 +227,28 @@ def verify_head(
 
     revoked, kept = revoked_serials(crls, keyring.roots)
     for cert, issuer in itertools.pairwise(path):
-        if (issuer.subject.rfc4514_string(), cert.serial_number) in revoked:
+        if (issuer.subject.text, cert.serial_number) in revoked:
             raise SignerRevoked(f"signer '{_cn(cert)}' (serial {cert.serial_number:x}) is revoked")
 
     now = device.best_known_time
     for cert in path:
-        if _ts(cert.not_valid_after_utc) < now:
-            when = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
+        if cert.not_after < now:
             raise SignerExpired(
-                f"certificate '{_cn(cert)}' expired on {cert.not_valid_after_utc:%Y-%m-%d} "
-                f"(best-known time {when})"
+                f"certificate '{_cn(cert)}' expired on {utc_day(cert.not_after)} "
+                f"(best-known time {utc_day(now)})"
             )
 
     if len(signature) != 64:
         raise SignatureError(f"signature is {len(signature)} bytes, an Ed25519 signature is 64")
-    key = leaf.public_key()
-    assert isinstance(key, ed25519.Ed25519PublicKey)
-    try:
-        key.verify(signature, manifest_bytes)
-    except InvalidSignature:
+    assert leaf.ed25519_key is not None  # check_signer_usage
+    if not ed25519.verify(leaf.ed25519_key, signature, manifest_bytes):
         raise SignatureError("manifest signature does not verify under the signer's key",
-                             hint="the bundle was altered after signing; obtain an intact copy") from None
+                             hint="the bundle was altered after signing; obtain an intact copy")
 
     m = manifest_mod.from_bytes(manifest_bytes)
 
     for cert in path:
-        if not _ts(cert.not_valid_before_utc) <= m.build_time <= _ts(cert.not_valid_after_utc):
+        if not cert.not_before <= m.build_time <= cert.not_after:
             raise UntrustedSigner(
                 f"bundle build time {m.build_time} lies outside the validity of '{_cn(cert)}'",
                 hint="build and sign the bundle while its signer is valid",
@@ -309,7 +258,7 @@ def verify_head(
         manifest=m,
         signer_subject=_cn(leaf),
         signer_serial=leaf.serial_number,
-        signer_not_after=_ts(leaf.not_valid_after_utc),
+        signer_not_after=leaf.not_after,
         crls=kept,
     )
 

@@ -139,10 +139,8 @@ def check_signer(key: ed25519.Ed25519PrivateKey, chain_pem: bytes) -> None:
     except TrustError as exc:
         raise ConfigError(f"signer certificate refused: {exc}",
                           hint="sign with a key and certificate from 'edgeops keys issue-signer'") from None
-    leaf_key = chain[0].public_key()
     raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    if not isinstance(leaf_key, ed25519.Ed25519PublicKey) or \
-            leaf_key.public_bytes(*raw) != key.public_key().public_bytes(*raw):
+    if chain[0].ed25519_key != key.public_key().public_bytes(*raw):
         raise ConfigError("the signing key does not match the signer certificate",
                           hint="pass the signer.key that was issued with this signer.crt")
 

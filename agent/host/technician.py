@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.core import console_challenge as cc
+from agent.core import trust
 from agent.errors import UsageError
 from agent.host.keys import KeyPair, issue_leaf, load_signing_key
 
@@ -25,7 +26,8 @@ TECHNICIAN_DAYS = 90
 def issue_technician(root_dir: Path, out: Path, *, name: str, days: int = TECHNICIAN_DAYS,
                      not_before: dt.datetime | None = None) -> KeyPair:
     return issue_leaf(root_dir, out, stem="technician", what="a technician certificate",
-                      name=name, days=days, usage=cc.TECHNICIAN_OID, not_before=not_before)
+                      name=name, days=days, usage=x509.ObjectIdentifier(cc.TECHNICIAN_OID),
+                      not_before=not_before)
 
 
 def answer(challenge_text: str, key_path: Path, cert_path: Path) -> str:
@@ -42,6 +44,6 @@ def answer(challenge_text: str, key_path: Path, cert_path: Path) -> str:
             key.public_key().public_bytes_raw():
         raise UsageError("the key does not belong to that certificate",
                          hint="pass the technician.key and technician.crt issued together")
-    cc.check_technician_usage(certs[0])
     der = [c.public_bytes(serialization.Encoding.DER) for c in certs]
+    cc.check_technician_usage(trust.parse_certificate(der[0], 0))
     return cc.encode_answer(der, key.sign(challenge.text().encode()))
