@@ -11,8 +11,9 @@ TRIAL_PENDING. After the reboot ``cycle`` feeds ``Booted``, and the health check
 commit or revert.
 
 What only an install, a health run or a TPM needs (the bundle reader and zstandard, the
-trust store and cryptography, slots, probes, the root of trust) is imported where it is
-used: ``edgeops status`` and the idle agent never load it.
+trust store, slots, probes, the root of trust) is imported where it is used: ``edgeops
+status`` and the idle agent never load it; an install never loads ``cryptography``
+(``agent.core.certs`` reads the chain).
 Long because (about 540 lines, on purpose) one module shows every command's sequence
 against the journal, the bootloader and the slots; what has a job of its own already lives beside it (the
 journal's witness in ``journal_guard``, recovery in ``recovery``, a trial's second look at
