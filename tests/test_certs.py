@@ -13,7 +13,7 @@ import os
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
@@ -233,13 +233,13 @@ def with_extension(ext: x509.ExtensionType, critical: bool) -> bytes:
 def test_a_critical_extension_not_understood_makes_the_certificate_unusable() -> None:
     ext = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00")
     assert certs.load_cert(with_extension(ext, False)).serial_number == 3
-    with pytest.raises(DerError, match="critical extension 1.3.6.1.4.1.99999.1 is not understood"):
+    with pytest.raises(DerError, match=r"critical extension 1\.3\.6\.1\.4\.1\.99999\.1 is not understood"):
         certs.load_cert(with_extension(ext, True))
 
 
 def test_name_constraints_on_a_ca_are_refused_not_ignored() -> None:
     nc = x509.NameConstraints(permitted_subtrees=[x509.DNSName("example.com")], excluded_subtrees=None)
-    with pytest.raises(DerError, match="2.5.29.30 is not understood"):
+    with pytest.raises(DerError, match=r"2\.5\.29\.30 is not understood"):
         certs.load_cert(with_extension(nc, True))
 
 
@@ -248,7 +248,7 @@ def test_a_chain_with_a_non_ed25519_key_reads_but_signs_nothing() -> None:
     c = (x509.CertificateBuilder().subject_name(name_of([(NameOID.COMMON_NAME, "ec")]))
          .issuer_name(name_of([(NameOID.COMMON_NAME, "ec")])).public_key(key.public_key())
          .serial_number(5).not_valid_before(EPOCH).not_valid_after(EPOCH + dt.timedelta(days=1))
-         .sign(key, __import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()))
+         .sign(key, hashes.SHA256()))
     got = certs.load_cert(der_of(c))
     assert got.key_algorithm == "1.2.840.10045.2.1" and got.ed25519_key is None
     assert not got.ed25519_signed and not got.issued_by(got)
