@@ -134,6 +134,7 @@ def sample_chain() -> tuple[x509.Certificate, bytes]:
     return root, der_of(leaf)
 
 
+@pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")  # serial 0
 def test_no_damaged_byte_yields_a_certificate_its_issuer_verifies() -> None:
     """Every byte of a signer certificate, changed three ways: the reader refuses it or reads
     a certificate the root's key does not verify; and whatever it reads, cryptography reads too."""
