@@ -28,6 +28,7 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(DRIVER, os.X_OK)):
     pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
                 allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[test]')")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
@@ -41,6 +42,9 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-dev-shm-usage", "--window-size=1280,1700")
 DEVICES = 300
 WAIT = 30  # seconds for the page's own refresh (every 5 s) to show a change
+# The page's refresh replaces the elements it redraws: one found just before a refresh is gone
+# when its text is read. A wait then looks again instead of failing (CI saw this once).
+REDRAWN = (StaleElementReferenceException,)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +79,21 @@ def shot(driver: object, name: str) -> Path:
 
 
 def text_of(driver: object, element_id: str) -> str:
+    """The element's text, looked up again if a refresh replaced it between finding and reading."""
+    for _ in range(4):
+        try:
+            return str(driver.find_element(By.ID, element_id).text)  # type: ignore[attr-defined]
+        except REDRAWN:
+            continue
     return str(driver.find_element(By.ID, element_id).text)  # type: ignore[attr-defined]
 
 
+def wait_for(driver: object, seconds: float = WAIT) -> WebDriverWait:  # type: ignore[type-arg]
+    return WebDriverWait(driver, seconds, ignored_exceptions=REDRAWN)
+
+
 def wait_text(driver: object, element_id: str, wanted: str) -> None:
-    WebDriverWait(driver, WAIT).until(lambda d: d.find_elements(By.ID, element_id) and
-                                      text_of(d, element_id) == wanted)
+    wait_for(driver).until(lambda d: d.find_elements(By.ID, element_id) and text_of(d, element_id) == wanted)
 
 
 def accept_confirm(driver: object) -> None:
@@ -95,7 +108,7 @@ def log_in(driver: object, ctl: LocalController) -> None:
     assert "/login" in driver.current_url  # type: ignore[attr-defined]  # no session: the login page
     driver.find_element(By.ID, "token").send_keys(ctl.token)  # type: ignore[attr-defined]
     driver.find_element(By.ID, "login").click()  # type: ignore[attr-defined]
-    WebDriverWait(driver, WAIT).until(lambda d: d.find_elements(By.ID, "total"))
+    wait_for(driver).until(lambda d: d.find_elements(By.ID, "total"))
 
 
 def start_canary(driver: object, threshold: str) -> None:
@@ -106,7 +119,7 @@ def start_canary(driver: object, threshold: str) -> None:
         box.send_keys(value)
     driver.find_element(By.ID, "start").click()  # type: ignore[attr-defined]
     accept_confirm(driver)
-    WebDriverWait(driver, WAIT).until(lambda d: d.find_elements(By.ID, "rollout-status"))
+    wait_for(driver).until(lambda d: d.find_elements(By.ID, "rollout-status"))
 
 
 def test_login_shows_the_whole_fleet(browser: object, fleet: tuple[LocalController, dict[str, DdiDevice]]
@@ -117,7 +130,7 @@ def test_login_shows_the_whole_fleet(browser: object, fleet: tuple[LocalControll
     log_in(browser, ctl)
     assert text_of(browser, "total") == str(DEVICES)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#devices tbody tr")) == 50  # type: ignore[attr-defined]
-    WebDriverWait(browser, WAIT).until(lambda d: text_of(d, "online") == "120")  # after the batched write
+    wait_for(browser).until(lambda d: text_of(d, "online") == "120")  # after the batched write
     assert text_of(browser, "never") == str(DEVICES - 120)
     assert f"{DEVICES} matching devices" in text_of(browser, "page-info")
     shot(browser, "dashboard-fleet")
@@ -152,7 +165,7 @@ def test_canary_pauses_on_a_failing_device_and_resumes(browser: object, fleet: t
 
     # The device's own page has the action and its reason.
     browser.find_element(By.LINK_TEXT, bad).click()  # type: ignore[attr-defined]
-    WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.ID, "history"))
+    wait_for(browser).until(lambda d: d.find_elements(By.ID, "history"))
     assert "failure" in text_of(browser, "history") and "failed after 3 tries" in text_of(browser, "history")
 
 
