@@ -8,6 +8,7 @@ DER must never parse into a certificate its issuer's key verifies.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 
@@ -313,3 +314,206 @@ def test_without_libcrypto_cryptography_checks_the_signature(monkeypatch: pytest
                                           (b"\x00" * 33, b"\x00" * 64), (b"", b"")])
 def test_keys_and_signatures_of_the_wrong_size_never_verify(key: bytes, sig: bytes) -> None:
     assert not ed.verify(key, sig, b"m")
+
+
+def tlv(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+        (n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + body
+
+
+def attr(oid: str, tag: int, value: bytes) -> bytes:
+    return tlv(der.SEQUENCE, tlv(der.OID, der.oid_bytes(oid)) + tlv(tag, value))
+
+
+def test_an_oid_arc_too_long_to_print_is_refused_as_der() -> None:
+    huge = b"\x2b" + b"\xff" * 4000 + b"\x7f"  # one arc of ~28,000 bits: 8,400 decimal digits
+    with pytest.raises(DerError, match="OBJECT IDENTIFIER"):
+        der.Reader(tlv(der.OID, huge)).oid("x")
+    with pytest.raises(DerError, match="arc longer than 20 bytes"):
+        der.Reader(tlv(der.OID, b"\x2b" + b"\x81" * 20 + b"\x01")).oid("x")
+
+
+def test_a_uuid_oid_reads_and_prints() -> None:
+    dotted = "2.25." + str(2 ** 128 - 1)  # X.667: the longest arcs in use
+    assert der.oid_text(der.Reader(tlv(der.OID, der.oid_bytes(dotted))).oid("x")) == dotted
+
+
+def test_a_name_with_a_huge_oid_is_a_der_error_not_a_crash() -> None:
+    name = tlv(der.SEQUENCE, tlv(der.SET, tlv(der.SEQUENCE, tlv(der.OID, b"\x2b" + b"\xff" * 900 + b"\x01")
+                                              + tlv(der.UTF8_STRING, b"x"))))
+    with pytest.raises(DerError):
+        certs.name(der.Reader(name), "subject")
+
+
+def test_the_attributes_of_a_multi_valued_rdn_must_be_in_der_order() -> None:
+    cn, o = attr("2.5.4.3", der.UTF8_STRING, b"a"), attr("2.5.4.10", der.UTF8_STRING, b"b")
+    first, second = sorted([cn, o])
+    assert certs.name(der.Reader(tlv(der.SEQUENCE, tlv(der.SET, first + second))), "n").text in (
+        "CN=a+O=b", "O=b+CN=a")
+    with pytest.raises(DerError, match="not in DER order"):
+        certs.name(der.Reader(tlv(der.SEQUENCE, tlv(der.SET, second + first))), "n")
+
+
+def self_signed(subject: x509.Name) -> x509.Certificate:
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(LEAF_KEY.public_key()).serial_number(3).not_valid_before(EPOCH)
+            .not_valid_after(EPOCH + dt.timedelta(days=1))
+            .sign(ROOT_KEY, None))
+
+
+def test_a_multi_valued_rdn_reads_as_cryptography_writes_it() -> None:
+    """cryptography sorts a SET OF when it writes DER, so the strict order refuses none of its names."""
+    rdn = x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "zz"),
+                                          x509.NameAttribute(NameOID.COMMON_NAME, "aa")])
+    c = self_signed(x509.Name([rdn]))
+    parsed = x509.load_der_x509_certificate(der_of(c))
+    assert certs.load_cert(der_of(c)).subject.text == parsed.subject.rfc4514_string()
+
+
+def test_a_t61_string_reads_as_cryptography_reads_it() -> None:
+    from cryptography.x509.name import _ASN1Type
+
+    c = self_signed(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Zürich", _type=_ASN1Type.T61String)]))
+    assert bytes([der.T61_STRING, len("Zürich".encode())]) + "Zürich".encode() in der_of(c)
+    parsed = x509.load_der_x509_certificate(der_of(c))
+    assert certs.load_cert(der_of(c)).subject.text == parsed.subject.rfc4514_string() == "CN=Zürich"
+
+
+def test_key_usage_with_a_trailing_zero_byte_is_not_der() -> None:
+    ext = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.15"), tlv(der.BIT_STRING, b"\x07\x80\x00"))
+    with pytest.raises(DerError, match="trailing zero bytes"):
+        certs.load_cert(with_extension(ext, False))
+    minimal = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.15"), tlv(der.BIT_STRING, b"\x07\x80"))
+    assert certs.load_cert(with_extension(minimal, False)).key_usage == 1 << DIGITAL_SIGNATURE
+
+
+DIGITAL_SIGNATURE = certs.DIGITAL_SIGNATURE
+
+
+def test_bytearray_and_memoryview_inputs_read_and_verify() -> None:
+    root_c, leaf = sample_chain()
+    root = certs.load_cert(bytearray(der_of(root_c)))
+    got = certs.load_cert(memoryview(leaf))
+    assert got.der == leaf and got.issued_by(root)
+    msg = b"signed"
+    sig = LEAF_KEY.sign(msg)
+    pub = LEAF_KEY.public_key().public_bytes_raw()
+    assert ed.verify(bytearray(pub), memoryview(sig), bytearray(msg))
+
+
+def test_rfc_8032s_first_vector_is_the_libcrypto_probe() -> None:
+    """The probe that keeps a libcrypto refusing Ed25519 (FIPS) from refusing every bundle."""
+    assert ed.verify_with_cryptography(ed._PROBE_KEY, ed._PROBE_SIG, b"")
+    assert not ed.verify_with_cryptography(ed._PROBE_KEY, ed._PROBE_SIG, b"x")
+
+
+def test_a_libcrypto_that_refuses_the_probe_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ed, "_verify_openssl", lambda *a: False)  # a FIPS build: every verify fails
+    assert ed._bind() is None
+
+
+def pem(label: str, blob: bytes) -> bytes:
+    import base64
+
+    body = base64.encodebytes(blob)
+    return f"-----BEGIN {label}-----\n".encode() + body + f"-----END {label}-----\n".encode()
+
+
+def test_pem_blocks_of_one_label_are_read_in_order_and_others_skipped() -> None:
+    a, b = os.urandom(50), os.urandom(70)
+    data = b"junk\n" + pem("CERTIFICATE", a) + pem("PRIVATE KEY", b"k") + pem("CERTIFICATE", b) + b"tail"
+    assert certs.pem_blocks(data, "CERTIFICATE") == [a, b]
+    assert certs.pem_blocks(data, "X509 CRL") == []
+    assert certs.pem_blocks(pem("CERTIFICATE REQUEST", a), "CERTIFICATE") == []
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (b"-----BEGIN X509 CRL-----\n" * 20000, "no END line"),  # a regex's quadratic case
+    (b"-----BEGIN X509 CRL-----\n" * 20000 + b"-----END X509 CRL-----\n", "boundary line inside"),
+    (b"-----BEGIN X509 CRL-----\nAAAA\n", "no END line"),
+    (b"-----BEGIN X509 CRL-----\nAA-A\n-----END X509 CRL-----\n", "boundary line inside|bad base64"),
+    (b"-----BEGIN X509 CRL-----\nA!AA\n-----END X509 CRL-----\n", "bad base64"),
+])
+def test_a_damaged_pem_file_is_refused(data: bytes, why: str) -> None:
+    with pytest.raises(DerError, match=why):
+        certs.pem_blocks(data, "X509 CRL")
+
+
+def crl_with(ext: x509.ExtensionType | None, serials: list[int], number: int) -> bytes:
+    when = EPOCH + dt.timedelta(days=10)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(name_of([(NameOID.COMMON_NAME, "root")]))
+         .last_update(when).next_update(when + dt.timedelta(days=1))
+         .add_extension(x509.CRLNumber(number), critical=False))
+    if ext is not None:
+        b = b.add_extension(ext, critical=True)
+    for s in serials:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(s)
+                                      .revocation_date(when).build())
+    return b.sign(ROOT_KEY, None).public_bytes(serialization.Encoding.DER)
+
+
+SCOPED = x509.IssuingDistributionPoint(full_name=None, relative_name=None, only_contains_user_certs=True,
+                                       only_contains_ca_certs=False, only_some_reasons=None,
+                                       indirect_crl=False, only_contains_attribute_certs=False)
+
+
+@pytest.mark.parametrize("ext", [x509.DeltaCRLIndicator(4), SCOPED], ids=["delta", "scoped"])
+def test_a_partial_crl_still_revokes_its_serials(ext: x509.ExtensionType) -> None:
+    got = certs.load_crl(crl_with(ext, [8], 5))
+    assert got.partial == (ext.oid.dotted_string,) and got.revoked == (8,)
+    root = certs.load_cert(der_of(sample_chain()[0]))
+    revoked, kept = trust.revoked_serials([crl_with(ext, [8], 5)], [root])
+    assert (root.subject.text, 8) in revoked  # revoking more fails closed
+    assert len(kept) == 1  # with no complete CRL, the partial one is what the device keeps
+
+
+@pytest.mark.parametrize("ext", [x509.DeltaCRLIndicator(4), SCOPED], ids=["delta", "scoped"])
+def test_a_partial_crl_never_displaces_a_complete_one(ext: x509.ExtensionType) -> None:
+    root = certs.load_cert(der_of(sample_chain()[0]))
+    complete, partial = crl_with(None, [8, 9], 3), crl_with(ext, [10], 7)
+    for order in ([complete, partial], [partial, complete]):
+        revoked, kept = trust.revoked_serials(order, [root])
+        assert {s for _, s in revoked} == {8, 9, 10}
+        assert [k.blob for k in kept] == [complete]
+
+
+def test_a_critical_entry_extension_makes_a_crl_partial() -> None:
+    when = EPOCH + dt.timedelta(days=10)
+    entry = (x509.RevokedCertificateBuilder().serial_number(8).revocation_date(when)
+             .add_extension(x509.CertificateIssuer([x509.DNSName("other.example")]), critical=True).build())
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(name_of([(NameOID.COMMON_NAME, "root")]))
+           .last_update(when).next_update(when + dt.timedelta(days=1)).add_revoked_certificate(entry)
+           .sign(ROOT_KEY, None).public_bytes(serialization.Encoding.DER))
+    got = certs.load_crl(crl)
+    assert got.partial == ("2.5.29.29",) and got.revoked == (8,)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_arbitrary_bytes_are_a_der_error_or_a_reading(data: bytes) -> None:
+    for load in (certs.load_cert, certs.load_crl):
+        with contextlib.suppress(DerError):
+            load(data)
+    assert trust._load_crl(data) is None or isinstance(trust._load_crl(data), certs.Crl)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_certificate_damaged_anywhere_is_a_der_error_or_a_reading(data: st.DataObject) -> None:
+    _, leaf = sample_chain()
+    buf = bytearray(leaf)
+    for _ in range(data.draw(st.integers(1, 6))):
+        pos = data.draw(st.integers(0, len(buf) - 1))
+        action = data.draw(st.sampled_from(["set", "insert", "delete"]))
+        if action == "set":
+            buf[pos] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        elif len(buf) > 1:
+            del buf[pos]
+    with contextlib.suppress(DerError):
+        certs.load_cert(bytes(buf))
+    with contextlib.suppress(trust.TrustError):
+        trust.parse_chain(pem("CERTIFICATE", bytes(buf)))

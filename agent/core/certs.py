@@ -6,9 +6,10 @@ a CRL's issuer, dates, number and revoked serials. A certificate is parsed whole
 loaded, so a damaged one is refused there, never half-read later. Signatures are Ed25519
 only — the one algorithm edgeops signs with — checked by ``agent.core.ed25519``; any other
 algorithm reads, but verifies nothing. An extension marked critical that is not one of the
-above makes the certificate unusable (§4.2: "MUST reject"), and such a CRL is not used
-(§5.2); the parse is strict DER (``agent.core.der``) because every byte here is unsigned
-until its signature has been checked.
+above makes the certificate unusable (§4.2: "MUST reject"); a CRL with one (a delta CRL, a
+scoped one) reads as ``partial``, its serials still revoked, since refusing it would let a
+revocation go unseen. The parse is strict DER (``agent.core.der``) because every byte here
+is unsigned until its signature has been checked.
 
 Why not ``cryptography.x509``: it is ~10 MiB resident and ~30 ms to import on the install
 path (docs/performance.md section 7); host tools that build certificates still use it, and
@@ -18,7 +19,6 @@ tests check both read the same fields from every certificate they make.
 from __future__ import annotations
 
 import binascii
-import re
 import time
 
 from agent.core import der, ed25519
@@ -40,14 +40,14 @@ _KNOWN_CRL = {CRL_NUMBER, der.oid_bytes("2.5.29.35")}
 _KNOWN_CRL_ENTRY = {der.oid_bytes("2.5.29.21"), der.oid_bytes("2.5.29.24")}  # reason, invalidity
 DIGITAL_SIGNATURE, KEY_CERT_SIGN = 0, 5  # KeyUsage bit numbers (§4.2.1.3)
 MAX_SERIAL_BYTES = 21  # 20 octets (§4.1.2.2) and the sign byte a positive one may need
-_PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
 # RFC 4514 §3 short names, the set cryptography's rfc4514_string() prints (others: dotted)
 _SHORT = {der.oid_bytes(o): n for o, n in (
     ("2.5.4.3", "CN"), ("2.5.4.7", "L"), ("2.5.4.8", "ST"), ("2.5.4.10", "O"),
     ("2.5.4.11", "OU"), ("2.5.4.6", "C"), ("2.5.4.9", "STREET"),
     ("0.9.2342.19200300.100.1.25", "DC"), ("0.9.2342.19200300.100.1.1", "UID"))}
+# T61String as UTF-8, as cryptography (and OpenSSL's RFC 4514 printer for the bytes CAs write) read it
 _STRINGS = {der.UTF8_STRING: "utf-8", der.PRINTABLE_STRING: "ascii", der.IA5_STRING: "ascii",
-            0x1A: "ascii", der.T61_STRING: "latin-1", der.BMP_STRING: "utf-16-be",
+            0x1A: "ascii", der.T61_STRING: "utf-8", der.BMP_STRING: "utf-16-be",
             der.UNIVERSAL_STRING: "utf-32-be"}
 
 
@@ -93,6 +93,10 @@ class Crl(Frozen):
     next_update: int | None
     number: int | None  # cRLNumber
     revoked: tuple[int, ...]  # serials
+    # Critical extensions (of the CRL or an entry) not judged here, dotted: e.g. a delta CRL
+    # or one scoped by an issuingDistributionPoint. Such a CRL is not complete (§5.2), so it
+    # must not replace one that is; its serials are still revoked, as revoking more is safe.
+    partial: tuple[str, ...]
     tbs: bytes
     signature: bytes
     ed25519_signed: bool
@@ -103,15 +107,26 @@ class Crl(Frozen):
 
 
 def pem_blocks(data: bytes, label: str) -> list[bytes]:
-    """The DER of every PEM block labelled ``label`` (RFC 7468), in order."""
-    out = []
-    for m in _PEM.finditer(data):
-        if m.group(1) != label.encode():
-            continue
+    """The DER of every PEM block labelled ``label`` (RFC 7468), in order.
+
+    One pass over the input, with ``bytes.find``: a regular expression with a back-reference
+    takes quadratic time on a file of many BEGIN lines, and this reads untrusted files."""
+    begin, end = f"-----BEGIN {label}-----".encode(), f"-----END {label}-----".encode()
+    out: list[bytes] = []
+    pos = data.find(begin)
+    while pos >= 0:
+        body = pos + len(begin)
+        stop = data.find(end, body)
+        if stop < 0:
+            raise DerError(f"{label} block {len(out)}: no END line")
+        text = data[body:stop]
+        if b"-----" in text:  # another boundary inside the block: not one block
+            raise DerError(f"{label} block {len(out)}: a boundary line inside the block")
         try:
-            out.append(binascii.a2b_base64(b"".join(m.group(2).split()), strict_mode=True))
+            out.append(binascii.a2b_base64(b"".join(text.split()), strict_mode=True))
         except binascii.Error as exc:
             raise DerError(f"{label} block {len(out)}: bad base64 ({exc})") from None
+        pos = data.find(begin, stop + len(end))
     return out
 
 
@@ -123,7 +138,8 @@ def load_pem_certs(data: bytes) -> list[Cert]:
     return [load_cert(b, f"certificate {i}") for i, b in enumerate(blocks)]
 
 
-def load_cert(data: bytes, what: str = "certificate") -> Cert:
+def load_cert(data: bytes | bytearray | memoryview, what: str = "certificate") -> Cert:
+    data = bytes(data)
     outer = Reader(data)
     r = outer.inner(der.SEQUENCE, what)
     outer.done(what)
@@ -159,8 +175,11 @@ def load_cert(data: bytes, what: str = "certificate") -> Cert:
         if version != 2:
             raise DerError(f"{what}: extensions need version 3")
         x = t.inner(0xA3, f"{what} extensions")
-        exts = _extensions(x, f"{what} extensions", _KNOWN)
+        exts = _extensions(x, f"{what} extensions")
         x.done(f"{what} extensions")
+        refused = _unhandled(exts, _KNOWN)
+        if refused:  # §4.2: a certificate with a critical extension it cannot process is rejected
+            raise DerError(f"{what} extensions: critical extension {refused[0]} is not understood")
     t.done(f"{what} tbsCertificate")
     ca, path_length = _basic_constraints(exts, what)
     return Cert(
@@ -171,8 +190,10 @@ def load_cert(data: bytes, what: str = "certificate") -> Cert:
         ext_key_usage=_ext_key_usage(exts, what))
 
 
-def load_crl(data: bytes, what: str = "CRL") -> Crl:
-    """A CRL in DER; ``DerError`` if it is damaged or one RFC 5280 says not to use."""
+def load_crl(data: bytes | bytearray | memoryview, what: str = "CRL") -> Crl:
+    """A CRL in DER; ``DerError`` if it is damaged. One with a critical extension not
+    judged here reads, with ``partial`` naming it (see ``Crl.partial``)."""
+    data = bytes(data)
     outer = Reader(data)
     r = outer.inner(der.SEQUENCE, what)
     outer.done(what)
@@ -190,6 +211,7 @@ def load_crl(data: bytes, what: str = "CRL") -> Crl:
     next_update = _time(t, f"{what} nextUpdate") if t.peek() in (der.UTC_TIME, der.GENERALIZED_TIME) \
         else None
     revoked: list[int] = []
+    partial: list[str] = []
     if t.optional(der.SEQUENCE):
         entries = t.inner(der.SEQUENCE, f"{what} revokedCertificates")
         while not entries.at_end():
@@ -197,20 +219,21 @@ def load_crl(data: bytes, what: str = "CRL") -> Crl:
             revoked.append(e.integer(f"{what} entry serial"))
             _time(e, f"{what} revocationDate")
             if not e.at_end():
-                _extensions(e, f"{what} entry extensions", _KNOWN_CRL_ENTRY)
+                partial += _unhandled(_extensions(e, f"{what} entry extensions"), _KNOWN_CRL_ENTRY)
             e.done(f"{what} entry")
     number = None
     if t.optional(0xA0):
         x = t.inner(0xA0, f"{what} extensions")
-        exts = _extensions(x, f"{what} extensions", _KNOWN_CRL)
+        exts = _extensions(x, f"{what} extensions")
         x.done(f"{what} extensions")
+        partial += _unhandled(exts, _KNOWN_CRL)
         if CRL_NUMBER in exts:
             n = Reader(exts[CRL_NUMBER][1])
             number = n.integer(f"{what} cRLNumber")
             n.done(f"{what} cRLNumber")
     t.done(f"{what} tbsCertList")
     return Crl(issuer=issuer, this_update=this_update, next_update=next_update, number=number,
-               revoked=tuple(revoked), tbs=tbs, signature=sig,
+               revoked=tuple(revoked), partial=tuple(dict.fromkeys(partial)), tbs=tbs, signature=sig,
                ed25519_signed=alg == (ED25519, b"") and not unused)
 
 
@@ -222,8 +245,13 @@ def name(r: Reader, what: str) -> Name:
     while not seq.at_end():
         rdn = seq.inner(der.SET, f"{what} RDN")
         parts = []
+        last = b""
         while not rdn.at_end():
+            before = rdn.pos
             atv = rdn.inner(der.SEQUENCE, f"{what} attribute")
+            if rdn.data[before:rdn.pos] < last:  # X.690 §11.6: a SET OF is sorted in DER
+                raise DerError(f"{what}: the attributes of an RDN are not in DER order")
+            last = rdn.data[before:rdn.pos]
             oid = atv.oid(f"{what} attribute type")
             tag, _, vstart, vend = atv.tlv(f"{what} attribute value")
             atv.done(f"{what} attribute")
@@ -297,8 +325,8 @@ def _time(r: Reader, what: str) -> int:
     return der.time(tag, r.data[start:end], what)
 
 
-def _extensions(r: Reader, what: str, known: set[bytes]) -> dict[bytes, tuple[bool, bytes]]:
-    """{OID: (critical, extnValue)}; a duplicate or an unknown critical one is refused."""
+def _extensions(r: Reader, what: str) -> dict[bytes, tuple[bool, bytes]]:
+    """{OID: (critical, extnValue)}; a duplicate is refused."""
     seq = r.inner(der.SEQUENCE, what)
     out: dict[bytes, tuple[bool, bytes]] = {}
     while not seq.at_end():
@@ -310,15 +338,18 @@ def _extensions(r: Reader, what: str, known: set[bytes]) -> dict[bytes, tuple[bo
             if not critical:
                 raise DerError(f"{what}: critical FALSE is encoded by omission in DER")
         value = e.value(der.OCTET_STRING, f"{what} value")
-        e.done(f"{what} {der.oid_text(oid)}")
+        e.done(f"{what} {len(out)}")
         if oid in out:
             raise DerError(f"{what}: {der.oid_text(oid)} appears twice (RFC 5280 §4.2)")
-        if critical and oid not in known:
-            raise DerError(f"{what}: critical extension {der.oid_text(oid)} is not understood")
         out[oid] = (critical, value)
     if not out:
         raise DerError(f"{what}: empty (§4.1.2.9: one or more)")
     return out
+
+
+def _unhandled(exts: dict[bytes, tuple[bool, bytes]], known: set[bytes]) -> list[str]:
+    """The critical extensions not in ``known``, dotted."""
+    return [der.oid_text(oid) for oid, (critical, _) in exts.items() if critical and oid not in known]
 
 
 def _basic_constraints(exts: dict[bytes, tuple[bool, bytes]], what: str
@@ -348,6 +379,8 @@ def _key_usage(exts: dict[bytes, tuple[bool, bytes]], what: str) -> int | None:
     r = Reader(exts[KEY_USAGE][1])
     bits, _ = r.bit_string(f"{what} keyUsage")
     r.done(f"{what} keyUsage")
+    if bits and not bits[-1]:  # X.690 §11.2.2: a named bit list ends at its last bit set
+        raise DerError(f"{what}: keyUsage with trailing zero bytes is not DER")
     # bit 0 is the most significant bit of the first byte (X.690 §8.6.2.1)
     return sum(1 << (8 * i + j) for i, byte in enumerate(bits[:2]) for j in range(8)
                if byte & (0x80 >> j))

@@ -15,6 +15,9 @@ UTF8_STRING, PRINTABLE_STRING, T61_STRING, IA5_STRING = 0x0C, 0x13, 0x14, 0x16
 UTC_TIME, GENERALIZED_TIME, UNIVERSAL_STRING, BMP_STRING = 0x17, 0x18, 0x1C, 0x1E
 SEQUENCE, SET = 0x30, 0x31
 MAX_LENGTH = 1 << 24  # no certificate or CRL of ours is near 16 MiB; the callers bound far lower
+# The longest registered OIDs are UUID arcs (2.25.<128 bits>, 19 bytes); a bound keeps a
+# crafted arc from becoming a number Python refuses to print (int max_str_digits).
+MAX_OID, MAX_ARC = 128, 20
 
 
 class DerError(ValueError):
@@ -116,11 +119,18 @@ class Reader:
         return v[1:], v[0]
 
     def oid(self, what: str) -> bytes:
-        """The OID's content octets (compare them with ``oid_bytes``)."""
+        """The OID's content octets (compare them with ``oid_bytes``), at most MAX_OID bytes
+        with arcs of at most MAX_ARC bytes, so ``oid_text`` of any of them is cheap."""
         v = self.value(OID, what)
-        if not v or v[-1] & 0x80 or any(v[i] == 0x80 and (i == 0 or not v[i - 1] & 0x80)
-                                        for i in range(len(v))):
+        if not v or len(v) > MAX_OID or v[-1] & 0x80:
             raise DerError(f"{what}: malformed OBJECT IDENTIFIER")
+        run = 0  # bytes of the arc being read
+        for _i, b in enumerate(v):
+            if b == 0x80 and run == 0:  # a leading 0x80 pads the arc: not its shortest form
+                raise DerError(f"{what}: malformed OBJECT IDENTIFIER")
+            run = run + 1 if b & 0x80 else 0
+            if run >= MAX_ARC:
+                raise DerError(f"{what}: an OBJECT IDENTIFIER arc longer than {MAX_ARC} bytes")
         return v
 
 

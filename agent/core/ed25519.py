@@ -5,8 +5,9 @@ the library that checks a bundle's signatures is mapped before the install reads
 Calling its ``EVP_DigestVerify`` through ``ctypes`` costs the install nothing it has not
 loaded; ``cryptography`` would map its own Rust module and OpenSSL copy (~9 MiB resident,
 ~30 ms to import with ``x509``, docs/performance.md section 7) to run the same algorithm.
-Where no libcrypto with Ed25519 can be found (OpenSSL < 1.1.1, a Python built without it)
-``cryptography`` is the fallback; tests check the two agree on every input they generate.
+Where no libcrypto with Ed25519 can be found (OpenSSL < 1.1.1, a Python built without it, a
+FIPS build that refuses RFC 8032's first test vector) ``cryptography`` is the fallback;
+tests check the two agree on every input they generate.
 
 The binding is the five calls of OpenSSL's documented one-shot verify (EVP_DigestVerify(3):
 "EVP_DigestVerifyInit() ... with a NULL digest for Ed25519"), every pointer typed so ctypes
@@ -21,13 +22,21 @@ import threading
 _NID_ED25519 = 1087  # EVP_PKEY_ED25519 (obj_mac.h), the same in OpenSSL 1.1.1 and 3.x
 _SONAMES = ("libcrypto.so.3", "libcrypto.so.1.1")  # what _hashlib links on Debian 12 / 11
 
+# RFC 8032 §7.1, TEST 1 (the empty message): a libcrypto that cannot verify it (a FIPS
+# build without Ed25519, a broken one) would refuse every bundle, so it is not used.
+_PROBE_KEY = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+_PROBE_SIG = bytes.fromhex("e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+                           "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+
 _lock = threading.Lock()
 _loaded = False
 _lib: ctypes.CDLL | None = None
 
 
-def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+def verify(public_key: bytes | bytearray | memoryview, signature: bytes | bytearray | memoryview,
+           message: bytes | bytearray | memoryview) -> bool:
     """True when ``signature`` is ``public_key``'s Ed25519 signature of ``message``."""
+    public_key, signature, message = bytes(public_key), bytes(signature), bytes(message)
     if len(public_key) != 32 or len(signature) != 64:
         return False
     lib = _libcrypto()
@@ -63,6 +72,8 @@ def _bind() -> ctypes.CDLL | None:
         try:
             _prototypes(lib)
         except AttributeError:  # a libcrypto without raw Ed25519 keys (before 1.1.1)
+            continue
+        if not _verify_openssl(lib, _PROBE_KEY, _PROBE_SIG, b""):
             continue
         return lib
     return None

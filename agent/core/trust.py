@@ -158,7 +158,9 @@ class KeptCrl(Frozen):
     """A root-verified CRL worth keeping: ``root_id`` names the root that signed it."""
 
     root_id: str  # SHA-256 prefix of the root's public key: names can repeat, keys do not
-    rank: tuple[int, float]  # (CRL number, thisUpdate): higher is newer
+    # (complete, CRL number, thisUpdate): higher is newer. A partial CRL (Crl.partial: delta,
+    # scoped) never displaces a complete one, which covers every revocation before it.
+    rank: tuple[int, int, float]
     blob: bytes
 
 
@@ -166,10 +168,12 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[Cert]
                     ) -> tuple[set[tuple[str, int]], tuple[KeptCrl, ...]]:
     """Serials revoked by CRLs that a trusted root signed; forged or foreign CRLs are ignored.
 
-    Also returns the CRLs worth keeping: the newest per root (highest CRL number, then
-    latest thisUpdate). A root's CRL is complete (RFC 5280 §5), so the newest one covers
-    every revocation before it and the device's store stays one file per root. Roots are
-    told apart by key, not name: two roots may share a subject (e.g. during a rotation).
+    Also returns the CRLs worth keeping: the newest per root (a complete one before a
+    partial one, then highest CRL number, then latest thisUpdate). A root's complete CRL
+    (RFC 5280 §5) covers every revocation before it, so the device's store stays one file
+    per root. Every root-signed CRL's serials are revoked, partial ones included: revoking
+    more fails closed. Roots are told apart by key, not name: two roots may share a subject
+    (e.g. during a rotation).
     """
     revoked: set[tuple[str, int]] = set()
     newest: dict[str, KeptCrl] = {}
@@ -182,7 +186,7 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[Cert]
             continue
         revoked.update((crl.issuer.text, serial) for serial in crl.revoked)
         number = -1 if crl.number is None else crl.number
-        kept = KeptCrl(root_id(issuer), (number, float(crl.this_update)), blob)
+        kept = KeptCrl(root_id(issuer), (int(not crl.partial), number, float(crl.this_update)), blob)
         if kept.root_id not in newest or kept.rank > newest[kept.root_id].rank:
             newest[kept.root_id] = kept
     return revoked, tuple(newest.values())
