@@ -140,13 +140,7 @@ def load_pem_certs(data: bytes) -> list[Cert]:
 
 def load_cert(data: bytes | bytearray | memoryview, what: str = "certificate") -> Cert:
     data = bytes(data)
-    outer = Reader(data)
-    r = outer.inner(der.SEQUENCE, what)
-    outer.done(what)
-    tbs = r.raw(der.SEQUENCE, f"{what} tbsCertificate")
-    alg = _algorithm(r, f"{what} signatureAlgorithm")
-    sig, unused = r.bit_string(f"{what} signature")
-    r.done(what)
+    tbs, alg, sig, unused = _signed(data, what, "tbsCertificate")
     t = Reader(tbs).inner(der.SEQUENCE, f"{what} tbsCertificate")
     version = 0
     if t.optional(0xA0):
@@ -194,13 +188,7 @@ def load_crl(data: bytes | bytearray | memoryview, what: str = "CRL") -> Crl:
     """A CRL in DER; ``DerError`` if it is damaged. One with a critical extension not
     judged here reads, with ``partial`` naming it (see ``Crl.partial``)."""
     data = bytes(data)
-    outer = Reader(data)
-    r = outer.inner(der.SEQUENCE, what)
-    outer.done(what)
-    tbs = r.raw(der.SEQUENCE, f"{what} tbsCertList")
-    alg = _algorithm(r, f"{what} signatureAlgorithm")
-    sig, unused = r.bit_string(f"{what} signature")
-    r.done(what)
+    tbs, alg, sig, unused = _signed(data, what, "tbsCertList")
     t = Reader(tbs).inner(der.SEQUENCE, f"{what} tbsCertList")
     if t.optional(der.INTEGER) and t.integer(f"{what} version") != 1:
         raise DerError(f"{what}: only version 2 CRLs are supported")
@@ -235,6 +223,19 @@ def load_crl(data: bytes | bytearray | memoryview, what: str = "CRL") -> Crl:
     return Crl(issuer=issuer, this_update=this_update, next_update=next_update, number=number,
                revoked=tuple(revoked), partial=tuple(dict.fromkeys(partial)), tbs=tbs, signature=sig,
                ed25519_signed=alg == (ED25519, b"") and not unused)
+
+
+def _signed(data: bytes, what: str, body: str) -> tuple[bytes, tuple[bytes, bytes], bytes, int]:
+    """X.509's SIGNED wrapper (§4.1.1, §5.1.1): (the signed body's DER, the algorithm, the
+    signature, its unused bits); nothing may follow it."""
+    outer = Reader(data)
+    r = outer.inner(der.SEQUENCE, what)
+    outer.done(what)
+    tbs = r.raw(der.SEQUENCE, f"{what} {body}")
+    alg = _algorithm(r, f"{what} signatureAlgorithm")
+    sig, unused = r.bit_string(f"{what} signature")
+    r.done(what)
+    return tbs, alg, sig, unused
 
 
 def name(r: Reader, what: str) -> Name:
