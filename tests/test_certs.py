@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
@@ -20,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.adapters.truststore import TrustStore
 from agent.core import certs, der, trust
 from agent.core import ed25519 as ed
 from agent.core.der import DerError
@@ -73,6 +76,8 @@ def certificates(draw: st.DrawFn) -> x509.Certificate:
         bits = {f: draw(st.booleans()) for f in KU_FIELDS}
         if not bits["key_agreement"]:
             bits["encipher_only"] = bits["decipher_only"] = False
+        if not any(bits.values()):  # RFC 5280 §4.2.1.3: one bit set (an empty one is refused)
+            bits["digital_signature"] = True
         b = b.add_extension(x509.KeyUsage(**bits), critical=draw(st.booleans()))
     if draw(st.booleans()):
         eku = draw(st.lists(st.sampled_from(PURPOSES), min_size=1, max_size=3, unique=True))
@@ -340,6 +345,20 @@ def test_a_uuid_oid_reads_and_prints() -> None:
     assert der.oid_text(der.Reader(tlv(der.OID, der.oid_bytes(dotted))).oid("x")) == dotted
 
 
+@pytest.mark.parametrize(("octets", "ok"), [
+    (b"\x2b" + b"\x81" * 19 + b"\x01", True),  # an arc of 20 bytes
+    (b"\x2b" + b"\x81" * 20 + b"\x01", False),  # of 21
+    (b"\x2b" + b"\x01" * 127, True),  # an OID of 128 bytes
+    (b"\x2b" + b"\x01" * 128, False),  # of 129
+])
+def test_oids_are_bounded_at_128_bytes_and_arcs_at_20(octets: bytes, ok: bool) -> None:
+    if ok:
+        assert der.Reader(tlv(der.OID, octets)).oid("x") == octets
+    else:
+        with pytest.raises(DerError, match="OBJECT IDENTIFIER"):
+            der.Reader(tlv(der.OID, octets)).oid("x")
+
+
 def test_a_name_with_a_huge_oid_is_a_der_error_not_a_crash() -> None:
     name = tlv(der.SEQUENCE, tlv(der.SET, tlv(der.SEQUENCE, tlv(der.OID, b"\x2b" + b"\xff" * 900 + b"\x01")
                                               + tlv(der.UTF8_STRING, b"x"))))
@@ -381,15 +400,20 @@ def test_a_t61_string_reads_as_cryptography_reads_it() -> None:
     assert certs.load_cert(der_of(c)).subject.text == parsed.subject.rfc4514_string() == "CN=Zürich"
 
 
-def test_key_usage_with_a_trailing_zero_byte_is_not_der() -> None:
-    ext = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.15"), tlv(der.BIT_STRING, b"\x07\x80\x00"))
-    with pytest.raises(DerError, match="trailing zero bytes"):
+@pytest.mark.parametrize("bits", [b"\x07\x80\x00", b"\x00\x80", b"\x03\x80", b"\x00"],
+                         ids=["trailing zero byte", "unused 0", "unused 3", "no bit"])
+def test_key_usage_not_in_minimal_der_is_refused(bits: bytes) -> None:
+    ext = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.15"), tlv(der.BIT_STRING, bits))
+    with pytest.raises(DerError, match="no bit set or trailing zero bits"):
         certs.load_cert(with_extension(ext, False))
-    minimal = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.15"), tlv(der.BIT_STRING, b"\x07\x80"))
-    assert certs.load_cert(with_extension(minimal, False)).key_usage == 1 << DIGITAL_SIGNATURE
 
 
-DIGITAL_SIGNATURE = certs.DIGITAL_SIGNATURE
+@pytest.mark.parametrize(("bits", "want"), [(b"\x07\x80", 1 << certs.DIGITAL_SIGNATURE),
+                                            (b"\x01\x06", 1 << certs.KEY_CERT_SIGN | 1 << 6),
+                                            (b"\x07\x00\x80", 1 << 8)])
+def test_key_usage_in_minimal_der_reads(bits: bytes, want: int) -> None:
+    ext = x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.15"), tlv(der.BIT_STRING, bits))
+    assert certs.load_cert(with_extension(ext, False)).key_usage == want
 
 
 def test_bytearray_and_memoryview_inputs_read_and_verify() -> None:
@@ -410,6 +434,7 @@ def test_rfc_8032s_first_vector_is_the_libcrypto_probe() -> None:
 
 
 def test_a_libcrypto_that_refuses_the_probe_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ed._bind() is not None  # this machine's libcrypto passes it
     monkeypatch.setattr(ed, "_verify_openssl", lambda *a: False)  # a FIPS build: every verify fails
     assert ed._bind() is None
 
@@ -433,7 +458,8 @@ def test_pem_blocks_of_one_label_are_read_in_order_and_others_skipped() -> None:
     (b"-----BEGIN X509 CRL-----\n" * 20000, "no END line"),  # a regex's quadratic case
     (b"-----BEGIN X509 CRL-----\n" * 20000 + b"-----END X509 CRL-----\n", "boundary line inside"),
     (b"-----BEGIN X509 CRL-----\nAAAA\n", "no END line"),
-    (b"-----BEGIN X509 CRL-----\nAA-A\n-----END X509 CRL-----\n", "boundary line inside|bad base64"),
+    (b"-----BEGIN X509 CRL-----\nAA-A\n-----END X509 CRL-----\n", "bad base64"),
+    (b"-----BEGIN X509 CRL-----\nAAAA\n-----END CERTIFICATE-----\n", "no END line"),
     (b"-----BEGIN X509 CRL-----\nA!AA\n-----END X509 CRL-----\n", "bad base64"),
 ])
 def test_a_damaged_pem_file_is_refused(data: bytes, why: str) -> None:
@@ -459,24 +485,87 @@ SCOPED = x509.IssuingDistributionPoint(full_name=None, relative_name=None, only_
                                        indirect_crl=False, only_contains_attribute_certs=False)
 
 
-@pytest.mark.parametrize("ext", [x509.DeltaCRLIndicator(4), SCOPED], ids=["delta", "scoped"])
+OTHER_SCOPE = x509.IssuingDistributionPoint(full_name=None, relative_name=None,
+                                            only_contains_user_certs=False, only_contains_ca_certs=True,
+                                            only_some_reasons=None, indirect_crl=False,
+                                            only_contains_attribute_certs=False)
+DELTA = x509.DeltaCRLIndicator(4)
+
+
+@pytest.mark.parametrize("ext", [DELTA, SCOPED], ids=["delta", "scoped"])
 def test_a_partial_crl_still_revokes_its_serials(ext: x509.ExtensionType) -> None:
     got = certs.load_crl(crl_with(ext, [8], 5))
     assert got.partial == (ext.oid.dotted_string,) and got.revoked == (8,)
     root = certs.load_cert(der_of(sample_chain()[0]))
     revoked, kept = trust.revoked_serials([crl_with(ext, [8], 5)], [root])
     assert (root.subject.text, 8) in revoked  # revoking more fails closed
-    assert len(kept) == 1  # with no complete CRL, the partial one is what the device keeps
+    assert [k.blob for k in kept] == [crl_with(ext, [8], 5)] and kept[0].file != f"{kept[0].root_id}.crl"
 
 
-@pytest.mark.parametrize("ext", [x509.DeltaCRLIndicator(4), SCOPED], ids=["delta", "scoped"])
-def test_a_partial_crl_never_displaces_a_complete_one(ext: x509.ExtensionType) -> None:
+def kept_blobs(blobs: list[bytes]) -> set[bytes]:
     root = certs.load_cert(der_of(sample_chain()[0]))
+    return {k.blob for k in trust.revoked_serials(blobs, [root])[1]}
+
+
+@pytest.mark.parametrize("ext", [DELTA, SCOPED], ids=["delta", "scoped"])
+def test_a_complete_crl_and_a_newer_partial_one_are_both_kept(ext: x509.ExtensionType) -> None:
     complete, partial = crl_with(None, [8, 9], 3), crl_with(ext, [10], 7)
-    for order in ([complete, partial], [partial, complete]):
-        revoked, kept = trust.revoked_serials(order, [root])
-        assert {s for _, s in revoked} == {8, 9, 10}
-        assert [k.blob for k in kept] == [complete]
+    assert kept_blobs([complete, partial]) == kept_blobs([partial, complete]) == {complete, partial}
+
+
+def test_a_complete_crl_as_new_supersedes_a_delta_crl() -> None:
+    delta, complete = crl_with(DELTA, [10], 7), crl_with(None, [8, 10], 7)
+    assert kept_blobs([delta, complete]) == {complete}
+    assert kept_blobs([delta, crl_with(None, [8], 6)]) == {delta, crl_with(None, [8], 6)}  # an older one not
+
+
+def test_no_complete_crl_evicts_a_scoped_one() -> None:
+    """CRL numbers count within a scope (RFC 5280 §5.2.3): a complete #99 says nothing of scoped #7."""
+    scoped = crl_with(SCOPED, [10], 7)
+    assert scoped in kept_blobs([scoped, crl_with(None, [8], 99)])
+
+
+def test_each_scope_keeps_its_own_newest_crl() -> None:
+    a_old, a_new, b = crl_with(SCOPED, [10], 7), crl_with(SCOPED, [10, 12], 8), crl_with(OTHER_SCOPE, [11], 8)
+    assert kept_blobs([a_old, b, a_new]) == {a_new, b}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> TrustStore:
+    root_c, _ = sample_chain()
+    (tmp_path / "root.crt").write_bytes(root_c.public_bytes(serialization.Encoding.PEM))
+    cfg = SimpleNamespace(keyring=tmp_path / "root.crt", crl_dir=None, state_dir=tmp_path / "state",
+                          compatible="x")
+    return TrustStore(cfg, None, None)  # type: ignore[arg-type]  # keep_crls reads no more
+
+
+def keep(store: TrustStore, *blobs: bytes) -> set[int]:
+    """What a bundle carrying ``blobs`` leaves the device's store revoking, as an install does."""
+    _, kept = trust.revoked_serials([*store.stored_crls(), *blobs], store.keyring().roots)
+    store.keep_crls(kept)
+    revoked, _ = trust.revoked_serials(store.stored_crls(), store.keyring().roots)
+    return {serial for _, serial in revoked}
+
+
+@pytest.mark.parametrize("ext", [DELTA, SCOPED, OTHER_SCOPE], ids=["delta", "scoped", "other scope"])
+def test_an_old_complete_crl_in_a_bundle_never_unrevokes_what_a_partial_one_revoked(
+        store: TrustStore, ext: x509.ExtensionType) -> None:
+    assert keep(store, crl_with(None, [8], 5), crl_with(ext, [10], 7)) == {8, 10}
+    assert keep(store, crl_with(None, [8], 3)) == {8, 10}  # replayed from an old bundle
+    assert keep(store, crl_with(None, [8], 1)) == {8, 10}
+
+
+def test_a_newer_crl_of_one_scope_never_drops_another_scopes(store: TrustStore) -> None:
+    assert keep(store, crl_with(SCOPED, [10], 7)) == {10}
+    assert keep(store, crl_with(OTHER_SCOPE, [11], 8)) == {10, 11}
+    assert keep(store, crl_with(SCOPED, [12], 9)) == {11, 12}  # scope A's newest replaces A's own
+
+
+def test_the_store_drops_a_delta_once_a_complete_crl_covers_it(store: TrustStore) -> None:
+    assert keep(store, crl_with(None, [8], 5), crl_with(DELTA, [10], 6)) == {8, 10}
+    assert len(list((store.own_dir).glob("*.crl"))) == 2
+    assert keep(store, crl_with(None, [8, 10], 6)) == {8, 10}
+    assert [p.name for p in store.own_dir.glob("*.crl")] == [f"{trust.root_id(store.keyring().roots[0])}.crl"]
 
 
 def test_a_critical_entry_extension_makes_a_crl_partial() -> None:
@@ -492,18 +581,15 @@ def test_a_critical_entry_extension_makes_a_crl_partial() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600))
-def test_arbitrary_bytes_are_a_der_error_or_a_reading(data: bytes) -> None:
+def test_arbitrary_bytes_are_refused_as_der(data: bytes) -> None:
     for load in (certs.load_cert, certs.load_crl):
-        with contextlib.suppress(DerError):
+        with pytest.raises(DerError):  # 600 random bytes are never a certificate or a CRL
             load(data)
-    assert trust._load_crl(data) is None or isinstance(trust._load_crl(data), certs.Crl)
+    assert trust._load_crl(data) is None
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_a_certificate_damaged_anywhere_is_a_der_error_or_a_reading(data: st.DataObject) -> None:
-    _, leaf = sample_chain()
-    buf = bytearray(leaf)
+def mutate(data: st.DataObject, blob: bytes) -> bytes:
+    buf = bytearray(blob)
     for _ in range(data.draw(st.integers(1, 6))):
         pos = data.draw(st.integers(0, len(buf) - 1))
         action = data.draw(st.sampled_from(["set", "insert", "delete"]))
@@ -513,7 +599,33 @@ def test_a_certificate_damaged_anywhere_is_a_der_error_or_a_reading(data: st.Dat
             buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
         elif len(buf) > 1:
             del buf[pos]
-    with contextlib.suppress(DerError):
-        certs.load_cert(bytes(buf))
-    with contextlib.suppress(trust.TrustError):
-        trust.parse_chain(pem("CERTIFICATE", bytes(buf)))
+    return bytes(buf)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), st.sampled_from([None, DELTA, SCOPED]))
+def test_a_crl_damaged_anywhere_is_a_der_error_or_one_the_root_did_not_sign(
+        data: st.DataObject, ext: x509.ExtensionType | None) -> None:
+    original = crl_with(ext, [8, 2 ** 150], 5)
+    damaged = mutate(data, original)
+    root = certs.load_cert(der_of(sample_chain()[0]))
+    try:
+        got = certs.load_crl(damaged)
+    except DerError:
+        return
+    assert damaged == original or not got.signed_by(root)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_certificate_damaged_anywhere_is_a_der_error_or_one_the_root_did_not_sign(
+        data: st.DataObject) -> None:
+    root_c, leaf = sample_chain()
+    damaged = mutate(data, leaf)
+    with contextlib.suppress(trust.TrustError):  # and never another exception
+        trust.parse_chain(pem("CERTIFICATE", damaged))
+    try:
+        got = certs.load_cert(damaged)
+    except DerError:
+        return
+    assert damaged == leaf or not got.issued_by(certs.load_cert(der_of(root_c)))

@@ -11,7 +11,8 @@ the bundle taught: a later trusted time and the newest root-signed CRL of each r
 Files:
     device.keyring            trusted roots (PEM); checked against the root of trust first
     device.crl_dir/*.crl      the operator's CRLs: all read, a damaged one stops installs
-    STATE/crls/<root>.crl     the agent's own store: one CRL per root, replaced atomically
+    STATE/crls/<root>.crl     the agent's own store: one CRL per root, replaced atomically,
+    STATE/crls/<root>-<scope>.crl   and the newest partial one (delta, scoped) of each scope
 """
 
 from __future__ import annotations
@@ -144,14 +145,15 @@ class TrustStore:
         return out
 
     def keep_crls(self, crls: Sequence[trust.KeptCrl]) -> None:
-        """Store the newest root-verified CRL of each root, one file per root, replaced atomically.
+        """Store the newest root-verified CRL of each root (and of each partial scope a root
+        issues, ``KeptCrl.file``), one file each, replaced atomically.
 
         Installers of slots and of models may run at once (they hold different locks): each
         writes through its own temporary file, and never replaces a newer CRL with an older one.
         """
         d = self.own_dir
         for kept in crls:
-            path = d / f"{kept.root_id}.crl"
+            path = d / kept.file
             try:
                 current = path.read_bytes()
             except FileNotFoundError:
@@ -163,11 +165,11 @@ class TrustStore:
             d.mkdir(parents=True, exist_ok=True)
             atomic_write(path, kept.blob)
         if crls and d.is_dir():
-            keep = {f"{k.root_id}.crl" for k in crls}
-            for old in d.glob("*.crl"):  # older names, or roots no longer trusted
+            keep = {k.file for k in crls}
+            for old in d.glob("*.crl"):  # older names, roots no longer trusted, deltas superseded
                 if old.name not in keep:
                     old.unlink(missing_ok=True)
 
     def _newer_or_same(self, current: bytes, kept: trust.KeptCrl) -> bool:
         _, have = trust.revoked_serials([current], self.keyring().roots)
-        return any(h.root_id == kept.root_id and h.rank >= kept.rank for h in have)
+        return any(h.file == kept.file and h.rank >= kept.rank for h in have)

@@ -7,9 +7,9 @@ loaded, so a damaged one is refused there, never half-read later. Signatures are
 only — the one algorithm edgeops signs with — checked by ``agent.core.ed25519``; any other
 algorithm reads, but verifies nothing. An extension marked critical that is not one of the
 above makes the certificate unusable (§4.2: "MUST reject"); a CRL with one (a delta CRL, a
-scoped one) reads as ``partial``, its serials still revoked, since refusing it would let a
-revocation go unseen. The parse is strict DER (``agent.core.der``) because every byte here
-is unsigned until its signature has been checked.
+scoped one) reads as ``partial`` with its ``scope``, and ``agent.core.trust`` still revokes
+its serials, since refusing it would let a revocation go unseen. The parse is strict DER
+(``agent.core.der``) because every byte here is unsigned until its signature has been checked.
 
 Why not ``cryptography.x509``: it is ~10 MiB resident and ~30 ms to import on the install
 path (docs/performance.md section 7); host tools that build certificates still use it, and
@@ -30,6 +30,8 @@ BASIC_CONSTRAINTS = der.oid_bytes("2.5.29.19")
 KEY_USAGE = der.oid_bytes("2.5.29.15")
 EXT_KEY_USAGE = der.oid_bytes("2.5.29.37")
 CRL_NUMBER = der.oid_bytes("2.5.29.20")
+ISSUING_DISTRIBUTION_POINT = der.oid_bytes("2.5.29.28")
+DELTA_CRL = "2.5.29.27"  # deltaCRLIndicator, dotted as in Crl.partial
 CODE_SIGNING = "1.3.6.1.5.5.7.3.3"
 # Extensions a certificate may mark critical and still be used: the three judged here, and
 # ones that only describe (key identifiers, alternative names, policies say nothing we act on
@@ -45,7 +47,8 @@ _SHORT = {der.oid_bytes(o): n for o, n in (
     ("2.5.4.3", "CN"), ("2.5.4.7", "L"), ("2.5.4.8", "ST"), ("2.5.4.10", "O"),
     ("2.5.4.11", "OU"), ("2.5.4.6", "C"), ("2.5.4.9", "STREET"),
     ("0.9.2342.19200300.100.1.25", "DC"), ("0.9.2342.19200300.100.1.1", "UID"))}
-# T61String as UTF-8, as cryptography (and OpenSSL's RFC 4514 printer for the bytes CAs write) read it
+# T61String as UTF-8, as cryptography reads it (and refuses one that is not, as here); OpenSSL
+# prints its bytes as Latin-1 escapes, which changes only the text: names match as DER
 _STRINGS = {der.UTF8_STRING: "utf-8", der.PRINTABLE_STRING: "ascii", der.IA5_STRING: "ascii",
             0x1A: "ascii", der.T61_STRING: "utf-8", der.BMP_STRING: "utf-16-be",
             der.UNIVERSAL_STRING: "utf-32-be"}
@@ -94,9 +97,10 @@ class Crl(Frozen):
     number: int | None  # cRLNumber
     revoked: tuple[int, ...]  # serials
     # Critical extensions (of the CRL or an entry) not judged here, dotted: e.g. a delta CRL
-    # or one scoped by an issuingDistributionPoint. Such a CRL is not complete (§5.2), so it
-    # must not replace one that is; its serials are still revoked, as revoking more is safe.
+    # or one scoped by an issuingDistributionPoint. Such a CRL is not complete (§5.2): it
+    # neither replaces a complete one nor is replaced by it (agent.core.trust.KeptCrl).
     partial: tuple[str, ...]
+    scope: bytes  # the issuingDistributionPoint's value, b"" without one: which CRLs it is one of
     tbs: bytes
     signature: bytes
     ed25519_signed: bool
@@ -210,6 +214,7 @@ def load_crl(data: bytes | bytearray | memoryview, what: str = "CRL") -> Crl:
                 partial += _unhandled(_extensions(e, f"{what} entry extensions"), _KNOWN_CRL_ENTRY)
             e.done(f"{what} entry")
     number = None
+    exts: dict[bytes, tuple[bool, bytes]] = {}
     if t.optional(0xA0):
         x = t.inner(0xA0, f"{what} extensions")
         exts = _extensions(x, f"{what} extensions")
@@ -221,7 +226,8 @@ def load_crl(data: bytes | bytearray | memoryview, what: str = "CRL") -> Crl:
             n.done(f"{what} cRLNumber")
     t.done(f"{what} tbsCertList")
     return Crl(issuer=issuer, this_update=this_update, next_update=next_update, number=number,
-               revoked=tuple(revoked), partial=tuple(dict.fromkeys(partial)), tbs=tbs, signature=sig,
+               revoked=tuple(revoked), partial=tuple(dict.fromkeys(partial)),
+               scope=exts.get(ISSUING_DISTRIBUTION_POINT, (False, b""))[1], tbs=tbs, signature=sig,
                ed25519_signed=alg == (ED25519, b"") and not unused)
 
 
@@ -378,10 +384,11 @@ def _key_usage(exts: dict[bytes, tuple[bool, bytes]], what: str) -> int | None:
     if KEY_USAGE not in exts:
         return None
     r = Reader(exts[KEY_USAGE][1])
-    bits, _ = r.bit_string(f"{what} keyUsage")
+    bits, unused = r.bit_string(f"{what} keyUsage")
     r.done(f"{what} keyUsage")
-    if bits and not bits[-1]:  # X.690 §11.2.2: a named bit list ends at its last bit set
-        raise DerError(f"{what}: keyUsage with trailing zero bytes is not DER")
+    # X.690 §11.2.2: a named bit list ends at its last bit set; §4.2.1.3: one bit is set
+    if not bits or not bits[-1] >> unused & 1:
+        raise DerError(f"{what}: keyUsage with no bit set or trailing zero bits is not DER")
     # bit 0 is the most significant bit of the first byte (X.690 §8.6.2.1)
     return sum(1 << (8 * i + j) for i, byte in enumerate(bits[:2]) for j in range(8)
                if byte & (0x80 >> j))
@@ -406,5 +413,5 @@ def utc_day(ts: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
-__all__ = ["CODE_SIGNING", "Cert", "Crl", "DerError", "Name", "load_cert", "load_crl",
+__all__ = ["CODE_SIGNING", "DELTA_CRL", "Cert", "Crl", "DerError", "Name", "load_cert", "load_crl",
            "load_pem_certs", "name", "pem_blocks", "utc_day"]

@@ -26,6 +26,7 @@ from agent.core import ed25519
 from agent.core import manifest as manifest_mod
 from agent.core.certs import (
     CODE_SIGNING,
+    DELTA_CRL,
     DIGITAL_SIGNATURE,
     KEY_CERT_SIGN,
     Cert,
@@ -158,22 +159,31 @@ class KeptCrl(Frozen):
     """A root-verified CRL worth keeping: ``root_id`` names the root that signed it."""
 
     root_id: str  # SHA-256 prefix of the root's public key: names can repeat, keys do not
-    # (complete, CRL number, thisUpdate): higher is newer. A partial CRL (Crl.partial: delta,
-    # scoped) never displaces a complete one, which covers every revocation before it.
-    rank: tuple[int, int, float]
+    rank: tuple[int, float]  # (CRL number, thisUpdate): higher is newer, within one scope
     blob: bytes
+    # "" for a complete CRL; for a partial one (certs.Crl.partial) a hash of what it is part
+    # of, so each scope keeps its own newest CRL and none displaces another's
+    scope: str = ""
+    delta: bool = False  # a delta CRL of the complete scope: a complete CRL as new supersedes it
+
+    @property
+    def file(self) -> str:
+        """Its name in the device's store: one file per root key and scope."""
+        return f"{self.root_id}.crl" if not self.scope else f"{self.root_id}-{self.scope}.crl"
 
 
 def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[Cert]
                     ) -> tuple[set[tuple[str, int]], tuple[KeptCrl, ...]]:
     """Serials revoked by CRLs that a trusted root signed; forged or foreign CRLs are ignored.
 
-    Also returns the CRLs worth keeping: the newest per root (a complete one before a
-    partial one, then highest CRL number, then latest thisUpdate). A root's complete CRL
-    (RFC 5280 §5) covers every revocation before it, so the device's store stays one file
-    per root. Every root-signed CRL's serials are revoked, partial ones included: revoking
-    more fails closed. Roots are told apart by key, not name: two roots may share a subject
-    (e.g. during a rotation).
+    Also returns the CRLs worth keeping: the newest (highest CRL number, then latest
+    thisUpdate) per root and scope. A root's complete CRL (RFC 5280 §5) covers every
+    revocation before it, so the store holds one per root. Every root-signed CRL's serials
+    are revoked, partial ones (delta, scoped by an issuing distribution point) included, as
+    revoking more fails closed; each scope keeps its own newest, and a delta CRL is dropped
+    only once a complete CRL at least as new covers it (§5.2.4). CRL numbers are compared
+    within a scope only (§5.2.3), so a complete CRL, however new, never evicts a scoped one.
+    Roots are told apart by key, not name: two roots may share a subject (e.g. a rotation).
     """
     revoked: set[tuple[str, int]] = set()
     newest: dict[str, KeptCrl] = {}
@@ -185,11 +195,20 @@ def revoked_serials(crl_blobs: Iterable[bytes], roots: Sequence[Cert]
         if issuer is None:
             continue
         revoked.update((crl.issuer.text, serial) for serial in crl.revoked)
-        number = -1 if crl.number is None else crl.number
-        kept = KeptCrl(root_id(issuer), (int(not crl.partial), number, float(crl.this_update)), blob)
-        if kept.root_id not in newest or kept.rank > newest[kept.root_id].rank:
-            newest[kept.root_id] = kept
-    return revoked, tuple(newest.values())
+        kept = _kept(issuer, crl, blob)
+        if kept.file not in newest or kept.rank > newest[kept.file].rank:
+            newest[kept.file] = kept
+    complete = {k.root_id: k.rank for k in newest.values() if not k.scope}
+    return revoked, tuple(k for k in newest.values()
+                          if not (k.delta and k.root_id in complete and complete[k.root_id] >= k.rank))
+
+
+def _kept(issuer: Cert, crl: Crl, blob: bytes) -> KeptCrl:
+    rank = (-1 if crl.number is None else crl.number, float(crl.this_update))
+    if not crl.partial:
+        return KeptCrl(root_id(issuer), rank, blob)
+    scope = hashlib.sha256(",".join(crl.partial).encode() + b"\0" + crl.scope).hexdigest()[:16]
+    return KeptCrl(root_id(issuer), rank, blob, scope, delta=crl.partial == (DELTA_CRL,) and not crl.scope)
 
 
 def parses_as_crl(blob: bytes) -> bool:
