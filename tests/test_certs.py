@@ -26,6 +26,7 @@ from agent.adapters.truststore import TrustStore
 from agent.core import certs, der, trust
 from agent.core import ed25519 as ed
 from agent.core.der import DerError
+from agent.core.pem import pem_blocks
 
 ROOT_KEY = ed25519.Ed25519PrivateKey.generate()
 LEAF_KEY = ed25519.Ed25519PrivateKey.generate()
@@ -449,9 +450,9 @@ def pem(label: str, blob: bytes) -> bytes:
 def test_pem_blocks_of_one_label_are_read_in_order_and_others_skipped() -> None:
     a, b = os.urandom(50), os.urandom(70)
     data = b"junk\n" + pem("CERTIFICATE", a) + pem("PRIVATE KEY", b"k") + pem("CERTIFICATE", b) + b"tail"
-    assert certs.pem_blocks(data, "CERTIFICATE") == [a, b]
-    assert certs.pem_blocks(data, "X509 CRL") == []
-    assert certs.pem_blocks(pem("CERTIFICATE REQUEST", a), "CERTIFICATE") == []
+    assert pem_blocks(data, "CERTIFICATE") == [a, b]
+    assert pem_blocks(data, "X509 CRL") == []
+    assert pem_blocks(pem("CERTIFICATE REQUEST", a), "CERTIFICATE") == []
 
 
 @pytest.mark.parametrize(("data", "why"), [
@@ -464,7 +465,7 @@ def test_pem_blocks_of_one_label_are_read_in_order_and_others_skipped() -> None:
 ])
 def test_a_damaged_pem_file_is_refused(data: bytes, why: str) -> None:
     with pytest.raises(DerError, match=why):
-        certs.pem_blocks(data, "X509 CRL")
+        pem_blocks(data, "X509 CRL")
 
 
 def crl_with(ext: x509.ExtensionType | None, serials: list[int], number: int) -> bytes:

@@ -18,12 +18,12 @@ tests check both read the same fields from every certificate they make.
 
 from __future__ import annotations
 
-import binascii
 import time
 
 from agent.core import der, ed25519
 from agent.core.der import DerError, Reader
 from agent.core.frozen import Frozen
+from agent.core.pem import pem_blocks
 
 ED25519 = der.oid_bytes("1.3.101.112")
 BASIC_CONSTRAINTS = der.oid_bytes("2.5.29.19")
@@ -108,30 +108,6 @@ class Crl(Frozen):
     def signed_by(self, issuer: Cert) -> bool:
         return (self.ed25519_signed and issuer.ed25519_key is not None
                 and ed25519.verify(issuer.ed25519_key, self.signature, self.tbs))
-
-
-def pem_blocks(data: bytes, label: str) -> list[bytes]:
-    """The DER of every PEM block labelled ``label`` (RFC 7468), in order.
-
-    One pass over the input, with ``bytes.find``: a regular expression with a back-reference
-    takes quadratic time on a file of many BEGIN lines, and this reads untrusted files."""
-    begin, end = f"-----BEGIN {label}-----".encode(), f"-----END {label}-----".encode()
-    out: list[bytes] = []
-    pos = data.find(begin)
-    while pos >= 0:
-        body = pos + len(begin)
-        stop = data.find(end, body)
-        if stop < 0:
-            raise DerError(f"{label} block {len(out)}: no END line")
-        text = data[body:stop]
-        if b"-----" in text:  # another boundary inside the block: not one block
-            raise DerError(f"{label} block {len(out)}: a boundary line inside the block")
-        try:
-            out.append(binascii.a2b_base64(b"".join(text.split()), strict_mode=True))
-        except binascii.Error as exc:
-            raise DerError(f"{label} block {len(out)}: bad base64 ({exc})") from None
-        pos = data.find(begin, stop + len(end))
-    return out
 
 
 def load_pem_certs(data: bytes) -> list[Cert]:
@@ -414,4 +390,4 @@ def utc_day(ts: int) -> str:
 
 
 __all__ = ["CODE_SIGNING", "DELTA_CRL", "Cert", "Crl", "DerError", "Name", "load_cert", "load_crl",
-           "load_pem_certs", "name", "pem_blocks", "utc_day"]
+           "load_pem_certs", "name", "utc_day"]

@@ -35,11 +35,11 @@ from agent.core.certs import (
     load_cert,
     load_crl,
     load_pem_certs,
-    pem_blocks,
     utc_day,
 )
 from agent.core.frozen import Frozen
 from agent.core.manifest import Manifest
+from agent.core.pem import pem_blocks
 from agent.errors import (
     IncompatibleBundle,
     RollbackRefused,
