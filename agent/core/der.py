@@ -125,7 +125,7 @@ class Reader:
         if not v or len(v) > MAX_OID or v[-1] & 0x80:
             raise DerError(f"{what}: malformed OBJECT IDENTIFIER")
         run = 0  # bytes of the arc being read
-        for _i, b in enumerate(v):
+        for b in v:
             if b == 0x80 and run == 0:  # a leading 0x80 pads the arc: not its shortest form
                 raise DerError(f"{what}: malformed OBJECT IDENTIFIER")
             run = run + 1 if b & 0x80 else 0
