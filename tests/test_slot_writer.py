@@ -6,6 +6,8 @@ import errno
 import fcntl
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,87 @@ def test_a_failed_check_stops_that_buffer_and_every_later_one(tmp_path: Path) ->
     got = slot.read_bytes()
     assert got[:MIB] == data[:MIB]
     assert got[MIB:] == bytes(7 * MIB)
+
+
+def test_verify_sees_every_buffer_at_its_offset_before_any_of_it_is_written(tmp_path: Path) -> None:
+    data = _data(5 * MIB + 4096)
+    slot = _slot(tmp_path, 8 * MIB)
+    seen: list[tuple[int, bytes]] = []
+    lock = threading.Lock()
+
+    def verify(view: memoryview, offset: int) -> None:
+        with open(slot, "rb") as f:
+            f.seek(offset)
+            on_disk = f.read(len(view))
+        assert on_disk == bytes(len(view))  # nothing of this buffer reached the slot yet
+        with lock:
+            seen.append((offset, bytes(view)))
+
+    assert slots.write_from(slot, _Filler(data), limit=8 * MIB, verify=verify) == len(data)
+    assert b"".join(b for _, b in sorted(seen)) == data
+    assert [off for off, _ in sorted(seen)] == list(range(0, len(data), MIB))
+    assert slot.read_bytes()[:len(data)] == data
+
+
+def test_two_buffers_are_verified_at_once(tmp_path: Path) -> None:
+    """The verify lanes run side by side: two verifies meet at a barrier, or time out."""
+    together = threading.Barrier(slots.VERIFY_LANES, timeout=10)
+    met: list[int] = []
+
+    def verify(view: memoryview, offset: int) -> None:
+        if offset < slots.VERIFY_LANES * MIB:
+            met.append(together.wait())
+
+    data = _data(4 * MIB)
+    slot = _slot(tmp_path, 4 * MIB)
+    assert slots.write_from(slot, _Filler(data), limit=4 * MIB, verify=verify) == len(data)
+    assert sorted(met) == list(range(slots.VERIFY_LANES))
+
+
+def test_a_failed_verify_writes_every_buffer_before_it_and_none_after(tmp_path: Path) -> None:
+    """The failing buffer's lane is slow, so the next lane has passed the buffer after it."""
+    data = _data(6 * MIB)
+    slot = _slot(tmp_path, 8 * MIB)
+
+    def verify(view: memoryview, offset: int) -> None:
+        if offset == 2 * MIB:
+            time.sleep(0.2)
+            raise HashMismatch("block 32")
+
+    with pytest.raises(HashMismatch, match="block 32"):
+        slots.write_from(slot, _Filler(data), limit=8 * MIB, verify=verify)
+    got = slot.read_bytes()
+    assert got[:2 * MIB] == data[:2 * MIB]
+    assert got[2 * MIB:] == bytes(6 * MIB)
+
+
+def test_when_two_lanes_fail_the_earlier_buffer_s_error_is_raised(tmp_path: Path) -> None:
+    data = _data(6 * MIB)
+    slot = _slot(tmp_path, 8 * MIB)
+
+    def verify(view: memoryview, offset: int) -> None:
+        if offset == 2 * MIB:
+            time.sleep(0.2)  # fails last in time, first in the stream
+            raise HashMismatch("block 32")
+        if offset == 3 * MIB:
+            raise HashMismatch("block 48")
+
+    with pytest.raises(HashMismatch, match="block 32"):
+        slots.write_from(slot, _Filler(data), limit=8 * MIB, verify=verify)
+    assert slot.read_bytes()[2 * MIB:] == bytes(6 * MIB)
+
+
+def test_a_truncated_fill_after_verified_buffers_writes_them_and_raises(tmp_path: Path) -> None:
+    data = _data(5 * MIB)
+    slot = _slot(tmp_path, 8 * MIB)
+    verified: list[int] = []
+    with pytest.raises(HashMismatch, match="truncated"):
+        slots.write_from(slot, _Filler(data, HashMismatch("truncated"), at=3), limit=8 * MIB,
+                         verify=lambda view, off: verified.append(off))
+    assert sorted(verified) == [0, MIB, 2 * MIB]
+    got = slot.read_bytes()
+    assert got[:3 * MIB] == data[:3 * MIB]
+    assert got[3 * MIB:] == bytes(5 * MIB)
 
 
 def test_a_payload_larger_than_the_slot_is_refused(tmp_path: Path) -> None:

@@ -154,15 +154,22 @@ class PayloadReader:
         self.payload = payload
         self._tar = tar
         self._digests = digests
-        self._next_block = 0
         self._left = payload.stored_size
-        self.stored_read = 0
+        # one flag per stored block, set once it matched its signed hash: drain() refuses to
+        # finish a payload any of whose blocks was read and not verified (verify_apart)
+        self._verified = bytearray(-(-payload.stored_size // payload.block_size))
+        self._read = 0  # stored bytes read from the stream, verified or not yet
         self.installed = 0
         self._scratch: memoryview | None = None  # verified stored bytes, for drain()
         self._feed: ReadAhead | None = None  # zstd: verified stored bytes, read ahead
         self._z: Any = None
         # zstd: whether the (first) frame carries its content checksum; None until decoding starts
         self.frame_checksum: bool | None = None
+
+    @property
+    def stored_read(self) -> int:
+        """Stored bytes read and verified so far (what may have been used)."""
+        return min(self._verified.count(1) * self.payload.block_size, self.payload.stored_size)
 
     @property
     def buffer_size(self) -> int:
@@ -174,7 +181,23 @@ class PayloadReader:
         return how many (``buf`` is filled up to a whole number of blocks, or to the end).
         0 means the end; the installed size is checked against the manifest there."""
         p = self.payload
-        n = self._stored_into(buf) if p.compression == "none" else self._decompress_into(buf)
+        return self._count(self._stored_into(buf) if p.compression == "none" else self._decompress_into(buf))
+
+    def verify_apart(self) -> tuple[Callable[[memoryview], int], Callable[[memoryview, int], None]] | None:
+        """``readinto`` of a raw payload in two halves, for a writer that verifies on threads
+        of its own (``slots.write_from``, whose verify lanes hash two buffers at once):
+        ``read(buf)`` fills ``buf`` with the next whole stored blocks, **not yet checked**;
+        ``verify(view, offset)`` checks the blocks read at that payload offset against the
+        signed list and raises ``HashMismatch`` on the first that differs. The caller must
+        pass every buffer through ``verify`` before it uses a byte of it; ``drain`` (the end
+        of the payload) refuses a payload with a block read and never verified. None for a
+        zstd payload: its decoder is handed verified bytes only (``readinto``)."""
+        if self.payload.compression != "none":
+            return None
+        return (lambda buf: self._count(self._read_stored(buf))), self._verify
+
+    def _count(self, n: int) -> int:
+        p = self.payload
         self.installed += n
         if self.installed > p.size:
             raise HashMismatch(f"payload '{p.name}' decompresses past its declared {p.size} bytes")
@@ -237,27 +260,40 @@ class PayloadReader:
 
     def _stored_into(self, buf: memoryview) -> int:
         """Read the next whole blocks of stored bytes into ``buf`` and verify each in place."""
+        offset = self._read
+        n = self._read_stored(buf)
+        if n:
+            self._verify(buf[:n], offset)
+        return n
+
+    def _read_stored(self, buf: memoryview) -> int:
+        """Read the next whole blocks of stored bytes into ``buf``, unchecked (``_verify``)."""
         bs = self.payload.block_size
         n = min(len(buf) // bs * bs, self._left)
         if not n:
             if self._left:
                 raise ValueError(f"a {len(buf)}-byte buffer cannot hold a {bs}-byte block")
             return 0
-        view = buf[:n]
-        self._tar.readinto_exact(view)
-        i = self._next_block
-        sha256, digests = hashlib.sha256, self._digests
-        for off in range(0, n, bs):
+        self._tar.readinto_exact(buf[:n])
+        self._left -= n
+        self._read += n
+        return n
+
+    def _verify(self, view: memoryview, offset: int) -> None:
+        """Check the stored blocks in ``view``, read from payload ``offset``, against the
+        signed list. Safe on several threads at once: each buffer's blocks are its own."""
+        bs, digests, sha256 = self.payload.block_size, self._digests, hashlib.sha256
+        if offset % bs or offset + len(view) > self._read:
+            raise ValueError(f"bytes {offset}..+{len(view)} are not whole blocks read from this payload")
+        first = i = offset // bs
+        for off in range(0, len(view), bs):
             if sha256(view[off:off + bs]).digest() != digests[32 * i:32 * i + 32]:
                 raise HashMismatch(
                     f"payload '{self.payload.name}' block {i} (bytes {i * bs}..) does not "
                     f"match its signed hash; stopped before using it"
                 )
             i += 1
-        self._next_block = i
-        self._left -= n
-        self.stored_read += n
-        return n
+        self._verified[first:i] = b"\x01" * (i - first)
 
     def _verified_read(self, size: int = -1) -> memoryview:
         """The next verified stored bytes, in one reused buffer (``drain``)."""
@@ -295,6 +331,9 @@ class PayloadReader:
             self._feed.finish()
         while self._left:
             self._verified_read()
+        if 0 in self._verified:  # a writer that read with verify_apart skipped a verify: a bug
+            raise RuntimeError(f"payload '{self.payload.name}' block {self._verified.index(0)} "
+                               "was read and never verified")
 
     def close(self) -> None:
         """Stop reading ahead (the consumer stopped before the end); idempotent."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import mmap
 import os
 import queue
@@ -63,13 +64,24 @@ def check_space(path: Path, size: int) -> None:
                         hint="free space on the filesystem that holds the slot file")
 
 
-RING = 3  # buffers in flight: one being filled, one being checked or written, one spare
+RING = 4  # buffers in flight: one being filled, one per verify lane, one being written
 BUFFER_SIZE = 1 << 20  # bytes per buffer: a large, page-aligned write (and RSS stays small)
 ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size
 WRITEBACK_BEHIND = 4  # buffered fallback: drop a buffer's pages this many writes later
+# Threads that verify filled buffers side by side: SHA-256 releases the GIL, so on two cores
+# two buffers hash at once while the caller's thread reads the next one; measured here, a
+# 64 MiB payload's read + per-block hashes took 47 ms on one thread and 25 ms on two
+# (docs/performance.md, "verify lanes").
+VERIFY_LANES = 2
 
 Fill = Callable[[memoryview], int]  # fills (part of) a buffer, returns the byte count; 0 = end
 Check = Callable[[memoryview], None]  # sees every filled buffer before it is written
+# Checks the filled bytes that start at this offset of the payload; raises if they are not
+# the signed ones (a raw payload's blocks: agent.adapters.bundle.PayloadReader.verify_apart)
+Verify = Callable[[memoryview, int], None]
+# A filled buffer on its way to the slot: the buffer, its byte count (-1: dropped, since it
+# or one before it failed a check) and the payload offset of its first byte
+_Item = tuple[memoryview, int, int]
 
 
 def ring(n: int = RING, size: int = BUFFER_SIZE) -> list[memoryview]:
@@ -144,63 +156,78 @@ _FADVISE = hasattr(os, "posix_fadvise")
 
 
 def write_from(path: Path, fill: Fill, *, limit: int, buffers: list[memoryview] | None = None,
-               check: Check | None = None, synced: Callable[[], None] | None = None) -> int:
+               verify: Verify | None = None, check: Check | None = None,
+               synced: Callable[[], None] | None = None) -> int:
     """Fill a ring of buffers with ``fill`` and write them into the slot from offset 0, then
     fsync. Never writes past ``limit``; returns the bytes written.
 
-    Three stages overlap, each in its own thread, passing buffers (never copies) along:
-    the caller's thread fills (reads and verifies: ``fill`` must hand over only verified
-    bytes), an optional ``check`` thread looks at each filled buffer (a whole-payload hash),
-    the writer thread writes. Reading, hashing and writing all release the GIL, so on two
-    cores the install runs at the pace of the slowest stage, not their sum. If ``fill``
-    raises (a block failed its hash), what was already filled and verified is written,
-    nothing more, and the error propagates; so does an error from ``check``, which stops
-    the writes that follow it. ``synced`` is called before the final fsync (a progress
-    display's "sync" phase).
+    The stages overlap, each on its own threads, passing buffers (never copies) along in
+    stream order: the caller's thread fills (reads), ``verify`` (when given) checks each
+    filled buffer on ``VERIFY_LANES`` threads that take buffers in turn, an optional
+    ``check`` thread looks at each verified buffer (a whole-payload hash), and the writer
+    thread writes. Reading, hashing and writing all release the GIL, so on two cores the
+    install runs at the pace of the slowest stage, not their sum. Without ``verify``,
+    ``fill`` must hand over only verified bytes; with it, no buffer reaches ``check`` or the
+    slot before ``verify`` passed it. If ``fill`` raises (a truncated stream), what was
+    filled before is verified and written, nothing more, and the error propagates; a
+    buffer that fails ``verify`` or ``check`` stops itself and every later one from being
+    written, and that error propagates (the earliest in the stream, when two lanes fail).
+    ``synced`` is called before the final fsync (a progress display's "sync" phase).
     """
     bufs = buffers if buffers is not None else ring()
     sink = _Sink(path)
     free: queue.Queue[memoryview] = queue.Queue()
     for b in bufs:
         free.put(b)
-    stages: list[queue.Queue[tuple[memoryview, int] | None]] = [queue.Queue()]
-    if check is not None:
-        stages.append(queue.Queue())
-    failed: list[BaseException] = []
+    failed: list[tuple[int, BaseException]] = []  # (payload offset, error) from the threads
+    threads: list[threading.Thread] = []
 
-    def checker(fn: Check, src: queue.Queue[tuple[memoryview, int] | None],
-                dst: queue.Queue[tuple[memoryview, int] | None]) -> None:
-        broken = False  # from the failed buffer on, nothing goes to the writer
-        while (item := src.get()) is not None:
+    def start(target: Callable[..., None], *args: object, name: str) -> None:
+        threads.append(threading.Thread(target=target, args=args, name=name, daemon=True))
+
+    def stage(fn: Verify, take: Callable[[], _Item | None], put: Callable[[_Item | None], None]) -> None:
+        broken = False  # from the failed buffer on, nothing passes (a later lane's too: in order)
+        while (item := take()) is not None:
+            buf, n, off = item
+            if n >= 0 and not broken:
+                try:
+                    fn(buf[:n], off)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    failed.append((off, exc))
+                    broken = True
+            put((buf, -1, off) if broken or n < 0 else item)
+            broken = broken or n < 0
+        put(None)
+
+    def writer(take: Callable[[], _Item | None]) -> None:
+        broken = False  # after a write error or a failed buffer nothing more is written
+        while (item := take()) is not None:
+            buf, n, off = item
+            broken = broken or n < 0
             if not broken:
                 try:
-                    fn(item[0][:item[1]])
+                    sink.write(buf[:n])
                 except BaseException as exc:  # re-raised in the caller's thread
-                    failed.append(exc)
+                    failed.append((off, exc))
                     broken = True
-            if broken:
-                free.put(item[0])
-            else:
-                dst.put(item)
-        dst.put(None)
+            free.put(buf)
 
-    def writer(src: queue.Queue[tuple[memoryview, int] | None]) -> None:
-        broken = False  # after a write error nothing more is written; what passed the check is
-        while (item := src.get()) is not None:
-            if not broken:
-                try:
-                    sink.write(item[0][:item[1]])
-                except BaseException as exc:  # re-raised in the caller's thread
-                    failed.append(exc)
-                    broken = True
-            free.put(item[0])
-
-    threads = [threading.Thread(target=writer, args=(stages[-1],), name="slot-writer", daemon=True)]
+    inlets: list[queue.Queue[_Item | None]] = [queue.Queue()]  # the caller puts in turn
+    take = _in_turn(inlets)
+    if verify is not None:
+        inlets = [queue.Queue() for _ in range(VERIFY_LANES)]
+        outlets: list[queue.Queue[_Item | None]] = [queue.Queue() for _ in inlets]
+        for i, (src, dst) in enumerate(zip(inlets, outlets, strict=True)):
+            start(stage, verify, src.get, dst.put, name=f"slot-verify-{i}")
+        take = _in_turn(outlets)
     if check is not None:
-        threads.append(threading.Thread(target=checker, args=(check, stages[0], stages[1]),
-                                        name="slot-check", daemon=True))
+        checked: queue.Queue[_Item | None] = queue.Queue()
+        start(stage, lambda view, _off: check(view), take, checked.put, name="slot-check")
+        take = checked.get
+    start(writer, take, name="slot-writer")
     for t in threads:
         t.start()
+    put = _in_turn_put(inlets)
     queued = 0
     try:
         try:
@@ -210,16 +237,17 @@ def write_from(path: Path, fill: Fill, *, limit: int, buffers: list[memoryview] 
                 if not n:
                     free.put(buf)
                     break
-                queued += n
-                if queued > limit:
+                if queued + n > limit:
                     raise PayloadTooLarge(f"payload overflows slot {path} ({limit} bytes)")
-                stages[0].put((buf, n))
+                put((buf, n, queued))
+                queued += n
         finally:
-            stages[0].put(None)
+            for q in inlets:
+                q.put(None)
             for t in threads:
                 t.join()
         if failed:
-            raise failed[0]
+            raise min(failed, key=lambda f: f[0])[1]
         if synced is not None:
             synced()
         sink.sync()
@@ -228,6 +256,17 @@ def write_from(path: Path, fill: Fill, *, limit: int, buffers: list[memoryview] 
     finally:
         sink.close()
     return sink.written
+
+
+def _in_turn(queues: list[queue.Queue[_Item | None]]) -> Callable[[], _Item | None]:
+    """Take from ``queues`` in turn: buffers dealt out in turn come back in stream order."""
+    turn = itertools.cycle(queues)
+    return lambda: next(turn).get()
+
+
+def _in_turn_put(queues: list[queue.Queue[_Item | None]]) -> Callable[[_Item], None]:
+    turn = itertools.cycle(queues)
+    return lambda item: next(turn).put(item)
 
 
 def write(path: Path, chunks: Iterable[memoryview | bytes], *, limit: int) -> int:

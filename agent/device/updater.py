@@ -230,10 +230,14 @@ class Updater:
                 for pr in reader.payloads(m) if writer is None else ():
                     path = dest[pr.payload.name]
                     meter.phase("write")
+                    # a raw payload is read here and its blocks verified on the writer's
+                    # lanes, two buffers at once; a zstd one decodes verified bytes only
+                    apart = pr.verify_apart()
+                    fill, verify = apart if apart is not None else (pr.readinto, None)
                     written += slots.write_from(
-                        path, meter.counting(pr.readinto), limit=slots.capacity(path),
-                        buffers=slots.ring(size=pr.buffer_size), check=pr.whole_hash_check(),
-                        synced=lambda: meter.phase("sync"))
+                        path, meter.counting(fill), limit=slots.capacity(path),
+                        buffers=slots.ring(size=pr.buffer_size), verify=verify,
+                        check=pr.whole_hash_check(), synced=lambda: meter.phase("sync"))
                 meter.phase("done")
             except Exception as exc:  # whatever broke the write, the journal must not stay WRITING
                 self._note_failure(lifecycle.WriteFailed(_why(exc)))
