@@ -112,3 +112,29 @@ def test_an_install_loads_no_cryptography(device_dir: Path, make_bundle: BundleF
                         "except SystemExit as e:\n    assert not e.code, e.code")
     assert "agent.core.trust" in mods and "agent.core.ed25519" in mods  # it did judge the head
     assert not {m for m in mods if m.split(".")[0] == "cryptography"}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_an_install_that_logs_nothing_loads_no_logging(device_dir: Path, make_bundle: BundleFactory,
+                                                       compress: bool) -> None:
+    """logging and what it pulls in cost a 64 MiB install 6-9 ms (docs/performance.md section
+    8); its loggers (agent.core.logs) load it only for a first record."""
+    bundle = make_bundle(compress=compress)
+    mods = loaded_after("from agent.cli import main\n"
+                        f"code = main.main(['install', {str(bundle)!r}, '--config', "
+                        f"{str(device_dir / 'agent.toml')!r}, '--progress', 'never'])\n"
+                        "assert code == 0, code")
+    assert "agent.device.updater" in mods and "agent.core.logs" in mods
+    assert "logging" not in mods
+
+
+def test_a_verbose_install_sets_up_logging_before_it_starts(device_dir: Path,
+                                                          make_bundle: BundleFactory) -> None:
+    """-v asks for debug records, libraries' too: logging is configured at once."""
+    bundle = make_bundle()
+    mods = loaded_after("from agent.cli import main\n"
+                        f"code = main.main(['-v', 'install', {str(bundle)!r}, '--config', "
+                        f"{str(device_dir / 'agent.toml')!r}, '--progress', 'never'])\n"
+                        "import logging\nassert logging.getLogger().level == logging.DEBUG\n"
+                        "assert code == 0, code")
+    assert "logging" in mods

@@ -33,3 +33,19 @@ def test_a_long_module_gives_its_reason(path: Path) -> None:
     if lines > MAX_LINES:
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         assert REASON in doc, f"{_rel(path)} has {lines} lines and no '{REASON} ...' in its docstring"
+
+
+def _imports_logging(node: ast.AST) -> bool:
+    if isinstance(node, ast.Import):
+        return any(a.name.split(".")[0] == "logging" for a in node.names)
+    return isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "logging"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_rel)
+def test_a_module_takes_its_logger_from_core_logs(path: Path) -> None:
+    """Only agent.core.logs imports logging, so an install that logs nothing never loads it
+    and every record, once one comes, gets the CLI's format."""
+    if _rel(path) == "agent/core/logs.py":
+        return
+    found = [n.lineno for n in ast.walk(ast.parse(path.read_text())) if _imports_logging(n)]
+    assert not found, f"{_rel(path)} imports logging (line {found[0]}): use agent.core.logs.get"

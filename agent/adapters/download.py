@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -39,10 +38,11 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
+from agent.core import logs
 from agent.core.fleet_config import DownloadPolicy
 from agent.errors import BundleError, SourceNotFound, TransportError
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 MAX_REDIRECTS = 5
 

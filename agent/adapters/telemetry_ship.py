@@ -8,7 +8,6 @@ are ``agent.core.telemetry_policy``'s. ``clock``, ``sleep`` and ``rng`` are seam
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -18,9 +17,10 @@ from typing import Protocol
 from agent.adapters.remote_write import Answer
 from agent.adapters.remote_write import encode as encode_write
 from agent.adapters.telemetry_buffer import TelemetryBuffer
+from agent.core import logs
 from agent.core import telemetry_policy as tp
 
-log = logging.getLogger("edgeops.telemetry")
+log = logs.get("edgeops.telemetry")
 
 
 class Sender(Protocol):

@@ -398,10 +398,10 @@ def _serve(a: argparse.Namespace) -> int:
                         cert_lifetime=a.cert_lifetime, max_connections=a.max_connections,
                         attest_pcr=a.attest_pcr)
     raise_file_limit()  # before build_app: the connection cap is derived from the file limit
-    import logging
+    from agent.core import logs
 
     # Each rollout transition and each failed action is one line on stderr, whatever -v says.
-    logging.getLogger("edgeops.controller.rollouts").setLevel(logging.INFO)
+    logs.get("edgeops.controller.rollouts").setLevel(logs.INFO)
     app = build_app(fleet, settings)
     mode = "; devices need client certificates (mTLS)" if ca is not None else ""
 

@@ -53,7 +53,9 @@ def register(sub: Any) -> None:
                         "terminal, plain periodic lines elsewhere, e.g. journald) or never")
     i.add_argument("--replace-trial", action="store_true",
                    help="overwrite a trial that is armed and waiting for its boot (refused otherwise)")
-    i.set_defaults(quick_exit=True)  # it closes the journal and fsyncs the slot itself (cli.main)
+    # quick_exit: it closes the journal and fsyncs the slot itself; logs: only an install that
+    # logs loads logging (cli.main, core.logs)
+    i.set_defaults(quick_exit=True, logs="lazy")
     st = cmd("status", "show slots, versions and the boot state", _status, json_flag=True)
     st.set_defaults(logs=False)  # nothing it loads logs (tests/test_imports.py): no logging setup
     h = cmd("history", "show the install and health history", _history, json_flag=True)
@@ -92,6 +94,9 @@ def _source(src: str) -> Iterator[tuple[BinaryIO, int]]:
         import io
 
         from agent.adapters import download
+        from agent.core import logs
+
+        logs.load()  # requests and urllib3 log through logging themselves: configure it now
 
         raw, size = download.open_stream(src)
         with io.BufferedReader(raw, buffer_size=256 * 1024) as stream:
@@ -225,12 +230,11 @@ def _health(a: argparse.Namespace) -> int:
 
 
 def _agent(a: argparse.Namespace) -> int:
-    import logging
-
+    from agent.core import logs
     from agent.device import service, worker
 
     # A trial's health window is logged as it goes (probe, round, time left), not only its verdict.
-    logging.getLogger("edgeops.trial").setLevel(logging.INFO)
+    logs.get("edgeops.trial").setLevel(logs.INFO)
 
     if a.report_fd is not None:
         if not a.once:

@@ -170,17 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> tuple[int, bool]:
     """The exit code, and whether the command left nothing for interpreter shutdown to do."""
     args = parse_args(sys.argv[1:] if argv is None else argv)  # --version and --help exit here
-    if getattr(args, "logs", True):  # a command that loads no logger (status) skips loading logging
-        log_to_stderr(verbose=args.verbose)
+    logs = getattr(args, "logs", True)  # a command that loads no logger (status) skips logging
+    if logs:  # "lazy" (install): logging loads at the first record, if one comes (core.logs)
+        log_to_stderr(verbose=args.verbose, eager=logs != "lazy" or args.verbose)
     code = guarded(lambda: args.func(args), json_errors=getattr(args, "json", False))
     return code, bool(getattr(args, "quick_exit", False))
 
 
-def log_to_stderr(*, verbose: bool) -> None:
-    import logging
+def log_to_stderr(*, verbose: bool, eager: bool = True) -> None:
+    from agent.core import logs
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="edgeops: %(levelname)s: %(message)s")
+    logs.configure(eager=eager, level=logs.DEBUG if verbose else logs.WARNING,
+                   format="edgeops: %(levelname)s: %(message)s")
 
 
 def guarded(command: Callable[[], int | None], *, json_errors: bool = False) -> int:

@@ -22,7 +22,6 @@ of 10,000 devices is read.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -38,6 +37,7 @@ from agent.controller import dbexec, rollout, tokens
 from agent.controller.errors import BadRequest, ControllerError, NotFound
 from agent.controller.fleet import Fleet
 from agent.controller.http import FLEET, SETTINGS, authenticated, read_body
+from agent.core import logs
 
 KEY = web.AppKey("dashboard_key", bytes)  # the session signing key (dashboard_auth.session_key)
 SESSION = web.RequestKey("dashboard_session", auth.Session)
@@ -54,7 +54,7 @@ HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; st
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
            "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 T = TypeVar("T")
-log = logging.getLogger("edgeops.controller")
+log = logs.get("edgeops.controller")
 
 
 def add_routes(app: web.Application) -> None:

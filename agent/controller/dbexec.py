@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import random
 import threading
 from collections.abc import Callable
@@ -52,13 +51,14 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 
 from agent.controller.errors import Overloaded, ReaderBusy
+from agent.core import logs
 
 T = TypeVar("T")
 DEFAULT_LIMIT = 512  # calls waiting or running; about 0.15 s of SQLite polls on this machine
 DEFAULT_RETRY_AFTER = 5  # seconds: the lower end of the Retry-After spread
 DEFAULT_BATCH = 64  # device writes per group commit: bounds one transaction's length
 
-log = logging.getLogger("edgeops.controller")
+log = logs.get("edgeops.controller")
 
 
 class GroupDb(Protocol):

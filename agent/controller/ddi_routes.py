@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import logging
 from typing import Any
 
 from aiohttp import web
@@ -54,11 +53,11 @@ from agent.controller.http import (
     target_token,
     text,
 )
-from agent.core import evidence
+from agent.core import evidence, logs
 from agent.core.identity import RENEW_PATH, CertTimes
 from agent.errors import CertificateRequired, WrongDevice
 
-log = logging.getLogger("edgeops.controller")
+log = logs.get("edgeops.controller")
 
 MAX_WAIT = 300  # seconds a long-poll may be held
 RECHECK = 5.0  # seconds between database re-checks while holding (another process may assign work)

@@ -16,7 +16,6 @@ lines), so that every state change and its transaction can be read in one place.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,10 +37,11 @@ from agent.controller.actions import (
 from agent.controller.bundles import BundleInfo
 from agent.controller.db import Database
 from agent.controller.errors import BadRequest, Conflict, NotFound, Unauthorized
+from agent.core import logs
 from agent.errors import DeviceRevoked
 
 # One line per rollout transition and per failed action (serve turns it up to INFO).
-log = logging.getLogger("edgeops.controller.rollouts")
+log = logs.get("edgeops.controller.rollouts")
 
 
 @dataclass(frozen=True)
@@ -599,7 +599,7 @@ class Fleet:
         """One line of a rollout's history, in the caller's transaction, and in the log."""
         self.db.execute("INSERT INTO rollout_events (rollout_id, at, who, event, detail) "
                         "VALUES (?, ?, ?, ?, ?)", [rid, at, who, event, detail[:1000]])
-        level = logging.WARNING if event in ("paused", "halted") else logging.INFO
+        level = logs.WARNING if event in ("paused", "halted") else logs.INFO
         log.log(level, "rollout %d %s by %s: %s", rid, event, who, detail)
 
     def rollout_history(self, rid: int, limit: int = 500) -> list[dict[str, Any]]:

@@ -28,7 +28,6 @@ import asyncio
 import bisect
 import collections
 import json
-import logging
 import math
 import re
 import ssl
@@ -54,11 +53,12 @@ from agent.controller.errors import (
 from agent.controller.fleet import Fleet
 from agent.controller.retention import FEEDBACK_RETENTION
 from agent.controller.shaping import PollShaper
+from agent.core import logs
 from agent.core.config import DEFAULT_PCR
 from agent.core.identity import CERT_LIFETIME
 from agent.errors import CertificateRequired, EdgeopsError, IdentityError, TrustError
 
-log = logging.getLogger("edgeops.controller")
+log = logs.get("edgeops.controller")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DDI = "/{tenant}/controller/v1/{cid}"  # the root of every hawkBit DDI v1 route
 

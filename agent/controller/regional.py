@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import logging
 import re
 import secrets
 from collections.abc import Callable
@@ -43,8 +42,9 @@ from agent.controller.http import (
     read_body,
     sleep_text,
 )
+from agent.core import logs
 
-log = logging.getLogger("edgeops.controller.regional")
+log = logs.get("edgeops.controller.regional")
 TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 MAX_DOC = 1 << 20  # a DDI document from the parent; artifacts are streamed, not read whole
 MAX_QUEUED = 200  # reports one device may have waiting for the parent

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -18,8 +17,9 @@ from aiohttp import web
 from agent.controller.dbexec import DBEXEC, call
 from agent.controller.http import FLEET, SEEN, SETTINGS, SHAPER, WAITERS
 from agent.controller.retention import COMPACT_BATCH
+from agent.core import logs
 
-log = logging.getLogger("edgeops.controller")
+log = logs.get("edgeops.controller")
 COMPACT_INTERVAL = 3600.0  # seconds between passes over closed actions' feedback
 TICK_GAP = 1.0  # seconds at least between two coalesced gate ticks
 

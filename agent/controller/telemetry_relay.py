@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,11 +34,12 @@ from agent.adapters.telemetry_buffer import Point, TelemetryBuffer
 from agent.controller.errors import BadRequest, Unauthorized
 from agent.controller.fleet import Fleet
 from agent.controller.http import DDI, PEER, Settings, authenticated, read_body
+from agent.core import logs
 from agent.core import telemetry_policy as tp
 from agent.core.config import toml_doc
 from agent.errors import ConfigError, EdgeopsError
 
-log = logging.getLogger("edgeops.controller.telemetry")
+log = logs.get("edgeops.controller.telemetry")
 CONFIG = "telemetry-relay.toml"
 DEVICE_LABEL = "edgeops_device"
 MAX_SERIES = 10_000  # per request

@@ -16,7 +16,6 @@ closed, marks it delivered. Other 4xx mean the server will never accept it: it i
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 import uuid
@@ -24,9 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agent.core import logs
 from agent.errors import Throttled, TransportError
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 KIND = "ddi"
 MODEL_KIND = "model-report"  # written by agent.device.models, forwarded by the fleet client
 

@@ -18,7 +18,6 @@ fetch and verify the index, plan, write, resume, and the fleet agent's entry poi
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import queue
 import threading
@@ -36,7 +35,7 @@ from agent.adapters.bundle import ZSTD_MAX_WINDOW, PayloadReader
 from agent.adapters.download import ArtifactMismatch, DownloadFailed, ResumableStream
 from agent.adapters.range_fetch import MAX_PARTS, HeadStream, Part, RangeFetcher, RangeUnsupported
 from agent.core import delta_index as dx
-from agent.core import delta_plan, tarstream
+from agent.core import delta_plan, logs, tarstream
 from agent.core.manifest import Manifest, Payload
 from agent.errors import BundleError, HashMismatch, SlotError
 
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
     from agent.core.ddi import Artifact
     from agent.device.updater import InstallResult, Progress, Updater
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 META_KEY = "delta_index_bytes"
 META_SHA = "delta_index_sha256"
 PROGRESS_KEY = "delta.progress"

@@ -25,7 +25,6 @@ and its crash rules above; apart, each would re-read them.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any, BinaryIO, cast
 
 from agent.adapters.ddi_http import DdiClient, redact
 from agent.adapters.download import DownloadCancelled
-from agent.core import ddi, lifecycle
+from agent.core import ddi, lifecycle, logs
 from agent.core.fleet_config import FleetConfig
 from agent.core.outbox import KIND, MODEL_KIND, Backoff, Report, Sync
 from agent.core.trust import best_known_time
@@ -54,7 +53,7 @@ from agent.errors import (
 )
 
 MAX_MODEL_REPORTS = 16  # two attributes each, beside the device's own
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 ACTION_KEY = "fleet.action"
 CANCEL_CHECK = 30.0  # seconds between looks for a cancel while a download runs
 BUNDLE_SUFFIXES = (".bundle", ".eob", ".edgeops")

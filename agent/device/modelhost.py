@@ -22,7 +22,6 @@ telemetry reads them there: it runs in another process and never loads the runti
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -36,11 +35,12 @@ from typing import Any
 
 from agent.adapters import tflite as validate_mod
 from agent.adapters.model_store import CURRENT, ModelStore
+from agent.core import logs
 from agent.core.model_health import Decision, WindowStats, decide, p95
 from agent.device.models import ModelManager, ModelSettings
 from agent.errors import EdgeopsError, ModelStateError
 
-log = logging.getLogger("edgeops.modelhost")
+log = logs.get("edgeops.modelhost")
 LATENCY_SAMPLES = 4096  # per model: enough for a stable p95, bounded memory
 OUTPUT_SAMPLES = 64  # recent outputs handed to the application's health check
 STATS_FILE = ".host-stats.json"  # a dot name: never a version (the store refuses those)

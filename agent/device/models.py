@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import shutil
 import signal
@@ -25,7 +24,7 @@ from agent.adapters import tflite as validate_mod
 from agent.adapters.bundle import BundleReader
 from agent.adapters.journal import Journal
 from agent.adapters.model_store import MODEL_FILE, VALIDATION_FILE, ModelStore, VersionInfo, write_file
-from agent.core import lifecycle
+from agent.core import lifecycle, logs
 from agent.core import model_spec as spec_mod
 from agent.core.config import AgentConfig
 from agent.core.manifest import Manifest, Payload
@@ -40,7 +39,7 @@ from agent.errors import (
     RollbackRefused,
 )
 
-log = logging.getLogger("edgeops.models")
+log = logs.get("edgeops.models")
 REPORT_KIND = MODEL_KIND
 
 

@@ -29,7 +29,6 @@ textfile) have ``serve`` call ``run``.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from agent.core import logs
 from agent.device import telemetry  # the standard library only until [telemetry] is on
 from agent.device.worker import Wake
 from agent.errors import DeviceBusy, DeviceError, EdgeopsError
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from agent.device.updater import CycleResult, Updater
     from agent.device.worker import Done, Started
 
-log = logging.getLogger("edgeops")
+log = logs.get("edgeops")
 
 WatchdogFactory = Callable[["Updater"], "Watchdog | None"]
 FleetFactory = Callable[["Updater"], "FleetLink | None"]
@@ -225,7 +225,7 @@ def serve(cfg: AgentConfig, *, watchdog: DeadlineWatchdog | None = None, stop: S
 
             waker = LongPoll(poll, wait=fleet.longpoll_wait)
     idle = IdleAgent(cfg, fleet, poll, worker or WorkerProcess(
-        cfg.path, verbose=log.isEnabledFor(logging.DEBUG)))
+        cfg.path, verbose=log.isEnabledFor(logs.DEBUG)))
     pidfile = _register(cfg)
     tel = telemetry.start(cfg)
     try:

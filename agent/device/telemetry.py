@@ -22,7 +22,6 @@ collector and the runner with its local endpoint; split, each would re-import th
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import threading
 import time
@@ -30,6 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.core import logs
 from agent.core.frozen import Frozen
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from agent.core.telemetry_config import TelemetrySettings
     from agent.core.telemetry_policy import ModelRecord
 
-log = logging.getLogger("edgeops.telemetry")
+log = logs.get("edgeops.telemetry")
 Labels = tuple[tuple[str, str], ...]
 NOTE_SEND_EVERY = 300.0  # seconds between writing down a direct send's time (status shows it)
 

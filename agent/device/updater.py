@@ -35,7 +35,7 @@ from agent.adapters import bootloader as bootloader_mod
 from agent.adapters.journal import Journal
 from agent.adapters.runtime import RegistersProcess
 from agent.adapters.verdict import VerdictBox
-from agent.core import health, lifecycle
+from agent.core import health, lifecycle, logs
 from agent.core.frozen import Frozen, field
 from agent.device import telemetry
 from agent.device.parts import Device
@@ -418,9 +418,7 @@ class Updater:
             self.journal.put("trial_started", mark)
         started = float(mark["monotonic"])
         results: list[ProbeResult] = []
-        import logging  # here: 'edgeops status' loads this module and never runs a trial
-
-        trial_log = logging.getLogger("edgeops.trial")
+        trial_log = logs.get("edgeops.trial")
         rounds = 0
         while True:
             round_ = probes.run_all(policy.probes)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,13 +30,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.adapters import usb
 from agent.adapters.fsutil import atomic_write
-from agent.core import console_audit
+from agent.core import console_audit, logs
 from agent.errors import BundleError, EdgeopsError, StateError
 
 if TYPE_CHECKING:
     from agent.device.updater import InstallResult, Progress, Updater
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 BUNDLE_SUFFIXES = (".eob", ".bundle", ".edgeops")
 FOLDER = "edgeops"
 MAX_CANDIDATES = 16

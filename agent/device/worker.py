@@ -29,7 +29,6 @@ of the single-process agent). A worker that fails ends the service with its exit
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.core import logs
 from agent.core.outbox import Backoff
 from agent.errors import EdgeopsError, Throttled, TransportError
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from agent.core.fleet_config import FleetConfig
     from agent.device.updater import Updater
 
-log = logging.getLogger("edgeops")
+log = logs.get("edgeops")
 
 MAX_REPORT = 64 * 1024  # bytes of the worker's report line we read
 

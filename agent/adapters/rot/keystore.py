@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,10 +26,10 @@ from agent.adapters.rot.base import (
     RootStatus,
 )
 from agent.adapters.rot.eventlog import EventLog
-from agent.core import attest
+from agent.core import attest, logs
 from agent.core.anchor import keyring_anchor, verify_rotation
 
-log = logging.getLogger(__name__)
+log = logs.get(__name__)
 _warned = False
 
 
