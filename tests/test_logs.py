@@ -28,7 +28,8 @@ def test_getting_a_logger_does_not_load_logging() -> None:
 
 def test_a_lazy_configuration_formats_the_first_record() -> None:
     out = _run("import sys\nfrom agent.core import logs\n"
-               "logs.configure(eager=False, level=logs.WARNING, format='edgeops: %(levelname)s: %(message)s')\n"
+               "logs.configure(eager=False, level=logs.WARNING,\n"
+               "               format='edgeops: %(levelname)s: %(message)s')\n"
                "print('logging' in sys.modules)\n"
                "log = logs.get('edgeops.x')\nlog.info('not shown')\nlog.warning('slot %s is full', 'B')")
     assert out.stdout.split() == ["False"]
