@@ -117,7 +117,7 @@ def test_an_install_loads_no_cryptography(device_dir: Path, make_bundle: BundleF
 @pytest.mark.parametrize("compress", [False, True])
 def test_an_install_that_logs_nothing_loads_no_logging(device_dir: Path, make_bundle: BundleFactory,
                                                        compress: bool) -> None:
-    """logging and what it pulls in cost a 64 MiB install 6-9 ms (docs/performance.md section
+    """logging and what it pulls in cost a 64 MiB install ~10 ms (docs/performance.md section
     8); its loggers (agent.core.logs) load it only for a first record."""
     bundle = make_bundle(compress=compress)
     mods = loaded_after("from agent.cli import main\n"

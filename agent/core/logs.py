@@ -1,7 +1,7 @@
 """Named loggers that load the standard ``logging`` only when first used.
 
 ``logging`` and what it imports (traceback, linecache, tokenize, textwrap, weakref) cost a
-64 MiB install 6-9 ms of its ~130 (docs/performance.md, section 8), and an install that
+64 MiB install ~10 ms of its ~140 (docs/performance.md, section 8), and an install that
 goes well logs nothing. So every module of the agent takes its logger from here,
 ``log = logs.get("edgeops.x")``, and uses it as a ``logging.Logger``: the first call on it
 loads ``logging``. The CLI's ``configure`` (``logging.basicConfig``) is applied at once
