@@ -36,25 +36,27 @@ def test_a_lazy_configuration_formats_the_first_record() -> None:
     assert out.stderr == "edgeops: WARNING: slot B is full\n"
 
 
-def test_a_lazy_configuration_applies_at_once_when_logging_is_loaded_already() -> None:
-    out = _run("import logging\nfrom agent.core import logs\n"
-               "logs.configure(eager=False, level=logs.INFO, format='x %(name)s %(message)s')\n"
-               "logging.getLogger('lib').info('from a library')")
-    assert out.stderr == "x lib from a library\n"
+# (what loads logging, and when, around the configuration) -> what the record looks like
+CONFIGURED_BEFORE_THE_FIRST_RECORD = {
+    "lazy, logging loaded already by a library": (
+        "import logging\nfrom agent.core import logs\n"
+        "logs.configure(eager=False, level=logs.INFO, format='x %(name)s %(message)s')\n"
+        "logging.getLogger('lib').info('from a library')", "x lib from a library\n"),
+    "eager, a library's record comes first": (
+        "from agent.core import logs\n"
+        "logs.configure(level=logs.DEBUG, format='%(levelname)s %(message)s')\n"
+        "import logging\nlogging.getLogger('lib').debug('a library, first')", "DEBUG a library, first\n"),
+    "lazy, load() for code that logs directly": (
+        "from agent.core import logs\n"
+        "logs.configure(eager=False, format='y %(message)s')\n"
+        "logs.load().getLogger('urllib3').warning('retrying')", "y retrying\n"),
+}
 
 
-def test_an_eager_configuration_applies_before_any_record() -> None:
-    out = _run("import sys\nfrom agent.core import logs\n"
-               "logs.configure(level=logs.DEBUG, format='%(levelname)s %(message)s')\n"
-               "import logging\nlogging.getLogger('lib').debug('a library, first')")
-    assert out.stderr == "DEBUG a library, first\n"
-
-
-def test_load_applies_a_pending_configuration_for_code_that_logs_directly() -> None:
-    out = _run("from agent.core import logs\n"
-               "logs.configure(eager=False, format='y %(message)s')\n"
-               "logs.load().getLogger('urllib3').warning('retrying')")
-    assert out.stderr == "y retrying\n"
+@pytest.mark.parametrize(("code", "stderr"), CONFIGURED_BEFORE_THE_FIRST_RECORD.values(),
+                         ids=CONFIGURED_BEFORE_THE_FIRST_RECORD.keys())
+def test_the_configuration_is_in_place_for_the_first_record(code: str, stderr: str) -> None:
+    assert _run(code).stderr == stderr
 
 
 @pytest.mark.parametrize(("ours", "theirs"), [(logs.DEBUG, logging.DEBUG), (logs.INFO, logging.INFO),

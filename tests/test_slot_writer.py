@@ -51,6 +51,13 @@ class _Filler:
         return n
 
 
+def _written_up_to(slot: Path, data: bytes, end: int) -> None:
+    """The slot holds ``data`` up to byte ``end`` and nothing (zeros) after it."""
+    got = slot.read_bytes()
+    assert got[:end] == data[:end]
+    assert got[end:] == bytes(len(got) - end)
+
+
 @pytest.mark.parametrize("size", [3 * MIB, 3 * MIB + 1234, 4095, 1])
 def test_written_bytes_are_the_filled_bytes_with_an_unaligned_tail(tmp_path: Path, size: int) -> None:
     data = _data(size)
@@ -85,9 +92,7 @@ def test_a_fill_that_fails_writes_what_was_verified_before_it_and_nothing_after(
     slot = _slot(tmp_path, 8 * MIB)
     with pytest.raises(HashMismatch):
         slots.write_from(slot, _Filler(data, HashMismatch("block 48"), at=3), limit=8 * MIB)
-    got = slot.read_bytes()
-    assert got[:3 * MIB] == data[:3 * MIB]
-    assert got[3 * MIB:] == bytes(5 * MIB)
+    _written_up_to(slot, data, 3 * MIB)
 
 
 def test_a_failed_check_stops_that_buffer_and_every_later_one(tmp_path: Path) -> None:
@@ -102,9 +107,7 @@ def test_a_failed_check_stops_that_buffer_and_every_later_one(tmp_path: Path) ->
 
     with pytest.raises(HashMismatch):
         slots.write_from(slot, _Filler(data), limit=8 * MIB, check=check)
-    got = slot.read_bytes()
-    assert got[:MIB] == data[:MIB]
-    assert got[MIB:] == bytes(7 * MIB)
+    _written_up_to(slot, data, MIB)
 
 
 def test_verify_sees_every_buffer_at_its_offset_before_any_of_it_is_written(tmp_path: Path) -> None:
@@ -154,9 +157,7 @@ def test_a_failed_verify_writes_every_buffer_before_it_and_none_after(tmp_path: 
 
     with pytest.raises(HashMismatch, match="block 32"):
         slots.write_from(slot, _Filler(data), limit=8 * MIB, verify=verify)
-    got = slot.read_bytes()
-    assert got[:2 * MIB] == data[:2 * MIB]
-    assert got[2 * MIB:] == bytes(6 * MIB)
+    _written_up_to(slot, data, 2 * MIB)
 
 
 def test_when_two_lanes_fail_the_earlier_buffer_s_error_is_raised(tmp_path: Path) -> None:
@@ -183,9 +184,7 @@ def test_a_truncated_fill_after_verified_buffers_writes_them_and_raises(tmp_path
         slots.write_from(slot, _Filler(data, HashMismatch("truncated"), at=3), limit=8 * MIB,
                          verify=lambda view, off: verified.append(off))
     assert sorted(verified) == [0, MIB, 2 * MIB]
-    got = slot.read_bytes()
-    assert got[:3 * MIB] == data[:3 * MIB]
-    assert got[3 * MIB:] == bytes(5 * MIB)
+    _written_up_to(slot, data, 3 * MIB)
 
 
 def test_a_payload_larger_than_the_slot_is_refused(tmp_path: Path) -> None:
