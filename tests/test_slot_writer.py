@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.adapters import slots
-from agent.errors import HashMismatch, SlotError
+from agent.errors import BundleError, HashMismatch, SlotError
 
 MIB = 1 << 20
 
@@ -185,6 +185,23 @@ def test_a_truncated_fill_after_verified_buffers_writes_them_and_raises(tmp_path
                          verify=lambda view, off: verified.append(off))
     assert sorted(verified) == [0, MIB, 2 * MIB]
     _written_up_to(slot, data, 3 * MIB)
+
+
+def test_a_bad_buffer_before_a_truncation_is_the_error_raised(tmp_path: Path) -> None:
+    """The stream is cut while a lane still hashes an earlier, tampered buffer: the install
+    fails for the tampered bytes, not for the cut."""
+    data = _data(5 * MIB)
+    slot = _slot(tmp_path, 8 * MIB)
+
+    def verify(view: memoryview, offset: int) -> None:
+        if offset == 0:
+            time.sleep(0.2)
+            raise HashMismatch("block 0")
+
+    with pytest.raises(HashMismatch, match="block 0"):
+        slots.write_from(slot, _Filler(data, BundleError("bundle truncated"), at=2), limit=8 * MIB,
+                         verify=verify)
+    _written_up_to(slot, data, 0)
 
 
 def test_a_payload_larger_than_the_slot_is_refused(tmp_path: Path) -> None:

@@ -170,7 +170,9 @@ class PayloadReader:
     @property
     def stored_read(self) -> int:
         """Stored bytes read and verified so far (what may have been used)."""
-        return min(self._verified.count(1) * self.payload.block_size, self.payload.stored_size)
+        bs, size, flags = self.payload.block_size, self.payload.stored_size, self._verified
+        short = flags[-1:] == b"\x01" and size % bs  # the partial last block is verified
+        return flags.count(1) * bs - (bs - size % bs if short else 0)
 
     @property
     def buffer_size(self) -> int:

@@ -241,6 +241,8 @@ def write_from(path: Path, fill: Fill, *, limit: int, buffers: list[memoryview] 
                     raise PayloadTooLarge(f"payload overflows slot {path} ({limit} bytes)")
                 put((buf, n, queued))
                 queued += n
+        except Exception as exc:  # after what was filled before it: a lane may still fail that
+            failed.append((queued, exc))
         finally:
             for q in inlets:
                 q.put(None)
