@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +73,13 @@ def test_a_lazy_logger_is_the_named_logger(caplog: pytest.LogCaptureFixture) -> 
         log.info("probe %d passed", 3)
     assert [(r.name, r.getMessage()) for r in caplog.records] == [("edgeops.test-logs", "probe 3 passed")]
     assert log.getEffectiveLevel() == logging.getLogger("edgeops.test-logs").getEffectiveLevel()
+
+
+def test_a_lazy_logger_takes_attributes_copies_and_pickles_as_a_logger_does() -> None:
+    log = logs.get("edgeops.test-logs-attrs")
+    log.propagate = False
+    assert logging.getLogger("edgeops.test-logs-attrs").propagate is False
+    log.propagate = True
+    for other in (copy.copy(log), pickle.loads(pickle.dumps(log))):
+        assert other.name == "edgeops.test-logs-attrs"
+        assert other.getEffectiveLevel() == logging.getLogger("edgeops.test-logs-attrs").getEffectiveLevel()

@@ -12,6 +12,7 @@ tests/test_layout.py keeps every other module from importing ``logging`` at its 
 from __future__ import annotations
 
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 
 _pending: dict[str, Any] | None = None  # basicConfig's arguments, until logging is loaded
+_loading = threading.Lock()  # a second thread's first record waits for the configuration
 
 
 def configure(*, eager: bool = True, **basic_config: Any) -> None:
@@ -41,8 +43,10 @@ def load() -> ModuleType:
     import logging
 
     if _pending is not None:
-        config, _pending = _pending, None
-        logging.basicConfig(**config)
+        with _loading:
+            if _pending is not None:
+                logging.basicConfig(**_pending)
+                _pending = None
     return logging
 
 
@@ -55,10 +59,24 @@ class _Lazy:
         self.name = name
         self._real: logging.Logger | None = None
 
-    def __getattr__(self, attr: str) -> Any:  # debug, warning, exception, setLevel, ...
+    def _logger(self) -> logging.Logger:
         if self._real is None:
             self._real = load().getLogger(self.name)
-        return getattr(self._real, attr)
+        return self._real
+
+    def __getattr__(self, attr: str) -> Any:  # debug, warning, exception, setLevel, ...
+        if attr in _Lazy.__slots__:  # a slot not set yet (copy, unpickle): not the logger's
+            raise AttributeError(attr)
+        return getattr(self._logger(), attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:  # log.disabled = True, ...
+        if attr in _Lazy.__slots__:
+            object.__setattr__(self, attr, value)
+        else:
+            setattr(self._logger(), attr, value)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:  # as a Logger pickles: by its name
+        return get, (self.name,)
 
 
 def get(name: str) -> logging.Logger:
