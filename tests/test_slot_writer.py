@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import threading
@@ -66,24 +65,38 @@ def test_written_bytes_are_the_filled_bytes_with_an_unaligned_tail(tmp_path: Pat
     assert slot.read_bytes()[:size] == data
 
 
-def test_a_filesystem_without_o_direct_gets_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
-    """O_DIRECT refused at the first write (EINVAL), as some FUSE and overlay mounts do."""
-    real_write = os.write
-    refused = [0]
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_each_buffer_starts_its_writeback_at_once_and_is_dropped_a_few_writes_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, int, int]] = []
+    real_write, real_fadvise = os.write, os.posix_fadvise
+    offset = [0]
 
     def write(fd: int, data: Any) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            refused[0] += 1
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real_write(fd, data)
+        n = real_write(fd, data)
+        events.append(("write", offset[0], n))
+        offset[0] += n
+        return n
+
+    def fadvise(fd: int, start: int, n: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        events.append(("advise", start, n))
+        real_fadvise(fd, start, n, advice)
 
     monkeypatch.setattr(os, "write", write)
-    data = _data(2 * MIB + 100)
-    slot = _slot(tmp_path, 4 * MIB)
-    assert slots.write_from(slot, _Filler(data), limit=4 * MIB) == len(data)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    data = _data(9 * MIB + 77)
+    slot = _slot(tmp_path, 12 * MIB)
+    slots.write_from(slot, _Filler(data), limit=12 * MIB)
     monkeypatch.undo()
-    assert refused[0] == 1
+    writes = [(start, n) for kind, start, n in events if kind == "write"]
+    for i, (kind, start, n) in enumerate(events):
+        if kind == "write":  # its writeback is started before the next buffer is written
+            assert events[i + 1] == ("advise", start, n)
+    for k, w in enumerate(writes[:-slots.WRITEBACK_BEHIND]):  # its pages dropped later
+        advices = [i for i, e in enumerate(events) if e == ("advise", *w)]
+        assert len(advices) == 2
+        assert advices[1] > events.index(("write", *writes[k + slots.WRITEBACK_BEHIND]))
     assert slot.read_bytes()[:len(data)] == data
 
 

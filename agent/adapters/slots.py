@@ -7,8 +7,6 @@ next one fills; docs/performance.md has the measurements behind each choice.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import itertools
 import mmap
@@ -16,6 +14,7 @@ import os
 import queue
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -66,8 +65,7 @@ def check_space(path: Path, size: int) -> None:
 
 RING = 4  # buffers in flight: one being filled, one per verify lane, one being written
 BUFFER_SIZE = 1 << 20  # bytes per buffer: a large, page-aligned write (and RSS stays small)
-ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size
-WRITEBACK_BEHIND = 4  # buffered fallback: drop a buffer's pages this many writes later
+WRITEBACK_BEHIND = 4  # drop a buffer's pages this many writes later (its writeback is done)
 # Threads that verify filled buffers side by side: SHA-256 releases the GIL, so on two cores
 # two buffers hash at once while the caller's thread reads the next one; measured here, a
 # 64 MiB payload's read + per-block hashes took 47 ms on one thread and 25 ms on two
@@ -85,52 +83,38 @@ _Item = tuple[memoryview, int, int]
 
 
 def ring(n: int = RING, size: int = BUFFER_SIZE) -> list[memoryview]:
-    """``n`` reusable page-aligned buffers (anonymous mmap: aligned for O_DIRECT, and never
-    zero-filled by Python, unlike a fresh ``bytearray`` per chunk)."""
+    """``n`` reusable page-aligned buffers (anonymous mmap: whole pages for the kernel to copy,
+    and never zero-filled by Python, unlike a fresh ``bytearray`` per chunk)."""
     return [memoryview(mmap.mmap(-1, size)) for _ in range(n)]
 
 
 class _Sink:
-    """The write side of a slot: O_DIRECT when the file system takes it, so each byte is copied
-    once (into the ring) and the disk reads it from there; otherwise buffered writes with
-    writeback started a few buffers behind, so the final fsync has little left to do.
+    """The write side of a slot: buffered writes whose writeback starts as each buffer is
+    written, and whose pages are dropped a few buffers later, so the disk writes while we
+    read, the dirty set stays a few MiB, the page cache keeps what the system was using, and
+    the final fsync has little left to do.
 
-    Slot data goes through ``os.write`` (the seam the power-cut and disk-full suites cut at)."""
+    Not O_DIRECT: measured on two virtual disks, 1 MiB O_DIRECT writes at queue depth 1 were
+    no faster than these on the one and half as fast on the other, where the kernel's
+    writeback sends larger, concurrent requests (docs/performance.md, section 9). Slot data
+    goes through ``os.write`` (the seam the power-cut and disk-full suites cut at)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
-            self.direct = bool(_O_DIRECT)
-        except OSError:  # tmpfs before Linux 6.6, some FUSE and overlay mounts
-            try:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise SlotError(f"slot {path} cannot be opened for writing: {exc.strerror}") from None
-            self.direct = False
+            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SlotError(f"slot {path} cannot be opened for writing: {exc.strerror}") from None
         self.written = 0
-        self._behind: list[tuple[int, int]] = []
+        self._behind: deque[tuple[int, int]] = deque()
 
     def write(self, view: memoryview) -> None:
-        if self.direct and (len(view) % ALIGN or self.written % ALIGN):
-            self._buffered()  # the payload's tail: the rest goes through the page cache
         start = self.written
         while view:
-            try:
-                n = os.write(self.fd, view)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or not self.direct:
-                    raise
-                self._buffered()  # O_DIRECT opened but refused at the first write
-                continue
+            n = os.write(self.fd, view)
             view = view[n:]
             self.written += n
-        if not self.direct:
-            self._writeback(start, self.written - start)
-
-    def _buffered(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
-        self.direct = False
+        self._writeback(start, self.written - start)
 
     def _writeback(self, start: int, n: int) -> None:
         # Linux's POSIX_FADV_DONTNEED starts writeback of the dirty range (WB_SYNC_NONE) and
@@ -142,7 +126,7 @@ class _Sink:
         os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_DONTNEED)
         self._behind.append((start, n))
         if len(self._behind) > WRITEBACK_BEHIND:
-            os.posix_fadvise(self.fd, *self._behind.pop(0), os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.fd, *self._behind.popleft(), os.POSIX_FADV_DONTNEED)
 
     def sync(self) -> None:
         os.fsync(self.fd)
@@ -151,7 +135,6 @@ class _Sink:
         os.close(self.fd)
 
 
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 _FADVISE = hasattr(os, "posix_fadvise")
 
 
