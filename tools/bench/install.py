@@ -12,9 +12,14 @@ For each size the raw install, the zstd install and the limit take turns, run by
 neighbour's load hits all three alike; each figure is the best of --runs. The whole
 measurement is done twice (--rounds) and every ratio is printed with its spread over the
 rounds (min-max). ratio = limit wall / install wall (above 1: faster than the limit).
-Warm page cache, byte-compiled modules (as installed on a device). Output: a table,
+Warm page cache. edgeops runs as a device runs it (--via wheel, the default): this tree's
+wheel, byte-compiled by pip, in a fresh venv whose only other path is this environment's
+site-packages for the dependencies (a .pth line, as the image's vendored wheels). The
+checkout's editable install adds its import hook to every start, ~0.02 s here, which no
+device pays; --via checkout measures that instead (byte-compiled first). Output: a table,
 then one `name value unit` line per figure for scripts.
-Usage: tools/bench/install.py [--sizes 64,256,1024] [--runs 5] [--rounds 2] [--no-rauc] [--work DIR]
+Usage: tools/bench/install.py [--sizes 64,256,1024] [--runs 5] [--rounds 2] [--no-rauc]
+                              [--via wheel|checkout] [--work DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from startup import install_wheel  # the sibling bench's wheel in a fresh venv
+
 ROOT = Path(__file__).resolve().parents[2]
 # the anchors live in the shared tree beside the checkout (or beside the worktrees' parent)
 ANCHORS = next((p / "shared" / "anchors" for p in ROOT.parents if (p / "shared" / "anchors").is_dir()),
@@ -44,13 +52,15 @@ class Run:
     rss_mib: float
 
 
-def run_measured(cmd: list[str], tree: Path = ROOT, out: int | None = subprocess.DEVNULL) -> Run:
-    """Run ``cmd`` from ``tree`` (on its PYTHONPATH) and measure it: wall, the child's CPU
-    (user + sys, os.wait4) and its peak RSS; it must succeed. tools/bench/install_fixed.py
-    measures the same way."""
+def run_measured(cmd: list[str], tree: Path | None = ROOT, out: int | None = subprocess.DEVNULL) -> Run:
+    """Run ``cmd`` from ``tree`` (on its PYTHONPATH; None: neither, for an installed edgeops)
+    and measure it: wall, the child's CPU (user + sys, os.wait4) and its peak RSS; it must
+    succeed. tools/bench/install_fixed.py measures the same way."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, cwd=tree,
-                            env={**os.environ, "PYTHONPATH": str(tree)})
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, cwd=tree, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode() if proc.stderr else ""
@@ -75,9 +85,11 @@ def make_image(path: Path, size_mib: int) -> None:
 
 
 class Bench:
-    def __init__(self, work: Path, runs: int) -> None:
+    def __init__(self, work: Path, runs: int, installed: Path | None) -> None:
+        """``installed``: the bin/ of an installed edgeops to measure; None: this checkout."""
         self.work = work
         self.runs = runs
+        self.installed = installed
         work.mkdir(parents=True, exist_ok=True)
         if not (work / "root" / "root.crt").exists():
             shutil.rmtree(work / "root", ignore_errors=True)
@@ -107,8 +119,11 @@ class Bench:
                                self.work / "root/root.crt", "--slot-size", f"{slot_mib}M"),
                        check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-        run = run_measured(edgeops("install", bundle, "--config", dev / "agent.toml",
-                                   "--progress", "never"))
+        args = ("install", bundle, "--config", dev / "agent.toml", "--progress", "never")
+        if self.installed is None:
+            run = run_measured(edgeops(*args))
+        else:
+            run = run_measured([str(self.installed / "edgeops"), *map(str, args)], tree=None)
         shutil.rmtree(dev, ignore_errors=True)  # the next writer starts from a fresh, sparse slot
         return run
 
@@ -161,6 +176,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="whole measurements, for the spread")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeops-bench"))
     ap.add_argument("--no-rauc", action="store_true", help="skip the RAUC anchor")
+    ap.add_argument("--via", choices=["wheel", "checkout"], default="wheel",
+                    help="measure this tree's wheel in a fresh venv, as a device runs it "
+                         "(default), or the checkout with its editable install")
     a = ap.parse_args()
     if a.runs < 1 or a.rounds < 1:
         ap.error("--runs and --rounds must be at least 1")
@@ -168,11 +186,13 @@ def main() -> int:
     # A device runs byte-compiled modules (pip and Debian packages compile them at install);
     # with PYTHONDONTWRITEBYTECODE set, as here, every start would compile the agent anew.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "agent")], check=True)
-    bench = Bench(a.work, a.runs)
+    installed = install_wheel(a.work / "wheel", deps=True) if a.via == "wheel" else None
+    bench = Bench(a.work, a.runs, installed)
     for size in sizes:
         make_image(a.work / f"image-{size}M.img", size)
     print(f"# edgeops install benchmark ({os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
-          f"best of {a.runs} alternating with the limit, {a.rounds} rounds, warm cache)")
+          f"best of {a.runs} alternating with the limit, {a.rounds} rounds, warm cache, "
+          f"{'the wheel in a fresh venv' if installed else 'the checkout'})")
     rounds: dict[int, list[dict[str, Run]]] = {s: [] for s in sizes}
     for _ in range(a.rounds):
         for size in sizes:

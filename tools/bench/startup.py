@@ -31,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +59,14 @@ def edgeops(via: str, work: Path) -> tuple[list[str], str]:
     return [sys.executable, "-m", "agent.cli"], sys.executable
 
 
-def install_wheel(work: Path) -> Path:
-    """bin/ of a fresh venv holding this tree's wheel and none of its dependencies."""
+def install_wheel(work: Path, *, deps: bool = False) -> Path:
+    """bin/ of a fresh venv holding this tree's wheel and none of its dependencies; with
+    ``deps``, this environment's site-packages on its path as a plain .pth line, as the
+    device image puts its vendored wheels there (image/build.py, edgeops-vendor.pth): the
+    dependencies importable, this checkout's editable import hook not loaded."""
     src = work / "src"  # pip wheel writes build/ into the tree it builds: build a copy
+    for old in (src, work / "dist", work / "venv"):
+        shutil.rmtree(old, ignore_errors=True)  # a second run measures this tree, not the last
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache"))
     quiet = {"check": True, "stdout": subprocess.DEVNULL}
@@ -71,6 +77,12 @@ def install_wheel(work: Path) -> Path:
     wheel = next((work / "dist").glob("edgeops-*.whl"))
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], **quiet)  # type: ignore[call-overload]
+    if deps:
+        here = Path(sysconfig.get_paths()["purelib"])
+        there = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+        (Path(there) / "edgeops-deps.pth").write_text(f"{here}\n")
     return venv / "bin"
 
 
