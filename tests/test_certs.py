@@ -392,6 +392,12 @@ def test_a_multi_valued_rdn_reads_as_cryptography_writes_it() -> None:
     assert certs.load_cert(der_of(c)).subject.text == parsed.subject.rfc4514_string()
 
 
+@pytest.mark.parametrize("value", [" ", "  ", " a", "a ", "#", "#a", "a#", "\\", "\\ ", "a,b+c", "\0"])
+def test_rfc_4514_escapes_at_the_edges_read_as_cryptography_writes_them(value: str) -> None:
+    c = self_signed(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value)]))
+    assert certs.load_cert(der_of(c)).subject.text == c.subject.rfc4514_string()
+
+
 def test_a_t61_string_reads_as_cryptography_reads_it() -> None:
     from cryptography.x509.name import _ASN1Type
 

@@ -264,7 +264,8 @@ def _escape(s: str) -> str:
     for c in '\\"+,;<>':
         s = s.replace(c, "\\" + c)
     s = s.replace("\0", "\\00")
-    if s[0] in "# ":
+    # a lone space is escaped once, as a trailing one ("\\ "), not twice as leading and trailing
+    if s[0] == "#" or (s[0] == " " and len(s) > 1):
         s = "\\" + s
     if s[-1] == " ":
         s = s[:-1] + "\\ "
